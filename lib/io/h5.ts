@@ -26,6 +26,25 @@ export function loadH5wasm(): Promise<H5Module> {
   return h5Module;
 }
 
+/**
+ * Absolute path of h5wasm's Node entry point, for a worker thread that imports it itself (the
+ * package's "exports" admits only ESM `import`, so require.resolve cannot find it).
+ */
+export function h5wasmNodeEntry(): string {
+  const starts = [__dirname, process.cwd()];
+  for (const start of starts) {
+    let dir = start;
+    for (;;) {
+      const candidate = path.join(dir, 'node_modules', 'h5wasm', 'dist', 'node', 'hdf5_hl.js');
+      if (fs.existsSync(candidate)) return candidate;
+      const parent = path.dirname(dir);
+      if (parent === dir) break;
+      dir = parent;
+    }
+  }
+  throw new H5Error('cannot locate the h5wasm package (node_modules/h5wasm/dist/node/hdf5_hl.js)');
+}
+
 /** The typed array kinds h5wasm returns for numeric datasets. */
 export type NumericArray =
   | Float32Array
@@ -279,6 +298,42 @@ export class H5File {
       dtype: WRITE_DTYPES[dtype],
       ...(chunked ? { chunks: [1, ...shape.slice(1)], compression: 'gzip' as const, compression_opts: 4 } : {}),
     });
+  }
+
+  /**
+   * Creates an empty dataset that grows along its first axis, to be filled with `appendRows`:
+   * a whole dataset never has to sit in memory (h5wasm's heap is capped at 2 GiB).
+   */
+  createRowDataset(key: string, rowShape: number[], dtype: WriteDtype, chunkRows = 1, compress = true): void {
+    this.ensureWritable();
+    const slash = key.lastIndexOf('/');
+    const parentKey = slash > 0 ? key.slice(0, slash) : '';
+    if (parentKey) this.ensureGroup(parentKey);
+    const parent: H5Group = parentKey ? this.group(parentKey) : this.file;
+    parent.create_dataset({
+      name: slash >= 0 ? key.slice(slash + 1) : key,
+      data: new (dtype === 'uint8' ? Uint8Array : dtype === 'int32' ? Int32Array : dtype === 'float64' ? Float64Array : Float32Array)(0),
+      shape: [0, ...rowShape],
+      maxshape: [null, ...rowShape],
+      chunks: [Math.max(1, chunkRows), ...rowShape],
+      dtype: WRITE_DTYPES[dtype],
+      ...(compress ? { compression: 'gzip' as const, compression_opts: 4 } : {}),
+    });
+  }
+
+  /** Appends whole rows to a dataset made by `createRowDataset`. */
+  appendRows(key: string, data: NumericArray): void {
+    this.ensureWritable();
+    const d = this.dataset(key);
+    const shape = d.shape ?? [];
+    const rowSize = shape.slice(1).reduce((a, b) => a * b, 1);
+    if (shape.length === 0 || data.length % rowSize !== 0) {
+      throw new H5Error(`${this.filePath}: ${data.length} values are not whole rows of '${key}' [${shape}]`);
+    }
+    const start = shape[0];
+    const end = start + data.length / rowSize;
+    d.resize([end, ...shape.slice(1)]);
+    d.write_slice([[start, end]], data);
   }
 
   /** Sets an attribute on the root ('') or on a group/dataset. Objects are stored as JSON text. */

@@ -109,3 +109,18 @@ export class Rng {
 function rotl(x: number, k: number): number {
   return ((x << k) | (x >>> (32 - k))) >>> 0;
 }
+
+/** Derives one 32-bit seed from several integers (a seed and an epoch, say), order-sensitive. */
+export function mixSeeds(...parts: number[]): number {
+  let h = 0x811c9dc5;
+  for (const p of parts) {
+    const lo = p >>> 0;
+    const hi = Math.floor(p / 0x100000000) >>> 0;
+    for (const w of [lo, hi]) {
+      h = Math.imul(h ^ w, 0x01000193) >>> 0;
+      h = (h ^ (h >>> 15)) >>> 0;
+      h = Math.imul(h, 0x2c1b3c6d) >>> 0;
+    }
+  }
+  return h >>> 0;
+}
