@@ -194,6 +194,9 @@ export class H5File {
 
   /** 64-bit integers come back as BigInt arrays; they are widened to float64 here. */
   private numeric(key: string, v: unknown): NumericArray {
+    // Scalar datasets come back as plain numbers.
+    if (typeof v === 'number') return dtypeKind(this.info(key).dtype) === 'float64' ? Float64Array.of(v) : Float32Array.of(v);
+    if (typeof v === 'bigint') return Float64Array.of(Number(v));
     if (v instanceof BigInt64Array || v instanceof BigUint64Array) return Float64Array.from(v, (x) => Number(x));
     if (!ArrayBuffer.isView(v) || v instanceof DataView) {
       throw new H5Error(`${this.filePath}: dataset '${key}' is not numeric`);
