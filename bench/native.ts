@@ -1,0 +1,171 @@
+/**
+ * `npm run bench -- native`: the native conv kernels (forward, input gradient, filter gradient)
+ * on the encoder's layers and on the STACK.md reference layer, against the tfjs `cpu` backend's
+ * kernels (Conv2D, Conv2DBackpropInput, Conv2DBackpropFilter called directly, NHWC). tfjs runs at
+ * ~1 GFLOP/s (its filter gradient far slower), so it is timed on a small batch and scaled.
+ *
+ * Options: --reps N (native repetitions, default 5), --tfjs-batch N (default 1),
+ * --no-tfjs (native only), --tfjs-filter (also time tfjs' filter gradient on the big layers: slow).
+ * The machine may be shared: the load average is printed with the results.
+ */
+import * as os from 'node:os';
+
+import { tf, initBackend } from '../lib/tf';
+import { nativeKernels, nativeStatus, conv2dOutputShape, Shape4 } from '../lib/native';
+
+interface Layer {
+  name: string;
+  x: Shape4;
+  w: Shape4; // [out, in, kh, kw]
+  pad: number;
+}
+
+const LAYERS: Layer[] = [
+  { name: 'encoder conv1 [32,3,35,35] -> 64, 5x5 pad 2', x: [32, 3, 35, 35], w: [64, 3, 5, 5], pad: 2 },
+  { name: 'encoder conv2 [32,64,35,35] -> 64, 5x5 pad 2', x: [32, 64, 35, 35], w: [64, 64, 5, 5], pad: 2 },
+  { name: 'STACK.md layer [128,32,41,41] -> 32, 5x5 valid', x: [128, 32, 41, 41], w: [32, 32, 5, 5], pad: 0 },
+];
+
+function arg(name: string, dflt: number): number {
+  const i = process.argv.indexOf(name);
+  return i >= 0 && i + 1 < process.argv.length ? Number(process.argv[i + 1]) : dflt;
+}
+const REPS = arg('--reps', 5);
+const TFJS_BATCH = arg('--tfjs-batch', 1);
+const NO_TFJS = process.argv.includes('--no-tfjs');
+const TFJS_FILTER = process.argv.includes('--tfjs-filter');
+
+function rand(n: number, scale = 1): Float32Array {
+  const a = new Float32Array(n);
+  for (let i = 0; i < n; i++) a[i] = (Math.random() * 2 - 1) * scale;
+  return a;
+}
+
+interface Timing {
+  best: number; // wall seconds, best run
+  median: number; // wall seconds, median run
+  cpu: number; // process CPU seconds (user + system, all threads) per run, mean
+}
+
+/** Wall and CPU time over `reps` runs after one warm-up. On a shared machine the CPU time is the
+ *  steadier figure (the wall time includes waiting for a core). */
+function time(fn: () => unknown, reps: number): Timing {
+  fn();
+  const ts: number[] = [];
+  const c0 = process.cpuUsage();
+  for (let i = 0; i < reps; i++) {
+    const t0 = process.hrtime.bigint();
+    fn();
+    ts.push(Number(process.hrtime.bigint() - t0) / 1e9);
+  }
+  const c = process.cpuUsage(c0);
+  ts.sort((a, b) => a - b);
+  return { best: ts[0], median: ts[Math.floor(ts.length / 2)], cpu: (c.user + c.system) / 1e6 / reps };
+}
+
+const fmt = (v: number, d = 1) => (Number.isFinite(v) ? v.toFixed(d) : '-');
+
+async function main(): Promise<void> {
+  const st = nativeStatus();
+  if (!st.available) {
+    console.log(`native addon not available: ${st.reason}`);
+    return;
+  }
+  await initBackend('cpu');
+  const K = nativeKernels();
+  console.log(`native: gemm ${st.info!.gemmIsa}, ${st.info!.threads} threads (OpenMP ${st.info!.openmp}); ` +
+    `${os.cpus().length} cpus, load average ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`);
+  console.log(`tfjs cpu backend timed at batch ${TFJS_BATCH} and scaled to the full batch${NO_TFJS ? ' (skipped)' : ''}\n`);
+
+  const header = ['pass', 'best ms', 'median ms', 'GFLOP/s', 'CPU ms', 'GFLOP/CPU-s', 'tfjs GFLOP/s', 'native/tfjs'];
+  for (const L of LAYERS) {
+    const y = conv2dOutputShape(L.x, L.w, 1, L.pad);
+    const flops = 2 * y[0] * y[1] * y[2] * y[3] * L.w[1] * L.w[2] * L.w[3]; // per pass
+    const x = rand(L.x.reduce((a, b) => a * b)), w = rand(L.w.reduce((a, b) => a * b), 0.1);
+    const b = rand(L.w[0], 0.1), dy = rand(y.reduce((a, c) => a * c));
+    const opts = { stride: 1, pad: L.pad };
+    // Outputs go to reused buffers, as in a training loop that pools them (a fresh 10-80 MB
+    // array per call costs page faults: see the 'forward, new array' row).
+    const yOut = new Float32Array(dy.length), dxOut = new Float32Array(x.length);
+    const nat = {
+      forward: time(() => K.conv2d(x, L.x, w, L.w, b, { ...opts, out: yOut }), REPS),
+      'forward, new array': time(() => K.conv2d(x, L.x, w, L.w, b, opts), REPS),
+      'input grad': time(() => K.conv2dBackwardInput(dy, y, w, L.w, L.x, { ...opts, out: dxOut }), REPS),
+      'filter grad': time(() => K.conv2dBackwardFilter(x, L.x, dy, y, L.w, { ...opts, withBias: true }), REPS),
+    };
+
+    // tfjs on a small batch: its kernels in NHWC with filters [kh, kw, in, out].
+    const tfj: Record<string, number> = {};
+    if (!NO_TFJS) {
+      const nb = Math.min(TFJS_BATCH, L.x[0]);
+      const scale = L.x[0] / nb;
+      const xs = tf.tensor4d(x.subarray(0, nb * L.x[1] * L.x[2] * L.x[3]), [nb, L.x[1], L.x[2], L.x[3]]).transpose([0, 2, 3, 1]).clone() as tf.Tensor4D;
+      const ws = tf.tensor4d(w, L.w).transpose([2, 3, 1, 0]).clone() as tf.Tensor4D;
+      const dys = tf.tensor4d(dy.subarray(0, nb * y[1] * y[2] * y[3]), [nb, y[1], y[2], y[3]]).transpose([0, 2, 3, 1]).clone() as tf.Tensor4D;
+      const strides: [number, number] = [1, 1];
+      const pad = L.pad === 0 ? 'valid' : ([[0, 0], [L.pad, L.pad], [L.pad, L.pad], [0, 0]] as [[number, number], [number, number], [number, number], [number, number]]);
+      const reps = 1;
+      const run = (f: () => tf.Tensor) => time(() => { const r = f(); r.dataSync(); r.dispose(); }, reps).best * scale;
+      tfj.forward = run(() => tf.conv2d(xs, ws, strides, pad));
+      tfj['input grad'] = run(() => tf.engine().runKernel('Conv2DBackpropInput', { dy: dys, filter: ws },
+        { strides, pad, dataFormat: 'NHWC', inputShape: xs.shape }) as tf.Tensor);
+      if (TFJS_FILTER || L.w[1] <= 3) {
+        tfj['filter grad'] = run(() => tf.engine().runKernel('Conv2DBackpropFilter', { x: xs, dy: dys },
+          { strides, pad, dataFormat: 'NHWC', filterShape: ws.shape }) as tf.Tensor);
+      }
+      tf.dispose([xs, ws, dys]);
+    }
+
+    console.log(`${L.name}: ${fmt(flops / 1e9, 2)} GFLOP per pass`);
+    const rows: string[][] = [header];
+    let tot = 0;
+    let totCpu = 0;
+    let totTf = 0;
+    for (const [pass, t] of Object.entries(nat)) {
+      const tf1 = tfj[pass.replace(', new array', '')] ?? NaN;
+      if (!pass.includes('new array')) {
+        tot += t.best;
+        totCpu += t.cpu;
+        totTf += tf1;
+      }
+      rows.push([pass, fmt(t.best * 1e3), fmt(t.median * 1e3), fmt(flops / t.best / 1e9), fmt(t.cpu * 1e3),
+        fmt(flops / t.cpu / 1e9), fmt(flops / tf1 / 1e9, 2), fmt(tf1 / t.best, 0) + 'x']);
+    }
+    rows.push(['fwd+both grads', fmt(tot * 1e3), '', fmt((3 * flops) / tot / 1e9), fmt(totCpu * 1e3),
+      fmt((3 * flops) / totCpu / 1e9), fmt((3 * flops) / totTf / 1e9, 2), fmt(totTf / tot, 0) + 'x']);
+    const widths = header.map((_, i) => Math.max(...rows.map((r) => r[i].length)));
+    for (const r of rows) console.log('  ' + r.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join('  '));
+    console.log('');
+  }
+  // The GEMM core through matmul (tfjs matMul on the same shapes, fewer repetitions).
+  console.log('matmul (the same GEMM core)');
+  const mrows: string[][] = [['shape', 'best ms', 'GFLOP/s', 'CPU ms', 'GFLOP/CPU-s', 'tfjs GFLOP/s', 'native/tfjs']];
+  for (const [batch, M, N, Kd, ta, tb] of [[1, 1024, 1024, 1024, false, false], [1, 1024, 1024, 1024, true, true],
+    [64, 128, 128, 128, false, false]] as [number, number, number, number, boolean, boolean][]) {
+    const as = batch > 1 ? [batch, ta ? Kd : M, ta ? M : Kd] : [ta ? Kd : M, ta ? M : Kd];
+    const bs = batch > 1 ? [batch, tb ? N : Kd, tb ? Kd : N] : [tb ? N : Kd, tb ? Kd : N];
+    const A = rand(batch * M * Kd), B = rand(batch * Kd * N), C = new Float32Array(batch * M * N);
+    const flops = 2 * batch * M * N * Kd;
+    const t = time(() => K.matmul(A, as, B, bs, { transA: ta, transB: tb, out: C }), REPS);
+    let tfs = NaN;
+    if (!NO_TFJS) {
+      const at = tf.tensor(A, as), bt = tf.tensor(B, bs);
+      tfs = time(() => { const r = tf.matMul(at, bt, ta, tb); r.dataSync(); r.dispose(); }, 1).best;
+      tf.dispose([at, bt]);
+    }
+    mrows.push([`${batch > 1 ? batch + 'x' : ''}${M}x${Kd} . ${Kd}x${N}${ta ? ' tA' : ''}${tb ? ' tB' : ''}`,
+      fmt(t.best * 1e3), fmt(flops / t.best / 1e9), fmt(t.cpu * 1e3), fmt(flops / t.cpu / 1e9), fmt(flops / tfs / 1e9, 2),
+      fmt(tfs / t.best, 0) + 'x']);
+  }
+  const mw = mrows[0].map((_, i) => Math.max(...mrows.map((r) => r[i].length)));
+  for (const r of mrows) console.log('  ' + r.map((c, i) => (i === 0 ? c.padEnd(mw[i]) : c.padStart(mw[i]))).join('  '));
+  console.log('');
+
+  const rss = process.resourceUsage().maxRSS / 1024;
+  console.log(`peak RSS ${fmt(rss, 0)} MB`);
+}
+
+main().catch((e) => {
+  console.error(e);
+  process.exit(1);
+});

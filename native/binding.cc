@@ -1,0 +1,501 @@
+// The N-API surface of the addon: argument checking (every problem becomes a JS TypeError or
+// RangeError naming the function, the argument and the shape) and the calls into the kernels.
+// Nothing here keeps state between calls. Results are new Float32Arrays unless the caller passes
+// an `out` array (last argument) of the right length that overlaps no input.
+#include <napi.h>
+
+#include <cmath>
+#include <exception>
+#include <initializer_list>
+#include <utility>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "conv.h"
+#include "gemm.h"
+
+#if defined(EMORL_CUDA)
+namespace emorl {
+int cuda_device_count(std::string* error);
+}
+#endif
+
+namespace {
+
+using emorl::ConvGeom;
+
+constexpr int64_t kMaxElems = int64_t(1) << 40;
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::ostringstream o;
+  o << '[';
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? "," : "") << s[i];
+  o << ']';
+  return o.str();
+}
+
+// Reads positional arguments of one exported function; errors name the function and argument.
+class Args {
+ public:
+  Args(const Napi::CallbackInfo& info, const char* fn) : info_(info), env_(info.Env()), fn_(fn) {}
+
+  [[noreturn]] void type_error(const std::string& msg) const {
+    throw Napi::TypeError::New(env_, std::string("emorl.") + fn_ + ": " + msg);
+  }
+  [[noreturn]] void range_error(const std::string& msg) const {
+    throw Napi::RangeError::New(env_, std::string("emorl.") + fn_ + ": " + msg);
+  }
+
+  Napi::Value at(size_t i) const { return i < info_.Length() ? info_[i] : env_.Undefined(); }
+
+  // A Float32Array that must hold exactly prod(shape) elements.
+  const float* f32(size_t i, const char* name, const std::vector<int64_t>& shape, const char* shape_name) const {
+    Napi::Value v = at(i);
+    if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
+      type_error(std::string("argument '") + name + "' must be a Float32Array");
+    auto a = v.As<Napi::Float32Array>();
+    const int64_t need = numel(shape, shape_name);
+    if (static_cast<int64_t>(a.ElementLength()) != need) {
+      std::ostringstream o;
+      o << "argument '" << name << "' has " << a.ElementLength() << " elements but " << shape_name << ' '
+        << shape_str(shape) << " needs " << need;
+      range_error(o.str());
+    }
+    return need ? a.Data() : nullptr;
+  }
+
+  // An optional Float32Array (null/undefined -> nullptr) of exactly n elements.
+  const float* f32_opt(size_t i, const char* name, int64_t n, const char* what) const {
+    Napi::Value v = at(i);
+    if (v.IsNull() || v.IsUndefined()) return nullptr;
+    if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
+      type_error(std::string("argument '") + name + "' must be a Float32Array, null or undefined");
+    auto a = v.As<Napi::Float32Array>();
+    if (static_cast<int64_t>(a.ElementLength()) != n) {
+      std::ostringstream o;
+      o << "argument '" << name << "' has " << a.ElementLength() << " elements but " << what << " needs " << n;
+      range_error(o.str());
+    }
+    return a.Data();
+  }
+
+  // An array of `rank` (or any of `ranks`) non-negative integers, each >= min_value.
+  std::vector<int64_t> ints(size_t i, const char* name, std::vector<size_t> ranks, int64_t min_value = 0) const {
+    Napi::Value v = at(i);
+    if (!v.IsArray()) type_error(std::string("argument '") + name + "' must be an array of integers");
+    auto a = v.As<Napi::Array>();
+    bool rank_ok = false;
+    for (size_t r : ranks) rank_ok = rank_ok || a.Length() == r;
+    if (!rank_ok) {
+      std::ostringstream o;
+      o << "argument '" << name << "' must have ";
+      for (size_t k = 0; k < ranks.size(); ++k) o << (k ? " or " : "") << ranks[k];
+      o << " entries, got " << a.Length();
+      range_error(o.str());
+    }
+    std::vector<int64_t> out(a.Length());
+    for (uint32_t k = 0; k < a.Length(); ++k) {
+      Napi::Value e = a.Get(k);
+      if (!e.IsNumber()) type_error(std::string("argument '") + name + "' must contain only numbers");
+      const double d = e.As<Napi::Number>().DoubleValue();
+      if (!std::isfinite(d) || std::floor(d) != d || d < double(min_value) || d > 2147483647.0) {
+        std::ostringstream o;
+        o << "argument '" << name << "' entry " << k << " is " << d << "; expected an integer >= " << min_value
+          << " (" << name << " = " << (a.Length() ? "" : "[]");
+        for (uint32_t m = 0; m < a.Length(); ++m) {
+          Napi::Value em = a.Get(m);
+          o << (m ? "," : "[");
+          if (em.IsNumber()) o << em.As<Napi::Number>().DoubleValue();
+          else o << '?';
+        }
+        o << (a.Length() ? "])" : ")");
+        range_error(o.str());
+      }
+      out[k] = static_cast<int64_t>(d);
+    }
+    return out;
+  }
+
+  bool boolean(size_t i, const char* name, bool dflt) const {
+    Napi::Value v = at(i);
+    if (v.IsUndefined() || v.IsNull()) return dflt;
+    if (!v.IsBoolean()) type_error(std::string("argument '") + name + "' must be a boolean");
+    return v.As<Napi::Boolean>().Value();
+  }
+
+  int64_t numel(const std::vector<int64_t>& shape, const char* shape_name) const {
+    int64_t n = 1;
+    for (int64_t d : shape) {
+      if (d != 0 && n > kMaxElems / d) range_error(std::string(shape_name) + ' ' + shape_str(shape) + " is too large");
+      n *= d;
+    }
+    return n;
+  }
+
+  Napi::Env env() const { return env_; }
+  const char* fn() const { return fn_; }
+
+ private:
+  const Napi::CallbackInfo& info_;
+  Napi::Env env_;
+  const char* fn_;
+};
+
+Napi::Float32Array new_f32(const Args& a, int64_t n) {
+  if (n > int64_t(std::numeric_limits<uint32_t>::max()))
+    a.range_error("output of " + std::to_string(n) + " elements is too large for a Float32Array");
+  return Napi::Float32Array::New(a.env(), static_cast<size_t>(n));
+}
+
+// The result array: a new one, or the caller's `out` (argument i: a Float32Array of exactly n
+// elements that shares no memory with any input), so hot loops can reuse their buffers.
+Napi::Float32Array out_or_new(const Args& a, size_t i, int64_t n, std::initializer_list<std::pair<size_t, const char*>> inputs) {
+  Napi::Value v = a.at(i);
+  if (v.IsUndefined() || v.IsNull()) return new_f32(a, n);
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
+    a.type_error("argument 'out' must be a Float32Array, null or undefined");
+  auto out = v.As<Napi::Float32Array>();
+  if (static_cast<int64_t>(out.ElementLength()) != n) {
+    std::ostringstream o;
+    o << "argument 'out' has " << out.ElementLength() << " elements but the result has " << n;
+    a.range_error(o.str());
+  }
+  const char* ob = reinterpret_cast<const char*>(out.Data());
+  const char* oe = ob + out.ByteLength();
+  for (const auto& in : inputs) {
+    Napi::Value iv = a.at(in.first);
+    if (!iv.IsTypedArray()) continue;
+    auto t = iv.As<Napi::TypedArray>();
+    const char* ib = static_cast<const char*>(t.ArrayBuffer().Data()) + t.ByteOffset();
+    const char* ie = ib + t.ByteLength();
+    if (ib < oe && ob < ie && out.ByteLength() && t.ByteLength())
+      a.range_error(std::string("argument 'out' overlaps argument '") + in.second + "'");
+  }
+  return out;
+}
+
+// Wraps a binding so that C++ exceptions other than Napi::Error (e.g. std::bad_alloc) become JS
+// errors instead of terminating the process.
+template <Napi::Value (*F)(const Napi::CallbackInfo&, bool)>
+Napi::Value guarded(const Napi::CallbackInfo& info, bool reference) {
+  try {
+    return F(info, reference);
+  } catch (const Napi::Error&) {
+    throw;
+  } catch (const std::bad_alloc&) {
+    throw Napi::RangeError::New(info.Env(), "emorl: out of memory");
+  } catch (const std::exception& e) {
+    throw Napi::Error::New(info.Env(), std::string("emorl: ") + e.what());
+  }
+}
+
+// Conv geometry from the (forward) conv's input shape, weight shape, stride and 4-sided padding.
+// wShape = [Co, C, kh, kw] in the forward conv's orientation.
+ConvGeom conv_geom(const Args& a, const std::vector<int64_t>& xs, const char* xname, const std::vector<int64_t>& ws,
+                   const char* wname, int64_t w_in_dim, const std::vector<int64_t>& stride,
+                   const std::vector<int64_t>& pad) {
+  ConvGeom g{};
+  g.N = xs[0];
+  g.C = xs[1];
+  g.H = xs[2];
+  g.W = xs[3];
+  const int64_t w_in = ws[w_in_dim];
+  if (w_in != g.C) {
+    std::ostringstream o;
+    o << wname << ' ' << shape_str(ws) << " has " << w_in << " input channels but " << xname << ' ' << shape_str(xs)
+      << " has " << g.C;
+    a.range_error(o.str());
+  }
+  g.Co = ws[1 - w_in_dim];
+  g.kh = ws[2];
+  g.kw = ws[3];
+  if (g.kh < 1 || g.kw < 1) a.range_error(std::string(wname) + ' ' + shape_str(ws) + " has an empty kernel");
+  g.sh = stride[0];
+  g.sw = stride.size() > 1 ? stride[1] : stride[0];
+  g.pt = pad[0];
+  g.pl = pad[2];
+  const int64_t hp = g.H + pad[0] + pad[1] - g.kh, wp = g.W + pad[2] + pad[3] - g.kw;
+  if (hp < 0 || wp < 0) {
+    std::ostringstream o;
+    o << "kernel " << g.kh << 'x' << g.kw << " is larger than the padded input (" << xname << ' ' << shape_str(xs)
+      << ", pad " << shape_str(pad) << ')';
+    a.range_error(o.str());
+  }
+  g.Ho = hp / g.sh + 1;
+  g.Wo = wp / g.sw + 1;
+  return g;
+}
+
+void expect_shape(const Args& a, const char* name, const std::vector<int64_t>& got, const std::vector<int64_t>& want) {
+  if (got != want) a.range_error(std::string(name) + ' ' + shape_str(got) + " does not match the expected " + shape_str(want));
+}
+
+int threads() { return emorl::max_threads(); }
+
+// conv2d(x, xShape[N,C,H,W], w, wShape[Co,C,kh,kw], bias|null, stride[sh,sw], pad[t,b,l,r], out?) -> y
+Napi::Value Conv2d(const Napi::CallbackInfo& info, bool reference) {
+  Args a(info, "conv2d");
+  auto xs = a.ints(1, "xShape", {4});
+  auto ws = a.ints(3, "wShape", {4});
+  auto stride = a.ints(5, "stride", {1, 2}, 1);
+  auto pad = a.ints(6, "pad", {4});
+  const float* x = a.f32(0, "x", xs, "xShape");
+  const float* w = a.f32(2, "w", ws, "wShape");
+  ConvGeom g = conv_geom(a, xs, "xShape", ws, "wShape", 1, stride, pad);
+  const float* bias = a.f32_opt(4, "bias", g.Co, "wShape[0]");
+  auto y = out_or_new(a, 7, a.numel({g.N, g.Co, g.Ho, g.Wo}, "output"), {{0, "x"}, {2, "w"}, {4, "bias"}});
+  if (reference) emorl::ref::conv2d_forward(g, x, w, bias, y.Data());
+  else emorl::conv2d_forward(g, x, w, bias, y.Data(), threads());
+  return y;
+}
+
+// conv2dBackwardInput(dy, dyShape, w, wShape, xShape, stride, pad, out?) -> dx
+Napi::Value Conv2dBackwardInput(const Napi::CallbackInfo& info, bool reference) {
+  Args a(info, "conv2dBackwardInput");
+  auto dys = a.ints(1, "dyShape", {4});
+  auto ws = a.ints(3, "wShape", {4});
+  auto xs = a.ints(4, "xShape", {4});
+  auto stride = a.ints(5, "stride", {1, 2}, 1);
+  auto pad = a.ints(6, "pad", {4});
+  const float* dy = a.f32(0, "dy", dys, "dyShape");
+  const float* w = a.f32(2, "w", ws, "wShape");
+  ConvGeom g = conv_geom(a, xs, "xShape", ws, "wShape", 1, stride, pad);
+  expect_shape(a, "dyShape", dys, {g.N, g.Co, g.Ho, g.Wo});
+  auto dx = out_or_new(a, 7, a.numel(xs, "xShape"), {{0, "dy"}, {2, "w"}});
+  if (reference) emorl::ref::conv2d_backward_input(g, dy, w, dx.Data());
+  else emorl::conv2d_backward_input(g, dy, w, dx.Data(), threads());
+  return dx;
+}
+
+Napi::Value grads_object(const Args& a, Napi::Float32Array dw, Napi::Value db) {
+  Napi::Object o = Napi::Object::New(a.env());
+  o.Set("dw", dw);
+  o.Set("db", db);
+  return o;
+}
+
+// conv2dBackwardFilter(x, xShape, dy, dyShape, wShape, stride, pad, withBias) -> {dw, db|null}
+Napi::Value Conv2dBackwardFilter(const Napi::CallbackInfo& info, bool reference) {
+  Args a(info, "conv2dBackwardFilter");
+  auto xs = a.ints(1, "xShape", {4});
+  auto dys = a.ints(3, "dyShape", {4});
+  auto ws = a.ints(4, "wShape", {4});
+  auto stride = a.ints(5, "stride", {1, 2}, 1);
+  auto pad = a.ints(6, "pad", {4});
+  const bool with_bias = a.boolean(7, "withBias", false);
+  const float* x = a.f32(0, "x", xs, "xShape");
+  const float* dy = a.f32(2, "dy", dys, "dyShape");
+  ConvGeom g = conv_geom(a, xs, "xShape", ws, "wShape", 1, stride, pad);
+  expect_shape(a, "dyShape", dys, {g.N, g.Co, g.Ho, g.Wo});
+  auto dw = new_f32(a, a.numel(ws, "wShape"));
+  Napi::Value dbv = a.env().Null();
+  float* db = nullptr;
+  if (with_bias) {
+    auto dbArr = new_f32(a, g.Co);
+    db = dbArr.Data();
+    dbv = dbArr;
+  }
+  if (reference) emorl::ref::conv2d_backward_filter(g, x, dy, dw.Data(), db);
+  else emorl::conv2d_backward_filter(g, x, dy, dw.Data(), db, threads());
+  return grads_object(a, dw, dbv);
+}
+
+// The forward-conv geometry matching a transposed conv with input xShape [N,Ci,H,W], weight
+// [Ci,Co,kh,kw], stride, padding [ph,pw], outputPadding [oph,opw]: its image side is the
+// transposed conv's output [N,Co,Ho,Wo], Ho = (H-1)*sh - 2ph + kh + oph.
+ConvGeom convt_geom(const Args& a, const std::vector<int64_t>& xs, const std::vector<int64_t>& ws,
+                    const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+                    const std::vector<int64_t>& outpad) {
+  if (ws[0] != xs[1]) {
+    std::ostringstream o;
+    o << "wShape " << shape_str(ws) << " has " << ws[0] << " input channels but xShape " << shape_str(xs) << " has "
+      << xs[1];
+    a.range_error(o.str());
+  }
+  if (ws[2] < 1 || ws[3] < 1) a.range_error("wShape " + shape_str(ws) + " has an empty kernel");
+  const int64_t sh = stride[0], sw = stride.size() > 1 ? stride[1] : stride[0];
+  const int64_t ph = padding[0], pw = padding.size() > 1 ? padding[1] : padding[0];
+  const int64_t oph = outpad[0], opw = outpad.size() > 1 ? outpad[1] : outpad[0];
+  if (oph >= sh || opw >= sw)
+    a.range_error("outputPadding " + shape_str(outpad) + " must be smaller than stride " + shape_str(stride));
+  if (xs[2] < 1 || xs[3] < 1) a.range_error("xShape " + shape_str(xs) + " has an empty image");
+  const int64_t Ho = (xs[2] - 1) * sh - 2 * ph + ws[2] + oph, Wo = (xs[3] - 1) * sw - 2 * pw + ws[3] + opw;
+  if (Ho < 1 || Wo < 1) {
+    std::ostringstream o;
+    o << "output size " << Ho << 'x' << Wo << " is not positive (xShape " << shape_str(xs) << ", padding "
+      << shape_str(padding) << ')';
+    a.range_error(o.str());
+  }
+  ConvGeom g{};
+  g.N = xs[0];
+  g.C = ws[1];
+  g.H = Ho;
+  g.W = Wo;
+  g.Co = xs[1];
+  g.Ho = xs[2];
+  g.Wo = xs[3];
+  g.kh = ws[2];
+  g.kw = ws[3];
+  g.sh = sh;
+  g.sw = sw;
+  g.pt = ph;
+  g.pl = pw;
+  return g;
+}
+
+// conv2dTranspose(x, xShape[N,Ci,H,W], w, wShape[Ci,Co,kh,kw], bias|null, stride, padding[ph,pw],
+//                 outputPadding[oph,opw], out?) -> y[N,Co,Ho,Wo]
+Napi::Value Conv2dTranspose(const Napi::CallbackInfo& info, bool reference) {
+  Args a(info, "conv2dTranspose");
+  auto xs = a.ints(1, "xShape", {4});
+  auto ws = a.ints(3, "wShape", {4});
+  auto stride = a.ints(5, "stride", {1, 2}, 1);
+  auto padding = a.ints(6, "padding", {1, 2});
+  auto outpad = a.ints(7, "outputPadding", {1, 2});
+  const float* x = a.f32(0, "x", xs, "xShape");
+  const float* w = a.f32(2, "w", ws, "wShape");
+  ConvGeom g = convt_geom(a, xs, ws, stride, padding, outpad);
+  const float* bias = a.f32_opt(4, "bias", g.C, "wShape[1]");
+  auto y = out_or_new(a, 8, a.numel({g.N, g.C, g.H, g.W}, "output"), {{0, "x"}, {2, "w"}, {4, "bias"}});
+  if (reference) emorl::ref::conv2d_transpose_forward(g, x, w, bias, y.Data());
+  else emorl::conv2d_transpose_forward(g, x, w, bias, y.Data(), threads());
+  return y;
+}
+
+// conv2dTransposeBackwardInput(dy, dyShape, w, wShape, xShape, stride, padding, outputPadding, out?) -> dx
+Napi::Value Conv2dTransposeBackwardInput(const Napi::CallbackInfo& info, bool reference) {
+  Args a(info, "conv2dTransposeBackwardInput");
+  auto dys = a.ints(1, "dyShape", {4});
+  auto ws = a.ints(3, "wShape", {4});
+  auto xs = a.ints(4, "xShape", {4});
+  auto stride = a.ints(5, "stride", {1, 2}, 1);
+  auto padding = a.ints(6, "padding", {1, 2});
+  auto outpad = a.ints(7, "outputPadding", {1, 2});
+  const float* dy = a.f32(0, "dy", dys, "dyShape");
+  const float* w = a.f32(2, "w", ws, "wShape");
+  ConvGeom g = convt_geom(a, xs, ws, stride, padding, outpad);
+  expect_shape(a, "dyShape", dys, {g.N, g.C, g.H, g.W});
+  auto dx = out_or_new(a, 8, a.numel(xs, "xShape"), {{0, "dy"}, {2, "w"}});
+  if (reference) emorl::ref::conv2d_transpose_backward_input(g, dy, w, dx.Data());
+  else emorl::conv2d_transpose_backward_input(g, dy, w, dx.Data(), threads());
+  return dx;
+}
+
+// conv2dTransposeBackwardFilter(x, xShape, dy, dyShape, wShape, stride, padding, outputPadding,
+//                               withBias) -> {dw, db|null}
+Napi::Value Conv2dTransposeBackwardFilter(const Napi::CallbackInfo& info, bool reference) {
+  Args a(info, "conv2dTransposeBackwardFilter");
+  auto xs = a.ints(1, "xShape", {4});
+  auto dys = a.ints(3, "dyShape", {4});
+  auto ws = a.ints(4, "wShape", {4});
+  auto stride = a.ints(5, "stride", {1, 2}, 1);
+  auto padding = a.ints(6, "padding", {1, 2});
+  auto outpad = a.ints(7, "outputPadding", {1, 2});
+  const bool with_bias = a.boolean(8, "withBias", false);
+  const float* x = a.f32(0, "x", xs, "xShape");
+  const float* dy = a.f32(2, "dy", dys, "dyShape");
+  ConvGeom g = convt_geom(a, xs, ws, stride, padding, outpad);
+  expect_shape(a, "dyShape", dys, {g.N, g.C, g.H, g.W});
+  auto dw = new_f32(a, a.numel(ws, "wShape"));
+  Napi::Value dbv = a.env().Null();
+  float* db = nullptr;
+  if (with_bias) {
+    auto dbArr = new_f32(a, g.C);
+    db = dbArr.Data();
+    dbv = dbArr;
+  }
+  if (reference) emorl::ref::conv2d_transpose_backward_filter(g, x, dy, dw.Data(), db);
+  else emorl::conv2d_transpose_backward_filter(g, x, dy, dw.Data(), db, threads());
+  return grads_object(a, dw, dbv);
+}
+
+// matmul(a, aShape[(B,)M,K], b, bShape[(B,)K,N], transA, transB, out?) -> c[(B,)M,N]
+// With transA, a is stored [(B,)K,M]; with transB, b is stored [(B,)N,K]. A batch of 1 (or a
+// 2-D operand) broadcasts against the other operand's batch.
+Napi::Value Matmul(const Napi::CallbackInfo& info, bool reference) {
+  Args a(info, "matmul");
+  auto as = a.ints(1, "aShape", {2, 3});
+  auto bs = a.ints(3, "bShape", {2, 3});
+  const bool ta = a.boolean(4, "transA", false), tb = a.boolean(5, "transB", false);
+  const float* A = a.f32(0, "a", as, "aShape");
+  const float* B = a.f32(2, "b", bs, "bShape");
+  const int64_t ba = as.size() == 3 ? as[0] : 1, bb = bs.size() == 3 ? bs[0] : 1;
+  const int64_t ar = as[as.size() - 2], ac = as[as.size() - 1], br = bs[bs.size() - 2], bc = bs[bs.size() - 1];
+  const int64_t M = ta ? ac : ar, K = ta ? ar : ac, Kb = tb ? bc : br, N = tb ? br : bc;
+  if (K != Kb) {
+    std::ostringstream o;
+    o << "inner dimensions differ: aShape " << shape_str(as) << (ta ? " (transposed)" : "") << " gives K=" << K
+      << ", bShape " << shape_str(bs) << (tb ? " (transposed)" : "") << " gives K=" << Kb;
+    a.range_error(o.str());
+  }
+  if (ba != bb && ba != 1 && bb != 1)
+    a.range_error("batch sizes " + std::to_string(ba) + " and " + std::to_string(bb) + " do not broadcast");
+  const int64_t batch = ba == 1 ? bb : ba;  // a batch of 1 broadcasts (also against 0)
+  const bool out3 = as.size() == 3 || bs.size() == 3;
+  auto c = out_or_new(a, 6, a.numel(out3 ? std::vector<int64_t>{batch, M, N} : std::vector<int64_t>{M, N}, "output"),
+                      {{0, "a"}, {2, "b"}});
+  const int64_t sa = ba == 1 ? 0 : M * K, sb = bb == 1 ? 0 : K * N;
+  if (reference) {
+    for (int64_t i = 0; i < batch; ++i) emorl::ref::matmul(ta, tb, M, N, K, A + i * sa, B + i * sb, c.Data() + i * M * N);
+  } else if (M * N > 0) {
+    emorl::GemmCall g{ta, tb, M, N, K, A, ta ? M : K, B, tb ? K : N, c.Data(), N, false};
+    emorl::sgemm_batched(g, batch, sa, sb, M * N, threads());
+  }
+  return c;
+}
+
+Napi::Value Info(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("gemmIsa", emorl::gemm_kernel().name);
+  o.Set("threads", emorl::max_threads());
+#if defined(EMORL_OPENMP)
+  o.Set("openmp", true);
+#else
+  o.Set("openmp", false);
+#endif
+#if defined(EMORL_CUDA)
+  o.Set("cudaBuilt", true);
+  std::string err;
+  const int n = emorl::cuda_device_count(&err);
+  o.Set("cudaDevices", n);
+  if (!err.empty()) o.Set("cudaError", err);
+#else
+  o.Set("cudaBuilt", false);
+  o.Set("cudaDevices", 0);
+#endif
+  return o;
+}
+
+template <Napi::Value (*F)(const Napi::CallbackInfo&, bool), bool Ref>
+Napi::Value entry(const Napi::CallbackInfo& info) {
+  return guarded<F>(info, Ref);
+}
+
+template <Napi::Value (*F)(const Napi::CallbackInfo&, bool)>
+void add(Napi::Env env, Napi::Object fast, Napi::Object ref, const char* name) {
+  fast.Set(name, Napi::Function::New(env, entry<F, false>, name));
+  ref.Set(name, Napi::Function::New(env, entry<F, true>, name));
+}
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  Napi::Object ref = Napi::Object::New(env);
+  add<Conv2d>(env, exports, ref, "conv2d");
+  add<Conv2dBackwardInput>(env, exports, ref, "conv2dBackwardInput");
+  add<Conv2dBackwardFilter>(env, exports, ref, "conv2dBackwardFilter");
+  add<Conv2dTranspose>(env, exports, ref, "conv2dTranspose");
+  add<Conv2dTransposeBackwardInput>(env, exports, ref, "conv2dTransposeBackwardInput");
+  add<Conv2dTransposeBackwardFilter>(env, exports, ref, "conv2dTransposeBackwardFilter");
+  add<Matmul>(env, exports, ref, "matmul");
+  exports.Set("reference", ref);
+  exports.Set("info", Napi::Function::New(env, Info, "info"));
+  exports.Set("abiVersion", Napi::Number::New(env, 1));
+  return exports;
+}
+
+}  // namespace
+
+NODE_API_MODULE(emorl_native, Init)

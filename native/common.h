@@ -1,0 +1,114 @@
+// Shared helpers for the emorl kernels: owned aligned buffers, the denormal (FTZ/DAZ) scope that
+// every worker thread enters, and a tiny parallel-region wrapper over OpenMP (or std::thread).
+// No global mutable state: thread counts come from OpenMP's own settings (OMP_NUM_THREADS).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <thread>
+#include <vector>
+
+#if defined(EMORL_OPENMP)
+#include <omp.h>
+#endif
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
+
+namespace emorl {
+
+// A 64-byte aligned float buffer, owned (RAII). Contents are uninitialised unless `zero` is set.
+class AlignedBuf {
+ public:
+  AlignedBuf() = default;
+  explicit AlignedBuf(size_t n, bool zero = false) { reset(n, zero); }
+  void reset(size_t n, bool zero = false) {
+    size_t bytes = ((n * sizeof(float) + 63) / 64) * 64;
+    if (bytes == 0) bytes = 64;
+    void* p = std::aligned_alloc(64, bytes);
+    if (!p) throw std::bad_alloc();
+    ptr_.reset(static_cast<float*>(p));
+    size_ = n;
+    if (zero) std::memset(p, 0, bytes);
+  }
+  float* data() { return ptr_.get(); }
+  const float* data() const { return ptr_.get(); }
+  size_t size() const { return size_; }
+
+ private:
+  struct Free {
+    void operator()(float* p) const { std::free(p); }
+  };
+  std::unique_ptr<float, Free> ptr_;
+  size_t size_ = 0;
+};
+
+// Flush-to-zero + denormals-are-zero for the lifetime of the object, restoring the caller's
+// MXCSR afterwards (the JS thread takes part in parallel regions and must get its mode back).
+class FtzScope {
+ public:
+#if defined(__x86_64__) || defined(_M_X64)
+  FtzScope() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040u); }
+  ~FtzScope() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned saved_;
+#else
+  FtzScope() {}
+#endif
+  FtzScope(const FtzScope&) = delete;
+  FtzScope& operator=(const FtzScope&) = delete;
+};
+
+inline int max_threads() {
+#if defined(EMORL_OPENMP)
+  return omp_get_max_threads();
+#else
+  unsigned n = std::thread::hardware_concurrency();
+  return n ? static_cast<int>(n) : 1;
+#endif
+}
+
+// Runs f(tid, nthreads) on `nthreads` threads (the caller is thread 0), each inside an FtzScope.
+// f must not throw: allocate before the region.
+template <class F>
+void parallel_region(int nthreads, F&& f) {
+  if (nthreads <= 1) {
+    FtzScope ftz;
+    f(0, 1);
+    return;
+  }
+#if defined(EMORL_OPENMP)
+#pragma omp parallel num_threads(nthreads)
+  {
+    FtzScope ftz;
+    f(omp_get_thread_num(), omp_get_num_threads());
+  }
+#else
+  std::vector<std::thread> workers;
+  workers.reserve(nthreads - 1);
+  for (int t = 1; t < nthreads; ++t)
+    workers.emplace_back([&f, t, nthreads] {
+      FtzScope ftz;
+      f(t, nthreads);
+    });
+  {
+    FtzScope ftz;
+    f(0, nthreads);
+  }
+  for (auto& w : workers) w.join();
+#endif
+}
+
+// [begin, end) share of `n` items for thread `tid` of `nt` (contiguous, balanced).
+inline void split_range(int64_t n, int tid, int nt, int64_t& begin, int64_t& end) {
+  int64_t q = n / nt, r = n % nt;
+  begin = tid * q + (tid < r ? tid : r);
+  end = begin + q + (tid < r ? 1 : 0);
+}
+
+}  // namespace emorl

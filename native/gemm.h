@@ -1,0 +1,55 @@
+// SGEMM: C[M,N] = op(A)[M,K] * op(B)[K,N] (+ C), row-major, multi-threaded, ISA chosen at run time.
+#pragma once
+
+#include <cstdint>
+
+namespace emorl {
+
+struct GemmCall {
+  bool transA, transB;
+  int64_t M, N, K;
+  const float* A;
+  int64_t lda;
+  const float* B;
+  int64_t ldb;
+  float* C;
+  int64_t ldc;
+  bool accumulate;  // C += product (else C = product)
+  // Optional: op(B) already in the kernel's packed layout, ceil(N/nr) panels of [K][nr] floats
+  // (zero-padded past N); B and ldb are then ignored. Lets im2col write its columns straight
+  // into the layout the micro-kernel reads, skipping a pass over the largest operand.
+  const float* Bpacked = nullptr;
+  // Optional: op(A) already packed by GemmKernel::pack_a_full (ceil(M/mr) panels of [K][mr]);
+  // A and lda are then ignored. Lets a caller pack a weight matrix once for many products.
+  const float* Apacked = nullptr;
+};
+
+// One instruction-set variant of the blocked single-threaded GEMM.
+struct GemmKernel {
+  const char* name;
+  int mr, nr;
+  int64_t pack_a_floats, pack_b_floats;           // scratch each thread needs
+  void (*serial)(const GemmCall&, float* packA, float* packB);
+  // Packs op(A) [M x K] whole into dst (ceil(M/mr)*mr*K floats) for GemmCall::Apacked.
+  void (*pack_a_full)(bool transA, int64_t M, int64_t K, const float* A, int64_t lda, float* dst);
+};
+
+const GemmKernel* gemm_kernel_generic();
+const GemmKernel* gemm_kernel_avx2();
+const GemmKernel* gemm_kernel_avx512();
+
+// The best variant this CPU supports.
+const GemmKernel& gemm_kernel();
+
+// Multi-threaded (up to `nthreads`; 1 = run on the calling thread only). Allocates its scratch.
+void sgemm(const GemmCall& g, int nthreads);
+
+// Single-threaded, with caller-owned scratch of gemm_kernel().pack_*_floats floats (for callers
+// that parallelise at a coarser level, e.g. over the images of a batch).
+void sgemm_serial(const GemmCall& g, float* packA, float* packB);
+
+// `batch` independent products with element strides between consecutive A, B and C matrices.
+void sgemm_batched(const GemmCall& g, int64_t batch, int64_t strideA, int64_t strideB, int64_t strideC,
+                   int nthreads);
+
+}  // namespace emorl

@@ -1,0 +1,190 @@
+// The blocked single-threaded SGEMM, written once and compiled per instruction set (gemm_avx512.cc,
+// gemm_avx2.cc, gemm_generic.cc each define EMORL_GEMM_NS, EMORL_VW, EMORL_MR and include this).
+//
+//   C[M,N] = op(A)[M,K] * op(B)[K,N]  (+ C if accumulate), row-major, leading dimensions lda/ldb/ldc.
+//
+// Goto/BLIS structure: B is packed into KC x NR micro-panels, A into MR x KC micro-panels (both
+// zero-padded to full tiles), and an MR x NR micro-kernel keeps its accumulators in MR*NV vector
+// registers (GCC vector extensions: a plain scalar accumulator array spills and runs ~60x slower).
+#include <cstdint>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "gemm.h"
+
+#ifndef EMORL_GEMM_NS
+#error "define EMORL_GEMM_NS, EMORL_VW and EMORL_MR before including gemm_kernel.h"
+#endif
+
+namespace emorl {
+namespace EMORL_GEMM_NS {
+
+constexpr int VW = EMORL_VW;  // floats per vector register
+constexpr int NV = 2;         // vectors per micro-tile row
+constexpr int MR = EMORL_MR;
+constexpr int NR = NV * VW;
+constexpr int64_t KC = 256;
+constexpr int64_t MC = (EMORL_VW >= 16 ? 192 : 144) / MR * MR;
+constexpr int64_t NC = 4096 / NR * NR;
+
+// No std:: templates here: an inline function instantiated in an AVX-512 TU could be the copy the
+// linker keeps for the whole addon, and would then fault on a CPU without AVX-512.
+static inline int64_t mn(int64_t a, int64_t b) { return a < b ? a : b; }
+
+typedef float vf __attribute__((vector_size(VW * sizeof(float))));
+typedef float vfu __attribute__((vector_size(VW * sizeof(float)), aligned(4), may_alias));
+
+// Broadcast (a plain `vf{} + x` keeps a scalar add in the inner loop: 0 + x is not x for -0.0).
+static inline vf splat(float x) {
+#if EMORL_VW == 16 && defined(__AVX512F__)
+  return (vf)_mm512_set1_ps(x);
+#elif EMORL_VW == 8 && defined(__AVX__)
+  return (vf)_mm256_set1_ps(x);
+#elif EMORL_VW == 4 && defined(__SSE__)
+  return (vf)_mm_set1_ps(x);
+#else
+  vf v;
+  for (int i = 0; i < VW; ++i) v[i] = x;
+  return v;
+#endif
+}
+
+// op(A) block [mc x kc] -> micro-panels of MR rows: Ap[(ir/MR)*MR*kc + p*MR + r].
+static void pack_a(bool ta, const float* A, int64_t lda, int64_t mc, int64_t kc, float* Ap) {
+  for (int64_t ir = 0; ir < mc; ir += MR) {
+    const int64_t mr = mn(MR, mc - ir);
+    float* dst = Ap + ir * kc;
+    if (!ta) {
+      for (int64_t r = 0; r < mr; ++r) {
+        const float* src = A + (ir + r) * lda;
+        for (int64_t p = 0; p < kc; ++p) dst[p * MR + r] = src[p];
+      }
+      for (int64_t r = mr; r < MR; ++r)
+        for (int64_t p = 0; p < kc; ++p) dst[p * MR + r] = 0.f;
+    } else {
+      for (int64_t p = 0; p < kc; ++p) {
+        const float* src = A + p * lda + ir;
+        int64_t r = 0;
+        for (; r < mr; ++r) dst[p * MR + r] = src[r];
+        for (; r < MR; ++r) dst[p * MR + r] = 0.f;
+      }
+    }
+  }
+}
+
+// op(B) block [kc x nc] -> micro-panels of NR columns: Bp[(jr/NR)*NR*kc + p*NR + c].
+static void pack_b(bool tb, const float* B, int64_t ldb, int64_t kc, int64_t nc, float* Bp) {
+  for (int64_t jr = 0; jr < nc; jr += NR) {
+    const int64_t nr = mn(NR, nc - jr);
+    float* dst = Bp + jr * kc;
+    if (!tb) {
+      if (nr == NR) {
+        for (int64_t p = 0; p < kc; ++p) {
+          const float* src = B + p * ldb + jr;
+          for (int v = 0; v < NV; ++v)
+            *reinterpret_cast<vf*>(dst + p * NR + v * VW) = *reinterpret_cast<const vfu*>(src + v * VW);
+        }
+      } else {
+        for (int64_t p = 0; p < kc; ++p) {
+          const float* src = B + p * ldb + jr;
+          int64_t c = 0;
+          for (; c < nr; ++c) dst[p * NR + c] = src[c];
+          for (; c < NR; ++c) dst[p * NR + c] = 0.f;
+        }
+      }
+    } else {
+      // op(B)[p][j] = B[j*ldb + p]: transpose in chunks of 8 k-steps to keep the rows streaming.
+      for (int64_t p0 = 0; p0 < kc; p0 += 8) {
+        const int64_t pn = mn(8, kc - p0);
+        for (int64_t c = 0; c < nr; ++c) {
+          const float* src = B + (jr + c) * ldb + p0;
+          for (int64_t p = 0; p < pn; ++p) dst[(p0 + p) * NR + c] = src[p];
+        }
+        for (int64_t c = nr; c < NR; ++c)
+          for (int64_t p = 0; p < pn; ++p) dst[(p0 + p) * NR + c] = 0.f;
+      }
+    }
+  }
+}
+
+// C[mr x nr] (+)= Ap-panel * Bp-panel over kc steps.
+static inline void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b,
+                                float* __restrict c, int64_t ldc, int64_t mr, int64_t nr, bool acc) {
+  vf s[MR][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) s[i][j] = vf{};
+  for (int64_t p = 0; p < kc; ++p) {
+    vf bv[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) bv[j] = *reinterpret_cast<const vf*>(b + p * NR + j * VW);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const vf ai = splat(a[p * MR + i]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) s[i][j] += ai * bv[j];
+    }
+  }
+  if (mr == MR && nr == NR) {
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) {
+        vfu* cp = reinterpret_cast<vfu*>(c + i * ldc + j * VW);
+        *cp = acc ? *cp + s[i][j] : s[i][j];
+      }
+  } else {
+    alignas(64) float t[MR * NR];
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) *reinterpret_cast<vf*>(t + i * NR + j * VW) = s[i][j];
+    for (int64_t i = 0; i < mr; ++i)
+      for (int64_t j = 0; j < nr; ++j) c[i * ldc + j] = acc ? c[i * ldc + j] + t[i * NR + j] : t[i * NR + j];
+  }
+}
+
+static void serial(const GemmCall& g, float* Ap, float* Bp) {
+  for (int64_t jc = 0; jc < g.N; jc += NC) {
+    const int64_t nc = mn(NC, g.N - jc);
+    for (int64_t pc = 0; pc < g.K; pc += KC) {
+      const int64_t kc = mn(KC, g.K - pc);
+      if (!g.Bpacked) pack_b(g.transB, g.transB ? g.B + jc * g.ldb + pc : g.B + pc * g.ldb + jc, g.ldb, kc, nc, Bp);
+      const bool acc = g.accumulate || pc > 0;
+      for (int64_t ic = 0; ic < g.M; ic += MC) {
+        const int64_t mc = mn(MC, g.M - ic);
+        if (!g.Apacked) pack_a(g.transA, g.transA ? g.A + pc * g.lda + ic : g.A + ic * g.lda + pc, g.lda, mc, kc, Ap);
+        for (int64_t jr = 0; jr < nc; jr += NR) {
+          const int64_t nr = mn(NR, nc - jr);
+          for (int64_t ir = 0; ir < mc; ir += MR) {
+            const int64_t mr = mn(MR, mc - ir);
+            const float* bp = g.Bpacked ? g.Bpacked + ((jc + jr) / NR) * g.K * NR + pc * NR : Bp + jr * kc;
+            const float* ap = g.Apacked ? g.Apacked + ((ic + ir) / MR) * g.K * MR + pc * MR : Ap + ir * kc;
+            micro_kernel(kc, ap, bp, g.C + (ic + ir) * g.ldc + jc + jr, g.ldc, mr, nr, acc);
+          }
+        }
+      }
+    }
+  }
+}
+
+static void pack_a_full(bool ta, int64_t M, int64_t K, const float* A, int64_t lda, float* dst) {
+  pack_a(ta, A, lda, M, K, dst);
+}
+
+}  // namespace EMORL_GEMM_NS
+
+const GemmKernel* EMORL_GEMM_GETTER() {
+  static const GemmKernel k{EMORL_GEMM_NAME,
+                            EMORL_GEMM_NS::MR,
+                            EMORL_GEMM_NS::NR,
+                            EMORL_GEMM_NS::MC * EMORL_GEMM_NS::KC,
+                            EMORL_GEMM_NS::KC * EMORL_GEMM_NS::NC,
+                            &EMORL_GEMM_NS::serial,
+                            &EMORL_GEMM_NS::pack_a_full};
+  return &k;
+}
+
+}  // namespace emorl
