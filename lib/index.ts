@@ -2,16 +2,42 @@
  * emorl's public API: `import { ... } from 'emorl'` (or `require('emorl')`).
  */
 export { tf, initBackend, type BackendName } from './tf';
+
+// Configs
+export { netConfig, DEFAULT_NET_CONFIG, ConfigError, type NetConfig } from './config/net';
+export {
+  experimentConfig,
+  parseExperimentConfig,
+  applyOverrides,
+  gecoTargetCheck,
+  ExperimentConfigError,
+  type ExperimentConfig,
+  type DatasetConfig,
+  type TrainingConfig,
+} from './config/experiment';
+export { loadConfigFile, bundledConfig, cacheDir } from './cli/train';
+
+// Model
+export { EfficientMORL, stageWeight, type ModelOptions, type PassOptions, type InferenceResult, type GradResult, type StageOutputs } from './model/efficient-morl';
+export { Geco, GECO_BETA_FLOOR } from './model/geco';
+export { SeededNoise, ReplayNoise, RecordingNoise, type NoiseSource, type RecordedDraw } from './model/noise';
+export { ParamStore, ParamError, type ParamArray, type ParamRecord } from './params/store';
+export { tfjsOps, type Ops } from './ops';
+export { nativeStatus } from './native';
+export { Adam, clipGradNorm, type AdamState } from './optim/adam';
+
+// Training
+export { Trainer, type StepResult, type TrainerState } from './train/trainer';
+export { train, loadTrainingCheckpoint, TrainingError, type TrainOptions, type TrainSummary, type TrainCallbacks } from './train/loop';
+export { learningRate, refinementItersAt } from './train/schedule';
+export { readCheckpoint, writeCheckpoint, latestCheckpoint, CheckpointError } from './train/checkpoint';
+export { loadModel, type LoadedModel } from './load';
+export { readPth, writePth, PthError, type PthCheckpoint } from './params/pth';
+
+// Data
 export { H5File, H5Error, withH5File, type DatasetInfo as H5DatasetInfo, type NumericArray } from './io/h5';
 export { Rng, mixSeeds, type RngState } from './util/rng';
-export {
-  H5ImageDataset,
-  DatasetError,
-  type Batch,
-  type DatasetInfo,
-  type DatasetOptions,
-  type Split,
-} from './data/dataset';
+export { H5ImageDataset, DatasetError, type Batch, type DatasetInfo, type DatasetOptions, type Split } from './data/dataset';
 export {
   BatchIterator,
   epochIndices,
@@ -24,4 +50,6 @@ export {
 export { CLEVR_CROP, preprocessImage, type PreprocessStyle } from './data/clevr';
 export { resizeBicubicU8, type ImageU8 } from './data/resize';
 export { GENERATORS, defaultSplits, generateDataset, type GenerateOptions, type GeneratorName } from './data/generators';
+
+// Metrics
 export * from './metrics';

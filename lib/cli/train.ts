@@ -1,0 +1,130 @@
+/** What `emorl-train` does, kept out of bin/ so that it can be tested and reused. */
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { parseExperimentConfig, type ExperimentConfig } from '../config/experiment';
+import { defaultSplits, generateDataset, type GeneratorName } from '../data/generators';
+import { readPth } from '../params/pth';
+import type { ParamRecord } from '../params/store';
+import { initBackend } from '../tf';
+import { train, type TrainSummary } from '../train/loop';
+
+/** The package root (for the bundled configs), from dist/lib/cli or lib/cli. */
+export function packageRoot(): string {
+  let dir = __dirname;
+  while (!fs.existsSync(path.join(dir, 'package.json'))) {
+    const parent = path.dirname(dir);
+    if (parent === dir) throw new Error('cannot locate the emorl package root');
+    dir = parent;
+  }
+  return dir;
+}
+
+export const DEFAULT_CONFIG = path.join('configs', 'train', 'tetrominoes', 'EMORL.json');
+
+/** A config shipped with the package: 'tetrominoes', 'multi_dsprites', 'clevr6-96x96', 'clevr6-128x128'. */
+export function bundledConfig(dataset: string, model = 'EMORL'): string {
+  const file = path.join(packageRoot(), 'configs', 'train', dataset, `${model}.json`);
+  if (!fs.existsSync(file)) {
+    const known = fs.readdirSync(path.join(packageRoot(), 'configs', 'train')).join(', ');
+    throw new Error(`no bundled config for '${dataset}' (${model}); known: ${known}`);
+  }
+  return file;
+}
+
+/** Where generated datasets are cached: $EMORL_CACHE_DIR, else $XDG_CACHE_HOME/emorl, else ~/.cache/emorl. */
+export function cacheDir(): string {
+  if (process.env.EMORL_CACHE_DIR) return path.resolve(process.env.EMORL_CACHE_DIR);
+  const base = process.env.XDG_CACHE_HOME || path.join(os.homedir(), '.cache');
+  return path.join(base, 'emorl');
+}
+
+/** The original configs' dataset files that a built-in generator can make. */
+const GENERATED: Record<string, GeneratorName> = {
+  'tetrominoes.h5': 'tetrominoes',
+  'multi_dsprites_colored_on_grayscale.h5': 'multi_dsprites',
+};
+
+export interface TrainCliOptions {
+  config?: string;
+  data?: string;
+  out?: string;
+  steps?: number;
+  batchSize?: number;
+  seed?: number;
+  set: string[];
+  resume?: string | boolean;
+  /** Start from the weights of a PyTorch .pth checkpoint of the original code. */
+  initFrom?: string;
+  progress: boolean;
+  prefetch?: number;
+}
+
+export function loadConfigFile(file: string, overrides: string[]): ExperimentConfig {
+  if (!fs.existsSync(file)) throw new Error(`${file}: no such config file`);
+  return parseExperimentConfig(fs.readFileSync(file, 'utf8'), file, overrides);
+}
+
+/**
+ * The dataset file: --data, else the config's data_path/h5_path if it exists, else (for the
+ * synthetic datasets) one generated once into the cache folder.
+ */
+export async function resolveDataFile(config: ExperimentConfig, data: string | undefined, log: (m: string) => void): Promise<string> {
+  if (data) {
+    if (!fs.existsSync(data)) throw new Error(`${data}: no such data file`);
+    return data;
+  }
+  const { data_path, h5_path } = config.dataset;
+  const configured = h5_path ? path.join(data_path, h5_path) : '';
+  if (configured && fs.existsSync(configured)) return configured;
+  const generator = GENERATED[h5_path];
+  if (!generator) {
+    throw new Error(
+      `no data: dataset.h5_path ${JSON.stringify(configured)} does not exist; pass --data FILE (the original's processed .h5 file)`,
+    );
+  }
+  const splits = defaultSplits(generator);
+  const cached = path.join(cacheDir(), 'datasets', `${generator}-${splits.train}-${splits.test}-seed1.h5`);
+  if (!fs.existsSync(cached)) {
+    log(`generating the ${generator} dataset once (${splits.train} + ${splits.test} images) into ${cached}`);
+    await generateDataset(generator, { out: cached, ...splits, seed: 1 });
+  }
+  return cached;
+}
+
+export async function trainCommand(opts: TrainCliOptions, log: (m: string) => void = (m) => process.stderr.write(`${m}\n`)): Promise<TrainSummary> {
+  const overrides = [...opts.set];
+  if (opts.batchSize !== undefined) overrides.push(`training.batch_size=${opts.batchSize}`);
+  if (opts.seed !== undefined) overrides.push(`seed=${opts.seed}`);
+  const configFile = opts.config ?? path.join(packageRoot(), DEFAULT_CONFIG);
+  const config = loadConfigFile(configFile, overrides);
+  const dataFile = await resolveDataFile(config, opts.data, log);
+  const stamp = new Date().toISOString().replace(/[:.]/g, '-').slice(0, 19);
+  const outDir = opts.out ?? path.join('runs', `${config.training.run_suffix || path.basename(path.dirname(configFile))}-${stamp}`);
+  if (opts.resume && !opts.out && typeof opts.resume !== 'string') throw new Error('--resume without a file needs --out (the run folder to resume)');
+  if (opts.initFrom && opts.resume) throw new Error('--init-from and --resume exclude each other');
+  let initialParams: ParamRecord | undefined;
+  if (opts.initFrom) {
+    const pth = readPth(opts.initFrom);
+    initialParams = Object.fromEntries(pth.params);
+    log(`initial weights from ${opts.initFrom} (${pth.params.size} tensors${pth.step !== undefined ? `, saved at step ${pth.step}` : ''})`);
+  }
+  await initBackend('cpu');
+  log(`config ${configFile}\ndata   ${dataFile}\nout    ${path.resolve(outDir)} (checkpoints/, log.jsonl, tb/ for TensorBoard)`);
+  const summary = await train({
+    config,
+    dataFile,
+    outDir,
+    steps: opts.steps,
+    resume: opts.resume,
+    initialParams,
+    progress: opts.progress && Boolean(process.stderr.isTTY),
+    prefetch: opts.prefetch,
+    log,
+  });
+  log(
+    `${summary.stoppedBy === 'signal' ? 'interrupted' : 'done'} at step ${summary.step}; checkpoint ${summary.lastCheckpoint}` +
+      (summary.skippedSteps ? `; ${summary.skippedSteps} steps skipped for non-finite values` : ''),
+  );
+  return summary;
+}

@@ -1,0 +1,29 @@
+/**
+ * The hot-path ops behind one interface. The model calls these through an `Ops` object, so that
+ * a native implementation (the addon) can be dropped in without touching the model code.
+ */
+import { broadcastConv2d, spatialBroadcast } from './broadcast';
+import { conv2d, convTranspose2d, withoutParamGrads } from './conv';
+import { dualGruCell, elu, gruCell, layerNorm, linear } from './nn';
+
+export interface Ops {
+  conv2d: typeof conv2d;
+  convTranspose2d: typeof convTranspose2d;
+  /** z [n,c] tiled over a grid plus a positional embedding [gh,gw,c] */
+  spatialBroadcast: typeof spatialBroadcast;
+  /** conv2d(spatialBroadcast(z, pos)) without forming the broadcast map (the decoders' first layer) */
+  broadcastConv2d: typeof broadcastConv2d;
+  linear: typeof linear;
+  layerNorm: typeof layerNorm;
+  elu: typeof elu;
+  gruCell: typeof gruCell;
+  dualGruCell: typeof dualGruCell;
+  /** Runs a forward+backward pass in which parameter gradients are not needed (may skip them). */
+  withoutParamGrads: typeof withoutParamGrads;
+}
+
+/** The reference implementation: tfjs ops plus TypeScript im2col/GEMM convolutions. */
+export const tfjsOps: Ops = { conv2d, convTranspose2d, spatialBroadcast, broadcastConv2d, linear, layerNorm, elu, gruCell, dualGruCell, withoutParamGrads };
+
+export type { ConvOptions, ConvTransposeOptions } from './conv';
+export type { GruWeights, DualGruWeights } from './nn';

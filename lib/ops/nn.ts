@@ -1,0 +1,122 @@
+/**
+ * The small dense ops: linear layers with PyTorch-layout weights, LayerNorm, GRU cells.
+ * Plain tfjs ops (their autodiff is fast enough at these sizes); kept behind these functions so
+ * that a native implementation can replace them without touching the model.
+ */
+import { tf } from '../tf';
+
+/** y = x Wᵀ + b over the last axis, W [out,in] as nn.Linear stores it. */
+export function linear(x: tf.Tensor, weight: tf.Tensor, bias?: tf.Tensor): tf.Tensor {
+  const inDim = x.shape[x.rank - 1];
+  if (weight.shape[1] !== inDim) {
+    throw new Error(`linear: input has ${inDim} features, weight [${weight.shape}] expects ${weight.shape[1]}`);
+  }
+  const lead = x.shape.slice(0, -1);
+  const x2 = x.rank === 2 ? (x as tf.Tensor2D) : x.reshape([-1, inDim]) as tf.Tensor2D;
+  let y: tf.Tensor = tf.matMul(x2, weight, false, true);
+  if (bias) y = tf.add(y, bias);
+  return x.rank === 2 ? y : y.reshape([...lead, weight.shape[0]]);
+}
+
+/** LayerNorm over the last axis (biased variance, as PyTorch), optionally with an affine map. */
+export function layerNorm(x: tf.Tensor, weight?: tf.Tensor, bias?: tf.Tensor, eps = 1e-5): tf.Tensor {
+  const mean = tf.mean(x, -1, true);
+  const xc = tf.sub(x, mean);
+  const variance = tf.mean(tf.square(xc), -1, true);
+  let y: tf.Tensor = tf.mul(xc, tf.rsqrt(tf.add(variance, eps)));
+  if (weight) y = tf.mul(y, weight);
+  if (bias) y = tf.add(y, bias);
+  return y;
+}
+
+/** ELU with alpha 1 (nn.ELU's default). */
+export function elu(x: tf.Tensor): tf.Tensor {
+  return tf.elu(x);
+}
+
+export interface GruWeights {
+  /** [3H, in], gate rows (reset, update, new) as nn.GRU's weight_ih_l0 */
+  weightIh: tf.Tensor2D;
+  /** [3H, H] */
+  weightHh: tf.Tensor2D;
+  biasIh: tf.Tensor1D;
+  biasHh: tf.Tensor1D;
+}
+
+/**
+ * One step of nn.GRU: r = σ(W_ir x + b_ir + W_hr h + b_hr), u = σ(… update rows …),
+ * n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn)), h' = (1 - u) ⊙ n + u ⊙ h.
+ */
+export function gruCell(x: tf.Tensor2D, h: tf.Tensor2D, p: GruWeights): tf.Tensor2D {
+  const H = h.shape[1];
+  const gi = linear(x, p.weightIh, p.biasIh) as tf.Tensor2D; // [N,3H]
+  const gh = linear(h, p.weightHh, p.biasHh) as tf.Tensor2D;
+  const [ir, iu, inew] = tf.split(gi, [H, H, H], 1);
+  const [hr, hu, hnew] = tf.split(gh, [H, H, H], 1);
+  const r = tf.sigmoid(tf.add(ir, hr));
+  const u = tf.sigmoid(tf.add(iu, hu));
+  const n = tf.tanh(tf.add(inew, tf.mul(r, hnew)));
+  return tf.add(tf.mul(tf.sub(1, u), n), tf.mul(u, h)) as tf.Tensor2D;
+}
+
+/**
+ * The original DualGRU cell's weights, as its state_dict stores them: two GRUs of hidden size H
+ * sharing one input, one for the posterior means (…_1) and one for the softplus parameters
+ * (…_2). weight_ih_k [2H,in] holds the (reset, update) rows, weight_in_k [H,in] the new-gate
+ * rows; bias_ih/bias_hh [4H] are ordered (reset1, update1, reset2, update2) and
+ * bias_in/bias_hn [2H] (new1, new2).
+ */
+export interface DualGruWeights {
+  weightIh1: tf.Tensor2D;
+  weightHh1: tf.Tensor2D;
+  weightIh2: tf.Tensor2D;
+  weightHh2: tf.Tensor2D;
+  weightIn1: tf.Tensor2D;
+  weightHn1: tf.Tensor2D;
+  weightIn2: tf.Tensor2D;
+  weightHn2: tf.Tensor2D;
+  biasIh: tf.Tensor1D;
+  biasHh: tf.Tensor1D;
+  biasIn: tf.Tensor1D;
+  biasHn: tf.Tensor1D;
+}
+
+/**
+ * One DualGRU step: both GRUs read the same update x; GRU 1 carries h1 (means), GRU 2 carries
+ * h2 (softplus parameters). Equal to the original's block-diagonal formulation, without
+ * multiplying by its zero blocks.
+ */
+export function dualGruCell(x: tf.Tensor2D, h1: tf.Tensor2D, h2: tf.Tensor2D, p: DualGruWeights): [tf.Tensor2D, tf.Tensor2D] {
+  const H = h1.shape[1];
+  const [bir1, biu1, bir2, biu2] = tf.split(p.biasIh, 4);
+  const [bhr1, bhu1, bhr2, bhu2] = tf.split(p.biasHh, 4);
+  const [bin1, bin2] = tf.split(p.biasIn, 2);
+  const [bhn1, bhn2] = tf.split(p.biasHn, 2);
+  const one = (
+    h: tf.Tensor2D,
+    wih: tf.Tensor2D,
+    whh: tf.Tensor2D,
+    win: tf.Tensor2D,
+    whn: tf.Tensor2D,
+    bir: tf.Tensor,
+    biu: tf.Tensor,
+    bhr: tf.Tensor,
+    bhu: tf.Tensor,
+    bin: tf.Tensor,
+    bhn: tf.Tensor,
+  ): tf.Tensor2D => {
+    const gi = tf.matMul(x, wih, false, true);
+    const gh = tf.matMul(h, whh, false, true);
+    const [ir, iu] = tf.split(gi, [H, H], 1);
+    const [hr, hu] = tf.split(gh, [H, H], 1);
+    const r = tf.sigmoid(tf.add(tf.add(tf.add(ir, bir), hr), bhr));
+    const u = tf.sigmoid(tf.add(tf.add(tf.add(iu, biu), hu), bhu));
+    const nIn = tf.add(tf.matMul(x, win, false, true), bin);
+    const nH = tf.add(tf.matMul(h, whn, false, true), bhn);
+    const n = tf.tanh(tf.add(nIn, tf.mul(r, nH)));
+    return tf.add(tf.mul(tf.sub(1, u), n), tf.mul(u, h)) as tf.Tensor2D;
+  };
+  const y1 = one(h1, p.weightIh1, p.weightHh1, p.weightIn1, p.weightHn1, bir1, biu1, bhr1, bhu1, bin1, bhn1);
+  const y2 = one(h2, p.weightIh2, p.weightHh2, p.weightIn2, p.weightHn2, bir2, biu2, bhr2, bhu2, bin2, bhn2);
+  return [y1, y2];
+}

@@ -1,0 +1,180 @@
+/**
+ * One optimisation step of EfficientMORL exactly as the original train.py takes it, and the
+ * state that makes a run resumable:
+ *
+ *   I ← curriculum(step); loss, grads ← model(images); lr ← schedule(step);
+ *   clip grads to global norm 5; Adam(lr); then GECO: C_ema ← C − nll at the warm-start step,
+ *   afterwards C_ema ← EMA, β ← max(0.55, β − step·C_ema).
+ *
+ * A step whose loss or gradients are not finite changes nothing (no update, no GECO step) and is
+ * counted; the caller decides when too many in a row end the run.
+ */
+import { tf } from '../tf';
+import type { ExperimentConfig } from '../config/experiment';
+import { EfficientMORL, type GradResult } from '../model/efficient-morl';
+import { Geco } from '../model/geco';
+import type { NoiseSource } from '../model/noise';
+import { Adam, clipGradNorm } from '../optim/adam';
+import type { ParamRecord } from '../params/store';
+import { learningRate, refinementItersAt } from './schedule';
+
+/** PyTorch's clip_grad_norm_ bound that the original hard-codes. */
+export const CLIP_GRAD_NORM = 5.0;
+
+export interface StepResult {
+  step: number;
+  lr: number;
+  refinementIters: number;
+  totalLoss: number;
+  nll: number;
+  kl: number;
+  deltas: number[];
+  /** Global gradient norm before clipping. */
+  gradNorm: number;
+  klBeta: number;
+  gecoCEma: number;
+  gecoBeta: number;
+  /** False when the step was skipped for a non-finite loss or gradient. */
+  applied: boolean;
+  /** Why a step was skipped. */
+  skipReason?: string;
+}
+
+export interface StepOptions {
+  /** The draws of this step (default: the model's seeded noise). */
+  noise?: NoiseSource;
+  /** Keep per-stage outputs (for image logging); the caller disposes them via `release`. */
+  outputs?: boolean;
+}
+
+/** The trainer's own state (beyond parameters and optimizer moments), as a checkpoint stores it. */
+export interface TrainerState {
+  /** The next step to run. */
+  step: number;
+  klBeta: number;
+  consecutiveNonFinite: number;
+  skippedSteps: number;
+}
+
+function scalarParam(model: EfficientMORL, name: string): number {
+  return (model.params.get(name).dataSync() as Float32Array)[0];
+}
+
+function setScalarParam(model: EfficientMORL, name: string, value: number): void {
+  model.params.set(name, { data: Float32Array.of(value), shape: [] });
+}
+
+export class Trainer {
+  readonly model: EfficientMORL;
+  readonly optimizer: Adam;
+  readonly geco: Geco | null;
+  state: TrainerState;
+
+  constructor(
+    readonly config: ExperimentConfig,
+    opts: { model?: EfficientMORL; seed?: number } = {},
+  ) {
+    this.model = opts.model ?? new EfficientMORL(config.Net, { seed: opts.seed ?? config.seed });
+    this.optimizer = new Adam(this.model.params, { lr: config.training.lr });
+    const t = config.training;
+    const [C, H, W] = config.Net.input_size;
+    this.geco = t.use_geco
+      ? new Geco({ target: t.geco_reconstruction_target * C * H * W, alpha: t.geco_ema_alpha, stepSizeAcceleration: t.geco_step_size_acceleration })
+      : null;
+    this.state = { step: 0, klBeta: t.kl_beta_init, consecutiveNonFinite: 0, skippedSteps: 0 };
+  }
+
+  dispose(): void {
+    this.optimizer.dispose();
+    this.model.dispose();
+  }
+
+  /** Refinement steps the curriculum gives at a step. */
+  refinementItersAt(step: number): number {
+    return refinementItersAt(step, this.config.training.refinement_curriculum, this.config.Net.refinement_iters);
+  }
+
+  /**
+   * Runs the current step on a batch [B,C,H,W] in [-1,1] and advances the step counter. With
+   * `outputs`, the result's `release()` frees the per-stage tensors in `gradResult.outputs`.
+   */
+  step(images: tf.Tensor, opts: StepOptions = {}): StepResult & { outputs?: GradResult['outputs']; release: () => void } {
+    const step = this.state.step;
+    const t = this.config.training;
+    const I = this.refinementItersAt(step);
+    const lr = learningRate(step, t);
+    const r = this.model.lossAndGrads(images, {
+      klBeta: this.state.klBeta,
+      globalStep: step,
+      geco: this.geco,
+      refinementIters: I,
+      noise: opts.noise,
+      outputs: opts.outputs ?? false,
+    });
+    const base = {
+      step,
+      lr,
+      refinementIters: I,
+      totalLoss: r.totalLoss,
+      nll: r.nll,
+      kl: r.kl,
+      deltas: r.deltas,
+      klBeta: this.state.klBeta,
+    };
+    let skipReason: string | undefined;
+    if (![r.totalLoss, r.nll, r.kl].every(Number.isFinite)) skipReason = `non-finite loss (total ${r.totalLoss}, nll ${r.nll}, kl ${r.kl})`;
+    let gradNorm = NaN;
+    if (!skipReason) {
+      const { grads, norm } = t.clip_grad_norm ? clipGradNorm(r.grads, CLIP_GRAD_NORM) : { grads: r.grads, norm: globalNorm(r.grads) };
+      gradNorm = norm;
+      if (!Number.isFinite(norm)) skipReason = `non-finite gradient norm ${norm}`;
+      else this.optimizer.applyGradients(grads, lr);
+      if (grads !== r.grads) for (const g of grads.values()) g.dispose();
+    }
+    const outputs = r.outputs;
+    for (const g of r.grads.values()) g.dispose();
+    this.state.step = step + 1;
+    if (skipReason) {
+      this.state.consecutiveNonFinite++;
+      this.state.skippedSteps++;
+    } else {
+      this.state.consecutiveNonFinite = 0;
+      this.gecoUpdate(step, r.nll);
+    }
+    return {
+      ...base,
+      gradNorm,
+      gecoCEma: scalarParam(this.model, 'geco_C_ema'),
+      gecoBeta: scalarParam(this.model, 'geco_beta'),
+      applied: !skipReason,
+      skipReason,
+      outputs,
+      release: () => r.dispose(),
+    };
+  }
+
+  /** The original's GECO bookkeeping after the optimizer step. */
+  private gecoUpdate(step: number, nll: number): void {
+    if (!this.geco) return;
+    const warm = this.config.Net.geco_warm_start;
+    if (step === warm) {
+      setScalarParam(this.model, 'geco_C_ema', this.geco.initEma(nll));
+    } else if (step > warm) {
+      const cEma = this.geco.updateEma(scalarParam(this.model, 'geco_C_ema'), nll);
+      setScalarParam(this.model, 'geco_C_ema', cEma);
+      const beta = this.geco.stepBeta(cEma, scalarParam(this.model, 'geco_beta'), this.config.training.geco_beta_stepsize);
+      setScalarParam(this.model, 'geco_beta', beta);
+    }
+  }
+
+  /** Parameters (GECO's state among them), keyed by state_dict name. */
+  parameters(): ParamRecord {
+    return this.model.params.snapshot();
+  }
+}
+
+function globalNorm(grads: Map<string, tf.Tensor>): number {
+  let sumSq = 0;
+  for (const g of grads.values()) sumSq += (tf.tidy(() => tf.sum(tf.square(g))).dataSync() as Float32Array)[0];
+  return Math.sqrt(sumSq);
+}

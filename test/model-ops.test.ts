@@ -1,0 +1,182 @@
+/**
+ * The hand-written convolution ops against tfjs' own (slow but independent) conv2d and
+ * conv2dTranspose, values and all three gradients, on small random shapes.
+ */
+import { tf, initBackend } from '../lib/tf';
+import { broadcastConv2d, spatialBroadcast } from '../lib/ops/broadcast';
+import { conv2d, convTranspose2d, withoutParamGrads } from '../lib/ops/conv';
+import { gemmNN, gemmTN } from '../lib/ops/gemm';
+import { Rng } from '../lib/util/rng';
+
+beforeAll(async () => {
+  await initBackend('cpu');
+});
+
+function rand(shape: number[], rng: Rng): tf.Tensor {
+  const n = shape.reduce((a, b) => a * b, 1);
+  return tf.tensor(rng.normals(n), shape);
+}
+
+function maxRelDiff(a: tf.Tensor, b: tf.Tensor): number {
+  expect(a.shape).toEqual(b.shape);
+  const x = a.dataSync();
+  const y = b.dataSync();
+  let m = 0;
+  let s = 0;
+  for (let i = 0; i < x.length; i++) {
+    m = Math.max(m, Math.abs(x[i] - y[i]));
+    s = Math.max(s, Math.abs(y[i]));
+  }
+  return m / Math.max(s, 1e-12);
+}
+
+describe('gemm', () => {
+  test('NN and TN products match a float64 reference on ragged shapes', () => {
+    const rng = new Rng(1);
+    for (const [M, K, N] of [
+      [1, 1, 1],
+      [5, 7, 3],
+      [9, 13, 6],
+      [13, 600, 5],
+      [700, 3, 9],
+    ]) {
+      const a = rng.normals(M * K);
+      const b = rng.normals(K * N);
+      const ref = new Float64Array(M * N);
+      for (let i = 0; i < M; i++) for (let k = 0; k < K; k++) for (let j = 0; j < N; j++) ref[i * N + j] += a[i * K + k] * b[k * N + j];
+      const c = gemmNN(a, b, M, K, N);
+      const at = new Float32Array(K * M);
+      for (let i = 0; i < M; i++) for (let k = 0; k < K; k++) at[k * M + i] = a[i * K + k];
+      const c2 = gemmTN(at, b, K, M, N);
+      for (let i = 0; i < M * N; i++) {
+        expect(Math.abs(c[i] - ref[i])).toBeLessThan(1e-4 * (1 + Math.abs(ref[i])));
+        expect(Math.abs(c2[i] - ref[i])).toBeLessThan(1e-4 * (1 + Math.abs(ref[i])));
+      }
+    }
+  });
+});
+
+describe('conv2d (im2col + GEMM, PyTorch weight layout)', () => {
+  test.each([
+    { n: 2, h: 7, w: 9, cin: 3, cout: 5, k: 5, pad: 2, stride: 1 },
+    { n: 1, h: 8, w: 6, cin: 4, cout: 3, k: 3, pad: 0, stride: 1 },
+    { n: 3, h: 9, w: 9, cin: 2, cout: 4, k: 5, pad: 1, stride: 1 },
+    { n: 2, h: 9, w: 8, cin: 3, cout: 2, k: 3, pad: 1, stride: 2 },
+  ])('value and gradients equal tf.conv2d: n=$n h=$h w=$w cin=$cin cout=$cout k=$k pad=$pad stride=$stride', ({ n, h, w, cin, cout, k, pad, stride }) => {
+    const rng = new Rng(7);
+    const x = rand([n, h, w, cin], rng) as tf.Tensor4D;
+    const wt = rand([cout, cin, k, k], rng) as tf.Tensor4D;
+    const b = rand([cout], rng) as tf.Tensor1D;
+    const oh = Math.floor((h + 2 * pad - k) / stride) + 1;
+    const ow = Math.floor((w + 2 * pad - k) / stride) + 1;
+    const r = rand([n, oh, ow, cout], rng);
+    const ours = (xx: tf.Tensor, ww: tf.Tensor, bb: tf.Tensor): tf.Scalar =>
+      tf.sum(tf.mul(conv2d(xx as tf.Tensor4D, ww, bb, { pad, stride }), r));
+    const ref = (xx: tf.Tensor, ww: tf.Tensor, bb: tf.Tensor): tf.Scalar => {
+      const filt = tf.transpose(ww, [2, 3, 1, 0]) as tf.Tensor4D; // [kh,kw,in,out]
+      const padded = tf.pad(xx as tf.Tensor4D, [
+        [0, 0],
+        [pad, pad],
+        [pad, pad],
+        [0, 0],
+      ]);
+      return tf.sum(tf.mul(tf.add(tf.conv2d(padded, filt, stride, 'valid'), bb), r));
+    };
+    const a = tf.valueAndGrads(ours)([x, wt, b]);
+    const e = tf.valueAndGrads(ref)([x, wt, b]);
+    expect(Math.abs(a.value.dataSync()[0] - e.value.dataSync()[0])).toBeLessThan(1e-4 * Math.abs(e.value.dataSync()[0]) + 1e-4);
+    for (let i = 0; i < 3; i++) expect(maxRelDiff(a.grads[i], e.grads[i])).toBeLessThan(1e-5);
+    // without parameter gradients: the input gradient is unchanged, the others are zeros
+    const noParams = withoutParamGrads(() => tf.grads(ours)([x, wt, b]));
+    expect(maxRelDiff(noParams[0], e.grads[0])).toBeLessThan(1e-5);
+    expect(tf.max(tf.abs(noParams[1])).dataSync()[0]).toBe(0);
+  });
+
+  test.each(['relu', 'elu'] as const)('fused %s equals the activation applied after, gradients included', (act) => {
+    const rng = new Rng(3);
+    const x = rand([2, 6, 5, 3], rng) as tf.Tensor4D;
+    const wt = rand([4, 3, 3, 3], rng) as tf.Tensor4D;
+    const b = rand([4], rng) as tf.Tensor1D;
+    const r = rand([2, 6, 5, 4], rng);
+    const fused = (xx: tf.Tensor, ww: tf.Tensor, bb: tf.Tensor): tf.Scalar =>
+      tf.sum(tf.mul(conv2d(xx as tf.Tensor4D, ww, bb, { pad: 1, activation: act }), r));
+    const after = (xx: tf.Tensor, ww: tf.Tensor, bb: tf.Tensor): tf.Scalar => {
+      const y = conv2d(xx as tf.Tensor4D, ww, bb, { pad: 1 });
+      return tf.sum(tf.mul(act === 'relu' ? tf.relu(y) : tf.elu(y), r));
+    };
+    const a = tf.valueAndGrads(fused)([x, wt, b]);
+    const e = tf.valueAndGrads(after)([x, wt, b]);
+    expect(Math.abs(a.value.dataSync()[0] - e.value.dataSync()[0])).toBeLessThan(1e-4 * Math.abs(e.value.dataSync()[0]) + 1e-4);
+    for (let i = 0; i < 3; i++) expect(maxRelDiff(a.grads[i], e.grads[i])).toBeLessThan(1e-5);
+  });
+
+  test('rejects mismatched channels', () => {
+    const x = tf.zeros([1, 5, 5, 3]) as tf.Tensor4D;
+    expect(() => conv2d(x, tf.zeros([4, 2, 3, 3]), tf.zeros([4]))).toThrow(/3 channels.*expects 2/);
+    expect(() => conv2d(x, tf.zeros([4, 3, 7, 7]), tf.zeros([4]))).toThrow(/does not fit/);
+  });
+});
+
+describe('convTranspose2d (PyTorch ConvTranspose2d semantics)', () => {
+  test.each([
+    { n: 2, h: 3, w: 4, cin: 3, cout: 2, k: 5, stride: 2, pad: 2, outputPad: 1 },
+    { n: 1, h: 5, w: 5, cin: 2, cout: 3, k: 5, stride: 1, pad: 2, outputPad: 0 },
+    { n: 2, h: 4, w: 3, cin: 4, cout: 4, k: 3, stride: 1, pad: 1, outputPad: 0 },
+  ])('value and gradients equal tf.conv2dTranspose: n=$n h=$h w=$w cin=$cin cout=$cout k=$k stride=$stride pad=$pad outputPad=$outputPad', ({ n, h, w, cin, cout, k, stride, pad, outputPad }) => {
+    const rng = new Rng(11);
+    const x = rand([n, h, w, cin], rng) as tf.Tensor4D;
+    const wt = rand([cin, cout, k, k], rng) as tf.Tensor4D;
+    const b = rand([cout], rng) as tf.Tensor1D;
+    const H = (h - 1) * stride - 2 * pad + k + outputPad;
+    const W = (w - 1) * stride - 2 * pad + k + outputPad;
+    const r = rand([n, H, W, cout], rng);
+    const ours = (xx: tf.Tensor, ww: tf.Tensor, bb: tf.Tensor): tf.Scalar =>
+      tf.sum(tf.mul(convTranspose2d(xx as tf.Tensor4D, ww, bb, { stride, pad, outputPad }), r));
+    // Reference: the full transposed conv (no padding) from tfjs, then PyTorch's crop/extend.
+    const ref = (xx: tf.Tensor, ww: tf.Tensor, bb: tf.Tensor): tf.Scalar => {
+      const filt = tf.transpose(ww, [2, 3, 1, 0]) as tf.Tensor4D; // [kh,kw,out,in]
+      const fullH = (h - 1) * stride + k;
+      const fullW = (w - 1) * stride + k;
+      const full = tf.conv2dTranspose(xx as tf.Tensor4D, filt, [n, fullH, fullW, cout], stride, 'valid');
+      const ext = tf.pad(full, [
+        [0, 0],
+        [0, outputPad],
+        [0, outputPad],
+        [0, 0],
+      ]);
+      const cropped = tf.slice(ext, [0, pad, pad, 0], [n, H, W, cout]);
+      return tf.sum(tf.mul(tf.add(cropped, bb), r));
+    };
+    const a = tf.valueAndGrads(ours)([x, wt, b]);
+    const e = tf.valueAndGrads(ref)([x, wt, b]);
+    expect(Math.abs(a.value.dataSync()[0] - e.value.dataSync()[0])).toBeLessThan(1e-4 * Math.abs(e.value.dataSync()[0]) + 1e-4);
+    for (let i = 0; i < 3; i++) expect(maxRelDiff(a.grads[i], e.grads[i])).toBeLessThan(1e-5);
+  });
+});
+
+describe('broadcastConv2d (the decoders\' first layer without the broadcast map)', () => {
+  test.each([
+    { n: 3, c: 4, gh: 9, gw: 11, cout: 5, k: 5, pad: 1, act: 'relu' as const },
+    { n: 2, c: 3, gh: 8, gw: 8, cout: 4, k: 3, pad: 0, act: 'elu' as const },
+    { n: 1, c: 2, gh: 6, gw: 7, cout: 3, k: 3, pad: 2, act: 'linear' as const },
+  ])('equals conv2d(spatialBroadcast(z, pos)): n=$n c=$c grid=$gh x $gw k=$k pad=$pad $act', ({ n, c, gh, gw, cout, k, pad, act }) => {
+    const rng = new Rng(5);
+    const z = rand([n, c], rng) as tf.Tensor2D;
+    const pos = rand([gh, gw, c], rng) as tf.Tensor3D;
+    const wt = rand([cout, c, k, k], rng);
+    const b = rand([cout], rng);
+    const oh = gh + 2 * pad - k + 1;
+    const ow = gw + 2 * pad - k + 1;
+    const r = rand([n, oh, ow, cout], rng);
+    const fused = (zz: tf.Tensor, pp: tf.Tensor, ww: tf.Tensor, bb: tf.Tensor): tf.Scalar =>
+      tf.sum(tf.mul(broadcastConv2d(zz as tf.Tensor2D, pp as tf.Tensor3D, ww, bb, { pad, activation: act }), r));
+    const plain = (zz: tf.Tensor, pp: tf.Tensor, ww: tf.Tensor, bb: tf.Tensor): tf.Scalar =>
+      tf.sum(tf.mul(conv2d(spatialBroadcast(zz as tf.Tensor2D, pp as tf.Tensor3D), ww, bb, { pad, activation: act }), r));
+    const a = tf.valueAndGrads(fused)([z, pos, wt, b]);
+    const e = tf.valueAndGrads(plain)([z, pos, wt, b]);
+    expect(Math.abs(a.value.dataSync()[0] - e.value.dataSync()[0])).toBeLessThan(1e-4 * Math.abs(e.value.dataSync()[0]) + 1e-4);
+    for (let i = 0; i < 4; i++) expect(maxRelDiff(a.grads[i], e.grads[i])).toBeLessThan(1e-5);
+    const noParams = withoutParamGrads(() => tf.grads(fused)([z, pos, wt, b]));
+    expect(maxRelDiff(noParams[0], e.grads[0])).toBeLessThan(1e-5);
+  });
+});
