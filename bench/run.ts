@@ -6,7 +6,7 @@ import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 
-const suites = ['data', 'model', 'native'];
+const suites = ['data', 'model', 'native', 'model-native'];
 const wanted = process.argv.slice(2).filter((a) => suites.includes(a));
 const passThrough = process.argv.slice(2).filter((a) => !suites.includes(a));
 let failed = false;

@@ -23,6 +23,7 @@ export { Geco, GECO_BETA_FLOOR } from './model/geco';
 export { SeededNoise, ReplayNoise, RecordingNoise, type NoiseSource, type RecordedDraw } from './model/noise';
 export { ParamStore, ParamError, type ParamArray, type ParamRecord } from './params/store';
 export { tfjsOps, type Ops } from './ops';
+export { nativeOps, defaultOps } from './ops/native';
 export { nativeStatus } from './native';
 export { Adam, clipGradNorm, type AdamState } from './optim/adam';
 

@@ -5,6 +5,7 @@
 import * as fs from 'node:fs';
 import type { NetConfig } from './config/net';
 import { EfficientMORL, type ModelOptions } from './model/efficient-morl';
+import { defaultOps } from './ops/native';
 import { readPth } from './params/pth';
 import { loadTrainingCheckpoint } from './train/loop';
 
@@ -17,7 +18,8 @@ export interface LoadedModel {
   klBeta?: number;
 }
 
-export function loadModel(file: string, netConfig?: Partial<NetConfig>, opts: ModelOptions = {}): LoadedModel {
+export function loadModel(file: string, netConfig?: Partial<NetConfig>, modelOptions: ModelOptions = {}): LoadedModel {
+  const opts = { ...modelOptions, ops: modelOptions.ops ?? defaultOps() };
   if (!fs.existsSync(file)) throw new Error(`${file}: no such checkpoint`);
   const head = Buffer.alloc(8);
   const fd = fs.openSync(file, 'r');

@@ -16,6 +16,7 @@
 #include "common.h"
 #include "conv.h"
 #include "gemm.h"
+#include "nhwc.h"
 
 #if defined(EMORL_CUDA)
 namespace emorl {
@@ -447,6 +448,152 @@ Napi::Value Matmul(const Napi::CallbackInfo& info, bool reference) {
   return c;
 }
 
+// ---- NHWC convolutions (lib/ops/native.ts) ----
+
+emorl::Act act_arg(const Args& a, size_t i) {
+  auto v = a.ints(i, "act", {1});
+  if (v[0] > 2) a.range_error("argument 'act' must be [0] (linear), [1] (relu) or [2] (elu)");
+  return static_cast<emorl::Act>(v[0]);
+}
+
+// Conv2d geometry: x [N,H,W,C], w [Co,C,kh,kw], stride [sh,sw], pad [ph,pw] (symmetric).
+emorl::NhwcGeom nhwc_conv_geom(const Args& a, const std::vector<int64_t>& xs, const std::vector<int64_t>& ws,
+                               const std::vector<int64_t>& stride, const std::vector<int64_t>& pad) {
+  if (ws[1] != xs[3])
+    a.range_error("wShape " + shape_str(ws) + " expects " + std::to_string(ws[1]) + " input channels but xShape " +
+                  shape_str(xs) + " has " + std::to_string(xs[3]));
+  emorl::NhwcGeom g{};
+  g.N = xs[0]; g.H = xs[1]; g.W = xs[2]; g.C = xs[3];
+  g.kh = ws[2]; g.kw = ws[3]; g.sh = stride[0]; g.sw = stride[1]; g.pt = pad[0]; g.pl = pad[1];
+  if (g.kh < 1 || g.kw < 1) a.range_error("wShape " + shape_str(ws) + " has an empty kernel");
+  const int64_t hp = g.H + 2 * pad[0] - g.kh, wp = g.W + 2 * pad[1] - g.kw;
+  if (hp < 0 || wp < 0) a.range_error("kernel larger than the padded input " + shape_str(xs));
+  g.Ho = hp / g.sh + 1;
+  g.Wo = wp / g.sw + 1;
+  return g;
+}
+
+// Transposed: x [N,h,w,Ci], w [Ci,Co,kh,kw]; the geometry of the forward conv from y [N,H,W,Co].
+emorl::NhwcGeom nhwc_convt_geom(const Args& a, const std::vector<int64_t>& xs, const std::vector<int64_t>& ws,
+                                const std::vector<int64_t>& stride, const std::vector<int64_t>& pad,
+                                const std::vector<int64_t>& opad) {
+  if (ws[0] != xs[3])
+    a.range_error("wShape " + shape_str(ws) + " expects " + std::to_string(ws[0]) + " input channels but xShape " +
+                  shape_str(xs) + " has " + std::to_string(xs[3]));
+  if (opad[0] >= stride[0] || opad[1] >= stride[1]) a.range_error("outputPadding must be below the stride");
+  emorl::NhwcGeom g{};
+  g.N = xs[0]; g.Ho = xs[1]; g.Wo = xs[2]; g.C = ws[1];
+  g.kh = ws[2]; g.kw = ws[3]; g.sh = stride[0]; g.sw = stride[1]; g.pt = pad[0]; g.pl = pad[1];
+  if (g.kh < 1 || g.kw < 1) a.range_error("wShape " + shape_str(ws) + " has an empty kernel");
+  if (g.Ho < 1 || g.Wo < 1) a.range_error("xShape " + shape_str(xs) + " is empty");
+  g.H = (g.Ho - 1) * g.sh - 2 * pad[0] + g.kh + opad[0];
+  g.W = (g.Wo - 1) * g.sw - 2 * pad[1] + g.kw + opad[1];
+  if (g.H < 1 || g.W < 1 || g.H + 2 * pad[0] < g.kh || g.W + 2 * pad[1] < g.kw)
+    a.range_error("the padding leaves no output for xShape " + shape_str(xs));
+  return g;
+}
+
+// nhwcConv2d(x, xShape[N,H,W,C], w, wShape[Co,C,kh,kw], bias|null, stride[2], pad[2], act[1]) -> y
+Napi::Value NhwcConv2d(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "nhwcConv2d");
+  auto xs = a.ints(1, "xShape", {4});
+  auto ws = a.ints(3, "wShape", {4});
+  auto stride = a.ints(5, "stride", {2}, 1);
+  auto pad = a.ints(6, "pad", {2});
+  const emorl::Act act = act_arg(a, 7);
+  const float* x = a.f32(0, "x", xs, "xShape");
+  const float* w = a.f32(2, "w", ws, "wShape");
+  auto g = nhwc_conv_geom(a, xs, ws, stride, pad);
+  const float* bias = a.f32_opt(4, "bias", ws[0], "wShape[0]");
+  auto y = new_f32(a, a.numel({g.N, g.Ho, g.Wo, ws[0]}, "output"));
+  emorl::nhwc_conv2d_forward(g, ws[0], x, w, bias, act, y.Data(), threads());
+  return y;
+}
+
+Napi::Value nhwc_grads(const Args& a, Napi::Value dx, Napi::Value dw, Napi::Value db) {
+  Napi::Object o = Napi::Object::New(a.env());
+  o.Set("dx", dx);
+  o.Set("dw", dw);
+  o.Set("db", db);
+  return o;
+}
+
+// nhwcConv2dBackward(x, xShape, w, wShape, y|null, dy, stride, pad, act, needDx, needParams)
+//   -> {dx|null, dw|null, db|null}
+Napi::Value NhwcConv2dBackward(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "nhwcConv2dBackward");
+  auto xs = a.ints(1, "xShape", {4});
+  auto ws = a.ints(3, "wShape", {4});
+  auto stride = a.ints(6, "stride", {2}, 1);
+  auto pad = a.ints(7, "pad", {2});
+  const emorl::Act act = act_arg(a, 8);
+  const bool need_dx = a.boolean(9, "needDx", true), need_params = a.boolean(10, "needParams", true);
+  const float* x = a.f32(0, "x", xs, "xShape");
+  const float* w = a.f32(2, "w", ws, "wShape");
+  auto g = nhwc_conv_geom(a, xs, ws, stride, pad);
+  const std::vector<int64_t> ys{g.N, g.Ho, g.Wo, ws[0]};
+  const float* y = a.f32_opt(4, "y", a.numel(ys, "output"), "the output");
+  if (!y && act != emorl::Act::Linear) a.type_error("argument 'y' is needed for an activation");
+  const float* dy = a.f32(5, "dy", ys, "the output shape");
+  Napi::Value dxv = a.env().Null(), dwv = a.env().Null(), dbv = a.env().Null();
+  float *dx = nullptr, *dw = nullptr, *db = nullptr;
+  if (need_dx) { auto t = new_f32(a, a.numel(xs, "xShape")); dx = t.Data(); dxv = t; }
+  if (need_params) {
+    auto t = new_f32(a, a.numel(ws, "wShape")); dw = t.Data(); dwv = t;
+    auto u = new_f32(a, ws[0]); db = u.Data(); dbv = u;
+  }
+  emorl::nhwc_conv2d_backward(g, ws[0], x, w, y, dy, act, dx, dw, db, threads());
+  return nhwc_grads(a, dxv, dwv, dbv);
+}
+
+// nhwcConvTranspose2d(x, xShape[N,h,w,Ci], w, wShape[Ci,Co,kh,kw], bias|null, stride[2], pad[2],
+//   outputPad[2], act[1]) -> y
+Napi::Value NhwcConvTranspose2d(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "nhwcConvTranspose2d");
+  auto xs = a.ints(1, "xShape", {4});
+  auto ws = a.ints(3, "wShape", {4});
+  auto stride = a.ints(5, "stride", {2}, 1);
+  auto pad = a.ints(6, "pad", {2});
+  auto opad = a.ints(7, "outputPad", {2});
+  const emorl::Act act = act_arg(a, 8);
+  const float* x = a.f32(0, "x", xs, "xShape");
+  const float* w = a.f32(2, "w", ws, "wShape");
+  auto g = nhwc_convt_geom(a, xs, ws, stride, pad, opad);
+  const float* bias = a.f32_opt(4, "bias", ws[1], "wShape[1]");
+  auto y = new_f32(a, a.numel({g.N, g.H, g.W, g.C}, "output"));
+  emorl::nhwc_conv_transpose2d_forward(g, xs[3], x, w, bias, act, y.Data(), threads());
+  return y;
+}
+
+// nhwcConvTranspose2dBackward(x, xShape, w, wShape, y|null, dy, stride, pad, outputPad, act,
+//   needDx, needParams) -> {dx|null, dw|null, db|null}
+Napi::Value NhwcConvTranspose2dBackward(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "nhwcConvTranspose2dBackward");
+  auto xs = a.ints(1, "xShape", {4});
+  auto ws = a.ints(3, "wShape", {4});
+  auto stride = a.ints(6, "stride", {2}, 1);
+  auto pad = a.ints(7, "pad", {2});
+  auto opad = a.ints(8, "outputPad", {2});
+  const emorl::Act act = act_arg(a, 9);
+  const bool need_dx = a.boolean(10, "needDx", true), need_params = a.boolean(11, "needParams", true);
+  const float* x = a.f32(0, "x", xs, "xShape");
+  const float* w = a.f32(2, "w", ws, "wShape");
+  auto g = nhwc_convt_geom(a, xs, ws, stride, pad, opad);
+  const std::vector<int64_t> ys{g.N, g.H, g.W, g.C};
+  const float* y = a.f32_opt(4, "y", a.numel(ys, "output"), "the output");
+  if (!y && act != emorl::Act::Linear) a.type_error("argument 'y' is needed for an activation");
+  const float* dy = a.f32(5, "dy", ys, "the output shape");
+  Napi::Value dxv = a.env().Null(), dwv = a.env().Null(), dbv = a.env().Null();
+  float *dx = nullptr, *dw = nullptr, *db = nullptr;
+  if (need_dx) { auto t = new_f32(a, a.numel(xs, "xShape")); dx = t.Data(); dxv = t; }
+  if (need_params) {
+    auto t = new_f32(a, a.numel(ws, "wShape")); dw = t.Data(); dwv = t;
+    auto u = new_f32(a, ws[1]); db = u.Data(); dbv = u;
+  }
+  emorl::nhwc_conv_transpose2d_backward(g, xs[3], x, w, y, dy, act, dx, dw, db, threads());
+  return nhwc_grads(a, dxv, dwv, dbv);
+}
+
 Napi::Value Info(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Object o = Napi::Object::New(env);
@@ -490,6 +637,11 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   add<Conv2dTransposeBackwardInput>(env, exports, ref, "conv2dTransposeBackwardInput");
   add<Conv2dTransposeBackwardFilter>(env, exports, ref, "conv2dTransposeBackwardFilter");
   add<Matmul>(env, exports, ref, "matmul");
+  exports.Set("nhwcConv2d", Napi::Function::New(env, entry<NhwcConv2d, false>, "nhwcConv2d"));
+  exports.Set("nhwcConv2dBackward", Napi::Function::New(env, entry<NhwcConv2dBackward, false>, "nhwcConv2dBackward"));
+  exports.Set("nhwcConvTranspose2d", Napi::Function::New(env, entry<NhwcConvTranspose2d, false>, "nhwcConvTranspose2d"));
+  exports.Set("nhwcConvTranspose2dBackward",
+              Napi::Function::New(env, entry<NhwcConvTranspose2dBackward, false>, "nhwcConvTranspose2dBackward"));
   exports.Set("reference", ref);
   exports.Set("info", Napi::Function::New(env, Info, "info"));
   exports.Set("abiVersion", Napi::Number::New(env, 1));

@@ -15,6 +15,7 @@ import { ReplayNoise, type RecordedDraw } from '../lib/model/noise';
 import { readArray, readParamGroup } from '../lib/params/h5';
 import type { ParamRecord } from '../lib/params/store';
 import { Adam, clipGradNorm } from '../lib/optim/adam';
+import { readPth } from '../lib/params/pth';
 import { FIXTURES_DIR } from './helpers';
 
 const SKIP = new Set(['tetrominoes-real-10.h5']);
@@ -247,26 +248,41 @@ describe.each(files)('golden %s', (file) => {
 
     // The inference path (no outer tape; the refinement's inner gradients still taken) on the
     // same draws; once per file, the loss mode changes nothing there that training does not check.
-    if (groupName === 'no_geco') test(`${file} ${groupName}: the inference path gives the same values`, () => {
+    const checkInference = (source: string): void => {
       const globalStep = Number(g.attrs.global_step ?? 0);
       const klBeta = Number(g.attrs.kl_beta ?? 1);
-      const geco = null;
       const images = tf.tensor(fx.images.data, fx.images.shape);
-      const inf = model.infer(images, { noise: new ReplayNoise(g.noise), klBeta, globalStep, geco });
+      const inf = model.infer(images, { noise: new ReplayNoise(g.noise), klBeta, globalStep, geco: null });
       images.dispose();
       try {
-        compareClose([inf.totalLoss], g.outputs.total_loss.data, 'infer total_loss', 'inference path');
-        compareClose([inf.nll], g.outputs.nll.data, 'infer nll', 'inference path');
-        compareClose([inf.kl], g.outputs.kl.data, 'infer kl', 'inference path');
-        compareClose(inf.deltas, g.outputs.deltas.data, 'infer deltas', 'inference path');
+        compareClose([inf.totalLoss], g.outputs.total_loss.data, `${source} infer total_loss`, 'inference path');
+        compareClose([inf.nll], g.outputs.nll.data, `${source} infer nll`, 'inference path');
+        compareClose([inf.kl], g.outputs.kl.data, `${source} infer kl`, 'inference path');
+        compareClose(inf.deltas, g.outputs.deltas.data, `${source} infer deltas`, 'inference path');
         const last = inf.outputs.stages[inf.outputs.stages.length - 1];
-        compareClose(last.means.dataSync(), g.outputs[`means_${last.t}`].data, `infer means_${last.t}`, 'inference path');
-        compareClose(last.masks.dataSync(), g.outputs[`masks_${last.t}`].data, `infer masks_${last.t}`, 'inference path');
+        compareClose(last.means.dataSync(), g.outputs[`means_${last.t}`].data, `${source} infer means_${last.t}`, 'inference path');
+        compareClose(last.masks.dataSync(), g.outputs[`masks_${last.t}`].data, `${source} infer masks_${last.t}`, 'inference path');
       } finally {
         inf.dispose();
         model.params.load(fx.params);
       }
-    });
+    };
+
+    // The inference path (no outer tape; the refinement's inner gradients still taken) on the
+    // same draws; once per file, the loss mode changes nothing there that training does not check.
+    if (groupName === 'no_geco') test(`${file} ${groupName}: the inference path gives the same values`, () => checkInference(file));
+
+    // The same weights saved by the original's training script (<name>.pth, <name>-legacy.pth),
+    // loaded with no Python, give the same forward pass.
+    const base = file.replace(/\.h5$/, '');
+    for (const pth of [`${base}.pth`, `${base}-legacy.pth`]) {
+      if (groupName !== 'no_geco' || !fs.existsSync(path.join(FIXTURES_DIR, pth))) continue;
+      test(`${file} ${groupName}: the forward pass from the weights in ${pth}`, () => {
+        const loaded = readPth(path.join(FIXTURES_DIR, pth));
+        model.params.load(Object.fromEntries(loaded.params));
+        checkInference(pth);
+      });
+    }
 
     if (groupName === 'no_geco') {
       test(`${file} ${groupName}: gradient clipping and one Adam step`, () => {

@@ -11,6 +11,7 @@ import { tf } from '../tf';
 import type { NetConfig } from '../config/net';
 import { BIG_DECODER_GRID } from '../config/net';
 import type { Ops } from '../ops';
+import { paramKey } from '../params/spec';
 import type { ParamStore } from '../params/store';
 import { positionalEmbedding } from './positional';
 
@@ -33,10 +34,13 @@ export function decoderGrid(cfg: NetConfig): [number, number] {
   }
 }
 
-/** z: [n, z_size] -> per-slot RGB and mask logits. */
-export function decode(p: ParamStore, ops: Ops, cfg: NetConfig, z: tf.Tensor2D): DecoderOutput {
+/**
+ * z: [n, z_size] -> per-slot RGB and mask logits. `prefix`: the module holding `image_decoder`
+ * ('' for the Slot Attention baseline).
+ */
+export function decode(p: ParamStore, ops: Ops, cfg: NetConfig, z: tf.Tensor2D, prefix = 'hvae_networks'): DecoderOutput {
   const [gh, gw] = decoderGrid(cfg);
-  const d = 'hvae_networks.image_decoder';
+  const d = paramKey(prefix, 'image_decoder');
   const pos = tf.tensor3d(positionalEmbedding(gh, gw), [gh, gw, 4]);
   const posProj = ops.linear(pos, p.get(`${d}.pos_embed_projection.weight`), p.get(`${d}.pos_embed_projection.bias`));
   const w = (i: number): tf.Tensor4D => p.get(`${d}.decode.${i}.weight`);

@@ -140,11 +140,26 @@ function detach<T extends tf.Tensor>(t: T): T {
  * forward pass that throws (say, a replay that runs out of draws) never gets there, and they
  * would leak. This releases them. (It reads the engine's internal state: the tape is not public.)
  */
-function releaseAbandonedTape(): void {
+export function releaseAbandonedTape(): void {
   const state = (tf.engine() as unknown as { state?: { activeTape?: { saved?: tf.Tensor[] }[] | null; gradientDepth?: number } }).state;
   if (!state || !state.activeTape || state.gradientDepth !== 0) return;
   for (const node of state.activeTape) for (const t of node.saved ?? []) t.dispose();
   state.activeTape = null;
+}
+
+/** Checks images [B,C,H,W] against Net.input_size; throws on wrong shape or non-finite pixels. */
+export function checkImageBatch(cfg: NetConfig, images: tf.Tensor): asserts images is tf.Tensor4D {
+  const [C, H, W] = cfg.input_size;
+  if (images.rank !== 4) throw new Error(`images must be [B, C, H, W], got rank ${images.rank} [${images.shape}]`);
+  const [B, c, h, w] = images.shape;
+  if (B < 1) throw new Error('images: empty batch');
+  if (c !== C) throw new Error(`images have ${c} channels, Net.input_size expects C = ${C} (shape [${images.shape}])`);
+  if (h !== H || w !== W) throw new Error(`images are ${h}x${w}, Net.input_size expects ${H}x${W} (shape [${images.shape}])`);
+  if (images.dtype !== 'float32') throw new Error(`images must be float32, got ${images.dtype}`);
+  const d = images.dataSync() as Float32Array;
+  for (let i = 0; i < d.length; i++) {
+    if (!Number.isFinite(d[i])) throw new Error(`images: non-finite pixel value ${d[i]} at flat index ${i}`);
+  }
 }
 
 export class EfficientMORL {
@@ -169,17 +184,7 @@ export class EfficientMORL {
 
   /** Checks images [B,C,H,W] against the config; throws on wrong shape or non-finite pixels. */
   checkImages(images: tf.Tensor): asserts images is tf.Tensor4D {
-    const [C, H, W] = this.cfg.input_size;
-    if (images.rank !== 4) throw new Error(`images must be [B, C, H, W], got rank ${images.rank} [${images.shape}]`);
-    const [B, c, h, w] = images.shape;
-    if (B < 1) throw new Error('images: empty batch');
-    if (c !== C) throw new Error(`images have ${c} channels, Net.input_size expects C = ${C} (shape [${images.shape}])`);
-    if (h !== H || w !== W) throw new Error(`images are ${h}x${w}, Net.input_size expects ${H}x${W} (shape [${images.shape}])`);
-    if (images.dtype !== 'float32') throw new Error(`images must be float32, got ${images.dtype}`);
-    const d = images.dataSync() as Float32Array;
-    for (let i = 0; i < d.length; i++) {
-      if (!Number.isFinite(d[i])) throw new Error(`images: non-finite pixel value ${d[i]} at flat index ${i}`);
-    }
+    checkImageBatch(this.cfg, images);
   }
 
   private resolve(o: PassOptions): Required<Omit<PassOptions, 'geco'>> & { geco: Geco | null } {

@@ -6,7 +6,7 @@
 import { tf } from '../tf';
 import type { Ops } from '../ops';
 import type { ParamStore } from '../params/store';
-import { ENC_CH } from '../params/spec';
+import { ENC_CH, paramKey } from '../params/spec';
 import { positionalEmbedding } from './positional';
 
 export interface EncoderOutput {
@@ -16,23 +16,27 @@ export interface EncoderOutput {
   v: tf.Tensor3D;
 }
 
-/** x: images NHWC [B,H,W,C] in [-1,1] (the original feeds them to the encoder unscaled). */
-export function encode(p: ParamStore, ops: Ops, x: tf.Tensor4D): EncoderOutput {
+/**
+ * x: images NHWC [B,H,W,C] in [-1,1] (the original feeds them to the encoder unscaled).
+ * `prefix`: the module holding the encoder's parameters ('' for the Slot Attention baseline,
+ * whose encoder sits at the top of its state_dict).
+ */
+export function encode(p: ParamStore, ops: Ops, x: tf.Tensor4D, prefix = 'hvae_networks'): EncoderOutput {
   const [B, H, W] = x.shape;
-  const e = 'hvae_networks.encoder_pt_1';
+  const e = paramKey(prefix, 'encoder_pt_1');
   let h: tf.Tensor4D = x;
   for (const i of [0, 2, 4, 6]) {
     h = ops.conv2d(h, p.get(`${e}.${i}.weight`), p.get(`${e}.${i}.bias`), { pad: 2, activation: 'relu' });
   }
   const pos = tf.tensor3d(positionalEmbedding(H, W), [H, W, 4]);
-  const posProj = ops.linear(pos, p.get('hvae_networks.pos_embed_projection.weight'), p.get('hvae_networks.pos_embed_projection.bias'));
+  const posProj = ops.linear(pos, p.get(paramKey(prefix, 'pos_embed_projection.weight')), p.get(paramKey(prefix, 'pos_embed_projection.bias')));
   let f: tf.Tensor = tf.add(h, posProj).reshape([B, H * W, ENC_CH]);
-  const m = 'hvae_networks.encoder_pt_2';
+  const m = paramKey(prefix, 'encoder_pt_2');
   f = ops.layerNorm(f, p.get(`${m}.0.weight`), p.get(`${m}.0.bias`));
   f = tf.relu(ops.linear(f, p.get(`${m}.1.weight`), p.get(`${m}.1.bias`)));
   f = ops.linear(f, p.get(`${m}.3.weight`), p.get(`${m}.3.bias`));
   return {
-    k: ops.linear(f, p.get('hvae_networks.to_k.weight')) as tf.Tensor3D,
-    v: ops.linear(f, p.get('hvae_networks.to_v.weight')) as tf.Tensor3D,
+    k: ops.linear(f, p.get(paramKey(prefix, 'to_k.weight'))) as tf.Tensor3D,
+    v: ops.linear(f, p.get(paramKey(prefix, 'to_v.weight'))) as tf.Tensor3D,
   };
 }

@@ -14,6 +14,7 @@
 import { tf } from '../tf';
 import type { NetConfig } from '../config/net';
 import type { Ops } from '../ops';
+import { paramKey } from '../params/spec';
 import type { ParamStore } from '../params/store';
 import type { NoiseSource } from './noise';
 import { gaussianFromParams, rsample, type Gaussian } from './priors';
@@ -33,10 +34,37 @@ export interface HvaeOutput {
   samples: tf.Tensor2D[];
 }
 
-function residualMlp(p: ParamStore, ops: Ops, x: tf.Tensor2D, norm: string, mlp: string): tf.Tensor2D {
+/**
+ * One round of attention (shared with the Slot Attention baseline): slots [B,K,z] are
+ * layer-normalised (`norm_slots`), projected to queries (`to_q`, scaled by z^-1/2) and compete
+ * for the pixels: attn = softmax over slots of q kᵀ, plus ε; each slot's update is the
+ * attn-weighted mean of v over the pixels. `prefix`: the module holding norm_slots and to_q.
+ * Returns attn [B,K,H*W] before the renormalisation over pixels, and updates [B,K,z].
+ */
+export function attendSlots(
+  p: ParamStore,
+  ops: Ops,
+  prefix: string,
+  slots: tf.Tensor3D,
+  k: tf.Tensor3D,
+  v: tf.Tensor3D,
+): { attn: tf.Tensor3D; updates: tf.Tensor3D } {
+  const z = slots.shape[2];
+  const scale = Math.pow(z, -0.5);
+  const normed = ops.layerNorm(slots, p.get(paramKey(prefix, 'norm_slots.weight')), p.get(paramKey(prefix, 'norm_slots.bias')));
+  const q = tf.mul(ops.linear(normed, p.get(paramKey(prefix, 'to_q.weight'))), scale) as tf.Tensor3D;
+  const dots = tf.matMul(q, k, false, true); // [B,K,HW]
+  // softmax over the slots (axis 1): slots compete for each pixel
+  const attn = tf.add(tf.exp(tf.sub(dots, tf.logSumExp(dots, 1, true))), ATTN_EPS) as tf.Tensor3D;
+  const renormed = tf.div(attn, tf.sum(attn, -1, true));
+  return { attn, updates: tf.matMul(renormed, v) as tf.Tensor3D };
+}
+
+/** x + MLP(LayerNorm(x)) over the last axis: Linear, ReLU, Linear (`mlp`.0 and `mlp`.2). */
+export function residualMlp<T extends tf.Tensor>(p: ParamStore, ops: Ops, x: T, norm: string, mlp: string): T {
   const h = ops.layerNorm(x, p.get(`${norm}.weight`), p.get(`${norm}.bias`));
   const y = ops.linear(tf.relu(ops.linear(h, p.get(`${mlp}.0.weight`), p.get(`${mlp}.0.bias`))), p.get(`${mlp}.2.weight`), p.get(`${mlp}.2.bias`));
-  return tf.add(x, y) as tf.Tensor2D;
+  return tf.add(x, y) as T;
 }
 
 /** k, v: [B, H*W, z] from the encoder. */
@@ -52,7 +80,6 @@ export function hvaeInference(
   const B = k.shape[0];
   const N = B * K;
   const h = 'hvae_networks';
-  const scale = Math.pow(z, -0.5);
 
   // λ_0: the learned initial posterior, shared by every slot of every image
   let lambda = tf.tile(p.get<tf.Tensor2D>(`${h}.init_posterior`), [N, 1]) as tf.Tensor2D;
@@ -65,14 +92,9 @@ export function hvaeInference(
   const attns: tf.Tensor3D[] = [];
   const samples: tf.Tensor2D[] = [];
   for (let layer = 0; layer < L; layer++) {
-    const normed = ops.layerNorm(slots.reshape([B, K, z]), p.get(`${h}.norm_slots.weight`), p.get(`${h}.norm_slots.bias`));
-    const q = tf.mul(ops.linear(normed, p.get(`${h}.to_q.weight`)), scale) as tf.Tensor3D;
-    const dots = tf.matMul(q, k, false, true); // [B,K,HW]
-    // softmax over the slots (axis 1): slots compete for each pixel
-    let attn = tf.add(tf.exp(tf.sub(dots, tf.logSumExp(dots, 1, true))), ATTN_EPS) as tf.Tensor3D;
-    attns.push(attn);
-    attn = tf.div(attn, tf.sum(attn, -1, true));
-    const updates = tf.matMul(attn, v).reshape([N, z]) as tf.Tensor2D;
+    const att = attendSlots(p, ops, h, slots.reshape([B, K, z]) as tf.Tensor3D, k, v);
+    attns.push(att.attn);
+    const updates = att.updates.reshape([N, z]) as tf.Tensor2D;
 
     if (cfg.use_DualGRU) {
       const c = `${h}.gru.cell`;

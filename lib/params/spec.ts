@@ -33,6 +33,11 @@ const XAVIER: Init = { kind: 'xavier', gain: 0.02 };
 const ZERO: Init = { kind: 'const', value: 0 };
 const ONE: Init = { kind: 'const', value: 1 };
 
+/** A state_dict key inside module `prefix` ('' is the top level). */
+export function paramKey(prefix: string, name: string): string {
+  return prefix === '' ? name : `${prefix}.${name}`;
+}
+
 /** The width of the encoder's feature maps (fixed in the original). */
 export const ENC_CH = 64;
 /** The hidden width of the prior and refinement MLPs (fixed in the original). */

@@ -15,6 +15,8 @@ import { EfficientMORL, type GradResult } from '../model/efficient-morl';
 import { Geco } from '../model/geco';
 import type { NoiseSource } from '../model/noise';
 import { Adam, clipGradNorm } from '../optim/adam';
+import type { Ops } from '../ops';
+import { defaultOps } from '../ops/native';
 import type { ParamRecord } from '../params/store';
 import { learningRate, refinementItersAt } from './schedule';
 
@@ -72,9 +74,10 @@ export class Trainer {
 
   constructor(
     readonly config: ExperimentConfig,
-    opts: { model?: EfficientMORL; seed?: number } = {},
+    opts: { model?: EfficientMORL; seed?: number; ops?: Ops } = {},
   ) {
-    this.model = opts.model ?? new EfficientMORL(config.Net, { seed: opts.seed ?? config.seed });
+    // The native kernels when the addon is built, else the TypeScript reference (same maths).
+    this.model = opts.model ?? new EfficientMORL(config.Net, { seed: opts.seed ?? config.seed, ops: opts.ops ?? defaultOps() });
     this.optimizer = new Adam(this.model.params, { lr: config.training.lr });
     const t = config.training;
     const [C, H, W] = config.Net.input_size;

@@ -1,0 +1,461 @@
+/**
+ * The `Ops` of the model on the native addon: NHWC conv2d / convTranspose2d (im2col over NHWC +
+ * the addon's blocked GEMM, bias and ReLU/ELU fused forward and backward) and the big linear
+ * layers on the addon's GEMM, the decoders' broadcast first layer on both, layerNorm as fused
+ * TypeScript loops. Everything else (GRU cells, ELU, spatialBroadcast) is tfjsOps' implementation.
+ *
+ * Same signatures and results as tfjsOps (up to float rounding: the TypeScript GEMMs accumulate
+ * in doubles, the addon in float32 with FMA). Inside `withoutParamGrads` the weight and bias
+ * gradients are not computed (zeros are returned), as in the TypeScript convolutions.
+ */
+import { tf } from '../tf';
+import { nativeStatus } from '../native';
+import { tfjsOps, type Ops } from './index';
+import { paramGradsEnabled, type ConvOptions, type ConvTransposeOptions, type FusedActivation } from './conv';
+
+/** The addon's NHWC entry points (native/binding.cc; argument checks there). */
+interface NhwcGrads {
+  dx: Float32Array | null;
+  dw: Float32Array | null;
+  db: Float32Array | null;
+}
+interface NhwcAddon {
+  nhwcConv2d(x: Float32Array, xShape: number[], w: Float32Array, wShape: number[], bias: Float32Array | null,
+    stride: number[], pad: number[], act: number[]): Float32Array;
+  nhwcConv2dBackward(x: Float32Array, xShape: number[], w: Float32Array, wShape: number[], y: Float32Array | null,
+    dy: Float32Array, stride: number[], pad: number[], act: number[], needDx: boolean, needParams: boolean): NhwcGrads;
+  nhwcConvTranspose2d(x: Float32Array, xShape: number[], w: Float32Array, wShape: number[], bias: Float32Array | null,
+    stride: number[], pad: number[], outputPad: number[], act: number[]): Float32Array;
+  nhwcConvTranspose2dBackward(x: Float32Array, xShape: number[], w: Float32Array, wShape: number[],
+    y: Float32Array | null, dy: Float32Array, stride: number[], pad: number[], outputPad: number[], act: number[],
+    needDx: boolean, needParams: boolean): NhwcGrads;
+  matmul(a: Float32Array, aShape: number[], b: Float32Array, bShape: number[], transA: boolean, transB: boolean,
+    out?: Float32Array | null): Float32Array;
+}
+
+let addon: NhwcAddon | undefined;
+
+/** The loaded addon (the same module lib/native.ts loaded); throws with the reason if absent or too old. */
+function nhwc(): NhwcAddon {
+  if (addon) return addon;
+  const st = nativeStatus();
+  if (!st.available || !st.path) throw new Error(`emorl native addon unavailable: ${st.reason ?? 'unknown reason'}`);
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const mod = require(st.path) as Partial<NhwcAddon>;
+  if (typeof mod.nhwcConv2d !== 'function' || typeof mod.nhwcConvTranspose2dBackward !== 'function') {
+    throw new Error(`the addon at ${st.path} has no NHWC kernels; rebuild it with \`npm run build:native\``);
+  }
+  return (addon = mod as NhwcAddon);
+}
+
+/** Whether the loaded addon has the NHWC kernels nativeOps needs. */
+export function nativeOpsAvailable(): boolean {
+  try {
+    nhwc();
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+const ACT: Record<FusedActivation, number> = { linear: 0, relu: 1, elu: 2 };
+
+function f32(t: tf.Tensor): Float32Array {
+  return t.dataSync() as Float32Array;
+}
+
+/** conv2d as tfjsOps.conv2d: x [n,h,w,cin] NHWC, weight [cout,cin,kh,kw], bias [cout]. */
+export function conv2d(x: tf.Tensor4D, weight: tf.Tensor, bias: tf.Tensor, opts: ConvOptions = {}): tf.Tensor4D {
+  const [n, h, w, cin] = x.shape;
+  const [cout, wcin, kh, kw] = weight.shape;
+  if (wcin !== cin) throw new Error(`conv2d: input has ${cin} channels, weight [${weight.shape}] expects ${wcin}`);
+  if (bias.shape[0] !== cout) throw new Error(`conv2d: bias [${bias.shape}] does not match weight [${weight.shape}]`);
+  const stride = opts.stride ?? 1;
+  const pad = opts.pad ?? 0;
+  const oh = Math.floor((h + 2 * pad - kh) / stride) + 1;
+  const ow = Math.floor((w + 2 * pad - kw) / stride) + 1;
+  if (oh < 1 || ow < 1) throw new Error(`conv: a ${kh}x${kw} kernel (padding ${pad}) does not fit a ${h}x${w} input`);
+  const act = opts.activation ?? 'linear';
+  const xShape = [n, h, w, cin];
+  const wShape = [cout, cin, kh, kw];
+  const s = [stride, stride], p = [pad, pad], a = [ACT[act]];
+  const k = nhwc();
+  const op = tf.customGrad((xt, wt, bt, save) => {
+    const y = k.nhwcConv2d(f32(xt as tf.Tensor), xShape, f32(wt as tf.Tensor), wShape, f32(bt as tf.Tensor), s, p, a);
+    const value = tf.tensor4d(y, [n, oh, ow, cout]);
+    (save as tf.GradSaveFunc)(act === 'linear' ? [xt as tf.Tensor, wt as tf.Tensor] : [xt as tf.Tensor, wt as tf.Tensor, value]);
+    return {
+      value,
+      gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => {
+        const withParams = paramGradsEnabled();
+        const r = k.nhwcConv2dBackward(f32(saved[0]), xShape, f32(saved[1]), wShape, act === 'linear' ? null : f32(saved[2]),
+          f32(dy), s, p, a, true, withParams);
+        const dx = tf.tensor4d(r.dx!, [n, h, w, cin]);
+        if (!withParams) return [dx, tf.zeros([cout, cin, kh, kw]), tf.zeros([cout])];
+        return [dx, tf.tensor4d(r.dw!, [cout, cin, kh, kw]), tf.tensor1d(r.db!)];
+      },
+    };
+  });
+  return op(x, weight, bias) as tf.Tensor4D;
+}
+
+/** convTranspose2d as tfjsOps.convTranspose2d: x [n,h,w,cin], weight [cin,cout,kh,kw], bias [cout]. */
+export function convTranspose2d(x: tf.Tensor4D, weight: tf.Tensor, bias: tf.Tensor, opts: ConvTransposeOptions = {}): tf.Tensor4D {
+  const [n, h, w, cin] = x.shape;
+  const [wcin, cout, kh, kw] = weight.shape;
+  if (wcin !== cin) throw new Error(`convTranspose2d: input has ${cin} channels, weight [${weight.shape}] expects ${wcin}`);
+  if (bias.shape[0] !== cout) throw new Error(`convTranspose2d: bias [${bias.shape}] does not match weight [${weight.shape}]`);
+  const stride = opts.stride ?? 1;
+  const pad = opts.pad ?? 0;
+  const outputPad = opts.outputPad ?? 0;
+  if (outputPad < 0 || outputPad >= stride) throw new Error(`convTranspose2d: output padding ${outputPad} must be below the stride ${stride}`);
+  const H = (h - 1) * stride - 2 * pad + kh + outputPad;
+  const W = (w - 1) * stride - 2 * pad + kw + outputPad;
+  if (H < 1 || W < 1 || H + 2 * pad < kh || W + 2 * pad < kw) {
+    throw new Error(`conv: a ${kh}x${kw} kernel (padding ${pad}) does not fit a ${H}x${W} input`);
+  }
+  const act = opts.activation ?? 'linear';
+  const xShape = [n, h, w, cin];
+  const wShape = [cin, cout, kh, kw];
+  const s = [stride, stride], p = [pad, pad], op2 = [outputPad, outputPad], a = [ACT[act]];
+  const k = nhwc();
+  const op = tf.customGrad((xt, wt, bt, save) => {
+    const y = k.nhwcConvTranspose2d(f32(xt as tf.Tensor), xShape, f32(wt as tf.Tensor), wShape, f32(bt as tf.Tensor), s, p, op2, a);
+    const value = tf.tensor4d(y, [n, H, W, cout]);
+    (save as tf.GradSaveFunc)(act === 'linear' ? [xt as tf.Tensor, wt as tf.Tensor] : [xt as tf.Tensor, wt as tf.Tensor, value]);
+    return {
+      value,
+      gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => {
+        const withParams = paramGradsEnabled();
+        const r = k.nhwcConvTranspose2dBackward(f32(saved[0]), xShape, f32(saved[1]), wShape,
+          act === 'linear' ? null : f32(saved[2]), f32(dy), s, p, op2, a, true, withParams);
+        const dx = tf.tensor4d(r.dx!, [n, h, w, cin]);
+        if (!withParams) return [dx, tf.zeros([cin, cout, kh, kw]), tf.zeros([cout])];
+        return [dx, tf.tensor4d(r.dw!, [cin, cout, kh, kw]), tf.tensor1d(r.db!)];
+      },
+    };
+  });
+  return op(x, weight, bias) as tf.Tensor4D;
+}
+
+/**
+ * Below this many multiply-adds a linear layer stays on tfjs (the GRU/prior/refinement layers on
+ * [B·K, z] rows): the addon's call overhead would eat the gain.
+ */
+const LINEAR_NATIVE_MIN_MACS = 1 << 18;
+
+function colSums(g: Float32Array, rows: number, cols: number): Float32Array {
+  const s = new Float64Array(cols);
+  for (let r = 0, o = 0; r < rows; r++, o += cols) for (let j = 0; j < cols; j++) s[j] += g[o + j];
+  return Float32Array.from(s);
+}
+
+/** linear as tfjsOps.linear (y = x Wᵀ + b over the last axis, W [out,in]); big ones on the addon's GEMM. */
+export function linear(x: tf.Tensor, weight: tf.Tensor, bias?: tf.Tensor): tf.Tensor {
+  const inDim = x.shape[x.rank - 1];
+  if (weight.shape[1] !== inDim) {
+    throw new Error(`linear: input has ${inDim} features, weight [${weight.shape}] expects ${weight.shape[1]}`);
+  }
+  const outDim = weight.shape[0];
+  const rows = x.size / Math.max(1, inDim);
+  if (rows * inDim * outDim < LINEAR_NATIVE_MIN_MACS || x.dtype !== 'float32' || weight.rank !== 2 ||
+    (bias && (bias.rank !== 1 || bias.shape[0] !== outDim))) {
+    return tfjsOps.linear(x, weight, bias);
+  }
+  const k = nhwc();
+  const lead = x.shape.slice(0, -1);
+  const outShape = [...lead, outDim];
+  const body = (xt: tf.Tensor, wt: tf.Tensor, bd: Float32Array | null, save: tf.GradSaveFunc) => {
+    const y = k.matmul(f32(xt), [rows, inDim], f32(wt), [outDim, inDim], false, true);
+    if (bd) for (let o = 0; o < y.length; o += outDim) for (let j = 0; j < outDim; j++) y[o + j] += bd[j];
+    save([xt, wt]);
+    return {
+      value: tf.tensor(y, outShape),
+      grads: (dy: tf.Tensor, saved: tf.Tensor[]): [tf.Tensor, tf.Tensor, Float32Array | null] => {
+        const g = f32(dy);
+        const dx = tf.tensor(k.matmul(g, [rows, outDim], f32(saved[1]), [outDim, inDim], false, false), x.shape);
+        if (!paramGradsEnabled()) return [dx, tf.zeros([outDim, inDim]), bd ? new Float32Array(outDim) : null];
+        const dw = tf.tensor2d(k.matmul(g, [rows, outDim], f32(saved[0]), [rows, inDim], true, false), [outDim, inDim]);
+        return [dx, dw, bd ? colSums(g, rows, outDim) : null];
+      },
+    };
+  };
+  if (bias) {
+    const op = tf.customGrad((xt, wt, bt, save) => {
+      const r = body(xt as tf.Tensor, wt as tf.Tensor, f32(bt as tf.Tensor), save as tf.GradSaveFunc);
+      return {
+        value: r.value,
+        gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => {
+          const [dx, dw, db] = r.grads(dy, saved);
+          return [dx, dw, tf.tensor(db!, bias.shape)];
+        },
+      };
+    });
+    return op(x, weight, bias);
+  }
+  const op = tf.customGrad((xt, wt, save) => {
+    const r = body(xt as tf.Tensor, wt as tf.Tensor, null, save as tf.GradSaveFunc);
+    return { value: r.value, gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => r.grads(dy, saved).slice(0, 2) as tf.Tensor[] };
+  });
+  return op(x, weight);
+}
+
+const tapSumCache = new WeakMap<Float32Array, { key: string; S: Float32Array }>();
+
+/**
+ * broadcastConv2d as tfjsOps.broadcastConv2d (see lib/ops/broadcast.ts for the derivation):
+ * conv(pos) on the addon's NHWC conv, the per-slot part z·S and its gradients on the addon's GEMM.
+ */
+export function broadcastConv2d(
+  z: tf.Tensor2D,
+  pos: tf.Tensor3D,
+  weight: tf.Tensor,
+  bias: tf.Tensor,
+  opts: { pad?: number; activation?: FusedActivation } = {},
+): tf.Tensor4D {
+  const [n, c] = z.shape;
+  const [gh, gw, pc] = pos.shape;
+  const [cout, cin, kh, kw] = weight.shape;
+  if (pc !== c || cin !== c) throw new Error(`broadcastConv2d: z has ${c} channels, positional embedding ${pc}, weight [${weight.shape}] expects ${cin}`);
+  const pad = opts.pad ?? 0;
+  const act = opts.activation ?? 'linear';
+  const oh = gh + 2 * pad - kh + 1;
+  const ow = gw + 2 * pad - kw + 1;
+  if (oh < 1 || ow < 1) throw new Error(`conv: a ${kh}x${kw} kernel (padding ${pad}) does not fit a ${gh}x${gw} input`);
+  const Q = oh * ow;
+  const QC = Q * cout;
+  const rowLo = new Int32Array(oh), rowHi = new Int32Array(oh);
+  for (let oy = 0; oy < oh; oy++) {
+    rowLo[oy] = Math.max(0, pad - oy);
+    rowHi[oy] = Math.min(kh, gh + pad - oy);
+  }
+  const colLo = new Int32Array(ow), colHi = new Int32Array(ow);
+  for (let ox = 0; ox < ow; ox++) {
+    colLo[ox] = Math.max(0, pad - ox);
+    colHi[ox] = Math.min(kw, gw + pad - ox);
+  }
+  const geomKey = `${gh}x${gw}/${pad}/${c}/${cout}/${kh}x${kw}`;
+  /** S [ci, cell, co]: the kernel taps that fall inside the grid at each output cell, summed. */
+  const tapSums = (wd: Float32Array): Float32Array => {
+    const cached = tapSumCache.get(wd);
+    if (cached && cached.key === geomKey) return cached.S;
+    const cc = c * cout;
+    const T = new Float32Array(oh * kw * cc);
+    for (let oy = 0; oy < oh; oy++)
+      for (let kx = 0; kx < kw; kx++)
+        for (let ci = 0; ci < c; ci++)
+          for (let co = 0; co < cout; co++) {
+            let sum = 0;
+            for (let ky = rowLo[oy]; ky < rowHi[oy]; ky++) sum += wd[((co * cin + ci) * kh + ky) * kw + kx];
+            T[(oy * kw + kx) * cc + ci * cout + co] = sum;
+          }
+    const S = new Float32Array(c * QC);
+    const acc = new Float64Array(cc);
+    for (let oy = 0; oy < oh; oy++)
+      for (let ox = 0; ox < ow; ox++) {
+        const q = oy * ow + ox;
+        acc.fill(0);
+        for (let kx = colLo[ox]; kx < colHi[ox]; kx++) {
+          const t0 = (oy * kw + kx) * cc;
+          for (let j = 0; j < cc; j++) acc[j] += T[t0 + j];
+        }
+        for (let ci = 0; ci < c; ci++) {
+          const dst = (ci * Q + q) * cout;
+          const src = ci * cout;
+          for (let co = 0; co < cout; co++) S[dst + co] = acc[src + co];
+        }
+      }
+    tapSumCache.set(wd, { key: geomKey, S });
+    return S;
+  };
+  const k = nhwc();
+  const posShape = [1, gh, gw, c];
+  const wShape = [cout, cin, kh, kw];
+  const one = [1, 1], pp = [pad, pad], lin = [0];
+  const op = tf.customGrad((zt, pt, wt, bt, save) => {
+    const zd = f32(zt as tf.Tensor);
+    const wd = f32(wt as tf.Tensor);
+    const bd = f32(bt as tf.Tensor);
+    const convP = k.nhwcConv2d(f32(pt as tf.Tensor), posShape, wd, wShape, bd, one, pp, lin); // [Q*cout], bias included
+    const y = k.matmul(zd, [n, c], tapSums(wd), [c, QC], false, false); // [n, Q*cout]
+    for (let i = 0, o = 0; i < n; i++, o += QC) for (let j = 0; j < QC; j++) y[o + j] += convP[j];
+    if (act === 'relu') {
+      for (let i = 0; i < y.length; i++) if (!(y[i] > 0)) y[i] = 0;
+    } else if (act === 'elu') {
+      for (let i = 0; i < y.length; i++) if (!(y[i] > 0)) y[i] = Math.expm1(y[i]);
+    }
+    const value = tf.tensor4d(y, [n, oh, ow, cout]);
+    (save as tf.GradSaveFunc)(act === 'linear' ? [zt as tf.Tensor, pt as tf.Tensor, wt as tf.Tensor] : [zt as tf.Tensor, pt as tf.Tensor, wt as tf.Tensor, value]);
+    return {
+      value,
+      gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => {
+        const dyRaw = f32(dy);
+        let gd = dyRaw;
+        if (act !== 'linear') {
+          const yv = f32(saved[3]);
+          gd = new Float32Array(dyRaw.length);
+          if (act === 'relu') for (let i = 0; i < gd.length; i++) gd[i] = yv[i] > 0 ? dyRaw[i] : 0;
+          else for (let i = 0; i < gd.length; i++) gd[i] = yv[i] > 0 ? dyRaw[i] : dyRaw[i] * (yv[i] + 1);
+        }
+        const zd2 = f32(saved[0]);
+        const wd2 = f32(saved[2]);
+        const S = tapSums(wd2);
+        const dzT = tf.tensor2d(k.matmul(gd, [n, QC], S, [c, QC], false, true), [n, c]); // g · Sᵀ
+        if (!paramGradsEnabled()) return [dzT, tf.zeros([gh, gw, c]), tf.zeros([cout, cin, kh, kw]), tf.zeros([cout])];
+        // the shared part (conv of pos, bias) sees the gradient summed over slots
+        const gSum = new Float32Array(QC);
+        for (let i = 0, o = 0; i < n; i++, o += QC) for (let j = 0; j < QC; j++) gSum[j] += gd[o + j];
+        const shared = k.nhwcConv2dBackward(f32(saved[1]), posShape, wd2, wShape, null, gSum, one, pp, lin, true, true);
+        const dW = shared.dw!;
+        // dS = zᵀ · g, then spread back over the taps each cell summed
+        const dS = k.matmul(zd2, [n, c], gd, [n, QC], true, false); // [c, Q*cout]
+        const dT = new Float64Array(oh * kw * c * cout);
+        for (let oy = 0; oy < oh; oy++)
+          for (let ox = 0; ox < ow; ox++) {
+            const q = oy * ow + ox;
+            for (let kx = colLo[ox]; kx < colHi[ox]; kx++)
+              for (let ci = 0; ci < c; ci++) {
+                const src = (ci * Q + q) * cout;
+                const dst = ((oy * kw + kx) * c + ci) * cout;
+                for (let co = 0; co < cout; co++) dT[dst + co] += dS[src + co];
+              }
+          }
+        for (let oy = 0; oy < oh; oy++)
+          for (let kx = 0; kx < kw; kx++)
+            for (let ci = 0; ci < c; ci++)
+              for (let co = 0; co < cout; co++) {
+                const v = dT[((oy * kw + kx) * c + ci) * cout + co];
+                for (let ky = rowLo[oy]; ky < rowHi[oy]; ky++) dW[((co * cin + ci) * kh + ky) * kw + kx] += v;
+              }
+        return [dzT, tf.tensor3d(shared.dx!, [gh, gw, c]), tf.tensor4d(dW, [cout, cin, kh, kw]), tf.tensor1d(shared.db!)];
+      },
+    };
+  });
+  return op(z, pos, weight, bias) as tf.Tensor4D;
+}
+
+/**
+ * layerNorm as tfjsOps.layerNorm (over the last axis, biased variance, optional affine map),
+ * as one pass each way instead of tfjs' broadcasting ops (whose cpu kernels take the generic
+ * per-element index path). Statistics in double.
+ */
+export function layerNorm(x: tf.Tensor, weight?: tf.Tensor, bias?: tf.Tensor, eps = 1e-5): tf.Tensor {
+  const D = x.shape[x.rank - 1];
+  if (x.dtype !== 'float32' || D === 0 || (weight && (weight.rank !== 1 || weight.shape[0] !== D)) ||
+    (bias && (bias.rank !== 1 || bias.shape[0] !== D)) || (bias && !weight)) {
+    return tfjsOps.layerNorm(x, weight, bias, eps);
+  }
+  const rows = x.size / D;
+  const forward = (xd: Float32Array, wd: Float32Array | null, bd: Float32Array | null) => {
+    const y = new Float32Array(xd.length);
+    const rstd = new Float64Array(rows);
+    const mean = new Float64Array(rows);
+    for (let r = 0, o = 0; r < rows; r++, o += D) {
+      let m = 0;
+      for (let j = 0; j < D; j++) m += xd[o + j];
+      m /= D;
+      let v = 0;
+      for (let j = 0; j < D; j++) {
+        const d = xd[o + j] - m;
+        v += d * d;
+      }
+      const rs = 1 / Math.sqrt(v / D + eps);
+      mean[r] = m;
+      rstd[r] = rs;
+      for (let j = 0; j < D; j++) {
+        let t = (xd[o + j] - m) * rs;
+        if (wd) t *= wd[j];
+        if (bd) t += bd[j];
+        y[o + j] = t;
+      }
+    }
+    return { y, mean, rstd };
+  };
+  const backward = (g: Float32Array, xd: Float32Array, wd: Float32Array | null, mean: Float64Array, rstd: Float64Array, withParams: boolean) => {
+    const dx = new Float32Array(xd.length);
+    const dw = withParams && wd ? new Float64Array(D) : null;
+    const db = withParams && wd ? new Float64Array(D) : null;
+    for (let r = 0, o = 0; r < rows; r++, o += D) {
+      const m = mean[r], rs = rstd[r];
+      let s1 = 0, s2 = 0;
+      for (let j = 0; j < D; j++) {
+        const xh = (xd[o + j] - m) * rs;
+        const gh = wd ? g[o + j] * wd[j] : g[o + j];
+        s1 += gh;
+        s2 += gh * xh;
+        if (dw) {
+          dw[j] += g[o + j] * xh;
+          db![j] += g[o + j];
+        }
+      }
+      s1 /= D;
+      s2 /= D;
+      for (let j = 0; j < D; j++) {
+        const xh = (xd[o + j] - m) * rs;
+        const gh = wd ? g[o + j] * wd[j] : g[o + j];
+        dx[o + j] = rs * (gh - s1 - xh * s2);
+      }
+    }
+    return { dx, dw, db };
+  };
+  if (!weight) {
+    const op = tf.customGrad((xt, save) => {
+      const f = forward(f32(xt as tf.Tensor), null, null);
+      (save as tf.GradSaveFunc)([xt as tf.Tensor]);
+      return {
+        value: tf.tensor(f.y, x.shape),
+        gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => tf.tensor(backward(f32(dy), f32(saved[0]), null, f.mean, f.rstd, false).dx, x.shape),
+      };
+    });
+    return op(x);
+  }
+  const run = (xt: tf.Tensor, wt: tf.Tensor, bd: Float32Array | null, save: tf.GradSaveFunc) => {
+    const f = forward(f32(xt), f32(wt), bd);
+    save([xt, wt]);
+    return {
+      value: tf.tensor(f.y, x.shape),
+      grads: (dy: tf.Tensor, saved: tf.Tensor[]) => {
+        const withParams = paramGradsEnabled();
+        const b = backward(f32(dy), f32(saved[0]), f32(saved[1]), f.mean, f.rstd, withParams);
+        return {
+          dx: tf.tensor(b.dx, x.shape),
+          dw: b.dw ? tf.tensor1d(Float32Array.from(b.dw)) : tf.zeros([D]),
+          db: b.db ? tf.tensor1d(Float32Array.from(b.db)) : tf.zeros([D]),
+        };
+      },
+    };
+  };
+  if (bias) {
+    const op = tf.customGrad((xt, wt, bt, save) => {
+      const r = run(xt as tf.Tensor, wt as tf.Tensor, f32(bt as tf.Tensor), save as tf.GradSaveFunc);
+      return {
+        value: r.value,
+        gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => {
+          const g = r.grads(dy, saved);
+          return [g.dx, g.dw, g.db];
+        },
+      };
+    });
+    return op(x, weight, bias);
+  }
+  const op = tf.customGrad((xt, wt, save) => {
+    const r = run(xt as tf.Tensor, wt as tf.Tensor, null, save as tf.GradSaveFunc);
+    return {
+      value: r.value,
+      gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => {
+        const g = r.grads(dy, saved);
+        g.db.dispose();
+        return [g.dx, g.dw];
+      },
+    };
+  });
+  return op(x, weight);
+}
+
+/** tfjsOps with the convolutions, the big linear layers and layerNorm on the native addon / fused loops. */
+export const nativeOps: Ops = { ...tfjsOps, conv2d, convTranspose2d, broadcastConv2d, linear, layerNorm };
+
+/** nativeOps when the addon (with its NHWC kernels) is available, else tfjsOps. */
+export function defaultOps(): Ops {
+  return nativeStatus().available && nativeOpsAvailable() ? nativeOps : tfjsOps;
+}

@@ -1,0 +1,290 @@
+// NHWC convolutions (see nhwc.h). One parallel region per call; each thread takes whole images
+// (so its col2im writes touch only its own maps) and walks their column-matrix rows in chunks of
+// ~256 KB: im2col over NHWC rows (kh*kw contiguous runs of C floats), a single-threaded GEMM with
+// thread-private packing buffers while the chunk is in cache, and the fused bias/activation.
+// Filter and bias gradients are accumulated per thread and summed at the end.
+#include "nhwc.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+#include "gemm.h"
+
+namespace emorl {
+namespace {
+
+// Rows [r0, r1) of the column matrix of g over the image map x, written at cols + (r - r0) * P.
+void im2col_rows(const NhwcGeom& g, const float* x, int64_t r0, int64_t r1, float* cols) {
+  const int64_t P = g.P(), C = g.C, HoWo = g.Ho * g.Wo;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = r / HoWo, q = r % HoWo, oy = q / g.Wo, ox = q % g.Wo;
+    float* dst = cols + (r - r0) * P;
+    const float* xn = x + n * g.H * g.W * C;
+    for (int64_t ky = 0; ky < g.kh; ++ky) {
+      const int64_t iy = oy * g.sh - g.pt + ky;
+      if (iy < 0 || iy >= g.H) {
+        std::memset(dst + ky * g.kw * C, 0, sizeof(float) * g.kw * C);
+        continue;
+      }
+      for (int64_t kx = 0; kx < g.kw; ++kx) {
+        const int64_t ix = ox * g.sw - g.pl + kx;
+        float* d = dst + (ky * g.kw + kx) * C;
+        if (ix < 0 || ix >= g.W) std::memset(d, 0, sizeof(float) * C);
+        else std::memcpy(d, xn + (iy * g.W + ix) * C, sizeof(float) * C);
+      }
+    }
+  }
+}
+
+// The adjoint: rows [r0, r1) of columns (at cols + (r - r0) * P) scatter-added into the image map x.
+void col2im_rows(const NhwcGeom& g, const float* cols, int64_t r0, int64_t r1, float* x) {
+  const int64_t P = g.P(), C = g.C, HoWo = g.Ho * g.Wo;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = r / HoWo, q = r % HoWo, oy = q / g.Wo, ox = q % g.Wo;
+    const float* src = cols + (r - r0) * P;
+    float* xn = x + n * g.H * g.W * C;
+    for (int64_t ky = 0; ky < g.kh; ++ky) {
+      const int64_t iy = oy * g.sh - g.pt + ky;
+      if (iy < 0 || iy >= g.H) continue;
+      for (int64_t kx = 0; kx < g.kw; ++kx) {
+        const int64_t ix = ox * g.sw - g.pl + kx;
+        if (ix < 0 || ix >= g.W) continue;
+        float* d = xn + (iy * g.W + ix) * C;
+        const float* s = src + (ky * g.kw + kx) * C;
+        for (int64_t c = 0; c < C; ++c) d[c] += s[c];
+      }
+    }
+  }
+}
+
+inline float act_fwd(float v, Act a) {
+  if (a == Act::Relu) return v > 0.f ? v : 0.f;
+  if (a == Act::Elu) return v > 0.f ? v : std::expm1(v);
+  return v;
+}
+
+// y (rows of n) += bias, then the activation, in place.
+void bias_act_rows(float* y, int64_t rows, int64_t n, const float* bias, Act act) {
+  if (!bias && act == Act::Linear) return;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* yr = y + r * n;
+    if (bias)
+      for (int64_t j = 0; j < n; ++j) yr[j] += bias[j];
+    if (act != Act::Linear)
+      for (int64_t j = 0; j < n; ++j) yr[j] = act_fwd(yr[j], act);
+  }
+}
+
+// g[i] = dy[i] * act'(pre-activation), from the activation's output y, for `count` elements.
+void act_grad(const float* dy, const float* y, int64_t count, Act act, float* g) {
+  if (act == Act::Linear) {
+    std::memcpy(g, dy, sizeof(float) * count);
+  } else if (act == Act::Relu) {
+    for (int64_t i = 0; i < count; ++i) g[i] = y[i] > 0.f ? dy[i] : 0.f;
+  } else {
+    for (int64_t i = 0; i < count; ++i) g[i] = y[i] > 0.f ? dy[i] : dy[i] * (y[i] + 1.f);
+  }
+}
+
+// Column sums of G [rows, n] added into s (double).
+void add_col_sums(const float* G, int64_t rows, int64_t n, double* s) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* gr = G + r * n;
+    for (int64_t j = 0; j < n; ++j) s[j] += gr[j];
+  }
+}
+
+GemmCall call(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+              int64_t ldb, float* C, int64_t ldc, bool acc) {
+  GemmCall c{ta, tb, M, N, K, A, lda, B, ldb, C, ldc, acc};
+  return c;
+}
+
+// Per-thread scratch: the GEMM's packing buffers and a few work arrays, allocated before the
+// parallel region (the region's body must not throw).
+struct Scratch {
+  AlignedBuf packA, packB, cols, g, acc;
+  std::vector<double> dsum;
+};
+
+std::vector<Scratch> scratch(int nt, int64_t cols, int64_t g, int64_t acc, int64_t dsum) {
+  std::vector<Scratch> s(static_cast<size_t>(nt));
+  const GemmKernel& k = gemm_kernel();
+  for (auto& t : s) {
+    t.packA.reset(static_cast<size_t>(k.pack_a_floats));
+    t.packB.reset(static_cast<size_t>(k.pack_b_floats));
+    if (cols) t.cols.reset(static_cast<size_t>(cols));
+    if (g) t.g.reset(static_cast<size_t>(g));
+    if (acc) t.acc.reset(static_cast<size_t>(acc), true);
+    t.dsum.assign(static_cast<size_t>(dsum), 0.0);
+  }
+  return s;
+}
+
+// Threads over whole images (each thread writes only its own images' maps; no barriers).
+int image_threads(int nthreads, int64_t N) { return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, N))); }
+
+// Rows per chunk: ~kChunkFloats of columns (stays in L2), at least one row.
+constexpr int64_t kChunkFloats = int64_t(1) << 16;
+int64_t chunk_rows(int64_t width) { return std::max<int64_t>(1, kChunkFloats / std::max<int64_t>(1, width)); }
+
+}  // namespace
+
+void nhwc_conv2d_forward(const NhwcGeom& g, int64_t Co, const float* x, const float* w, const float* bias, Act act,
+                         float* y, int nthreads) {
+  const int64_t P = g.P(), KK = g.kh * g.kw, C = g.C, HoWo = g.Ho * g.Wo;
+  if (g.M() == 0 || Co == 0) return;
+  AlignedBuf wm(static_cast<size_t>(P * Co));
+  for (int64_t co = 0; co < Co; ++co)
+    for (int64_t ci = 0; ci < C; ++ci)
+      for (int64_t k = 0; k < KK; ++k) wm.data()[(k * C + ci) * Co + co] = w[(co * C + ci) * KK + k];
+  const int nt = image_threads(nthreads, g.N);
+  const int64_t R = chunk_rows(P);
+  auto sc = scratch(nt, R * P, 0, 0, 0);
+  parallel_region(nt, [&](int tid, int ntt) {
+    int64_t i0, i1;
+    split_range(g.N, tid, ntt, i0, i1);
+    Scratch& s = sc[tid];
+    for (int64_t r0 = i0 * HoWo; r0 < i1 * HoWo; r0 += R) {
+      const int64_t r1 = std::min(i1 * HoWo, r0 + R);
+      im2col_rows(g, x, r0, r1, s.cols.data());
+      sgemm_serial(call(false, false, r1 - r0, Co, P, s.cols.data(), P, wm.data(), Co, y + r0 * Co, Co, false),
+                   s.packA.data(), s.packB.data());
+      bias_act_rows(y + r0 * Co, r1 - r0, Co, bias, act);
+    }
+  });
+}
+
+void nhwc_conv2d_backward(const NhwcGeom& g, int64_t Co, const float* x, const float* w, const float* y,
+                          const float* dy, Act act, float* dx, float* dw, float* db, int nthreads) {
+  const int64_t P = g.P(), KK = g.kh * g.kw, C = g.C, HoWo = g.Ho * g.Wo, HWC = g.H * g.W * C;
+  const bool params = dw || db;
+  AlignedBuf wm(static_cast<size_t>(P * Co));
+  for (int64_t co = 0; co < Co; ++co)
+    for (int64_t ci = 0; ci < C; ++ci)
+      for (int64_t k = 0; k < KK; ++k) wm.data()[(k * C + ci) * Co + co] = w[(co * C + ci) * KK + k];
+  const int nt = image_threads(nthreads, g.N);
+  const int64_t R = chunk_rows(P);
+  auto sc = scratch(nt, R * P, R * Co, dw ? P * Co : 0, db ? Co : 0);
+  parallel_region(nt, [&](int tid, int ntt) {
+    int64_t i0, i1;
+    split_range(g.N, tid, ntt, i0, i1);
+    Scratch& s = sc[tid];
+    if (dx) std::memset(dx + i0 * HWC, 0, sizeof(float) * (i1 - i0) * HWC);
+    if (Co == 0) return;
+    for (int64_t r0 = i0 * HoWo; r0 < i1 * HoWo; r0 += R) {
+      const int64_t r1 = std::min(i1 * HoWo, r0 + R), rows = r1 - r0;
+      act_grad(dy + r0 * Co, y ? y + r0 * Co : nullptr, rows * Co, act, s.g.data());
+      if (db) add_col_sums(s.g.data(), rows, Co, s.dsum.data());
+      if (dx) {
+        sgemm_serial(call(false, true, rows, P, Co, s.g.data(), Co, wm.data(), Co, s.cols.data(), P, false),
+                     s.packA.data(), s.packB.data());
+        col2im_rows(g, s.cols.data(), r0, r1, dx);
+      }
+      if (dw) {
+        im2col_rows(g, x, r0, r1, s.cols.data());
+        sgemm_serial(call(true, false, P, Co, rows, s.cols.data(), P, s.g.data(), Co, s.acc.data(), Co, true),
+                     s.packA.data(), s.packB.data());
+      }
+    }
+  });
+  if (!params) return;
+  if (db) {
+    for (int64_t j = 0; j < Co; ++j) {
+      double t = 0;
+      for (auto& s : sc) t += s.dsum[j];
+      db[j] = static_cast<float>(t);
+    }
+  }
+  if (dw) {
+    float* acc = sc[0].acc.data();
+    for (size_t t = 1; t < sc.size(); ++t)
+      for (int64_t i = 0; i < P * Co; ++i) acc[i] += sc[t].acc.data()[i];
+    for (int64_t co = 0; co < Co; ++co)
+      for (int64_t ci = 0; ci < C; ++ci)
+        for (int64_t k = 0; k < KK; ++k) dw[(co * C + ci) * KK + k] = acc[(k * C + ci) * Co + co];
+  }
+}
+
+void nhwc_conv_transpose2d_forward(const NhwcGeom& g, int64_t Ci, const float* x, const float* w, const float* bias,
+                                   Act act, float* y, int nthreads) {
+  const int64_t Co = g.C, KK = g.kh * g.kw, Q = g.P(), HoWo = g.Ho * g.Wo, HW = g.H * g.W;
+  if (g.N == 0) return;
+  AlignedBuf tm(static_cast<size_t>(Ci * Q));
+  for (int64_t ci = 0; ci < Ci; ++ci)
+    for (int64_t co = 0; co < Co; ++co)
+      for (int64_t k = 0; k < KK; ++k) tm.data()[ci * Q + k * Co + co] = w[(ci * Co + co) * KK + k];
+  const int nt = image_threads(nthreads, g.N);
+  const int64_t R = chunk_rows(Q);
+  auto sc = scratch(nt, R * Q, 0, 0, 0);
+  parallel_region(nt, [&](int tid, int ntt) {
+    int64_t i0, i1;
+    split_range(g.N, tid, ntt, i0, i1);
+    Scratch& s = sc[tid];
+    std::memset(y + i0 * HW * Co, 0, sizeof(float) * (i1 - i0) * HW * Co);
+    if (Ci > 0 && Q > 0)
+      for (int64_t r0 = i0 * HoWo; r0 < i1 * HoWo; r0 += R) {
+        const int64_t r1 = std::min(i1 * HoWo, r0 + R);
+        sgemm_serial(call(false, false, r1 - r0, Q, Ci, x + r0 * Ci, Ci, tm.data(), Q, s.cols.data(), Q, false),
+                     s.packA.data(), s.packB.data());
+        col2im_rows(g, s.cols.data(), r0, r1, y);
+      }
+    bias_act_rows(y + i0 * HW * Co, (i1 - i0) * HW, Co, bias, act);
+  });
+}
+
+void nhwc_conv_transpose2d_backward(const NhwcGeom& g, int64_t Ci, const float* x, const float* w, const float* y,
+                                    const float* dy, Act act, float* dx, float* dw, float* db, int nthreads) {
+  const int64_t Co = g.C, KK = g.kh * g.kw, Q = g.P(), HoWo = g.Ho * g.Wo, HW = g.H * g.W;
+  AlignedBuf tm(static_cast<size_t>(Ci * Q));
+  for (int64_t ci = 0; ci < Ci; ++ci)
+    for (int64_t co = 0; co < Co; ++co)
+      for (int64_t k = 0; k < KK; ++k) tm.data()[ci * Q + k * Co + co] = w[(ci * Co + co) * KK + k];
+  // dy * act' over the whole output map (each thread fills its own images first)
+  AlignedBuf G(static_cast<size_t>(g.N * HW * Co));
+  const int nt = image_threads(nthreads, g.N);
+  const int64_t R = chunk_rows(Q);
+  auto sc = scratch(nt, R * Q, 0, dw ? Ci * Q : 0, db ? Co : 0);
+  parallel_region(nt, [&](int tid, int ntt) {
+    int64_t i0, i1;
+    split_range(g.N, tid, ntt, i0, i1);
+    Scratch& s = sc[tid];
+    float* Gi = G.data() + i0 * HW * Co;
+    act_grad(dy + i0 * HW * Co, y ? y + i0 * HW * Co : nullptr, (i1 - i0) * HW * Co, act, Gi);
+    if (db) add_col_sums(Gi, (i1 - i0) * HW, Co, s.dsum.data());
+    if (Q == 0 || Ci == 0) {
+      if (dx) std::memset(dx + i0 * HoWo * Ci, 0, sizeof(float) * (i1 - i0) * HoWo * Ci);
+      return;
+    }
+    for (int64_t r0 = i0 * HoWo; r0 < i1 * HoWo; r0 += R) {
+      const int64_t r1 = std::min(i1 * HoWo, r0 + R), rows = r1 - r0;
+      im2col_rows(g, G.data(), r0, r1, s.cols.data());
+      if (dx)
+        sgemm_serial(call(false, true, rows, Ci, Q, s.cols.data(), Q, tm.data(), Q, dx + r0 * Ci, Ci, false),
+                     s.packA.data(), s.packB.data());
+      if (dw)
+        sgemm_serial(call(true, false, Ci, Q, rows, x + r0 * Ci, Ci, s.cols.data(), Q, s.acc.data(), Q, true),
+                     s.packA.data(), s.packB.data());
+    }
+  });
+  if (db) {
+    for (int64_t j = 0; j < Co; ++j) {
+      double t = 0;
+      for (auto& s : sc) t += s.dsum[j];
+      db[j] = static_cast<float>(t);
+    }
+  }
+  if (dw) {
+    float* acc = sc[0].acc.data();
+    for (size_t t = 1; t < sc.size(); ++t)
+      for (int64_t i = 0; i < Ci * Q; ++i) acc[i] += sc[t].acc.data()[i];
+    for (int64_t ci = 0; ci < Ci; ++ci)
+      for (int64_t co = 0; co < Co; ++co)
+        for (int64_t k = 0; k < KK; ++k) dw[(ci * Co + co) * KK + k] = acc[ci * Q + k * Co + co];
+  }
+}
+
+}  // namespace emorl

@@ -1,0 +1,41 @@
+// 2-D convolution and transposed convolution on NHWC activations with PyTorch weight layouts
+// (Conv2d [Co,C,kh,kw], ConvTranspose2d [Ci,Co,kh,kw]), by im2col over NHWC (the channel axis
+// is contiguous, so a column row is kh*kw runs of C floats) + the blocked GEMM, with the
+// activation (none / ReLU / ELU) fused into the forward pass and its derivative into the
+// backward pass. These are the kernels behind lib/ops/native.ts (the model's activations are
+// NHWC); the NCHW kernels in conv.h stay as they are.
+#pragma once
+
+#include <cstdint>
+
+namespace emorl {
+
+// The geometry of one forward convolution from an "image" map [N,H,W,C] to a "column" map
+// [N,Ho,Wo,·]. Only top/left padding matters; bottom/right are implied by Ho/Wo.
+struct NhwcGeom {
+  int64_t N, H, W, C;
+  int64_t Ho, Wo;
+  int64_t kh, kw, sh, sw, pt, pl;
+  int64_t P() const { return kh * kw * C; }          // columns of the column matrix
+  int64_t M() const { return N * Ho * Wo; }          // rows of the column matrix
+  bool identity() const { return kh == 1 && kw == 1 && sh == 1 && sw == 1 && pt == 0 && pl == 0 && Ho == H && Wo == W; }
+};
+
+enum class Act : int { Linear = 0, Relu = 1, Elu = 2 };
+
+// y[N,Ho,Wo,Co] = act(conv(x[N,H,W,C], w[Co,C,kh,kw]) + bias). bias may be null.
+void nhwc_conv2d_forward(const NhwcGeom& g, int64_t Co, const float* x, const float* w, const float* bias, Act act,
+                         float* y, int nthreads);
+// Gradients for dy[N,Ho,Wo,Co] given the forward output y (needed for ReLU/ELU; may be null for
+// Linear). dx (may be null: skipped) is overwritten; dw[Co,C,kh,kw] and db[Co] (both null: skipped).
+void nhwc_conv2d_backward(const NhwcGeom& g, int64_t Co, const float* x, const float* w, const float* y,
+                          const float* dy, Act act, float* dx, float* dw, float* db, int nthreads);
+
+// Transposed convolution: x[N,h,w,Ci] (the column side of g, Ho = h, Wo = w), w[Ci,Co,kh,kw],
+// y[N,H,W,Co] (the image side of g, C = Co).
+void nhwc_conv_transpose2d_forward(const NhwcGeom& g, int64_t Ci, const float* x, const float* w, const float* bias,
+                                   Act act, float* y, int nthreads);
+void nhwc_conv_transpose2d_backward(const NhwcGeom& g, int64_t Ci, const float* x, const float* w, const float* y,
+                                    const float* dy, Act act, float* dx, float* dw, float* db, int nthreads);
+
+}  // namespace emorl

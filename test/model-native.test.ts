@@ -1,0 +1,263 @@
+/**
+ * nativeOps (lib/ops/native.ts: NHWC convolutions and big linear layers on the addon) against
+ * tfjsOps: each op's values and gradients (tf.grads) on odd shapes, and the whole model's
+ * lossAndGrads with the same seed and replayed noise, for each decoder and both likelihoods,
+ * plus the golden fixture's no_geco case. Skipped, with a notice, when the addon is not built.
+ */
+import * as fs from 'node:fs';
+import { tf, initBackend } from '../lib/tf';
+import { nativeStatus } from '../lib/native';
+import { tfjsOps, type Ops } from '../lib/ops';
+import { nativeOps, nativeOpsAvailable, defaultOps } from '../lib/ops/native';
+import type { FusedActivation } from '../lib/ops/conv';
+import { EfficientMORL } from '../lib/model/efficient-morl';
+import { RecordingNoise, ReplayNoise, SeededNoise, type RecordedDraw } from '../lib/model/noise';
+import type { NetConfig } from '../lib/config/net';
+import { withH5File } from '../lib/io/h5';
+import { readArray, readParamGroup } from '../lib/params/h5';
+import { fixturePath } from './helpers';
+
+const available = nativeStatus().available && nativeOpsAvailable();
+const describeNative = available ? describe : describe.skip;
+if (!available) {
+  // eslint-disable-next-line no-console
+  console.warn(`model-native tests SKIPPED: ${nativeStatus().reason ?? 'the addon has no NHWC kernels (npm run build:native)'}`);
+}
+
+beforeAll(async () => {
+  await initBackend('cpu');
+});
+
+/** max |t| (no tensors left behind). */
+function maxAbsOf(t: tf.Tensor): number {
+  const a = t.dataSync();
+  let m = 0;
+  for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i]));
+  return m;
+}
+
+function rand(shape: number[], seed: number, scale = 1): tf.Tensor {
+  return tf.tidy(() => tf.mul(tf.randomUniform(shape, -1, 1, 'float32', seed), scale));
+}
+
+/** max|a-b| <= tol * max|b|. */
+function expectScaled(actual: tf.Tensor, expected: tf.Tensor, tol: number, what: string): void {
+  expect(actual.shape).toEqual(expected.shape);
+  const a = actual.dataSync(), e = expected.dataSync();
+  let maxE = 0, maxErr = 0;
+  for (let i = 0; i < e.length; i++) {
+    maxE = Math.max(maxE, Math.abs(e[i]));
+    const d = Math.abs(a[i] - e[i]);
+    if (!(d <= maxErr)) maxErr = d;
+  }
+  const rel = maxE > 0 ? maxErr / maxE : maxErr;
+  if (!(rel <= tol)) throw new Error(`${what}: max error ${maxErr} is ${rel.toExponential(2)} of max |${maxE}| (tolerance ${tol})`);
+}
+
+test('defaultOps picks nativeOps exactly when the addon is available', () => {
+  expect(defaultOps()).toBe(available ? nativeOps : tfjsOps);
+});
+
+describeNative('nativeOps ops vs tfjsOps', () => {
+  type Case = { name: string; run: (ops: Ops, x: tf.Tensor, w: tf.Tensor, b: tf.Tensor) => tf.Tensor; x: number[]; w: number[] };
+  const cases: Case[] = [];
+  for (const act of ['linear', 'relu', 'elu'] as FusedActivation[]) {
+    cases.push(
+      { name: `conv2d 3x3 pad 1 ${act}`, x: [2, 7, 9, 5], w: [6, 5, 3, 3], run: (o, x, w, b) => o.conv2d(x as tf.Tensor4D, w, b, { pad: 1, activation: act }) },
+      { name: `conv2d 5x5 pad 2 stride 2 ${act}`, x: [3, 11, 8, 3], w: [7, 3, 5, 5], run: (o, x, w, b) => o.conv2d(x as tf.Tensor4D, w, b, { pad: 2, stride: 2, activation: act }) },
+      { name: `conv2d 3x2 unpadded ${act}`, x: [1, 6, 5, 4], w: [3, 4, 3, 2], run: (o, x, w, b) => o.conv2d(x as tf.Tensor4D, w, b, { activation: act }) },
+      { name: `conv2d 1x1 ${act}`, x: [2, 5, 3, 6], w: [5, 6, 1, 1], run: (o, x, w, b) => o.conv2d(x as tf.Tensor4D, w, b, { activation: act }) },
+      { name: `convTranspose2d stride 2 pad 2 outputPad 1 ${act}`, x: [2, 5, 4, 6], w: [6, 5, 5, 5], run: (o, x, w, b) => o.convTranspose2d(x as tf.Tensor4D, w, b, { stride: 2, pad: 2, outputPad: 1, activation: act }) },
+      { name: `convTranspose2d stride 1 pad 1 ${act}`, x: [3, 6, 7, 4], w: [4, 3, 3, 3], run: (o, x, w, b) => o.convTranspose2d(x as tf.Tensor4D, w, b, { pad: 1, activation: act }) },
+      { name: `convTranspose2d stride 3 4x4 ${act}`, x: [1, 3, 5, 2], w: [2, 3, 4, 4], run: (o, x, w, b) => o.convTranspose2d(x as tf.Tensor4D, w, b, { stride: 3, pad: 1, outputPad: 2, activation: act }) },
+    );
+  }
+  test.each(cases.map((c) => [c.name, c]))('%s: values and gradients', (_name, c) => {
+    const cc = c as Case;
+    tf.tidy(() => {
+      const x = rand(cc.x, 1), w = rand(cc.w, 2, 0.5), b = rand([cc.name.startsWith('convT') ? cc.w[1] : cc.w[0]], 3, 0.2);
+      const yShape = cc.run(tfjsOps, x, w, b).shape;
+      const dy = rand(yShape, 4);
+      const f = (ops: Ops) => (xx: tf.Tensor, ww: tf.Tensor, bb: tf.Tensor) => tf.sum(tf.mul(cc.run(ops, xx, ww, bb), dy));
+      expectScaled(cc.run(nativeOps, x, w, b), cc.run(tfjsOps, x, w, b), 1e-5, 'value');
+      const gn = tf.grads(f(nativeOps))([x, w, b]);
+      const gt = tf.grads(f(tfjsOps))([x, w, b]);
+      ['dx', 'dw', 'db'].forEach((n, i) => expectScaled(gn[i], gt[i], 1e-5, n));
+      // inside withoutParamGrads: the same input gradient, zero parameter gradients
+      const gz = nativeOps.withoutParamGrads(() => tf.grads(f(nativeOps))([x, w, b]));
+      expectScaled(gz[0], gt[0], 1e-5, 'dx without param grads');
+      expect(maxAbsOf(gz[1])).toBe(0);
+    });
+  });
+
+  test.each([
+    ['pad 1 relu', 1, 'relu', [5, 7], [6, 8, 7], [9, 7, 5, 5]],
+    ['unpadded elu', 0, 'elu', [3, 4], [7, 6, 4], [5, 4, 3, 3]],
+    ['pad 2 linear', 2, 'linear', [2, 3], [5, 5, 3], [4, 3, 3, 2]],
+  ] as [string, number, FusedActivation, number[], number[], number[]][])('broadcastConv2d %s: values and gradients', (_n, pad, act, zs, ps, ws) => {
+    tf.tidy(() => {
+      const z = rand(zs, 21), pos = rand(ps, 22), w = rand(ws, 23, 0.4), b = rand([ws[0]], 24, 0.2);
+      const run = (ops: Ops, zz: tf.Tensor, pp: tf.Tensor, ww: tf.Tensor, bb: tf.Tensor) =>
+        ops.broadcastConv2d(zz as tf.Tensor2D, pp as tf.Tensor3D, ww, bb, { pad, activation: act });
+      const yt = run(tfjsOps, z, pos, w, b);
+      expectScaled(run(nativeOps, z, pos, w, b), yt, 1e-5, 'value');
+      const dy = rand(yt.shape, 25);
+      const f = (ops: Ops) => (zz: tf.Tensor, pp: tf.Tensor, ww: tf.Tensor, bb: tf.Tensor) => tf.sum(tf.mul(run(ops, zz, pp, ww, bb), dy));
+      const gn = tf.grads(f(nativeOps))([z, pos, w, b]);
+      const gt = tf.grads(f(tfjsOps))([z, pos, w, b]);
+      ['dz', 'dpos', 'dw', 'db'].forEach((nm, i) => expectScaled(gn[i], gt[i], 1e-5, nm));
+      const gz = nativeOps.withoutParamGrads(() => tf.grads(f(nativeOps))([z, pos, w, b]));
+      expectScaled(gz[0], gt[0], 1e-5, 'dz without param grads');
+    });
+  });
+
+  test.each([
+    ['affine', [3, 7, 16], true, true],
+    ['weight only', [5, 8], true, false],
+    ['no affine', [4, 2, 6], false, false],
+  ] as [string, number[], boolean, boolean][])('layerNorm %s: values and gradients', (_n, xs, withW, withB) => {
+    tf.tidy(() => {
+      const D = xs[xs.length - 1];
+      const x = tf.add(rand(xs, 31, 3), 0.5), w = tf.add(rand([D], 32, 0.5), 1), b = rand([D], 33);
+      const run = (ops: Ops, xx: tf.Tensor, ww: tf.Tensor, bb: tf.Tensor) => ops.layerNorm(xx, withW ? ww : undefined, withB ? bb : undefined);
+      const yt = run(tfjsOps, x, w, b);
+      expectScaled(run(nativeOps, x, w, b), yt, 1e-5, 'value');
+      const dy = rand(yt.shape, 34);
+      // gradients with respect to the inputs actually used (tf.grads rejects unused ones)
+      const inputs = [x, ...(withW ? [w] : []), ...(withB ? [b] : [])];
+      const f = (ops: Ops) => (...a: tf.Tensor[]) => tf.sum(tf.mul(run(ops, a[0], withW ? a[1] : w, withB ? a[2] : b), dy));
+      const gn = tf.grads(f(nativeOps))(inputs);
+      const gt = tf.grads(f(tfjsOps))(inputs);
+      gt.forEach((g, i) => expectScaled(gn[i], g, 1e-4, ['dx', 'dw', 'db'][i]));
+    });
+  });
+
+  test.each([
+    ['3-D input with bias', [2, 300, 64], [64, 64], true],
+    ['2-D input without bias', [1225, 64], [32, 64], false],
+    ['small (tfjs path)', [3, 5], [4, 5], true],
+  ] as [string, number[], number[], boolean][])('linear %s: values and gradients', (_n, xs, ws, withBias) => {
+    tf.tidy(() => {
+      const x = rand(xs, 5), w = rand(ws, 6, 0.3), b = rand([ws[0]], 7);
+      const run = (ops: Ops, xx: tf.Tensor, ww: tf.Tensor, bb: tf.Tensor) => (withBias ? ops.linear(xx, ww, bb) : ops.linear(xx, ww));
+      const yn = run(nativeOps, x, w, b), yt = run(tfjsOps, x, w, b);
+      expectScaled(yn, yt, 1e-5, 'value');
+      const dy = rand(yt.shape, 8);
+      const inputs = withBias ? [x, w, b] : [x, w];
+      const f = (ops: Ops) => (...a: tf.Tensor[]) => tf.sum(tf.mul(run(ops, a[0], a[1], withBias ? a[2] : b), dy));
+      const gn = tf.grads(f(nativeOps))(inputs);
+      const gt = tf.grads(f(tfjsOps))(inputs);
+      gt.forEach((g, i) => expectScaled(gn[i], g, 1e-5, ['dx', 'dw', 'db'][i]));
+      const gz = nativeOps.withoutParamGrads(() => tf.grads(f(nativeOps))(inputs));
+      expectScaled(gz[0], gt[0], 1e-5, 'dx without param grads');
+    });
+  });
+});
+
+/** lossAndGrads with tfjsOps (recording the draws) and nativeOps (replaying them). */
+function compareModels(cfg: Partial<NetConfig>, batch: number, seed: number): void {
+  const mt = new EfficientMORL(cfg, { ops: tfjsOps, seed });
+  const mn = new EfficientMORL(cfg, { ops: nativeOps, seed });
+  const [C, H, W] = mt.cfg.input_size;
+  const images = tf.tidy(() => tf.sub(tf.mul(tf.randomUniform([batch, C, H, W], 0, 1, 'float32', seed), 2), 1));
+  const rec = new RecordingNoise(new SeededNoise(seed));
+  const rt = mt.lossAndGrads(images, { noise: rec });
+  const replay = new ReplayNoise(rec.draws);
+  const rn = mn.lossAndGrads(images, { noise: replay });
+  try {
+    expect(replay.remaining()).toBe(0);
+    for (const k of ['totalLoss', 'nll', 'kl'] as const) {
+      const rel = Math.abs(rn[k] - rt[k]) / Math.max(Math.abs(rt[k]), 1e-30);
+      if (!(rel <= 1e-5)) throw new Error(`${k}: native ${rn[k]} vs tfjs ${rt[k]} (relative ${rel.toExponential(2)})`);
+    }
+    expect([...rn.grads.keys()].sort()).toEqual([...rt.grads.keys()].sort());
+    // Gradients that are zero in exact arithmetic (norm_slots.bias: a shift shared by all slots
+    // leaves the softmax unchanged; norm_slots.weight at some inits) hold rounding noise on both
+    // sides: those only have to stay below 1e-6 of the largest gradient.
+    let globalMax = 0;
+    for (const g of rt.grads.values()) globalMax = Math.max(globalMax, maxAbsOf(g));
+    for (const [k, g] of rt.grads) {
+      const ours = rn.grads.get(k)!;
+      if (maxAbsOf(g) < 1e-6 * globalMax) {
+        expect(maxAbsOf(ours)).toBeLessThan(1e-6 * globalMax);
+      } else {
+        expectScaled(ours, g, 1e-3, `grad ${k}`);
+      }
+    }
+  } finally {
+    rt.dispose();
+    rn.dispose();
+    images.dispose();
+    mt.dispose();
+    mn.dispose();
+  }
+}
+
+describeNative('the whole model: nativeOps vs tfjsOps', () => {
+  test('small decoder, Gaussian', () => {
+    compareModels({ K: 3, input_size: [3, 13, 11], z_size: 8, image_decoder: 'small', image_likelihood: 'Gaussian', stochastic_layers: 2, refinement_iters: 2 }, 2, 11);
+  });
+  test('small decoder, GMM', () => {
+    compareModels({ K: 3, input_size: [3, 12, 12], z_size: 8, image_decoder: 'small', image_likelihood: 'GMM', stochastic_layers: 3, refinement_iters: 1 }, 2, 12);
+  });
+  test('iodine decoder, GMM', () => {
+    compareModels({ K: 2, input_size: [3, 10, 9], z_size: 8, image_decoder: 'iodine', image_likelihood: 'GMM', stochastic_layers: 2, refinement_iters: 2 }, 2, 13);
+  });
+  test('iodine decoder, Gaussian', () => {
+    compareModels({ K: 2, input_size: [3, 9, 10], z_size: 8, image_decoder: 'iodine', image_likelihood: 'Gaussian', stochastic_layers: 2, refinement_iters: 1 }, 1, 14);
+  });
+  test('big decoder (96x96), Gaussian', () => {
+    compareModels({ K: 2, input_size: [3, 96, 96], z_size: 8, image_decoder: 'big', image_likelihood: 'Gaussian', stochastic_layers: 1, refinement_iters: 1 }, 1, 15);
+  }, 600_000);
+});
+
+const FIXTURE = fixturePath('tetrominoes-small-gaussian.h5');
+const describeGolden = available && fs.existsSync(FIXTURE) ? describe : describe.skip;
+
+describeGolden('golden fixture tetrominoes-small-gaussian.h5 no_geco with nativeOps', () => {
+  test('loss and every gradient match the recorded PyTorch ones', async () => {
+    const fx = await withH5File(FIXTURE, 'r', async (f) => {
+      const noiseKeys = f.keys('no_geco/noise').sort();
+      const noise: RecordedDraw[] = [];
+      for (const k of noiseKeys) noise.push(await readArray(f, `no_geco/noise/${k}`));
+      const attrs: Record<string, unknown> = {};
+      for (const a of f.attrNames('no_geco')) attrs[a] = f.attr('no_geco', a);
+      return {
+        netConfig: JSON.parse(String(f.attr('', 'net_config'))) as Record<string, unknown>,
+        images: await readArray(f, 'input/images'),
+        params: await readParamGroup(f, 'params'),
+        noise,
+        attrs,
+        total: await readArray(f, 'no_geco/outputs/total_loss'),
+        grads: await readParamGroup(f, 'no_geco/grads'),
+      };
+    });
+    const model = new EfficientMORL(fx.netConfig, { ops: nativeOps });
+    model.params.load(fx.params);
+    const images = tf.tensor(fx.images.data, fx.images.shape);
+    const replay = new ReplayNoise(fx.noise);
+    const res = model.lossAndGrads(images, { noise: replay, klBeta: Number(fx.attrs.kl_beta ?? 1), globalStep: Number(fx.attrs.global_step ?? 0), geco: null });
+    try {
+      expect(replay.remaining()).toBe(0);
+      const e = fx.total.data[0];
+      expect(Math.abs(res.totalLoss - e)).toBeLessThanOrEqual(1e-5 + 1e-4 * Math.abs(e));
+      let globalMax = 0;
+      for (const k of Object.keys(fx.grads)) for (const v of fx.grads[k].data) globalMax = Math.max(globalMax, Math.abs(v));
+      for (const k of Object.keys(fx.grads)) {
+        const ours = res.grads.get(k)!;
+        const exp = tf.tensor(fx.grads[k].data, fx.grads[k].shape);
+        if (k === 'hvae_networks.norm_slots.bias') {
+          // zero in exact arithmetic
+          expect(maxAbsOf(ours)).toBeLessThan(1e-6 * globalMax);
+        } else {
+          expectScaled(ours, exp, 1e-3, `grad ${k}`);
+        }
+        exp.dispose();
+      }
+    } finally {
+      res.dispose();
+      images.dispose();
+      model.dispose();
+    }
+  }, 600_000);
+});
