@@ -30,6 +30,9 @@ export function loadModel(file: string, netConfig?: Partial<NetConfig>, modelOpt
   }
   if (head.toString('ascii') === 'EMORLCK1') {
     const ckpt = loadTrainingCheckpoint(file);
+    if (ckpt.meta.config.training.model !== 'EfficientMORL') {
+      throw new Error(`${file}: a ${ckpt.meta.config.training.model} checkpoint; loadModel and emorl-eval take EfficientMORL checkpoints so far`);
+    }
     const config = ckpt.meta.config.Net;
     const model = new EfficientMORL(config, opts);
     model.params.load(ckpt.params);

@@ -34,6 +34,16 @@ describe('experiment config', () => {
     expect(c.Net.input_size[0]).toBe(3);
   });
 
+  test.each(fs.readdirSync(CONFIGS).filter((d) => fs.existsSync(path.join(CONFIGS, d, 'SlotAttention.json'))))(
+    'configs/train/%s/SlotAttention.json loads',
+    (name) => {
+      const file = path.join(CONFIGS, name, 'SlotAttention.json');
+      const c = parseExperimentConfig(fs.readFileSync(file, 'utf8'), file);
+      expect(c.training.model).toBe('SlotAttention');
+      expect(c.training.use_geco).toBe(false);
+    },
+  );
+
   test('the Tetrominoes config: values, and the unreachable GECO target is reported with numbers', () => {
     const file = path.join(CONFIGS, 'tetrominoes', 'EMORL.json');
     const c = parseExperimentConfig(fs.readFileSync(file, 'utf8'), file);

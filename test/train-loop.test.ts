@@ -154,6 +154,22 @@ describe('training loop', () => {
     expect(fs.readdirSync(path.join(out, 'checkpoints'))).toEqual(['checkpoint-00000002.emorl']);
   }, 600000);
 
+  test('Slot Attention trains through the same loop, with its own loss and checkpoints', async () => {
+    const config = tinyConfig({ model: 'SlotAttention', clip_grad_norm: false, use_scheduler: true, warmup: 2 });
+    const losses: number[] = [];
+    const out = path.join(tmp, 'sa');
+    const summary = await train({ config, dataFile: data, outDir: out, steps: 4, log: quiet, progress: false, handleSignals: false, callbacks: { onStep: (r) => void losses.push(r.totalLoss) } });
+    expect(summary.step).toBe(4);
+    expect(losses.every(Number.isFinite)).toBe(true);
+    const ckpt = loadTrainingCheckpoint(summary.lastCheckpoint as string);
+    expect(Object.keys(ckpt.params)).toContain('init_slots');
+    expect(Object.keys(ckpt.params)).not.toContain('geco_beta');
+    const lines = fs.readFileSync(path.join(out, 'log.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l));
+    expect(lines[0].refinement_iters).toBe(0);
+    expect(lines[3].heldout_fg_ari).toBeGreaterThanOrEqual(-1);
+    expect(() => experimentConfig({ training: { model: 'SlotAttention', use_geco: true } })).toThrow(/training\.use_geco: SlotAttention has no KL term/);
+  }, 600000);
+
   test('bad input fails before any work: data that does not fit, unwritable folder, foreign checkpoint', async () => {
     const wrong = tinyConfig();
     wrong.Net.input_size = [3, 16, 16];

@@ -23,7 +23,7 @@ export interface TrainingConfig {
   num_workers: number;
   /** Which split to train on ('train'; the CLEVR6 128×128 config trains on 'test'). */
   mode: 'train' | 'val' | 'test';
-  model: 'EfficientMORL';
+  model: 'EfficientMORL' | 'SlotAttention';
   /** The last step; the original runs steps 0..iters inclusive. */
   iters: number;
   /** [step, I] pairs: from `step` on, use I refinement steps. */
@@ -217,8 +217,12 @@ export function experimentConfig(raw: unknown): ExperimentConfig {
   if (!['train', 'val', 'test'].includes(training.mode)) {
     throw new ExperimentConfigError(`training.mode: must be 'train', 'val' or 'test', got ${JSON.stringify(training.mode)}`);
   }
-  if (training.model !== 'EfficientMORL') {
-    throw new ExperimentConfigError(`training.model: only 'EfficientMORL' is supported, got ${JSON.stringify(training.model)}`);
+  if (training.model !== 'EfficientMORL' && training.model !== 'SlotAttention') {
+    throw new ExperimentConfigError(`training.model: must be 'EfficientMORL' or 'SlotAttention', got ${JSON.stringify(training.model)}`);
+  }
+  if (training.model === 'SlotAttention' && training.use_geco) {
+    // Its loss is the reconstruction error alone: there is no KL for GECO to balance.
+    throw new ExperimentConfigError('training.use_geco: SlotAttention has no KL term; set it to false');
   }
   const curriculum = training.refinement_curriculum as unknown;
   if (

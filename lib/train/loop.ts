@@ -195,19 +195,12 @@ async function loadHeldOut(config: ExperimentConfig, dataFile: string): Promise<
 
 function heldOutAri(trainer: Trainer, held: HeldOut, refinementIters: number): number {
   // Its own noise stream, so that evaluating never shifts the training draws.
-  const r = trainer.model.infer(held.images, { refinementIters, noise: new SeededNoise(new Rng(mixSeeds(trainer.config.seed, 0xa41))) });
-  try {
-    const last = r.outputs.stages[r.outputs.stages.length - 1];
-    const [n, , H, W] = held.shape;
-    const K = trainer.config.Net.K;
-    const probs = tf.tidy(() => tf.exp(last.masks).reshape([n, K, H, W]).dataSync() as Float32Array);
-    const ari = adjustedRandIndex({ data: held.masks as Uint8Array, shape: held.shape }, { data: probs, shape: [n, K, H, W] }, { excludeBackground: true });
-    let sum = 0;
-    for (const a of ari) sum += a;
-    return sum / ari.length;
-  } finally {
-    r.dispose();
-  }
+  const probs = trainer.finalMasks(held.images, refinementIters, new SeededNoise(new Rng(mixSeeds(trainer.config.seed, 0xa41))));
+  const [n, , H, W] = held.shape;
+  const ari = adjustedRandIndex({ data: held.masks as Uint8Array, shape: held.shape }, { data: probs, shape: [n, trainer.config.Net.K, H, W] }, { excludeBackground: true });
+  let sum = 0;
+  for (const a of ari) sum += a;
+  return sum / ari.length;
 }
 
 /** Image grids of the first few images of a step, as the original logs them. */
@@ -350,7 +343,7 @@ export async function train(opts: TrainOptions): Promise<TrainSummary> {
         }
       }
       const rate = (trainer.state.step - firstStep) / Math.max(1e-3, (Date.now() - t0) / 1000);
-      const scalars: Record<string, number> = {
+      const scalars: Record<string, number> = config.training.model === 'SlotAttention' ? { 'train/MSE': r.totalLoss, 'train/lr': r.lr, 'train/grad_norm': r.gradNorm } : {
         'train/total_loss': r.totalLoss,
         'train/NLL': r.nll,
         'train/KL': r.kl,

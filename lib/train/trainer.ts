@@ -11,7 +11,8 @@
  */
 import { tf } from '../tf';
 import type { ExperimentConfig } from '../config/experiment';
-import { EfficientMORL, type GradResult } from '../model/efficient-morl';
+import { EfficientMORL, type PassOutputs } from '../model/efficient-morl';
+import { SlotAttention } from '../model/slot-attention';
 import { Geco } from '../model/geco';
 import type { NoiseSource } from '../model/noise';
 import { Adam, clipGradNorm } from '../optim/adam';
@@ -58,26 +59,43 @@ export interface TrainerState {
   skippedSteps: number;
 }
 
-function scalarParam(model: EfficientMORL, name: string): number {
-  return (model.params.get(name).dataSync() as Float32Array)[0];
+/** The models a config's `training.model` names. */
+export type TrainableModel = EfficientMORL | SlotAttention;
+
+/** NaN for a model without that parameter (Slot Attention keeps no GECO state). */
+function scalarParam(model: TrainableModel, name: string): number {
+  return model.params.has(name) ? (model.params.get(name).dataSync() as Float32Array)[0] : NaN;
 }
 
-function setScalarParam(model: EfficientMORL, name: string, value: number): void {
+function setScalarParam(model: TrainableModel, name: string, value: number): void {
   model.params.set(name, { data: Float32Array.of(value), shape: [] });
 }
 
+/** What a training pass of either model gives the loop, in EfficientMORL's terms. */
+interface PassResult {
+  totalLoss: number;
+  nll: number;
+  kl: number;
+  deltas: number[];
+  grads: Map<string, tf.Tensor>;
+  outputs?: PassOutputs;
+  dispose(): void;
+}
+
 export class Trainer {
-  readonly model: EfficientMORL;
+  readonly model: TrainableModel;
   readonly optimizer: Adam;
   readonly geco: Geco | null;
   state: TrainerState;
 
   constructor(
     readonly config: ExperimentConfig,
-    opts: { model?: EfficientMORL; seed?: number; ops?: Ops } = {},
+    opts: { model?: TrainableModel; seed?: number; ops?: Ops } = {},
   ) {
     // The native kernels when the addon is built, else the TypeScript reference (same maths).
-    this.model = opts.model ?? new EfficientMORL(config.Net, { seed: opts.seed ?? config.seed, ops: opts.ops ?? defaultOps() });
+    const modelOptions = { seed: opts.seed ?? config.seed, ops: opts.ops ?? defaultOps() };
+    this.model =
+      opts.model ?? (config.training.model === 'SlotAttention' ? new SlotAttention(config.Net, modelOptions) : new EfficientMORL(config.Net, modelOptions));
     this.optimizer = new Adam(this.model.params, { lr: config.training.lr });
     const t = config.training;
     const [C, H, W] = config.Net.input_size;
@@ -101,19 +119,12 @@ export class Trainer {
    * Runs the current step on a batch [B,C,H,W] in [-1,1] and advances the step counter. With
    * `outputs`, the result's `release()` frees the per-stage tensors in `gradResult.outputs`.
    */
-  step(images: tf.Tensor, opts: StepOptions = {}): StepResult & { outputs?: GradResult['outputs']; release: () => void } {
+  step(images: tf.Tensor, opts: StepOptions = {}): StepResult & { outputs?: PassOutputs; release: () => void } {
     const step = this.state.step;
     const t = this.config.training;
-    const I = this.refinementItersAt(step);
+    const I = this.model instanceof SlotAttention ? 0 : this.refinementItersAt(step);
     const lr = learningRate(step, t);
-    const r = this.model.lossAndGrads(images, {
-      klBeta: this.state.klBeta,
-      globalStep: step,
-      geco: this.geco,
-      refinementIters: I,
-      noise: opts.noise,
-      outputs: opts.outputs ?? false,
-    });
+    const r = this.pass(images, I, opts);
     const base = {
       step,
       lr,
@@ -154,6 +165,44 @@ export class Trainer {
       outputs,
       release: () => r.dispose(),
     };
+  }
+
+  /** Loss and gradients of the current step, in one shape for both models. */
+  private pass(images: tf.Tensor, refinementIters: number, opts: StepOptions): PassResult {
+    const step = this.state.step;
+    if (this.model instanceof SlotAttention) {
+      // The original trains Slot Attention on its reconstruction loss alone (reported as nll).
+      const r = this.model.lossAndGrads(images, { noise: opts.noise, outputs: opts.outputs ?? false });
+      const o = r.outputs;
+      return {
+        totalLoss: r.totalLoss,
+        nll: r.totalLoss,
+        kl: 0,
+        deltas: [],
+        grads: r.grads,
+        outputs: o ? { stages: [{ t: 0, means: o.xMeans, masks: o.masks, recons: o.recons }], attn: o.attn } : undefined,
+        dispose: () => r.dispose(),
+      };
+    }
+    return this.model.lossAndGrads(images, {
+      klBeta: this.state.klBeta,
+      globalStep: step,
+      geco: this.geco,
+      refinementIters,
+      noise: opts.noise,
+      outputs: opts.outputs ?? false,
+    });
+  }
+
+  /** Mask probabilities [B,K,H,W] of the final stage, for evaluation during training. */
+  finalMasks(images: tf.Tensor, refinementIters: number, noise: NoiseSource): Float32Array {
+    const r = this.model instanceof SlotAttention ? this.model.infer(images, { noise }) : this.model.infer(images, { refinementIters, noise });
+    try {
+      const masks = 'stages' in r.outputs ? r.outputs.stages[r.outputs.stages.length - 1].masks : r.outputs.masks;
+      return tf.tidy(() => tf.exp(masks).dataSync() as Float32Array);
+    } finally {
+      r.dispose();
+    }
   }
 
   /** The original's GECO bookkeeping after the optimizer step. */
