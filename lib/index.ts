@@ -35,6 +35,12 @@ export { readCheckpoint, writeCheckpoint, latestCheckpoint, CheckpointError } fr
 export { loadModel, type LoadedModel } from './load';
 export { readPth, writePth, PthError, type PthCheckpoint } from './params/pth';
 
+// Evaluation
+export { runEval, EvalError, type EvalOptions, type EvalSummary, type AriMseKlResults } from './eval/run';
+export { loadTestConfigFile, parseTestConfig, testConfig, SUPPORTED_EVAL_TYPES, TestConfigError, type EvalType, type TestConfig } from './eval/config';
+export { renderReport } from './eval/report';
+export { SlotAttention } from './model/slot-attention';
+
 // Data
 export { H5File, H5Error, withH5File, type DatasetInfo as H5DatasetInfo, type NumericArray } from './io/h5';
 export { Rng, mixSeeds, type RngState } from './util/rng';

@@ -1,0 +1,62 @@
+#!/usr/bin/env node
+/** `emorl-eval`: evaluate a trained EfficientMORL model as the original eval.py does. */
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { evalCommand } from '../lib/cli/eval';
+import { SUPPORTED_EVAL_TYPES } from '../lib/eval/config';
+
+function integer(name: string, min: number) {
+  return (value: string): number => {
+    const n = Number(value);
+    if (!Number.isSafeInteger(n) || n < min) throw new InvalidArgumentError(`${name} must be an integer >= ${min}`);
+    return n;
+  };
+}
+
+const program = new Command('emorl-eval')
+  .description('Evaluate a trained EfficientMORL model on a processed .h5 dataset (the original eval.py\'s evaluations).')
+  .requiredOption('--checkpoint <file>', 'an emorl checkpoint (.emorl) or the original\'s PyTorch checkpoint (.pth, needs the config\'s Net section)')
+  .requiredOption('--config <file>', 'test config in the original JSON format, e.g. configs/test/tetrominoes/ARI_MSE_KL/EMORL.json')
+  .requiredOption('--data <file>', 'processed .h5 dataset (the config\'s test.mode split is used)')
+  .addOption(new Option('--type <type>', 'what to evaluate (default: the config\'s test.eval_type)').choices([...SUPPORTED_EVAL_TYPES]))
+  .requiredOption('--out <dir>', 'output folder')
+  .option('--images <n>', 'images to evaluate (default: the config\'s test.num_images_to_process)', integer('--images', 1))
+  .option('--batch-size <n>', 'images per forward pass (default: the config\'s test.batch_size)', integer('--batch-size', 1))
+  .option('--report <file.html>', 'also write a self-contained HTML report')
+  .option('--run <dir>', 'a training run folder: the report plots the loss curves of its log.jsonl')
+  .option('--no-progress', 'no progress bar')
+  .addHelpText(
+    'after',
+    `
+Types:
+  ARI_MSE_KL  foreground ARI, ARI with background, MSE and KL of the final stage (mean, std; per
+              stage in results.json): ARI.txt, MSE.txt, KL.txt, results.json
+  sample_viz  every stage's reconstruction, masks, mask log-probabilities, per-slot components
+              and attention: sample_viz.h5 and sample_viz/image_NNNN.png
+  disentanglement_preprocessing
+              per latent dimension, min and max of final-posterior samples over the
+              slots of (at most) 100 images: z_range.txt
+  activeness  per image (at most 100) and a random slot, the mean pixel variance of the
+              decoded image as each dimension sweeps z_range: activeness.h5, activeness.csv
+  disentanglement_viz
+              test.disentangle_slot's dimensions swept over 8 values each:
+              disentanglement.h5 and disentanglement/slot_S_image_NNNN.png
+  make_gifs   preprocessing and activeness, then per slot one looping GIF per most
+              active dimension (top 10) of the last image: gifs/slot_S_row_R.gif, gifs.json
+  (activeness and disentanglement_viz run disentanglement_preprocessing first when
+  --out has no z_range.txt)
+
+Examples:
+  npx emorl-eval --checkpoint runs/try/checkpoints/checkpoint-00001000.emorl \\
+      --config configs/test/tetrominoes/ARI_MSE_KL/EMORL.json --data data/tetrominoes.h5 \\
+      --out results/tetrominoes --batch-size 16 --report results/tetrominoes/report.html --run runs/try
+  npx emorl-eval --checkpoint model.pth --config configs/test/tetrominoes/sample_viz/EMORL.json \\
+      --data tetrominoes_test.h5 --out results/viz`,
+  )
+  .action(async (opts) => {
+    await evalCommand(opts);
+  });
+
+program.parseAsync(process.argv).catch((err: Error) => {
+  process.stderr.write(`emorl-eval: ${err.message}\n`);
+  process.exit(1);
+});

@@ -1,0 +1,19 @@
+/** What `emorl-eval` does, kept out of bin/ so that it can be tested and reused. */
+import { runEval, type EvalSummary } from '../eval/run';
+
+export interface EvalCliOptions {
+  checkpoint: string;
+  config: string;
+  data: string;
+  type?: string;
+  out: string;
+  images?: number;
+  batchSize?: number;
+  report?: string;
+  run?: string;
+  progress: boolean;
+}
+
+export async function evalCommand(opts: EvalCliOptions, log: (m: string) => void = (m) => process.stderr.write(`${m}\n`)): Promise<EvalSummary> {
+  return runEval({ ...opts, progress: opts.progress && Boolean(process.stderr.isTTY), log });
+}
