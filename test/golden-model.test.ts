@@ -17,6 +17,7 @@ import type { ParamRecord } from '../lib/params/store';
 import { Adam, clipGradNorm } from '../lib/optim/adam';
 import { readPth } from '../lib/params/pth';
 import { FIXTURES_DIR } from './helpers';
+import { goldenComparer, maxAbs } from './golden-compare';
 
 const SKIP = new Set(['tetrominoes-real-10.h5']);
 const files = fs.existsSync(FIXTURES_DIR)
@@ -32,60 +33,7 @@ const GRAD_TOL = 1e-3;
 const ZERO_GRAD_KEY = 'hvae_networks.norm_slots.bias';
 
 /** Worst errors seen per category, reported at the end. */
-const worst: Record<string, { err: number; where: string }> = {};
-function note(cat: string, err: number, where: string): void {
-  if (!worst[cat] || err > worst[cat].err) worst[cat] = { err, where };
-}
-
-/** Elementwise |a-b| <= ABS + REL|b|; returns the worst ratio of error to tolerance and rel. error. */
-function compareClose(actual: ArrayLike<number>, expected: ArrayLike<number>, what: string, cat: string): void {
-  expect(actual.length).toBe(expected.length);
-  let worstRatio = 0;
-  let worstIdx = -1;
-  let worstRel = 0;
-  for (let i = 0; i < expected.length; i++) {
-    const e = expected[i];
-    const a = actual[i];
-    const err = Math.abs(a - e);
-    const ratio = err / (ABS + REL * Math.abs(e));
-    if (!(ratio <= worstRatio)) {
-      worstRatio = ratio;
-      worstIdx = i;
-    }
-    if (Math.abs(e) > 1e-3) worstRel = Math.max(worstRel, err / Math.abs(e));
-  }
-  note(cat, worstRel, what);
-  if (!(worstRatio <= 1)) {
-    throw new Error(`${what}: element ${worstIdx} is ${actual[worstIdx]}, expected ${expected[worstIdx]} (error ${worstRatio.toFixed(2)}x the tolerance)`);
-  }
-}
-
-/** max|a-b| <= tol * max|b| (a tensor's own scale). */
-function compareScaled(actual: ArrayLike<number>, expected: ArrayLike<number>, what: string, cat: string, tol = GRAD_TOL): void {
-  expect(actual.length).toBe(expected.length);
-  let maxE = 0;
-  let maxErr = 0;
-  let idx = -1;
-  for (let i = 0; i < expected.length; i++) {
-    maxE = Math.max(maxE, Math.abs(expected[i]));
-    const err = Math.abs(actual[i] - expected[i]);
-    if (!(err <= maxErr)) {
-      maxErr = err;
-      idx = i;
-    }
-  }
-  const rel = maxE > 0 ? maxErr / maxE : maxErr;
-  note(cat, rel, what);
-  if (!(rel <= tol)) {
-    throw new Error(`${what}: element ${idx} is ${actual[idx]}, expected ${expected[idx]}; error ${maxErr} is ${rel.toExponential(2)} of the tensor's max |${maxE}|`);
-  }
-}
-
-function maxAbs(a: ArrayLike<number>): number {
-  let m = 0;
-  for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i]));
-  return m;
-}
+const { compareClose, compareScaled, summary } = goldenComparer({ rel: REL, abs: ABS, gradTol: GRAD_TOL });
 
 interface GroupData {
   name: string;
@@ -140,9 +88,8 @@ beforeAll(async () => {
 });
 
 afterAll(() => {
-  const lines = Object.entries(worst).map(([k, v]) => `  ${k.padEnd(34)} ${v.err.toExponential(2)}  (${v.where})`);
   // eslint-disable-next-line no-console
-  console.log(`golden-model: worst relative errors per category\n${lines.join('\n')}`);
+  console.log(`golden-model: worst relative errors per category\n${summary()}`);
 });
 
 if (files.length === 0) {

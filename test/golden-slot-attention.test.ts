@@ -12,6 +12,7 @@ import { SlotAttention, type SlotAttentionGradResult } from '../lib/model/slot-a
 import { ReplayNoise, type RecordedDraw } from '../lib/model/noise';
 import { readArray, readParamGroup } from '../lib/params/h5';
 import type { ParamArray, ParamRecord } from '../lib/params/store';
+import { goldenComparer, maxAbs } from './golden-compare';
 
 const SA_DIR = process.env.EMORL_GOLDEN_SA_DIR ?? path.resolve(__dirname, '..', '..', 'shared', 'fixtures', 'slot-attention');
 const files = fs.existsSync(SA_DIR)
@@ -27,59 +28,7 @@ const GRAD_TOL = 1e-3;
 /** Zero in exact arithmetic (a shift shared by all slots leaves the softmax over slots unchanged). */
 const ZERO_GRAD_KEY = 'norm_slots.bias';
 
-const worst: Record<string, { err: number; where: string }> = {};
-function note(cat: string, err: number, where: string): void {
-  if (!worst[cat] || err > worst[cat].err) worst[cat] = { err, where };
-}
-
-/** Elementwise |a-b| <= ABS + REL|b|; notes the worst relative error (over |b| > 1e-3). */
-function compareClose(actual: ArrayLike<number>, expected: ArrayLike<number>, what: string, cat: string): void {
-  expect(actual.length).toBe(expected.length);
-  let worstRatio = 0;
-  let worstIdx = -1;
-  let worstRel = 0;
-  for (let i = 0; i < expected.length; i++) {
-    const e = expected[i];
-    const err = Math.abs(actual[i] - e);
-    const ratio = err / (ABS + REL * Math.abs(e));
-    if (!(ratio <= worstRatio)) {
-      worstRatio = ratio;
-      worstIdx = i;
-    }
-    if (Math.abs(e) > 1e-3) worstRel = Math.max(worstRel, err / Math.abs(e));
-  }
-  note(cat, worstRel, what);
-  if (!(worstRatio <= 1)) {
-    throw new Error(`${what}: element ${worstIdx} is ${actual[worstIdx]}, expected ${expected[worstIdx]} (error ${worstRatio.toFixed(2)}x the tolerance)`);
-  }
-}
-
-/** max|a-b| <= tol * max|b| (the tensor's own scale). */
-function compareScaled(actual: ArrayLike<number>, expected: ArrayLike<number>, what: string, cat: string): void {
-  expect(actual.length).toBe(expected.length);
-  let maxE = 0;
-  let maxErr = 0;
-  let idx = -1;
-  for (let i = 0; i < expected.length; i++) {
-    maxE = Math.max(maxE, Math.abs(expected[i]));
-    const err = Math.abs(actual[i] - expected[i]);
-    if (!(err <= maxErr)) {
-      maxErr = err;
-      idx = i;
-    }
-  }
-  const rel = maxE > 0 ? maxErr / maxE : maxErr;
-  note(cat, rel, what);
-  if (!(rel <= GRAD_TOL)) {
-    throw new Error(`${what}: element ${idx} is ${actual[idx]}, expected ${expected[idx]}; error ${maxErr} is ${rel.toExponential(2)} of the tensor's max |${maxE}|`);
-  }
-}
-
-function maxAbs(a: ArrayLike<number>): number {
-  let m = 0;
-  for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i]));
-  return m;
-}
+const { compareClose, compareScaled, summary } = goldenComparer({ rel: REL, abs: ABS, gradTol: GRAD_TOL });
 
 interface Fixture {
   netConfig: Record<string, unknown>;
@@ -114,9 +63,8 @@ beforeAll(async () => {
 });
 
 afterAll(() => {
-  const lines = Object.entries(worst).map(([k, v]) => `  ${k.padEnd(20)} ${v.err.toExponential(2)}  (${v.where})`);
   // eslint-disable-next-line no-console
-  console.log(`golden-slot-attention: worst relative errors per category\n${lines.join('\n')}`);
+  console.log(`golden-slot-attention: worst relative errors per category\n${summary()}`);
 });
 
 if (files.length === 0) {
