@@ -1,15 +1,9 @@
 #!/usr/bin/env node
 /** `emorl-data`: generate synthetic datasets in the original processed .h5 layout, and inspect files. */
-import { Command, InvalidArgumentError } from 'commander';
+import { Command } from 'commander';
+import { integerOption } from '../lib/cli/args';
 import { describeDataFile, generateCommand } from '../lib/cli/data';
 
-function integer(name: string, min: number) {
-  return (value: string): number => {
-    const n = Number(value);
-    if (!Number.isSafeInteger(n) || n < min) throw new InvalidArgumentError(`${name} must be an integer >= ${min}`);
-    return n;
-  };
-}
 
 const program = new Command('emorl-data').description('datasets for emorl in the original EfficientMORL .h5 layout');
 
@@ -17,9 +11,9 @@ program
   .command('generate')
   .argument('<name>', 'generator: tetrominoes or multi_dsprites')
   .requiredOption('--out <file>', 'output .h5 file')
-  .option('--train <n>', 'training examples (default: the paper split)', integer('--train', 0))
-  .option('--test <n>', 'test examples (default: the paper split)', integer('--test', 0))
-  .option('--seed <n>', 'random seed', integer('--seed', 0), 1)
+  .option('--train <n>', 'training examples (default: the paper split)', integerOption('--train', 0))
+  .option('--test <n>', 'test examples (default: the paper split)', integerOption('--test', 0))
+  .option('--seed <n>', 'random seed', integerOption('--seed', 0), 1)
   .option('--no-progress', 'no progress bar')
   .description('generate a dataset with no download')
   .action(async (name: string, opts: { out: string; train?: number; test?: number; seed: number; progress: boolean }) => {

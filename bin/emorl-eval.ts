@@ -1,16 +1,10 @@
 #!/usr/bin/env node
 /** `emorl-eval`: evaluate a trained EfficientMORL model as the original eval.py does. */
-import { Command, InvalidArgumentError, Option } from 'commander';
+import { Command, Option } from 'commander';
+import { integerOption } from '../lib/cli/args';
 import { evalCommand } from '../lib/cli/eval';
 import { SUPPORTED_EVAL_TYPES } from '../lib/eval/config';
 
-function integer(name: string, min: number) {
-  return (value: string): number => {
-    const n = Number(value);
-    if (!Number.isSafeInteger(n) || n < min) throw new InvalidArgumentError(`${name} must be an integer >= ${min}`);
-    return n;
-  };
-}
 
 const program = new Command('emorl-eval')
   .description('Evaluate a trained EfficientMORL model on a processed .h5 dataset (the original eval.py\'s evaluations).')
@@ -19,8 +13,8 @@ const program = new Command('emorl-eval')
   .requiredOption('--data <file>', 'processed .h5 dataset (the config\'s test.mode split is used)')
   .addOption(new Option('--type <type>', 'what to evaluate (default: the config\'s test.eval_type)').choices([...SUPPORTED_EVAL_TYPES]))
   .requiredOption('--out <dir>', 'output folder')
-  .option('--images <n>', 'images to evaluate (default: the config\'s test.num_images_to_process)', integer('--images', 1))
-  .option('--batch-size <n>', 'images per forward pass (default: the config\'s test.batch_size)', integer('--batch-size', 1))
+  .option('--images <n>', 'images to evaluate (default: the config\'s test.num_images_to_process)', integerOption('--images', 1))
+  .option('--batch-size <n>', 'images per forward pass (default: the config\'s test.batch_size)', integerOption('--batch-size', 1))
   .option('--report <file.html>', 'also write a self-contained HTML report')
   .option('--run <dir>', 'a training run folder: the report plots the loss curves of its log.jsonl')
   .option('--no-progress', 'no progress bar')
@@ -42,6 +36,9 @@ Types:
               disentanglement.h5 and disentanglement/slot_S_image_NNNN.png
   make_gifs   preprocessing and activeness, then per slot one looping GIF per most
               active dimension (top 10) of the last image: gifs/slot_S_row_R.gif, gifs.json
+  dci, dci_clevr
+              slots matched to objects by IoU, then disentanglement, completeness and
+              informativeness from gradient-boosted trees per factor: dci.txt, dci.json
   (activeness and disentanglement_viz run disentanglement_preprocessing first when
   --out has no z_range.txt)
 

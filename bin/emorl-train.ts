@@ -1,28 +1,22 @@
 #!/usr/bin/env node
 /** `emorl-train`: train EfficientMORL from a config in the original JSON format. */
-import { Command, InvalidArgumentError } from 'commander';
+import { Command } from 'commander';
+import { integerOption } from '../lib/cli/args';
 import { trainCommand, cacheDir, DEFAULT_CONFIG } from '../lib/cli/train';
 
-function integer(name: string, min: number) {
-  return (value: string): number => {
-    const n = Number(value);
-    if (!Number.isSafeInteger(n) || n < min) throw new InvalidArgumentError(`${name} must be an integer >= ${min}`);
-    return n;
-  };
-}
 
 const program = new Command('emorl-train')
   .description('Train EfficientMORL. With no options: generate the Tetrominoes dataset once (cached) and train the paper\'s Tetrominoes config.')
   .option('--config <file>', `config in the original JSON format (default: ${DEFAULT_CONFIG})`)
   .option('--data <file>', 'processed .h5 dataset (default: the config\'s dataset.data_path/h5_path, or a generated one for Tetrominoes / Multi-dSprites)')
   .option('--out <dir>', 'run folder for checkpoints, logs and TensorBoard events (default: runs/<name>-<time>)')
-  .option('--steps <n>', 'total training steps (default: the config\'s training.iters + 1)', integer('--steps', 0))
-  .option('--batch-size <n>', 'same as --set training.batch_size=N', integer('--batch-size', 1))
-  .option('--seed <n>', 'same as --set seed=N', integer('--seed', 0))
+  .option('--steps <n>', 'total training steps (default: the config\'s training.iters + 1)', integerOption('--steps', 0))
+  .option('--batch-size <n>', 'same as --set training.batch_size=N', integerOption('--batch-size', 1))
+  .option('--seed <n>', 'same as --set seed=N', integerOption('--seed', 0))
   .option('--set <key=value>', 'override a config value, e.g. training.lr=1e-4 or Net.K=5 (repeatable)', (v: string, acc: string[]) => [...acc, v], [] as string[])
   .option('--resume [checkpoint]', 'continue a run: the newest checkpoint in --out, or the given file')
   .option('--init-from <file.pth>', "start from the weights of the original PyTorch code's checkpoint (.pth, zip or legacy format)")
-  .option('--prefetch <n>', 'batches read ahead in a reader thread', integer('--prefetch', 0))
+  .option('--prefetch <n>', 'batches read ahead in a reader thread', integerOption('--prefetch', 0))
   .option('--no-progress', 'no progress bar')
   .addHelpText(
     'after',

@@ -294,7 +294,7 @@ describe('emorl-eval on a tiny trained model', () => {
     await expect(runEval({ checkpoint, config: configFile, data: noMasks, out, log: quiet })).rejects.toThrow(/no masks .*ARI_MSE_KL needs ground-truth masks/);
     await expect(runEval({ checkpoint: path.join(tmp, 'nope.emorl'), config: configFile, data, out, log: quiet })).rejects.toThrow(/nope\.emorl: no such checkpoint/);
     await expect(runEval({ checkpoint, config: configFile, data: path.join(tmp, 'nope.h5'), out, log: quiet })).rejects.toThrow(EvalError);
-    await expect(runEval({ checkpoint, config: configFile, data, out, type: 'dci_clevr', log: quiet })).rejects.toThrow(/not supported/);
+    await expect(runEval({ checkpoint, config: configFile, data, out, type: 'dci_clevr', log: quiet })).rejects.toThrow(/has no factors .*dci_clevr needs ground-truth factors/);
     // a .pth takes its Net config from the test config: weights that do not fit are named as such
     const k4 = path.join(tmp, 'k4.json');
     fs.writeFileSync(k4, JSON.stringify({ ...JSON.parse(testConfigJson()), Net: { ...NET, z_size: 16 } }));

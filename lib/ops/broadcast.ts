@@ -53,6 +53,82 @@ export function spatialBroadcast(z: tf.Tensor2D, pos: tf.Tensor3D): tf.Tensor4D 
 
 const tapSumCache = new WeakMap<Float32Array, { key: string; S: Float32Array }>();
 
+/** The geometry of a broadcast first layer: channels in (c) and out, kernel, grid, padding. */
+export interface TapGeometry {
+  c: number;
+  cout: number;
+  kh: number;
+  kw: number;
+  gh: number;
+  gw: number;
+  pad: number;
+}
+
+/** Output size and, per output row / column, the range of kernel taps that fall inside the grid. */
+export function tapRanges(g: TapGeometry): { oh: number; ow: number; rowLo: Int32Array; rowHi: Int32Array; colLo: Int32Array; colHi: Int32Array } {
+  const { kh, kw, gh, gw, pad } = g;
+  const oh = gh + 2 * pad - kh + 1;
+  const ow = gw + 2 * pad - kw + 1;
+  const rowLo = new Int32Array(oh);
+  const rowHi = new Int32Array(oh);
+  for (let oy = 0; oy < oh; oy++) {
+    rowLo[oy] = Math.max(0, pad - oy);
+    rowHi[oy] = Math.min(kh, gh + pad - oy);
+  }
+  const colLo = new Int32Array(ow);
+  const colHi = new Int32Array(ow);
+  for (let ox = 0; ox < ow; ox++) {
+    colLo[ox] = Math.max(0, pad - ox);
+    colHi[ox] = Math.min(kw, gw + pad - ox);
+  }
+  return { oh, ow, rowLo, rowHi, colLo, colHi };
+}
+
+/**
+ * S laid out [ci, cell, co] from W [co, ci, ky, kx]: at each output cell, the sum of the kernel
+ * taps that fall inside the grid. It depends on the weights only, and one training pass runs the
+ * layer forward and backward a dozen times with the same weights, so it is cached per weight
+ * array (the backend's storage, replaced whenever the weights change). Shared by the TypeScript
+ * and the native broadcastConv2d.
+ */
+export function broadcastTapSums(wd: Float32Array, g: TapGeometry): Float32Array {
+  const { c, cout, kh, kw, gh, gw, pad } = g;
+  const key = `${gh}x${gw}/${pad}/${c}/${cout}/${kh}x${kw}`;
+  const cached = tapSumCache.get(wd);
+  if (cached && cached.key === key) return cached.S;
+  const { oh, ow, rowLo, rowHi, colLo, colHi } = tapRanges(g);
+  const Q = oh * ow;
+  const cc = c * cout;
+  // T[oy, kx, (ci, co)] = Σ_{valid ky} W[co, ci, ky, kx]
+  const T = new Float32Array(oh * kw * cc);
+  for (let oy = 0; oy < oh; oy++)
+    for (let kx = 0; kx < kw; kx++)
+      for (let ci = 0; ci < c; ci++)
+        for (let co = 0; co < cout; co++) {
+          let sum = 0;
+          for (let ky = rowLo[oy]; ky < rowHi[oy]; ky++) sum += wd[((co * c + ci) * kh + ky) * kw + kx];
+          T[(oy * kw + kx) * cc + ci * cout + co] = sum;
+        }
+  const S = new Float32Array(c * Q * cout);
+  const acc = new Float64Array(cc);
+  for (let oy = 0; oy < oh; oy++)
+    for (let ox = 0; ox < ow; ox++) {
+      const q = oy * ow + ox;
+      acc.fill(0);
+      for (let kx = colLo[ox]; kx < colHi[ox]; kx++) {
+        const t0 = (oy * kw + kx) * cc;
+        for (let j = 0; j < cc; j++) acc[j] += T[t0 + j];
+      }
+      for (let ci = 0; ci < c; ci++) {
+        const dst = (ci * Q + q) * cout;
+        const src = ci * cout;
+        for (let co = 0; co < cout; co++) S[dst + co] = acc[src + co];
+      }
+    }
+  tapSumCache.set(wd, { key, S });
+  return S;
+}
+
 /**
  * conv2d(spatialBroadcast(z, pos), W) + b, activation fused, computed without ever forming the
  * broadcast map. By linearity the convolution splits into conv(pos) — one image, shared by every
@@ -77,59 +153,9 @@ export function broadcastConv2d(
   const g = convGeom(1, gh, gw, c, kh, kw, 1, pad);
   const { oh, ow } = g;
   const Q = oh * ow;
-  // valid tap ranges per output row / column
-  const rowLo = new Int32Array(oh);
-  const rowHi = new Int32Array(oh);
-  for (let oy = 0; oy < oh; oy++) {
-    rowLo[oy] = Math.max(0, pad - oy);
-    rowHi[oy] = Math.min(kh, gh + pad - oy);
-  }
-  const colLo = new Int32Array(ow);
-  const colHi = new Int32Array(ow);
-  for (let ox = 0; ox < ow; ox++) {
-    colLo[ox] = Math.max(0, pad - ox);
-    colHi[ox] = Math.min(kw, gw + pad - ox);
-  }
-
-  /**
-   * S laid out [ci, cell, co] from W [co, ci, ky, kx]. It depends on the weights only, and one
-   * training pass runs this layer forward and backward a dozen times with the same weights, so
-   * it is cached per weight array (the backend's storage, replaced whenever the weights change).
-   */
-  const tapSums = (wd: Float32Array): Float32Array => {
-    const cached = tapSumCache.get(wd);
-    if (cached && cached.key === geomKey) return cached.S;
-    const cc = c * cout;
-    // T[oy, kx, (ci, co)] = Σ_{valid ky} W[co, ci, ky, kx]
-    const T = new Float32Array(oh * kw * cc);
-    for (let oy = 0; oy < oh; oy++)
-      for (let kx = 0; kx < kw; kx++)
-        for (let ci = 0; ci < c; ci++)
-          for (let co = 0; co < cout; co++) {
-            let sum = 0;
-            for (let ky = rowLo[oy]; ky < rowHi[oy]; ky++) sum += wd[((co * cin + ci) * kh + ky) * kw + kx];
-            T[(oy * kw + kx) * cc + ci * cout + co] = sum;
-          }
-    const S = new Float32Array(c * Q * cout);
-    const acc = new Float64Array(cc);
-    for (let oy = 0; oy < oh; oy++)
-      for (let ox = 0; ox < ow; ox++) {
-        const q = oy * ow + ox;
-        acc.fill(0);
-        for (let kx = colLo[ox]; kx < colHi[ox]; kx++) {
-          const t0 = (oy * kw + kx) * cc;
-          for (let j = 0; j < cc; j++) acc[j] += T[t0 + j];
-        }
-        for (let ci = 0; ci < c; ci++) {
-          const dst = (ci * Q + q) * cout;
-          const src = ci * cout;
-          for (let co = 0; co < cout; co++) S[dst + co] = acc[src + co];
-        }
-      }
-    tapSumCache.set(wd, { key: geomKey, S });
-    return S;
-  };
-  const geomKey = `${gh}x${gw}/${pad}/${c}/${cout}/${kh}x${kw}`;
+  const tapGeom = { c, cout, kh, kw, gh, gw, pad };
+  const { rowLo, rowHi, colLo, colHi } = tapRanges(tapGeom);
+  const tapSums = (wd: Float32Array): Float32Array => broadcastTapSums(wd, tapGeom);
 
   const op = tf.customGrad((zt, pt, wt, bt, save) => {
     const zd = (zt as tf.Tensor).dataSync() as Float32Array;

@@ -11,6 +11,7 @@
 import { tf } from '../tf';
 import { nativeStatus } from '../native';
 import { tfjsOps, type Ops } from './index';
+import { broadcastTapSums, tapRanges } from './broadcast';
 import { paramGradsEnabled, type ConvOptions, type ConvTransposeOptions, type FusedActivation } from './conv';
 
 /** The addon's NHWC entry points (native/binding.cc; argument checks there). */
@@ -200,8 +201,6 @@ export function linear(x: tf.Tensor, weight: tf.Tensor, bias?: tf.Tensor): tf.Te
   return op(x, weight);
 }
 
-const tapSumCache = new WeakMap<Float32Array, { key: string; S: Float32Array }>();
-
 /**
  * broadcastConv2d as tfjsOps.broadcastConv2d (see lib/ops/broadcast.ts for the derivation):
  * conv(pos) on the addon's NHWC conv, the per-slot part z·S and its gradients on the addon's GEMM.
@@ -224,50 +223,9 @@ export function broadcastConv2d(
   if (oh < 1 || ow < 1) throw new Error(`conv: a ${kh}x${kw} kernel (padding ${pad}) does not fit a ${gh}x${gw} input`);
   const Q = oh * ow;
   const QC = Q * cout;
-  const rowLo = new Int32Array(oh), rowHi = new Int32Array(oh);
-  for (let oy = 0; oy < oh; oy++) {
-    rowLo[oy] = Math.max(0, pad - oy);
-    rowHi[oy] = Math.min(kh, gh + pad - oy);
-  }
-  const colLo = new Int32Array(ow), colHi = new Int32Array(ow);
-  for (let ox = 0; ox < ow; ox++) {
-    colLo[ox] = Math.max(0, pad - ox);
-    colHi[ox] = Math.min(kw, gw + pad - ox);
-  }
-  const geomKey = `${gh}x${gw}/${pad}/${c}/${cout}/${kh}x${kw}`;
-  /** S [ci, cell, co]: the kernel taps that fall inside the grid at each output cell, summed. */
-  const tapSums = (wd: Float32Array): Float32Array => {
-    const cached = tapSumCache.get(wd);
-    if (cached && cached.key === geomKey) return cached.S;
-    const cc = c * cout;
-    const T = new Float32Array(oh * kw * cc);
-    for (let oy = 0; oy < oh; oy++)
-      for (let kx = 0; kx < kw; kx++)
-        for (let ci = 0; ci < c; ci++)
-          for (let co = 0; co < cout; co++) {
-            let sum = 0;
-            for (let ky = rowLo[oy]; ky < rowHi[oy]; ky++) sum += wd[((co * cin + ci) * kh + ky) * kw + kx];
-            T[(oy * kw + kx) * cc + ci * cout + co] = sum;
-          }
-    const S = new Float32Array(c * QC);
-    const acc = new Float64Array(cc);
-    for (let oy = 0; oy < oh; oy++)
-      for (let ox = 0; ox < ow; ox++) {
-        const q = oy * ow + ox;
-        acc.fill(0);
-        for (let kx = colLo[ox]; kx < colHi[ox]; kx++) {
-          const t0 = (oy * kw + kx) * cc;
-          for (let j = 0; j < cc; j++) acc[j] += T[t0 + j];
-        }
-        for (let ci = 0; ci < c; ci++) {
-          const dst = (ci * Q + q) * cout;
-          const src = ci * cout;
-          for (let co = 0; co < cout; co++) S[dst + co] = acc[src + co];
-        }
-      }
-    tapSumCache.set(wd, { key: geomKey, S });
-    return S;
-  };
+  const tapGeom = { c, cout, kh, kw, gh, gw, pad };
+  const { rowLo, rowHi, colLo, colHi } = tapRanges(tapGeom);
+  const tapSums = (wd: Float32Array): Float32Array => broadcastTapSums(wd, tapGeom);
   const k = nhwc();
   const posShape = [1, gh, gw, c];
   const wShape = [cout, cin, kh, kw];
