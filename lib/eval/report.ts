@@ -168,7 +168,7 @@ export function renderReport(input: ReportInput): string {
   if (summary.samples.length) {
     const ov = overviewGrid(summary.samples);
     const K = summary.samples[0].K;
-    const scale = (w: number) => Math.min(1200, Math.max(w, w * Math.floor(600 / w)));
+    const scale = (w: number) => Math.min(1200, Math.max(w, w * Math.floor(1000 / w)));
     parts.push(`<h2>Decompositions</h2><p>Per row: input, reconstruction, ${K} masks, ${K} per-slot components (final stage).</p>`);
     parts.push(img(ov.uri, 'inputs, reconstructions, masks and components', scale(ov.width)));
     parts.push(`<h2>Per-stage refinement</h2><p>Per row: one inference stage t (HVAE layers, then refinement steps): reconstruction, ${K} masks, ${K} components.</p>`);
