@@ -130,6 +130,34 @@ export function broadcastTapSums(wd: Float32Array, g: TapGeometry): Float32Array
 }
 
 /**
+ * The gradient of broadcastTapSums, added into dW [co, ci, ky, kx]: each dS[ci, cell, co] goes
+ * back to every kernel tap that cell summed.
+ */
+export function addTapSumsGrad(dS: ArrayLike<number>, dW: Float32Array, g: TapGeometry): void {
+  const { c, cout, kh, kw } = g;
+  const { oh, ow, rowLo, rowHi, colLo, colHi } = tapRanges(g);
+  const Q = oh * ow;
+  const dT = new Float64Array(oh * kw * c * cout);
+  for (let oy = 0; oy < oh; oy++)
+    for (let ox = 0; ox < ow; ox++) {
+      const q = oy * ow + ox;
+      for (let kx = colLo[ox]; kx < colHi[ox]; kx++)
+        for (let ci = 0; ci < c; ci++) {
+          const src = (ci * Q + q) * cout;
+          const dst = ((oy * kw + kx) * c + ci) * cout;
+          for (let co = 0; co < cout; co++) dT[dst + co] += dS[src + co];
+        }
+    }
+  for (let oy = 0; oy < oh; oy++)
+    for (let kx = 0; kx < kw; kx++)
+      for (let ci = 0; ci < c; ci++)
+        for (let co = 0; co < cout; co++) {
+          const v = dT[((oy * kw + kx) * c + ci) * cout + co];
+          for (let ky = rowLo[oy]; ky < rowHi[oy]; ky++) dW[((co * c + ci) * kh + ky) * kw + kx] += v;
+        }
+}
+
+/**
  * conv2d(spatialBroadcast(z, pos), W) + b, activation fused, computed without ever forming the
  * broadcast map. By linearity the convolution splits into conv(pos) — one image, shared by every
  * slot — and the convolution of a map that is constant per slot, which at each output cell is
@@ -154,7 +182,6 @@ export function broadcastConv2d(
   const { oh, ow } = g;
   const Q = oh * ow;
   const tapGeom = { c, cout, kh, kw, gh, gw, pad };
-  const { rowLo, rowHi, colLo, colHi } = tapRanges(tapGeom);
   const tapSums = (wd: Float32Array): Float32Array => broadcastTapSums(wd, tapGeom);
 
   const op = tf.customGrad((zt, pt, wt, bt, save) => {
@@ -198,24 +225,7 @@ export function broadcastConv2d(
         const dW = matrixToWeight(dwP, cout, cin, kh, kw);
         // dS = zᵀ · g, then spread back over the taps each cell summed
         const dS = gemmTN(zd2, gd, n, c, Q * cout); // [c, Q*cout]
-        const dT = new Float64Array(oh * kw * c * cout);
-        for (let oy = 0; oy < oh; oy++)
-          for (let ox = 0; ox < ow; ox++) {
-            const q = oy * ow + ox;
-            for (let kx = colLo[ox]; kx < colHi[ox]; kx++)
-              for (let ci = 0; ci < c; ci++) {
-                const src = (ci * Q + q) * cout;
-                const dst = ((oy * kw + kx) * c + ci) * cout;
-                for (let co = 0; co < cout; co++) dT[dst + co] += dS[src + co];
-              }
-          }
-        for (let oy = 0; oy < oh; oy++)
-          for (let kx = 0; kx < kw; kx++)
-            for (let ci = 0; ci < c; ci++)
-              for (let co = 0; co < cout; co++) {
-                const v = dT[((oy * kw + kx) * c + ci) * cout + co];
-                for (let ky = rowLo[oy]; ky < rowHi[oy]; ky++) dW[((co * cin + ci) * kh + ky) * kw + kx] += v;
-              }
+        addTapSumsGrad(dS, dW, tapGeom);
         return [dzT, tf.tensor3d(dPos, [gh, gw, c]), tf.tensor4d(dW, [cout, cin, kh, kw]), tf.tensor1d(Float32Array.from(db))];
       },
     };

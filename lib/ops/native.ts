@@ -11,7 +11,7 @@
 import { tf } from '../tf';
 import { nativeStatus } from '../native';
 import { tfjsOps, type Ops } from './index';
-import { broadcastTapSums, tapRanges } from './broadcast';
+import { addTapSumsGrad, broadcastTapSums } from './broadcast';
 import { paramGradsEnabled, type ConvOptions, type ConvTransposeOptions, type FusedActivation } from './conv';
 
 /** The addon's NHWC entry points (native/binding.cc; argument checks there). */
@@ -224,7 +224,6 @@ export function broadcastConv2d(
   const Q = oh * ow;
   const QC = Q * cout;
   const tapGeom = { c, cout, kh, kw, gh, gw, pad };
-  const { rowLo, rowHi, colLo, colHi } = tapRanges(tapGeom);
   const tapSums = (wd: Float32Array): Float32Array => broadcastTapSums(wd, tapGeom);
   const k = nhwc();
   const posShape = [1, gh, gw, c];
@@ -267,24 +266,7 @@ export function broadcastConv2d(
         const dW = shared.dw!;
         // dS = zᵀ · g, then spread back over the taps each cell summed
         const dS = k.matmul(zd2, [n, c], gd, [n, QC], true, false); // [c, Q*cout]
-        const dT = new Float64Array(oh * kw * c * cout);
-        for (let oy = 0; oy < oh; oy++)
-          for (let ox = 0; ox < ow; ox++) {
-            const q = oy * ow + ox;
-            for (let kx = colLo[ox]; kx < colHi[ox]; kx++)
-              for (let ci = 0; ci < c; ci++) {
-                const src = (ci * Q + q) * cout;
-                const dst = ((oy * kw + kx) * c + ci) * cout;
-                for (let co = 0; co < cout; co++) dT[dst + co] += dS[src + co];
-              }
-          }
-        for (let oy = 0; oy < oh; oy++)
-          for (let kx = 0; kx < kw; kx++)
-            for (let ci = 0; ci < c; ci++)
-              for (let co = 0; co < cout; co++) {
-                const v = dT[((oy * kw + kx) * c + ci) * cout + co];
-                for (let ky = rowLo[oy]; ky < rowHi[oy]; ky++) dW[((co * cin + ci) * kh + ky) * kw + kx] += v;
-              }
+        addTapSumsGrad(dS, dW, tapGeom);
         return [dzT, tf.tensor3d(shared.dx!, [gh, gw, c]), tf.tensor4d(dW, [cout, cin, kh, kw]), tf.tensor1d(shared.db!)];
       },
     };
