@@ -158,6 +158,22 @@ export function addTapSumsGrad(dS: ArrayLike<number>, dW: Float32Array, g: TapGe
 }
 
 /**
+ * Checks a broadcast first layer's shapes (z [n,c], pos [gh,gw,c], weight [cout,c,kh,kw]) and
+ * derives its geometry. Shared by the TypeScript and the native implementation.
+ */
+export function broadcastConvShapes(zShape: number[], posShape: number[], wShape: number[], opts: { pad?: number; activation?: FusedActivation }) {
+  const [n, c] = zShape;
+  const [gh, gw, pc] = posShape;
+  const [cout, cin, kh, kw] = wShape;
+  if (pc !== c || cin !== c) throw new Error(`broadcastConv2d: z has ${c} channels, positional embedding ${pc}, weight [${wShape}] expects ${cin}`);
+  const pad = opts.pad ?? 0;
+  const act = opts.activation ?? 'linear';
+  const g = convGeom(1, gh, gw, c, kh, kw, 1, pad);
+  const tapGeom: TapGeometry = { c, cout, kh, kw, gh, gw, pad };
+  return { n, c, gh, gw, cout, cin, kh, kw, pad, act, g, tapGeom };
+}
+
+/**
  * conv2d(spatialBroadcast(z, pos), W) + b, activation fused, computed without ever forming the
  * broadcast map. By linearity the convolution splits into conv(pos) — one image, shared by every
  * slot — and the convolution of a map that is constant per slot, which at each output cell is
@@ -172,16 +188,9 @@ export function broadcastConv2d(
   bias: tf.Tensor,
   opts: { pad?: number; activation?: FusedActivation } = {},
 ): tf.Tensor4D {
-  const [n, c] = z.shape;
-  const [gh, gw, pc] = pos.shape;
-  const [cout, cin, kh, kw] = weight.shape;
-  if (pc !== c || cin !== c) throw new Error(`broadcastConv2d: z has ${c} channels, positional embedding ${pc}, weight [${weight.shape}] expects ${cin}`);
-  const pad = opts.pad ?? 0;
-  const act = opts.activation ?? 'linear';
-  const g = convGeom(1, gh, gw, c, kh, kw, 1, pad);
+  const { n, c, gh, gw, cout, cin, kh, kw, pad, act, g, tapGeom } = broadcastConvShapes(z.shape, pos.shape, weight.shape, opts);
   const { oh, ow } = g;
   const Q = oh * ow;
-  const tapGeom = { c, cout, kh, kw, gh, gw, pad };
   const tapSums = (wd: Float32Array): Float32Array => broadcastTapSums(wd, tapGeom);
 
   const op = tf.customGrad((zt, pt, wt, bt, save) => {

@@ -282,6 +282,27 @@ export interface ConvTransposeOptions {
 }
 
 /**
+ * Checks a transposed convolution's shapes (x [n,h,w,cin], weight [cin,cout,kh,kw], bias [cout])
+ * and derives its output size; `g` is the geometry of the forward convolution it transposes.
+ * Shared by the TypeScript and the native implementation, so both refuse the same inputs.
+ */
+export function convTransposeShapes(xShape: number[], wShape: number[], bShape: number[], opts: ConvTransposeOptions) {
+  const [n, h, w, cin] = xShape;
+  const [wcin, cout, kh, kw] = wShape;
+  if (wcin !== cin) throw new Error(`convTranspose2d: input has ${cin} channels, weight [${wShape}] expects ${wcin}`);
+  if (bShape[0] !== cout) throw new Error(`convTranspose2d: bias [${bShape}] does not match weight [${wShape}]`);
+  const stride = opts.stride ?? 1;
+  const pad = opts.pad ?? 0;
+  const outputPad = opts.outputPad ?? 0;
+  if (outputPad < 0 || outputPad >= stride) throw new Error(`convTranspose2d: output padding ${outputPad} must be below the stride ${stride}`);
+  const H = (h - 1) * stride - 2 * pad + kh + outputPad;
+  const W = (w - 1) * stride - 2 * pad + kw + outputPad;
+  const g = convGeom(n, H, W, cout, kh, kw, stride, pad);
+  if (g.oh !== h || g.ow !== w) throw new Error(`convTranspose2d: inconsistent geometry for input ${h}x${w}`);
+  return { n, h, w, cin, cout, kh, kw, stride, pad, outputPad, H, W, g };
+}
+
+/**
  * y = conv_transpose2d(x, w) + b as PyTorch's ConvTranspose2d: x [n,h,w,cin] (NHWC),
  * w [cin,cout,kh,kw], b [cout]; output side (h-1)*stride - 2*pad + k + outputPad.
  * It is the adjoint of a convolution from the output map back to x: columns x·W scattered with
@@ -293,18 +314,7 @@ export function convTranspose2d(
   bias: tf.Tensor,
   opts: ConvTransposeOptions = {},
 ): tf.Tensor4D {
-  const [n, h, w, cin] = x.shape;
-  const [wcin, cout, kh, kw] = weight.shape;
-  if (wcin !== cin) throw new Error(`convTranspose2d: input has ${cin} channels, weight [${weight.shape}] expects ${wcin}`);
-  if (bias.shape[0] !== cout) throw new Error(`convTranspose2d: bias [${bias.shape}] does not match weight [${weight.shape}]`);
-  const stride = opts.stride ?? 1;
-  const pad = opts.pad ?? 0;
-  const outputPad = opts.outputPad ?? 0;
-  if (outputPad < 0 || outputPad >= stride) throw new Error(`convTranspose2d: output padding ${outputPad} must be below the stride ${stride}`);
-  const H = (h - 1) * stride - 2 * pad + kh + outputPad;
-  const W = (w - 1) * stride - 2 * pad + kw + outputPad;
-  const g = convGeom(n, H, W, cout, kh, kw, stride, pad);
-  if (g.oh !== h || g.ow !== w) throw new Error(`convTranspose2d: inconsistent geometry for input ${h}x${w}`);
+  const { n, h, w, cin, cout, kh, kw, stride, pad, H, W, g } = convTransposeShapes(x.shape, weight.shape, bias.shape, opts);
   const Q = kh * kw * cout;
   const M = n * h * w;
   const act = opts.activation ?? 'linear';

@@ -11,8 +11,8 @@
 import { tf } from '../tf';
 import { nativeStatus } from '../native';
 import { tfjsOps, type Ops } from './index';
-import { addTapSumsGrad, broadcastTapSums } from './broadcast';
-import { paramGradsEnabled, type ConvOptions, type ConvTransposeOptions, type FusedActivation } from './conv';
+import { addTapSumsGrad, broadcastConvShapes, broadcastTapSums } from './broadcast';
+import { convTransposeShapes, paramGradsEnabled, type ConvOptions, type ConvTransposeOptions, type FusedActivation } from './conv';
 
 /** The addon's NHWC entry points (native/binding.cc; argument checks there). */
 interface NhwcGrads {
@@ -102,19 +102,7 @@ export function conv2d(x: tf.Tensor4D, weight: tf.Tensor, bias: tf.Tensor, opts:
 
 /** convTranspose2d as tfjsOps.convTranspose2d: x [n,h,w,cin], weight [cin,cout,kh,kw], bias [cout]. */
 export function convTranspose2d(x: tf.Tensor4D, weight: tf.Tensor, bias: tf.Tensor, opts: ConvTransposeOptions = {}): tf.Tensor4D {
-  const [n, h, w, cin] = x.shape;
-  const [wcin, cout, kh, kw] = weight.shape;
-  if (wcin !== cin) throw new Error(`convTranspose2d: input has ${cin} channels, weight [${weight.shape}] expects ${wcin}`);
-  if (bias.shape[0] !== cout) throw new Error(`convTranspose2d: bias [${bias.shape}] does not match weight [${weight.shape}]`);
-  const stride = opts.stride ?? 1;
-  const pad = opts.pad ?? 0;
-  const outputPad = opts.outputPad ?? 0;
-  if (outputPad < 0 || outputPad >= stride) throw new Error(`convTranspose2d: output padding ${outputPad} must be below the stride ${stride}`);
-  const H = (h - 1) * stride - 2 * pad + kh + outputPad;
-  const W = (w - 1) * stride - 2 * pad + kw + outputPad;
-  if (H < 1 || W < 1 || H + 2 * pad < kh || W + 2 * pad < kw) {
-    throw new Error(`conv: a ${kh}x${kw} kernel (padding ${pad}) does not fit a ${H}x${W} input`);
-  }
+  const { n, h, w, cin, cout, kh, kw, stride, pad, outputPad, H, W } = convTransposeShapes(x.shape, weight.shape, bias.shape, opts);
   const act = opts.activation ?? 'linear';
   const xShape = [n, h, w, cin];
   const wShape = [cin, cout, kh, kw];
@@ -212,18 +200,10 @@ export function broadcastConv2d(
   bias: tf.Tensor,
   opts: { pad?: number; activation?: FusedActivation } = {},
 ): tf.Tensor4D {
-  const [n, c] = z.shape;
-  const [gh, gw, pc] = pos.shape;
-  const [cout, cin, kh, kw] = weight.shape;
-  if (pc !== c || cin !== c) throw new Error(`broadcastConv2d: z has ${c} channels, positional embedding ${pc}, weight [${weight.shape}] expects ${cin}`);
-  const pad = opts.pad ?? 0;
-  const act = opts.activation ?? 'linear';
-  const oh = gh + 2 * pad - kh + 1;
-  const ow = gw + 2 * pad - kw + 1;
-  if (oh < 1 || ow < 1) throw new Error(`conv: a ${kh}x${kw} kernel (padding ${pad}) does not fit a ${gh}x${gw} input`);
+  const { n, c, gh, gw, cout, cin, kh, kw, pad, act, g, tapGeom } = broadcastConvShapes(z.shape, pos.shape, weight.shape, opts);
+  const { oh, ow } = g;
   const Q = oh * ow;
   const QC = Q * cout;
-  const tapGeom = { c, cout, kh, kw, gh, gw, pad };
   const tapSums = (wd: Float32Array): Float32Array => broadcastTapSums(wd, tapGeom);
   const k = nhwc();
   const posShape = [1, gh, gw, c];
