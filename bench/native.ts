@@ -12,6 +12,7 @@ import * as os from 'node:os';
 
 import { tf, initBackend } from '../lib/tf';
 import { nativeKernels, nativeStatus, conv2dOutputShape, Shape4 } from '../lib/native';
+import { addonOps, type DecoderStageLayer } from '../lib/ops/addon';
 
 interface Layer {
   name: string;
@@ -161,8 +162,42 @@ async function main(): Promise<void> {
   for (const r of mrows) console.log('  ' + r.map((c, i) => (i === 0 ? c.padEnd(mw[i]) : c.padStart(mw[i]))).join('  '));
   console.log('');
 
+  decoderStageBench();
+
   const rss = process.resourceUsage().maxRSS / 1024;
   console.log(`peak RSS ${fmt(rss, 0)} MB`);
+}
+
+/**
+ * One decoding stage of the Tetrominoes config at batch 32 (128 slots: the broadcast 5x5 layer by
+ * tap sums, two 5x5 32->32 convs, a 3x3 conv to 4 channels, the fused likelihood), as the model
+ * runs it: forward only (inference's last stage), forward + d/dz (inference's refinement stages),
+ * forward + every gradient (training). FLOPs count the convolutions' multiply-adds (forward F;
+ * d/dz adds F, the weight gradient another F). The peak is the addon's FMA probe on all threads.
+ */
+function decoderStageBench(): void {
+  const addon = addonOps();
+  const n = 128, c = 32, gh = 41, gw = 41, B = 32, Kslots = 4, H = 35, W = 35, C = 3, oh = 39;
+  const conv = (cin: number, cout: number, k: number, act: number): DecoderStageLayer =>
+    ({ kind: 2, w: rand(cout * cin * k * k, 0.05), wShape: [cout, cin, k, k], b: rand(cout, 0.01), pad: 1, act });
+  const layers: DecoderStageLayer[] = [
+    { kind: 0, w: rand(c * 32 * 25, 0.05), wShape: [32, c, 5, 5], b: rand(32, 0.01), pad: 1, act: 1, tapSums: rand(c * oh * oh * 32, 0.1) },
+    conv(32, 32, 5, 1), conv(32, 32, 5, 1), conv(32, 4, 3, 0),
+  ];
+  const target = rand(B * H * W * C).map(Math.abs);
+  const spec = { z: rand(n * c), n, c, pos: rand(gh * gw * c), gh, gw, layers, target, B, K: Kslots, H, W, C, logVar: -2.4, gmm: false, needDz: false, needParams: false, needOutputs: false };
+  const F = n * 2 * (oh * oh * 32 * c + 37 * 37 * 32 * 32 * 25 + 35 * 35 * 32 * 32 * 25 + 35 * 35 * 4 * 32 * 9);
+  const peak = addon.peakGflops(0.5);
+  console.log(`decoder stage, Tetrominoes config at batch 32 (${n} slots): ${fmt(F / 1e9, 1)} GFLOP forward; FMA peak of ${nativeStatus().info!.threads} threads ${fmt(peak, 0)} GFLOP/s`);
+  const rows: string[][] = [['pass', 'best ms', 'median ms', 'GFLOP/s', '% of peak', 'GFLOP/CPU-s']];
+  for (const [name, needDz, needParams, mult] of [['forward', false, false, 1], ['forward + d/dz', true, false, 2], ['forward + all gradients', true, true, 3]] as [string, boolean, boolean, number][]) {
+    const t = time(() => addon.decoderStage({ ...spec, needDz, needParams }), Math.max(2, Math.min(REPS, 3)));
+    const flops = mult * F;
+    rows.push([name, fmt(t.best * 1e3), fmt(t.median * 1e3), fmt(flops / t.best / 1e9), fmt((100 * flops) / t.best / 1e9 / peak), fmt(flops / t.cpu / 1e9)]);
+  }
+  const w = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
+  for (const r of rows) console.log('  ' + r.map((x, i) => (i === 0 ? x.padEnd(w[i]) : x.padStart(w[i]))).join('  '));
+  console.log('');
 }
 
 main().catch((e) => {

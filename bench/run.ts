@@ -1,19 +1,22 @@
 /**
  * `npm run bench`: runs each benchmark in its own process (so each peak RSS is its own) and
  * prints their reports. Extra arguments pass through: `npm run bench -- data --train 10000`.
+ * `--json` (and the single-measurement options --config --batch --mode --backend --steps) go to
+ * the step benchmark alone, whose output is then only JSON lines.
  */
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 
-const suites = ['data', 'model', 'native', 'model-native'];
+const suites = ['data', 'native', 'step'];
 const wanted = process.argv.slice(2).filter((a) => suites.includes(a));
 const passThrough = process.argv.slice(2).filter((a) => !suites.includes(a));
+const stepOnly = ['--json', '--config', '--batch', '--mode', '--backend', '--steps'].some((o) => passThrough.includes(o));
 let failed = false;
-for (const name of wanted.length ? wanted : suites) {
+for (const name of wanted.length ? wanted : stepOnly ? ['step'] : suites) {
   const script = path.join(__dirname, `${name}.js`);
   if (!fs.existsSync(script)) continue;
-  console.log(`\n== bench ${name} ==`);
+  if (!stepOnly) console.log(`\n== bench ${name} ==`);
   const r = spawnSync(process.execPath, [script, ...passThrough], { stdio: 'inherit' });
   if (r.status !== 0) failed = true;
 }

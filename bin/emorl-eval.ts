@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-/** `emorl-eval`: evaluate a trained EfficientMORL model as the original eval.py does. */
+/** `emorl-eval`: evaluate a trained EfficientMORL or Slot Attention model as the original eval.py does. */
 import { Command, Option } from 'commander';
 import { integerOption } from '../lib/cli/args';
 import { evalCommand } from '../lib/cli/eval';
@@ -7,7 +7,7 @@ import { SUPPORTED_EVAL_TYPES } from '../lib/eval/config';
 
 
 const program = new Command('emorl-eval')
-  .description('Evaluate a trained EfficientMORL model on a processed .h5 dataset (the original eval.py\'s evaluations).')
+  .description('Evaluate a trained EfficientMORL or Slot Attention model on a processed .h5 dataset (the original eval.py\'s evaluations).')
   .requiredOption('--checkpoint <file>', 'an emorl checkpoint (.emorl) or the original\'s PyTorch checkpoint (.pth, needs the config\'s Net section)')
   .requiredOption('--config <file>', 'test config in the original JSON format, e.g. configs/test/tetrominoes/ARI_MSE_KL/EMORL.json')
   .requiredOption('--data <file>', 'processed .h5 dataset (the config\'s test.mode split is used)')
@@ -18,12 +18,14 @@ const program = new Command('emorl-eval')
   .option('--report <file.html>', 'also write a self-contained HTML report')
   .option('--run <dir>', 'a training run folder: the report plots the loss curves of its log.jsonl')
   .option('--no-progress', 'no progress bar')
+  .addOption(new Option('--backend <name>', 'compute backend: native (the C++ addon), js (pure TypeScript) or auto (native when built)').choices(['native', 'js', 'auto']).default('auto'))
   .addHelpText(
     'after',
     `
 Types:
   ARI_MSE_KL  foreground ARI, ARI with background, MSE and KL of the final stage (mean, std; per
-              stage in results.json): ARI.txt, MSE.txt, KL.txt, results.json
+              stage in results.json): ARI.txt, MSE.txt, KL.txt, results.json (Slot Attention:
+              no KL, so no KL.txt; use the SlotAttention*.json test configs)
   sample_viz  every stage's reconstruction, masks, mask log-probabilities, per-slot components
               and attention: sample_viz.h5 and sample_viz/image_NNNN.png
   disentanglement_preprocessing

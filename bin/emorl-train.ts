@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 /** `emorl-train`: train EfficientMORL from a config in the original JSON format. */
-import { Command } from 'commander';
+import { Command, Option } from 'commander';
 import { integerOption } from '../lib/cli/args';
 import { trainCommand, cacheDir, DEFAULT_CONFIG } from '../lib/cli/train';
 
@@ -17,7 +17,11 @@ const program = new Command('emorl-train')
   .option('--resume [checkpoint]', 'continue a run: the newest checkpoint in --out, or the given file')
   .option('--init-from <file.pth>', "start from the weights of the original PyTorch code's checkpoint (.pth, zip or legacy format)")
   .option('--prefetch <n>', 'batches read ahead in a reader thread', integerOption('--prefetch', 0))
+  .option('--ranks <n>', 'data parallel on CPU: N worker processes, each with batch_size/N images of every batch (gradients summed through this process)', integerOption('--ranks', 1))
+  .option('--gpus <n>', 'data parallel on N GPUs: one worker per GPU, gradients summed with NCCL (addon built with EMORL_CUDA=1, libnccl.so.2)', integerOption('--gpus', 1))
+  .option('--checksum-every <n>', 'data parallel: compare the ranks\' parameter checksums every N steps (0: at start and end only; default 100)', integerOption('--checksum-every', 0))
   .option('--no-progress', 'no progress bar')
+  .addOption(new Option('--backend <name>', 'compute backend: native (the C++ addon), js (pure TypeScript) or auto (native when built)').choices(['native', 'js', 'auto']).default('auto'))
   .addHelpText(
     'after',
     `
@@ -28,9 +32,12 @@ Examples:
   npx emorl-train --config configs/train/clevr6-96x96/EMORL.json --data clevr6_with_masks_train.h5
   npx emorl-train --out runs/try --resume           # continue from the newest checkpoint
   npx emorl-train --init-from emorl-tetrominoes-seed-1200-state-200000.pth --steps 1000
+  npx emorl-train --ranks 4 --out runs/dp                  # 4 CPU worker processes, 8 images each of 32
 
 Generated datasets are cached in ${cacheDir()} (set EMORL_CACHE_DIR to move it).
-SIGINT / SIGTERM finish the current step, write a checkpoint and exit (codes 130 / 143).`,
+SIGINT / SIGTERM finish the current step, write a checkpoint and exit (codes 130 / 143).
+With --ranks/--gpus, training.batch_size is the global batch (it must divide by N); rank 0
+writes the checkpoints and logs; a rank that dies stops the job (resume with --resume).`,
   )
   .action(async (opts) => {
     const summary = await trainCommand({ ...opts, set: opts.set ?? [] });

@@ -20,25 +20,29 @@ export { loadConfigFile, bundledConfig, cacheDir } from './cli/train';
 // Model
 export { EfficientMORL, stageWeight, type ModelOptions, type PassOptions, type InferenceResult, type GradResult, type StageOutputs } from './model/efficient-morl';
 export { Geco, GECO_BETA_FLOOR } from './model/geco';
-export { SeededNoise, ReplayNoise, RecordingNoise, type NoiseSource, type RecordedDraw } from './model/noise';
+export { SeededNoise, ReplayNoise, RecordingNoise, ShardedNoise, type NoiseSource, type RecordedDraw } from './model/noise';
 export { ParamStore, ParamError, type ParamArray, type ParamRecord } from './params/store';
 export { tfjsOps, type Ops } from './ops';
-export { nativeOps, defaultOps } from './ops/native';
+export { nativeOps, defaultOps, opsForBackend, type ComputeBackend } from './ops/native';
 export { nativeStatus } from './native';
 export { Adam, clipGradNorm, type AdamState } from './optim/adam';
 
 // Training
 export { Trainer, type StepResult, type TrainerState } from './train/trainer';
-export { train, loadTrainingCheckpoint, TrainingError, type TrainOptions, type TrainSummary, type TrainCallbacks } from './train/loop';
+export { train, loadTrainingCheckpoint, TrainingError, type TrainOptions, type TrainSummary, type TrainCallbacks, type DistributedOptions } from './train/loop';
 export { learningRate, refinementItersAt } from './train/schedule';
+export { LocalGroup, DistributedError, shardRange, type Communicator } from './train/distributed';
+export { launchRanks, type LaunchOptions, type WorkerJob, type DistributedBackend } from './train/launcher';
+export { ncclStatus, NcclCommunicator, type NcclStatus } from './train/nccl';
 export { readCheckpoint, writeCheckpoint, latestCheckpoint, CheckpointError } from './train/checkpoint';
-export { loadModel, type LoadedModel } from './load';
-export { readPth, writePth, PthError, type PthCheckpoint } from './params/pth';
+export { loadModel, ModelKindError, MODEL_KINDS, type LoadedModel, type LoadOptions, type ModelKind } from './load';
+export { readPth, writePth, PthError, type PthCheckpoint, type PthModel, type PthReadOptions } from './params/pth';
 
 // Evaluation
 export { runEval, EvalError, type EvalOptions, type EvalSummary, type AriMseKlResults } from './eval/run';
 export { loadTestConfigFile, parseTestConfig, testConfig, SUPPORTED_EVAL_TYPES, TestConfigError, type EvalType, type TestConfig } from './eval/config';
 export { renderReport } from './eval/report';
+export { evalModel, type EvalModel, type EvalPass, type EvalStage } from './eval/eval-model';
 export { SlotAttention } from './model/slot-attention';
 
 // Data

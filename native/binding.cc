@@ -5,6 +5,7 @@
 #include <napi.h>
 
 #include <cmath>
+#include <cstring>
 #include <exception>
 #include <initializer_list>
 #include <utility>
@@ -15,7 +16,9 @@
 
 #include "common.h"
 #include "conv.h"
+#include "decoder.h"
 #include "gemm.h"
+#include "likelihood.h"
 #include "nhwc.h"
 
 #if defined(EMORL_CUDA)
@@ -23,6 +26,11 @@ namespace emorl {
 int cuda_device_count(std::string* error);
 }
 #endif
+
+namespace emorl {
+// nccl.cc: ncclStatus, ncclGetUniqueId, NcclComm (NCCL loaded at run time).
+void register_nccl(Napi::Env env, Napi::Object exports);
+}
 
 namespace {
 
@@ -594,6 +602,268 @@ Napi::Value NhwcConvTranspose2dBackward(const Napi::CallbackInfo& info, bool) {
   return nhwc_grads(a, dxv, dwv, dbv);
 }
 
+// ---- the decoder stage and the fused likelihood (lib/ops/native.ts decoderNll) ----
+
+// Reads the properties of an options object; errors name the function and the property.
+class Props {
+ public:
+  Props(const Args& a, Napi::Value v, std::string path) : a_(a), path_(std::move(path)) {
+    if (!v.IsObject() || v.IsArray()) a_.type_error("'" + path_ + "' must be an object");
+    o_ = v.As<Napi::Object>();
+  }
+  std::string name(const char* key) const { return path_ + "." + key; }
+  Napi::Value get(const char* key) const { return o_.Get(key); }
+  bool has(const char* key) const {
+    Napi::Value v = get(key);
+    return !v.IsUndefined() && !v.IsNull();
+  }
+  // A Float32Array of exactly n elements (what: the shape it must fit, for the message).
+  const float* f32(const char* key, int64_t n, const std::string& what) const {
+    Napi::Value v = get(key);
+    if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
+      a_.type_error("'" + name(key) + "' must be a Float32Array");
+    auto t = v.As<Napi::Float32Array>();
+    if (static_cast<int64_t>(t.ElementLength()) != n) {
+      std::ostringstream o;
+      o << "'" << name(key) << "' has " << t.ElementLength() << " elements but " << what << " needs " << n;
+      a_.range_error(o.str());
+    }
+    return n ? t.Data() : nullptr;
+  }
+  int64_t length(const char* key) const {
+    Napi::Value v = get(key);
+    if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
+      a_.type_error("'" + name(key) + "' must be a Float32Array");
+    return static_cast<int64_t>(v.As<Napi::Float32Array>().ElementLength());
+  }
+  int64_t integer(const char* key, int64_t min_value, int64_t dflt = -1) const {
+    Napi::Value v = get(key);
+    if ((v.IsUndefined() || v.IsNull()) && dflt >= min_value) return dflt;
+    if (!v.IsNumber()) a_.type_error("'" + name(key) + "' must be an integer");
+    const double d = v.As<Napi::Number>().DoubleValue();
+    if (!std::isfinite(d) || std::floor(d) != d || d < double(min_value) || d > 2147483647.0) {
+      std::ostringstream o;
+      o << "'" << name(key) << "' is " << d << "; expected an integer >= " << min_value;
+      a_.range_error(o.str());
+    }
+    return static_cast<int64_t>(d);
+  }
+  double number(const char* key) const {
+    Napi::Value v = get(key);
+    if (!v.IsNumber() || !std::isfinite(v.As<Napi::Number>().DoubleValue()))
+      a_.type_error("'" + name(key) + "' must be a finite number");
+    return v.As<Napi::Number>().DoubleValue();
+  }
+  bool boolean(const char* key, bool dflt) const {
+    Napi::Value v = get(key);
+    if (v.IsUndefined() || v.IsNull()) return dflt;
+    if (!v.IsBoolean()) a_.type_error("'" + name(key) + "' must be a boolean");
+    return v.As<Napi::Boolean>().Value();
+  }
+
+ private:
+  const Args& a_;
+  Napi::Object o_;
+  std::string path_;
+};
+
+std::string shape4(const int64_t* s) { return shape_str({s[0], s[1], s[2], s[3]}); }
+
+// A decoder workspace owned by JS (`new DecoderWorkspace()`): the buffers decoderStage keeps
+// between calls. Its memory is reported to V8 as external memory, and freed with the object.
+class DecoderWorkspace : public Napi::ObjectWrap<DecoderWorkspace> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "DecoderWorkspace", {InstanceMethod("bytes", &DecoderWorkspace::Bytes)});
+  }
+  explicit DecoderWorkspace(const Napi::CallbackInfo& info) : Napi::ObjectWrap<DecoderWorkspace>(info) {}
+  void Finalize(Napi::Env env) override {
+    if (reported_) Napi::MemoryManagement::AdjustExternalMemory(env, -static_cast<int64_t>(reported_));
+    reported_ = 0;
+  }
+  emorl::Workspace& ws() { return ws_; }
+  // Tells V8 about growth since the last report.
+  void report(Napi::Env env) {
+    const size_t now = ws_.bytes();
+    if (now != reported_) {
+      Napi::MemoryManagement::AdjustExternalMemory(env, static_cast<int64_t>(now) - static_cast<int64_t>(reported_));
+      reported_ = now;
+    }
+  }
+
+ private:
+  Napi::Value Bytes(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), static_cast<double>(ws_.bytes())); }
+  emorl::Workspace ws_;
+  size_t reported_ = 0;
+};
+
+// decoderStage({ z, n, c, pos, gh, gw, layers: [{ kind, w, wShape, b, tapSums, stride, pad,
+//   outputPad, act }], target, B, K, H, W, C, logVar, gmm, needDz, needParams, needOutputs,
+//   workspace? })
+//   -> { nll, dz|null, dpos|null, dw: [..|null], db: [..|null], means|null, logMasks|null }
+// kind: 0 broadcast conv, 1 spatial broadcast, 2 conv, 3 transposed conv (decoder.h).
+Napi::Value DecoderStageFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "decoderStage");
+  Props p(a, a.at(0), "spec");
+  emorl::DecoderStage s;
+  s.n = p.integer("n", 1);
+  s.c = p.integer("c", 1);
+  s.gh = p.integer("gh", 1);
+  s.gw = p.integer("gw", 1);
+  s.z = p.f32("z", a.numel({s.n, s.c}, "[n,c]"), "[n,c] = " + shape_str({s.n, s.c}));
+  s.pos = p.f32("pos", a.numel({s.gh, s.gw, s.c}, "[gh,gw,c]"), "[gh,gw,c] = " + shape_str({s.gh, s.gw, s.c}));
+  s.lik.B = p.integer("B", 1);
+  s.lik.K = p.integer("K", 1);
+  s.lik.H = p.integer("H", 1);
+  s.lik.W = p.integer("W", 1);
+  s.lik.C = p.integer("C", 1);
+  if (s.lik.B * s.lik.K != s.n) {
+    std::ostringstream o;
+    o << "n = " << s.n << " slots but B x K = " << s.lik.B << " x " << s.lik.K;
+    a.range_error(o.str());
+  }
+  const std::vector<int64_t> ts{s.lik.B, s.lik.H, s.lik.W, s.lik.C};
+  s.target = p.f32("target", a.numel(ts, "[B,H,W,C]"), "[B,H,W,C] = " + shape_str(ts));
+  s.log_var = static_cast<float>(p.number("logVar"));
+  s.gmm = p.boolean("gmm", false);
+  const bool need_dz = p.boolean("needDz", false), need_params = p.boolean("needParams", false);
+  const bool need_outputs = p.boolean("needOutputs", false);
+
+  Napi::Value lv = p.get("layers");
+  if (!lv.IsArray()) a.type_error("'spec.layers' must be an array");
+  auto la = lv.As<Napi::Array>();
+  std::vector<Props> lp;
+  for (uint32_t i = 0; i < la.Length(); ++i) {
+    lp.emplace_back(a, la.Get(i), "spec.layers[" + std::to_string(i) + "]");
+    const Props& q = lp.back();
+    emorl::DecoderLayer L;
+    const int64_t kind = q.integer("kind", 0);
+    if (kind > 3) a.range_error("'" + q.name("kind") + "' must be 0 (broadcast conv), 1 (spatial broadcast), 2 (conv) or 3 (transposed conv)");
+    L.kind = static_cast<emorl::DecoderLayerKind>(kind);
+    if (L.kind != emorl::DecoderLayerKind::SpatialBroadcast) {
+      Napi::Value wsv = q.get("wShape");
+      if (!wsv.IsArray() || wsv.As<Napi::Array>().Length() != 4) a.type_error("'" + q.name("wShape") + "' must be an array of 4 integers");
+      for (uint32_t k = 0; k < 4; ++k) {
+        Napi::Value e = wsv.As<Napi::Array>().Get(k);
+        const double d = e.IsNumber() ? e.As<Napi::Number>().DoubleValue() : -1;
+        if (!std::isfinite(d) || std::floor(d) != d || d < 1 || d > 1e6) a.range_error("'" + q.name("wShape") + "' entries must be integers >= 1");
+        L.w_shape[k] = static_cast<int64_t>(d);
+      }
+      L.w = q.f32("w", a.numel({L.w_shape[0], L.w_shape[1], L.w_shape[2], L.w_shape[3]}, "wShape"), "wShape " + shape4(L.w_shape));
+      const int64_t cout = L.kind == emorl::DecoderLayerKind::ConvTranspose ? L.w_shape[1] : L.w_shape[0];
+      L.b = q.f32("b", cout, "its " + std::to_string(cout) + " output channels");
+      L.stride = q.integer("stride", 1, 1);
+      L.pad = q.integer("pad", 0, 0);
+      L.out_pad = q.integer("outputPad", 0, 0);
+      const int64_t act = q.integer("act", 0, 0);
+      if (act > 2) a.range_error("'" + q.name("act") + "' must be 0 (linear), 1 (relu) or 2 (elu)");
+      L.act = static_cast<emorl::Act>(act);
+    }
+    s.layers.push_back(L);
+  }
+  const std::string err = emorl::decoder_plan(s);
+  if (!err.empty()) a.range_error(err);
+  for (size_t i = 0; i < s.layers.size(); ++i) {
+    emorl::DecoderLayer& L = s.layers[i];
+    if (L.kind != emorl::DecoderLayerKind::BroadcastConv) continue;
+    const int64_t n = a.numel({s.c, L.out[1] * L.out[2], L.out[3]}, "tap sums");
+    L.tap_sums = lp[i].f32("tapSums", n, "[c, cells, cout] = " + shape_str({s.c, L.out[1] * L.out[2], L.out[3]}));
+  }
+
+  Napi::Env env = a.env();
+  Napi::Object r = Napi::Object::New(env);
+  emorl::DecoderStageOut o;
+  auto nll = new_f32(a, s.lik.B);
+  o.nll = nll.Data();
+  r.Set("nll", nll);
+  r.Set("dz", env.Null());
+  r.Set("dpos", env.Null());
+  r.Set("means", env.Null());
+  r.Set("logMasks", env.Null());
+  if (need_dz) {
+    auto t = new_f32(a, s.n * s.c);
+    o.dz = t.Data();
+    r.Set("dz", t);
+  }
+  Napi::Array dws = Napi::Array::New(env, s.layers.size()), dbs = Napi::Array::New(env, s.layers.size());
+  o.dw.assign(s.layers.size(), nullptr);
+  o.db.assign(s.layers.size(), nullptr);
+  for (size_t i = 0; i < s.layers.size(); ++i) {
+    const emorl::DecoderLayer& L = s.layers[i];
+    dws.Set(static_cast<uint32_t>(i), env.Null());
+    dbs.Set(static_cast<uint32_t>(i), env.Null());
+    if (!need_params || L.kind == emorl::DecoderLayerKind::SpatialBroadcast) continue;
+    auto w = new_f32(a, a.numel({L.w_shape[0], L.w_shape[1], L.w_shape[2], L.w_shape[3]}, "wShape"));
+    std::memset(w.Data(), 0, w.ByteLength());  // the tap-sum gradient is added into it
+    auto b = new_f32(a, L.out[3]);
+    o.dw[i] = w.Data();
+    o.db[i] = b.Data();
+    dws.Set(static_cast<uint32_t>(i), w);
+    dbs.Set(static_cast<uint32_t>(i), b);
+  }
+  r.Set("dw", dws);
+  r.Set("db", dbs);
+  if (need_params) {
+    auto t = new_f32(a, s.gh * s.gw * s.c);
+    o.dpos = t.Data();
+    r.Set("dpos", t);
+  }
+  if (need_outputs) {
+    auto m = new_f32(a, a.numel({s.n, s.lik.H, s.lik.W, s.lik.C}, "means"));
+    auto l = new_f32(a, a.numel({s.n, s.lik.H, s.lik.W}, "log masks"));
+    o.means = m.Data();
+    o.log_masks = l.Data();
+    r.Set("means", m);
+    r.Set("logMasks", l);
+  }
+  Napi::Value wv = p.get("workspace");
+  DecoderWorkspace* owned = nullptr;
+  if (!wv.IsUndefined() && !wv.IsNull()) {
+    if (!wv.IsObject() || !wv.As<Napi::Object>().InstanceOf(env.GetInstanceData<Napi::FunctionReference>()->Value()))
+      a.type_error("'spec.workspace' must be a DecoderWorkspace");
+    owned = DecoderWorkspace::Unwrap(wv.As<Napi::Object>());
+  }
+  emorl::Workspace local;
+  emorl::decoder_stage(s, o, owned ? owned->ws() : local, threads());
+  if (owned) owned->report(env);
+  return r;
+}
+
+// imageNll(raw [B*K,H,W,C+1], target [B,H,W,C], B, K, H, W, C, logVar, gmm, needGrad)
+//   -> { nll [B], draw|null }: the fused likelihood alone (likelihood.h), for tests and the
+//   Slot Attention loss.
+Napi::Value ImageNllFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "imageNll");
+  Props p(a, a.at(0), "spec");
+  emorl::ImageNllShape s{p.integer("B", 1), p.integer("K", 1), p.integer("H", 1), p.integer("W", 1), p.integer("C", 1)};
+  const std::vector<int64_t> rs{s.B * s.K, s.H, s.W, s.C + 1}, ts{s.B, s.H, s.W, s.C};
+  const float* raw = p.f32("raw", a.numel(rs, "raw"), "[B*K,H,W,C+1] = " + shape_str(rs));
+  const float* target = p.f32("target", a.numel(ts, "target"), "[B,H,W,C] = " + shape_str(ts));
+  const float log_var = static_cast<float>(p.number("logVar"));
+  const bool gmm = p.boolean("gmm", false), need_grad = p.boolean("needGrad", false);
+  Napi::Object r = Napi::Object::New(a.env());
+  auto nll = new_f32(a, s.B);
+  r.Set("nll", nll);
+  r.Set("draw", a.env().Null());
+  float* draw = nullptr;
+  if (need_grad) {
+    auto t = new_f32(a, a.numel(rs, "raw"));
+    draw = t.Data();
+    r.Set("draw", t);
+  }
+  emorl::image_nll(s, raw, target, log_var, gmm, nll.Data(), draw, nullptr, nullptr, threads());
+  return r;
+}
+
+// peakGflops(seconds?) -> the FMA throughput of all threads (gemm.h peak_gflops)
+Napi::Value PeakGflops(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "peakGflops");
+  double seconds = 0.3;
+  if (a.at(0).IsNumber()) seconds = a.at(0).As<Napi::Number>().DoubleValue();
+  if (!(seconds > 0 && seconds <= 10)) a.range_error("seconds must be in (0, 10]");
+  return Napi::Number::New(a.env(), emorl::peak_gflops(threads(), seconds));
+}
+
 Napi::Value Info(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Object o = Napi::Object::New(env);
@@ -642,9 +912,16 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("nhwcConvTranspose2d", Napi::Function::New(env, entry<NhwcConvTranspose2d, false>, "nhwcConvTranspose2d"));
   exports.Set("nhwcConvTranspose2dBackward",
               Napi::Function::New(env, entry<NhwcConvTranspose2dBackward, false>, "nhwcConvTranspose2dBackward"));
+  exports.Set("decoderStage", Napi::Function::New(env, entry<DecoderStageFn, false>, "decoderStage"));
+  Napi::Function ws_class = DecoderWorkspace::Define(env);
+  env.SetInstanceData(new Napi::FunctionReference(Napi::Persistent(ws_class)));  // per-environment, freed with it
+  exports.Set("DecoderWorkspace", ws_class);
+  exports.Set("imageNll", Napi::Function::New(env, entry<ImageNllFn, false>, "imageNll"));
+  exports.Set("peakGflops", Napi::Function::New(env, entry<PeakGflops, false>, "peakGflops"));
   exports.Set("reference", ref);
   exports.Set("info", Napi::Function::New(env, Info, "info"));
   exports.Set("abiVersion", Napi::Number::New(env, 1));
+  emorl::register_nccl(env, exports);
   return exports;
 }
 

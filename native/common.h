@@ -47,6 +47,26 @@ class AlignedBuf {
   size_t size_ = 0;
 };
 
+// Buffers kept between calls by their owner (a JS object): slot i grows to the largest size asked
+// for and is reused after that, so repeated calls of the same shapes touch no fresh pages.
+// Contents are not preserved across a growth.
+class Workspace {
+ public:
+  float* buf(size_t slot, size_t n) {
+    if (slot >= bufs_.size()) bufs_.resize(slot + 1);
+    if (bufs_[slot].size() < n) bufs_[slot].reset(n);
+    return bufs_[slot].data();
+  }
+  size_t bytes() const {
+    size_t b = 0;
+    for (const auto& x : bufs_) b += x.size() * sizeof(float);
+    return b;
+  }
+
+ private:
+  std::vector<AlignedBuf> bufs_;
+};
+
 // Flush-to-zero + denormals-are-zero for the lifetime of the object, restoring the caller's
 // MXCSR afterwards (the JS thread takes part in parallel regions and must get its mode back).
 class FtzScope {

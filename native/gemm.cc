@@ -2,6 +2,9 @@
 #include "gemm.h"
 
 #include <algorithm>
+#include <chrono>
+
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
@@ -114,6 +117,34 @@ void sgemm_batched(const GemmCall& g, int64_t batch, int64_t strideA, int64_t st
       sgemm_serial(s, packA[tid].data(), packB[tid].data());
     }
   });
+}
+
+double peak_gflops(int nthreads, double seconds) {
+  const GemmKernel& k = gemm_kernel();
+  const int nt = nthreads < 1 ? 1 : nthreads;
+  // calibrate the rounds on one thread, then run all threads at once
+  int64_t iters = 1 << 16;
+  double t = 0;
+  volatile float sink = 0;
+  for (;;) {
+    auto t0 = std::chrono::steady_clock::now();
+    sink = sink + k.fma_probe(iters);
+    t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (t > 0.02 || iters > (int64_t(1) << 40)) break;
+    iters *= 4;
+  }
+  iters = static_cast<int64_t>(static_cast<double>(iters) * seconds / (t > 0 ? t : 1e-3)) + 1;
+  std::vector<double> took(static_cast<size_t>(nt), 0.0);
+  std::vector<float> sinks(static_cast<size_t>(nt), 0.f);
+  parallel_region(nt, [&](int tid, int) {
+    auto t0 = std::chrono::steady_clock::now();
+    sinks[tid] = k.fma_probe(iters);
+    took[tid] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  });
+  double slowest = 0;
+  for (double x : took) slowest = std::max(slowest, x);
+  const double flops = double(nt) * double(iters) * 12.0 * k.vector_width * 2.0;
+  return flops / slowest / 1e9;
 }
 
 }  // namespace emorl

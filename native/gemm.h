@@ -32,6 +32,11 @@ struct GemmKernel {
   void (*serial)(const GemmCall&, float* packA, float* packB);
   // Packs op(A) [M x K] whole into dst (ceil(M/mr)*mr*K floats) for GemmCall::Apacked.
   void (*pack_a_full)(bool transA, int64_t M, int64_t K, const float* A, int64_t lda, float* dst);
+  // Packs op(B) [K x N] whole into dst (ceil(N/nr)*nr*K floats) for GemmCall::Bpacked.
+  void (*pack_b_full)(bool transB, int64_t K, int64_t N, const float* B, int64_t ldb, float* dst);
+  // 12 chains x `iters` rounds of vector multiply-adds (2 FLOP per lane each); see peak_gflops.
+  float (*fma_probe)(int64_t iters);
+  int vector_width;  // floats per vector register
 };
 
 const GemmKernel* gemm_kernel_generic();
@@ -47,6 +52,10 @@ void sgemm(const GemmCall& g, int nthreads);
 // Single-threaded, with caller-owned scratch of gemm_kernel().pack_*_floats floats (for callers
 // that parallelise at a coarser level, e.g. over the images of a batch).
 void sgemm_serial(const GemmCall& g, float* packA, float* packB);
+
+// The multiply-add throughput of `nthreads` threads running the ISA's FMA probe for about
+// `seconds`, in GFLOP/s: the machine's practical peak for this kernel family.
+double peak_gflops(int nthreads, double seconds);
 
 // `batch` independent products with element strides between consecutive A, B and C matrices.
 void sgemm_batched(const GemmCall& g, int64_t batch, int64_t strideA, int64_t strideB, int64_t strideC,

@@ -108,21 +108,27 @@ static void pack_b(bool tb, const float* B, int64_t ldb, int64_t kc, int64_t nc,
   }
 }
 
-// C[mr x nr] (+)= Ap-panel * Bp-panel over kc steps.
-static inline void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b,
+// C[mr x nr] (+)= A-panel * Bp-panel over kc steps. The A panel is either packed (Direct = false:
+// element (i, p) at a[p*MR + i]) or read in place from row-major A (Direct = true: row i at
+// a + i*lda, rows past mr clamped to the last valid one; their results are discarded).
+template <bool Direct>
+static inline void micro_kernel(int64_t kc, const float* __restrict a, int64_t lda, const float* __restrict b,
                                 float* __restrict c, int64_t ldc, int64_t mr, int64_t nr, bool acc) {
   vf s[MR][NV];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) s[i][j] = vf{};
+  const float* row[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) row[i] = a + (Direct ? (i < mr ? i : mr - 1) * lda : 0);
   for (int64_t p = 0; p < kc; ++p) {
     vf bv[NV];
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) bv[j] = *reinterpret_cast<const vf*>(b + p * NR + j * VW);
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
-      const vf ai = splat(a[p * MR + i]);
+      const vf ai = splat(Direct ? row[i][p] : a[p * MR + i]);
 #pragma GCC unroll 4
       for (int j = 0; j < NV; ++j) s[i][j] += ai * bv[j];
     }
@@ -147,6 +153,10 @@ static inline void micro_kernel(int64_t kc, const float* __restrict a, const flo
 }
 
 static void serial(const GemmCall& g, float* Ap, float* Bp) {
+  // A narrow product (N within two micro-panels, e.g. a convolution's im2col rows times a
+  // [P, 32] weight matrix) reuses each A panel for at most two B panels: packing A would cost
+  // about as much as the arithmetic, so the micro-kernel reads row-major A in place.
+  const bool direct_a = !g.transA && !g.Apacked && g.N <= 2 * NR;
   for (int64_t jc = 0; jc < g.N; jc += NC) {
     const int64_t nc = mn(NC, g.N - jc);
     for (int64_t pc = 0; pc < g.K; pc += KC) {
@@ -155,14 +165,19 @@ static void serial(const GemmCall& g, float* Ap, float* Bp) {
       const bool acc = g.accumulate || pc > 0;
       for (int64_t ic = 0; ic < g.M; ic += MC) {
         const int64_t mc = mn(MC, g.M - ic);
-        if (!g.Apacked) pack_a(g.transA, g.transA ? g.A + pc * g.lda + ic : g.A + ic * g.lda + pc, g.lda, mc, kc, Ap);
+        if (!g.Apacked && !direct_a) pack_a(g.transA, g.transA ? g.A + pc * g.lda + ic : g.A + ic * g.lda + pc, g.lda, mc, kc, Ap);
         for (int64_t jr = 0; jr < nc; jr += NR) {
           const int64_t nr = mn(NR, nc - jr);
-          for (int64_t ir = 0; ir < mc; ir += MR) {
-            const int64_t mr = mn(MR, mc - ir);
-            const float* bp = g.Bpacked ? g.Bpacked + ((jc + jr) / NR) * g.K * NR + pc * NR : Bp + jr * kc;
-            const float* ap = g.Apacked ? g.Apacked + ((ic + ir) / MR) * g.K * MR + pc * MR : Ap + ir * kc;
-            micro_kernel(kc, ap, bp, g.C + (ic + ir) * g.ldc + jc + jr, g.ldc, mr, nr, acc);
+          const float* bp = g.Bpacked ? g.Bpacked + ((jc + jr) / NR) * g.K * NR + pc * NR : Bp + jr * kc;
+          float* cb = g.C + jc + jr;
+          if (direct_a) {
+            for (int64_t ir = 0; ir < mc; ir += MR)
+              micro_kernel<true>(kc, g.A + (ic + ir) * g.lda + pc, g.lda, bp, cb + (ic + ir) * g.ldc, g.ldc, mn(MR, mc - ir), nr, acc);
+          } else {
+            for (int64_t ir = 0; ir < mc; ir += MR) {
+              const float* ap = g.Apacked ? g.Apacked + ((ic + ir) / MR) * g.K * MR + pc * MR : Ap + ir * kc;
+              micro_kernel<false>(kc, ap, 0, bp, cb + (ic + ir) * g.ldc, g.ldc, mn(MR, mc - ir), nr, acc);
+            }
           }
         }
       }
@@ -170,8 +185,30 @@ static void serial(const GemmCall& g, float* Ap, float* Bp) {
   }
 }
 
+// FMA throughput probe (for the benchmarks' "fraction of peak"): 12 independent multiply-add
+// chains kept in vector registers, `iters` rounds; returns a value that depends on every lane.
+static float fma_probe(int64_t iters) {
+  // constants the compiler cannot see through, or it folds the whole loop away
+  volatile float mv = 0.9999999f, av = 1e-7f, base = 1.0f;
+  vf acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = splat(base + 1e-3f * static_cast<float>(i));
+  const vf m = splat(mv), a = splat(av);
+  for (int64_t it = 0; it < iters; ++it) {
+#pragma GCC unroll 12
+    for (int i = 0; i < 12; ++i) acc[i] = acc[i] * m + a;
+  }
+  float s = 0.f;
+  for (int i = 0; i < 12; ++i)
+    for (int l = 0; l < VW; ++l) s += acc[i][l];
+  return s;
+}
+
 static void pack_a_full(bool ta, int64_t M, int64_t K, const float* A, int64_t lda, float* dst) {
   pack_a(ta, A, lda, M, K, dst);
+}
+
+static void pack_b_full(bool tb, int64_t K, int64_t N, const float* B, int64_t ldb, float* dst) {
+  pack_b(tb, B, ldb, K, N, dst);
 }
 
 }  // namespace EMORL_GEMM_NS
@@ -183,7 +220,10 @@ const GemmKernel* EMORL_GEMM_GETTER() {
                             EMORL_GEMM_NS::MC * EMORL_GEMM_NS::KC,
                             EMORL_GEMM_NS::KC * EMORL_GEMM_NS::NC,
                             &EMORL_GEMM_NS::serial,
-                            &EMORL_GEMM_NS::pack_a_full};
+                            &EMORL_GEMM_NS::pack_a_full,
+                            &EMORL_GEMM_NS::pack_b_full,
+                            &EMORL_GEMM_NS::fma_probe,
+                            EMORL_GEMM_NS::VW};
   return &k;
 }
 

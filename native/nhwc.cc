@@ -89,6 +89,16 @@ void act_grad(const float* dy, const float* y, int64_t count, Act act, float* g)
   }
 }
 
+// act_grad over `count` elements on up to `nthreads` threads.
+void act_grad_parallel(const float* dy, const float* y, int64_t count, Act act, float* g, int nthreads) {
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, count / 65536 + 1)));
+  parallel_region(nt, [&](int tid, int ntt) {
+    int64_t i0, i1;
+    split_range(count, tid, ntt, i0, i1);
+    act_grad(dy + i0, y ? y + i0 : nullptr, i1 - i0, act, g + i0);
+  });
+}
+
 // Column sums of G [rows, n] added into s (double).
 void add_col_sums(const float* G, int64_t rows, int64_t n, double* s) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -124,11 +134,19 @@ std::vector<Scratch> scratch(int nt, int64_t cols, int64_t g, int64_t acc, int64
   return s;
 }
 
+// op(B) [K x N] packed once for GemmCall::Bpacked (the weights of every chunk's product).
+AlignedBuf prepack_b(bool tb, int64_t K, int64_t N, const float* B, int64_t ldb) {
+  const GemmKernel& k = gemm_kernel();
+  AlignedBuf out(static_cast<size_t>(((N + k.nr - 1) / k.nr) * k.nr * K));
+  k.pack_b_full(tb, K, N, B, ldb, out.data());
+  return out;
+}
+
 // Threads over whole images (each thread writes only its own images' maps; no barriers).
 int image_threads(int nthreads, int64_t N) { return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, N))); }
 
-// Rows per chunk: ~kChunkFloats of columns (stays in L2), at least one row.
-constexpr int64_t kChunkFloats = int64_t(1) << 16;
+// Rows per chunk: ~kChunkFloats of columns (512 KB: stays in L2), at least one row.
+constexpr int64_t kChunkFloats = int64_t(1) << 17;
 int64_t chunk_rows(int64_t width) { return std::max<int64_t>(1, kChunkFloats / std::max<int64_t>(1, width)); }
 
 }  // namespace
@@ -141,6 +159,7 @@ void nhwc_conv2d_forward(const NhwcGeom& g, int64_t Co, const float* x, const fl
   for (int64_t co = 0; co < Co; ++co)
     for (int64_t ci = 0; ci < C; ++ci)
       for (int64_t k = 0; k < KK; ++k) wm.data()[(k * C + ci) * Co + co] = w[(co * C + ci) * KK + k];
+  const AlignedBuf wp = prepack_b(false, P, Co, wm.data(), Co);
   const int nt = image_threads(nthreads, g.N);
   const int64_t R = chunk_rows(P);
   auto sc = scratch(nt, R * P, 0, 0, 0);
@@ -151,8 +170,9 @@ void nhwc_conv2d_forward(const NhwcGeom& g, int64_t Co, const float* x, const fl
     for (int64_t r0 = i0 * HoWo; r0 < i1 * HoWo; r0 += R) {
       const int64_t r1 = std::min(i1 * HoWo, r0 + R);
       im2col_rows(g, x, r0, r1, s.cols.data());
-      sgemm_serial(call(false, false, r1 - r0, Co, P, s.cols.data(), P, wm.data(), Co, y + r0 * Co, Co, false),
-                   s.packA.data(), s.packB.data());
+      GemmCall c = call(false, false, r1 - r0, Co, P, s.cols.data(), P, nullptr, Co, y + r0 * Co, Co, false);
+      c.Bpacked = wp.data();
+      sgemm_serial(c, s.packA.data(), s.packB.data());
       bias_act_rows(y + r0 * Co, r1 - r0, Co, bias, act);
     }
   });
@@ -162,10 +182,33 @@ void nhwc_conv2d_backward(const NhwcGeom& g, int64_t Co, const float* x, const f
                           const float* dy, Act act, float* dx, float* dw, float* db, int nthreads) {
   const int64_t P = g.P(), KK = g.kh * g.kw, C = g.C, HoWo = g.Ho * g.Wo, HWC = g.H * g.W * C;
   const bool params = dw || db;
+  // Stride 1: the input gradient is itself a stride-1 convolution of dy·act' with the flipped,
+  // transposed kernel and padding k−1−p, which runs as the forward pass does (im2col rows straight
+  // into a narrow GEMM), instead of a GEMM into columns and a col2im scatter.
+  if (dx && g.sh == 1 && g.sw == 1 && g.pt <= g.kh - 1 && g.pl <= g.kw - 1 && Co > 0 && g.M() > 0) {
+    // dy·act' (a copy only when there is an activation)
+    AlignedBuf G(act == Act::Linear ? 0 : static_cast<size_t>(g.M() * Co));
+    if (act != Act::Linear) act_grad_parallel(dy, y, g.M() * Co, act, G.data(), nthreads);
+    const float* Gd = act == Act::Linear ? dy : G.data();
+    AlignedBuf wf(static_cast<size_t>(C * Co * KK));
+    for (int64_t co = 0; co < Co; ++co)
+      for (int64_t ci = 0; ci < C; ++ci)
+        for (int64_t ky = 0; ky < g.kh; ++ky)
+          for (int64_t kx = 0; kx < g.kw; ++kx)
+            wf.data()[((ci * Co + co) * g.kh + (g.kh - 1 - ky)) * g.kw + (g.kw - 1 - kx)] = w[((co * C + ci) * g.kh + ky) * g.kw + kx];
+    NhwcGeom gt{};
+    gt.N = g.N; gt.H = g.Ho; gt.W = g.Wo; gt.C = Co; gt.Ho = g.H; gt.Wo = g.W;
+    gt.kh = g.kh; gt.kw = g.kw; gt.sh = gt.sw = 1; gt.pt = g.kh - 1 - g.pt; gt.pl = g.kw - 1 - g.pl;
+    nhwc_conv2d_forward(gt, C, Gd, wf.data(), nullptr, Act::Linear, dx, nthreads);
+    if (params) nhwc_conv2d_backward(g, Co, x, w, nullptr, Gd, Act::Linear, nullptr, dw, db, nthreads);
+    return;
+  }
   AlignedBuf wm(static_cast<size_t>(P * Co));
   for (int64_t co = 0; co < Co; ++co)
     for (int64_t ci = 0; ci < C; ++ci)
       for (int64_t k = 0; k < KK; ++k) wm.data()[(k * C + ci) * Co + co] = w[(co * C + ci) * KK + k];
+  // wmᵀ packed once for every chunk's input-gradient product
+  const AlignedBuf wtp = dx ? prepack_b(true, Co, P, wm.data(), Co) : AlignedBuf();
   const int nt = image_threads(nthreads, g.N);
   const int64_t R = chunk_rows(P);
   auto sc = scratch(nt, R * P, R * Co, dw ? P * Co : 0, db ? Co : 0);
@@ -180,8 +223,9 @@ void nhwc_conv2d_backward(const NhwcGeom& g, int64_t Co, const float* x, const f
       act_grad(dy + r0 * Co, y ? y + r0 * Co : nullptr, rows * Co, act, s.g.data());
       if (db) add_col_sums(s.g.data(), rows, Co, s.dsum.data());
       if (dx) {
-        sgemm_serial(call(false, true, rows, P, Co, s.g.data(), Co, wm.data(), Co, s.cols.data(), P, false),
-                     s.packA.data(), s.packB.data());
+        GemmCall c = call(false, true, rows, P, Co, s.g.data(), Co, nullptr, Co, s.cols.data(), P, false);
+        c.Bpacked = wtp.data();
+        sgemm_serial(c, s.packA.data(), s.packB.data());
         col2im_rows(g, s.cols.data(), r0, r1, dx);
       }
       if (dw) {

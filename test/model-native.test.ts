@@ -8,14 +8,16 @@ import * as fs from 'node:fs';
 import { tf, initBackend } from '../lib/tf';
 import { nativeStatus } from '../lib/native';
 import { tfjsOps, type Ops } from '../lib/ops';
-import { nativeOps, nativeOpsAvailable, defaultOps } from '../lib/ops/native';
+import { nativeOps, nativeOpsAvailable, defaultOps, opsForBackend } from '../lib/ops/native';
+import { spawnSync } from 'node:child_process';
+import * as path from 'node:path';
 import type { FusedActivation } from '../lib/ops/conv';
 import { EfficientMORL } from '../lib/model/efficient-morl';
 import { RecordingNoise, ReplayNoise, SeededNoise, type RecordedDraw } from '../lib/model/noise';
 import type { NetConfig } from '../lib/config/net';
 import { withH5File } from '../lib/io/h5';
 import { readArray, readParamGroup } from '../lib/params/h5';
-import { fixturePath } from './helpers';
+import { expectRelClose, fixturePath } from './helpers';
 
 const available = nativeStatus().available && nativeOpsAvailable();
 const describeNative = available ? describe : describe.skip;
@@ -40,22 +42,26 @@ function rand(shape: number[], seed: number, scale = 1): tf.Tensor {
   return tf.tidy(() => tf.mul(tf.randomUniform(shape, -1, 1, 'float32', seed), scale));
 }
 
-/** max|a-b| <= tol * max|b|. */
-function expectScaled(actual: tf.Tensor, expected: tf.Tensor, tol: number, what: string): void {
-  expect(actual.shape).toEqual(expected.shape);
-  const a = actual.dataSync(), e = expected.dataSync();
-  let maxE = 0, maxErr = 0;
-  for (let i = 0; i < e.length; i++) {
-    maxE = Math.max(maxE, Math.abs(e[i]));
-    const d = Math.abs(a[i] - e[i]);
-    if (!(d <= maxErr)) maxErr = d;
-  }
-  const rel = maxE > 0 ? maxErr / maxE : maxErr;
-  if (!(rel <= tol)) throw new Error(`${what}: max error ${maxErr} is ${rel.toExponential(2)} of max |${maxE}| (tolerance ${tol})`);
-}
+const expectScaled = expectRelClose;
 
 test('defaultOps picks nativeOps exactly when the addon is available', () => {
   expect(defaultOps()).toBe(available ? nativeOps : tfjsOps);
+});
+
+test('opsForBackend: native, js, auto, and clear errors', () => {
+  expect(opsForBackend('js')).toBe(tfjsOps);
+  expect(opsForBackend('auto')).toBe(defaultOps());
+  if (available) expect(opsForBackend('native')).toBe(nativeOps);
+  expect(() => opsForBackend('cuda')).toThrow(/unknown backend "cuda" \(use native, js or auto\)/);
+  // with the addon disabled, asking for it says why
+  const r = spawnSync(process.execPath, ['-e', `require(${JSON.stringify(path.join(__dirname, '..', 'dist', 'lib', 'ops', 'native.js'))}).opsForBackend('native')`], {
+    env: { ...process.env, EMORL_NATIVE: '0' },
+    encoding: 'utf8',
+  });
+  if (fs.existsSync(path.join(__dirname, '..', 'dist', 'lib', 'ops', 'native.js'))) {
+    expect(r.status).not.toBe(0);
+    expect(r.stderr).toMatch(/backend 'native': the addon is not available \(disabled by EMORL_NATIVE=0\)/);
+  }
 });
 
 describeNative('nativeOps ops vs tfjsOps', () => {

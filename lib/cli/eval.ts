@@ -12,6 +12,7 @@ export interface EvalCliOptions {
   report?: string;
   run?: string;
   progress: boolean;
+  backend?: string;
 }
 
 export async function evalCommand(opts: EvalCliOptions, log: (m: string) => void = (m) => process.stderr.write(`${m}\n`)): Promise<EvalSummary> {

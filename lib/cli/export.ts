@@ -32,5 +32,7 @@ export function exportCommand(opts: ExportOptions): string {
     kl_beta: ckpt.meta.trainer.klBeta,
     optimizer: layout === 'checkpoint' ? adamForPth(ckpt.adam, ckpt.meta.config.training.lr) : undefined,
   });
-  return `wrote ${opts.out}: ${params.size} tensors (${layout === 'checkpoint' ? "the original train.py's checkpoint layout" : 'a bare state_dict'}) from ${opts.checkpoint}`;
+  // A SlotAttention checkpoint's names are its state_dict's (top level: init_slots, encoder_pt_1…,
+  // image_decoder…), as the original SlotAttention saves them; readPth reads them back as such.
+  return `wrote ${opts.out}: ${params.size} tensors of a ${ckpt.meta.config.training.model} model (${layout === 'checkpoint' ? "the original train.py's checkpoint layout" : 'a bare state_dict'}) from ${opts.checkpoint}`;
 }

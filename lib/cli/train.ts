@@ -7,7 +7,11 @@ import { defaultSplits, generateDataset, type GeneratorName } from '../data/gene
 import { readPth } from '../params/pth';
 import type { ParamRecord } from '../params/store';
 import { initBackend } from '../tf';
+import { latestCheckpoint } from '../train/checkpoint';
+import { shardRange } from '../train/distributed';
+import { launchRanks } from '../train/launcher';
 import { train, type TrainSummary } from '../train/loop';
+import { checkGpuTraining } from '../train/nccl';
 
 /** The package root (for the bundled configs), from dist/lib/cli or lib/cli. */
 export function packageRoot(): string {
@@ -58,6 +62,14 @@ export interface TrainCliOptions {
   initFrom?: string;
   progress: boolean;
   prefetch?: number;
+  /** Data parallel on CPU: this many worker processes, each with batch_size / ranks images of every batch. */
+  ranks?: number;
+  /** Data parallel on GPUs: one worker per GPU, gradients summed with NCCL. */
+  gpus?: number;
+  /** Data parallel: compare the ranks' parameter checksums every this many steps (default 100). */
+  checksumEvery?: number;
+  /** 'native', 'js' or 'auto' (default) */
+  backend?: string;
 }
 
 export function loadConfigFile(file: string, overrides: string[]): ExperimentConfig {
@@ -98,19 +110,56 @@ export async function trainCommand(opts: TrainCliOptions, log: (m: string) => vo
   if (opts.seed !== undefined) overrides.push(`seed=${opts.seed}`);
   const configFile = opts.config ?? path.join(packageRoot(), DEFAULT_CONFIG);
   const config = loadConfigFile(configFile, overrides);
+  if (opts.ranks !== undefined && opts.gpus !== undefined) throw new Error('--ranks (CPU processes) and --gpus (NCCL) exclude each other');
+  const world = opts.gpus ?? opts.ranks ?? 1;
+  const worldEnv = Number(process.env.EMORL_WORLD_SIZE ?? 1);
+  if (worldEnv > 1) {
+    throw new Error(
+      `EMORL_WORLD_SIZE=${process.env.EMORL_WORLD_SIZE}: multi-node launches (EMORL_RANK, EMORL_MASTER_ADDR/PORT) are not implemented yet; on one machine use --ranks N or --gpus N`,
+    );
+  }
+  if (!opts.resume) shardRange(config.training.batch_size, 0, world); // B must split evenly (resumed: the checkpoint's config, checked by the ranks)
+  if (opts.gpus !== undefined) checkGpuTraining(opts.gpus);
   const dataFile = await resolveDataFile(config, opts.data, log);
   const stamp = new Date().toISOString().replace(/[:.]/g, '-').slice(0, 19);
   const outDir = opts.out ?? path.join('runs', `${config.training.run_suffix || path.basename(path.dirname(configFile))}-${stamp}`);
   if (opts.resume && !opts.out && typeof opts.resume !== 'string') throw new Error('--resume without a file needs --out (the run folder to resume)');
   if (opts.initFrom && opts.resume) throw new Error('--init-from and --resume exclude each other');
   let initialParams: ParamRecord | undefined;
-  if (opts.initFrom) {
+  if (opts.initFrom && (opts.ranks ?? 1) <= 1 && opts.gpus === undefined) {
     const pth = readPth(opts.initFrom);
     initialParams = Object.fromEntries(pth.params);
     log(`initial weights from ${opts.initFrom} (${pth.params.size} tensors${pth.step !== undefined ? `, saved at step ${pth.step}` : ''})`);
   }
-  await initBackend('cpu');
   log(`config ${configFile}\ndata   ${dataFile}\nout    ${path.resolve(outDir)} (checkpoints/, log.jsonl, tb/ for TensorBoard)`);
+  if (opts.gpus !== undefined || world > 1) {
+    let resume: string | undefined;
+    if (typeof opts.resume === 'string') resume = opts.resume;
+    else if (opts.resume) {
+      resume = latestCheckpoint(path.join(path.resolve(outDir), 'checkpoints'));
+      if (!resume) throw new Error(`${path.join(path.resolve(outDir), 'checkpoints')}: no checkpoint to resume from`);
+    }
+    log(`data parallel: ${world} ${opts.gpus !== undefined ? 'GPU ranks (NCCL)' : 'CPU ranks (worker processes)'}, ${config.training.batch_size / world} images each of every batch of ${config.training.batch_size}`);
+    const summary = await launchRanks({
+      worldSize: world,
+      backend: opts.gpus !== undefined ? 'nccl' : 'cpu',
+      job: {
+        config,
+        dataFile: path.resolve(dataFile),
+        outDir: path.resolve(outDir),
+        steps: opts.steps,
+        resume,
+        initFrom: opts.initFrom && path.resolve(opts.initFrom),
+        progress: opts.progress && Boolean(process.stderr.isTTY),
+        prefetch: opts.prefetch,
+        checksumEvery: opts.checksumEvery,
+        backend: opts.backend,
+      },
+    });
+    log(`${summary.stoppedBy === 'signal' ? 'interrupted' : 'done'} at step ${summary.step}; checkpoint ${summary.lastCheckpoint}` + (summary.skippedSteps ? `; ${summary.skippedSteps} steps skipped for non-finite values` : ''));
+    return summary;
+  }
+  await initBackend('cpu');
   const summary = await train({
     config,
     dataFile,
@@ -120,6 +169,7 @@ export async function trainCommand(opts: TrainCliOptions, log: (m: string) => vo
     initialParams,
     progress: opts.progress && Boolean(process.stderr.isTTY),
     prefetch: opts.prefetch,
+    backend: opts.backend,
     log,
   });
   log(

@@ -1,5 +1,6 @@
 /**
- * Test configs in the original's JSON format (configs/test/<dataset>/<type>/EMORL*.json): the
+ * Test configs in the original's JSON format (configs/test/<dataset>/<type>/EMORL*.json and
+ * SlotAttention*.json): the
  * `Net`, `dataset`, `seed` and `test` sections. Unknown keys and wrong types are errors naming
  * the key. The `test` section's defaults are those of the original eval.py.
  */
@@ -19,7 +20,8 @@ export interface TestSection {
   num_images_to_process: number;
   eval_type: string;
   disentangle_slot: number;
-  model: string;
+  /** 'EfficientMORL' or 'SlotAttention' (the Net section then needs K, input_size, z_size, image_decoder only) */
+  model: 'EfficientMORL' | 'SlotAttention';
   num_workers: number;
   DDP_port: number;
   out_dir: string;
@@ -55,7 +57,7 @@ export const DEFAULT_TEST: Readonly<TestSection> = Object.freeze({
   num_images_to_process: 320,
   eval_type: 'disentanglement',
   disentangle_slot: 0,
-  model: 'EfficientMORL',
+  model: 'EfficientMORL' as const,
   num_workers: 8,
   DDP_port: 29500,
   out_dir: '',
@@ -168,7 +170,9 @@ export function testConfig(raw: unknown): TestConfig {
   const test = section('test', top.test, DEFAULT_TEST, TEST_KINDS);
   if (test.batch_size < 1) throw new TestConfigError(`test.batch_size: must be >= 1, got ${test.batch_size}`);
   if (test.num_images_to_process < 1) throw new TestConfigError(`test.num_images_to_process: must be >= 1, got ${test.num_images_to_process}`);
-  if (test.model !== 'EfficientMORL') throw new TestConfigError(`test.model: only 'EfficientMORL' is supported, got ${JSON.stringify(test.model)}`);
+  if (test.model !== 'EfficientMORL' && test.model !== 'SlotAttention') {
+    throw new TestConfigError(`test.model: must be 'EfficientMORL' or 'SlotAttention', got ${JSON.stringify(test.model)}`);
+  }
   return { Net, dataset, seed: seed as number, test };
 }
 

@@ -2,9 +2,10 @@
  * The original eval.py's `dci_clevr` evaluation: disentanglement, completeness and informativeness
  * (Eastwood & Williams 2018; the original's lib/dci.py, from disentanglement_lib).
  *
- * Per image: the final posterior's means (λ's loc) are decoded to slot masks, which (upsampled to
- * the true masks' size when smaller, as for the ARI) are matched to the ground-truth objects by IoU
- * with the original's `matching_iou`: background left out, objects whose visibility (the factors'
+ * Per image: the final posterior's means (λ's loc) are decoded to slot masks (for Slot Attention:
+ * the slots, with the model's own masks; see eval-model.ts), which (upsampled to the true masks'
+ * size when smaller, as for the ARI) are matched to the ground-truth objects by IoU with the
+ * original's `matching_iou`: background left out, objects whose visibility (the factors'
  * last column) is 0 skipped, objects with fewer than 50 pixels skipped, the total IoU maximised by
  * linear assignment, pairs with IoU < 0.1 dropped. Each matched pair gives a sample: the slot's
  * posterior mean (the code) and the object's factors (the first min(8, F−1) columns: the
@@ -30,7 +31,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { matchByIou } from '../metrics/iou';
 import { tf } from '../tf';
-import { decodeScenes, type DisentangleContext } from './disentangle';
+import type { DisentangleContext } from './disentangle';
 import { resizeBicubicF32 } from './metrics';
 import { GradientBoostingRegressor, GBT_DEFAULTS, samples } from './trees';
 
@@ -237,17 +238,13 @@ export async function collectDciSamples(ctx: DisentangleContext): Promise<{ code
     const B = Math.min(ctx.batchSize, ctx.n - start);
     const batch = await ds.readBatch(Array.from({ length: B }, (_, i) => start + i));
     const x = tf.tensor4d(batch.images, [B, C, H, W]);
-    const result = model.infer(x, ctx.pass);
     let loc: Float32Array;
+    let masks: Float32Array;
     try {
-      const last = result.outputs.stages[result.outputs.stages.length - 1];
-      if (!last.lambda) throw new Error('the final stage has no posterior parameters');
-      loc = tf.tidy(() => tf.split(last.lambda!.reshape([B * K, 2 * Z]), 2, 1)[0].dataSync() as Float32Array);
+      ({ codes: loc, masks } = model.codes(x));
     } finally {
-      result.dispose();
       x.dispose();
     }
-    let masks = decodeScenes(model, loc, B).masks;
     if (Hm !== H || Wm !== W) masks = resizeBicubicF32(masks, B * K, H, W, Hm, Wm);
     const fac = batch.factors!;
     const presence = Float64Array.from({ length: B * O }, (_, q) => fac[q * Fall + Fall - 1]);

@@ -1,6 +1,7 @@
 /**
- * The original eval.py's disentanglement evaluations on the final posterior q(z; λ^(L,I)):
- *   disentanglement_preprocessing  per latent dimension, the min and max of posterior samples over
+ * The original eval.py's disentanglement evaluations on per-slot latents: for EfficientMORL
+ * samples of the final posterior q(z; λ^(L,I)), for Slot Attention the slots (see eval-model.ts):
+ *   disentanglement_preprocessing  per latent dimension, the min and max of the latents over
  *                                  the slots of 100 images → z_range.txt ("min,max" per line)
  *   activeness                     per image (100), a random slot: per dimension, the pixel variance
  *                                  (unbiased, over 6 values spanning z_range) of the decoded image,
@@ -14,13 +15,11 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { H5ImageDataset } from '../data/dataset';
 import { H5File } from '../io/h5';
-import type { EfficientMORL, PassOptions } from '../model/efficient-morl';
-import { decode } from '../model/decoders';
-import { softplusToStd } from '../model/priors';
 import { tf } from '../tf';
 import { imageGrid } from '../util/image-grid';
 import { encodePng } from '../util/png';
 import { Rng } from '../util/rng';
+import type { EvalModel } from './eval-model';
 import { encodeGif } from './gif';
 
 export const DISENTANGLEMENT_IMAGES = 100;
@@ -28,9 +27,8 @@ export const ACTIVENESS_STEPS = 6;
 export const VIZ_STEPS = 8;
 
 export interface DisentangleContext {
-  model: EfficientMORL;
+  model: EvalModel;
   ds: H5ImageDataset;
-  pass: PassOptions;
   batchSize: number;
   /** images to process */
   n: number;
@@ -41,45 +39,16 @@ export interface DisentangleContext {
   log: (m: string) => void;
 }
 
-/** Posterior samples z [B·K, z] of the final stage for images [start, start+B). */
-async function posteriorSamples(ctx: DisentangleContext, start: number, B: number, rng: Rng): Promise<{ z: Float32Array; images01: Float32Array }> {
-  const { model } = ctx;
-  const [C, H, W] = model.cfg.input_size;
-  const { K, z_size: Z } = model.cfg;
+/** The model's per-slot latents z [B·K, z] (see EvalModel.latents) for images [start, start+B). */
+async function slotLatents(ctx: DisentangleContext, start: number, B: number, rng: Rng): Promise<{ z: Float32Array; images01: Float32Array }> {
+  const [C, H, W] = ctx.model.cfg.input_size;
   const batch = await ctx.ds.readBatch(Array.from({ length: B }, (_, i) => start + i));
   const x = tf.tensor4d(batch.images, [B, C, H, W]);
-  const result = model.infer(x, ctx.pass);
   try {
-    const last = result.outputs.stages[result.outputs.stages.length - 1];
-    if (!last.lambda) throw new Error('the final stage has no posterior parameters');
-    const lam = last.lambda.reshape([B * K, 2 * Z]) as tf.Tensor2D;
-    const z = tf.tidy(() => {
-      const [loc, sp] = tf.split(lam, 2, 1);
-      const eps = tf.tensor2d(rng.normals(B * K * Z), [B * K, Z]);
-      return tf.add(loc, tf.mul(eps, softplusToStd(sp)));
-    });
-    const out = Float32Array.from(z.dataSync() as Float32Array);
-    z.dispose();
-    lam.dispose();
-    return { z: out, images01: batch.images.map((v) => (v + 1) / 2) };
+    return { z: ctx.model.latents(x, rng), images01: batch.images.map((v) => (v + 1) / 2) };
   } finally {
-    result.dispose();
     x.dispose();
   }
-}
-
-/** Decodes groups of K slot latents [G·K, z] into images [G,C,H,W] and masks [G,K,H,W] (in [0,1]). */
-export function decodeScenes(model: EfficientMORL, z: Float32Array, G: number): { images: Float32Array; masks: Float32Array } {
-  const [C, H, W] = model.cfg.input_size;
-  const { K, z_size: Z } = model.cfg;
-  return tf.tidy(() => {
-    const dec = decode(model.params, model.ops, model.cfg, tf.tensor2d(z, [G * K, Z]));
-    const rgb = dec.rgb.reshape([G, K, H, W, C]);
-    const logits = dec.maskLogits.reshape([G, K, H, W, 1]);
-    const m = tf.exp(tf.sub(logits, tf.logSumExp(logits, 1, true)));
-    const images = tf.sum(tf.mul(rgb, m), 1).transpose([0, 3, 1, 2]);
-    return { images: images.dataSync() as Float32Array, masks: m.reshape([G, K, H, W]).dataSync() as Float32Array };
-  });
 }
 
 /** The shortest decimal that reads back as the same float32 (numpy's float32 printing). */
@@ -120,7 +89,7 @@ export async function preprocessing(ctx: DisentangleContext): Promise<string[]> 
   const maxs = new Float32Array(Z).fill(-Infinity);
   for (let start = 0; start < n; start += ctx.batchSize) {
     const B = Math.min(ctx.batchSize, n - start);
-    const { z } = await posteriorSamples(ctx, start, B, rng);
+    const { z } = await slotLatents(ctx, start, B, rng);
     for (let r = 0; r < B * K; r++)
       for (let j = 0; j < Z; j++) {
         const v = z[r * Z + j];
@@ -158,7 +127,7 @@ export async function activeness(ctx: DisentangleContext): Promise<string[]> {
   const S = ACTIVENESS_STEPS;
   for (let start = 0; start < n; start += ctx.batchSize) {
     const B = Math.min(ctx.batchSize, n - start);
-    const { z } = await posteriorSamples(ctx, start, B, rng);
+    const { z } = await slotLatents(ctx, start, B, rng);
     for (let b = 0; b < B; b++) {
       const slot = slotRng.int(K);
       slots.push(slot);
@@ -170,7 +139,7 @@ export async function activeness(ctx: DisentangleContext): Promise<string[]> {
           zs.set(z.subarray(b * K * Z, (b + 1) * K * Z), s * K * Z);
           zs[(s * K + slot) * Z + j] = vals[s];
         }
-        const { images } = decodeScenes(ctx.model, zs, S);
+        const { images } = ctx.model.decodeScenes(zs, S);
         let acc = 0;
         for (let p = 0; p < P; p++) {
           let m = 0;
@@ -239,7 +208,7 @@ export async function disentanglementViz(ctx: DisentangleContext): Promise<strin
     };
     for (let start = 0; start < ctx.n; start += ctx.batchSize) {
       const B = Math.min(ctx.batchSize, ctx.n - start);
-      const { z, images01 } = await posteriorSamples(ctx, start, B, rng);
+      const { z, images01 } = await slotLatents(ctx, start, B, rng);
       for (let b = 0; b < B; b++) {
         const grid = new Float32Array(Z * S * P);
         let lastMasks = new Float32Array(0);
@@ -249,7 +218,7 @@ export async function disentanglementViz(ctx: DisentangleContext): Promise<strin
             zs.set(z.subarray(b * K * Z, (b + 1) * K * Z), s * K * Z);
             zs[(s * K + slot) * Z + j] = sweeps[j][s];
           }
-          const { images, masks } = decodeScenes(ctx.model, zs, S);
+          const { images, masks } = ctx.model.decodeScenes(zs, S);
           grid.set(images, j * S * P);
           lastMasks = masks.slice((S - 1) * K * H * W);
         }
@@ -304,7 +273,7 @@ export async function makeGifs(ctx: DisentangleContext): Promise<string[]> {
     return linspace(mid - Math.sqrt(Math.abs(mid - lo)), mid + Math.sqrt(Math.abs(upper[j] - mid)), S);
   });
   const idx = ctx.n - 1;
-  const { z } = await posteriorSamples(ctx, idx, 1, new Rng(ctx.seed + 2));
+  const { z } = await slotLatents(ctx, idx, 1, new Rng(ctx.seed + 2));
   const dir = path.join(ctx.out, 'gifs');
   fs.mkdirSync(dir, { recursive: true });
   for (let slot = 0; slot < K; slot++) {
@@ -314,7 +283,7 @@ export async function makeGifs(ctx: DisentangleContext): Promise<string[]> {
         zs.set(z, s * K * Z);
         zs[(s * K + slot) * Z + j] = sweeps[j][s];
       }
-      const { images } = decodeScenes(ctx.model, zs, S);
+      const { images } = ctx.model.decodeScenes(zs, S);
       const frames = Array.from({ length: S }, (_, s) => {
         const f = new Uint8Array(H * W * 3);
         for (let p = 0; p < H * W; p++)

@@ -143,7 +143,8 @@ function fmtMs(m: { mean: number; std: number }, digits = 4): string {
 export function renderReport(input: ReportInput): string {
   const { summary } = input;
   const parts: string[] = [];
-  parts.push(`<h1>EfficientMORL evaluation: ${esc(summary.type)}</h1>`);
+  const modelName = summary.model === 'SlotAttention' ? 'Slot Attention' : 'EfficientMORL';
+  parts.push(`<h1>${modelName} evaluation: ${esc(summary.type)}</h1>`);
   parts.push(
     `<table class="info"><tr><th>checkpoint</th><td>${esc(input.checkpoint)}</td></tr><tr><th>data</th><td>${esc(input.data)}</td></tr>` +
       `<tr><th>images</th><td>${summary.images}</td></tr><tr><th>generated</th><td>${new Date().toISOString()}</td></tr></table>`,
@@ -156,13 +157,17 @@ export function renderReport(input: ReportInput): string {
         `<tr><td>FG-ARI</td><td data-metric="fg_ari">${fmtMs(r.fg_ari)}</td></tr>` +
         `<tr><td>ARI (with background)</td><td data-metric="ari_with_bg">${fmtMs(r.ari_with_bg)}</td></tr>` +
         `<tr><td>MSE</td><td data-metric="mse">${fmtMs(r.mse)}</td></tr>` +
-        `<tr><td>KL</td><td data-metric="kl">${fmtMs(r.kl, 2)} <small>(std over ${r.kl.std_over})</small></td></tr></table>`,
-    );
-    parts.push(
-      `<h3>Per stage</h3><table class="metrics"><tr><th>stage t</th><th>FG-ARI</th><th>ARI (with bg)</th><th>MSE</th></tr>` +
-        r.stages.map((s) => `<tr><td>${s.t}</td><td>${fmtMs(s.fg_ari)}</td><td>${fmtMs(s.ari_with_bg)}</td><td>${fmtMs(s.mse)}</td></tr>`).join('') +
+        // the KL only for a model with one (Slot Attention has none)
+        (r.kl ? `<tr><td>KL</td><td data-metric="kl">${fmtMs(r.kl, 2)} <small>(std over ${r.kl.std_over})</small></td></tr>` : '') +
         '</table>',
     );
+    if (r.stages.length > 1) {
+      parts.push(
+        `<h3>Per stage</h3><table class="metrics"><tr><th>stage t</th><th>FG-ARI</th><th>ARI (with bg)</th><th>MSE</th></tr>` +
+          r.stages.map((s) => `<tr><td>${s.t}</td><td>${fmtMs(s.fg_ari)}</td><td>${fmtMs(s.ari_with_bg)}</td><td>${fmtMs(s.mse)}</td></tr>`).join('') +
+          '</table>',
+      );
+    }
   }
   if (input.run) parts.push(curves(input.run));
   if (summary.samples.length) {
@@ -171,11 +176,13 @@ export function renderReport(input: ReportInput): string {
     const scale = (w: number) => Math.min(1200, Math.max(w, w * Math.floor(1000 / w)));
     parts.push(`<h2>Decompositions</h2><p>Per row: input, reconstruction, ${K} masks, ${K} per-slot components (final stage).</p>`);
     parts.push(img(ov.uri, 'inputs, reconstructions, masks and components', scale(ov.width)));
-    parts.push(`<h2>Per-stage refinement</h2><p>Per row: one inference stage t (HVAE layers, then refinement steps): reconstruction, ${K} masks, ${K} components.</p>`);
-    summary.samples.forEach((s, i) => {
-      const g = stageGrid(s);
-      parts.push(`<h3>Image ${i}</h3>` + img(g.uri, `stages of image ${i}`, scale(g.width)));
-    });
+    if (summary.samples[0].stages.length > 1) {
+      parts.push(`<h2>Per-stage refinement</h2><p>Per row: one inference stage t (HVAE layers, then refinement steps): reconstruction, ${K} masks, ${K} components.</p>`);
+      summary.samples.forEach((s, i) => {
+        const g = stageGrid(s);
+        parts.push(`<h3>Image ${i}</h3>` + img(g.uri, `stages of image ${i}`, scale(g.width)));
+      });
+    }
   }
   const script =
     `<script>(function(){function check(){var imgs=Array.prototype.slice.call(document.images);` +
@@ -183,7 +190,7 @@ export function renderReport(input: ReportInput): string {
     `document.body.setAttribute('data-images-loaded',ok?'true':'false');document.body.setAttribute('data-image-count',String(imgs.length));}` +
     `if(document.readyState==='complete')check();else window.addEventListener('load',check);})();</script>`;
   return (
-    `<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>EfficientMORL evaluation</title>` +
+    `<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>${modelName} evaluation</title>` +
     `<style>body{font-family:sans-serif;margin:2em;max-width:1300px}table{border-collapse:collapse;margin:0.5em 0}` +
     `td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}.charts{display:flex;flex-wrap:wrap;gap:8px}img{display:block;margin:0.5em 0}</style>` +
     `</head><body data-images-loaded="pending">\n${parts.join('\n')}\n${script}\n</body></html>\n`

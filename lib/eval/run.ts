@@ -1,19 +1,23 @@
 /**
- * `emorl-eval`: the original eval.py's ARI_MSE_KL and sample_viz evaluations on a trained model,
- * batched, over a split of a processed .h5 dataset.
+ * `emorl-eval`: the original eval.py's evaluations on a trained EfficientMORL or Slot Attention
+ * model (test.model; see eval-model.ts for what differs), batched, over a split of a processed
+ * .h5 dataset.
  *
- * Like the original, the model runs at training step geco_warm_start + 1 with β = 1 and (when
+ * Like the original, EfficientMORL runs at training step geco_warm_start + 1 with β = 1 and (when
  * `test.use_geco`) the GECO form of the loss, whose gradient feeds the refinement network; the
- * GECO state (C_ema, β) is the one stored with the weights.
+ * GECO state (C_ema, β) is the one stored with the weights. Slot Attention has one stage and no
+ * KL: its ARI_MSE_KL writes ARI.txt and MSE.txt only, as the original's does.
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { SingleBar, Presets } from 'cli-progress';
 import { H5ImageDataset, DatasetError } from '../data/dataset';
 import { H5File } from '../io/h5';
-import { loadModel } from '../load';
+import type { NetConfig } from '../config/net';
+import { opsForBackend } from '../ops/native';
+import { aModel, loadModel, ModelKindError, type LoadedModel, type ModelKind } from '../load';
 import { Geco } from '../model/geco';
-import type { EfficientMORL, PassOptions, StageOutputs } from '../model/efficient-morl';
+import type { PassOptions } from '../model/efficient-morl';
 import { tf, initBackend } from '../tf';
 import { imageGrid } from '../util/image-grid';
 import { encodePng } from '../util/png';
@@ -22,10 +26,11 @@ import { ariMse, meanStd, type MeanStd } from './metrics';
 import { writeReport } from './report';
 import { activeness, disentanglementViz, makeGifs, preprocessing, DISENTANGLEMENT_IMAGES, type DisentangleContext } from './disentangle';
 import { dci } from './dci';
+import { evalModel, type EvalModel, type EvalStage } from './eval-model';
 
 export interface EvalOptions {
   checkpoint: string;
-  /** test config file (configs/test/<dataset>/<type>/EMORL.json) */
+  /** test config file (configs/test/<dataset>/<type>/EMORL.json or SlotAttention*.json) */
   config: string;
   data: string;
   /** default: the config's test.eval_type */
@@ -40,6 +45,8 @@ export interface EvalOptions {
   /** a training run folder whose log.jsonl gives the report's loss curves */
   run?: string;
   progress?: boolean;
+  /** 'native' (the addon), 'js' (pure TypeScript) or 'auto' (default: native when built) */
+  backend?: string;
   log?: (m: string) => void;
 }
 
@@ -52,18 +59,22 @@ export interface StageMetrics {
 
 export interface AriMseKlResults {
   type: 'ARI_MSE_KL';
+  model: ModelKind;
   checkpoint: string;
   data: string;
   split: string;
   images: number;
   batch_size: number;
-  /** the stage the headline values come from (the last: stochastic_layers − 1 + refinement_iters) */
+  /** the stage the headline values come from (the last: stochastic_layers − 1 + refinement_iters; 0 for Slot Attention) */
   final_stage: number;
   fg_ari: MeanStd;
   ari_with_bg: MeanStd;
   mse: MeanStd;
-  /** the top-level KL; the model gives it per batch, so its std is over batches unless batch_size is 1 */
-  kl: MeanStd & { std_over: 'images' | 'batches' };
+  /**
+   * the top-level KL; the model gives it per batch, so its std is over batches unless batch_size
+   * is 1. Absent for Slot Attention (no KL term).
+   */
+  kl?: MeanStd & { std_over: 'images' | 'batches' };
   stages: StageMetrics[];
   per_image: { fg_ari: number[]; ari_with_bg: number[]; mse: number[] };
 }
@@ -82,6 +93,7 @@ export interface VizSample {
 
 export interface EvalSummary {
   type: EvalType;
+  model: ModelKind;
   out: string;
   images: number;
   results?: AriMseKlResults;
@@ -106,7 +118,7 @@ function checkFile(file: string, what: string): void {
 }
 
 /** Everything checked before any work: files, config, type, model against data. */
-async function prepare(opts: EvalOptions): Promise<{ config: TestConfig; type: EvalType; model: EfficientMORL; ds: H5ImageDataset; n: number; batchSize: number }> {
+async function prepare(opts: EvalOptions): Promise<{ config: TestConfig; type: EvalType; model: EvalModel; ds: H5ImageDataset; n: number; batchSize: number }> {
   checkFile(opts.config, 'config file');
   checkFile(opts.checkpoint, 'checkpoint');
   checkFile(opts.data, 'data file');
@@ -142,16 +154,26 @@ async function prepare(opts: EvalOptions): Promise<{ config: TestConfig; type: E
     if (err instanceof DatasetError) throw new EvalError(err.message);
     throw err;
   }
-  let model: EfficientMORL;
+  const wanted: ModelKind = config.test.model;
+  let loaded: LoadedModel;
   try {
-    model = loadModel(opts.checkpoint, config.Net, { seed: config.seed }).model;
+    loaded = loadModel(opts.checkpoint, config.Net, { seed: config.seed, model: wanted, ops: opsForBackend(opts.backend ?? 'auto') });
   } catch (err) {
     ds.close();
+    if (err instanceof ModelKindError) {
+      throw new EvalError(
+        `${opts.checkpoint} holds ${aModel(err.found)} model but ${opts.config} is a test config for ${err.expected} (test.model ${JSON.stringify(err.expected)}); ` +
+          `use a ${err.found} test config (configs/test/<dataset>/<type>/${err.found === 'SlotAttention' ? 'SlotAttention*.json' : 'EMORL*.json'})`,
+      );
+    }
     const msg = (err as Error).message;
     const pth = !msg.startsWith(opts.checkpoint) && !/\.emorl$/i.test(opts.checkpoint);
     throw new EvalError(pth ? `${opts.checkpoint}: ${msg} (a .pth file carries no config: its weights must fit the Net section of ${opts.config})` : msg);
   }
-  const differing = (Object.keys(model.cfg) as (keyof typeof model.cfg)[]).filter((k) => JSON.stringify(model.cfg[k]) !== JSON.stringify(config.Net[k]));
+  const model = evalModel(loaded, passOptions(loaded.config, config));
+  // Slot Attention reads K, z_size, input_size and image_decoder only
+  const keys: (keyof NetConfig)[] = model.kind === 'SlotAttention' ? ['K', 'z_size', 'input_size', 'image_decoder'] : (Object.keys(model.cfg) as (keyof NetConfig)[]);
+  const differing = keys.filter((k) => JSON.stringify(model.cfg[k]) !== JSON.stringify(config.Net[k]));
   if (differing.length) {
     (opts.log ?? ((m: string) => process.stderr.write(`${m}\n`)))(
       `note: the checkpoint's Net config differs from ${opts.config} in ${differing.map((k) => `${k} (${JSON.stringify(model.cfg[k])} vs ${JSON.stringify(config.Net[k])})`).join(', ')}; using the checkpoint's`,
@@ -176,15 +198,15 @@ async function prepare(opts: EvalOptions): Promise<{ config: TestConfig; type: E
   return { config, type, model, ds, n, batchSize };
 }
 
-function passOptions(model: EfficientMORL, config: TestConfig): PassOptions {
-  const [C, H, W] = model.cfg.input_size;
-  if (!config.test.use_geco) return { klBeta: 1, globalStep: model.cfg.geco_warm_start + 1 };
+function passOptions(cfg: NetConfig, config: TestConfig): PassOptions {
+  const [C, H, W] = cfg.input_size;
+  if (!config.test.use_geco) return { klBeta: 1, globalStep: cfg.geco_warm_start + 1 };
   const geco = new Geco({
     target: config.test.geco_reconstruction_target * C * H * W,
     alpha: config.test.geco_ema_alpha,
     stepSizeAcceleration: config.test.geco_step_size_acceleration,
   });
-  return { klBeta: 1, globalStep: model.cfg.geco_warm_start + 1, geco };
+  return { klBeta: 1, globalStep: cfg.geco_warm_start + 1, geco };
 }
 
 function f32(t: tf.Tensor): Float32Array {
@@ -192,7 +214,7 @@ function f32(t: tf.Tensor): Float32Array {
 }
 
 /** The stage's arrays for image b as plain values: recons [C,H,W], masks [K,H,W], means [K,C,H,W]. */
-function stageArrays(s: StageOutputs, b: number, K: number, C: number, H: number, W: number) {
+function stageArrays(s: EvalStage, b: number, K: number, C: number, H: number, W: number) {
   const P = H * W;
   const recons = f32(s.recons).slice(b * C * P, (b + 1) * C * P);
   const logMasks = f32(s.masks).slice(b * K * P, (b + 1) * K * P);
@@ -263,10 +285,9 @@ export async function runEval(opts: EvalOptions): Promise<EvalSummary> {
     fs.mkdirSync(opts.out, { recursive: true });
     const [C, H, W] = model.cfg.input_size;
     const P = H * W;
-    const { K, stochastic_layers: L } = model.cfg;
+    const { K } = model;
     const { numEntities: O, maskHeight: Hm, maskWidth: Wm } = ds.info;
-    const pass = passOptions(model, config);
-    log(`${type}: ${n} '${config.test.mode}' images of ${opts.data}, batches of ${batchSize}, checkpoint ${opts.checkpoint}`);
+    log(`${type}: ${n} '${config.test.mode}' images of ${opts.data}, batches of ${batchSize}, ${model.kind} checkpoint ${opts.checkpoint}`);
     bar = opts.progress && process.stderr.isTTY ? new SingleBar({ format: `${type} [{bar}] {value}/{total} images | {eta_formatted} left`, stream: process.stderr }, Presets.shades_classic) : undefined;
     bar?.start(type === 'make_gifs' ? model.cfg.K : type === 'disentanglement_preprocessing' || type === 'activeness' ? Math.min(n, DISENTANGLEMENT_IMAGES) : n, 0);
 
@@ -274,7 +295,6 @@ export async function runEval(opts: EvalOptions): Promise<EvalSummary> {
       const ctx: DisentangleContext = {
         model,
         ds,
-        pass,
         batchSize,
         n,
         seed: config.seed,
@@ -287,7 +307,7 @@ export async function runEval(opts: EvalOptions): Promise<EvalSummary> {
       files.push(...(await run(ctx)));
       bar?.stop();
       bar = undefined;
-      const summary: EvalSummary = { type, out: opts.out, images: n, samples, files };
+      const summary: EvalSummary = { type, model: model.kind, out: opts.out, images: n, samples, files };
       if (opts.report) {
         writeReport(opts.report, { summary, checkpoint: opts.checkpoint, data: opts.data, run: opts.run });
         summary.report = opts.report;
@@ -315,13 +335,13 @@ export async function runEval(opts: EvalOptions): Promise<EvalSummary> {
       const batch = await ds.readBatch(indices);
       const images01 = batch.images.map((v) => (v + 1) / 2);
       const x = tf.tensor4d(batch.images, [B, C, H, W]);
-      const result = model.infer(x, { ...pass, decodeHvaeLayers: true });
+      const result = model.run(x);
       try {
-        const stages = result.outputs.stages;
+        const stages = result.stages;
         const last = stages[stages.length - 1];
         finalStage = last.t;
         if (type === 'ARI_MSE_KL') {
-          kls.push(result.kl);
+          if (result.kl !== undefined) kls.push(result.kl);
           for (const s of stages) {
             const v = ariMse({
               trueMasks: batch.masks!,
@@ -349,20 +369,20 @@ export async function runEval(opts: EvalOptions): Promise<EvalSummary> {
             }
           }
         }
-        const attn = result.outputs.attn;
         const needViz = type === 'sample_viz' || samples.length < REPORT_SAMPLES;
         if (needViz) {
           const T = stages.length;
-          const ah = attn.length ? attn[0].shape[3]! : H;
-          const aw = attn.length ? attn[0].shape[4]! : W;
+          // the attention shown for each stage (EfficientMORL: the HVAE layer's for t < L, else the
+          // last layer's, as the original; Slot Attention: the last iteration's)
+          const hasAttn = stages.every((s) => s.attention);
+          const ah = hasAttn ? stages[0].attention!.shape[3]! : H;
+          const aw = hasAttn ? stages[0].attention!.shape[4]! : W;
           for (let b = 0; b < B; b++) {
             const image = images01.slice(b * C * P, (b + 1) * C * P);
             const st = stages.map((s) => ({ t: s.t, ...stageArrays(s, b, K, C, H, W) }));
-            // attention of stage t: the HVAE layer's for t < L, else the last layer's (as the original)
             const attnOf = (i: number): Float32Array | undefined => {
-              if (!attn.length) return undefined;
-              const a = attn[Math.min(stages[i].t, attn.length - 1)];
-              return f32(a).slice(b * K * ah * aw, (b + 1) * K * ah * aw);
+              if (!hasAttn) return undefined;
+              return f32(stages[i].attention!).slice(b * K * ah * aw, (b + 1) * K * ah * aw);
             };
             if (samples.length < REPORT_SAMPLES) samples.push({ C, H, W, K, image, stages: st.map(({ t, recons, masks, components }) => ({ t, recons, masks, components })) });
             if (type === 'sample_viz' && h5) {
@@ -373,7 +393,7 @@ export async function runEval(opts: EvalOptions): Promise<EvalSummary> {
                 h5.createRowDataset('pred_mask', [T, K, H, W, 1], 'float32');
                 h5.createRowDataset('pred_mask_logits', [T, K, H, W, 1], 'float32');
                 h5.createRowDataset('components', [T, K, H, W, C], 'float32');
-                if (attn.length) h5.createRowDataset('attention', [T, K, ah, aw, 1], 'float32');
+                if (hasAttn) h5.createRowDataset('attention', [T, K, ah, aw, 1], 'float32');
                 if (batch.masks) h5.createRowDataset('true_mask', [O, 1, Hm, Wm], 'uint8');
                 h5.setAttr('', 'stages', st.map((s) => s.t));
                 h5.setAttr('', 'layout', 'image [N,H,W,C] in [0,1]; recons [N,T,H,W,C]; pred_mask / pred_mask_logits (log-probabilities) / attention [N,T,K,H,W,1]; components [N,T,K,H,W,C] = m*mean + (1-m); true_mask [N,O,1,Hm,Wm]');
@@ -396,7 +416,7 @@ export async function runEval(opts: EvalOptions): Promise<EvalSummary> {
               h5.appendRows('pred_mask', pm);
               h5.appendRows('pred_mask_logits', pl);
               h5.appendRows('components', comp);
-              if (attn.length) h5.appendRows('attention', at);
+              if (hasAttn) h5.appendRows('attention', at);
               if (batch.masks) h5.appendRows('true_mask', batch.masks.subarray(b * O * Hm * Wm, (b + 1) * O * Hm * Wm));
               const grid = sampleRows(
                 image,
@@ -423,9 +443,9 @@ export async function runEval(opts: EvalOptions): Promise<EvalSummary> {
 
     let results: AriMseKlResults | undefined;
     if (type === 'ARI_MSE_KL') {
-      const klStats = meanStd(kls);
       results = {
         type,
+        model: model.kind,
         checkpoint: opts.checkpoint,
         data: opts.data,
         split: config.test.mode,
@@ -436,30 +456,37 @@ export async function runEval(opts: EvalOptions): Promise<EvalSummary> {
         ari_with_bg: meanStd(perImage.ari_with_bg),
         mse: meanStd(perImage.mse),
         // with unequal batches the mean over batches is weighted by their sizes
-        kl: { ...klStats, mean: weightedKlMean(kls, n, batchSize), n: n, std_over: batchSize === 1 ? 'images' : 'batches' },
+        kl: model.hasKl ? { ...meanStd(kls), mean: weightedKlMean(kls, n, batchSize), n: n, std_over: batchSize === 1 ? 'images' : 'batches' } : undefined,
         stages: [...perStage.entries()].sort((a, b) => a[0] - b[0]).map(([t, v]) => ({ t, fg_ari: meanStd(v.fg), ari_with_bg: meanStd(v.bg), mse: meanStd(v.mse) })),
         per_image: perImage,
       };
       // the original's files (appended to, as eval.py does): "mean,std" lines
+      // (the original writes KL.txt for EfficientMORL only)
       const ariTxt = path.join(opts.out, 'ARI.txt');
       const mseTxt = path.join(opts.out, 'MSE.txt');
-      const klTxt = path.join(opts.out, 'KL.txt');
       fs.appendFileSync(ariTxt, `${results.fg_ari.mean.toFixed(3)},${results.fg_ari.std.toFixed(3)}\n`);
       fs.appendFileSync(mseTxt, `${results.mse.mean},${results.mse.std}\n`);
-      fs.appendFileSync(klTxt, `${results.kl.mean},${results.kl.std}\n`);
+      files.push(ariTxt, mseTxt);
+      if (results.kl) {
+        const klTxt = path.join(opts.out, 'KL.txt');
+        fs.appendFileSync(klTxt, `${results.kl.mean},${results.kl.std}\n`);
+        files.push(klTxt);
+      }
       const json = path.join(opts.out, 'results.json');
       fs.writeFileSync(json, JSON.stringify(results, null, 2));
-      files.push(ariTxt, mseTxt, klTxt, json);
+      files.push(json);
       log(
         `FG-ARI ${results.fg_ari.mean.toFixed(4)} ± ${results.fg_ari.std.toFixed(4)}, ARI (with background) ${results.ari_with_bg.mean.toFixed(4)}, ` +
-          `MSE ${results.mse.mean.toExponential(4)} ± ${results.mse.std.toExponential(4)}, KL ${results.kl.mean.toFixed(2)} (stage ${finalStage})`,
+          `MSE ${results.mse.mean.toExponential(4)} ± ${results.mse.std.toExponential(4)}` +
+          (results.kl ? `, KL ${results.kl.mean.toFixed(2)}` : '') +
+          ` (${model.kind === 'SlotAttention' ? 'Slot Attention' : `stage ${finalStage}`})`,
       );
     }
     if (h5) {
       h5.close();
       h5 = undefined;
     }
-    const summary: EvalSummary = { type, out: opts.out, images: n, results, samples, files };
+    const summary: EvalSummary = { type, model: model.kind, out: opts.out, images: n, results, samples, files };
     if (opts.report) {
       writeReport(opts.report, { summary, checkpoint: opts.checkpoint, data: opts.data, run: opts.run });
       summary.report = opts.report;

@@ -11,6 +11,8 @@ import { tf } from '../tf';
 import type { NetConfig } from '../config/net';
 import { BIG_DECODER_GRID } from '../config/net';
 import type { Ops } from '../ops';
+import type { FusedActivation } from '../ops/conv';
+import { runDecoderLayers, type DecoderLayerSpec, type DecoderSpec } from '../ops/decoder-stage';
 import { paramKey } from '../params/spec';
 import type { ParamStore } from '../params/store';
 import { positionalEmbedding } from './positional';
@@ -35,36 +37,42 @@ export function decoderGrid(cfg: NetConfig): [number, number] {
 }
 
 /**
+ * The decoder's layer stack (lib/ops/decoder-stage.ts) and its projected positional embedding
+ * [gh, gw, z_size], from the parameters under `prefix` ('' for the Slot Attention baseline).
+ */
+export function decoderStack(p: ParamStore, ops: Ops, cfg: NetConfig, prefix = 'hvae_networks'): { spec: DecoderSpec; pos: tf.Tensor3D } {
+  const [gh, gw] = decoderGrid(cfg);
+  const d = paramKey(prefix, 'image_decoder');
+  const grid = tf.tensor3d(positionalEmbedding(gh, gw), [gh, gw, 4]);
+  const pos = ops.linear(grid, p.get(`${d}.pos_embed_projection.weight`), p.get(`${d}.pos_embed_projection.bias`)) as tf.Tensor3D;
+  const weight = (i: number): tf.Tensor4D => p.get(`${d}.decode.${i}.weight`);
+  const bias = (i: number): tf.Tensor1D => p.get(`${d}.decode.${i}.bias`);
+  const conv = (i: number, pad: number, activation: FusedActivation): DecoderLayerSpec => ({ kind: 'conv', weight: weight(i), bias: bias(i), pad, activation });
+  const convT = (i: number, stride: number, pad: number, outputPad: number, activation: FusedActivation): DecoderLayerSpec =>
+    ({ kind: 'convTranspose', weight: weight(i), bias: bias(i), stride, pad, outputPad, activation });
+  let layers: DecoderLayerSpec[];
+  switch (cfg.image_decoder) {
+    case 'small':
+      // layer 0 straight from (z, positional embedding): see ops.broadcastConv2d
+      layers = [{ kind: 'broadcastConv', weight: weight(0), bias: bias(0), pad: 1, activation: 'relu' }, conv(2, 1, 'relu'), conv(4, 1, 'relu'), conv(6, 1, 'linear')];
+      break;
+    case 'iodine':
+      layers = [{ kind: 'broadcastConv', weight: weight(0), bias: bias(0), pad: 0, activation: 'elu' }, conv(2, 0, 'elu'), conv(4, 0, 'elu'), conv(6, 0, 'elu'), conv(8, 0, 'linear')];
+      break;
+    case 'big':
+      layers = [{ kind: 'spatialBroadcast' }, ...[0, 2, 4, 6].map((i) => convT(i, 2, 2, 1, 'relu')), convT(8, 1, 2, 0, 'relu'), convT(10, 1, 1, 0, 'linear')];
+      break;
+  }
+  return { spec: { layers }, pos };
+}
+
+/**
  * z: [n, z_size] -> per-slot RGB and mask logits. `prefix`: the module holding `image_decoder`
  * ('' for the Slot Attention baseline).
  */
 export function decode(p: ParamStore, ops: Ops, cfg: NetConfig, z: tf.Tensor2D, prefix = 'hvae_networks'): DecoderOutput {
-  const [gh, gw] = decoderGrid(cfg);
-  const d = paramKey(prefix, 'image_decoder');
-  const pos = tf.tensor3d(positionalEmbedding(gh, gw), [gh, gw, 4]);
-  const posProj = ops.linear(pos, p.get(`${d}.pos_embed_projection.weight`), p.get(`${d}.pos_embed_projection.bias`));
-  const w = (i: number): tf.Tensor4D => p.get(`${d}.decode.${i}.weight`);
-  const b = (i: number): tf.Tensor1D => p.get(`${d}.decode.${i}.bias`);
-  let x: tf.Tensor4D;
-  switch (cfg.image_decoder) {
-    case 'small':
-      // layer 0 straight from (z, positional embedding): see ops.broadcastConv2d
-      x = ops.broadcastConv2d(z, posProj as tf.Tensor3D, w(0), b(0), { pad: 1, activation: 'relu' });
-      for (const i of [2, 4]) x = ops.conv2d(x, w(i), b(i), { pad: 1, activation: 'relu' });
-      x = ops.conv2d(x, w(6), b(6), { pad: 1 });
-      break;
-    case 'iodine':
-      x = ops.broadcastConv2d(z, posProj as tf.Tensor3D, w(0), b(0), { activation: 'elu' });
-      for (const i of [2, 4, 6]) x = ops.conv2d(x, w(i), b(i), { activation: 'elu' });
-      x = ops.conv2d(x, w(8), b(8));
-      break;
-    case 'big':
-      x = ops.spatialBroadcast(z, posProj as tf.Tensor3D);
-      for (const i of [0, 2, 4, 6]) x = ops.convTranspose2d(x, w(i), b(i), { stride: 2, pad: 2, outputPad: 1, activation: 'relu' });
-      x = ops.convTranspose2d(x, w(8), b(8), { stride: 1, pad: 2, activation: 'relu' });
-      x = ops.convTranspose2d(x, w(10), b(10), { stride: 1, pad: 1 });
-      break;
-  }
+  const { spec, pos } = decoderStack(p, ops, cfg, prefix);
+  const x = runDecoderLayers(ops, spec, z, pos);
   const [rgbLogits, maskLogits] = tf.split(x, [3, 1], 3);
   return { rgb: tf.sigmoid(rgbLogits) as tf.Tensor4D, maskLogits: maskLogits as tf.Tensor4D };
 }

@@ -19,11 +19,10 @@ import { tfjsOps, type Ops } from '../ops';
 import { ParamStore } from '../params/store';
 import { netParamSpecs } from '../params/spec';
 import { Rng } from '../util/rng';
-import { decode } from './decoders';
+import { decode, decoderStack } from './decoders';
 import { encode } from './encoder';
 import type { Geco } from './geco';
 import { hvaeInference } from './hvae';
-import { gaussianNll, gmmNll } from './likelihoods';
 import { SeededNoise, type NoiseSource } from './noise';
 import { gaussianFromParams, klDiag, priorFromSample, rsample, type Gaussian } from './priors';
 import { refinementStep } from './refinement';
@@ -46,6 +45,13 @@ export interface PassOptions {
   refinementIters?: number;
   /** where the standard-normal draws come from (default: the model's seeded source) */
   noise?: NoiseSource;
+  /**
+   * Data-parallel training: the GLOBAL batch size the batch means divide by (default: this
+   * batch's B). With it, the loss is Σ over this shard / lossBatchSize, so summing the ranks'
+   * losses and gradients gives the global batch's; the reported nll, kl, stage losses and deltas
+   * are this shard's shares of the global means in the same way.
+   */
+  lossBatchSize?: number;
 }
 
 export interface CollectOptions {
@@ -187,7 +193,7 @@ export class EfficientMORL {
     checkImageBatch(this.cfg, images);
   }
 
-  private resolve(o: PassOptions): Required<Omit<PassOptions, 'geco'>> & { geco: Geco | null } {
+  private resolve(o: PassOptions): Required<Omit<PassOptions, 'geco' | 'lossBatchSize'>> & { geco: Geco | null } {
     const I = o.refinementIters ?? this.cfg.refinement_iters;
     if (!Number.isInteger(I) || I < 0) throw new Error(`refinementIters must be an integer >= 0, got ${I}`);
     return {
@@ -210,13 +216,13 @@ export class EfficientMORL {
    * (inference): the refinement's ∂loss_i/∂λ_i is taken with tf.valueAndGrads around the stage's
    * own computation, which nests in an outer tape the way autograd.grad(create_graph=True) does.
    */
-  private runPass(images: tf.Tensor4D, opts: PassOptions, collect: boolean): PassInternals {
+  private runPass(images: tf.Tensor4D, opts: PassOptions, collect: boolean, paramGrads: boolean): PassInternals {
     // Tensors that must outlive the inner gradient scopes (released here, also on errors), and
     // the outputs handed to the caller (released here only if the pass fails).
     const kept: tf.Tensor[] = [];
     const handedOut: tf.Tensor[] = [];
     try {
-      return this.runPassWith(images, opts, collect, kept, handedOut);
+      return this.runPassWith(images, opts, collect, paramGrads, kept, handedOut);
     } catch (err) {
       for (const t of handedOut) t.dispose();
       throw err;
@@ -225,7 +231,8 @@ export class EfficientMORL {
     }
   }
 
-  private runPassWith(images: tf.Tensor4D, opts: PassOptions, collect: boolean, kept: tf.Tensor[], handedOut: tf.Tensor[]): PassInternals {
+  /** `paramGrads`: the pass runs under a training tape that will take parameter gradients. */
+  private runPassWith(images: tf.Tensor4D, opts: PassOptions, collect: boolean, paramGrads: boolean, kept: tf.Tensor[], handedOut: tf.Tensor[]): PassInternals {
     const cfg = this.cfg;
     const p = this.params;
     const ops = this.ops;
@@ -251,16 +258,26 @@ export class EfficientMORL {
 
     const x = tf.transpose(images, [0, 2, 3, 1]) as tf.Tensor4D;
     const target = tf.div(tf.add(x, 1), 2) as tf.Tensor4D; // the likelihood's target is in [0,1]
-    const logVar = tf.scalar(Math.fround(2 * Math.fround(cfg.log_scale)));
-    const likelihood = cfg.image_likelihood === 'GMM' ? gmmNll : gaussianNll;
+    const logVar = Math.fround(2 * Math.fround(cfg.log_scale));
+    const decoder = decoderStack(p, ops, cfg);
 
     const useGeco = this.usesGeco(o);
     const cEma = useGeco ? (p.get('geco_C_ema').dataSync() as Float32Array)[0] : 0;
     const beta = useGeco ? (p.get('geco_beta').dataSync() as Float32Array)[0] : 0;
+    // Batch means: over this batch, or (data parallel) this shard's share of the global batch's.
+    const Bg = opts.lossBatchSize;
+    if (Bg !== undefined && (!Number.isInteger(Bg) || Bg < B)) throw new Error(`lossBatchSize must be an integer >= the batch size ${B}, got ${Bg}`);
+    const bmean = (t: tf.Tensor, rows = 1): tf.Scalar => (Bg === undefined ? tf.mean(t) : tf.div(tf.sum(t), Bg * rows)) as tf.Scalar;
+    // GECO's constraint has the value softplus(β)·C_ema whatever the batch: each shard adds its
+    // share B/Bg of it (and of its gradient, softplus(β)·∂(−mean nll)).
+    const constraint = (nll: tf.Tensor1D): tf.Scalar => {
+      const c = o.geco!.constraint(cEma, beta, tf.mean(nll) as tf.Scalar);
+      return Bg === undefined || Bg === B ? c : (tf.mul(c, B / Bg) as tf.Scalar);
+    };
     const stageLoss = (nll: tf.Tensor1D, kl: tf.Tensor1D): tf.Scalar =>
       useGeco
-        ? (tf.sub(tf.mul(o.klBeta, tf.mean(kl)), o.geco!.constraint(cEma, beta, tf.mean(nll) as tf.Scalar)) as tf.Scalar)
-        : (tf.mean(tf.add(nll, tf.mul(o.klBeta, kl))) as tf.Scalar);
+        ? (tf.sub(tf.mul(o.klBeta, bmean(kl)), constraint(nll)) as tf.Scalar)
+        : bmean(tf.add(nll, tf.mul(o.klBeta, kl)));
     const perImage = (klPerSlot: tf.Tensor1D): tf.Tensor1D => tf.sum(klPerSlot.reshape([B, K]), 1) as tf.Tensor1D;
 
     const { k, v } = encode(p, ops, x);
@@ -297,18 +314,28 @@ export class EfficientMORL {
       loss: tf.Scalar;
       nll: tf.Scalar;
       kl: tf.Scalar;
-      means: tf.Tensor5D;
-      logMasks: tf.Tensor5D;
+      /** per-slot means and log masks (when the pass collects outputs) */
+      means?: tf.Tensor5D;
+      logMasks?: tf.Tensor5D;
     }
-    /** One stage: sample z ~ q(λ), decode, score. A function of λ so that it can be differentiated. */
+    /**
+     * One stage: sample z ~ q(λ), decode, score. A function of λ so that it can be differentiated:
+     * stages before the last by the refinement's inner gradient, every stage by a training tape.
+     */
     const stage = (i: number, lambda: tf.Tensor2D, eps: tf.Tensor): Stage => {
       const [mu, sp] = tf.split(lambda, 2, 1) as [tf.Tensor2D, tf.Tensor2D];
       const q = gaussianFromParams(mu, sp);
-      const dec = decode(p, ops, cfg, rsample(q, eps));
-      const means = dec.rgb.reshape([B, K, H, W, C]) as tf.Tensor5D;
-      const logits = dec.maskLogits.reshape([B, K, H, W, 1]);
-      const logMasks = tf.sub(logits, tf.logSumExp(logits, 1, true)) as tf.Tensor5D;
-      const nll = likelihood(target, means, logMasks, logVar);
+      const { nll, means, logMasks } = ops.decoderNll({
+        spec: decoder.spec,
+        z: rsample(q, eps),
+        pos: decoder.pos,
+        target,
+        K,
+        logVar,
+        likelihood: cfg.image_likelihood,
+        grads: paramGrads ? 'all' : i < I ? 'input' : 'none',
+        outputs: collect,
+      });
       let kl: tf.Tensor1D;
       if (i === 0) {
         const h = hierarchicalKl(q);
@@ -317,7 +344,7 @@ export class EfficientMORL {
       } else {
         kl = perImage(klDiag(q, refinementPrior));
       }
-      return { loss: stageLoss(nll, kl), nll: tf.mean(nll) as tf.Scalar, kl: tf.mean(kl) as tf.Scalar, means, logMasks };
+      return { loss: stageLoss(nll, kl), nll: bmean(nll), kl: bmean(kl), means, logMasks };
     };
 
     const stages: StageOutputs[] = [];
@@ -334,7 +361,7 @@ export class EfficientMORL {
         const r = refinementStep(p, ops, lambda, dLambda!, hidden!);
         lambda = tf.add(lambda, r.delta) as tf.Tensor2D;
         hidden = r.hidden;
-        deltas.push((tf.mean(tf.norm(r.delta, 'euclidean', 1)).dataSync() as Float32Array)[0]);
+        deltas.push((bmean(tf.norm(r.delta, 'euclidean', 1), K).dataSync() as Float32Array)[0]);
         eps = noise.normal([N, z]);
       }
       let s: Stage;
@@ -348,8 +375,8 @@ export class EfficientMORL {
             const st = stage(i, l as tf.Tensor2D, stepEps);
             keep(st.nll);
             keep(st.kl);
-            keep(st.means);
-            keep(st.logMasks);
+            if (st.means) keep(st.means);
+            if (st.logMasks) keep(st.logMasks);
             captured = st;
             return st.loss;
           })([lam]),
@@ -362,7 +389,7 @@ export class EfficientMORL {
       }
       stageLosses.push((s.loss.dataSync() as Float32Array)[0]);
       total = tf.add(total, tf.mul(stageWeight(i, I), s.loss)) as tf.Scalar;
-      if (collect) {
+      if (collect && s.means && s.logMasks) {
         const recons = tf.sum(tf.mul(s.means, tf.exp(s.logMasks)), 1).transpose([0, 3, 1, 2]);
         stages.push({
           t: L - 1 + i,
@@ -431,7 +458,7 @@ export class EfficientMORL {
     let r: PassInternals | null = null;
     try {
       tf.tidy(() => {
-        r = this.runPass(images, opts, collect);
+        r = this.runPass(images, opts, collect, false);
       });
     } catch (err) {
       releaseAbandonedTape(); // the refinement's inner gradient tape, if it failed inside
@@ -465,7 +492,7 @@ export class EfficientMORL {
     let grads: tf.NamedTensorMap;
     try {
       ({ value, grads } = tf.variableGrads(() => {
-        r = this.runPass(images as tf.Tensor4D, opts, collect);
+        r = this.runPass(images as tf.Tensor4D, opts, collect, true);
         return r.total;
       }, this.params.trainableVariables()));
     } catch (err) {

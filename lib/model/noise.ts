@@ -79,3 +79,33 @@ export class RecordingNoise implements NoiseSource {
     return t;
   }
 }
+
+/**
+ * One rank's share of another source's draws in data-parallel training: each draw is taken at
+ * the GLOBAL shape (the leading dimension times `worldSize`) and this rank keeps its contiguous
+ * block of rows [rank·n, (rank+1)·n). The model's draws are [B·K, z], image-major, so with every
+ * rank walking the same seeded source, rank r receives exactly the rows that a single-rank run
+ * over the whole global batch would have given its images r·B/N … (r+1)·B/N − 1.
+ */
+export class ShardedNoise implements NoiseSource {
+  constructor(
+    readonly inner: NoiseSource,
+    readonly rank: number,
+    readonly worldSize: number,
+  ) {
+    if (!Number.isInteger(worldSize) || worldSize < 1) throw new Error(`ShardedNoise: worldSize must be a positive integer, got ${worldSize}`);
+    if (!Number.isInteger(rank) || rank < 0 || rank >= worldSize) throw new Error(`ShardedNoise: rank must be an integer in [0, ${worldSize}), got ${rank}`);
+  }
+
+  normal(shape: number[]): tf.Tensor {
+    if (this.worldSize === 1) return this.inner.normal(shape);
+    if (shape.length === 0) throw new Error('ShardedNoise: a scalar draw cannot be split across ranks');
+    const [n, ...rest] = shape;
+    const global = this.inner.normal([n * this.worldSize, ...rest]);
+    const row = sizeOf(rest);
+    const all = global.dataSync() as Float32Array;
+    const mine = all.slice(this.rank * n * row, (this.rank + 1) * n * row);
+    global.dispose();
+    return tf.tensor(mine, shape, 'float32');
+  }
+}

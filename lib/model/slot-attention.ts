@@ -23,7 +23,7 @@ import { tfjsOps, type Ops } from '../ops';
 import { slotAttentionParamSpecs } from '../params/slot-attention-spec';
 import { ParamStore } from '../params/store';
 import { Rng } from '../util/rng';
-import { decode } from './decoders';
+import { decoderStack } from './decoders';
 import { checkImageBatch, releaseAbandonedTape, type ModelOptions } from './efficient-morl';
 import { encode } from './encoder';
 import { attendSlots, residualMlp } from './hvae';
@@ -38,6 +38,11 @@ export interface SlotAttentionPassOptions {
   noise?: NoiseSource;
   /** return the outputs below (default: true for infer, false for lossAndGrads) */
   outputs?: boolean;
+  /**
+   * Data-parallel training: the GLOBAL batch size the summed error divides by (default: this
+   * batch's B), so that the ranks' losses and gradients sum to the global batch's.
+   */
+  lossBatchSize?: number;
 }
 
 /** One pass's tensors, in the original's layouts (the caller disposes them via the result). */
@@ -112,7 +117,8 @@ export class SlotAttention {
   }
 
   /** The forward pass; `out` marks tensors handed to the caller (kept beyond any scope). */
-  private pass(images: tf.Tensor4D, noise: NoiseSource, collect: boolean, handedOut: tf.Tensor[]): PassResult {
+  /** `paramGrads`: the pass runs under a training tape that will take parameter gradients. */
+  private pass(images: tf.Tensor4D, noise: NoiseSource, collect: boolean, paramGrads: boolean, handedOut: tf.Tensor[], lossBatchSize?: number): PassResult {
     const p = this.params;
     const ops = this.ops;
     const { K, z_size: z } = this.cfg;
@@ -146,15 +152,30 @@ export class SlotAttention {
       slots = residualMlp(p, ops, next.reshape([B, K, z]) as tf.Tensor3D, 'norm_pre_ff', 'mlp');
     }
 
-    const dec = decode(p, ops, this.cfg, slots.reshape([N, z]) as tf.Tensor2D, '');
-    const means = dec.rgb.reshape([B, K, H, W, C]);
-    const logits = dec.maskLogits.reshape([B, K, H, W, 1]);
-    const logMasks = tf.sub(logits, tf.logSumExp(logits, 1, true));
-    const recons = tf.sum(tf.mul(means, tf.exp(logMasks)), 1) as tf.Tensor4D; // [B,H,W,C]
-    const target = tf.div(tf.add(x, 1), 2);
-    const total = tf.div(tf.sum(tf.square(tf.sub(target, recons))), B) as tf.Scalar;
+    const target = tf.div(tf.add(x, 1), 2) as tf.Tensor4D;
+    if (lossBatchSize !== undefined && (!Number.isInteger(lossBatchSize) || lossBatchSize < B)) {
+      throw new Error(`lossBatchSize must be an integer >= the batch size ${B}, got ${lossBatchSize}`);
+    }
+    // Σ (x01 − recons)² is twice the nll of the unit-variance Gaussian likelihood (logVar 0), so
+    // the decoding stage op (one native call on nativeOps) computes it with the decoder.
+    const decoder = decoderStack(p, ops, this.cfg, '');
+    const dec = ops.decoderNll({
+      spec: decoder.spec,
+      z: slots.reshape([N, z]) as tf.Tensor2D,
+      pos: decoder.pos,
+      target,
+      K,
+      logVar: 0,
+      likelihood: 'Gaussian',
+      grads: paramGrads ? 'all' : 'none',
+      outputs: collect,
+    });
+    const total = tf.div(tf.mul(tf.sum(dec.nll), 2), lossBatchSize ?? B) as tf.Scalar;
 
-    const outputs: SlotAttentionOutputs | undefined = collect
+    const means = dec.means;
+    const logMasks = dec.logMasks;
+    const recons = means && logMasks ? (tf.sum(tf.mul(means, tf.exp(logMasks)), 1) as tf.Tensor4D) : undefined; // [B,H,W,C]
+    const outputs: SlotAttentionOutputs | undefined = collect && means && logMasks && recons
       ? {
           xMeans: out(means.transpose([0, 1, 4, 2, 3])),
           masks: out(logMasks.transpose([0, 1, 4, 2, 3])),
@@ -177,7 +198,7 @@ export class SlotAttention {
     let outputs: SlotAttentionOutputs | undefined;
     try {
       tf.tidy(() => {
-        const r = this.pass(images, opts.noise ?? this.noise, opts.outputs ?? true, handedOut);
+        const r = this.pass(images, opts.noise ?? this.noise, opts.outputs ?? true, false, handedOut, opts.lossBatchSize);
         totalLoss = (r.total.dataSync() as Float32Array)[0];
         outputs = r.outputs;
       });
@@ -202,7 +223,7 @@ export class SlotAttention {
     let grads: tf.NamedTensorMap;
     try {
       ({ value, grads } = tf.variableGrads(() => {
-        r = this.pass(images as tf.Tensor4D, opts.noise ?? this.noise, opts.outputs ?? false, handedOut);
+        r = this.pass(images as tf.Tensor4D, opts.noise ?? this.noise, opts.outputs ?? false, true, handedOut, opts.lossBatchSize);
         return r.total;
       }, this.params.trainableVariables()));
     } catch (err) {

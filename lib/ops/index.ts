@@ -4,6 +4,7 @@
  */
 import { broadcastConv2d, spatialBroadcast } from './broadcast';
 import { conv2d, convTranspose2d, withoutParamGrads } from './conv';
+import { decoderNllReference, type DecoderNllArgs, type DecoderNllResult } from './decoder-stage';
 import { dualGruCell, elu, gruCell, layerNorm, linear } from './nn';
 
 export interface Ops {
@@ -20,10 +21,24 @@ export interface Ops {
   dualGruCell: typeof dualGruCell;
   /** Runs a forward+backward pass in which parameter gradients are not needed (may skip them). */
   withoutParamGrads: typeof withoutParamGrads;
+  /** A decoding stage: the decoder's layer stack and the image likelihood of its output (decoder-stage.ts) */
+  decoderNll(args: DecoderNllArgs): DecoderNllResult;
 }
 
 /** The reference implementation: tfjs ops plus TypeScript im2col/GEMM convolutions. */
-export const tfjsOps: Ops = { conv2d, convTranspose2d, spatialBroadcast, broadcastConv2d, linear, layerNorm, elu, gruCell, dualGruCell, withoutParamGrads };
+export const tfjsOps: Ops = {
+  conv2d,
+  convTranspose2d,
+  spatialBroadcast,
+  broadcastConv2d,
+  linear,
+  layerNorm,
+  elu,
+  gruCell,
+  dualGruCell,
+  withoutParamGrads,
+  decoderNll: (args) => decoderNllReference(tfjsOps, args),
+};
 
 export type { ConvOptions, ConvTransposeOptions } from './conv';
 export type { GruWeights, DualGruWeights } from './nn';

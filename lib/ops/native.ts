@@ -10,54 +10,11 @@
  */
 import { tf } from '../tf';
 import { nativeStatus } from '../native';
+import { addonOps as nhwc, nativeOpsAvailable } from './addon';
+import { decoderNll } from './native-decoder';
 import { tfjsOps, type Ops } from './index';
 import { addTapSumsGrad, broadcastConvShapes, broadcastTapSums } from './broadcast';
 import { convTransposeShapes, paramGradsEnabled, type ConvOptions, type ConvTransposeOptions, type FusedActivation } from './conv';
-
-/** The addon's NHWC entry points (native/binding.cc; argument checks there). */
-interface NhwcGrads {
-  dx: Float32Array | null;
-  dw: Float32Array | null;
-  db: Float32Array | null;
-}
-interface NhwcAddon {
-  nhwcConv2d(x: Float32Array, xShape: number[], w: Float32Array, wShape: number[], bias: Float32Array | null,
-    stride: number[], pad: number[], act: number[]): Float32Array;
-  nhwcConv2dBackward(x: Float32Array, xShape: number[], w: Float32Array, wShape: number[], y: Float32Array | null,
-    dy: Float32Array, stride: number[], pad: number[], act: number[], needDx: boolean, needParams: boolean): NhwcGrads;
-  nhwcConvTranspose2d(x: Float32Array, xShape: number[], w: Float32Array, wShape: number[], bias: Float32Array | null,
-    stride: number[], pad: number[], outputPad: number[], act: number[]): Float32Array;
-  nhwcConvTranspose2dBackward(x: Float32Array, xShape: number[], w: Float32Array, wShape: number[],
-    y: Float32Array | null, dy: Float32Array, stride: number[], pad: number[], outputPad: number[], act: number[],
-    needDx: boolean, needParams: boolean): NhwcGrads;
-  matmul(a: Float32Array, aShape: number[], b: Float32Array, bShape: number[], transA: boolean, transB: boolean,
-    out?: Float32Array | null): Float32Array;
-}
-
-let addon: NhwcAddon | undefined;
-
-/** The loaded addon (the same module lib/native.ts loaded); throws with the reason if absent or too old. */
-function nhwc(): NhwcAddon {
-  if (addon) return addon;
-  const st = nativeStatus();
-  if (!st.available || !st.path) throw new Error(`emorl native addon unavailable: ${st.reason ?? 'unknown reason'}`);
-  // eslint-disable-next-line @typescript-eslint/no-require-imports
-  const mod = require(st.path) as Partial<NhwcAddon>;
-  if (typeof mod.nhwcConv2d !== 'function' || typeof mod.nhwcConvTranspose2dBackward !== 'function') {
-    throw new Error(`the addon at ${st.path} has no NHWC kernels; rebuild it with \`npm run build:native\``);
-  }
-  return (addon = mod as NhwcAddon);
-}
-
-/** Whether the loaded addon has the NHWC kernels nativeOps needs. */
-export function nativeOpsAvailable(): boolean {
-  try {
-    nhwc();
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 const ACT: Record<FusedActivation, number> = { linear: 0, relu: 1, elu: 2 };
 
@@ -372,10 +329,34 @@ export function layerNorm(x: tf.Tensor, weight?: tf.Tensor, bias?: tf.Tensor, ep
   return op(x, weight);
 }
 
-/** tfjsOps with the convolutions, the big linear layers and layerNorm on the native addon / fused loops. */
-export const nativeOps: Ops = { ...tfjsOps, conv2d, convTranspose2d, broadcastConv2d, linear, layerNorm };
+/**
+ * tfjsOps with the convolutions, the big linear layers, layerNorm and whole decoding stages on the
+ * native addon / fused loops.
+ */
+export const nativeOps: Ops = { ...tfjsOps, conv2d, convTranspose2d, broadcastConv2d, linear, layerNorm, decoderNll };
+
+export { nativeOpsAvailable };
 
 /** nativeOps when the addon (with its NHWC kernels) is available, else tfjsOps. */
 export function defaultOps(): Ops {
   return nativeStatus().available && nativeOpsAvailable() ? nativeOps : tfjsOps;
 }
+
+export type ComputeBackend = 'native' | 'js' | 'auto';
+
+/**
+ * The ops of a backend by name: 'native' (the addon; an error saying why when it is not
+ * available), 'js' (the pure TypeScript reference) or 'auto' (native when built, else js).
+ */
+export function opsForBackend(name: string): Ops {
+  if (name === 'auto') return defaultOps();
+  if (name === 'js') return tfjsOps;
+  if (name === 'native') {
+    const st = nativeStatus();
+    if (!st.available) throw new Error(`backend 'native': the addon is not available (${st.reason}); build it with \`npm run build:native\` or use --backend js`);
+    if (!nativeOpsAvailable()) throw new Error(`backend 'native': the addon at ${st.path} is older than this package; rebuild it with \`npm run build:native\``);
+    return nativeOps;
+  }
+  throw new Error(`unknown backend ${JSON.stringify(name)} (use native, js or auto)`);
+}
+

@@ -8,7 +8,9 @@
  *
  * Parameter names are mapped as the original eval.py's rename_state does before
  * load_state_dict (see mapStateDictName), then the DistributedDataParallel 'module.' prefix is
- * stripped. GECO's state is two entries of the state_dict ('geco_C_ema', 'geco_beta': nn.
+ * stripped. A Slot Attention state_dict (recognised by its top-level 'init_slots') keeps its
+ * top-level names: rename_state would move its encoder under 'hvae_networks.', where the
+ * original SlotAttention has no such module. GECO's state is two entries of the state_dict ('geco_C_ema', 'geco_beta': nn.
  * Parameters with requires_grad=False), kept in `params` and also reported in `geco`.
  *
  * Optimizer mapping: torch.optim.Optimizer.state_dict() numbers the parameters 0..N-1 in the
@@ -62,8 +64,21 @@ export interface PthOptimizer {
   mappingNote?: string;
 }
 
+/** The models whose state_dicts readPth names (the original's EfficientMORL and SlotAttention). */
+export type PthModel = 'EfficientMORL' | 'SlotAttention';
+
+export interface PthReadOptions {
+  /** whose naming to apply (default: the model the state_dict looks like, see PthCheckpoint.model) */
+  model?: PthModel;
+}
+
 export interface PthCheckpoint {
   format: 'zip' | 'legacy';
+  /**
+   * The model the state_dict looks like: 'SlotAttention' when it has a top-level 'init_slots'
+   * (after the 'module.' prefix), else 'EfficientMORL'.
+   */
+  model: PthModel;
   step?: number;
   klBeta?: number;
   geco?: { C_ema?: number; beta?: number };
@@ -88,7 +103,8 @@ export interface PthCheckpoint {
  *  module) or 'gru.cell.zeros' (incl. 'zeros_n': the DualGRU's constant padding, no longer in
  *  the state_dict).
  */
-export function mapStateDictName(key: string): string | null {
+export function mapStateDictName(key: string, model: PthModel = 'EfficientMORL'): string | null {
+  if (model === 'SlotAttention') return mapSlotAttentionName(key);
   const k = key.startsWith('module.') ? key : `module.${key}`;
   const obsolete = k.includes('generation_relation') || k.includes('gru.cell.zeros');
   let out: string;
@@ -102,6 +118,24 @@ export function mapStateDictName(key: string): string | null {
     out = k;
   }
   return out.slice('module.'.length);
+}
+
+/**
+ * A Slot Attention state_dict key's name: the 'module.' prefix stripped. Its modules sit at the
+ * top level (lib/model.py SlotAttention), so rename_state's moves of 'encoder_pt*' and
+ * 'pos_embed_projection*' under 'hvae_networks.' are not made (the original's strict
+ * load_state_dict would reject them), and undone for a file that went through them.
+ */
+export function mapSlotAttentionName(key: string): string {
+  const k = key.startsWith('module.') ? key.slice('module.'.length) : key;
+  const m = /^hvae_networks\.((?:encoder_pt|pos_embed_projection).*)$/.exec(k);
+  return m ? m[1] : k;
+}
+
+/** 'SlotAttention' when the state_dict has a top-level 'init_slots', else 'EfficientMORL'. */
+export function stateDictModel(keys: Iterable<string>): PthModel {
+  for (const k of keys) if (k === 'init_slots' || k === 'module.init_slots') return 'SlotAttention';
+  return 'EfficientMORL';
 }
 
 function asNumber(v: PickleValue | undefined, key: string, source: string): number | undefined {
@@ -120,7 +154,7 @@ function toTensor(v: PickleValue, key: string, source: string): PthTensor {
 
 const BUFFER_SUFFIXES = ['.running_mean', '.running_var', '.num_batches_tracked'];
 
-function readOptimizer(opt: PickleValue, rawKeys: string[], params: Map<string, PthTensor>, source: string): PthOptimizer {
+function readOptimizer(opt: PickleValue, rawKeys: string[], params: Map<string, PthTensor>, source: string, model: PthModel): PthOptimizer {
   if (!(opt instanceof PyDict)) throw new PthError(`${source}: 'model_opt' is a ${describe(opt)}, not a dict`);
   const groupsV = opt.get('param_groups');
   const stateV = opt.get('state');
@@ -169,7 +203,7 @@ function readOptimizer(opt: PickleValue, rawKeys: string[], params: Map<string, 
     result.mappingNote = 'optimizer parameter indices are not 0..N-1; state left by index';
     return result;
   }
-  const indexToName = order.map((k) => mapStateDictName(k));
+  const indexToName = order.map((k) => mapStateDictName(k, model));
   for (const [i, s] of state) {
     const name = i < indexToName.length ? indexToName[i] : undefined;
     if (name === undefined) {
@@ -193,7 +227,7 @@ function readOptimizer(opt: PickleValue, rawKeys: string[], params: Map<string, 
 }
 
 /** Parses a checkpoint held in memory; `source` names it in errors. */
-export function decodePth(buf: Uint8Array, source: string): PthCheckpoint {
+export function decodePth(buf: Uint8Array, source: string, opts: PthReadOptions = {}): PthCheckpoint {
   const { format, root } = loadTorch(buf, source);
   if (!(root instanceof PyDict)) throw new PthError(`${source}: the checkpoint is a ${describe(root)}, not a dict`);
   let stateDict: PyDict;
@@ -213,10 +247,15 @@ export function decodePth(buf: Uint8Array, source: string): PthCheckpoint {
   const renamed: Array<[string, string]> = [];
   const dropped: string[] = [];
   const rawKeys: string[] = [];
-  for (const [k, v] of stateDict) {
+  for (const k of stateDict.keys()) {
     if (typeof k !== 'string') throw new PthError(`${source}: state_dict key ${describe(k)} is not a string`);
     rawKeys.push(k);
-    const name = mapStateDictName(k);
+  }
+  const looksLike = stateDictModel(rawKeys);
+  const naming = opts.model ?? looksLike;
+  for (const [key, v] of stateDict) {
+    const k = key as string;
+    const name = mapStateDictName(k, naming);
     if (name === null) {
       dropped.push(k);
       continue;
@@ -228,12 +267,12 @@ export function decodePth(buf: Uint8Array, source: string): PthCheckpoint {
     if (stripped !== name) renamed.push([k, name]);
     params.set(name, toTensor(v, k, source));
   }
-  const out: PthCheckpoint = { format, params, renamed, dropped };
+  const out: PthCheckpoint = { format, model: looksLike, params, renamed, dropped };
   if (meta) {
     out.step = asNumber(meta.get('step'), 'step', source);
     out.klBeta = asNumber(meta.get('kl_beta'), 'kl_beta', source);
     const opt = meta.get('model_opt');
-    if (opt !== undefined && opt !== null) out.optimizer = readOptimizer(opt, rawKeys, params, source);
+    if (opt !== undefined && opt !== null) out.optimizer = readOptimizer(opt, rawKeys, params, source, naming);
   }
   const c = params.get('geco_C_ema');
   const b = params.get('geco_beta');
@@ -246,9 +285,9 @@ export function decodePth(buf: Uint8Array, source: string): PthCheckpoint {
 }
 
 /** Reads a PyTorch checkpoint file (zip or legacy serialisation). */
-export function readPth(file: string): PthCheckpoint {
+export function readPth(file: string, opts: PthReadOptions = {}): PthCheckpoint {
   if (!fs.existsSync(file)) throw new PthError(`${file}: no such file`);
-  return decodePth(fs.readFileSync(file), file);
+  return decodePth(fs.readFileSync(file), file, opts);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -18,20 +18,33 @@ import { experimentConfig, gecoTargetCheck, type ExperimentConfig } from '../con
 import { H5ImageDataset, type Batch } from '../data/dataset';
 import { BatchIterator, type IteratorPosition } from '../data/iterator';
 import { adjustedRandIndex } from '../metrics';
-import { SeededNoise } from '../model/noise';
+import { SeededNoise, ShardedNoise, type NoiseSource } from '../model/noise';
 import type { AdamState } from '../optim/adam';
 import type { ParamRecord } from '../params/store';
 import { mixSeeds, Rng, type RngState } from '../util/rng';
 import { imageGrid } from '../util/image-grid';
-import { latestCheckpoint, readCheckpoint, saveRunCheckpoint, type CheckpointData, type TensorEntry } from './checkpoint';
+import { checkpointName, latestCheckpoint, readCheckpoint, saveRunCheckpoint, type CheckpointData, type TensorEntry } from './checkpoint';
+import { allgatherUint32, barrier, DistributedError, shardRange, type Communicator } from './distributed';
 import { TensorBoardWriter } from './tensorboard';
+import { opsForBackend } from '../ops/native';
 import { Trainer, type StepResult, type TrainerState } from './trainer';
 
 export class TrainingError extends Error {
-  constructor(message: string) {
+  /** Data parallel: every rank stops with this same error at the same step (decided on reduced values). */
+  readonly allRanks: boolean;
+
+  constructor(message: string, opts: { allRanks?: boolean } = {}) {
     super(message);
     this.name = 'TrainingError';
+    this.allRanks = opts.allRanks ?? false;
   }
+}
+
+/** Data-parallel training (distributed.ts): this process is one of `comm.worldSize` ranks. */
+export interface DistributedOptions {
+  comm: Communicator;
+  /** Compare the ranks' parameter checksums every this many steps (default 100; 0: only at start and end). */
+  checksumEvery?: number;
 }
 
 export interface TrainCallbacks {
@@ -62,6 +75,14 @@ export interface TrainOptions {
   log?: (message: string) => void;
   /** Read-ahead batches of the data iterator (default 2). */
   prefetch?: number;
+  /**
+   * Data parallel: every rank calls train() with the same options and its communicator. Each
+   * walks the same global batches and trains on its contiguous share; rank 0 alone writes the
+   * checkpoints, logs, TensorBoard events and progress. training.batch_size is the GLOBAL batch.
+   */
+  distributed?: DistributedOptions;
+  /** 'native' (the C++ addon), 'js' (pure TypeScript) or 'auto' (default: native when built) */
+  backend?: string;
 }
 
 export interface TrainSummary {
@@ -232,11 +253,30 @@ function logImages(tb: TensorBoardWriter, step: number, images: tf.Tensor, outpu
 
 /** Trains; resolves when the run is done or was stopped by a signal (after checkpointing). */
 export async function train(opts: TrainOptions): Promise<TrainSummary> {
-  const log = opts.log ?? ((m: string) => process.stderr.write(`${m}\n`));
+  const comm = opts.distributed?.comm;
+  try {
+    return await trainRank(opts);
+  } catch (err) {
+    // The other ranks must not wait for this one in a collective that will never come.
+    comm?.close?.();
+    throw err;
+  }
+}
+
+async function trainRank(opts: TrainOptions): Promise<TrainSummary> {
+  const comm = opts.distributed?.comm;
+  const rank = comm?.rank ?? 0;
+  const world = comm?.worldSize ?? 1;
+  const isRoot = rank === 0;
+  const checksumEvery = opts.distributed?.checksumEvery ?? 100;
+  if (!Number.isInteger(checksumEvery) || checksumEvery < 0) throw new TrainingError(`checksumEvery must be an integer >= 0, got ${checksumEvery}`);
+  const rootLog = opts.log ?? ((m: string) => process.stderr.write(`${m}\n`));
+  // Data parallel: rank 0 speaks for the job.
+  const log = isRoot ? rootLog : () => undefined;
   let config = opts.config;
   const outDir = path.resolve(opts.outDir);
   const ckptDir = path.join(outDir, 'checkpoints');
-  checkWritable(outDir);
+  if (isRoot) checkWritable(outDir);
 
   let resumed: LoadedTrainingCheckpoint | undefined;
   if (opts.resume) {
@@ -244,6 +284,15 @@ export async function train(opts: TrainOptions): Promise<TrainSummary> {
     if (!file) throw new TrainingError(`${ckptDir}: no checkpoint to resume from`);
     resumed = loadTrainingCheckpoint(file);
     config = resumed.meta.config;
+  }
+  let shard: [number, number] = [0, config.training.batch_size];
+  if (comm) {
+    try {
+      shard = shardRange(config.training.batch_size, rank, world);
+    } catch (err) {
+      if (err instanceof DistributedError) throw new TrainingError(err.message);
+      throw err;
+    }
   }
   const { hasTestMasks } = await checkData(config, opts.dataFile);
   const totalSteps = opts.steps ?? config.training.iters + 1;
@@ -257,8 +306,11 @@ export async function train(opts: TrainOptions): Promise<TrainSummary> {
     );
   }
 
-  const trainer = new Trainer(config);
+  const trainer = new Trainer(config, { comm, ops: opsForBackend(opts.backend ?? 'auto') });
   const noise = new SeededNoise(new Rng(mixSeeds(config.seed, 0x7e15e)));
+  // Data parallel: every rank draws the global noise and keeps its rows (the checkpoint keeps
+  // the one global RNG state, as a single-rank run's).
+  const stepNoise: NoiseSource = world > 1 ? new ShardedNoise(noise, rank, world) : noise;
   let start: IteratorPosition = { epoch: 0, batch: 0 };
   if (resumed) {
     trainer.model.params.load(resumed.params);
@@ -278,10 +330,10 @@ export async function train(opts: TrainOptions): Promise<TrainSummary> {
     { batchSize: config.training.batch_size, seed: config.seed, prefetch: opts.prefetch ?? 2 },
     start,
   );
-  const held = hasTestMasks && config.training.ari_freq > 0 ? await loadHeldOut(config, opts.dataFile) : undefined;
-  fs.writeFileSync(path.join(outDir, 'config.json'), JSON.stringify(config, null, 2));
-  const jsonl = fs.openSync(path.join(outDir, 'log.jsonl'), 'a');
-  const tb = new TensorBoardWriter(path.join(outDir, 'tb'));
+  const held = isRoot && hasTestMasks && config.training.ari_freq > 0 ? await loadHeldOut(config, opts.dataFile) : undefined;
+  if (isRoot) fs.writeFileSync(path.join(outDir, 'config.json'), JSON.stringify(config, null, 2));
+  const jsonl = isRoot ? fs.openSync(path.join(outDir, 'log.jsonl'), 'a') : undefined;
+  const tb = isRoot ? new TensorBoardWriter(path.join(outDir, 'tb')) : undefined;
 
   let stopSignal: NodeJS.Signals | undefined;
   const onSignal = (sig: NodeJS.Signals) => {
@@ -295,7 +347,7 @@ export async function train(opts: TrainOptions): Promise<TrainSummary> {
     process.on('SIGTERM', onSignal);
   }
 
-  const showBar = opts.progress ?? Boolean(process.stderr.isTTY);
+  const showBar = isRoot && (opts.progress ?? Boolean(process.stderr.isTTY));
   const bar = showBar
     ? new SingleBar({
         stream: process.stderr,
@@ -307,27 +359,64 @@ export async function train(opts: TrainOptions): Promise<TrainSummary> {
 
   let lastCheckpoint: string | undefined;
   const checkpoint = async (): Promise<void> => {
-    lastCheckpoint = saveRunCheckpoint(ckptDir, trainer.state.step, buildCheckpoint(trainer, noise, iterator.position(), opts.dataFile), config.training.keep_checkpoints);
-    await opts.callbacks?.onCheckpoint?.(lastCheckpoint, trainer.state.step);
+    if (isRoot) {
+      lastCheckpoint = saveRunCheckpoint(ckptDir, trainer.state.step, buildCheckpoint(trainer, noise, iterator.position(), opts.dataFile), config.training.keep_checkpoints);
+      await opts.callbacks?.onCheckpoint?.(lastCheckpoint, trainer.state.step);
+    } else {
+      lastCheckpoint = path.join(ckptDir, checkpointName(trainer.state.step));
+    }
+    // Nobody runs ahead of (or stops before) a checkpoint rank 0 is writing.
+    if (comm) await barrier(comm);
   };
+  /** Data parallel: all ranks must hold bit-identical parameters (a collective: every rank calls it). */
+  const verifyRanks = async (): Promise<void> => {
+    if (!comm || world === 1) return;
+    const sums = await allgatherUint32(comm, trainer.parameterChecksum());
+    if (sums.some((c) => c !== sums[0])) {
+      throw new TrainingError(
+        `ranks diverged at step ${trainer.state.step}: parameter checksums ${sums.map((c, r) => `rank ${r} ${c.toString(16).padStart(8, '0')}`).join(', ')}`,
+        { allRanks: true },
+      );
+    }
+  };
+  // Data parallel: the stop the ranks agreed on (a signal on any rank, reduced with the gradients).
+  let stopAll = false;
 
   let last: StepResult | undefined;
   const t0 = Date.now();
   const firstStep = trainer.state.step;
   try {
-    while (trainer.state.step < totalSteps && !stopSignal) {
+    await verifyRanks();
+    while (trainer.state.step < totalSteps && !(comm ? stopAll : stopSignal)) {
       // A prefetched batch is an already-settled promise, and awaiting it never returns to the
       // event loop; yield once per step so that signals (and the reader thread) are serviced.
       await new Promise<void>((resolve) => setImmediate(resolve));
-      if (stopSignal) break;
+      if (stopSignal && !comm) break;
       const step = trainer.state.step;
       const batch = await iterator.next();
       const [C, H, W] = config.Net.input_size;
-      const images = tf.tensor4d(batch.images, [batch.size, C, H, W]);
-      const wantImages = step % config.training.tensorboard_freq === 0;
-      const r = trainer.step(images, { noise, outputs: wantImages });
+      // Data parallel: this rank's contiguous share of the global batch.
+      const [lo, hi] = comm ? shard : [0, batch.size];
+      if (hi > batch.size) throw new TrainingError(`batch of ${batch.size} images, expected ${config.training.batch_size}`);
+      const chw = C * H * W;
+      const images = tf.tensor4d(comm ? batch.images.subarray(lo * chw, hi * chw) : batch.images, [hi - lo, C, H, W]);
+      const wantImages = isRoot && step % config.training.tensorboard_freq === 0;
+      let r: ReturnType<Trainer['step']>;
       try {
-        if (wantImages && r.outputs) logImages(tb, step, images, r.outputs, config);
+        if (comm) {
+          const d = await trainer.stepAsync(images, { noise: stepNoise, outputs: wantImages, stopRequested: stopSignal !== undefined });
+          if (d.stopRequested) stopAll = true;
+          const { stopRequested: _, ...rest } = d;
+          r = rest;
+        } else {
+          r = trainer.step(images, { noise, outputs: wantImages });
+        }
+      } catch (err) {
+        images.dispose();
+        throw err;
+      }
+      try {
+        if (wantImages && r.outputs && tb) logImages(tb, step, images, r.outputs, config);
       } finally {
         r.release();
         images.dispose();
@@ -339,6 +428,7 @@ export async function train(opts: TrainOptions): Promise<TrainSummary> {
           await checkpoint();
           throw new TrainingError(
             `stopped: ${trainer.state.consecutiveNonFinite} consecutive steps had non-finite losses or gradients (training.max_nonfinite_steps); the last good state is in ${lastCheckpoint}`,
+            { allRanks: true },
           );
         }
       }
@@ -360,8 +450,8 @@ export async function train(opts: TrainOptions): Promise<TrainSummary> {
       if (held && step % config.training.ari_freq === 0) {
         scalars['train/heldout_fg_ari'] = heldOutAri(trainer, held, r.refinementIters);
       }
-      if (step % config.training.tensorboard_freq === 0 || 'train/heldout_fg_ari' in scalars) tb.scalars(step, scalars);
-      if (step % config.training.log_freq === 0 || !r.applied || 'train/heldout_fg_ari' in scalars) {
+      if (tb && (step % config.training.tensorboard_freq === 0 || 'train/heldout_fg_ari' in scalars)) tb.scalars(step, scalars);
+      if (jsonl !== undefined && (step % config.training.log_freq === 0 || !r.applied || 'train/heldout_fg_ari' in scalars)) {
         const line = {
           step,
           time: new Date().toISOString(),
@@ -390,8 +480,10 @@ export async function train(opts: TrainOptions): Promise<TrainSummary> {
         rate: rate.toFixed(2),
       });
       await opts.callbacks?.onStep?.(r);
+      if (checksumEvery > 0 && trainer.state.step % checksumEvery === 0) await verifyRanks();
       if (trainer.state.step % config.training.checkpoint_freq === 0 && trainer.state.step < totalSteps) await checkpoint();
     }
+    await verifyRanks();
     await checkpoint();
   } finally {
     bar?.stop();
@@ -399,15 +491,15 @@ export async function train(opts: TrainOptions): Promise<TrainSummary> {
       process.off('SIGINT', onSignal);
       process.off('SIGTERM', onSignal);
     }
-    fs.closeSync(jsonl);
-    tb.close();
+    if (jsonl !== undefined) fs.closeSync(jsonl);
+    tb?.close();
     held?.images.dispose();
     await iterator.close();
     trainer.dispose();
   }
   return {
     step: trainer.state.step,
-    stoppedBy: stopSignal ? 'signal' : 'done',
+    stoppedBy: (comm ? stopAll : stopSignal) ? 'signal' : 'done',
     lastCheckpoint,
     skippedSteps: trainer.state.skippedSteps,
     last,

@@ -19,6 +19,7 @@ import { Adam, clipGradNorm } from '../optim/adam';
 import type { Ops } from '../ops';
 import { defaultOps } from '../ops/native';
 import type { ParamRecord } from '../params/store';
+import { checksumArrays, type Communicator } from './distributed';
 import { learningRate, refinementItersAt } from './schedule';
 
 /** PyTorch's clip_grad_norm_ bound that the original hard-codes. */
@@ -48,6 +49,13 @@ export interface StepOptions {
   noise?: NoiseSource;
   /** Keep per-stage outputs (for image logging); the caller disposes them via `release`. */
   outputs?: boolean;
+  /** Data parallel: this rank asks every rank to stop after this step (reduced with the gradients). */
+  stopRequested?: boolean;
+}
+
+/** What `stepAsync` adds: whether any rank asked to stop (false without a communicator unless asked). */
+export interface DistributedStepResult {
+  stopRequested: boolean;
 }
 
 /** The trainer's own state (beyond parameters and optimizer moments), as a checkpoint stores it. */
@@ -82,16 +90,21 @@ interface PassResult {
   dispose(): void;
 }
 
+type StepReturn = StepResult & { outputs?: PassOutputs; release: () => void };
+
 export class Trainer {
   readonly model: TrainableModel;
   readonly optimizer: Adam;
   readonly geco: Geco | null;
+  /** Data parallel: the ranks' gradient sum (absent: this process trains alone). */
+  readonly comm: Communicator | undefined;
   state: TrainerState;
 
   constructor(
     readonly config: ExperimentConfig,
-    opts: { model?: TrainableModel; seed?: number; ops?: Ops } = {},
+    opts: { model?: TrainableModel; seed?: number; ops?: Ops; comm?: Communicator } = {},
   ) {
+    this.comm = opts.comm;
     // The native kernels when the addon is built, else the TypeScript reference (same maths).
     const modelOptions = { seed: opts.seed ?? config.seed, ops: opts.ops ?? defaultOps() };
     this.model =
@@ -119,12 +132,59 @@ export class Trainer {
    * Runs the current step on a batch [B,C,H,W] in [-1,1] and advances the step counter. With
    * `outputs`, the result's `release()` frees the per-stage tensors in `gradResult.outputs`.
    */
-  step(images: tf.Tensor, opts: StepOptions = {}): StepResult & { outputs?: PassOutputs; release: () => void } {
+  step(images: tf.Tensor, opts: StepOptions = {}): StepReturn {
+    if (this.comm) throw new Error('Trainer.step: a data-parallel trainer steps with `await stepAsync(...)`');
+    const I = this.model instanceof SlotAttention ? 0 : this.refinementItersAt(this.state.step);
+    return this.finish(this.pass(images, I, opts), I);
+  }
+
+  /**
+   * The same step for data-parallel training: `images` is this rank's shard of the global
+   * batch, and `opts.noise` gives this rank's rows of the global draws (ShardedNoise). The loss
+   * is normalised by the global batch size, the gradients and reported scalars are summed over
+   * the ranks, and the update that follows is the same on every rank. Without a communicator it
+   * is `step()`.
+   */
+  async stepAsync(images: tf.Tensor, opts: StepOptions = {}): Promise<StepReturn & DistributedStepResult> {
+    const comm = this.comm;
+    if (!comm) return { ...this.step(images, opts), stopRequested: Boolean(opts.stopRequested) };
+    const I = this.model instanceof SlotAttention ? 0 : this.refinementItersAt(this.state.step);
+    const local = this.pass(images, I, opts, images.shape[0] * comm.worldSize);
+    let reduced: PassResult;
+    let stop: boolean;
+    try {
+      const keys = [...local.grads.keys()].sort();
+      const grads = keys.map((k) => local.grads.get(k)!.dataSync() as Float32Array);
+      const scalars = Float32Array.from([local.totalLoss, local.nll, local.kl, opts.stopRequested ? 1 : 0, local.deltas.length, ...local.deltas]);
+      const sums = await comm.allreduceSum([...grads, scalars]);
+      const s = sums[sums.length - 1];
+      if (s[4] !== comm.worldSize * local.deltas.length) throw new Error(`ranks disagree on the number of refinement steps (sum ${s[4]})`);
+      const summed = new Map<string, tf.Tensor>();
+      keys.forEach((k, i) => summed.set(k, tf.tensor(sums[i], local.grads.get(k)!.shape, 'float32')));
+      for (const g of local.grads.values()) g.dispose();
+      local.grads.clear();
+      stop = s[3] > 0;
+      reduced = {
+        totalLoss: s[0],
+        nll: s[1],
+        kl: s[2],
+        deltas: Array.from(s.subarray(5)),
+        grads: summed,
+        outputs: local.outputs,
+        dispose: () => local.dispose(),
+      };
+    } catch (err) {
+      local.dispose();
+      throw err;
+    }
+    return { ...this.finish(reduced, I), stopRequested: stop };
+  }
+
+  /** Clipping, Adam and GECO after the (reduced) loss and gradients of the current step. */
+  private finish(r: PassResult, I: number): StepReturn {
     const step = this.state.step;
     const t = this.config.training;
-    const I = this.model instanceof SlotAttention ? 0 : this.refinementItersAt(step);
     const lr = learningRate(step, t);
-    const r = this.pass(images, I, opts);
     const base = {
       step,
       lr,
@@ -168,11 +228,11 @@ export class Trainer {
   }
 
   /** Loss and gradients of the current step, in one shape for both models. */
-  private pass(images: tf.Tensor, refinementIters: number, opts: StepOptions): PassResult {
+  private pass(images: tf.Tensor, refinementIters: number, opts: StepOptions, lossBatchSize?: number): PassResult {
     const step = this.state.step;
     if (this.model instanceof SlotAttention) {
       // The original trains Slot Attention on its reconstruction loss alone (reported as nll).
-      const r = this.model.lossAndGrads(images, { noise: opts.noise, outputs: opts.outputs ?? false });
+      const r = this.model.lossAndGrads(images, { noise: opts.noise, outputs: opts.outputs ?? false, lossBatchSize });
       const o = r.outputs;
       return {
         totalLoss: r.totalLoss,
@@ -191,6 +251,7 @@ export class Trainer {
       refinementIters,
       noise: opts.noise,
       outputs: opts.outputs ?? false,
+      lossBatchSize,
     });
   }
 
@@ -222,6 +283,12 @@ export class Trainer {
   /** Parameters (GECO's state among them), keyed by state_dict name. */
   parameters(): ParamRecord {
     return this.model.params.snapshot();
+  }
+
+  /** A CRC-32 of every parameter's bits (sorted by name): equal on ranks that hold the same model. */
+  parameterChecksum(): number {
+    const p = this.parameters();
+    return checksumArrays(Object.keys(p).sort().map((k) => p[k].data as Float32Array));
   }
 }
 

@@ -1,0 +1,152 @@
+/**
+ * Training-step and inference times of the shipped configs (configs/train/<name>/EMORL.json),
+ * native addon vs the pure TypeScript path, with each measurement's peak RSS, against the
+ * original PyTorch code's times on this 2-core machine (../shared/STACK.md; 2 threads, denormals
+ * flushed). A training step is the Trainer's whole step: loss and gradients, clipping, Adam, GECO.
+ *
+ *   node dist/bench/step.js                       the default set, as a table with ratios
+ *   node dist/bench/step.js --json                the same, one JSON object per line
+ *   node dist/bench/step.js --config tetrominoes --batch 32 --mode train --backend native --steps 3
+ *                                                 one measurement (JSON line)
+ *
+ * Each measurement runs in its own process, so each peak RSS is its own. `median_s` is the median
+ * over --steps timed repetitions after one untimed warm-up repetition.
+ */
+import { spawnSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import { tf, initBackend } from '../lib/tf';
+import { bundledConfig, loadConfigFile } from '../lib/cli/train';
+import { SeededNoise } from '../lib/model/noise';
+import { Trainer } from '../lib/train/trainer';
+import { tfjsOps } from '../lib/ops';
+import { nativeOps, nativeOpsAvailable } from '../lib/ops/native';
+import { nativeStatus } from '../lib/native';
+
+interface Measurement {
+  config: string;
+  batch: number;
+  mode: 'train' | 'infer';
+  backend: 'native' | 'js';
+  steps: number;
+  median_s: number;
+  times_s: number[];
+  peak_rss_mib: number;
+  isa?: string;
+  threads?: number;
+}
+
+/** The original's figures on this machine (STACK.md): seconds per step / per inference batch. */
+const PYTORCH: Record<string, { batch: number; train?: number; infer?: number; peakMiB?: number }> = {
+  tetrominoes: { batch: 32, train: 2.2, infer: 1.0, peakMiB: 1.24 * 1024 },
+  multi_dsprites: { batch: 4, train: 2.5, infer: 1.24 },
+  'clevr6-96x96': { batch: 4, train: 12.2, peakMiB: 3.5 * 1024 },
+};
+
+/** The default set: [config, batch, backend]; the TypeScript path at batch 4 (it takes minutes at 32). */
+const DEFAULT_SET: [string, number, 'native' | 'js'][] = [
+  ['tetrominoes', 32, 'native'],
+  ['tetrominoes', 4, 'js'],
+  ['multi_dsprites', 4, 'native'],
+];
+
+function arg(name: string): string | undefined {
+  const i = process.argv.indexOf(`--${name}`);
+  return i >= 0 && i + 1 < process.argv.length ? process.argv[i + 1] : undefined;
+}
+
+function median(a: number[]): number {
+  const s = [...a].sort((x, y) => x - y);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
+}
+
+/** config: a bundled config name (`tetrominoes`, or `tetrominoes/SlotAttention`) or a JSON file. */
+function configFile(config: string): string {
+  if (fs.existsSync(config)) return config;
+  const [dataset, model] = config.split('/');
+  return bundledConfig(dataset, model ?? 'EMORL');
+}
+
+async function measure(config: string, batch: number, mode: 'train' | 'infer', backend: 'native' | 'js', steps: number): Promise<Measurement> {
+  await initBackend('cpu');
+  if (backend === 'native' && !(nativeStatus().available && nativeOpsAvailable())) {
+    throw new Error(`--backend native: the addon is unavailable (${nativeStatus().reason ?? 'no decoder-stage kernels'}); npm run build:native`);
+  }
+  const exp = loadConfigFile(configFile(config), []);
+  const trainer = new Trainer(exp, { seed: 1, ops: backend === 'native' ? nativeOps : tfjsOps });
+  const [C, H, W] = exp.Net.input_size;
+  const images = tf.tidy(() => tf.sub(tf.mul(tf.randomUniform([batch, C, H, W], 0, 1, 'float32', 3), 2), 1));
+  const times: number[] = [];
+  for (let r = 0; r <= steps; r++) {
+    const t = performance.now();
+    if (mode === 'train') trainer.step(images, { noise: new SeededNoise(r) }).release();
+    else trainer.model.infer(images, { noise: new SeededNoise(r), outputs: false }).dispose();
+    if (r > 0) times.push((performance.now() - t) / 1000);
+  }
+  images.dispose();
+  trainer.dispose();
+  const st = nativeStatus();
+  return {
+    config,
+    batch,
+    mode,
+    backend,
+    steps,
+    median_s: median(times),
+    times_s: times,
+    peak_rss_mib: process.resourceUsage().maxRSS / 1024,
+    ...(backend === 'native' ? { isa: st.info?.gemmIsa, threads: st.info?.threads } : {}),
+  };
+}
+
+function inChild(config: string, batch: number, mode: string, backend: string, steps: number): Measurement {
+  const r = spawnSync(process.execPath, [process.argv[1], '--config', config, '--batch', String(batch), '--mode', mode, '--backend', backend, '--steps', String(steps)], {
+    encoding: 'utf8',
+    stdio: ['ignore', 'pipe', 'inherit'],
+    maxBuffer: 1 << 24,
+  });
+  const line = (r.stdout ?? '').trim().split('\n').pop() ?? '';
+  if (r.status !== 0 || !line.startsWith('{')) throw new Error(`${config} ${mode} ${backend} batch ${batch} failed (status ${r.status}): ${r.stdout}`);
+  return JSON.parse(line) as Measurement;
+}
+
+async function main(): Promise<void> {
+  const json = process.argv.includes('--json');
+  const config = arg('config');
+  const steps = Number(arg('steps') ?? '3');
+  if (!Number.isInteger(steps) || steps < 1) throw new Error(`--steps must be an integer >= 1`);
+  const single = config !== undefined || arg('mode') !== undefined || arg('backend') !== undefined || arg('batch') !== undefined;
+  if (single) {
+    const mode = (arg('mode') ?? 'train') as 'train' | 'infer';
+    const backend = (arg('backend') ?? 'native') as 'native' | 'js';
+    if (mode !== 'train' && mode !== 'infer') throw new Error(`--mode must be train or infer, got ${mode}`);
+    if (backend !== 'native' && backend !== 'js') throw new Error(`--backend must be native or js, got ${backend}`);
+    const name = config ?? 'tetrominoes';
+    const batch = Number(arg('batch') ?? String(PYTORCH[name]?.batch ?? 4));
+    if (!Number.isInteger(batch) || batch < 1) throw new Error(`--batch must be an integer >= 1`);
+    console.log(JSON.stringify(await measure(name, batch, mode, backend, steps)));
+    return;
+  }
+  const st = nativeStatus();
+  const set = DEFAULT_SET.filter(([, , b]) => b === 'js' || (st.available && nativeOpsAvailable()));
+  if (!json) console.log(`addon: ${st.available ? `${st.info?.gemmIsa}, ${st.info?.threads} threads` : `unavailable (${st.reason})`}; median of ${steps} after a warm-up`);
+  for (const [name, batch, backend] of set) {
+    for (const mode of ['train', 'infer'] as const) {
+      const m = inChild(name, batch, mode, backend, backend === 'js' ? 1 : steps);
+      if (json) {
+        console.log(JSON.stringify(m));
+        continue;
+      }
+      const ref = PYTORCH[name];
+      const refS = ref?.[mode];
+      const ratio = refS !== undefined && ref.batch === batch ? `, ${(m.median_s / refS).toFixed(2)}x PyTorch's ${refS} s` : '';
+      const mem = mode === 'train' && ref?.peakMiB && ref.batch === batch ? ` (PyTorch ${ref.peakMiB.toFixed(0)} MiB)` : '';
+      console.log(`${name.padEnd(15)} batch ${String(batch).padStart(2)} ${mode.padEnd(5)} ${backend.padEnd(6)} ${m.median_s.toFixed(2)} s${ratio}; peak RSS ${m.peak_rss_mib.toFixed(0)} MiB${mem}`);
+    }
+  }
+}
+
+main().catch((err) => {
+  console.error(err instanceof Error ? err.message : err);
+  process.exit(1);
+});

@@ -1,0 +1,105 @@
+/**
+ * The addon's entry points as nativeOps uses them (native/binding.cc checks every argument), and
+ * its lazy loading: the same module lib/native.ts found, or an error saying why not.
+ */
+import { nativeStatus } from '../native';
+
+/** The addon's NHWC entry points (native/binding.cc; argument checks there). */
+export interface NhwcGrads {
+  dx: Float32Array | null;
+  dw: Float32Array | null;
+  db: Float32Array | null;
+}
+export interface NativeAddon {
+  nhwcConv2d(x: Float32Array, xShape: number[], w: Float32Array, wShape: number[], bias: Float32Array | null,
+    stride: number[], pad: number[], act: number[]): Float32Array;
+  nhwcConv2dBackward(x: Float32Array, xShape: number[], w: Float32Array, wShape: number[], y: Float32Array | null,
+    dy: Float32Array, stride: number[], pad: number[], act: number[], needDx: boolean, needParams: boolean): NhwcGrads;
+  nhwcConvTranspose2d(x: Float32Array, xShape: number[], w: Float32Array, wShape: number[], bias: Float32Array | null,
+    stride: number[], pad: number[], outputPad: number[], act: number[]): Float32Array;
+  nhwcConvTranspose2dBackward(x: Float32Array, xShape: number[], w: Float32Array, wShape: number[],
+    y: Float32Array | null, dy: Float32Array, stride: number[], pad: number[], outputPad: number[], act: number[],
+    needDx: boolean, needParams: boolean): NhwcGrads;
+  matmul(a: Float32Array, aShape: number[], b: Float32Array, bShape: number[], transA: boolean, transB: boolean,
+    out?: Float32Array | null): Float32Array;
+  /** buffers decoderStage keeps between calls (owned by the JS object) */
+  DecoderWorkspace: new () => object;
+  /** one decoder stage (native/decoder.h); the spec is checked there */
+  decoderStage(spec: DecoderStageSpec): DecoderStageResult;
+  /** the FMA throughput of all threads over about `seconds` (GFLOP/s; for benchmarks) */
+  peakGflops(seconds?: number): number;
+  /** the fused likelihood alone (native/likelihood.h) */
+  imageNll(spec: { raw: Float32Array; target: Float32Array; B: number; K: number; H: number; W: number; C: number; logVar: number; gmm: boolean; needGrad: boolean }): { nll: Float32Array; draw: Float32Array | null };
+}
+
+export interface DecoderStageLayer {
+  /** 0 broadcast conv, 1 spatial broadcast, 2 conv, 3 transposed conv */
+  kind: 0 | 1 | 2 | 3;
+  w?: Float32Array;
+  wShape?: number[];
+  b?: Float32Array;
+  tapSums?: Float32Array;
+  stride?: number;
+  pad?: number;
+  outputPad?: number;
+  /** 0 linear, 1 relu, 2 elu */
+  act?: number;
+}
+
+export interface DecoderStageSpec {
+  z: Float32Array;
+  n: number;
+  c: number;
+  pos: Float32Array;
+  gh: number;
+  gw: number;
+  layers: DecoderStageLayer[];
+  target: Float32Array;
+  B: number;
+  K: number;
+  H: number;
+  W: number;
+  C: number;
+  logVar: number;
+  gmm: boolean;
+  needDz: boolean;
+  needParams: boolean;
+  needOutputs: boolean;
+  /** a DecoderWorkspace to keep the stage's buffers in between calls */
+  workspace?: object;
+}
+
+export interface DecoderStageResult {
+  nll: Float32Array;
+  dz: Float32Array | null;
+  dpos: Float32Array | null;
+  dw: (Float32Array | null)[];
+  db: (Float32Array | null)[];
+  means: Float32Array | null;
+  logMasks: Float32Array | null;
+}
+
+let addon: NativeAddon | undefined;
+
+/** The loaded addon (the same module lib/native.ts loaded); throws with the reason if absent or too old. */
+export function addonOps(): NativeAddon {
+  if (addon) return addon;
+  const st = nativeStatus();
+  if (!st.available || !st.path) throw new Error(`emorl native addon unavailable: ${st.reason ?? 'unknown reason'}`);
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const mod = require(st.path) as Partial<NativeAddon>;
+  if (typeof mod.nhwcConv2d !== 'function' || typeof mod.decoderStage !== 'function') {
+    throw new Error(`the addon at ${st.path} is older than this package (no NHWC or decoder-stage kernels); rebuild it with \`npm run build:native\``);
+  }
+  return (addon = mod as NativeAddon);
+}
+
+/** Whether the loaded addon has the kernels nativeOps needs. */
+export function nativeOpsAvailable(): boolean {
+  try {
+    addonOps();
+    return true;
+  } catch {
+    return false;
+  }
+}

@@ -1,0 +1,125 @@
+/**
+ * decoderNll on the addon (native/decoder.h): one call runs the stage's decoder forward, the fused
+ * likelihood and, when gradients were asked for, the whole decoder backward for a unit upstream
+ * gradient of every image's nll. The stage's activations never leave the call.
+ *
+ * The backward can run that early because every caller's loss is a batch mean: the upstream
+ * gradient of nll_b is the same number u for every image b, so the gradients are u times the
+ * precomputed ones. The gradient function checks that; d/dz scales per image, so the refinement's
+ * inner gradient (no parameter gradients) is exact for any upstream. A stage that is
+ * differentiated twice (refinement stages: the inner gradient w.r.t. λ, then the training
+ * gradient) reuses the one backward.
+ */
+import { tf } from '../tf';
+import { addonOps, type DecoderStageLayer } from './addon';
+import { broadcastTapSums } from './broadcast';
+import { paramGradsEnabled, type FusedActivation } from './conv';
+import { checkDecoderNllArgs, type DecoderNllArgs, type DecoderNllResult } from './decoder-stage';
+
+const ACT: Record<FusedActivation, number> = { linear: 0, relu: 1, elu: 2 };
+
+/**
+ * The addon's buffers for the stages of one decoder, kept between calls so that repeated stages
+ * reuse their memory (fresh pages cost a fault each: ~25% of a stage). Keyed by the decoder's
+ * last weight tensor, which lives as long as the model; released with it.
+ */
+const workspaces = new WeakMap<tf.Tensor, object>();
+
+function workspaceFor(key: tf.Tensor): object {
+  let w = workspaces.get(key);
+  if (!w) {
+    w = new (addonOps().DecoderWorkspace)();
+    workspaces.set(key, w);
+  }
+  return w;
+}
+
+function f32(t: tf.Tensor): Float32Array {
+  return t.dataSync() as Float32Array;
+}
+
+/** The one value of a per-image upstream gradient, or null when the images' values differ. */
+function uniformValue(dy: Float32Array): number | null {
+  const u = dy[0];
+  for (let i = 1; i < dy.length; i++) {
+    if (Math.abs(dy[i] - u) > 1e-6 * Math.max(Math.abs(u), Math.abs(dy[i]))) return null;
+  }
+  return u;
+}
+
+function scaled(src: Float32Array, u: number): Float32Array {
+  const out = new Float32Array(src.length);
+  for (let i = 0; i < src.length; i++) out[i] = src[i] * u;
+  return out;
+}
+
+export function decoderNll(a: DecoderNllArgs): DecoderNllResult {
+  const B = checkDecoderNllArgs(a);
+  const [n, c] = a.z.shape;
+  const [gh, gw] = a.pos.shape;
+  const [, H, W, C] = a.target.shape;
+  const K = a.K;
+  const weighted = a.spec.layers.filter((L) => L.kind !== 'spatialBroadcast') as Exclude<(typeof a.spec.layers)[number], { kind: 'spatialBroadcast' }>[];
+  const inputs: tf.Tensor[] = [a.z, a.pos];
+  for (const L of weighted) inputs.push(L.weight, L.bias);
+  const needDz = a.grads !== 'none';
+  const needParams = a.grads === 'all';
+  let extra: { means: Float32Array | null; logMasks: Float32Array | null } | null = null;
+
+  const op = tf.customGrad((...args: unknown[]) => {
+    const vals = args.slice(0, inputs.length) as tf.Tensor[];
+    const zd = f32(vals[0]);
+    let w = 2;
+    const layers: DecoderStageLayer[] = a.spec.layers.map((L) => {
+      if (L.kind === 'spatialBroadcast') return { kind: 1 };
+      const wt = vals[w++];
+      const bt = vals[w++];
+      const wd = f32(wt);
+      const base = { w: wd, wShape: wt.shape, b: f32(bt), pad: L.pad, act: ACT[L.activation] };
+      if (L.kind === 'broadcastConv') {
+        const [cout, , kh, kw] = wt.shape;
+        return { ...base, kind: 0, tapSums: broadcastTapSums(wd, { c, cout, kh, kw, gh, gw, pad: L.pad }) };
+      }
+      if (L.kind === 'conv') return { ...base, kind: 2 };
+      return { ...base, kind: 3, stride: L.stride, outputPad: L.outputPad };
+    });
+    const r = addonOps().decoderStage({
+      z: zd, n, c, pos: f32(vals[1]), gh, gw, layers,
+      target: f32(a.target), B, K, H, W, C,
+      logVar: a.logVar, gmm: a.likelihood === 'GMM',
+      needDz, needParams, needOutputs: a.outputs,
+      workspace: weighted.length ? workspaceFor(weighted[weighted.length - 1].weight) : undefined,
+    });
+    extra = { means: r.means, logMasks: r.logMasks };
+    return {
+      value: tf.tensor1d(r.nll),
+      gradFunc: (dy: tf.Tensor) => {
+        if (!r.dz) throw new Error("decoderNll: differentiated, but run with grads 'none'");
+        const g = f32(dy);
+        // d/dz per image: rows b·K … b·K+K−1 belong to image b
+        const dz = new Float32Array(n * c);
+        for (let b = 0; b < B; b++) for (let i = b * K * c; i < (b + 1) * K * c; i++) dz[i] = r.dz[i] * g[b];
+        const grads: tf.Tensor[] = [tf.tensor2d(dz, [n, c])];
+        if (!paramGradsEnabled()) {
+          for (let i = 1; i < inputs.length; i++) grads.push(tf.zerosLike(inputs[i]));
+          return grads;
+        }
+        if (!r.dpos) throw new Error("decoderNll: parameter gradients asked for, but the stage ran with grads 'input'");
+        const u = uniformValue(g);
+        if (u === null) throw new Error('decoderNll: the upstream gradient differs between images; parameter gradients need one value for all (a batch-mean loss)');
+        grads.push(tf.tensor3d(scaled(r.dpos, u), [gh, gw, c]));
+        r.dw.forEach((dw, i) => {
+          if (a.spec.layers[i].kind === 'spatialBroadcast') return;
+          grads.push(tf.tensor(scaled(dw!, u), (a.spec.layers[i] as { weight: tf.Tensor }).weight.shape));
+          grads.push(tf.tensor1d(scaled(r.db[i]!, u)));
+        });
+        return grads;
+      },
+    };
+  });
+  const nll = (op as (...t: tf.Tensor[]) => tf.Tensor)(...inputs) as tf.Tensor1D;
+  if (!a.outputs) return { nll };
+  const e = extra as { means: Float32Array | null; logMasks: Float32Array | null } | null;
+  if (!e?.means || !e.logMasks) throw new Error('decoderNll: the addon returned no outputs');
+  return { nll, means: tf.tensor5d(e.means, [B, K, H, W, C]), logMasks: tf.tensor5d(e.logMasks, [B, K, H, W, 1]) };
+}

@@ -1,0 +1,75 @@
+// One decoding stage of the spatial-broadcast image decoder, as a single call: the broadcast of
+// the slot latents z over the grid (with the projected positional embedding), every convolution
+// or transposed convolution with its activation, the fused image likelihood (likelihood.h), and,
+// when gradients are asked for, the whole backward pass for a unit upstream gradient of every
+// image's nll. Activations live only inside the call: a stage's decoder backward runs once, at
+// once, and its memory is released before the next stage starts.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "likelihood.h"
+#include "nhwc.h"
+
+namespace emorl {
+
+enum class DecoderLayerKind : int {
+  // conv2d(spatial_broadcast(z, pos)) by tap sums: tap_sums S [c, Q·cout] (Q = output cells)
+  // holds, per output cell, the sum of the kernel taps that fall inside the grid. Stride 1.
+  BroadcastConv = 0,
+  // z + pos tiled over the grid (no weights)
+  SpatialBroadcast = 1,
+  // Conv2d, w [Co, Ci, kh, kw]
+  Conv = 2,
+  // ConvTranspose2d, w [Ci, Co, kh, kw]
+  ConvTranspose = 3,
+};
+
+struct DecoderLayer {
+  DecoderLayerKind kind;
+  const float* w = nullptr;
+  const float* b = nullptr;
+  const float* tap_sums = nullptr;
+  int64_t w_shape[4] = {0, 0, 0, 0};
+  int64_t stride = 1, pad = 0, out_pad = 0;
+  Act act = Act::Linear;
+  // filled in by decoder_plan: the layer's input and output maps [N, H, W, C]
+  int64_t in[4] = {0, 0, 0, 0};
+  int64_t out[4] = {0, 0, 0, 0};
+};
+
+struct DecoderStage {
+  int64_t n = 0, c = 0;  // slots (B·K) and latent size; z [n, c]
+  const float* z = nullptr;
+  int64_t gh = 0, gw = 0;  // grid; pos [gh, gw, c]
+  const float* pos = nullptr;
+  std::vector<DecoderLayer> layers;
+  ImageNllShape lik{};  // B·K = n; raw output [n, H, W, C+1]
+  const float* target = nullptr;
+  float log_var = 0.f;
+  bool gmm = false;
+};
+
+// Output buffers (each may be null: not computed). Sizes: nll [B]; dz [n, c]; dpos [gh, gw, c];
+// dw[i], db[i] per layer (weight / bias shapes; null for SpatialBroadcast); means [n, H, W, C];
+// log_masks [n, H, W]. Gradients are of Σ_b nll_b.
+struct DecoderStageOut {
+  float* nll = nullptr;
+  float* dz = nullptr;
+  float* dpos = nullptr;
+  std::vector<float*> dw, db;
+  float* means = nullptr;
+  float* log_masks = nullptr;
+};
+
+// Checks the layer chain and fills each layer's in/out shapes; returns an empty string when the
+// stage is consistent, else a message naming the layer and the shapes at fault.
+std::string decoder_plan(DecoderStage& s);
+
+// Runs a stage planned by decoder_plan; its activations live in `ws` (kept for the next call).
+void decoder_stage(const DecoderStage& s, const DecoderStageOut& o, Workspace& ws, int nthreads);
+
+}  // namespace emorl
