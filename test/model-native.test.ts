@@ -97,6 +97,26 @@ describeNative('nativeOps ops vs tfjsOps', () => {
   });
 
   test.each([
+    ['B 2, K 3, 17 pixels', 2, 3, 17, 5, 4],
+    ['K 1 (every weight 1 + eps)', 2, 1, 9, 3, 3],
+    ['B 1, K 7, sharp scores', 1, 7, 30, 6, 8],
+  ] as [string, number, number, number, number, number][])('slotCompetition %s: values and gradients', (_n, B, K, N, d, dv) => {
+    tf.tidy(() => {
+      const sharp = K === 7 ? 6 : 1;
+      const q = rand([B, K, d], 31, sharp) as tf.Tensor3D, k = rand([B, N, d], 32) as tf.Tensor3D, v = rand([B, N, dv], 33) as tf.Tensor3D;
+      const rt = tfjsOps.slotCompetition(q, k, v);
+      const rn = nativeOps.slotCompetition(q, k, v);
+      expectScaled(rn.attn, rt.attn, 1e-5, 'attn');
+      expectScaled(rn.updates, rt.updates, 1e-5, 'updates');
+      const du = rand([B, K, dv], 34);
+      const f = (ops: Ops) => (qq: tf.Tensor, kk: tf.Tensor, vv: tf.Tensor) => tf.sum(tf.mul(ops.slotCompetition(qq as tf.Tensor3D, kk as tf.Tensor3D, vv as tf.Tensor3D).updates, du));
+      const gn = tf.grads(f(nativeOps))([q, k, v]);
+      const gt = tf.grads(f(tfjsOps))([q, k, v]);
+      ['dq', 'dk', 'dv'].forEach((n, i) => expectScaled(gn[i], gt[i], 1e-4, n));
+    });
+  });
+
+  test.each([
     ['pad 1 relu', 1, 'relu', [5, 7], [6, 8, 7], [9, 7, 5, 5]],
     ['unpadded elu', 0, 'elu', [3, 4], [7, 6, 4], [5, 4, 3, 3]],
     ['pad 2 linear', 2, 'linear', [2, 3], [5, 5, 3], [4, 3, 3, 2]],
@@ -139,13 +159,16 @@ describeNative('nativeOps ops vs tfjsOps', () => {
   });
 
   test.each([
-    ['3-D input with bias', [2, 300, 64], [64, 64], true],
-    ['2-D input without bias', [1225, 64], [32, 64], false],
-    ['small (tfjs path)', [3, 5], [4, 5], true],
-  ] as [string, number[], number[], boolean][])('linear %s: values and gradients', (_n, xs, ws, withBias) => {
+    ['3-D input with bias', [2, 300, 64], [64, 64], true, 'linear'],
+    ['2-D input without bias', [1225, 64], [32, 64], false, 'linear'],
+    ['small (tfjs path)', [3, 5], [4, 5], true, 'linear'],
+    ['3-D input with bias, fused ReLU', [2, 300, 64], [64, 64], true, 'relu'],
+    ['2-D input without bias, fused ReLU', [1225, 64], [32, 64], false, 'relu'],
+    ['small (tfjs path), ReLU', [3, 5], [4, 5], true, 'relu'],
+  ] as [string, number[], number[], boolean, 'linear' | 'relu'][])('linear %s: values and gradients', (_n, xs, ws, withBias, act) => {
     tf.tidy(() => {
       const x = rand(xs, 5), w = rand(ws, 6, 0.3), b = rand([ws[0]], 7);
-      const run = (ops: Ops, xx: tf.Tensor, ww: tf.Tensor, bb: tf.Tensor) => (withBias ? ops.linear(xx, ww, bb) : ops.linear(xx, ww));
+      const run = (ops: Ops, xx: tf.Tensor, ww: tf.Tensor, bb: tf.Tensor) => (withBias ? ops.linear(xx, ww, bb, act) : ops.linear(xx, ww, undefined, act));
       const yn = run(nativeOps, x, w, b), yt = run(tfjsOps, x, w, b);
       expectScaled(yn, yt, 1e-5, 'value');
       const dy = rand(yt.shape, 8);

@@ -8,6 +8,7 @@ import type { Ops } from '../ops';
 import type { ParamStore } from '../params/store';
 import { ENC_CH, paramKey } from '../params/spec';
 import { positionalEmbedding } from './positional';
+import { addToEach } from '../ops/broadcast';
 
 export interface EncoderOutput {
   /** [B, H*W, z] */
@@ -30,10 +31,10 @@ export function encode(p: ParamStore, ops: Ops, x: tf.Tensor4D, prefix = 'hvae_n
   }
   const pos = tf.tensor3d(positionalEmbedding(H, W), [H, W, 4]);
   const posProj = ops.linear(pos, p.get(paramKey(prefix, 'pos_embed_projection.weight')), p.get(paramKey(prefix, 'pos_embed_projection.bias')));
-  let f: tf.Tensor = tf.add(h, posProj).reshape([B, H * W, ENC_CH]);
+  let f: tf.Tensor = addToEach(h, posProj).reshape([B, H * W, ENC_CH]);
   const m = paramKey(prefix, 'encoder_pt_2');
   f = ops.layerNorm(f, p.get(`${m}.0.weight`), p.get(`${m}.0.bias`));
-  f = tf.relu(ops.linear(f, p.get(`${m}.1.weight`), p.get(`${m}.1.bias`)));
+  f = ops.linear(f, p.get(`${m}.1.weight`), p.get(`${m}.1.bias`), 'relu');
   f = ops.linear(f, p.get(`${m}.3.weight`), p.get(`${m}.3.bias`));
   return {
     k: ops.linear(f, p.get(paramKey(prefix, 'to_k.weight'))) as tf.Tensor3D,

@@ -19,7 +19,7 @@ import type { ParamStore } from '../params/store';
 import type { NoiseSource } from './noise';
 import { gaussianFromParams, rsample, type Gaussian } from './priors';
 
-export const ATTN_EPS = 1e-8;
+export { ATTN_EPS } from '../ops/attention';
 
 export interface HvaeOutput {
   /** q(z^l) for l = 0..L-2 (the last layer's posterior is rebuilt from `lambda` by the caller) */
@@ -53,17 +53,14 @@ export function attendSlots(
   const scale = Math.pow(z, -0.5);
   const normed = ops.layerNorm(slots, p.get(paramKey(prefix, 'norm_slots.weight')), p.get(paramKey(prefix, 'norm_slots.bias')));
   const q = tf.mul(ops.linear(normed, p.get(paramKey(prefix, 'to_q.weight'))), scale) as tf.Tensor3D;
-  const dots = tf.matMul(q, k, false, true); // [B,K,HW]
-  // softmax over the slots (axis 1): slots compete for each pixel
-  const attn = tf.add(tf.exp(tf.sub(dots, tf.logSumExp(dots, 1, true))), ATTN_EPS) as tf.Tensor3D;
-  const renormed = tf.div(attn, tf.sum(attn, -1, true));
-  return { attn, updates: tf.matMul(renormed, v) as tf.Tensor3D };
+  // softmax over the slots: slots compete for each pixel (lib/ops/attention.ts)
+  return ops.slotCompetition(q, k, v);
 }
 
 /** x + MLP(LayerNorm(x)) over the last axis: Linear, ReLU, Linear (`mlp`.0 and `mlp`.2). */
 export function residualMlp<T extends tf.Tensor>(p: ParamStore, ops: Ops, x: T, norm: string, mlp: string): T {
   const h = ops.layerNorm(x, p.get(`${norm}.weight`), p.get(`${norm}.bias`));
-  const y = ops.linear(tf.relu(ops.linear(h, p.get(`${mlp}.0.weight`), p.get(`${mlp}.0.bias`))), p.get(`${mlp}.2.weight`), p.get(`${mlp}.2.bias`));
+  const y = ops.linear(ops.linear(h, p.get(`${mlp}.0.weight`), p.get(`${mlp}.0.bias`), 'relu'), p.get(`${mlp}.2.weight`), p.get(`${mlp}.2.bias`));
   return tf.add(x, y) as T;
 }
 

@@ -51,6 +51,33 @@ export function spatialBroadcast(z: tf.Tensor2D, pos: tf.Tensor3D): tf.Tensor4D 
   return op(z, pos) as tf.Tensor4D;
 }
 
+/**
+ * x + y with y [d1, …] broadcast over x's leading axis (x [n, d1, …]), e.g. a positional map added
+ * to every image. As a tfjs add its gradient for y is a sum over the batch that the cpu backend
+ * runs through a transpose; these loops do both directions in one pass.
+ */
+export function addToEach(x: tf.Tensor, y: tf.Tensor): tf.Tensor {
+  const inner = y.size;
+  if (x.rank !== y.rank + 1 || x.shape.slice(1).join() !== y.shape.join()) throw new Error(`addToEach: [${y.shape}] does not fit each entry of [${x.shape}]`);
+  const n = x.shape[0];
+  const op = tf.customGrad((xt, yt) => {
+    const xd = (xt as tf.Tensor).dataSync() as Float32Array;
+    const yd = (yt as tf.Tensor).dataSync() as Float32Array;
+    const out = new Float32Array(xd.length);
+    for (let i = 0, o = 0; i < n; i++, o += inner) for (let j = 0; j < inner; j++) out[o + j] = xd[o + j] + yd[j];
+    return {
+      value: tf.tensor(out, x.shape),
+      gradFunc: (dy: tf.Tensor) => {
+        const g = dy.dataSync() as Float32Array;
+        const dyd = new Float64Array(inner);
+        for (let i = 0, o = 0; i < n; i++, o += inner) for (let j = 0; j < inner; j++) dyd[j] += g[o + j];
+        return [dy.clone(), tf.tensor(Float32Array.from(dyd), y.shape)];
+      },
+    };
+  });
+  return op(x, y) as tf.Tensor;
+}
+
 const tapSumCache = new WeakMap<Float32Array, { key: string; S: Float32Array }>();
 
 /** The geometry of a broadcast first layer: channels in (c) and out, kernel, grid, padding. */

@@ -4,6 +4,7 @@
  */
 import { broadcastConv2d, spatialBroadcast } from './broadcast';
 import { conv2d, convTranspose2d, withoutParamGrads } from './conv';
+import { slotCompetition } from './attention';
 import { decoderNllReference, type DecoderNllArgs, type DecoderNllResult } from './decoder-stage';
 import { dualGruCell, elu, gruCell, layerNorm, linear } from './nn';
 
@@ -21,6 +22,8 @@ export interface Ops {
   dualGruCell: typeof dualGruCell;
   /** Runs a forward+backward pass in which parameter gradients are not needed (may skip them). */
   withoutParamGrads: typeof withoutParamGrads;
+  /** softmax over slots of q kᵀ + ε, and the attn-renormalised mean of v per slot (attention.ts) */
+  slotCompetition: typeof slotCompetition;
   /** A decoding stage: the decoder's layer stack and the image likelihood of its output (decoder-stage.ts) */
   decoderNll(args: DecoderNllArgs): DecoderNllResult;
 }
@@ -37,6 +40,7 @@ export const tfjsOps: Ops = {
   gruCell,
   dualGruCell,
   withoutParamGrads,
+  slotCompetition,
   decoderNll: (args) => decoderNllReference(tfjsOps, args),
 };
 

@@ -12,6 +12,7 @@ import { tf } from '../tf';
 import { nativeStatus } from '../native';
 import { addonOps as nhwc, nativeOpsAvailable } from './addon';
 import { decoderNll } from './native-decoder';
+import { slotCompetition } from './native-attention';
 import { tfjsOps, type Ops } from './index';
 import { addTapSumsGrad, broadcastConvShapes, broadcastTapSums } from './broadcast';
 import { convTransposeShapes, paramGradsEnabled, type ConvOptions, type ConvTransposeOptions, type FusedActivation } from './conv';
@@ -97,7 +98,7 @@ function colSums(g: Float32Array, rows: number, cols: number): Float32Array {
 }
 
 /** linear as tfjsOps.linear (y = x Wᵀ + b over the last axis, W [out,in]); big ones on the addon's GEMM. */
-export function linear(x: tf.Tensor, weight: tf.Tensor, bias?: tf.Tensor): tf.Tensor {
+export function linear(x: tf.Tensor, weight: tf.Tensor, bias?: tf.Tensor, activation: 'linear' | 'relu' = 'linear'): tf.Tensor {
   const inDim = x.shape[x.rank - 1];
   if (weight.shape[1] !== inDim) {
     throw new Error(`linear: input has ${inDim} features, weight [${weight.shape}] expects ${weight.shape[1]}`);
@@ -106,19 +107,27 @@ export function linear(x: tf.Tensor, weight: tf.Tensor, bias?: tf.Tensor): tf.Te
   const rows = x.size / Math.max(1, inDim);
   if (rows * inDim * outDim < LINEAR_NATIVE_MIN_MACS || x.dtype !== 'float32' || weight.rank !== 2 ||
     (bias && (bias.rank !== 1 || bias.shape[0] !== outDim))) {
-    return tfjsOps.linear(x, weight, bias);
+    return tfjsOps.linear(x, weight, bias, activation);
   }
+  const relu = activation === 'relu';
   const k = nhwc();
   const lead = x.shape.slice(0, -1);
   const outShape = [...lead, outDim];
   const body = (xt: tf.Tensor, wt: tf.Tensor, bd: Float32Array | null, save: tf.GradSaveFunc) => {
     const y = k.matmul(f32(xt), [rows, inDim], f32(wt), [outDim, inDim], false, true);
     if (bd) for (let o = 0; o < y.length; o += outDim) for (let j = 0; j < outDim; j++) y[o + j] += bd[j];
+    // ReLU fused: its gradient mask is the output's sign
+    if (relu) for (let i = 0; i < y.length; i++) if (!(y[i] > 0)) y[i] = 0;
     save([xt, wt]);
     return {
       value: tf.tensor(y, outShape),
       grads: (dy: tf.Tensor, saved: tf.Tensor[]): [tf.Tensor, tf.Tensor, Float32Array | null] => {
-        const g = f32(dy);
+        let g = f32(dy);
+        if (relu) {
+          const m = new Float32Array(g.length);
+          for (let i = 0; i < g.length; i++) m[i] = y[i] > 0 ? g[i] : 0;
+          g = m;
+        }
         const dx = tf.tensor(k.matmul(g, [rows, outDim], f32(saved[1]), [outDim, inDim], false, false), x.shape);
         if (!paramGradsEnabled()) return [dx, tf.zeros([outDim, inDim]), bd ? new Float32Array(outDim) : null];
         const dw = tf.tensor2d(k.matmul(g, [rows, outDim], f32(saved[0]), [rows, inDim], true, false), [outDim, inDim]);
@@ -333,7 +342,7 @@ export function layerNorm(x: tf.Tensor, weight?: tf.Tensor, bias?: tf.Tensor, ep
  * tfjsOps with the convolutions, the big linear layers, layerNorm and whole decoding stages on the
  * native addon / fused loops.
  */
-export const nativeOps: Ops = { ...tfjsOps, conv2d, convTranspose2d, broadcastConv2d, linear, layerNorm, decoderNll };
+export const nativeOps: Ops = { ...tfjsOps, conv2d, convTranspose2d, broadcastConv2d, linear, layerNorm, decoderNll, slotCompetition };
 
 export { nativeOpsAvailable };
 

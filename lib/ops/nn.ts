@@ -6,7 +6,7 @@
 import { tf } from '../tf';
 
 /** y = x Wᵀ + b over the last axis, W [out,in] as nn.Linear stores it. */
-export function linear(x: tf.Tensor, weight: tf.Tensor, bias?: tf.Tensor): tf.Tensor {
+export function linear(x: tf.Tensor, weight: tf.Tensor, bias?: tf.Tensor, activation: 'linear' | 'relu' = 'linear'): tf.Tensor {
   const inDim = x.shape[x.rank - 1];
   if (weight.shape[1] !== inDim) {
     throw new Error(`linear: input has ${inDim} features, weight [${weight.shape}] expects ${weight.shape[1]}`);
@@ -15,6 +15,7 @@ export function linear(x: tf.Tensor, weight: tf.Tensor, bias?: tf.Tensor): tf.Te
   const x2 = x.rank === 2 ? (x as tf.Tensor2D) : x.reshape([-1, inDim]) as tf.Tensor2D;
   let y: tf.Tensor = tf.matMul(x2, weight, false, true);
   if (bias) y = tf.add(y, bias);
+  if (activation === 'relu') y = tf.relu(y);
   return x.rank === 2 ? y : y.reshape([...lead, weight.shape[0]]);
 }
 
