@@ -185,7 +185,9 @@ void nhwc_conv2d_backward(const NhwcGeom& g, int64_t Co, const float* x, const f
   // Stride 1: the input gradient is itself a stride-1 convolution of dy·act' with the flipped,
   // transposed kernel and padding k−1−p, which runs as the forward pass does (im2col rows straight
   // into a narrow GEMM), instead of a GEMM into columns and a col2im scatter.
-  if (dx && g.sh == 1 && g.sw == 1 && g.pt <= g.kh - 1 && g.pl <= g.kw - 1 && Co > 0 && g.M() > 0) {
+  // (Only for outputs of at least 16 channels: a narrower one, e.g. an RGB input's gradient, would
+  // fill a fraction of the register tile's columns; the column path suits it better.)
+  if (dx && g.sh == 1 && g.sw == 1 && g.pt <= g.kh - 1 && g.pl <= g.kw - 1 && Co > 0 && g.M() > 0 && C >= 16) {
     // dy·act' (a copy only when there is an activation)
     AlignedBuf G(act == Act::Linear ? 0 : static_cast<size_t>(g.M() * Co));
     if (act != Act::Linear) act_grad_parallel(dy, y, g.M() * Co, act, G.data(), nthreads);

@@ -73,6 +73,9 @@ describeNative('nativeOps ops vs tfjsOps', () => {
       { name: `conv2d 5x5 pad 2 stride 2 ${act}`, x: [3, 11, 8, 3], w: [7, 3, 5, 5], run: (o, x, w, b) => o.conv2d(x as tf.Tensor4D, w, b, { pad: 2, stride: 2, activation: act }) },
       { name: `conv2d 3x2 unpadded ${act}`, x: [1, 6, 5, 4], w: [3, 4, 3, 2], run: (o, x, w, b) => o.conv2d(x as tf.Tensor4D, w, b, { activation: act }) },
       { name: `conv2d 1x1 ${act}`, x: [2, 5, 3, 6], w: [5, 6, 1, 1], run: (o, x, w, b) => o.conv2d(x as tf.Tensor4D, w, b, { activation: act }) },
+      // 16+ input channels: the input gradient runs as a convolution with the flipped kernel
+      { name: `conv2d 5x5 pad 1, 20 channels ${act}`, x: [2, 9, 8, 20], w: [24, 20, 5, 5], run: (o, x, w, b) => o.conv2d(x as tf.Tensor4D, w, b, { pad: 1, activation: act }) },
+      { name: `conv2d 3x3 unpadded, 17 channels ${act}`, x: [1, 6, 7, 17], w: [5, 17, 3, 3], run: (o, x, w, b) => o.conv2d(x as tf.Tensor4D, w, b, { activation: act }) },
       { name: `convTranspose2d stride 2 pad 2 outputPad 1 ${act}`, x: [2, 5, 4, 6], w: [6, 5, 5, 5], run: (o, x, w, b) => o.convTranspose2d(x as tf.Tensor4D, w, b, { stride: 2, pad: 2, outputPad: 1, activation: act }) },
       { name: `convTranspose2d stride 1 pad 1 ${act}`, x: [3, 6, 7, 4], w: [4, 3, 3, 3], run: (o, x, w, b) => o.convTranspose2d(x as tf.Tensor4D, w, b, { pad: 1, activation: act }) },
       { name: `convTranspose2d stride 3 4x4 ${act}`, x: [1, 3, 5, 2], w: [2, 3, 4, 4], run: (o, x, w, b) => o.convTranspose2d(x as tf.Tensor4D, w, b, { stride: 3, pad: 1, outputPad: 2, activation: act }) },
