@@ -100,6 +100,45 @@ describeNative('nativeOps ops vs tfjsOps', () => {
   });
 
   test.each([
+    ['N 7, input 5, hidden 4', 7, 5, 4],
+    ['N 1, input 3, hidden 6', 1, 3, 6],
+  ] as [string, number, number, number][])('gruCell and dualGruCell %s: values and gradients', (_n, N, I, H) => {
+    tf.tidy(() => {
+      const x = rand([N, I], 41) as tf.Tensor2D, h = rand([N, H], 42) as tf.Tensor2D, h2 = rand([N, H], 43) as tf.Tensor2D;
+      const gw = [rand([3 * H, I], 44, 0.5), rand([3 * H, H], 45, 0.5), rand([3 * H], 46, 0.3), rand([3 * H], 47, 0.3)];
+      const gru = (ops: Ops) => (...t: tf.Tensor[]) =>
+        ops.gruCell(t[0] as tf.Tensor2D, t[1] as tf.Tensor2D, { weightIh: t[2] as tf.Tensor2D, weightHh: t[3] as tf.Tensor2D, biasIh: t[4] as tf.Tensor1D, biasHh: t[5] as tf.Tensor1D });
+      const dy = rand([N, H], 48);
+      expectScaled(gru(nativeOps)(x, h, ...gw), gru(tfjsOps)(x, h, ...gw), 1e-5, 'gru value');
+      const loss = (f: (...t: tf.Tensor[]) => tf.Tensor) => (...t: tf.Tensor[]) => tf.sum(tf.mul(f(...t), dy));
+      const gn = tf.grads(loss(gru(nativeOps)))([x, h, ...gw]);
+      const gt = tf.grads(loss(gru(tfjsOps)))([x, h, ...gw]);
+      gn.forEach((g, i) => expectScaled(g, gt[i], 1e-5, `gru grad ${i}`));
+      const gz = nativeOps.withoutParamGrads(() => tf.grads(loss(gru(nativeOps)))([x, h, ...gw]));
+      expectScaled(gz[1], gt[1], 1e-5, 'gru dh without param grads');
+      expect(maxAbsOf(gz[2])).toBe(0);
+      // DualGRU: the original's layout
+      const dw = [rand([2 * H, I], 51, 0.5), rand([2 * H, H], 52, 0.5), rand([2 * H, I], 53, 0.5), rand([2 * H, H], 54, 0.5),
+        rand([H, I], 55, 0.5), rand([H, H], 56, 0.5), rand([H, I], 57, 0.5), rand([H, H], 58, 0.5),
+        rand([4 * H], 59, 0.3), rand([4 * H], 60, 0.3), rand([2 * H], 61, 0.3), rand([2 * H], 62, 0.3)];
+      const dual = (ops: Ops) => (...t: tf.Tensor[]) => {
+        const [a, b] = ops.dualGruCell(t[0] as tf.Tensor2D, t[1] as tf.Tensor2D, t[2] as tf.Tensor2D, {
+          weightIh1: t[3] as tf.Tensor2D, weightHh1: t[4] as tf.Tensor2D, weightIh2: t[5] as tf.Tensor2D, weightHh2: t[6] as tf.Tensor2D,
+          weightIn1: t[7] as tf.Tensor2D, weightHn1: t[8] as tf.Tensor2D, weightIn2: t[9] as tf.Tensor2D, weightHn2: t[10] as tf.Tensor2D,
+          biasIh: t[11] as tf.Tensor1D, biasHh: t[12] as tf.Tensor1D, biasIn: t[13] as tf.Tensor1D, biasHn: t[14] as tf.Tensor1D,
+        });
+        return tf.concat([a, b], 1);
+      };
+      const dy2 = rand([N, 2 * H], 63);
+      expectScaled(dual(nativeOps)(x, h, h2, ...dw), dual(tfjsOps)(x, h, h2, ...dw), 1e-5, 'dual value');
+      const loss2 = (f: (...t: tf.Tensor[]) => tf.Tensor) => (...t: tf.Tensor[]) => tf.sum(tf.mul(f(...t), dy2));
+      const dn = tf.grads(loss2(dual(nativeOps)))([x, h, h2, ...dw]);
+      const dt = tf.grads(loss2(dual(tfjsOps)))([x, h, h2, ...dw]);
+      dn.forEach((g, i) => expectScaled(g, dt[i], 1e-5, `dual grad ${i}`));
+    });
+  });
+
+  test.each([
     ['B 2, K 3, 17 pixels', 2, 3, 17, 5, 4],
     ['K 1 (every weight 1 + eps)', 2, 1, 9, 3, 3],
     ['B 1, K 7, sharp scores', 1, 7, 30, 6, 8],

@@ -13,6 +13,7 @@ import { nativeStatus } from '../native';
 import { addonOps as nhwc, nativeOpsAvailable } from './addon';
 import { decoderNll } from './native-decoder';
 import { slotCompetition } from './native-attention';
+import { dualGruCell, gruCell } from './native-gru';
 import { tfjsOps, type Ops } from './index';
 import { addTapSumsGrad, broadcastConvShapes, broadcastTapSums } from './broadcast';
 import { convTransposeShapes, paramGradsEnabled, type ConvOptions, type ConvTransposeOptions, type FusedActivation } from './conv';
@@ -339,10 +340,10 @@ export function layerNorm(x: tf.Tensor, weight?: tf.Tensor, bias?: tf.Tensor, ep
 }
 
 /**
- * tfjsOps with the convolutions, the big linear layers, layerNorm and whole decoding stages on the
- * native addon / fused loops.
+ * tfjsOps with the convolutions, the big linear layers, layerNorm, the attention, the GRU cells and
+ * whole decoding stages on the native addon / fused loops.
  */
-export const nativeOps: Ops = { ...tfjsOps, conv2d, convTranspose2d, broadcastConv2d, linear, layerNorm, decoderNll, slotCompetition };
+export const nativeOps: Ops = { ...tfjsOps, conv2d, convTranspose2d, broadcastConv2d, linear, layerNorm, decoderNll, slotCompetition, gruCell, dualGruCell };
 
 export { nativeOpsAvailable };
 
