@@ -47,6 +47,7 @@ const DEFAULT_SET: [string, number, 'native' | 'js'][] = [
   ['tetrominoes', 32, 'native'],
   ['tetrominoes', 4, 'js'],
   ['multi_dsprites', 4, 'native'],
+  ['clevr6-96x96', 4, 'native'],
 ];
 
 function arg(name: string): string | undefined {
