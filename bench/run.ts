@@ -9,8 +9,12 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 
 const suites = ['data', 'native', 'step'];
-const wanted = process.argv.slice(2).filter((a) => suites.includes(a));
-const passThrough = process.argv.slice(2).filter((a) => !suites.includes(a));
+// A suite name counts only in a position of its own, not as an option's value (`--backend native`).
+const argv = process.argv.slice(2);
+const flags = new Set(['--json', '--no-tfjs', '--tfjs-filter']);
+const isSuite = (a: string, i: number) => suites.includes(a) && !(i > 0 && argv[i - 1].startsWith('--') && !flags.has(argv[i - 1]));
+const wanted = argv.filter(isSuite);
+const passThrough = argv.filter((a, i) => !isSuite(a, i));
 const stepOnly = ['--json', '--config', '--batch', '--mode', '--backend', '--steps'].some((o) => passThrough.includes(o));
 let failed = false;
 for (const name of wanted.length ? wanted : stepOnly ? ['step'] : suites) {
