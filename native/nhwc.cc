@@ -39,6 +39,31 @@ void im2col_rows(const NhwcGeom& g, const float* x, int64_t r0, int64_t r1, floa
   }
 }
 
+// Rows [r0, r1) of the column matrix written straight into the GEMM's packed-B layout (panels of
+// nr columns: cols + (panel * rows + (r - r0)) * nr), for C a multiple of nr, so that each panel
+// holds nr channels of one kernel tap: one contiguous run of the image map (or zeros).
+void im2col_rows_packed_b(const NhwcGeom& g, const float* x, int64_t r0, int64_t r1, int64_t nr, float* cols) {
+  const int64_t C = g.C, HoWo = g.Ho * g.Wo, rows = r1 - r0, blocks = C / nr;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = r / HoWo, q = r % HoWo, oy = q / g.Wo, ox = q % g.Wo;
+    const float* xn = x + n * g.H * g.W * C;
+    for (int64_t ky = 0; ky < g.kh; ++ky) {
+      const int64_t iy = oy * g.sh - g.pt + ky;
+      for (int64_t kx = 0; kx < g.kw; ++kx) {
+        const int64_t ix = ox * g.sw - g.pl + kx;
+        const bool inside = iy >= 0 && iy < g.H && ix >= 0 && ix < g.W;
+        const float* src = inside ? xn + (iy * g.W + ix) * C : nullptr;
+        const int64_t panel0 = (ky * g.kw + kx) * blocks;
+        for (int64_t b = 0; b < blocks; ++b) {
+          float* d = cols + ((panel0 + b) * rows + (r - r0)) * nr;
+          if (src) std::memcpy(d, src + b * nr, sizeof(float) * nr);
+          else std::memset(d, 0, sizeof(float) * nr);
+        }
+      }
+    }
+  }
+}
+
 // The adjoint: rows [r0, r1) of columns (at cols + (r - r0) * P) scatter-added into the image map x.
 void col2im_rows(const NhwcGeom& g, const float* cols, int64_t r0, int64_t r1, float* x) {
   const int64_t P = g.P(), C = g.C, HoWo = g.Ho * g.Wo;
@@ -214,6 +239,10 @@ void nhwc_conv2d_backward(const NhwcGeom& g, int64_t Co, const float* x, const f
   const int nt = image_threads(nthreads, g.N);
   const int64_t R = chunk_rows(P);
   auto sc = scratch(nt, R * P, R * Co, dw ? P * Co : 0, db ? Co : 0);
+  // The filter gradient as dWᵀ [Co, P] = Gᵀ · cols with cols written straight into packed-B panels
+  // (no packing pass over the largest operand) when the channels fill whole panels.
+  const int64_t NR = gemm_kernel().nr;
+  const bool packed_dw = dw && C % NR == 0;
   parallel_region(nt, [&](int tid, int ntt) {
     int64_t i0, i1;
     split_range(g.N, tid, ntt, i0, i1);
@@ -230,7 +259,12 @@ void nhwc_conv2d_backward(const NhwcGeom& g, int64_t Co, const float* x, const f
         sgemm_serial(c, s.packA.data(), s.packB.data());
         col2im_rows(g, s.cols.data(), r0, r1, dx);
       }
-      if (dw) {
+      if (packed_dw) {
+        im2col_rows_packed_b(g, x, r0, r1, NR, s.cols.data());
+        GemmCall c = call(true, false, Co, P, rows, s.g.data(), Co, nullptr, P, s.acc.data(), P, true);
+        c.Bpacked = s.cols.data();
+        sgemm_serial(c, s.packA.data(), s.packB.data());
+      } else if (dw) {
         im2col_rows(g, x, r0, r1, s.cols.data());
         sgemm_serial(call(true, false, P, Co, rows, s.cols.data(), P, s.g.data(), Co, s.acc.data(), Co, true),
                      s.packA.data(), s.packB.data());
@@ -251,7 +285,8 @@ void nhwc_conv2d_backward(const NhwcGeom& g, int64_t Co, const float* x, const f
       for (int64_t i = 0; i < P * Co; ++i) acc[i] += sc[t].acc.data()[i];
     for (int64_t co = 0; co < Co; ++co)
       for (int64_t ci = 0; ci < C; ++ci)
-        for (int64_t k = 0; k < KK; ++k) dw[(co * C + ci) * KK + k] = acc[(k * C + ci) * Co + co];
+        for (int64_t k = 0; k < KK; ++k)
+          dw[(co * C + ci) * KK + k] = packed_dw ? acc[co * P + k * C + ci] : acc[(k * C + ci) * Co + co];
   }
 }
 

@@ -75,6 +75,9 @@ describeNative('nativeOps ops vs tfjsOps', () => {
       { name: `conv2d 1x1 ${act}`, x: [2, 5, 3, 6], w: [5, 6, 1, 1], run: (o, x, w, b) => o.conv2d(x as tf.Tensor4D, w, b, { activation: act }) },
       // 16+ input channels: the input gradient runs as a convolution with the flipped kernel
       { name: `conv2d 5x5 pad 1, 20 channels ${act}`, x: [2, 9, 8, 20], w: [24, 20, 5, 5], run: (o, x, w, b) => o.conv2d(x as tf.Tensor4D, w, b, { pad: 1, activation: act }) },
+      // channels filling whole GEMM panels (32, 64): the filter gradient's columns go straight into packed panels
+      { name: `conv2d 3x3 pad 1, 32 channels ${act}`, x: [2, 8, 7, 32], w: [16, 32, 3, 3], run: (o, x, w, b) => o.conv2d(x as tf.Tensor4D, w, b, { pad: 1, activation: act }) },
+      { name: `conv2d 5x5 pad 2 stride 2, 64 channels ${act}`, x: [1, 9, 10, 64], w: [8, 64, 5, 5], run: (o, x, w, b) => o.conv2d(x as tf.Tensor4D, w, b, { pad: 2, stride: 2, activation: act }) },
       { name: `conv2d 3x3 unpadded, 17 channels ${act}`, x: [1, 6, 7, 17], w: [5, 17, 3, 3], run: (o, x, w, b) => o.conv2d(x as tf.Tensor4D, w, b, { activation: act }) },
       { name: `convTranspose2d stride 2 pad 2 outputPad 1 ${act}`, x: [2, 5, 4, 6], w: [6, 5, 5, 5], run: (o, x, w, b) => o.convTranspose2d(x as tf.Tensor4D, w, b, { stride: 2, pad: 2, outputPad: 1, activation: act }) },
       { name: `convTranspose2d stride 1 pad 1 ${act}`, x: [3, 6, 7, 4], w: [4, 3, 3, 3], run: (o, x, w, b) => o.convTranspose2d(x as tf.Tensor4D, w, b, { pad: 1, activation: act }) },
