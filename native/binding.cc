@@ -697,7 +697,7 @@ class DecoderWorkspace : public Napi::ObjectWrap<DecoderWorkspace> {
   size_t reported_ = 0;
 };
 
-// decoderStage({ z, n, c, pos, gh, gw, layers: [{ kind, w, wShape, b, tapSums, stride, pad,
+// decoderStage({ z, n, c, pos, gh, gw, layers: [{ kind, w, wShape, b, stride, pad,
 //   outputPad, act }], target, B, K, H, W, C, logVar, gmm, needDz, needParams, needOutputs,
 //   workspace? })
 //   -> { nll, dz|null, dpos|null, dw: [..|null], db: [..|null], means|null, logMasks|null }
@@ -763,12 +763,6 @@ Napi::Value DecoderStageFn(const Napi::CallbackInfo& info, bool) {
   }
   const std::string err = emorl::decoder_plan(s);
   if (!err.empty()) a.range_error(err);
-  for (size_t i = 0; i < s.layers.size(); ++i) {
-    emorl::DecoderLayer& L = s.layers[i];
-    if (L.kind != emorl::DecoderLayerKind::BroadcastConv) continue;
-    const int64_t n = a.numel({s.c, L.out[1] * L.out[2], L.out[3]}, "tap sums");
-    L.tap_sums = lp[i].f32("tapSums", n, "[c, cells, cout] = " + shape_str({s.c, L.out[1] * L.out[2], L.out[3]}));
-  }
 
   Napi::Env env = a.env();
   Napi::Object r = Napi::Object::New(env);

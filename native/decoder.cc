@@ -52,47 +52,81 @@ inline float act_fwd(float v, Act a) {
   return v;
 }
 
-// The gradient of a broadcast layer's tap sums, added into dW [co, ci, ky, kx]: each dS[ci, cell, co]
-// goes back to every kernel tap that cell summed (lib/ops/broadcast.ts addTapSumsGrad).
-void add_tap_sums_grad(const DecoderLayer& L, const float* dS, float* dW) {
-  const int64_t c = L.in[3], cout = L.out[3], kh = L.w_shape[2], kw = L.w_shape[3];
-  const int64_t gh = L.in[1], gw = L.in[2], oh = L.out[1], ow = L.out[2], pad = L.pad, Q = oh * ow, cc = c * cout;
-  std::vector<double> dT(static_cast<size_t>(oh * kw * cc), 0.0);
-  for (int64_t oy = 0; oy < oh; ++oy)
-    for (int64_t ox = 0; ox < ow; ++ox) {
-      const int64_t q = oy * ow + ox;
-      const int64_t lo = std::max<int64_t>(0, pad - ox), hi = std::min<int64_t>(kw, gw + pad - ox);
-      for (int64_t kx = lo; kx < hi; ++kx)
-        for (int64_t ci = 0; ci < c; ++ci) {
-          const float* src = dS + (ci * Q + q) * cout;
-          double* dst = dT.data() + ((oy * kw + kx) * c + ci) * cout;
-          for (int64_t co = 0; co < cout; ++co) dst[co] += src[co];
-        }
+// The broadcast layer by tap classes. Its input is z (constant per slot) plus pos, so by linearity
+// its output at a cell is z · (Σ of the kernel taps inside the grid there) + conv(pos). The taps
+// inside depend only on whether the cell is in the top/bottom (left/right) border band: per output
+// row a range [lo, hi) of kernel rows, per column one of kernel columns. Cells sharing both ranges
+// form a class (9 for a 5x5 kernel with padding 1; 1 with no padding), so the per-slot part is
+// z · Wsum[class] (one small product per class), added to conv(pos) per cell.
+struct TapClasses {
+  int64_t nrow = 0, ncol = 0;                // distinct row / column ranges
+  std::vector<int64_t> row_of, col_of;       // class of each output row / column
+  std::vector<int64_t> row_lo, row_hi, col_lo, col_hi;  // per range
+  int64_t count() const { return nrow * ncol; }
+};
+
+TapClasses tap_classes(const DecoderLayer& L) {
+  TapClasses t;
+  auto build = [&](int64_t out, int64_t grid, int64_t k, std::vector<int64_t>& of, std::vector<int64_t>& los,
+                   std::vector<int64_t>& his) {
+    of.resize(static_cast<size_t>(out));
+    for (int64_t o = 0; o < out; ++o) {
+      const int64_t lo = std::max<int64_t>(0, L.pad - o), hi = std::min<int64_t>(k, grid + L.pad - o);
+      size_t j = 0;
+      while (j < los.size() && !(los[j] == lo && his[j] == hi)) ++j;
+      if (j == los.size()) {
+        los.push_back(lo);
+        his.push_back(hi);
+      }
+      of[static_cast<size_t>(o)] = static_cast<int64_t>(j);
     }
-  for (int64_t oy = 0; oy < oh; ++oy) {
-    const int64_t lo = std::max<int64_t>(0, pad - oy), hi = std::min<int64_t>(kh, gh + pad - oy);
-    for (int64_t kx = 0; kx < kw; ++kx)
-      for (int64_t ci = 0; ci < c; ++ci)
-        for (int64_t co = 0; co < cout; ++co) {
-          const float v = static_cast<float>(dT[((oy * kw + kx) * c + ci) * cout + co]);
-          for (int64_t ky = lo; ky < hi; ++ky) dW[((co * c + ci) * kh + ky) * kw + kx] += v;
-        }
-  }
+    return static_cast<int64_t>(los.size());
+  };
+  t.nrow = build(L.out[1], L.in[1], L.w_shape[2], t.row_of, t.row_lo, t.row_hi);
+  t.ncol = build(L.out[2], L.in[2], L.w_shape[3], t.col_of, t.col_lo, t.col_hi);
+  return t;
 }
 
-void broadcast_conv_forward(const DecoderStage& s, const DecoderLayer& L, float* y, float* conv_pos, int nt) {
-  const int64_t n = s.n, c = s.c, cout = L.out[3], QC = L.out[1] * L.out[2] * cout;
+// Wsum [c, classes·cout]: per class, Σ over its taps of W[co, ci, ky, kx] (laid out for z · Wsum).
+void class_weight_sums(const DecoderLayer& L, const TapClasses& t, float* wsum) {
+  const int64_t c = L.in[3], cout = L.out[3], kh = L.w_shape[2], kw = L.w_shape[3], ncls = t.count();
+  for (int64_t rc = 0; rc < t.nrow; ++rc)
+    for (int64_t cc = 0; cc < t.ncol; ++cc) {
+      const int64_t k = rc * t.ncol + cc;
+      for (int64_t ci = 0; ci < c; ++ci)
+        for (int64_t co = 0; co < cout; ++co) {
+          double v = 0;
+          for (int64_t ky = t.row_lo[rc]; ky < t.row_hi[rc]; ++ky)
+            for (int64_t kx = t.col_lo[cc]; kx < t.col_hi[cc]; ++kx) v += L.w[((co * c + ci) * kh + ky) * kw + kx];
+          wsum[ci * ncls * cout + k * cout + co] = static_cast<float>(v);
+        }
+    }
+}
+
+void broadcast_conv_forward(const DecoderStage& s, const DecoderLayer& L, float* y, float* conv_pos, Workspace& ws,
+                            size_t slot, int nt) {
+  const int64_t n = s.n, c = s.c, cout = L.out[3], oh = L.out[1], ow = L.out[2], QC = oh * ow * cout;
   nhwc_conv2d_forward(pos_geom(L), cout, s.pos, L.w, L.b, Act::Linear, conv_pos, nt);
-  GemmCall g{false, false, n, QC, c, s.z, c, L.tap_sums, QC, y, QC, false};
+  const TapClasses t = tap_classes(L);
+  const int64_t ncls = t.count(), KC = ncls * cout;
+  float* wsum = ws.buf(slot, static_cast<size_t>(c * KC));
+  float* zw = ws.buf(slot + 1, static_cast<size_t>(n * KC));
+  class_weight_sums(L, t, wsum);
+  GemmCall g{false, false, n, KC, c, s.z, c, wsum, KC, zw, KC, false};
   sgemm(g, nt);
   const float* cp = conv_pos;
   parallel_region(static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, n))), [&](int tid, int ntt) {
     int64_t i0, i1;
     split_range(n, tid, ntt, i0, i1);
-    for (int64_t i = i0; i < i1; ++i) {
-      float* yi = y + i * QC;
-      for (int64_t j = 0; j < QC; ++j) yi[j] = act_fwd(yi[j] + cp[j], L.act);
-    }
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t oy = 0; oy < oh; ++oy)
+        for (int64_t ox = 0; ox < ow; ++ox) {
+          const int64_t q = oy * ow + ox;
+          const float* zc = zw + i * KC + (t.row_of[oy] * t.ncol + t.col_of[ox]) * cout;
+          float* yq = y + i * QC + q * cout;
+          const float* pq = cp + q * cout;
+          for (int64_t co = 0; co < cout; ++co) yq[co] = act_fwd(zc[co] + pq[co], L.act);
+        }
   });
 }
 
@@ -111,11 +145,31 @@ void act_grad_inplace(float* dy, const float* y, int64_t count, Act act, int nt)
 }
 
 void broadcast_conv_backward(const DecoderStage& s, const DecoderLayer& L, const float* y, float* G, float* dz,
-                             float* dpos, float* dw, float* db, float* gs, float* dS, int nt) {
-  const int64_t n = s.n, c = s.c, cout = L.out[3], QC = L.out[1] * L.out[2] * cout;
+                             float* dpos, float* dw, float* db, float* gs, Workspace& ws, size_t slot, int nt) {
+  const int64_t n = s.n, c = s.c, cout = L.out[3], oh = L.out[1], ow = L.out[2], QC = oh * ow * cout;
+  const int64_t kh = L.w_shape[2], kw = L.w_shape[3];
   act_grad_inplace(G, y, n * QC, L.act, nt);
+  const TapClasses t = tap_classes(L);
+  const int64_t ncls = t.count(), KC = ncls * cout;
+  // per slot and class, the gradient summed over the class's cells
+  float* gcls = ws.buf(slot + 2, static_cast<size_t>(n * KC));
+  parallel_region(static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, n))), [&](int tid, int ntt) {
+    int64_t i0, i1;
+    split_range(n, tid, ntt, i0, i1);
+    for (int64_t i = i0; i < i1; ++i) {
+      float* gi = gcls + i * KC;
+      std::memset(gi, 0, sizeof(float) * KC);
+      for (int64_t oy = 0; oy < oh; ++oy)
+        for (int64_t ox = 0; ox < ow; ++ox) {
+          float* dst = gi + (t.row_of[oy] * t.ncol + t.col_of[ox]) * cout;
+          const float* src = G + i * QC + (oy * ow + ox) * cout;
+          for (int64_t co = 0; co < cout; ++co) dst[co] += src[co];
+        }
+    }
+  });
+  const float* wsum = ws.buf(slot, static_cast<size_t>(c * KC));  // from the forward pass of this call
   if (dz) {
-    GemmCall g{false, true, n, c, QC, G, QC, L.tap_sums, QC, dz, c, false};
+    GemmCall g{false, true, n, c, KC, gcls, KC, wsum, KC, dz, c, false};
     sgemm(g, nt);
   }
   if (!dw && !db && !dpos) return;
@@ -131,10 +185,20 @@ void broadcast_conv_backward(const DecoderStage& s, const DecoderLayer& L, const
   });
   nhwc_conv2d_backward(pos_geom(L), cout, s.pos, L.w, nullptr, gs, Act::Linear, dpos, dw, db, nt);
   if (dw) {
-    // dS = zᵀ · G, then spread back over the taps each cell summed
-    GemmCall g{true, false, c, QC, n, s.z, c, G, QC, dS, QC, false};
+    // dWsum = zᵀ · gcls [c, classes·cout], then back to every tap of each class
+    float* dws = ws.buf(slot + 3, static_cast<size_t>(c * KC));
+    GemmCall g{true, false, c, KC, n, s.z, c, gcls, KC, dws, KC, false};
     sgemm(g, nt);
-    add_tap_sums_grad(L, dS, dw);
+    for (int64_t rc = 0; rc < t.nrow; ++rc)
+      for (int64_t cc = 0; cc < t.ncol; ++cc) {
+        const int64_t k = rc * t.ncol + cc;
+        for (int64_t ci = 0; ci < c; ++ci)
+          for (int64_t co = 0; co < cout; ++co) {
+            const float v = dws[ci * KC + k * cout + co];
+            for (int64_t ky = t.row_lo[rc]; ky < t.row_hi[rc]; ++ky)
+              for (int64_t kx = t.col_lo[cc]; kx < t.col_hi[cc]; ++kx) dw[((co * c + ci) * kh + ky) * kw + kx] += v;
+          }
+      }
   }
 }
 
@@ -216,7 +280,7 @@ void decoder_stage(const DecoderStage& s, const DecoderStageOut& o, Workspace& w
   const bool backward = want_dz || want_params;
   // workspace slots: 0..nl-1 the layers' outputs, then two gradient maps (ping-pong) and the
   // broadcast layer's small buffers
-  const size_t kGradA = nl, kGradB = nl + 1, kPosConv = nl + 2, kGradSum = nl + 3, kTapGrad = nl + 4;
+  const size_t kGradA = nl, kGradB = nl + 1, kPosConv = nl + 2, kGradSum = nl + 3, kBroadcast = nl + 4;  // +0..3
 
   // forward; every layer's output is kept for the backward pass
   std::vector<float*> act(nl);
@@ -237,7 +301,7 @@ void decoder_stage(const DecoderStage& s, const DecoderStageOut& o, Workspace& w
         break;
       }
       case DecoderLayerKind::BroadcastConv:
-        broadcast_conv_forward(s, L, y, ws.buf(kPosConv, static_cast<size_t>(L.out[1] * L.out[2] * L.out[3])), nt);
+        broadcast_conv_forward(s, L, y, ws.buf(kPosConv, static_cast<size_t>(L.out[1] * L.out[2] * L.out[3])), ws, kBroadcast, nt);
         break;
       case DecoderLayerKind::Conv:
         nhwc_conv2d_forward(layer_geom(L), L.out[3], x, L.w, L.b, L.act, y, nt);
@@ -281,8 +345,7 @@ void decoder_stage(const DecoderStage& s, const DecoderStageOut& o, Workspace& w
       case DecoderLayerKind::BroadcastConv: {
         const size_t QC = static_cast<size_t>(L.out[1] * L.out[2] * L.out[3]);
         float* gs = ws.buf(kGradSum, QC);
-        float* dS = dw ? ws.buf(kTapGrad, QC * static_cast<size_t>(s.c)) : nullptr;
-        broadcast_conv_backward(s, L, y, dcur, o.dz, o.dpos, dw, db, gs, dS, nt);
+        broadcast_conv_backward(s, L, y, dcur, o.dz, o.dpos, dw, db, gs, ws, kBroadcast, nt);
         break;
       }
       case DecoderLayerKind::Conv:

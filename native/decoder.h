@@ -17,8 +17,8 @@
 namespace emorl {
 
 enum class DecoderLayerKind : int {
-  // conv2d(spatial_broadcast(z, pos)) by tap sums: tap_sums S [c, Q·cout] (Q = output cells)
-  // holds, per output cell, the sum of the kernel taps that fall inside the grid. Stride 1.
+  // conv2d(spatial_broadcast(z, pos)) without forming the broadcast map: per class of output
+  // cells with the same kernel taps inside the grid, z · (Σ of those taps) + conv(pos). Stride 1.
   BroadcastConv = 0,
   // z + pos tiled over the grid (no weights)
   SpatialBroadcast = 1,
@@ -32,7 +32,6 @@ struct DecoderLayer {
   DecoderLayerKind kind;
   const float* w = nullptr;
   const float* b = nullptr;
-  const float* tap_sums = nullptr;
   int64_t w_shape[4] = {0, 0, 0, 0};
   int64_t stride = 1, pad = 0, out_pad = 0;
   Act act = Act::Linear;

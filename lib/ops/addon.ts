@@ -38,7 +38,6 @@ export interface DecoderStageLayer {
   w?: Float32Array;
   wShape?: number[];
   b?: Float32Array;
-  tapSums?: Float32Array;
   stride?: number;
   pad?: number;
   outputPad?: number;

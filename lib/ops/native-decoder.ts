@@ -12,7 +12,6 @@
  */
 import { tf } from '../tf';
 import { addonOps, type DecoderStageLayer } from './addon';
-import { broadcastTapSums } from './broadcast';
 import { paramGradsEnabled, type FusedActivation } from './conv';
 import { checkDecoderNllArgs, type DecoderNllArgs, type DecoderNllResult } from './decoder-stage';
 
@@ -76,10 +75,7 @@ export function decoderNll(a: DecoderNllArgs): DecoderNllResult {
       const bt = vals[w++];
       const wd = f32(wt);
       const base = { w: wd, wShape: wt.shape, b: f32(bt), pad: L.pad, act: ACT[L.activation] };
-      if (L.kind === 'broadcastConv') {
-        const [cout, , kh, kw] = wt.shape;
-        return { ...base, kind: 0, tapSums: broadcastTapSums(wd, { c, cout, kh, kw, gh, gw, pad: L.pad }) };
-      }
+      if (L.kind === 'broadcastConv') return { ...base, kind: 0 };
       if (L.kind === 'conv') return { ...base, kind: 2 };
       return { ...base, kind: 3, stride: L.stride, outputPad: L.outputPad };
     });
