@@ -10,11 +10,8 @@
  * `attn` is a plain tensor (no gradient through it), as the interface allows.
  */
 import { tf } from '../tf';
+import { f32 } from './arrays';
 import { addonOps } from './addon';
-
-function f32(t: tf.Tensor): Float32Array {
-  return t.dataSync() as Float32Array;
-}
 
 export function slotCompetition(q: tf.Tensor3D, k: tf.Tensor3D, v: tf.Tensor3D): { attn: tf.Tensor3D; updates: tf.Tensor3D } {
   const [B, K, d] = q.shape;

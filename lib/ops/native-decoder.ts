@@ -11,6 +11,7 @@
  * gradient) reuses the one backward.
  */
 import { tf } from '../tf';
+import { f32 } from './arrays';
 import { addonOps, type DecoderStageLayer } from './addon';
 import { paramGradsEnabled, type FusedActivation } from './conv';
 import { checkDecoderNllArgs, type DecoderNllArgs, type DecoderNllResult } from './decoder-stage';
@@ -31,10 +32,6 @@ function workspaceFor(key: tf.Tensor): object {
     workspaces.set(key, w);
   }
   return w;
-}
-
-function f32(t: tf.Tensor): Float32Array {
-  return t.dataSync() as Float32Array;
 }
 
 /** The one value of a per-image upstream gradient, or null when the images' values differ. */

@@ -12,19 +12,10 @@
  * rearranged into nn.GRU's (reset, update, new) rows.
  */
 import { tf } from '../tf';
+import { colSums, f32 } from './arrays';
 import { addonOps } from './addon';
 import { paramGradsEnabled } from './conv';
 import type { DualGruWeights, GruWeights } from './nn';
-
-function f32(t: tf.Tensor): Float32Array {
-  return t.dataSync() as Float32Array;
-}
-
-function colSums(g: Float32Array, rows: number, cols: number): Float32Array {
-  const s = new Float64Array(cols);
-  for (let r = 0, o = 0; r < rows; r++, o += cols) for (let j = 0; j < cols; j++) s[j] += g[o + j];
-  return Float32Array.from(s);
-}
 
 export function gruCell(x: tf.Tensor2D, h: tf.Tensor2D, p: GruWeights): tf.Tensor2D {
   const [N, I] = x.shape;

@@ -9,6 +9,7 @@
  * gradients are not computed (zeros are returned), as in the TypeScript convolutions.
  */
 import { tf } from '../tf';
+import { colSums, f32 } from './arrays';
 import { nativeStatus } from '../native';
 import { addonOps as nhwc, nativeOpsAvailable } from './addon';
 import { decoderNll } from './native-decoder';
@@ -19,10 +20,6 @@ import { addTapSumsGrad, broadcastConvShapes, broadcastTapSums } from './broadca
 import { convTransposeShapes, paramGradsEnabled, type ConvOptions, type ConvTransposeOptions, type FusedActivation } from './conv';
 
 const ACT: Record<FusedActivation, number> = { linear: 0, relu: 1, elu: 2 };
-
-function f32(t: tf.Tensor): Float32Array {
-  return t.dataSync() as Float32Array;
-}
 
 /** conv2d as tfjsOps.conv2d: x [n,h,w,cin] NHWC, weight [cout,cin,kh,kw], bias [cout]. */
 export function conv2d(x: tf.Tensor4D, weight: tf.Tensor, bias: tf.Tensor, opts: ConvOptions = {}): tf.Tensor4D {
@@ -91,12 +88,6 @@ export function convTranspose2d(x: tf.Tensor4D, weight: tf.Tensor, bias: tf.Tens
  * [B·K, z] rows): the addon's call overhead would eat the gain.
  */
 const LINEAR_NATIVE_MIN_MACS = 1 << 18;
-
-function colSums(g: Float32Array, rows: number, cols: number): Float32Array {
-  const s = new Float64Array(cols);
-  for (let r = 0, o = 0; r < rows; r++, o += cols) for (let j = 0; j < cols; j++) s[j] += g[o + j];
-  return Float32Array.from(s);
-}
 
 /** linear as tfjsOps.linear (y = x Wᵀ + b over the last axis, W [out,in]); big ones on the addon's GEMM. */
 export function linear(x: tf.Tensor, weight: tf.Tensor, bias?: tf.Tensor, activation: 'linear' | 'relu' = 'linear'): tf.Tensor {
