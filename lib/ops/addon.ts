@@ -3,6 +3,10 @@
  * its lazy loading: the same module lib/native.ts found, or an error saying why not.
  */
 import { nativeStatus } from '../native';
+import type { FusedActivation } from './conv';
+
+/** The addon's activation codes (native/nhwc.h Act). */
+export const ADDON_ACT: Record<FusedActivation, number> = { linear: 0, relu: 1, elu: 2 };
 
 /** The addon's NHWC entry points (native/binding.cc; argument checks there). */
 export interface NhwcGrads {

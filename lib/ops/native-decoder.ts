@@ -12,11 +12,9 @@
  */
 import { tf } from '../tf';
 import { f32 } from './arrays';
-import { addonOps, type DecoderStageLayer } from './addon';
-import { paramGradsEnabled, type FusedActivation } from './conv';
+import { ADDON_ACT, addonOps, type DecoderStageLayer } from './addon';
+import { paramGradsEnabled } from './conv';
 import { checkDecoderNllArgs, type DecoderNllArgs, type DecoderNllResult } from './decoder-stage';
-
-const ACT: Record<FusedActivation, number> = { linear: 0, relu: 1, elu: 2 };
 
 /**
  * The addon's buffers for the stages of one decoder, kept between calls so that repeated stages
@@ -71,7 +69,7 @@ export function decoderNll(a: DecoderNllArgs): DecoderNllResult {
       const wt = vals[w++];
       const bt = vals[w++];
       const wd = f32(wt);
-      const base = { w: wd, wShape: wt.shape, b: f32(bt), pad: L.pad, act: ACT[L.activation] };
+      const base = { w: wd, wShape: wt.shape, b: f32(bt), pad: L.pad, act: ADDON_ACT[L.activation] };
       if (L.kind === 'broadcastConv') return { ...base, kind: 0 };
       if (L.kind === 'conv') return { ...base, kind: 2 };
       return { ...base, kind: 3, stride: L.stride, outputPad: L.outputPad };

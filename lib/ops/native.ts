@@ -11,15 +11,13 @@
 import { tf } from '../tf';
 import { colSums, f32 } from './arrays';
 import { nativeStatus } from '../native';
-import { addonOps as nhwc, nativeOpsAvailable } from './addon';
+import { ADDON_ACT, addonOps as nhwc, nativeOpsAvailable } from './addon';
 import { decoderNll } from './native-decoder';
 import { slotCompetition } from './native-attention';
 import { dualGruCell, gruCell } from './native-gru';
 import { tfjsOps, type Ops } from './index';
 import { addTapSumsGrad, broadcastConvShapes, broadcastTapSums } from './broadcast';
 import { convTransposeShapes, paramGradsEnabled, type ConvOptions, type ConvTransposeOptions, type FusedActivation } from './conv';
-
-const ACT: Record<FusedActivation, number> = { linear: 0, relu: 1, elu: 2 };
 
 /** conv2d as tfjsOps.conv2d: x [n,h,w,cin] NHWC, weight [cout,cin,kh,kw], bias [cout]. */
 export function conv2d(x: tf.Tensor4D, weight: tf.Tensor, bias: tf.Tensor, opts: ConvOptions = {}): tf.Tensor4D {
@@ -35,7 +33,7 @@ export function conv2d(x: tf.Tensor4D, weight: tf.Tensor, bias: tf.Tensor, opts:
   const act = opts.activation ?? 'linear';
   const xShape = [n, h, w, cin];
   const wShape = [cout, cin, kh, kw];
-  const s = [stride, stride], p = [pad, pad], a = [ACT[act]];
+  const s = [stride, stride], p = [pad, pad], a = [ADDON_ACT[act]];
   const k = nhwc();
   const op = tf.customGrad((xt, wt, bt, save) => {
     const y = k.nhwcConv2d(f32(xt as tf.Tensor), xShape, f32(wt as tf.Tensor), wShape, f32(bt as tf.Tensor), s, p, a);
@@ -62,7 +60,7 @@ export function convTranspose2d(x: tf.Tensor4D, weight: tf.Tensor, bias: tf.Tens
   const act = opts.activation ?? 'linear';
   const xShape = [n, h, w, cin];
   const wShape = [cin, cout, kh, kw];
-  const s = [stride, stride], p = [pad, pad], op2 = [outputPad, outputPad], a = [ACT[act]];
+  const s = [stride, stride], p = [pad, pad], op2 = [outputPad, outputPad], a = [ADDON_ACT[act]];
   const k = nhwc();
   const op = tf.customGrad((xt, wt, bt, save) => {
     const y = k.nhwcConvTranspose2d(f32(xt as tf.Tensor), xShape, f32(wt as tf.Tensor), wShape, f32(bt as tf.Tensor), s, p, op2, a);
