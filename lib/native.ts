@@ -28,6 +28,8 @@ export interface NativeInfo {
   cudaBuilt: boolean;
   cudaDevices: number;
   cudaError?: string;
+  /** the decoding stage's CUDA kernels can run in the SIMT emulator (device 'simt'; absent in older builds) */
+  simtEmulator?: boolean;
 }
 
 export interface NativeStatus {

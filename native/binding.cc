@@ -10,6 +10,7 @@
 #include <initializer_list>
 #include <utility>
 #include <limits>
+#include <memory>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -18,6 +19,7 @@
 #include "conv.h"
 #include "decoder.h"
 #include "gemm.h"
+#include "gpu/decoder_gpu.h"
 #include "likelihood.h"
 #include "nhwc.h"
 
@@ -682,9 +684,25 @@ class DecoderWorkspace : public Napi::ObjectWrap<DecoderWorkspace> {
     reported_ = 0;
   }
   emorl::Workspace& ws() { return ws_; }
+  // The GPU stage's buffers for one backend and device (a change of either starts afresh).
+  emorl::GpuWorkspace& gpu(bool emulated, int device) {
+    if (!gpu_ || gpu_->emulated() != emulated || gpu_->device() != device) {
+      gpu_.reset();
+      gpu_ = make_gpu_workspace(emulated, device);
+    }
+    return *gpu_;
+  }
+  static std::unique_ptr<emorl::GpuWorkspace> make_gpu_workspace(bool emulated, int device) {
+#if defined(EMORL_CUDA)
+    if (!emulated) return emorl::cuda::make_workspace(device);
+#endif
+    if (!emulated) throw std::logic_error("the addon was built without CUDA");
+    return emorl::simt::make_workspace(device);
+  }
   // Tells V8 about growth since the last report.
   void report(Napi::Env env) {
-    const size_t now = ws_.bytes();
+    // host memory only: device buffers are not V8's business
+    const size_t now = ws_.bytes() + (gpu_ && gpu_->emulated() ? gpu_->bytes() : 0);
     if (now != reported_) {
       Napi::MemoryManagement::AdjustExternalMemory(env, static_cast<int64_t>(now) - static_cast<int64_t>(reported_));
       reported_ = now;
@@ -694,12 +712,51 @@ class DecoderWorkspace : public Napi::ObjectWrap<DecoderWorkspace> {
  private:
   Napi::Value Bytes(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), static_cast<double>(ws_.bytes())); }
   emorl::Workspace ws_;
+  std::unique_ptr<emorl::GpuWorkspace> gpu_;
   size_t reported_ = 0;
 };
 
+// Where a decoding stage runs: spec.device "cpu" (default), "cuda:N", or "simt" (the CUDA
+// kernels run by the SIMT emulator on the CPU: for tests).
+struct StageDevice {
+  enum Kind { Cpu, Cuda, Simt } kind = Cpu;
+  int index = 0;
+};
+
+StageDevice stage_device(const Args& a, const Props& p) {
+  StageDevice d;
+  Napi::Value v = p.get("device");
+  if (v.IsUndefined() || v.IsNull()) return d;
+  if (!v.IsString()) a.type_error("'" + p.name("device") + "' must be a string: 'cpu', 'cuda:N' or 'simt'");
+  const std::string s = v.As<Napi::String>().Utf8Value();
+  if (s == "cpu") return d;
+  if (s == "simt") {
+    d.kind = StageDevice::Simt;
+    return d;
+  }
+  const std::string digits = s.rfind("cuda:", 0) == 0 ? s.substr(5) : std::string();
+  if (digits.empty() || digits.size() > 4 || digits.find_first_not_of("0123456789") != std::string::npos)
+    a.range_error("'" + p.name("device") + "' must be 'cpu', 'cuda:N' or 'simt', not '" + s + "'");
+  d.kind = StageDevice::Cuda;
+  d.index = std::stoi(digits);
+#if defined(EMORL_CUDA)
+  std::string err;
+  const int n = emorl::cuda_device_count(&err);
+  if (d.index >= n) {
+    std::ostringstream o;
+    o << "device " << s << ": " << n << " CUDA device" << (n == 1 ? "" : "s") << " visible";
+    if (!err.empty()) o << " (" << err << ")";
+    a.range_error(o.str());
+  }
+#else
+  a.range_error("device " + s + ": the addon was built without CUDA (rebuild with EMORL_CUDA=1 npm run build:native)");
+#endif
+  return d;
+}
+
 // decoderStage({ z, n, c, pos, gh, gw, layers: [{ kind, w, wShape, b, stride, pad,
 //   outputPad, act }], target, B, K, H, W, C, logVar, gmm, needDz, needParams, needOutputs,
-//   workspace? })
+//   workspace?, device? })
 //   -> { nll, dz|null, dpos|null, dw: [..|null], db: [..|null], means|null, logMasks|null }
 // kind: 0 broadcast conv, 1 spatial broadcast, 2 conv, 3 transposed conv (decoder.h).
 Napi::Value DecoderStageFn(const Napi::CallbackInfo& info, bool) {
@@ -728,6 +785,7 @@ Napi::Value DecoderStageFn(const Napi::CallbackInfo& info, bool) {
   s.gmm = p.boolean("gmm", false);
   const bool need_dz = p.boolean("needDz", false), need_params = p.boolean("needParams", false);
   const bool need_outputs = p.boolean("needOutputs", false);
+  const StageDevice device = stage_device(a, p);
 
   Napi::Value lv = p.get("layers");
   if (!lv.IsArray()) a.type_error("'spec.layers' must be an array");
@@ -817,8 +875,22 @@ Napi::Value DecoderStageFn(const Napi::CallbackInfo& info, bool) {
       a.type_error("'spec.workspace' must be a DecoderWorkspace");
     owned = DecoderWorkspace::Unwrap(wv.As<Napi::Object>());
   }
-  emorl::Workspace local;
-  emorl::decoder_stage(s, o, owned ? owned->ws() : local, threads());
+  if (device.kind == StageDevice::Cpu) {
+    emorl::Workspace local;
+    emorl::decoder_stage(s, o, owned ? owned->ws() : local, threads());
+  } else {
+    const bool emulated = device.kind == StageDevice::Simt;
+    std::unique_ptr<emorl::GpuWorkspace> local;
+    if (!owned) local = DecoderWorkspace::make_gpu_workspace(emulated, device.index);
+    emorl::GpuWorkspace& gws = owned ? owned->gpu(emulated, device.index) : *local;
+    if (emulated) {
+      emorl::simt::decoder_stage(s, o, gws);
+    } else {
+#if defined(EMORL_CUDA)
+      emorl::cuda::decoder_stage(s, o, gws);
+#endif
+    }
+  }
   if (owned) owned->report(env);
   return r;
 }
@@ -878,6 +950,7 @@ Napi::Value Info(const Napi::CallbackInfo& info) {
   o.Set("cudaBuilt", false);
   o.Set("cudaDevices", 0);
 #endif
+  o.Set("simtEmulator", true);  // decoderStage's device 'simt': the CUDA kernels on the CPU
   return o;
 }
 

@@ -14,11 +14,7 @@
 #include "gemm.h"
 
 namespace emorl {
-namespace {
 
-int64_t numel4(const int64_t* s) { return s[0] * s[1] * s[2] * s[3]; }
-
-// The geometry of a Conv layer (input `in`) or of the forward conv behind a ConvTranspose layer.
 NhwcGeom layer_geom(const DecoderLayer& L) {
   NhwcGeom g{};
   g.kh = L.w_shape[2];
@@ -35,7 +31,6 @@ NhwcGeom layer_geom(const DecoderLayer& L) {
   return g;
 }
 
-// The broadcast layer's positional part: a conv over the one positional map [1, gh, gw, c].
 NhwcGeom pos_geom(const DecoderLayer& L) {
   NhwcGeom g{};
   g.N = 1; g.H = L.in[1]; g.W = L.in[2]; g.C = L.in[3];
@@ -45,25 +40,6 @@ NhwcGeom pos_geom(const DecoderLayer& L) {
   g.pt = g.pl = L.pad;
   return g;
 }
-
-inline float act_fwd(float v, Act a) {
-  if (a == Act::Relu) return v > 0.f ? v : 0.f;
-  if (a == Act::Elu) return v > 0.f ? v : std::expm1(v);
-  return v;
-}
-
-// The broadcast layer by tap classes. Its input is z (constant per slot) plus pos, so by linearity
-// its output at a cell is z · (Σ of the kernel taps inside the grid there) + conv(pos). The taps
-// inside depend only on whether the cell is in the top/bottom (left/right) border band: per output
-// row a range [lo, hi) of kernel rows, per column one of kernel columns. Cells sharing both ranges
-// form a class (9 for a 5x5 kernel with padding 1; 1 with no padding), so the per-slot part is
-// z · Wsum[class] (one small product per class), added to conv(pos) per cell.
-struct TapClasses {
-  int64_t nrow = 0, ncol = 0;                // distinct row / column ranges
-  std::vector<int64_t> row_of, col_of;       // class of each output row / column
-  std::vector<int64_t> row_lo, row_hi, col_lo, col_hi;  // per range
-  int64_t count() const { return nrow * ncol; }
-};
 
 TapClasses tap_classes(const DecoderLayer& L) {
   TapClasses t;
@@ -87,7 +63,6 @@ TapClasses tap_classes(const DecoderLayer& L) {
   return t;
 }
 
-// Wsum [c, classes·cout]: per class, Σ over its taps of W[co, ci, ky, kx] (laid out for z · Wsum).
 void class_weight_sums(const DecoderLayer& L, const TapClasses& t, float* wsum) {
   const int64_t c = L.in[3], cout = L.out[3], kh = L.w_shape[2], kw = L.w_shape[3], ncls = t.count();
   for (int64_t rc = 0; rc < t.nrow; ++rc)
@@ -101,6 +76,30 @@ void class_weight_sums(const DecoderLayer& L, const TapClasses& t, float* wsum) 
           wsum[ci * ncls * cout + k * cout + co] = static_cast<float>(v);
         }
     }
+}
+
+void add_class_weight_grads(const DecoderLayer& L, const TapClasses& t, const float* dwsum, float* dw) {
+  const int64_t c = L.in[3], cout = L.out[3], kh = L.w_shape[2], kw = L.w_shape[3], KC = t.count() * cout;
+  for (int64_t rc = 0; rc < t.nrow; ++rc)
+    for (int64_t cc = 0; cc < t.ncol; ++cc) {
+      const int64_t k = rc * t.ncol + cc;
+      for (int64_t ci = 0; ci < c; ++ci)
+        for (int64_t co = 0; co < cout; ++co) {
+          const float v = dwsum[ci * KC + k * cout + co];
+          for (int64_t ky = t.row_lo[rc]; ky < t.row_hi[rc]; ++ky)
+            for (int64_t kx = t.col_lo[cc]; kx < t.col_hi[cc]; ++kx) dw[((co * c + ci) * kh + ky) * kw + kx] += v;
+        }
+    }
+}
+
+namespace {
+
+int64_t numel4(const int64_t* s) { return s[0] * s[1] * s[2] * s[3]; }
+
+inline float act_fwd(float v, Act a) {
+  if (a == Act::Relu) return v > 0.f ? v : 0.f;
+  if (a == Act::Elu) return v > 0.f ? v : std::expm1(v);
+  return v;
 }
 
 void broadcast_conv_forward(const DecoderStage& s, const DecoderLayer& L, float* y, float* conv_pos, Workspace& ws,
@@ -147,7 +146,6 @@ void act_grad_inplace(float* dy, const float* y, int64_t count, Act act, int nt)
 void broadcast_conv_backward(const DecoderStage& s, const DecoderLayer& L, const float* y, float* G, float* dz,
                              float* dpos, float* dw, float* db, float* gs, Workspace& ws, size_t slot, int nt) {
   const int64_t n = s.n, c = s.c, cout = L.out[3], oh = L.out[1], ow = L.out[2], QC = oh * ow * cout;
-  const int64_t kh = L.w_shape[2], kw = L.w_shape[3];
   act_grad_inplace(G, y, n * QC, L.act, nt);
   const TapClasses t = tap_classes(L);
   const int64_t ncls = t.count(), KC = ncls * cout;
@@ -189,16 +187,7 @@ void broadcast_conv_backward(const DecoderStage& s, const DecoderLayer& L, const
     float* dws = ws.buf(slot + 3, static_cast<size_t>(c * KC));
     GemmCall g{true, false, c, KC, n, s.z, c, gcls, KC, dws, KC, false};
     sgemm(g, nt);
-    for (int64_t rc = 0; rc < t.nrow; ++rc)
-      for (int64_t cc = 0; cc < t.ncol; ++cc) {
-        const int64_t k = rc * t.ncol + cc;
-        for (int64_t ci = 0; ci < c; ++ci)
-          for (int64_t co = 0; co < cout; ++co) {
-            const float v = dws[ci * KC + k * cout + co];
-            for (int64_t ky = t.row_lo[rc]; ky < t.row_hi[rc]; ++ky)
-              for (int64_t kx = t.col_lo[cc]; kx < t.col_hi[cc]; ++kx) dw[((co * c + ci) * kh + ky) * kw + kx] += v;
-          }
-      }
+    add_class_weight_grads(L, t, dws, dw);
   }
 }
 

@@ -10,11 +10,12 @@
 #include <string>
 #include <vector>
 
-#include "common.h"
 #include "likelihood.h"
 #include "nhwc.h"
 
 namespace emorl {
+
+class Workspace;  // common.h (kept out of this header: the CUDA build includes it without OpenMP)
 
 enum class DecoderLayerKind : int {
   // conv2d(spatial_broadcast(z, pos)) without forming the broadcast map: per class of output
@@ -63,6 +64,33 @@ struct DecoderStageOut {
   float* means = nullptr;
   float* log_masks = nullptr;
 };
+
+// Shared by the CPU stage and the GPU one (gpu/decoder_gpu.h).
+
+// The geometry of a Conv layer, or of the forward conv behind a ConvTranspose layer (its image
+// side is the layer's output), once decoder_plan has filled in the shapes.
+NhwcGeom layer_geom(const DecoderLayer& L);
+// The broadcast layer's positional part: a conv over the one positional map [1, gh, gw, c].
+NhwcGeom pos_geom(const DecoderLayer& L);
+
+// The broadcast layer by tap classes. Its input is z (constant per slot) plus pos, so by linearity
+// its output at a cell is z · (Σ of the kernel taps inside the grid there) + conv(pos). The taps
+// inside depend only on whether the cell is in the top/bottom (left/right) border band: per output
+// row a range [lo, hi) of kernel rows, per column one of kernel columns. Cells sharing both ranges
+// form a class (9 for a 5x5 kernel with padding 1; 1 with no padding), so the per-slot part is
+// z · Wsum[class] (one small product per class), added to conv(pos) per cell.
+struct TapClasses {
+  int64_t nrow = 0, ncol = 0;                // distinct row / column ranges
+  std::vector<int64_t> row_of, col_of;       // class of each output row / column
+  std::vector<int64_t> row_lo, row_hi, col_lo, col_hi;  // per range
+  int64_t count() const { return nrow * ncol; }
+};
+
+TapClasses tap_classes(const DecoderLayer& L);
+// Wsum [c, classes·cout]: per class, Σ over its taps of W[co, ci, ky, kx] (laid out for z · Wsum).
+void class_weight_sums(const DecoderLayer& L, const TapClasses& t, float* wsum);
+// dw[co, ci, ky, kx] += dWsum[ci, class·cout + co] for every tap of the class (dwsum as Wsum).
+void add_class_weight_grads(const DecoderLayer& L, const TapClasses& t, const float* dwsum, float* dw);
 
 // Checks the layer chain and fills each layer's in/out shapes; returns an empty string when the
 // stage is consistent, else a message naming the layer and the shapes at fault.

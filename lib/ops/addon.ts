@@ -70,7 +70,15 @@ export interface DecoderStageSpec {
   needOutputs: boolean;
   /** a DecoderWorkspace to keep the stage's buffers in between calls */
   workspace?: object;
+  /** where the stage runs (default 'cpu'); see StageDevice */
+  device?: StageDevice;
 }
+
+/**
+ * Where a decoding stage runs: the CPU kernels, CUDA device N (an addon built with EMORL_CUDA=1),
+ * or 'simt': the CUDA kernels run by the addon's SIMT emulator on the CPU (slow; for tests).
+ */
+export type StageDevice = 'cpu' | 'simt' | `cuda:${number}`;
 
 export interface DecoderStageResult {
   nll: Float32Array;

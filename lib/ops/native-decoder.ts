@@ -12,7 +12,7 @@
  */
 import { tf } from '../tf';
 import { f32 } from './arrays';
-import { ADDON_ACT, addonOps, type DecoderStageLayer } from './addon';
+import { ADDON_ACT, addonOps, type DecoderStageLayer, type StageDevice } from './addon';
 import { paramGradsEnabled } from './conv';
 import { checkDecoderNllArgs, type DecoderNllArgs, type DecoderNllResult } from './decoder-stage';
 
@@ -47,7 +47,7 @@ function scaled(src: Float32Array, u: number): Float32Array {
   return out;
 }
 
-export function decoderNll(a: DecoderNllArgs): DecoderNllResult {
+export function decoderNll(a: DecoderNllArgs, device: StageDevice = 'cpu'): DecoderNllResult {
   const B = checkDecoderNllArgs(a);
   const [n, c] = a.z.shape;
   const [gh, gw] = a.pos.shape;
@@ -80,6 +80,7 @@ export function decoderNll(a: DecoderNllArgs): DecoderNllResult {
       logVar: a.logVar, gmm: a.likelihood === 'GMM',
       needDz, needParams, needOutputs: a.outputs,
       workspace: weighted.length ? workspaceFor(weighted[weighted.length - 1].weight) : undefined,
+      device,
     });
     extra = { means: r.means, logMasks: r.logMasks };
     return {

@@ -11,7 +11,7 @@
 import { tf } from '../tf';
 import { colSums, f32 } from './arrays';
 import { nativeStatus } from '../native';
-import { ADDON_ACT, addonOps as nhwc, nativeOpsAvailable } from './addon';
+import { ADDON_ACT, addonOps as nhwc, nativeOpsAvailable, type StageDevice } from './addon';
 import { decoderNll } from './native-decoder';
 import { slotCompetition } from './native-attention';
 import { dualGruCell, gruCell } from './native-gru';
@@ -343,11 +343,52 @@ export function defaultOps(): Ops {
 
 export type ComputeBackend = 'native' | 'js' | 'auto';
 
+/** Checks a device name ('cpu', 'cuda:N', 'simt'); returns it typed, or throws saying what is allowed. */
+export function parseStageDevice(name: string): StageDevice {
+  if (name === 'cpu' || name === 'simt' || /^cuda:\d{1,4}$/.test(name)) return name as StageDevice;
+  throw new Error(`unknown device ${JSON.stringify(name)} (use cpu or cuda:N)`);
+}
+
+const opsOnDevice = new Map<StageDevice, Ops>();
+
+/**
+ * nativeOps with the decoding stage (the decoder and the likelihood, forward and backward: most
+ * of a step's arithmetic) on `device`; everything else stays on the CPU kernels. A clear error
+ * when the addon has no CUDA or no such device.
+ */
+export function nativeOpsOn(device: StageDevice): Ops {
+  if (device === 'cpu') return nativeOps;
+  const cached = opsOnDevice.get(device);
+  if (cached) return cached;
+  const st = nativeStatus();
+  if (!st.available || !nativeOpsAvailable()) throw new Error(`device ${device}: the native addon is not available (${st.reason ?? 'too old'}); build it with \`npm run build:native\``);
+  const info = st.info!;
+  if (device === 'simt') {
+    if (!info.simtEmulator) throw new Error(`device simt: the addon at ${st.path} predates the SIMT emulator; rebuild it with \`npm run build:native\``);
+  } else {
+    const index = Number(device.slice(5));
+    if (!info.cudaBuilt) throw new Error(`device ${device}: the addon was built without CUDA; rebuild it with \`EMORL_CUDA=1 npm run build:native\` (needs nvcc)`);
+    if (index >= info.cudaDevices) {
+      throw new Error(`device ${device}: ${info.cudaDevices} CUDA device${info.cudaDevices === 1 ? '' : 's'} visible${info.cudaError ? ` (${info.cudaError})` : ''}`);
+    }
+  }
+  const ops: Ops = { ...nativeOps, decoderNll: (a) => decoderNll(a, device) };
+  opsOnDevice.set(device, ops);
+  return ops;
+}
+
 /**
  * The ops of a backend by name: 'native' (the addon; an error saying why when it is not
- * available), 'js' (the pure TypeScript reference) or 'auto' (native when built, else js).
+ * available), 'js' (the pure TypeScript reference) or 'auto' (native when built, else js), with
+ * the decoding stage on `device` ('cpu' unless asked: a GPU is never picked behind the user's back).
  */
-export function opsForBackend(name: string): Ops {
+export function opsForBackend(name: string, device: string = 'cpu'): Ops {
+  const dev = parseStageDevice(device);
+  if (dev !== 'cpu') {
+    if (name === 'js') throw new Error(`device ${dev} needs the native backend (--backend native), not js`);
+    if (name !== 'native' && name !== 'auto') throw new Error(`unknown backend ${JSON.stringify(name)} (use native, js or auto)`);
+    return nativeOpsOn(dev);
+  }
   if (name === 'auto') return defaultOps();
   if (name === 'js') return tfjsOps;
   if (name === 'native') {

@@ -1,0 +1,744 @@
+// The decoding stage on a GPU (decoder_gpu.h). Compiled twice: by nvcc into namespace emorl::cuda,
+// and by the host compiler (decoder_simt.cc) into emorl::simt, where simt.h emulates the launches.
+//
+// Every convolution is one tiled implicit GEMM (gemm_kernel): an output tile of 64×64 per block of
+// 256 threads, 4×4 per thread, operands staged in shared memory 16 deep, the im2col gathers done
+// by the operand loaders so no column matrix is ever formed. The three convolution products:
+//   forward   y[pixel, co]    = Σ_(ky,kx,ci) im2col(x)[pixel, (ky,kx,ci)] · Wf[(ky,kx,ci), co]
+//   data grad dx[pixel, ci]   = Σ_(ky,kx,co) gather(dy)[pixel, (ky,kx,co)] · Wd[(ky,kx,co), ci]
+//   filter    dW[(ky,kx,ci), co] = Σ_rows im2col(x)[row, (ky,kx,ci)] · dy[row, co]  (split over rows)
+// A transposed convolution is the data-gradient product forward and the forward product backward,
+// exactly as in nhwc.cc. Weights arrive in PyTorch layout w[col][img][ky][kx] (col: the channels of
+// the conv's column side, Conv2d's Co or ConvTranspose2d's Ci) and are packed on the host.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "decoder_gpu.h"
+#include "simt.h"
+
+namespace emorl {
+namespace EMORL_GPU_NS {
+namespace {
+
+using i64 = int64_t;
+
+constexpr int kTile = 64, kDepth = 16, kGemmThreads = 256;
+constexpr int kThreads = 256;  // elementwise kernels
+#if defined(__CUDACC__)
+constexpr i64 kMaxBlocks = 1024;
+constexpr i64 kRowsPerSplit = 2048;  // filter gradients: rows of the product per block in z
+#else
+// emulated: few blocks, so the grid-stride loops are exercised too; split filter gradients at
+// test sizes
+constexpr i64 kMaxBlocks = 4;
+constexpr i64 kRowsPerSplit = 128;
+#endif
+constexpr int kMaxChannels = 4;   // image channels the likelihood kernel holds in registers
+constexpr int kMaxTapRanges = 16;  // distinct tap ranges per axis of a broadcast layer
+
+EMORL_DEVICE int imin(int a, int b) { return a < b ? a : b; }
+
+EMORL_DEVICE float activate(float v, int act) {
+  if (act == 1) return v > 0.f ? v : 0.f;
+  if (act == 2) return v > 0.f ? v : expm1f(v);
+  return v;
+}
+
+// ---- GEMM operands: element (row, k) of A or (k, col) of B, gathered on the fly -------------
+
+// A strided matrix: element (r, c) at p[r·rs + c·cs].
+struct Mat {
+  const float* p;
+  i64 rs, cs;
+  bool kfast;  // consecutive threads should step the k index (it is the contiguous one)
+  EMORL_DEVICE float operator()(int r, int c) const { return p[r * rs + c * cs]; }
+};
+Mat a_operand(const float* p, i64 rs, i64 cs) { return Mat{p, rs, cs, cs == 1}; }  // A(m, k)
+Mat b_operand(const float* p, i64 rs, i64 cs) { return Mat{p, rs, cs, rs == 1}; }  // B(k, n)
+
+struct Geom {
+  int N, H, W, C, Ho, Wo, kh, kw, sh, sw, pt, pl;
+};
+
+Geom geom_of(const NhwcGeom& g) {
+  return Geom{static_cast<int>(g.N), static_cast<int>(g.H), static_cast<int>(g.W), static_cast<int>(g.C),
+              static_cast<int>(g.Ho), static_cast<int>(g.Wo), static_cast<int>(g.kh), static_cast<int>(g.kw),
+              static_cast<int>(g.sh), static_cast<int>(g.sw), static_cast<int>(g.pt), static_cast<int>(g.pl)};
+}
+
+// im2col of the image-side map x [N,H,W,C]: row m = (n, oy, ox), column k = (ky, kx, ci).
+struct Im2col {
+  const float* x;
+  Geom g;
+  bool kfast = true;
+  EMORL_DEVICE float operator()(int m, int k) const {
+    const int ci = k % g.C, t = k / g.C, kx = t % g.kw, ky = t / g.kw;
+    const int ox = m % g.Wo, t2 = m / g.Wo, oy = t2 % g.Ho, n = t2 / g.Ho;
+    const int iy = oy * g.sh - g.pt + ky, ix = ox * g.sw - g.pl + kx;
+    if (iy < 0 || iy >= g.H || ix < 0 || ix >= g.W) return 0.f;
+    return x[((static_cast<i64>(n) * g.H + iy) * g.W + ix) * g.C + ci];
+  }
+};
+
+// The same matrix transposed (row m = column k of im2col): the filter gradient's A operand.
+struct Im2colT {
+  Im2col cols;
+  bool kfast = false;
+  EMORL_DEVICE float operator()(int m, int k) const { return cols(k, m); }
+};
+
+// The column-side map y [N,Ho,Wo,Cc] gathered at image pixels: row m = (n, iy, ix), column
+// k = (ky, kx, cc), the value of the output cell that tap (ky, kx) of pixel (iy, ix) feeds.
+struct ColGather {
+  const float* y;
+  Geom g;
+  int Cc;
+  bool kfast = true;
+  EMORL_DEVICE float operator()(int m, int k) const {
+    const int cc = k % Cc, t = k / Cc, kx = t % g.kw, ky = t / g.kw;
+    const int ix = m % g.W, t2 = m / g.W, iy = t2 % g.H, n = t2 / g.H;
+    const int ny = iy + g.pt - ky, nx = ix + g.pl - kx;
+    if (ny < 0 || nx < 0 || ny % g.sh || nx % g.sw) return 0.f;
+    const int oy = ny / g.sh, ox = nx / g.sw;
+    if (oy >= g.Ho || ox >= g.Wo) return 0.f;
+    return y[((static_cast<i64>(n) * g.Ho + oy) * g.Wo + ox) * Cc + cc];
+  }
+};
+
+// ---- GEMM epilogues -----------------------------------------------------------------------
+
+// out[m, n] = act(v + bias[n])
+struct Store {
+  float* out;
+  int ldc;
+  const float* bias;
+  int act;
+  EMORL_DEVICE void operator()(int m, int n, float v, int) const {
+    out[static_cast<i64>(m) * ldc + n] = activate(v + (bias ? bias[n] : 0.f), act);
+  }
+};
+
+// one split's partial sum: part[split, m, n]
+struct Partial {
+  float* part;
+  i64 split_stride;
+  int ldc;
+  EMORL_DEVICE void operator()(int m, int n, float v, int split) const {
+    part[split * split_stride + static_cast<i64>(m) * ldc + n] = v;
+  }
+};
+
+// C[M,N] = Σ_k A(m,k)·B(k,n) over this block's share of k (blockIdx.z), handed to the epilogue.
+template <class A, class B, class E>
+__global__ void __launch_bounds__(kGemmThreads) gemm_kernel(A a, B b, E e, int M, int N, int K, int kchunk) {
+  __shared__ float As[kDepth][kTile + 4];
+  __shared__ float Bs[kDepth][kTile + 4];
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  const int m0 = blockIdx.x * kTile, n0 = blockIdx.y * kTile;
+  const int kbeg = blockIdx.z * kchunk, kend = imin(K, kbeg + kchunk);
+  float acc[4][4];
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+  for (int k0 = kbeg; k0 < kend; k0 += kDepth) {
+    for (int i = 0; i < kTile * kDepth / kGemmThreads; ++i) {
+      const int idx = tid + i * kGemmThreads;
+      const int mm = a.kfast ? idx / kDepth : idx % kTile, kk = a.kfast ? idx % kDepth : idx / kTile;
+      const int m = m0 + mm, k = k0 + kk;
+      As[kk][mm] = (m < M && k < kend) ? a(m, k) : 0.f;
+    }
+    for (int i = 0; i < kTile * kDepth / kGemmThreads; ++i) {
+      const int idx = tid + i * kGemmThreads;
+      const int nn = b.kfast ? idx / kDepth : idx % kTile, kk = b.kfast ? idx % kDepth : idx / kTile;
+      const int n = n0 + nn, k = k0 + kk;
+      Bs[kk][nn] = (n < N && k < kend) ? b(k, n) : 0.f;
+    }
+    __syncthreads();
+    for (int kk = 0; kk < kDepth; ++kk) {
+      float ar[4], br[4];
+      for (int i = 0; i < 4; ++i) ar[i] = As[kk][ty + 16 * i];
+      for (int j = 0; j < 4; ++j) br[j] = Bs[kk][tx + 16 * j];
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) acc[i][j] += ar[i] * br[j];
+    }
+    __syncthreads();
+  }
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) {
+      const int m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
+      if (m < M && n < N) e(m, n, acc[i][j], static_cast<int>(blockIdx.z));
+    }
+}
+
+int as_int(i64 v, const char* what) {
+  if (v < 0 || v > std::numeric_limits<int>::max()) throw std::length_error(std::string("GPU decoder: ") + what + " too large");
+  return static_cast<int>(v);
+}
+
+// splits > 1: the k range is cut into that many chunks, one per grid z (a Partial epilogue).
+template <class A, class B, class E>
+void gemm(const A& a, const B& b, const E& e, i64 M, i64 N, i64 K, i64 splits = 1) {
+  if (M == 0 || N == 0) return;
+  const i64 per = (K + splits - 1) / splits;
+  const i64 kchunk = std::max<i64>(kDepth, (per + kDepth - 1) / kDepth * kDepth);
+  const i64 z = K ? (K + kchunk - 1) / kchunk : 1;
+  if (z != splits) throw std::logic_error("GPU decoder: split count mismatch");
+  launch(gemm_kernel<A, B, E>, dim3(as_int((M + kTile - 1) / kTile, "M"), as_int((N + kTile - 1) / kTile, "N"),
+                                    as_int(z, "splits")),
+         dim3(kGemmThreads), a, b, e, as_int(M, "M"), as_int(N, "N"), as_int(K, "K"), as_int(kchunk, "k chunk"));
+}
+
+// The split count gemm() accepts for a Partial epilogue over a long k range.
+i64 filter_splits(i64 K) {
+  const i64 want = std::min<i64>(64, std::max<i64>(1, K / kRowsPerSplit));
+  const i64 per = (K + want - 1) / want;
+  const i64 kchunk = std::max<i64>(kDepth, (per + kDepth - 1) / kDepth * kDepth);
+  return K ? (K + kchunk - 1) / kchunk : 1;
+}
+
+// ---- elementwise and reduction kernels (grid-stride loops) -----------------------------------
+
+#define EMORL_GRID_LOOP(i, n) \
+  for (i64 i = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); i += static_cast<i64>(gridDim.x) * blockDim.x)
+
+dim3 grid_for(i64 n) { return dim3(static_cast<unsigned>(std::max<i64>(1, std::min<i64>(kMaxBlocks, (n + kThreads - 1) / kThreads)))); }
+
+// dy ⊙ act'(pre-activation), from the post-activation y, in place.
+__global__ void act_grad_kernel(float* dy, const float* y, i64 n, int act) {
+  EMORL_GRID_LOOP(i, n) {
+    if (act == 1)
+      dy[i] = y[i] > 0.f ? dy[i] : 0.f;
+    else
+      dy[i] = y[i] > 0.f ? dy[i] : dy[i] * (y[i] + 1.f);
+  }
+}
+
+// y[a, q, j] = z[a, j] + pos[q, j]
+__global__ void spatial_broadcast_kernel(const float* z, const float* pos, float* y, i64 n, i64 cells, i64 c) {
+  EMORL_GRID_LOOP(i, n * cells * c) {
+    const i64 j = i % c, q = (i / c) % cells, a = i / (c * cells);
+    y[i] = z[a * c + j] + pos[q * c + j];
+  }
+}
+
+// Per-output-row (column) classes of the broadcast layer: contiguous runs [begin, end).
+struct TapRanges {
+  int n;
+  int begin[kMaxTapRanges], end[kMaxTapRanges];
+  EMORL_DEVICE int of(int o) const {
+    int r = 0;
+    while (r + 1 < n && o >= end[r]) ++r;
+    return r;
+  }
+};
+
+// y[i, oy, ox, co] = act(zw[i, class(oy, ox), co] + conv(pos)[oy, ox, co])
+__global__ void broadcast_combine_kernel(const float* zw, const float* conv_pos, float* y, i64 n, int oh, int ow, int cout,
+                                         TapRanges rows, TapRanges cols, int act) {
+  const i64 QC = static_cast<i64>(oh) * ow * cout, KC = static_cast<i64>(rows.n) * cols.n * cout;
+  EMORL_GRID_LOOP(idx, n * QC) {
+    const i64 i = idx / QC, r = idx % QC;
+    const int co = static_cast<int>(r % cout), ox = static_cast<int>((r / cout) % ow), oy = static_cast<int>(r / (static_cast<i64>(cout) * ow));
+    const int cls = rows.of(oy) * cols.n + cols.of(ox);
+    y[idx] = activate(zw[i * KC + cls * cout + co] + conv_pos[r], act);
+  }
+}
+
+// gcls[i, class, co] = Σ over the class's cells of g[i, cell, co]
+__global__ void class_sums_kernel(const float* g, float* gcls, i64 n, int oh, int ow, int cout, TapRanges rows, TapRanges cols) {
+  const i64 KC = static_cast<i64>(rows.n) * cols.n * cout, QC = static_cast<i64>(oh) * ow * cout;
+  EMORL_GRID_LOOP(idx, n * KC) {
+    const i64 i = idx / KC;
+    const int r = static_cast<int>(idx % KC), co = r % cout, cls = r / cout, rc = cls / cols.n, cc = cls % cols.n;
+    float s = 0.f;
+    for (int oy = rows.begin[rc]; oy < rows.end[rc]; ++oy)
+      for (int ox = cols.begin[cc]; ox < cols.end[cc]; ++ox) s += g[i * QC + (static_cast<i64>(oy) * ow + ox) * cout + co];
+    gcls[idx] = s;
+  }
+}
+
+// Column sums of `batch` matrices v[b, rows, cols], in two passes: partial sums over chunks of
+// rows (block 32 columns × 8 row lanes), then over the chunks.
+__global__ void col_sums_partial_kernel(const float* v, i64 rows, i64 cols, i64 rows_per_chunk, float* part) {
+  __shared__ float lanes[8][33];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const i64 j = static_cast<i64>(blockIdx.x) * 32 + tx, b = blockIdx.z, chunk = blockIdx.y;
+  const i64 r0 = chunk * rows_per_chunk, r1 = r0 + rows_per_chunk < rows ? r0 + rows_per_chunk : rows;
+  float acc = 0.f;
+  if (j < cols)
+    for (i64 r = r0 + ty; r < r1; r += 8) acc += v[(b * rows + r) * cols + j];
+  lanes[ty][tx] = acc;
+  __syncthreads();
+  if (ty == 0 && j < cols) {
+    float t = 0.f;
+    for (int y = 0; y < 8; ++y) t += lanes[y][tx];
+    part[(b * gridDim.y + chunk) * cols + j] = t;
+  }
+}
+
+__global__ void col_sums_final_kernel(const float* part, i64 batch, i64 chunks, i64 cols, float* out) {
+  EMORL_GRID_LOOP(i, batch * cols) {
+    const i64 b = i / cols, j = i % cols;
+    double t = 0;
+    for (i64 c = 0; c < chunks; ++c) t += part[(b * chunks + c) * cols + j];
+    out[i] = static_cast<float>(t);
+  }
+}
+
+// dw[col, img, ky, kx] = Σ_split part[split, (ky, kx, img), col]
+__global__ void filter_grad_reduce_kernel(const float* part, int splits, int ncol, int nimg, int kh, int kw, float* dw) {
+  const i64 P = static_cast<i64>(kh) * kw * nimg;
+  EMORL_GRID_LOOP(i, P * ncol) {
+    const int kx = static_cast<int>(i % kw), ky = static_cast<int>((i / kw) % kh);
+    const int img = static_cast<int>((i / (static_cast<i64>(kw) * kh)) % nimg), col = static_cast<int>(i / P);
+    const i64 p = (static_cast<i64>(ky) * kw + kx) * nimg + img;
+    float t = 0.f;
+    for (int s = 0; s < splits; ++s) t += part[(s * P + p) * ncol + col];
+    dw[i] = t;
+  }
+}
+
+EMORL_DEVICE float sigmoid(float v) { return 1.f / (1.f + expf(-v)); }
+
+// The fused image likelihood (likelihood.h), one thread per pixel of an image: the per-pixel nll,
+// d nll / d raw for every slot, and optionally the means and log masks.
+__global__ void image_nll_kernel(const float* raw, const float* target, int B, int K, i64 P, int C, float log_var, int gmm,
+                                 float* pixel_nll, float* draw, float* means, float* log_masks) {
+  const int CR = C + 1;
+  const float inv_v = expf(-log_var), half_log_var = 0.5f * log_var;
+  EMORL_GRID_LOOP(t, static_cast<i64>(B) * P) {
+    const i64 b = t / P, p = t % P;
+    const float* x = target + t * C;
+    float amax = -INFINITY;
+    for (int k = 0; k < K; ++k) amax = fmaxf(amax, raw[((b * K + k) * P + p) * CR + C]);
+    float se = 0.f;
+    for (int k = 0; k < K; ++k) se += expf(raw[((b * K + k) * P + p) * CR + C] - amax);
+    const float lse = amax + logf(se);
+    float nll = 0.f;
+    if (!gmm) {
+      // y_c = Σ_k m_k μ_kc; e_c = d nll / d y_c = (y_c − x_c) / v
+      float y[kMaxChannels], e[kMaxChannels];
+      for (int c = 0; c < C; ++c) y[c] = 0.f;
+      for (int k = 0; k < K; ++k) {
+        const float* r = raw + ((b * K + k) * P + p) * CR;
+        const float m = expf(r[C] - lse);
+        for (int c = 0; c < C; ++c) y[c] += m * sigmoid(r[c]);
+      }
+      for (int c = 0; c < C; ++c) {
+        const float d = x[c] - y[c];
+        nll += half_log_var + 0.5f * d * d * inv_v;
+        e[c] = -d * inv_v;
+      }
+      if (draw) {
+        // d/d r_kc = m_k e_c μ(1−μ); d/d a_k = m_k (s_k − Σ_j m_j s_j), s_k = Σ_c e_c μ_kc
+        float ms = 0.f;
+        for (int k = 0; k < K; ++k) {
+          const float* r = raw + ((b * K + k) * P + p) * CR;
+          float sk = 0.f;
+          for (int c = 0; c < C; ++c) sk += e[c] * sigmoid(r[c]);
+          ms += expf(r[C] - lse) * sk;
+        }
+        for (int k = 0; k < K; ++k) {
+          const float* r = raw + ((b * K + k) * P + p) * CR;
+          float* g = draw + ((b * K + k) * P + p) * CR;
+          const float m = expf(r[C] - lse);
+          float sk = 0.f;
+          for (int c = 0; c < C; ++c) {
+            const float u = sigmoid(r[c]);
+            sk += e[c] * u;
+            g[c] = m * e[c] * u * (1.f - u);
+          }
+          g[C] = m * (sk - ms);
+        }
+      }
+    } else {
+      // l_kc = log m_k − ½ logVar − ½ (x_c − μ_kc)² / v; nll −= LSE_k l_kc; γ = softmax_k l
+      float L[kMaxChannels];
+      for (int c = 0; c < C; ++c) {
+        float lmax = -INFINITY;
+        for (int k = 0; k < K; ++k) {
+          const float* r = raw + ((b * K + k) * P + p) * CR;
+          const float d = x[c] - sigmoid(r[c]);
+          lmax = fmaxf(lmax, r[C] - lse - half_log_var - 0.5f * d * d * inv_v);
+        }
+        float sum = 0.f;
+        for (int k = 0; k < K; ++k) {
+          const float* r = raw + ((b * K + k) * P + p) * CR;
+          const float d = x[c] - sigmoid(r[c]);
+          sum += expf(r[C] - lse - half_log_var - 0.5f * d * d * inv_v - lmax);
+        }
+        L[c] = lmax + logf(sum);
+        nll -= L[c];
+      }
+      if (draw)
+        // d/d μ_kc = γ_kc (μ_kc − x_c)/v; d/d a_k = −Σ_c γ_kc + C·m_k
+        for (int k = 0; k < K; ++k) {
+          const float* r = raw + ((b * K + k) * P + p) * CR;
+          float* g = draw + ((b * K + k) * P + p) * CR;
+          const float logm = r[C] - lse;
+          float gsum = 0.f;
+          for (int c = 0; c < C; ++c) {
+            const float u = sigmoid(r[c]), d = x[c] - u;
+            const float gam = expf(logm - half_log_var - 0.5f * d * d * inv_v - L[c]);
+            gsum += gam;
+            g[c] = gam * (u - x[c]) * inv_v * u * (1.f - u);
+          }
+          g[C] = -gsum + static_cast<float>(C) * expf(logm);
+        }
+    }
+    for (int k = 0; k < K; ++k) {
+      const float* r = raw + ((b * K + k) * P + p) * CR;
+      if (means)
+        for (int c = 0; c < C; ++c) means[((b * K + k) * P + p) * C + c] = sigmoid(r[c]);
+      if (log_masks) log_masks[(b * K + k) * P + p] = r[C] - lse;
+    }
+    pixel_nll[t] = nll;
+  }
+}
+
+// ---- host side --------------------------------------------------------------------------------
+
+class StageWorkspace final : public GpuWorkspace {
+ public:
+  explicit StageWorkspace(int device) : device_(device) {}
+  ~StageWorkspace() override {
+    try {
+      select_device(device_);  // free on the device the buffers live on
+    } catch (...) {
+    }
+  }
+  float* buf(size_t slot, size_t n) {
+    if (slot >= bufs_.size()) bufs_.resize(slot + 1);
+    if (!bufs_[slot]) bufs_[slot].reset(new DeviceBuf());
+    if (bufs_[slot]->size() < n || !bufs_[slot]->data()) bufs_[slot]->reset(n);
+    return bufs_[slot]->data();
+  }
+  size_t bytes() const override {
+    size_t b = 0;
+    for (const auto& x : bufs_)
+      if (x) b += x->size() * sizeof(float);
+    return b;
+  }
+  int device() const override { return device_; }
+  bool emulated() const override {
+#if defined(__CUDACC__)
+    return false;
+#else
+    return true;
+#endif
+  }
+
+ private:
+  int device_;
+  std::vector<std::unique_ptr<DeviceBuf>> bufs_;
+};
+
+i64 numel4(const int64_t* s) { return s[0] * s[1] * s[2] * s[3]; }
+
+// Per-output-row runs of the tap classes (classes are contiguous runs: the tap range moves
+// monotonically with the output index).
+TapRanges ranges_of(const std::vector<int64_t>& of, int64_t count) {
+  if (count > kMaxTapRanges) throw std::length_error("GPU decoder: more than 16 tap classes per axis in the broadcast layer");
+  TapRanges r{};
+  r.n = static_cast<int>(count);
+  for (int j = 0; j < r.n; ++j) r.begin[j] = r.end[j] = -1;
+  for (size_t o = 0; o < of.size(); ++o) {
+    const int j = static_cast<int>(of[o]);
+    if (r.begin[j] < 0) r.begin[j] = static_cast<int>(o);
+    else if (r.end[j] != static_cast<int>(o)) throw std::logic_error("GPU decoder: a tap class is not one run of rows");
+    r.end[j] = static_cast<int>(o) + 1;
+  }
+  return r;
+}
+
+// Wf[(ky,kx,img), col] and Wd[(ky,kx,col), img] from w[col][img][ky][kx].
+void pack_weights(const DecoderLayer& L, std::vector<float>& wf, std::vector<float>& wd) {
+  const i64 ncol = L.w_shape[0], nimg = L.w_shape[1], kh = L.w_shape[2], kw = L.w_shape[3];
+  wf.resize(static_cast<size_t>(ncol * nimg * kh * kw));
+  wd.resize(wf.size());
+  for (i64 col = 0; col < ncol; ++col)
+    for (i64 img = 0; img < nimg; ++img)
+      for (i64 ky = 0; ky < kh; ++ky)
+        for (i64 kx = 0; kx < kw; ++kx) {
+          const float v = L.w[((col * nimg + img) * kh + ky) * kw + kx];
+          wf[static_cast<size_t>(((ky * kw + kx) * nimg + img) * ncol + col)] = v;
+          wd[static_cast<size_t>(((ky * kw + kx) * ncol + col) * nimg + img)] = v;
+        }
+}
+
+// Per stage, the workspace's slots: the layers' outputs first, then these, then five per layer.
+enum Slot : size_t {
+  kGradA, kGradB, kZ, kPos, kTarget, kPixelNll, kNll, kMeans, kLogMasks, kPartial, kSums,
+  kPosConv, kWsum, kZw, kGcls, kGradSum, kDz, kDpos, kDwsum, kFixedSlots
+};
+enum LayerSlot : size_t { kWf, kWd, kBias, kDw, kDb, kLayerSlots };
+
+class Stage {
+ public:
+  Stage(const DecoderStage& s, const DecoderStageOut& o, StageWorkspace& ws) : s_(s), o_(o), ws_(ws), nl_(s.layers.size()) {}
+
+  void run() {
+    const bool want_dz = o_.dz != nullptr;
+    bool want_params = o_.dpos != nullptr;
+    for (size_t i = 0; i < nl_; ++i) want_params = want_params || (i < o_.dw.size() && o_.dw[i]) || (i < o_.db.size() && o_.db[i]);
+    const bool backward = want_dz || want_params;
+    z_ = upload(kZ, s_.z, s_.n * s_.c);
+    pos_ = upload(kPos, s_.pos, s_.gh * s_.gw * s_.c);
+    for (size_t i = 0; i < nl_; ++i) upload_layer(i);
+
+    act_.resize(nl_);
+    for (size_t i = 0; i < nl_; ++i) forward(i);
+
+    const ImageNllShape& k = s_.lik;
+    const i64 P = k.H * k.W;
+    float* draw = backward ? fixed(kGradA, numel4(s_.layers[nl_ - 1].out)) : nullptr;
+    float* means = o_.means ? fixed(kMeans, s_.n * P * k.C) : nullptr;
+    float* log_masks = o_.log_masks ? fixed(kLogMasks, s_.n * P) : nullptr;
+    float* pixel_nll = fixed(kPixelNll, k.B * P);
+    if (k.C > kMaxChannels) throw std::length_error("GPU decoder: images with more than 4 channels");
+    launch(image_nll_kernel, grid_for(k.B * P), dim3(kThreads), act_[nl_ - 1], upload(kTarget, s_.target, k.B * P * k.C),
+           static_cast<int>(k.B), static_cast<int>(k.K), P, static_cast<int>(k.C), s_.log_var, s_.gmm ? 1 : 0, pixel_nll, draw,
+           means, log_masks);
+    float* nll = fixed(kNll, k.B);
+    col_sums(pixel_nll, k.B, P, 1, nll);
+    download(o_.nll, nll, k.B);
+    if (means) download(o_.means, means, s_.n * P * k.C);
+    if (log_masks) download(o_.log_masks, log_masks, s_.n * P);
+    if (backward) {
+      dcur_ = draw;
+      dslot_ = kGradA;
+      for (size_t i = nl_; i-- > 0;) backward_layer(i);
+    }
+    finish("decoder stage");
+  }
+
+ private:
+  float* fixed(Slot slot, i64 n) { return ws_.buf(nl_ + slot, static_cast<size_t>(n)); }
+  float* layer_buf(size_t i, LayerSlot slot, i64 n) {
+    return ws_.buf(nl_ + kFixedSlots + i * kLayerSlots + slot, static_cast<size_t>(n));
+  }
+  float* upload(Slot slot, const float* src, i64 n) {
+    float* d = fixed(slot, n);
+    to_device(d, src, static_cast<size_t>(n));
+    return d;
+  }
+  static void download(float* dst, const float* src, i64 n) { to_host(dst, src, static_cast<size_t>(n)); }
+
+  void upload_layer(size_t i) {
+    const DecoderLayer& L = s_.layers[i];
+    if (L.kind == DecoderLayerKind::SpatialBroadcast) return;
+    std::vector<float> wf, wd;
+    pack_weights(L, wf, wd);
+    const i64 nw = static_cast<i64>(wf.size()), cout = L.out[3];
+    to_device(layer_buf(i, kWf, nw), wf.data(), wf.size());
+    to_device(layer_buf(i, kWd, nw), wd.data(), wd.size());
+    to_device(layer_buf(i, kBias, cout), L.b, static_cast<size_t>(cout));
+  }
+
+  // Σ over rows of v[batch, rows, cols] into out[batch, cols]
+  void col_sums(const float* v, i64 batch, i64 rows, i64 cols, float* out) {
+    const i64 chunks = std::max<i64>(1, std::min<i64>(256, rows / 1024));
+    const i64 per = (rows + chunks - 1) / chunks;
+    float* part = fixed(kSums, batch * chunks * cols);
+    launch(col_sums_partial_kernel, dim3(as_int((cols + 31) / 32, "columns"), as_int(chunks, "chunks"), as_int(batch, "batch")),
+           dim3(32, 8), v, rows, cols, per, part);
+    launch(col_sums_final_kernel, grid_for(batch * cols), dim3(kThreads), part, batch, chunks, cols, out);
+  }
+
+  // dw [col][img][kh][kw] of the product im2col(image)ᵀ · colside over all rows of g
+  void filter_grad(const Geom& g, const float* image, const float* colside, int ncol, float* dw) {
+    const i64 P = static_cast<i64>(g.kh) * g.kw * g.C, rows = static_cast<i64>(g.N) * g.Ho * g.Wo;
+    const i64 splits = filter_splits(rows);
+    float* part = fixed(kPartial, splits * P * ncol);
+    gemm(Im2colT{Im2col{image, g}}, b_operand(colside, ncol, 1), Partial{part, P * ncol, ncol}, P, ncol, rows, splits);
+    launch(filter_grad_reduce_kernel, grid_for(P * ncol), dim3(kThreads), part, static_cast<int>(splits), ncol, g.C, g.kh, g.kw, dw);
+  }
+
+  void forward(size_t i) {
+    const DecoderLayer& L = s_.layers[i];
+    float* y = act_[i] = ws_.buf(i, static_cast<size_t>(numel4(L.out)));
+    const float* x = i ? act_[i - 1] : nullptr;
+    const int act = static_cast<int>(L.act);
+    switch (L.kind) {
+      case DecoderLayerKind::SpatialBroadcast:
+        launch(spatial_broadcast_kernel, grid_for(numel4(L.out)), dim3(kThreads), z_, pos_, y, s_.n, s_.gh * s_.gw, s_.c);
+        break;
+      case DecoderLayerKind::BroadcastConv: {
+        const Geom pg = geom_of(pos_geom(L));
+        const i64 cout = L.out[3], Q = L.out[1] * L.out[2];
+        float* cp = fixed(kPosConv, Q * cout);
+        gemm(Im2col{pos_, pg}, b_operand(layer_buf(i, kWf, 0), cout, 1), Store{cp, static_cast<int>(cout), layer_buf(i, kBias, 0), 0},
+             Q, cout, static_cast<i64>(pg.kh) * pg.kw * pg.C);
+        taps_ = tap_classes(L);
+        const i64 KC = taps_.count() * cout;
+        std::vector<float> wsum(static_cast<size_t>(s_.c * KC));
+        class_weight_sums(L, taps_, wsum.data());
+        const float* wsum_dev = upload(kWsum, wsum.data(), s_.c * KC);
+        float* zw = fixed(kZw, s_.n * KC);
+        gemm(a_operand(z_, s_.c, 1), b_operand(wsum_dev, KC, 1), Store{zw, static_cast<int>(KC), nullptr, 0}, s_.n, KC, s_.c);
+        rows_ = ranges_of(taps_.row_of, taps_.nrow);
+        cols_ = ranges_of(taps_.col_of, taps_.ncol);
+        launch(broadcast_combine_kernel, grid_for(numel4(L.out)), dim3(kThreads), zw, static_cast<const float*>(cp), y, s_.n,
+               static_cast<int>(L.out[1]), static_cast<int>(L.out[2]), static_cast<int>(cout), rows_, cols_, act);
+        break;
+      }
+      case DecoderLayerKind::Conv: {
+        const Geom g = geom_of(layer_geom(L));
+        const i64 co = L.out[3];
+        gemm(Im2col{x, g}, b_operand(layer_buf(i, kWf, 0), co, 1), Store{y, static_cast<int>(co), layer_buf(i, kBias, 0), act},
+             static_cast<i64>(g.N) * g.Ho * g.Wo, co, static_cast<i64>(g.kh) * g.kw * g.C);
+        break;
+      }
+      case DecoderLayerKind::ConvTranspose: {
+        const Geom g = geom_of(layer_geom(L));
+        const int ci = static_cast<int>(L.in[3]);
+        gemm(ColGather{x, g, ci}, b_operand(layer_buf(i, kWd, 0), g.C, 1), Store{y, g.C, layer_buf(i, kBias, 0), act},
+             static_cast<i64>(g.N) * g.H * g.W, g.C, static_cast<i64>(g.kh) * g.kw * ci);
+        break;
+      }
+    }
+  }
+
+  void backward_layer(size_t i) {
+    const DecoderLayer& L = s_.layers[i];
+    float* dw = i < o_.dw.size() ? o_.dw[i] : nullptr;
+    float* db = i < o_.db.size() ? o_.db[i] : nullptr;
+    const float* y = act_[i];
+    if (L.kind != DecoderLayerKind::SpatialBroadcast && L.act != Act::Linear)
+      launch(act_grad_kernel, grid_for(numel4(L.out)), dim3(kThreads), dcur_, y, numel4(L.out), static_cast<int>(L.act));
+    switch (L.kind) {
+      case DecoderLayerKind::SpatialBroadcast: {
+        const i64 cells = s_.gh * s_.gw, c = s_.c;
+        if (o_.dz) {
+          float* dz = fixed(kDz, s_.n * c);
+          col_sums(dcur_, s_.n, cells, c, dz);
+          download(o_.dz, dz, s_.n * c);
+        }
+        if (o_.dpos) {
+          float* dpos = fixed(kDpos, cells * c);
+          col_sums(dcur_, 1, s_.n, cells * c, dpos);
+          download(o_.dpos, dpos, cells * c);
+        }
+        break;
+      }
+      case DecoderLayerKind::BroadcastConv:
+        broadcast_backward(i, L, dw, db);
+        break;
+      case DecoderLayerKind::Conv: {
+        const Geom g = geom_of(layer_geom(L));
+        const int co = static_cast<int>(L.out[3]);
+        float* dx = next_grad(numel4(L.in));
+        gemm(ColGather{dcur_, g, co}, b_operand(layer_buf(i, kWd, 0), g.C, 1), Store{dx, g.C, nullptr, 0},
+             static_cast<i64>(g.N) * g.H * g.W, g.C, static_cast<i64>(g.kh) * g.kw * co);
+        param_grads(i, L, g, act_[i - 1], dcur_, co, static_cast<i64>(g.N) * g.Ho * g.Wo, dw, db);
+        dcur_ = dx;
+        break;
+      }
+      case DecoderLayerKind::ConvTranspose: {
+        const Geom g = geom_of(layer_geom(L));
+        const int ci = static_cast<int>(L.in[3]);
+        float* dx = next_grad(numel4(L.in));
+        gemm(Im2col{dcur_, g}, b_operand(layer_buf(i, kWf, 0), ci, 1), Store{dx, ci, nullptr, 0}, static_cast<i64>(g.N) * g.Ho * g.Wo,
+             ci, static_cast<i64>(g.kh) * g.kw * g.C);
+        // the image side is this layer's output gradient, the column side its input
+        param_grads(i, L, g, dcur_, act_[i - 1], ci, static_cast<i64>(g.N) * g.H * g.W, dw, db);
+        dcur_ = dx;
+        break;
+      }
+    }
+  }
+
+  float* next_grad(i64 n) {
+    dslot_ = dslot_ == kGradA ? kGradB : kGradA;
+    return fixed(dslot_, n);
+  }
+
+  // Weight gradient from the product's image and column sides; bias gradient from the output
+  // gradient (dcur_, `out_rows` rows of the layer's output channels).
+  void param_grads(size_t i, const DecoderLayer& L, const Geom& g, const float* image, const float* colside, int ncol, i64 out_rows,
+                   float* dw, float* db) {
+    const i64 nw = numel4(L.w_shape), cout = L.out[3];
+    if (dw) {
+      float* d = layer_buf(i, kDw, nw);
+      filter_grad(g, image, colside, ncol, d);
+      download(dw, d, nw);
+    }
+    if (db) {
+      float* d = layer_buf(i, kDb, cout);
+      col_sums(dcur_, 1, out_rows, cout, d);
+      download(db, d, cout);
+    }
+  }
+
+  void broadcast_backward(size_t i, const DecoderLayer& L, float* dw, float* db) {
+    const i64 n = s_.n, c = s_.c, cout = L.out[3], oh = L.out[1], ow = L.out[2], QC = oh * ow * cout, KC = taps_.count() * cout;
+    float* gcls = fixed(kGcls, n * KC);
+    launch(class_sums_kernel, grid_for(n * KC), dim3(kThreads), static_cast<const float*>(dcur_), gcls, n, static_cast<int>(oh),
+           static_cast<int>(ow), static_cast<int>(cout), rows_, cols_);
+    const float* wsum = fixed(kWsum, c * KC);
+    if (o_.dz) {
+      float* dz = fixed(kDz, n * c);
+      gemm(a_operand(gcls, KC, 1), b_operand(wsum, 1, KC), Store{dz, static_cast<int>(c), nullptr, 0}, n, c, KC);
+      download(o_.dz, dz, n * c);
+    }
+    if (!dw && !db && !o_.dpos) return;
+    // the shared part (conv of pos, bias) sees the gradient summed over slots
+    float* gs = fixed(kGradSum, QC);
+    col_sums(dcur_, 1, n, QC, gs);
+    const Geom pg = geom_of(pos_geom(L));
+    if (o_.dpos) {
+      float* dpos = fixed(kDpos, s_.gh * s_.gw * c);
+      gemm(ColGather{gs, pg, static_cast<int>(cout)}, b_operand(layer_buf(i, kWd, 0), c, 1), Store{dpos, static_cast<int>(c), nullptr, 0},
+           s_.gh * s_.gw, c, static_cast<i64>(pg.kh) * pg.kw * cout);
+      download(o_.dpos, dpos, s_.gh * s_.gw * c);
+    }
+    if (db) {
+      float* d = layer_buf(i, kDb, cout);
+      col_sums(gs, 1, oh * ow, cout, d);
+      download(db, d, cout);
+    }
+    if (dw) {
+      const i64 nw = numel4(L.w_shape);
+      float* d = layer_buf(i, kDw, nw);
+      filter_grad(pg, pos_, gs, static_cast<int>(cout), d);
+      download(dw, d, nw);
+      // dWsum = zᵀ · gcls, then back to every tap of each class
+      float* dws = fixed(kDwsum, c * KC);
+      gemm(a_operand(z_, 1, c), b_operand(gcls, KC, 1), Store{dws, static_cast<int>(KC), nullptr, 0}, c, KC, n);
+      std::vector<float> host(static_cast<size_t>(c * KC));
+      download(host.data(), dws, c * KC);
+      add_class_weight_grads(L, taps_, host.data(), dw);
+    }
+  }
+
+  const DecoderStage& s_;
+  const DecoderStageOut& o_;
+  StageWorkspace& ws_;
+  size_t nl_;
+  std::vector<float*> act_;
+  const float* z_ = nullptr;
+  const float* pos_ = nullptr;
+  float* dcur_ = nullptr;
+  Slot dslot_ = kGradA;
+  TapClasses taps_;
+  TapRanges rows_{}, cols_{};
+};
+
+}  // namespace
+
+std::unique_ptr<GpuWorkspace> make_workspace(int device) { return std::unique_ptr<GpuWorkspace>(new StageWorkspace(device)); }
+
+void decoder_stage(const DecoderStage& s, const DecoderStageOut& o, GpuWorkspace& ws) {
+  if (ws.emulated() != StageWorkspace(0).emulated())
+    throw std::invalid_argument("GPU decoder: the workspace belongs to the other GPU backend");
+  auto& own = static_cast<StageWorkspace&>(ws);
+  select_device(own.device());
+  Stage(s, o, own).run();
+}
+
+}  // namespace EMORL_GPU_NS
+}  // namespace emorl

@@ -1,0 +1,232 @@
+// The CUDA surface the GPU kernels use, for two compilers.
+//   nvcc:            the real thing (cuda_runtime.h); kernels run on the device.
+//   a C++ compiler:  a SIMT emulator (EMORL_SIMT_EMULATE). Each block's threads run as fibers on
+//                    the calling thread, one after another, switching at __syncthreads(), so the
+//                    very same kernel source runs without a GPU and is tested against the CPU
+//                    kernels on every CI run. __shared__ arrays become per-OS-thread statics (the
+//                    blocks of a launch run one at a time); atomics are plain read-modify-writes.
+// A missing __syncthreads() between a shared-memory write and another thread's read shows up
+// under the emulator as a wrong result (fiber 0 runs ahead of the rest), not as a silent race.
+// Warp intrinsics are not emulated: the kernels do not use them.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#if defined(__CUDACC__)
+
+#include <cuda_runtime.h>
+#define EMORL_GPU_NS cuda
+#define EMORL_DEVICE __device__ __forceinline__
+
+namespace emorl {
+namespace cuda {
+
+inline void check(cudaError_t e, const char* where) {
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // clear a non-sticky error so the next call starts clean
+    throw std::runtime_error(std::string("CUDA: ") + where + ": " + cudaGetErrorString(e));
+  }
+}
+
+// Device memory, owned.
+class DeviceBuf {
+ public:
+  DeviceBuf() = default;
+  DeviceBuf(const DeviceBuf&) = delete;
+  DeviceBuf& operator=(const DeviceBuf&) = delete;
+  ~DeviceBuf() { release(); }
+  void reset(size_t n) {
+    release();
+    void* p = nullptr;
+    check(cudaMalloc(&p, (n ? n : 1) * sizeof(float)), "cudaMalloc");
+    p_ = static_cast<float*>(p);
+    n_ = n;
+  }
+  float* data() const { return p_; }
+  size_t size() const { return n_; }
+
+ private:
+  void release() {
+    if (p_) cudaFree(p_);
+    p_ = nullptr;
+    n_ = 0;
+  }
+  float* p_ = nullptr;
+  size_t n_ = 0;
+};
+
+inline void to_device(float* dst, const float* src, size_t n) {
+  check(cudaMemcpy(dst, src, n * sizeof(float), cudaMemcpyHostToDevice), "copy to the device");
+}
+inline void to_host(float* dst, const float* src, size_t n) {
+  check(cudaMemcpy(dst, src, n * sizeof(float), cudaMemcpyDeviceToHost), "copy from the device");
+}
+inline void zero(float* dst, size_t n) { check(cudaMemset(dst, 0, n * sizeof(float)), "cudaMemset"); }
+inline void select_device(int device) { check(cudaSetDevice(device), "cudaSetDevice"); }
+inline void finish(const char* where) {
+  check(cudaGetLastError(), where);
+  check(cudaDeviceSynchronize(), where);
+}
+
+template <class... P, class... A>
+void launch(void (*kernel)(P...), dim3 grid, dim3 block, A... args) {
+  kernel<<<grid, block>>>(static_cast<P>(args)...);
+  check(cudaGetLastError(), "kernel launch");
+}
+
+}  // namespace cuda
+}  // namespace emorl
+
+#else  // the SIMT emulator
+
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#define EMORL_GPU_NS simt
+#define EMORL_DEVICE inline
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(n)
+#define __shared__ static thread_local
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+// The emulated thread's coordinates: set by the scheduler before it resumes a fiber.
+inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+namespace emorl {
+namespace simt {
+
+// One launch's fibers and the scheduler context they return to.
+struct Run {
+  ucontext_t scheduler;
+  std::vector<ucontext_t> fibers;
+  std::vector<unsigned char> done;
+  std::vector<std::unique_ptr<char[]>> stacks;
+  unsigned current = 0;
+  const std::function<void()>* body = nullptr;
+};
+
+inline thread_local Run* active_run = nullptr;
+
+inline void fiber_main() {
+  Run* r = active_run;
+  (*r->body)();
+  r->done[r->current] = 1;  // returning resumes uc_link: the scheduler
+}
+
+inline void barrier() {
+  Run* r = active_run;
+  if (!r) throw std::logic_error("__syncthreads() outside an emulated launch");
+  swapcontext(&r->fibers[r->current], &r->scheduler);
+}
+
+// Kept out of run_grid: getcontext returns twice, which would make its loop counters volatile.
+__attribute__((noinline)) inline void start_fiber(Run& r, unsigned t, size_t stack_size) {
+  ucontext_t& f = r.fibers[t];
+  getcontext(&f);
+  f.uc_stack.ss_sp = r.stacks[t].get();
+  f.uc_stack.ss_size = stack_size;
+  f.uc_link = &r.scheduler;
+  makecontext(&f, fiber_main, 0);
+  r.done[t] = 0;
+}
+
+// Runs body once per thread of every block. Threads of a block advance in turn from one
+// __syncthreads() to the next; a block whose threads do not all reach the same number of
+// barriers is an error (undefined behaviour on a GPU).
+inline void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
+  constexpr size_t kStack = 64 * 1024;
+  const unsigned nt = block.x * block.y * block.z;
+  if (nt == 0 || nt > 1024) throw std::invalid_argument("emulated launch: a block needs 1..1024 threads");
+  Run r;
+  r.fibers.resize(nt);
+  r.done.assign(nt, 0);
+  r.stacks.resize(nt);
+  for (auto& s : r.stacks) s.reset(new char[kStack]);
+  r.body = &body;
+  Run* saved = active_run;
+  active_run = &r;
+  blockDim = block;
+  gridDim = grid;
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        blockIdx = dim3(bx, by, bz);
+        for (unsigned t = 0; t < nt; ++t) start_fiber(r, t, kStack);
+        for (;;) {
+          for (unsigned t = 0; t < nt; ++t) {
+            if (r.done[t]) continue;
+            threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+            r.current = t;
+            swapcontext(&r.scheduler, &r.fibers[t]);
+          }
+          unsigned finished = 0;
+          for (unsigned t = 0; t < nt; ++t) finished += r.done[t];
+          if (finished == nt) break;
+          if (finished) {
+            active_run = saved;
+            throw std::logic_error("emulated launch: some threads of a block exited while others wait at __syncthreads()");
+          }
+        }
+      }
+  active_run = saved;
+}
+
+// "Device" memory is host memory here; the same calls as the CUDA side.
+class DeviceBuf {
+ public:
+  DeviceBuf() = default;
+  DeviceBuf(const DeviceBuf&) = delete;
+  DeviceBuf& operator=(const DeviceBuf&) = delete;
+  void reset(size_t n) {
+    p_.reset(new float[n ? n : 1]);
+    n_ = n;
+  }
+  float* data() const { return p_.get(); }
+  size_t size() const { return n_; }
+
+ private:
+  std::unique_ptr<float[]> p_;
+  size_t n_ = 0;
+};
+
+inline void to_device(float* dst, const float* src, size_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+inline void to_host(float* dst, const float* src, size_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+inline void zero(float* dst, size_t n) { std::memset(dst, 0, n * sizeof(float)); }
+inline void select_device(int) {}
+inline void finish(const char*) {}
+
+template <class... P, class... A>
+void launch(void (*kernel)(P...), dim3 grid, dim3 block, A... args) {
+  const std::function<void()> body = [&] { kernel(static_cast<P>(args)...); };
+  run_grid(grid, block, body);
+}
+
+}  // namespace simt
+}  // namespace emorl
+
+inline void __syncthreads() { emorl::simt::barrier(); }
+
+template <class T>
+inline T atomicAdd(T* p, T v) {
+  const T old = *p;
+  *p = old + v;
+  return old;
+}
+
+#endif

@@ -1,0 +1,244 @@
+/**
+ * The decoding stage's GPU kernels (native/gpu/decoder_gpu.cu) against the CPU stage, which
+ * test/decoder-stage.test.ts checks against the TypeScript reference: nll, means, log masks and
+ * the gradients w.r.t. z, the positional map and every weight and bias, for the layer kinds of
+ * all three decoders (broadcast conv, spatial broadcast, conv, strided transposed conv), both
+ * likelihoods and odd sizes (K = 1, one image, non-square, more channels than one GEMM tile;
+ * the emulated build splits filter gradients every 128 rows, so every case crosses splits).
+ *
+ * Every case runs on the 'simt' device: the same kernel source compiled for the addon's SIMT
+ * emulator, which runs each block's threads as fibers on the CPU (so CI checks the kernels'
+ * indexing, tiling and barriers without a GPU). On a machine with a CUDA build and a GPU the
+ * cases run on 'cuda:0' as well; otherwise that part is skipped with a notice.
+ */
+import { tf, initBackend } from '../lib/tf';
+import { nativeStatus } from '../lib/native';
+import { addonOps, type DecoderStageLayer, type DecoderStageResult, type DecoderStageSpec, type StageDevice } from '../lib/ops/addon';
+import { nativeOps, nativeOpsAvailable, nativeOpsOn, opsForBackend } from '../lib/ops/native';
+import type { DecoderLayerSpec, DecoderNllArgs } from '../lib/ops/decoder-stage';
+
+const st = nativeStatus();
+const available = st.available && nativeOpsAvailable() && st.info?.simtEmulator === true;
+const cudaDevices = available ? st.info!.cudaDevices : 0;
+if (!available) {
+  // eslint-disable-next-line no-console
+  console.warn(`gpu-decoder tests SKIPPED: ${st.reason ?? 'the addon has no GPU decoding stage (npm run build:native)'}`);
+} else if (!cudaDevices) {
+  // eslint-disable-next-line no-console
+  console.warn(`gpu-decoder: no CUDA device (${st.info!.cudaBuilt ? st.info!.cudaError ?? '0 devices' : 'addon built without CUDA'}): the kernels run on the SIMT emulator only`);
+}
+const describeGpu = available ? describe : describe.skip;
+const devices: StageDevice[] = ['simt', ...(cudaDevices ? (['cuda:0'] as const) : [])];
+
+beforeAll(async () => {
+  await initBackend('cpu');
+});
+
+/** A deterministic generator (mulberry32) of uniform values in [lo, hi). */
+function uniform(n: number, seed: number, lo = -1, hi = 1): Float32Array {
+  let a = seed >>> 0;
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i++) {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    out[i] = lo + (hi - lo) * (((t ^ (t >>> 14)) >>> 0) / 4294967296);
+  }
+  return out;
+}
+
+interface LayerDef {
+  kind: 0 | 1 | 2 | 3;
+  /** [Co, Ci, kh, kw] for conv kinds 0 and 2; [Ci, Co, kh, kw] for 3 */
+  wShape?: [number, number, number, number];
+  stride?: number;
+  pad?: number;
+  outputPad?: number;
+  act?: 0 | 1 | 2;
+}
+
+interface Case {
+  B: number;
+  K: number;
+  c: number;
+  grid: [number, number];
+  image: [number, number];
+  layers: LayerDef[];
+  gmm: boolean;
+  seed: number;
+}
+
+function spec(cs: Case, device: StageDevice, workspace?: object): DecoderStageSpec {
+  const n = cs.B * cs.K;
+  const [gh, gw] = cs.grid;
+  const [H, W] = cs.image;
+  let seed = cs.seed * 1000;
+  const layers: DecoderStageLayer[] = cs.layers.map((L) => {
+    if (L.kind === 1) return { kind: 1 };
+    const [a, b, kh, kw] = L.wShape!;
+    const fanIn = (L.kind === 3 ? a : b) * kh * kw;
+    const scale = 1.5 / Math.sqrt(fanIn);
+    const cout = L.kind === 3 ? b : a;
+    return {
+      kind: L.kind, wShape: L.wShape, w: uniform(a * b * kh * kw, seed++, -scale, scale), b: uniform(cout, seed++, -0.1, 0.1),
+      stride: L.stride ?? 1, pad: L.pad ?? 0, outputPad: L.outputPad ?? 0, act: L.act ?? 0,
+    };
+  });
+  return {
+    z: uniform(n * cs.c, seed++), n, c: cs.c, pos: uniform(gh * gw * cs.c, seed++), gh, gw, layers,
+    target: uniform(cs.B * H * W * 3, seed++, 0, 1), B: cs.B, K: cs.K, H, W, C: 3,
+    logVar: Math.fround(2 * Math.log(0.3)), gmm: cs.gmm, needDz: true, needParams: true, needOutputs: true, workspace, device,
+  };
+}
+
+/** max |a − b| ≤ tol · max |b| (and the same length) */
+function expectClose(a: Float32Array | null, b: Float32Array | null, tol: number, what: string): void {
+  if (!a || !b) throw new Error(`${what}: missing (${a ? 'expected' : 'actual'} is null)`);
+  expect(a.length).toBe(b.length);
+  let scale = 0;
+  let err = 0;
+  let where = -1;
+  for (let i = 0; i < b.length; i++) {
+    scale = Math.max(scale, Math.abs(b[i]));
+    const e = Math.abs(a[i] - b[i]);
+    if (!(e <= err)) {
+      err = e;
+      where = i;
+    }
+  }
+  if (!(err <= tol * Math.max(scale, 1e-30))) {
+    throw new Error(`${what}: max |difference| ${err} at ${where} (${a[where]} vs ${b[where]}) exceeds ${tol} x max |expected| ${scale}`);
+  }
+}
+
+function compareStage(r: DecoderStageResult, ref: DecoderStageResult, what: string): void {
+  expectClose(r.nll, ref.nll, 1e-5, `${what}: nll`);
+  expectClose(r.means, ref.means, 1e-5, `${what}: means`);
+  expectClose(r.logMasks, ref.logMasks, 1e-5, `${what}: log masks`);
+  expectClose(r.dz, ref.dz, 1e-4, `${what}: dz`);
+  expectClose(r.dpos, ref.dpos, 1e-4, `${what}: dpos`);
+  ref.dw.forEach((dw, i) => {
+    if (!dw) return expect(r.dw[i]).toBeNull();
+    expectClose(r.dw[i], dw, 1e-4, `${what}: dw[${i}]`);
+    expectClose(r.db[i], ref.db[i], 1e-4, `${what}: db[${i}]`);
+  });
+}
+
+// the layer stacks of the three decoders, at test sizes (see lib/model/decoders.ts)
+const smallLayers = (c: number, ch: number): LayerDef[] => [
+  { kind: 0, wShape: [ch, c, 5, 5], pad: 1, act: 1 },
+  { kind: 2, wShape: [ch + 1, ch, 5, 5], pad: 1, act: 1 },
+  { kind: 2, wShape: [ch, ch + 1, 5, 5], pad: 1, act: 1 },
+  { kind: 2, wShape: [4, ch, 3, 3], pad: 1, act: 0 },
+];
+const iodineLayers = (c: number, ch: number): LayerDef[] => [
+  { kind: 0, wShape: [ch, c, 3, 3], act: 2 },
+  { kind: 2, wShape: [ch, ch, 3, 3], act: 2 },
+  { kind: 2, wShape: [ch, ch, 3, 3], act: 2 },
+  { kind: 2, wShape: [ch, ch, 3, 3], act: 2 },
+  { kind: 2, wShape: [4, ch, 3, 3], act: 0 },
+];
+// a 3x3 grid upsampled x4 by two stride-2 transposed convs, then stride-1 ones (the big decoder's kinds)
+const bigLayers = (c: number, ch: number): LayerDef[] => [
+  { kind: 1 },
+  { kind: 3, wShape: [c, ch, 5, 5], stride: 2, pad: 2, outputPad: 1, act: 1 },
+  { kind: 3, wShape: [ch, ch, 5, 5], stride: 2, pad: 2, outputPad: 1, act: 1 },
+  { kind: 3, wShape: [ch, ch, 5, 5], stride: 1, pad: 2, act: 1 },
+  { kind: 3, wShape: [ch, 4, 3, 3], stride: 1, pad: 1, act: 0 },
+];
+
+const cases: [string, Case][] = [
+  ['small decoder, non-square, Gaussian', { B: 2, K: 3, c: 5, grid: [15, 13], image: [9, 7], layers: smallLayers(5, 6), gmm: false, seed: 1 }],
+  ['small decoder, non-square, GMM', { B: 2, K: 3, c: 5, grid: [15, 13], image: [9, 7], layers: smallLayers(5, 6), gmm: true, seed: 2 }],
+  ['small decoder, K=1, one image', { B: 1, K: 1, c: 4, grid: [14, 14], image: [8, 8], layers: smallLayers(4, 5), gmm: true, seed: 3 }],
+  ['iodine decoder, non-square, Gaussian', { B: 2, K: 2, c: 6, grid: [17, 20], image: [7, 10], layers: iodineLayers(6, 8), gmm: false, seed: 4 }],
+  ['iodine decoder, GMM', { B: 1, K: 2, c: 6, grid: [16, 16], image: [6, 6], layers: iodineLayers(6, 8), gmm: true, seed: 5 }],
+  ['big decoder kinds (strided transposed convs), GMM', { B: 1, K: 2, c: 4, grid: [3, 3], image: [12, 12], layers: bigLayers(4, 6), gmm: true, seed: 6 }],
+  ['big decoder kinds, non-square, Gaussian', { B: 2, K: 1, c: 3, grid: [3, 2], image: [12, 8], layers: bigLayers(3, 5), gmm: false, seed: 7 }],
+  // 70 channels: two column tiles of the GEMM
+  ['more channels than one GEMM tile', {
+    B: 1, K: 2, c: 3, grid: [10, 9], image: [6, 5], gmm: false, seed: 8,
+    layers: [{ kind: 0, wShape: [70, 3, 3, 3], pad: 0, act: 1 }, { kind: 2, wShape: [4, 70, 3, 3], pad: 0, act: 0 }],
+  }],
+];
+
+for (const device of devices) {
+  describeGpu(`decoderStage on ${device} vs the CPU stage`, () => {
+    for (const [name, cs] of cases) {
+      test(name, () => {
+        const k = addonOps();
+        compareStage(k.decoderStage(spec(cs, device)), k.decoderStage(spec(cs, 'cpu')), `${device}, ${name}`);
+      }, 120_000);
+    }
+
+    test('a kept workspace: batches of changing size, then the CPU on the same workspace', () => {
+      const k = addonOps();
+      const ws = new k.DecoderWorkspace();
+      for (const B of [2, 1, 3]) {
+        const cs: Case = { B, K: 2, c: 4, grid: [12, 11], image: [6, 5], layers: smallLayers(4, 5), gmm: B === 1, seed: 10 + B };
+        compareStage(k.decoderStage(spec(cs, device, ws)), k.decoderStage(spec(cs, 'cpu')), `${device}, batch ${B}`);
+        compareStage(k.decoderStage(spec(cs, 'cpu', ws)), k.decoderStage(spec(cs, 'cpu')), `cpu after ${device}, batch ${B}`);
+      }
+    }, 120_000);
+
+    test('only what is asked for: no gradients, outputs only', () => {
+      const k = addonOps();
+      const cs = cases[0][1];
+      const r = k.decoderStage({ ...spec(cs, device), needDz: false, needParams: false, needOutputs: false });
+      expect(r.dz).toBeNull();
+      expect(r.dpos).toBeNull();
+      expect(r.means).toBeNull();
+      expect(r.dw.every((d) => d === null)).toBe(true);
+      expectClose(r.nll, k.decoderStage(spec(cs, 'cpu')).nll, 1e-5, 'nll');
+      const dzOnly = k.decoderStage({ ...spec(cs, device), needParams: false });
+      expect(dzOnly.dpos).toBeNull();
+      expectClose(dzOnly.dz, k.decoderStage(spec(cs, 'cpu')).dz, 1e-4, 'dz');
+    }, 120_000);
+  });
+}
+
+describeGpu('the decoding stage on a device through the ops', () => {
+  test("opsForBackend('native', 'simt') gives nativeOps' nll and gradients through tf.grads", () => {
+    const ops = opsForBackend('native', 'simt');
+    expect(ops).toBe(nativeOpsOn('simt'));
+    expect(ops.decoderNll).not.toBe(nativeOps.decoderNll);
+    const cs = cases[0][1];
+    const s = spec(cs, 'cpu');
+    const K = cs.K;
+    tf.tidy(() => {
+      const z = tf.tensor2d(s.z, [s.n, s.c]);
+      const pos = tf.tensor3d(s.pos, [s.gh, s.gw, s.c]);
+      const ws = s.layers.flatMap((L) => [tf.tensor4d(L.w!, L.wShape as [number, number, number, number]), tf.tensor1d(L.b!)]);
+      const target = tf.tensor4d(s.target, [s.B, s.H, s.W, 3]);
+      const args = (t: tf.Tensor[]): DecoderNllArgs => {
+        let i = 2;
+        const layers = s.layers.map((L): DecoderLayerSpec => {
+          const weight = t[i++] as tf.Tensor4D;
+          const bias = t[i++] as tf.Tensor1D;
+          const activation = (['linear', 'relu', 'elu'] as const)[L.act ?? 0];
+          return L.kind === 0 ? { kind: 'broadcastConv', weight, bias, pad: L.pad!, activation } : { kind: 'conv', weight, bias, pad: L.pad!, activation };
+        });
+        return { spec: { layers }, z: t[0] as tf.Tensor2D, pos: t[1] as tf.Tensor3D, target, K, logVar: s.logVar, likelihood: 'Gaussian', grads: 'all', outputs: false };
+      };
+      const xs = [z, pos, ...ws];
+      const f = (o: typeof ops) => (...t: tf.Tensor[]) => tf.mul(tf.mean(o.decoderNll(args(t)).nll), 0.5) as tf.Scalar;
+      const gd = tf.grads(f(ops))(xs);
+      const gc = tf.grads(f(nativeOps))(xs);
+      gd.forEach((g, i) => expectClose(g.dataSync() as Float32Array, gc[i].dataSync() as Float32Array, 1e-4, `gradient ${i}`));
+      expectClose(ops.decoderNll(args(xs)).nll.dataSync() as Float32Array, nativeOps.decoderNll(args(xs)).nll.dataSync() as Float32Array, 1e-5, 'nll');
+    });
+  }, 120_000);
+
+  test('device names: clear errors for unknown names, the js backend, and CUDA that is not there', () => {
+    expect(opsForBackend('native', 'cpu')).toBe(nativeOps);
+    expect(() => opsForBackend('native', 'gpu')).toThrow(/unknown device "gpu" \(use cpu or cuda:N\)/);
+    expect(() => opsForBackend('js', 'simt')).toThrow(/needs the native backend/);
+    const n = st.info!.cudaDevices;
+    expect(() => opsForBackend('native', `cuda:${n}`)).toThrow(st.info!.cudaBuilt ? new RegExp(`cuda:${n}: ${n} CUDA device`) : /built without CUDA/);
+    const k = addonOps();
+    const s = spec(cases[0][1], 'cpu');
+    expect(() => k.decoderStage({ ...s, device: `cuda:${n}` })).toThrow(st.info!.cudaBuilt ? /CUDA device/ : /built without CUDA/);
+    expect(() => k.decoderStage({ ...s, device: 'tpu' as StageDevice })).toThrow(/'spec.device' must be 'cpu', 'cuda:N' or 'simt', not 'tpu'/);
+  });
+});
