@@ -18,6 +18,7 @@ const program = new Command('emorl-eval')
   .option('--report <file.html>', 'also write a self-contained HTML report')
   .option('--run <dir>', 'a training run folder: the report plots the loss curves of its log.jsonl')
   .option('--no-progress', 'no progress bar')
+  .option('--device <name>', 'where the decoding stage (decoder + likelihood, forward and backward) runs: cpu, or cuda:N with an addon built with EMORL_CUDA=1')
   .addOption(new Option('--backend <name>', 'compute backend: native (the C++ addon), js (pure TypeScript) or auto (native when built)').choices(['native', 'js', 'auto']).default('auto'))
   .addHelpText(
     'after',

@@ -16,6 +16,9 @@ import { nativeStatus } from '../lib/native';
 import { addonOps, type DecoderStageLayer, type DecoderStageResult, type DecoderStageSpec, type StageDevice } from '../lib/ops/addon';
 import { nativeOps, nativeOpsAvailable, nativeOpsOn, opsForBackend } from '../lib/ops/native';
 import type { DecoderLayerSpec, DecoderNllArgs } from '../lib/ops/decoder-stage';
+import type { Ops } from '../lib/ops';
+import { experimentConfig } from '../lib/config/experiment';
+import { Trainer } from '../lib/train/trainer';
 
 const st = nativeStatus();
 const available = st.available && nativeOpsAvailable() && st.info?.simtEmulator === true;
@@ -229,6 +232,31 @@ describeGpu('the decoding stage on a device through the ops', () => {
       expectClose(ops.decoderNll(args(xs)).nll.dataSync() as Float32Array, nativeOps.decoderNll(args(xs)).nll.dataSync() as Float32Array, 1e-5, 'nll');
     });
   }, 120_000);
+
+  test('training steps with the stage on simt take the CPU stage\'s steps (refinement, GECO, Adam)', () => {
+    const S = 8;
+    const config = experimentConfig({
+      Net: { K: 3, input_size: [3, S, S], z_size: 6, image_decoder: 'small', image_likelihood: 'GMM', stochastic_layers: 1, refinement_iters: 1 },
+      training: { batch_size: 2, lr: 1e-3, use_scheduler: false, use_geco: true, geco_reconstruction_target: -0.5, refinement_curriculum: [[-1, 1]] },
+      seed: 3,
+    });
+    const images = tf.tensor4d(uniform(2 * 3 * S * S, 77), [2, 3, S, S]);
+    const run = (ops: Ops) => {
+      const t = new Trainer(config, { ops });
+      try {
+        return [0, 1].map(() => {
+          const r = t.step(images);
+          return [r.totalLoss, r.nll, r.kl, r.gradNorm];
+        });
+      } finally {
+        t.dispose();
+      }
+    };
+    const cpu = run(nativeOps);
+    const dev = run(nativeOpsOn('simt'));
+    images.dispose();
+    cpu.forEach((row, i) => row.forEach((v, j) => expect(Math.abs(dev[i][j] - v)).toBeLessThanOrEqual(1e-4 * Math.max(1, Math.abs(v)))));
+  }, 300_000);
 
   test('device names: clear errors for unknown names, the js backend, and CUDA that is not there', () => {
     expect(opsForBackend('native', 'cpu')).toBe(nativeOps);

@@ -13,6 +13,8 @@ export interface EvalCliOptions {
   run?: string;
   progress: boolean;
   backend?: string;
+  /** 'cpu' (default) or 'cuda:N': where the decoding stage runs */
+  device?: string;
 }
 
 export async function evalCommand(opts: EvalCliOptions, log: (m: string) => void = (m) => process.stderr.write(`${m}\n`)): Promise<EvalSummary> {

@@ -12,6 +12,7 @@ import { shardRange } from '../train/distributed';
 import { launchRanks } from '../train/launcher';
 import { train, type TrainSummary } from '../train/loop';
 import { checkGpuTraining } from '../train/nccl';
+import { opsForBackend } from '../ops/native';
 
 /** The package root (for the bundled configs), from dist/lib/cli or lib/cli. */
 export function packageRoot(): string {
@@ -70,6 +71,8 @@ export interface TrainCliOptions {
   checksumEvery?: number;
   /** 'native', 'js' or 'auto' (default) */
   backend?: string;
+  /** 'cpu' (default) or 'cuda:N': where the decoding stage runs (with --gpus: cuda:<rank>) */
+  device?: string;
 }
 
 export function loadConfigFile(file: string, overrides: string[]): ExperimentConfig {
@@ -120,6 +123,8 @@ export async function trainCommand(opts: TrainCliOptions, log: (m: string) => vo
   }
   if (!opts.resume) shardRange(config.training.batch_size, 0, world); // B must split evenly (resumed: the checkpoint's config, checked by the ranks)
   if (opts.gpus !== undefined) checkGpuTraining(opts.gpus);
+  if (opts.gpus !== undefined && opts.device !== undefined && opts.device !== 'cpu') throw new Error('--gpus N puts rank r on cuda:r: leave out --device');
+  if (opts.device !== undefined) opsForBackend(opts.backend ?? 'auto', opts.device); // a clear error before any work
   const dataFile = await resolveDataFile(config, opts.data, log);
   const stamp = new Date().toISOString().replace(/[:.]/g, '-').slice(0, 19);
   const outDir = opts.out ?? path.join('runs', `${config.training.run_suffix || path.basename(path.dirname(configFile))}-${stamp}`);
@@ -154,6 +159,7 @@ export async function trainCommand(opts: TrainCliOptions, log: (m: string) => vo
         prefetch: opts.prefetch,
         checksumEvery: opts.checksumEvery,
         backend: opts.backend,
+        device: opts.device,
       },
     });
     log(`${summary.stoppedBy === 'signal' ? 'interrupted' : 'done'} at step ${summary.step}; checkpoint ${summary.lastCheckpoint}` + (summary.skippedSteps ? `; ${summary.skippedSteps} steps skipped for non-finite values` : ''));
@@ -170,6 +176,7 @@ export async function trainCommand(opts: TrainCliOptions, log: (m: string) => vo
     progress: opts.progress && Boolean(process.stderr.isTTY),
     prefetch: opts.prefetch,
     backend: opts.backend,
+    device: opts.device,
     log,
   });
   log(

@@ -47,6 +47,8 @@ export interface EvalOptions {
   progress?: boolean;
   /** 'native' (the addon), 'js' (pure TypeScript) or 'auto' (default: native when built) */
   backend?: string;
+  /** where the decoding stage runs: 'cpu' (default) or 'cuda:N' (see opsForBackend) */
+  device?: string;
   log?: (m: string) => void;
 }
 
@@ -157,7 +159,7 @@ async function prepare(opts: EvalOptions): Promise<{ config: TestConfig; type: E
   const wanted: ModelKind = config.test.model;
   let loaded: LoadedModel;
   try {
-    loaded = loadModel(opts.checkpoint, config.Net, { seed: config.seed, model: wanted, ops: opsForBackend(opts.backend ?? 'auto') });
+    loaded = loadModel(opts.checkpoint, config.Net, { seed: config.seed, model: wanted, ops: opsForBackend(opts.backend ?? 'auto', opts.device ?? 'cpu') });
   } catch (err) {
     ds.close();
     if (err instanceof ModelKindError) {

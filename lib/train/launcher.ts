@@ -39,6 +39,8 @@ export interface WorkerJob {
   checksumEvery?: number;
   /** compute backend of every rank (see TrainOptions.backend) */
   backend?: string;
+  /** device of the decoding stage on CPU ranks (GPU ranks use cuda:<rank>) */
+  device?: string;
 }
 
 export interface LaunchOptions {

@@ -83,6 +83,8 @@ export interface TrainOptions {
   distributed?: DistributedOptions;
   /** 'native' (the C++ addon), 'js' (pure TypeScript) or 'auto' (default: native when built) */
   backend?: string;
+  /** where the decoding stage runs: 'cpu' (default) or 'cuda:N' (see opsForBackend) */
+  device?: string;
 }
 
 export interface TrainSummary {
@@ -306,7 +308,7 @@ async function trainRank(opts: TrainOptions): Promise<TrainSummary> {
     );
   }
 
-  const trainer = new Trainer(config, { comm, ops: opsForBackend(opts.backend ?? 'auto') });
+  const trainer = new Trainer(config, { comm, ops: opsForBackend(opts.backend ?? 'auto', opts.device ?? 'cpu') });
   const noise = new SeededNoise(new Rng(mixSeeds(config.seed, 0x7e15e)));
   // Data parallel: every rank draws the global noise and keeps its rows (the checkpoint keeps
   // the one global RNG state, as a single-rank run's).

@@ -95,6 +95,7 @@ async function run(r: number, worldSize: number, backend: DistributedBackend, jo
       prefetch: job.prefetch,
       distributed: { comm, checksumEvery: job.checksumEvery },
       backend: job.backend,
+      device: backend === 'nccl' ? `cuda:${r}` : job.device,
       callbacks: r === 0 ? { onStep: (res) => void post({ type: 'step', step: res.step }).catch(() => undefined) } : undefined,
     });
   } finally {

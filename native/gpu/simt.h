@@ -82,8 +82,6 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, A... args) {
 
 #else  // the SIMT emulator
 
-#include <ucontext.h>
-
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -111,81 +109,12 @@ inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 namespace emorl {
 namespace simt {
 
-// One launch's fibers and the scheduler context they return to.
-struct Run {
-  ucontext_t scheduler;
-  std::vector<ucontext_t> fibers;
-  std::vector<unsigned char> done;
-  std::vector<std::unique_ptr<char[]>> stacks;
-  unsigned current = 0;
-  const std::function<void()>* body = nullptr;
-};
-
-inline thread_local Run* active_run = nullptr;
-
-inline void fiber_main() {
-  Run* r = active_run;
-  (*r->body)();
-  r->done[r->current] = 1;  // returning resumes uc_link: the scheduler
-}
-
-inline void barrier() {
-  Run* r = active_run;
-  if (!r) throw std::logic_error("__syncthreads() outside an emulated launch");
-  swapcontext(&r->fibers[r->current], &r->scheduler);
-}
-
-// Kept out of run_grid: getcontext returns twice, which would make its loop counters volatile.
-__attribute__((noinline)) inline void start_fiber(Run& r, unsigned t, size_t stack_size) {
-  ucontext_t& f = r.fibers[t];
-  getcontext(&f);
-  f.uc_stack.ss_sp = r.stacks[t].get();
-  f.uc_stack.ss_size = stack_size;
-  f.uc_link = &r.scheduler;
-  makecontext(&f, fiber_main, 0);
-  r.done[t] = 0;
-}
-
-// Runs body once per thread of every block. Threads of a block advance in turn from one
-// __syncthreads() to the next; a block whose threads do not all reach the same number of
+// Runs body once per thread of every block (simt.cc). Threads of a block advance in turn from
+// one __syncthreads() to the next; a block whose threads do not all reach the same number of
 // barriers is an error (undefined behaviour on a GPU).
-inline void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
-  constexpr size_t kStack = 64 * 1024;
-  const unsigned nt = block.x * block.y * block.z;
-  if (nt == 0 || nt > 1024) throw std::invalid_argument("emulated launch: a block needs 1..1024 threads");
-  Run r;
-  r.fibers.resize(nt);
-  r.done.assign(nt, 0);
-  r.stacks.resize(nt);
-  for (auto& s : r.stacks) s.reset(new char[kStack]);
-  r.body = &body;
-  Run* saved = active_run;
-  active_run = &r;
-  blockDim = block;
-  gridDim = grid;
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        blockIdx = dim3(bx, by, bz);
-        for (unsigned t = 0; t < nt; ++t) start_fiber(r, t, kStack);
-        for (;;) {
-          for (unsigned t = 0; t < nt; ++t) {
-            if (r.done[t]) continue;
-            threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-            r.current = t;
-            swapcontext(&r.scheduler, &r.fibers[t]);
-          }
-          unsigned finished = 0;
-          for (unsigned t = 0; t < nt; ++t) finished += r.done[t];
-          if (finished == nt) break;
-          if (finished) {
-            active_run = saved;
-            throw std::logic_error("emulated launch: some threads of a block exited while others wait at __syncthreads()");
-          }
-        }
-      }
-  active_run = saved;
-}
+void run_grid(dim3 grid, dim3 block, const std::function<void()>& body);
+// __syncthreads(): back to the scheduler until every thread of the block has arrived.
+void barrier();
 
 // "Device" memory is host memory here; the same calls as the CUDA side.
 class DeviceBuf {
