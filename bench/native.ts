@@ -4,7 +4,8 @@
  * kernels (Conv2D, Conv2DBackpropInput, Conv2DBackpropFilter called directly, NHWC). tfjs runs at
  * ~1 GFLOP/s (its filter gradient far slower), so it is timed on a small batch and scaled.
  *
- * Options: --reps N (native repetitions, default 5), --tfjs-batch N (default 1),
+ * Options: --reps N (native repetitions, default 5), --tfjs-batch N (default 1), --device cuda:N
+ * (the decoding stage's GPU run, default cuda:0; skipped without CUDA),
  * --no-tfjs (native only), --tfjs-filter (also time tfjs' filter gradient on the big layers: slow).
  * The machine may be shared: the load average is printed with the results.
  */
@@ -198,6 +199,44 @@ function decoderStageBench(): void {
   }
   const w = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
   for (const r of rows) console.log('  ' + r.map((x, i) => (i === 0 ? x.padEnd(w[i]) : x.padStart(w[i]))).join('  '));
+  console.log('');
+  gpuStageBench(spec, F);
+}
+
+/**
+ * The same stage on CUDA device --device N (default 0) when the addon has CUDA and the device is
+ * there: the three passes against the device's measured FP32 FMA peak, then one profiled run's
+ * time per phase (synchronised around each phase; transfers included).
+ */
+function gpuStageBench(spec: Parameters<ReturnType<typeof addonOps>['decoderStage']>[0], F: number): void {
+  const info = nativeStatus().info!;
+  const i = process.argv.indexOf('--device');
+  const name = i >= 0 ? process.argv[i + 1] ?? '' : 'cuda:0';
+  if (!/^cuda:\d+$/.test(name)) {
+    console.log(`decoder stage on a GPU: skipped (--device ${name}: give cuda:N)\n`);
+    return;
+  }
+  const index = Number(name.slice(5));
+  if (!info.cudaBuilt || info.cudaDevices <= index) {
+    console.log(`decoder stage on cuda:${index}: skipped (${info.cudaBuilt ? `${info.cudaDevices} CUDA devices${info.cudaError ? `: ${info.cudaError}` : ''}` : 'addon built without CUDA: EMORL_CUDA=1 npm run build:native'})\n`);
+    return;
+  }
+  const addon = addonOps();
+  const device = `cuda:${index}` as const;
+  const workspace = new addon.DecoderWorkspace();
+  const peak = addon.gpuPeakGflops(index, 1);
+  console.log(`decoder stage on ${device}: FP32 FMA peak ${fmt(peak, 0)} GFLOP/s (measured); times include uploading z, pos, weights and targets and downloading the results`);
+  const rows: string[][] = [['pass', 'best ms', 'median ms', 'GFLOP/s', '% of peak']];
+  for (const [name, needDz, needParams, mult] of [['forward', false, false, 1], ['forward + d/dz', true, false, 2], ['forward + all gradients', true, true, 3]] as [string, boolean, boolean, number][]) {
+    const t = time(() => addon.decoderStage({ ...spec, needDz, needParams, device, workspace }), 20);
+    const flops = mult * F;
+    rows.push([name, fmt(t.best * 1e3, 2), fmt(t.median * 1e3, 2), fmt(flops / t.best / 1e9, 0), fmt((100 * flops) / t.best / 1e9 / peak)]);
+  }
+  const w = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
+  for (const r of rows) console.log('  ' + r.map((x, i) => (i === 0 ? x.padEnd(w[i]) : x.padStart(w[i]))).join('  '));
+  const prof = addon.decoderStage({ ...spec, needDz: true, needParams: true, device, workspace, profile: true }).profile!;
+  console.log('  one training stage by phase (ms):');
+  for (const [phase, ms] of Object.entries(prof)) console.log(`    ${phase.padEnd(60)} ${fmt(ms, 3).padStart(9)}`);
   console.log('');
 }
 

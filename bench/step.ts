@@ -8,6 +8,7 @@
  *   node dist/bench/step.js --json                the same, one JSON object per line
  *   node dist/bench/step.js --config tetrominoes --batch 32 --mode train --backend native --steps 3
  *                                                 one measurement (JSON line)
+ *   --device cuda:0                               the decoding stage on a GPU (native rows)
  *
  * Each measurement runs in its own process, so each peak RSS is its own. `median_s` is the median
  * over --steps timed repetitions after one untimed warm-up repetition.
@@ -19,7 +20,7 @@ import { bundledConfig, loadConfigFile } from '../lib/cli/train';
 import { SeededNoise } from '../lib/model/noise';
 import { Trainer } from '../lib/train/trainer';
 import { tfjsOps } from '../lib/ops';
-import { nativeOps, nativeOpsAvailable } from '../lib/ops/native';
+import { nativeOpsAvailable, nativeOpsOn, parseStageDevice } from '../lib/ops/native';
 import { nativeStatus } from '../lib/native';
 
 interface Measurement {
@@ -33,6 +34,8 @@ interface Measurement {
   peak_rss_mib: number;
   isa?: string;
   threads?: number;
+  /** where the decoding stage ran (native) */
+  device?: string;
 }
 
 /** The original's figures on this machine (STACK.md): seconds per step / per inference batch. */
@@ -68,13 +71,13 @@ function configFile(config: string): string {
   return bundledConfig(dataset, model ?? 'EMORL');
 }
 
-async function measure(config: string, batch: number, mode: 'train' | 'infer', backend: 'native' | 'js', steps: number): Promise<Measurement> {
+async function measure(config: string, batch: number, mode: 'train' | 'infer', backend: 'native' | 'js', steps: number, device: string): Promise<Measurement> {
   await initBackend('cpu');
   if (backend === 'native' && !(nativeStatus().available && nativeOpsAvailable())) {
     throw new Error(`--backend native: the addon is unavailable (${nativeStatus().reason ?? 'no decoder-stage kernels'}); npm run build:native`);
   }
   const exp = loadConfigFile(configFile(config), []);
-  const trainer = new Trainer(exp, { seed: 1, ops: backend === 'native' ? nativeOps : tfjsOps });
+  const trainer = new Trainer(exp, { seed: 1, ops: backend === 'native' ? nativeOpsOn(parseStageDevice(device)) : tfjsOps });
   const [C, H, W] = exp.Net.input_size;
   const images = tf.tidy(() => tf.sub(tf.mul(tf.randomUniform([batch, C, H, W], 0, 1, 'float32', 3), 2), 1));
   const times: number[] = [];
@@ -96,12 +99,12 @@ async function measure(config: string, batch: number, mode: 'train' | 'infer', b
     median_s: median(times),
     times_s: times,
     peak_rss_mib: process.resourceUsage().maxRSS / 1024,
-    ...(backend === 'native' ? { isa: st.info?.gemmIsa, threads: st.info?.threads } : {}),
+    ...(backend === 'native' ? { isa: st.info?.gemmIsa, threads: st.info?.threads, device } : {}),
   };
 }
 
-function inChild(config: string, batch: number, mode: string, backend: string, steps: number): Measurement {
-  const r = spawnSync(process.execPath, [process.argv[1], '--config', config, '--batch', String(batch), '--mode', mode, '--backend', backend, '--steps', String(steps)], {
+function inChild(config: string, batch: number, mode: string, backend: string, steps: number, device: string): Measurement {
+  const r = spawnSync(process.execPath, [process.argv[1], '--config', config, '--batch', String(batch), '--mode', mode, '--backend', backend, '--steps', String(steps), '--device', device], {
     encoding: 'utf8',
     stdio: ['ignore', 'pipe', 'inherit'],
     maxBuffer: 1 << 24,
@@ -115,6 +118,7 @@ async function main(): Promise<void> {
   const json = process.argv.includes('--json');
   const config = arg('config');
   const steps = Number(arg('steps') ?? '3');
+  const device = parseStageDevice(arg('device') ?? 'cpu');
   if (!Number.isInteger(steps) || steps < 1) throw new Error(`--steps must be an integer >= 1`);
   const single = config !== undefined || arg('mode') !== undefined || arg('backend') !== undefined || arg('batch') !== undefined;
   if (single) {
@@ -125,15 +129,15 @@ async function main(): Promise<void> {
     const name = config ?? 'tetrominoes';
     const batch = Number(arg('batch') ?? String(PYTORCH[name]?.batch ?? 4));
     if (!Number.isInteger(batch) || batch < 1) throw new Error(`--batch must be an integer >= 1`);
-    console.log(JSON.stringify(await measure(name, batch, mode, backend, steps)));
+    console.log(JSON.stringify(await measure(name, batch, mode, backend, steps, device)));
     return;
   }
   const st = nativeStatus();
   const set = DEFAULT_SET.filter(([, , b]) => b === 'js' || (st.available && nativeOpsAvailable()));
-  if (!json) console.log(`addon: ${st.available ? `${st.info?.gemmIsa}, ${st.info?.threads} threads` : `unavailable (${st.reason})`}; median of ${steps} after a warm-up`);
+  if (!json) console.log(`addon: ${st.available ? `${st.info?.gemmIsa}, ${st.info?.threads} threads` : `unavailable (${st.reason})`}; decoding stage on ${device}; median of ${steps} after a warm-up`);
   for (const [name, batch, backend] of set) {
     for (const mode of ['train', 'infer'] as const) {
-      const m = inChild(name, batch, mode, backend, backend === 'js' ? 1 : steps);
+      const m = inChild(name, batch, mode, backend, backend === 'js' ? 1 : steps, backend === 'js' ? 'cpu' : device);
       if (json) {
         console.log(JSON.stringify(m));
         continue;

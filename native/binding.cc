@@ -756,7 +756,7 @@ StageDevice stage_device(const Args& a, const Props& p) {
 
 // decoderStage({ z, n, c, pos, gh, gw, layers: [{ kind, w, wShape, b, stride, pad,
 //   outputPad, act }], target, B, K, H, W, C, logVar, gmm, needDz, needParams, needOutputs,
-//   workspace?, device? })
+//   workspace?, device?, profile? })  profile (GPU devices): milliseconds per phase, in result.profile
 //   -> { nll, dz|null, dpos|null, dw: [..|null], db: [..|null], means|null, logMasks|null }
 // kind: 0 broadcast conv, 1 spatial broadcast, 2 conv, 3 transposed conv (decoder.h).
 Napi::Value DecoderStageFn(const Napi::CallbackInfo& info, bool) {
@@ -786,6 +786,7 @@ Napi::Value DecoderStageFn(const Napi::CallbackInfo& info, bool) {
   const bool need_dz = p.boolean("needDz", false), need_params = p.boolean("needParams", false);
   const bool need_outputs = p.boolean("needOutputs", false);
   const StageDevice device = stage_device(a, p);
+  const bool want_profile = p.boolean("profile", false);
 
   Napi::Value lv = p.get("layers");
   if (!lv.IsArray()) a.type_error("'spec.layers' must be an array");
@@ -883,12 +884,19 @@ Napi::Value DecoderStageFn(const Napi::CallbackInfo& info, bool) {
     std::unique_ptr<emorl::GpuWorkspace> local;
     if (!owned) local = DecoderWorkspace::make_gpu_workspace(emulated, device.index);
     emorl::GpuWorkspace& gws = owned ? owned->gpu(emulated, device.index) : *local;
+    emorl::StageProfile profile;
+    emorl::StageProfile* prof = want_profile ? &profile : nullptr;
     if (emulated) {
-      emorl::simt::decoder_stage(s, o, gws);
+      emorl::simt::decoder_stage(s, o, gws, prof);
     } else {
 #if defined(EMORL_CUDA)
-      emorl::cuda::decoder_stage(s, o, gws);
+      emorl::cuda::decoder_stage(s, o, gws, prof);
 #endif
+    }
+    if (prof) {
+      Napi::Object po = Napi::Object::New(env);
+      for (const auto& e : profile.ms) po.Set(e.first, e.second);
+      r.Set("profile", po);
     }
   }
   if (owned) owned->report(env);
@@ -919,6 +927,25 @@ Napi::Value ImageNllFn(const Napi::CallbackInfo& info, bool) {
   }
   emorl::image_nll(s, raw, target, log_var, gmm, nll.Data(), draw, nullptr, nullptr, threads());
   return r;
+}
+
+// gpuPeakGflops(device, seconds?) -> the FP32 FMA throughput of CUDA device N (gpu/probe.cu)
+Napi::Value GpuPeakGflops(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "gpuPeakGflops");
+  if (!a.at(0).IsNumber()) a.type_error("device must be a CUDA device index");
+  double seconds = 0.5;
+  if (a.at(1).IsNumber()) seconds = a.at(1).As<Napi::Number>().DoubleValue();
+  if (!(seconds > 0 && seconds <= 10)) a.range_error("seconds must be in (0, 10]");
+#if defined(EMORL_CUDA)
+  const int device = a.at(0).As<Napi::Number>().Int32Value();
+  std::string err;
+  const int n = emorl::cuda_device_count(&err);
+  if (device < 0 || device >= n) a.range_error("device " + std::to_string(device) + ": " + std::to_string(n) + " CUDA devices visible" + (err.empty() ? "" : " (" + err + ")"));
+  return Napi::Number::New(a.env(), emorl::cuda::peak_gflops(device, seconds));
+#else
+  a.range_error("the addon was built without CUDA (EMORL_CUDA=1 npm run build:native)");
+  return a.env().Undefined();
+#endif
 }
 
 // peakGflops(seconds?) -> the FMA throughput of all threads (gemm.h peak_gflops)
@@ -985,6 +1012,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("DecoderWorkspace", ws_class);
   exports.Set("imageNll", Napi::Function::New(env, entry<ImageNllFn, false>, "imageNll"));
   exports.Set("peakGflops", Napi::Function::New(env, entry<PeakGflops, false>, "peakGflops"));
+  exports.Set("gpuPeakGflops", Napi::Function::New(env, entry<GpuPeakGflops, false>, "gpuPeakGflops"));
   exports.Set("reference", ref);
   exports.Set("info", Napi::Function::New(env, Info, "info"));
   exports.Set("abiVersion", Napi::Number::New(env, 1));

@@ -185,7 +185,7 @@ for (const device of devices) {
       }
     }, 120_000);
 
-    test('only what is asked for: no gradients, outputs only', () => {
+    test('only what is asked for: no gradients, outputs only; a profile by phase', () => {
       const k = addonOps();
       const cs = cases[0][1];
       const r = k.decoderStage({ ...spec(cs, device), needDz: false, needParams: false, needOutputs: false });
@@ -194,6 +194,10 @@ for (const device of devices) {
       expect(r.means).toBeNull();
       expect(r.dw.every((d) => d === null)).toBe(true);
       expectClose(r.nll, k.decoderStage(spec(cs, 'cpu')).nll, 1e-5, 'nll');
+      expect(r.profile).toBeUndefined();
+      const profiled = k.decoderStage({ ...spec(cs, device), profile: true });
+      expect(Object.keys(profiled.profile!)).toEqual(expect.arrayContaining(['forward: broadcast layer', 'forward: convolutions', 'backward: filter gradients']));
+      expectClose(profiled.dz, k.decoderStage(spec(cs, 'cpu')).dz, 1e-4, 'dz (profiled)');
       const dzOnly = k.decoderStage({ ...spec(cs, device), needParams: false });
       expect(dzOnly.dpos).toBeNull();
       expectClose(dzOnly.dz, k.decoderStage(spec(cs, 'cpu')).dz, 1e-4, 'dz');

@@ -8,7 +8,8 @@ import * as fs from 'node:fs';
 import { tf, initBackend } from '../lib/tf';
 import { nativeStatus } from '../lib/native';
 import { tfjsOps, type Ops } from '../lib/ops';
-import { nativeOps, nativeOpsAvailable, defaultOps, opsForBackend } from '../lib/ops/native';
+import { nativeOps, nativeOpsAvailable, nativeOpsOn, defaultOps, opsForBackend } from '../lib/ops/native';
+import type { StageDevice } from '../lib/ops/addon';
 import { spawnSync } from 'node:child_process';
 import * as path from 'node:path';
 import type { FusedActivation } from '../lib/ops/conv';
@@ -288,7 +289,10 @@ describeNative('the whole model: nativeOps vs tfjsOps', () => {
 const FIXTURE = fixturePath('tetrominoes-small-gaussian.h5');
 const describeGolden = available && fs.existsSync(FIXTURE) ? describe : describe.skip;
 
-describeGolden('golden fixture tetrominoes-small-gaussian.h5 no_geco with nativeOps', () => {
+// the decoding stage on the CPU kernels, on the CUDA kernels run by the SIMT emulator, and on a GPU when there is one
+const goldenDevices: StageDevice[] = ['cpu', ...(available && nativeStatus().info?.simtEmulator ? (['simt'] as const) : []), ...(available && nativeStatus().info!.cudaDevices > 0 ? (['cuda:0'] as const) : [])];
+
+describeGolden.each(goldenDevices)('golden fixture tetrominoes-small-gaussian.h5 no_geco with nativeOps, decoding stage on %s', (device) => {
   test('loss and every gradient match the recorded PyTorch ones', async () => {
     const fx = await withH5File(FIXTURE, 'r', async (f) => {
       const noiseKeys = f.keys('no_geco/noise').sort();
@@ -306,7 +310,7 @@ describeGolden('golden fixture tetrominoes-small-gaussian.h5 no_geco with native
         grads: await readParamGroup(f, 'no_geco/grads'),
       };
     });
-    const model = new EfficientMORL(fx.netConfig, { ops: nativeOps });
+    const model = new EfficientMORL(fx.netConfig, { ops: nativeOpsOn(device) });
     model.params.load(fx.params);
     const images = tf.tensor(fx.images.data, fx.images.shape);
     const replay = new ReplayNoise(fx.noise);

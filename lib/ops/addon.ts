@@ -32,6 +32,8 @@ export interface NativeAddon {
   decoderStage(spec: DecoderStageSpec): DecoderStageResult;
   /** the FMA throughput of all threads over about `seconds` (GFLOP/s; for benchmarks) */
   peakGflops(seconds?: number): number;
+  /** the FP32 FMA throughput of CUDA device `device` (GFLOP/s; addon built with CUDA) */
+  gpuPeakGflops(device: number, seconds?: number): number;
   /** the fused likelihood alone (native/likelihood.h) */
   imageNll(spec: { raw: Float32Array; target: Float32Array; B: number; K: number; H: number; W: number; C: number; logVar: number; gmm: boolean; needGrad: boolean }): { nll: Float32Array; draw: Float32Array | null };
 }
@@ -72,6 +74,8 @@ export interface DecoderStageSpec {
   workspace?: object;
   /** where the stage runs (default 'cpu'); see StageDevice */
   device?: StageDevice;
+  /** GPU devices: time each phase (synchronising around it) into the result's `profile` */
+  profile?: boolean;
 }
 
 /**
@@ -88,6 +92,8 @@ export interface DecoderStageResult {
   db: (Float32Array | null)[];
   means: Float32Array | null;
   logMasks: Float32Array | null;
+  /** milliseconds per phase, when asked for with `profile` on a GPU device */
+  profile?: Record<string, number>;
 }
 
 let addon: NativeAddon | undefined;

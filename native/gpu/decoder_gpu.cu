@@ -11,8 +11,10 @@
 // exactly as in nhwc.cc. Weights arrive in PyTorch layout w[col][img][ky][kx] (col: the channels of
 // the conv's column side, Conv2d's Co or ConvTranspose2d's Ci) and are packed on the host.
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <exception>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -477,18 +479,44 @@ enum Slot : size_t {
 };
 enum LayerSlot : size_t { kWf, kWd, kBias, kDw, kDb, kLayerSlots };
 
+// Times one phase of a stage when profiling (the device is synchronised at both ends).
+class Phase {
+ public:
+  Phase(StageProfile* p, const char* name) : p_(p), name_(name) {
+    if (!p_) return;
+    finish(name);
+    t0_ = std::chrono::steady_clock::now();
+  }
+  ~Phase() noexcept(false) {
+    if (!p_ || std::uncaught_exceptions()) return;
+    finish(name_);
+    p_->add(name_, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0_).count());
+  }
+  Phase(const Phase&) = delete;
+  Phase& operator=(const Phase&) = delete;
+
+ private:
+  StageProfile* p_;
+  const char* name_;
+  std::chrono::steady_clock::time_point t0_;
+};
+
 class Stage {
  public:
-  Stage(const DecoderStage& s, const DecoderStageOut& o, StageWorkspace& ws) : s_(s), o_(o), ws_(ws), nl_(s.layers.size()) {}
+  Stage(const DecoderStage& s, const DecoderStageOut& o, StageWorkspace& ws, StageProfile* profile)
+      : s_(s), o_(o), ws_(ws), nl_(s.layers.size()), profile_(profile) {}
 
   void run() {
     const bool want_dz = o_.dz != nullptr;
     bool want_params = o_.dpos != nullptr;
     for (size_t i = 0; i < nl_; ++i) want_params = want_params || (i < o_.dw.size() && o_.dw[i]) || (i < o_.db.size() && o_.db[i]);
     const bool backward = want_dz || want_params;
-    z_ = upload(kZ, s_.z, s_.n * s_.c);
-    pos_ = upload(kPos, s_.pos, s_.gh * s_.gw * s_.c);
-    for (size_t i = 0; i < nl_; ++i) upload_layer(i);
+    {
+      Phase ph(profile_, "upload z, pos, weights");
+      z_ = upload(kZ, s_.z, s_.n * s_.c);
+      pos_ = upload(kPos, s_.pos, s_.gh * s_.gw * s_.c);
+      for (size_t i = 0; i < nl_; ++i) upload_layer(i);
+    }
 
     act_.resize(nl_);
     for (size_t i = 0; i < nl_; ++i) forward(i);
@@ -500,14 +528,17 @@ class Stage {
     float* log_masks = o_.log_masks ? fixed(kLogMasks, s_.n * P) : nullptr;
     float* pixel_nll = fixed(kPixelNll, k.B * P);
     if (k.C > kMaxChannels) throw std::length_error("GPU decoder: images with more than 4 channels");
-    launch(image_nll_kernel, grid_for(k.B * P), dim3(kThreads), act_[nl_ - 1], upload(kTarget, s_.target, k.B * P * k.C),
-           static_cast<int>(k.B), static_cast<int>(k.K), P, static_cast<int>(k.C), s_.log_var, s_.gmm ? 1 : 0, pixel_nll, draw,
-           means, log_masks);
-    float* nll = fixed(kNll, k.B);
-    col_sums(pixel_nll, k.B, P, 1, nll);
-    download(o_.nll, nll, k.B);
-    if (means) download(o_.means, means, s_.n * P * k.C);
-    if (log_masks) download(o_.log_masks, log_masks, s_.n * P);
+    {
+      Phase ph(profile_, "likelihood (incl. target upload, nll and outputs download)");
+      launch(image_nll_kernel, grid_for(k.B * P), dim3(kThreads), act_[nl_ - 1], upload(kTarget, s_.target, k.B * P * k.C),
+             static_cast<int>(k.B), static_cast<int>(k.K), P, static_cast<int>(k.C), s_.log_var, s_.gmm ? 1 : 0, pixel_nll, draw,
+             means, log_masks);
+      float* nll = fixed(kNll, k.B);
+      col_sums(pixel_nll, k.B, P, 1, nll);
+      download(o_.nll, nll, k.B);
+      if (means) download(o_.means, means, s_.n * P * k.C);
+      if (log_masks) download(o_.log_masks, log_masks, s_.n * P);
+    }
     if (backward) {
       dcur_ = draw;
       dslot_ = kGradA;
@@ -564,10 +595,13 @@ class Stage {
     const float* x = i ? act_[i - 1] : nullptr;
     const int act = static_cast<int>(L.act);
     switch (L.kind) {
-      case DecoderLayerKind::SpatialBroadcast:
+      case DecoderLayerKind::SpatialBroadcast: {
+        Phase ph(profile_, "forward: spatial broadcast");
         launch(spatial_broadcast_kernel, grid_for(numel4(L.out)), dim3(kThreads), z_, pos_, y, s_.n, s_.gh * s_.gw, s_.c);
         break;
+      }
       case DecoderLayerKind::BroadcastConv: {
+        Phase ph(profile_, "forward: broadcast layer");
         const Geom pg = geom_of(pos_geom(L));
         const i64 cout = L.out[3], Q = L.out[1] * L.out[2];
         float* cp = fixed(kPosConv, Q * cout);
@@ -587,6 +621,7 @@ class Stage {
         break;
       }
       case DecoderLayerKind::Conv: {
+        Phase ph(profile_, "forward: convolutions");
         const Geom g = geom_of(layer_geom(L));
         const i64 co = L.out[3];
         gemm(Im2col{x, g}, b_operand(layer_buf(i, kWf, 0), co, 1), Store{y, static_cast<int>(co), layer_buf(i, kBias, 0), act},
@@ -594,6 +629,7 @@ class Stage {
         break;
       }
       case DecoderLayerKind::ConvTranspose: {
+        Phase ph(profile_, "forward: transposed convolutions");
         const Geom g = geom_of(layer_geom(L));
         const int ci = static_cast<int>(L.in[3]);
         gemm(ColGather{x, g, ci}, b_operand(layer_buf(i, kWd, 0), g.C, 1), Store{y, g.C, layer_buf(i, kBias, 0), act},
@@ -608,10 +644,13 @@ class Stage {
     float* dw = i < o_.dw.size() ? o_.dw[i] : nullptr;
     float* db = i < o_.db.size() ? o_.db[i] : nullptr;
     const float* y = act_[i];
-    if (L.kind != DecoderLayerKind::SpatialBroadcast && L.act != Act::Linear)
+    if (L.kind != DecoderLayerKind::SpatialBroadcast && L.act != Act::Linear) {
+      Phase ph(profile_, "backward: activation derivatives");
       launch(act_grad_kernel, grid_for(numel4(L.out)), dim3(kThreads), dcur_, y, numel4(L.out), static_cast<int>(L.act));
+    }
     switch (L.kind) {
       case DecoderLayerKind::SpatialBroadcast: {
+        Phase ph(profile_, "backward: spatial broadcast");
         const i64 cells = s_.gh * s_.gw, c = s_.c;
         if (o_.dz) {
           float* dz = fixed(kDz, s_.n * c);
@@ -625,15 +664,20 @@ class Stage {
         }
         break;
       }
-      case DecoderLayerKind::BroadcastConv:
+      case DecoderLayerKind::BroadcastConv: {
+        Phase ph(profile_, "backward: broadcast layer");
         broadcast_backward(i, L, dw, db);
         break;
+      }
       case DecoderLayerKind::Conv: {
         const Geom g = geom_of(layer_geom(L));
         const int co = static_cast<int>(L.out[3]);
         float* dx = next_grad(numel4(L.in));
-        gemm(ColGather{dcur_, g, co}, b_operand(layer_buf(i, kWd, 0), g.C, 1), Store{dx, g.C, nullptr, 0},
-             static_cast<i64>(g.N) * g.H * g.W, g.C, static_cast<i64>(g.kh) * g.kw * co);
+        {
+          Phase ph(profile_, "backward: input gradients");
+          gemm(ColGather{dcur_, g, co}, b_operand(layer_buf(i, kWd, 0), g.C, 1), Store{dx, g.C, nullptr, 0},
+               static_cast<i64>(g.N) * g.H * g.W, g.C, static_cast<i64>(g.kh) * g.kw * co);
+        }
         param_grads(i, L, g, act_[i - 1], dcur_, co, static_cast<i64>(g.N) * g.Ho * g.Wo, dw, db);
         dcur_ = dx;
         break;
@@ -642,8 +686,11 @@ class Stage {
         const Geom g = geom_of(layer_geom(L));
         const int ci = static_cast<int>(L.in[3]);
         float* dx = next_grad(numel4(L.in));
-        gemm(Im2col{dcur_, g}, b_operand(layer_buf(i, kWf, 0), ci, 1), Store{dx, ci, nullptr, 0}, static_cast<i64>(g.N) * g.Ho * g.Wo,
-             ci, static_cast<i64>(g.kh) * g.kw * g.C);
+        {
+          Phase ph(profile_, "backward: input gradients");
+          gemm(Im2col{dcur_, g}, b_operand(layer_buf(i, kWf, 0), ci, 1), Store{dx, ci, nullptr, 0},
+               static_cast<i64>(g.N) * g.Ho * g.Wo, ci, static_cast<i64>(g.kh) * g.kw * g.C);
+        }
         // the image side is this layer's output gradient, the column side its input
         param_grads(i, L, g, dcur_, act_[i - 1], ci, static_cast<i64>(g.N) * g.H * g.W, dw, db);
         dcur_ = dx;
@@ -663,11 +710,13 @@ class Stage {
                    float* dw, float* db) {
     const i64 nw = numel4(L.w_shape), cout = L.out[3];
     if (dw) {
+      Phase ph(profile_, "backward: filter gradients");
       float* d = layer_buf(i, kDw, nw);
       filter_grad(g, image, colside, ncol, d);
       download(dw, d, nw);
     }
     if (db) {
+      Phase ph(profile_, "backward: bias gradients");
       float* d = layer_buf(i, kDb, cout);
       col_sums(dcur_, 1, out_rows, cout, d);
       download(db, d, cout);
@@ -726,18 +775,19 @@ class Stage {
   Slot dslot_ = kGradA;
   TapClasses taps_;
   TapRanges rows_{}, cols_{};
+  StageProfile* profile_;
 };
 
 }  // namespace
 
 std::unique_ptr<GpuWorkspace> make_workspace(int device) { return std::unique_ptr<GpuWorkspace>(new StageWorkspace(device)); }
 
-void decoder_stage(const DecoderStage& s, const DecoderStageOut& o, GpuWorkspace& ws) {
+void decoder_stage(const DecoderStage& s, const DecoderStageOut& o, GpuWorkspace& ws, StageProfile* profile) {
   if (ws.emulated() != StageWorkspace(0).emulated())
     throw std::invalid_argument("GPU decoder: the workspace belongs to the other GPU backend");
   auto& own = static_cast<StageWorkspace&>(ws);
   select_device(own.device());
-  Stage(s, o, own).run();
+  Stage(s, o, own, profile).run();
 }
 
 }  // namespace EMORL_GPU_NS

@@ -7,6 +7,8 @@
 #include <cstddef>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "../decoder.h"
 
@@ -21,16 +23,32 @@ class GpuWorkspace {
   virtual bool emulated() const = 0;
 };
 
+// Wall time per phase of a stage (milliseconds, summed over the phase's calls), in first-seen
+// order. Profiling synchronises the device around every phase.
+struct StageProfile {
+  std::vector<std::pair<std::string, double>> ms;
+  void add(const char* phase, double v) {
+    for (auto& e : ms)
+      if (e.first == phase) {
+        e.second += v;
+        return;
+      }
+    ms.emplace_back(phase, v);
+  }
+};
+
 namespace simt {
 std::unique_ptr<GpuWorkspace> make_workspace(int device);
-// `ws` must come from this namespace's make_workspace (checked).
-void decoder_stage(const DecoderStage& s, const DecoderStageOut& o, GpuWorkspace& ws);
+// `ws` must come from this namespace's make_workspace (checked); profile may be null.
+void decoder_stage(const DecoderStage& s, const DecoderStageOut& o, GpuWorkspace& ws, StageProfile* profile = nullptr);
 }  // namespace simt
 
 #if defined(EMORL_CUDA)
 namespace cuda {
 std::unique_ptr<GpuWorkspace> make_workspace(int device);
-void decoder_stage(const DecoderStage& s, const DecoderStageOut& o, GpuWorkspace& ws);
+void decoder_stage(const DecoderStage& s, const DecoderStageOut& o, GpuWorkspace& ws, StageProfile* profile = nullptr);
+// The FP32 FMA throughput of the device (GFLOP/s) over about `seconds`, for benchmarks.
+double peak_gflops(int device, double seconds);
 }  // namespace cuda
 #endif
 

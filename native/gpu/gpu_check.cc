@@ -1,0 +1,325 @@
+// emorl_gpu_check: the CUDA decoding stage against the CPU stage (every output and gradient), then
+// its speed on the shipped configs' decoders, with no Node.js (GPU machines may have none).
+//   cmake -S . -B build-gpu -DEMORL_CUDA=ON -DEMORL_GPU_CHECK=ON
+//   cmake --build build-gpu --target emorl_gpu_check -j && build-gpu/emorl_gpu_check [device] [--no-bench]
+// Exit status 0 when every case matches; the same cases as test/gpu-decoder.test.ts, plus the
+// shipped configs' stages at batch 32.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "../common.h"
+#include "../decoder.h"
+#include "decoder_gpu.h"
+
+namespace emorl {
+int cuda_device_count(std::string* error);
+}
+
+namespace {
+
+using namespace emorl;
+// -DEMORL_GPU_CHECK_SIMT: the same checks on the SIMT emulator (to test this program without a GPU)
+#if defined(EMORL_GPU_CHECK_SIMT)
+namespace gpu = emorl::simt;
+#else
+namespace gpu = emorl::cuda;
+#endif
+
+struct LayerDef {
+  DecoderLayerKind kind;
+  int64_t w[4];
+  int64_t stride, pad, out_pad;
+  Act act;
+};
+
+struct Case {
+  const char* name;
+  int64_t B, K, c, gh, gw, H, W;
+  std::vector<LayerDef> layers;
+  bool gmm;
+  // gradient tolerance (relative to the largest value). ReLU decoders at full size need more: a
+  // pre-activation within rounding of 0 takes the other side of the kink on one side and flips its
+  // derivative (seen on the CPU vs the emulated kernels: 1.6e-3 in one slot of three, gone when
+  // that slot's z moves by 1e-3); the same shapes with ELU, which has no kink, check 1e-4.
+  double grad_tol = 1e-4;
+};
+
+// xorshift uniform in [lo, hi)
+struct Rng {
+  uint64_t s;
+  float next(float lo, float hi) {
+    s ^= s << 13;
+    s ^= s >> 7;
+    s ^= s << 17;
+    return lo + (hi - lo) * static_cast<float>((s >> 40) & 0xffffff) / 16777216.f;
+  }
+  std::vector<float> vec(size_t n, float lo, float hi) {
+    std::vector<float> v(n);
+    for (auto& x : v) x = next(lo, hi);
+    return v;
+  }
+};
+
+struct Built {
+  std::vector<std::vector<float>> w, b;
+  std::vector<float> z, pos, target;
+  DecoderStage s;
+};
+
+Built build(const Case& cs, uint64_t seed) {
+  Built r;
+  Rng rng{seed * 0x9e3779b97f4a7c15ull + 1};
+  const int64_t n = cs.B * cs.K;
+  r.z = rng.vec(static_cast<size_t>(n * cs.c), -1, 1);
+  r.pos = rng.vec(static_cast<size_t>(cs.gh * cs.gw * cs.c), -1, 1);
+  r.target = rng.vec(static_cast<size_t>(cs.B * cs.H * cs.W * 3), 0, 1);
+  r.w.resize(cs.layers.size());
+  r.b.resize(cs.layers.size());
+  DecoderStage& s = r.s;
+  s.n = n;
+  s.c = cs.c;
+  s.gh = cs.gh;
+  s.gw = cs.gw;
+  for (size_t i = 0; i < cs.layers.size(); ++i) {
+    const LayerDef& d = cs.layers[i];
+    DecoderLayer L;
+    L.kind = d.kind;
+    if (d.kind != DecoderLayerKind::SpatialBroadcast) {
+      std::copy(d.w, d.w + 4, L.w_shape);
+      const bool t = d.kind == DecoderLayerKind::ConvTranspose;
+      const float scale = 1.5f / std::sqrt(static_cast<float>((t ? d.w[0] : d.w[1]) * d.w[2] * d.w[3]));
+      r.w[i] = rng.vec(static_cast<size_t>(d.w[0] * d.w[1] * d.w[2] * d.w[3]), -scale, scale);
+      r.b[i] = rng.vec(static_cast<size_t>(t ? d.w[1] : d.w[0]), -0.1f, 0.1f);
+      L.w = r.w[i].data();
+      L.b = r.b[i].data();
+      L.stride = d.stride;
+      L.pad = d.pad;
+      L.out_pad = d.out_pad;
+      L.act = d.act;
+    }
+    s.layers.push_back(L);
+  }
+  s.z = r.z.data();
+  s.pos = r.pos.data();
+  s.target = r.target.data();
+  s.lik = ImageNllShape{cs.B, cs.K, cs.H, cs.W, 3};
+  s.log_var = 2.f * std::log(0.3f);
+  s.gmm = cs.gmm;
+  const std::string err = decoder_plan(s);
+  if (!err.empty()) {
+    std::fprintf(stderr, "%s: %s\n", cs.name, err.c_str());
+    std::exit(2);
+  }
+  return r;
+}
+
+struct Outputs {
+  std::vector<float> nll, dz, dpos, means, log_masks;
+  std::vector<std::vector<float>> dw, db;
+  DecoderStageOut o;
+};
+
+Outputs outputs(const DecoderStage& s, bool grads, bool params) {
+  Outputs r;
+  const int64_t P = s.lik.H * s.lik.W;
+  r.nll.resize(static_cast<size_t>(s.lik.B));
+  r.means.resize(static_cast<size_t>(s.n * P * s.lik.C));
+  r.log_masks.resize(static_cast<size_t>(s.n * P));
+  r.o.nll = r.nll.data();
+  r.o.means = r.means.data();
+  r.o.log_masks = r.log_masks.data();
+  if (grads) {
+    r.dz.resize(static_cast<size_t>(s.n * s.c));
+    r.o.dz = r.dz.data();
+  }
+  r.dw.resize(s.layers.size());
+  r.db.resize(s.layers.size());
+  r.o.dw.assign(s.layers.size(), nullptr);
+  r.o.db.assign(s.layers.size(), nullptr);
+  if (params) {
+    r.dpos.resize(static_cast<size_t>(s.gh * s.gw * s.c));
+    r.o.dpos = r.dpos.data();
+    for (size_t i = 0; i < s.layers.size(); ++i) {
+      const DecoderLayer& L = s.layers[i];
+      if (L.kind == DecoderLayerKind::SpatialBroadcast) continue;
+      r.dw[i].assign(static_cast<size_t>(L.w_shape[0] * L.w_shape[1] * L.w_shape[2] * L.w_shape[3]), 0.f);
+      r.db[i].assign(static_cast<size_t>(L.out[3]), 0.f);
+      r.o.dw[i] = r.dw[i].data();
+      r.o.db[i] = r.db[i].data();
+    }
+  }
+  return r;
+}
+
+// max |a − b| / max |b|
+double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
+  double scale = 0, err = 0;
+  for (size_t i = 0; i < b.size(); ++i) {
+    scale = std::max(scale, std::fabs(double(b[i])));
+    const double e = std::fabs(double(a[i]) - double(b[i]));
+    err = std::isnan(e) ? INFINITY : std::max(err, e);
+  }
+  return scale > 0 ? err / scale : err;
+}
+
+bool check_case(const Case& cs, int device, uint64_t seed) {
+  Built b = build(cs, seed);
+  Outputs cpu = outputs(b.s, true, true), gpu = outputs(b.s, true, true);
+  Workspace ws;
+  decoder_stage(b.s, cpu.o, ws, max_threads());
+  auto gws = gpu::make_workspace(device);
+  gpu::decoder_stage(b.s, gpu.o, *gws);
+  struct Item {
+    std::string name;
+    double err, tol;
+  };
+  std::vector<Item> items{{"nll", rel_err(gpu.nll, cpu.nll), 1e-5},
+                          {"means", rel_err(gpu.means, cpu.means), 1e-5},
+                          {"log masks", rel_err(gpu.log_masks, cpu.log_masks), 1e-5},
+                          {"dz", rel_err(gpu.dz, cpu.dz), cs.grad_tol},
+                          {"dpos", rel_err(gpu.dpos, cpu.dpos), cs.grad_tol}};
+  for (size_t i = 0; i < b.s.layers.size(); ++i)
+    if (!cpu.dw[i].empty()) {
+      items.push_back({"dw[" + std::to_string(i) + "]", rel_err(gpu.dw[i], cpu.dw[i]), cs.grad_tol});
+      items.push_back({"db[" + std::to_string(i) + "]", rel_err(gpu.db[i], cpu.db[i]), cs.grad_tol});
+    }
+  bool ok = true;
+  double worst = 0;
+  std::string bad;
+  for (const auto& it : items) {
+    worst = std::max(worst, it.err / it.tol);
+    if (!(it.err <= it.tol)) {
+      ok = false;
+      bad += " " + it.name + "=" + std::to_string(it.err);
+    }
+  }
+  std::printf("%-4s %-62s worst error %.2f of its tolerance%s\n", ok ? "ok" : "FAIL", cs.name, worst, bad.c_str());
+  return ok;
+}
+
+LayerDef bconv(int64_t co, int64_t ci, int64_t k, int64_t pad, Act a) { return {DecoderLayerKind::BroadcastConv, {co, ci, k, k}, 1, pad, 0, a}; }
+LayerDef conv(int64_t co, int64_t ci, int64_t k, int64_t pad, Act a) { return {DecoderLayerKind::Conv, {co, ci, k, k}, 1, pad, 0, a}; }
+LayerDef convt(int64_t ci, int64_t co, int64_t k, int64_t s, int64_t pad, int64_t op, Act a) {
+  return {DecoderLayerKind::ConvTranspose, {ci, co, k, k}, s, pad, op, a};
+}
+const LayerDef kBroadcast{DecoderLayerKind::SpatialBroadcast, {0, 0, 0, 0}, 1, 0, 0, Act::Linear};
+
+std::vector<LayerDef> small(int64_t c, int64_t ch, Act a = Act::Relu) {
+  return {bconv(ch, c, 5, 1, a), conv(ch, ch, 5, 1, a), conv(ch, ch, 5, 1, a), conv(4, ch, 3, 1, Act::Linear)};
+}
+std::vector<LayerDef> iodine(int64_t c, int64_t ch) {
+  return {bconv(ch, c, 3, 0, Act::Elu), conv(ch, ch, 3, 0, Act::Elu), conv(ch, ch, 3, 0, Act::Elu), conv(ch, ch, 3, 0, Act::Elu),
+          conv(4, ch, 3, 0, Act::Linear)};
+}
+std::vector<LayerDef> big(int64_t c, int64_t ch, int ups) {
+  std::vector<LayerDef> v{kBroadcast, convt(c, ch, 5, 2, 2, 1, Act::Relu)};
+  for (int i = 1; i < ups; ++i) v.push_back(convt(ch, ch, 5, 2, 2, 1, Act::Relu));
+  v.push_back(convt(ch, ch, 5, 1, 2, 0, Act::Relu));
+  v.push_back(convt(ch, 4, 3, 1, 1, 0, Act::Linear));
+  return v;
+}
+
+// FLOPs of the convolutions after the first layer (forward), from the plan
+double forward_flops(const DecoderStage& s) {
+  double f = 0;
+  for (size_t i = 1; i < s.layers.size(); ++i) {
+    const DecoderLayer& L = s.layers[i];
+    const int64_t* big_side = L.kind == DecoderLayerKind::ConvTranspose ? L.in : L.out;  // one multiply-add per tap and column-side cell
+    f += 2.0 * big_side[0] * big_side[1] * big_side[2] * L.w_shape[0] * L.w_shape[1] * L.w_shape[2] * L.w_shape[3];
+  }
+  return f;
+}
+
+double median_ms(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+void bench(const Case& cs, int device, double peak) {
+  Built b = build(cs, 99);
+  const double F = forward_flops(b.s);
+  auto gws = gpu::make_workspace(device);
+  std::printf("\n%s: %.1f GFLOP forward (convolutions after the first layer)\n", cs.name, F / 1e9);
+  std::printf("  %-26s %10s %10s %9s %10s\n", "pass", "median ms", "best ms", "GFLOP/s", "% of peak");
+  const struct {
+    const char* name;
+    bool dz, params;
+    double mult;
+  } passes[] = {{"forward", false, false, 1}, {"forward + d/dz", true, false, 2}, {"forward + all gradients", true, true, 3}};
+  for (const auto& p : passes) {
+    Outputs o = outputs(b.s, p.dz, p.params);
+    if (!p.dz) o.o.dz = nullptr;
+    gpu::decoder_stage(b.s, o.o, *gws);  // warm-up (workspace growth)
+    std::vector<double> t;
+    for (int r = 0; r < 20; ++r) {
+      const auto t0 = std::chrono::steady_clock::now();
+      gpu::decoder_stage(b.s, o.o, *gws);
+      t.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    }
+    const double med = median_ms(t), best = *std::min_element(t.begin(), t.end());
+    const double gf = p.mult * F / (best * 1e-3) / 1e9;
+    std::printf("  %-26s %10.3f %10.3f %9.0f %9.1f%%\n", p.name, med, best, gf, 100 * gf / peak);
+  }
+  Outputs o = outputs(b.s, true, true);
+  StageProfile prof;
+  gpu::decoder_stage(b.s, o.o, *gws, &prof);
+  std::printf("  one training stage by phase (synchronised around each phase):\n");
+  for (const auto& e : prof.ms) std::printf("    %-62s %9.3f ms\n", e.first.c_str(), e.second);
+  Workspace ws;
+  const auto t0 = std::chrono::steady_clock::now();
+  decoder_stage(b.s, o.o, ws, max_threads());
+  std::printf("  the CPU stage, forward + all gradients, %d threads: %.1f ms (one run, cold)\n", max_threads(),
+              std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int device = 0;
+  bool run_bench = true;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--no-bench") == 0) run_bench = false;
+    else device = std::atoi(argv[i]);
+  }
+#if defined(EMORL_GPU_CHECK_SIMT)
+  run_bench = false;
+#else
+  std::string err;
+  const int n = cuda_device_count(&err);
+  if (device >= n) {
+    std::fprintf(stderr, "emorl_gpu_check: device %d: %d CUDA devices visible%s%s\n", device, n, err.empty() ? "" : ": ", err.c_str());
+    return 2;
+  }
+#endif
+  const std::vector<Case> cases{
+      {"small decoder, non-square, Gaussian", 2, 3, 5, 15, 13, 9, 7, small(5, 6), false},
+      {"small decoder, non-square, GMM", 2, 3, 5, 15, 13, 9, 7, small(5, 6), true},
+      {"small decoder, K=1, one image", 1, 1, 4, 14, 14, 8, 8, small(4, 5), true},
+      {"iodine decoder, non-square, Gaussian", 2, 2, 6, 17, 20, 7, 10, iodine(6, 8), false},
+      {"big decoder kinds (strided transposed convs), GMM", 1, 2, 4, 3, 3, 12, 12, big(4, 6, 2), true},
+      {"more channels than one GEMM tile", 1, 2, 3, 10, 9, 6, 5, {bconv(70, 3, 3, 0, Act::Relu), conv(4, 70, 3, 0, Act::Linear)}, false},
+      {"Tetrominoes decoder shapes with ELU, batch 32", 32, 4, 32, 41, 41, 35, 35, small(32, 32, Act::Elu), false},
+      {"Tetrominoes decoder (ReLU), batch 32", 32, 4, 32, 41, 41, 35, 35, small(32, 32), false, 1e-2},
+      {"Multi-dSprites decoder, batch 8, GMM", 8, 6, 64, 74, 74, 64, 64, iodine(64, 64), true},
+      {"big decoder at 96x96, batch 2", 2, 2, 16, 6, 6, 96, 96, big(16, 64, 4), false},
+  };
+  bool ok = true;
+  for (size_t i = 0; i < cases.size(); ++i) ok = check_case(cases[i], device, i + 1) && ok;
+#if !defined(EMORL_GPU_CHECK_SIMT)
+  if (run_bench) {
+    const double peak = cuda::peak_gflops(device, 1.0);
+    std::printf("\ncuda:%d FP32 FMA peak (measured): %.0f GFLOP/s\n", device, peak);
+    bench({"Tetrominoes stage, batch 32 (128 slots)", 32, 4, 32, 41, 41, 35, 35, small(32, 32), false}, device, peak);
+    bench({"Multi-dSprites stage, batch 32 (192 slots), GMM", 32, 6, 64, 74, 74, 64, 64, iodine(64, 64), true}, device, peak);
+    bench({"CLEVR6-96 stage, batch 32 (224 slots), GMM", 32, 7, 64, 106, 106, 96, 96, iodine(64, 64), true}, device, peak);
+  }
+#endif
+  std::printf("\n%s\n", ok ? "all cases match the CPU stage" : "SOME CASES DIFFER FROM THE CPU STAGE");
+  return ok ? 0 : 1;
+}
