@@ -19,7 +19,7 @@
 #include "conv.h"
 #include "decoder.h"
 #include "gemm.h"
-#include "gpu/decoder_gpu.h"
+#include "gpu/gpu.h"
 #include "likelihood.h"
 #include "nhwc.h"
 
@@ -503,7 +503,16 @@ emorl::NhwcGeom nhwc_convt_geom(const Args& a, const std::vector<int64_t>& xs, c
   return g;
 }
 
-// nhwcConv2d(x, xShape[N,H,W,C], w, wShape[Co,C,kh,kw], bias|null, stride[2], pad[2], act[1]) -> y
+// nhwcConv2d(x, xShape[N,H,W,C], w, wShape[Co,C,kh,kw], bias|null, stride[2], pad[2], act[1],
+//   device?, workspace?) -> y   (device 'cuda:N' / 'simt': the GPU kernels, gpu/conv_gpu.cu)
+// The GPU path of nhwcConv2d / nhwcConv2dBackward (defined with the workspace class below): false
+// when the `device` argument at `arg` is absent or 'cpu'; argument arg + 1 is an optional
+// DecoderWorkspace.
+bool gpu_conv_forward(const Args& a, size_t arg, const emorl::NhwcGeom& g, int64_t Co, const float* x, const float* w,
+                      const float* bias, emorl::Act act, float* y);
+bool gpu_conv_backward(const Args& a, size_t arg, const emorl::NhwcGeom& g, int64_t Co, const float* x, const float* w,
+                       const float* y, const float* dy, emorl::Act act, float* dx, float* dw, float* db);
+
 Napi::Value NhwcConv2d(const Napi::CallbackInfo& info, bool) {
   Args a(info, "nhwcConv2d");
   auto xs = a.ints(1, "xShape", {4});
@@ -516,7 +525,7 @@ Napi::Value NhwcConv2d(const Napi::CallbackInfo& info, bool) {
   auto g = nhwc_conv_geom(a, xs, ws, stride, pad);
   const float* bias = a.f32_opt(4, "bias", ws[0], "wShape[0]");
   auto y = new_f32(a, a.numel({g.N, g.Ho, g.Wo, ws[0]}, "output"));
-  emorl::nhwc_conv2d_forward(g, ws[0], x, w, bias, act, y.Data(), threads());
+  if (!gpu_conv_forward(a, 8, g, ws[0], x, w, bias, act, y.Data())) emorl::nhwc_conv2d_forward(g, ws[0], x, w, bias, act, y.Data(), threads());
   return y;
 }
 
@@ -528,7 +537,8 @@ Napi::Value nhwc_grads(const Args& a, Napi::Value dx, Napi::Value dw, Napi::Valu
   return o;
 }
 
-// nhwcConv2dBackward(x, xShape, w, wShape, y|null, dy, stride, pad, act, needDx, needParams)
+// nhwcConv2dBackward(x, xShape, w, wShape, y|null, dy, stride, pad, act, needDx, needParams,
+//   device?, workspace?)
 //   -> {dx|null, dw|null, db|null}
 Napi::Value NhwcConv2dBackward(const Napi::CallbackInfo& info, bool) {
   Args a(info, "nhwcConv2dBackward");
@@ -552,7 +562,7 @@ Napi::Value NhwcConv2dBackward(const Napi::CallbackInfo& info, bool) {
     auto t = new_f32(a, a.numel(ws, "wShape")); dw = t.Data(); dwv = t;
     auto u = new_f32(a, ws[0]); db = u.Data(); dbv = u;
   }
-  emorl::nhwc_conv2d_backward(g, ws[0], x, w, y, dy, act, dx, dw, db, threads());
+  if (!gpu_conv_backward(a, 11, g, ws[0], x, w, y, dy, act, dx, dw, db)) emorl::nhwc_conv2d_backward(g, ws[0], x, w, y, dy, act, dx, dw, db, threads());
   return nhwc_grads(a, dxv, dwv, dbv);
 }
 
@@ -723,11 +733,11 @@ struct StageDevice {
   int index = 0;
 };
 
-StageDevice stage_device(const Args& a, const Props& p) {
+// `what`: the argument's name for messages.
+StageDevice parse_device(const Args& a, Napi::Value v, const std::string& what) {
   StageDevice d;
-  Napi::Value v = p.get("device");
   if (v.IsUndefined() || v.IsNull()) return d;
-  if (!v.IsString()) a.type_error("'" + p.name("device") + "' must be a string: 'cpu', 'cuda:N' or 'simt'");
+  if (!v.IsString()) a.type_error("'" + what + "' must be a string: 'cpu', 'cuda:N' or 'simt'");
   const std::string s = v.As<Napi::String>().Utf8Value();
   if (s == "cpu") return d;
   if (s == "simt") {
@@ -736,7 +746,7 @@ StageDevice stage_device(const Args& a, const Props& p) {
   }
   const std::string digits = s.rfind("cuda:", 0) == 0 ? s.substr(5) : std::string();
   if (digits.empty() || digits.size() > 4 || digits.find_first_not_of("0123456789") != std::string::npos)
-    a.range_error("'" + p.name("device") + "' must be 'cpu', 'cuda:N' or 'simt', not '" + s + "'");
+    a.range_error("'" + what + "' must be 'cpu', 'cuda:N' or 'simt', not '" + s + "'");
   d.kind = StageDevice::Cuda;
   d.index = std::stoi(digits);
 #if defined(EMORL_CUDA)
@@ -752,6 +762,53 @@ StageDevice stage_device(const Args& a, const Props& p) {
   a.range_error("device " + s + ": the addon was built without CUDA (rebuild with EMORL_CUDA=1 npm run build:native)");
 #endif
   return d;
+}
+
+StageDevice stage_device(const Args& a, const Props& p) { return parse_device(a, p.get("device"), p.name("device")); }
+
+// The GPU workspace for a call: the DecoderWorkspace argument's (kept between calls), or `local`.
+emorl::GpuWorkspace& gpu_workspace(const Args& a, Napi::Value wv, const StageDevice& d, std::unique_ptr<emorl::GpuWorkspace>& local,
+                                   DecoderWorkspace** owner) {
+  const bool emulated = d.kind == StageDevice::Simt;
+  *owner = nullptr;
+  if (!wv.IsUndefined() && !wv.IsNull()) {
+    if (!wv.IsObject() || !wv.As<Napi::Object>().InstanceOf(a.env().GetInstanceData<Napi::FunctionReference>()->Value()))
+      a.type_error("the workspace must be a DecoderWorkspace");
+    *owner = DecoderWorkspace::Unwrap(wv.As<Napi::Object>());
+    return (*owner)->gpu(emulated, d.index);
+  }
+  local = DecoderWorkspace::make_gpu_workspace(emulated, d.index);
+  return *local;
+}
+
+bool gpu_conv_forward(const Args& a, size_t arg, const emorl::NhwcGeom& g, int64_t Co, const float* x, const float* w,
+                      const float* bias, emorl::Act act, float* y) {
+  const StageDevice d = parse_device(a, a.at(arg), "device");
+  if (d.kind == StageDevice::Cpu) return false;
+  std::unique_ptr<emorl::GpuWorkspace> local;
+  DecoderWorkspace* owner = nullptr;
+  emorl::GpuWorkspace& ws = gpu_workspace(a, a.at(arg + 1), d, local, &owner);
+  if (d.kind == StageDevice::Simt) emorl::simt::conv2d_forward(g, Co, x, w, bias, act, y, ws);
+#if defined(EMORL_CUDA)
+  else emorl::cuda::conv2d_forward(g, Co, x, w, bias, act, y, ws);
+#endif
+  if (owner) owner->report(a.env());
+  return true;
+}
+
+bool gpu_conv_backward(const Args& a, size_t arg, const emorl::NhwcGeom& g, int64_t Co, const float* x, const float* w,
+                       const float* y, const float* dy, emorl::Act act, float* dx, float* dw, float* db) {
+  const StageDevice d = parse_device(a, a.at(arg), "device");
+  if (d.kind == StageDevice::Cpu) return false;
+  std::unique_ptr<emorl::GpuWorkspace> local;
+  DecoderWorkspace* owner = nullptr;
+  emorl::GpuWorkspace& ws = gpu_workspace(a, a.at(arg + 1), d, local, &owner);
+  if (d.kind == StageDevice::Simt) emorl::simt::conv2d_backward(g, Co, x, w, y, dy, act, dx, dw, db, ws);
+#if defined(EMORL_CUDA)
+  else emorl::cuda::conv2d_backward(g, Co, x, w, y, dy, act, dx, dw, db, ws);
+#endif
+  if (owner) owner->report(a.env());
+  return true;
 }
 
 // decoderStage({ z, n, c, pos, gh, gw, layers: [{ kind, w, wShape, b, stride, pad,
@@ -882,8 +939,8 @@ Napi::Value DecoderStageFn(const Napi::CallbackInfo& info, bool) {
   } else {
     const bool emulated = device.kind == StageDevice::Simt;
     std::unique_ptr<emorl::GpuWorkspace> local;
-    if (!owned) local = DecoderWorkspace::make_gpu_workspace(emulated, device.index);
-    emorl::GpuWorkspace& gws = owned ? owned->gpu(emulated, device.index) : *local;
+    DecoderWorkspace* ignored = nullptr;  // `owned` (above) reports its memory below
+    emorl::GpuWorkspace& gws = gpu_workspace(a, wv, device, local, &ignored);
     emorl::StageProfile profile;
     emorl::StageProfile* prof = want_profile ? &profile : nullptr;
     if (emulated) {

@@ -65,7 +65,7 @@ struct DecoderStageOut {
   float* log_masks = nullptr;
 };
 
-// Shared by the CPU stage and the GPU one (gpu/decoder_gpu.h).
+// Shared by the CPU stage and the GPU one (gpu/gpu.h).
 
 // The geometry of a Conv layer, or of the forward conv behind a ConvTranspose layer (its image
 // side is the layer's output), once decoder_plan has filled in the shapes.

@@ -6,6 +6,8 @@
  * likelihoods and odd sizes (K = 1, one image, non-square, more channels than one GEMM tile;
  * the emulated build splits filter gradients every 128 rows, so every case crosses splits).
  *
+ * The NHWC convolutions outside the stage (the encoder's) likewise, values and gradients.
+ *
  * Every case runs on the 'simt' device: the same kernel source compiled for the addon's SIMT
  * emulator, which runs each block's threads as fibers on the CPU (so CI checks the kernels'
  * indexing, tiling and barriers without a GPU). On a machine with a CUDA build and a GPU the
@@ -205,6 +207,42 @@ for (const device of devices) {
   });
 }
 
+for (const device of devices) {
+  describeGpu(`nhwcConv2d on ${device} vs the CPU kernels (the encoder's convolutions)`, () => {
+    const convCases: [string, number[], number[], number, number, 0 | 1 | 2][] = [
+      // name, xShape [N,H,W,C], wShape [Co,C,kh,kw], stride, pad, act
+      ['encoder layer 1 (3 -> 16, 5x5, pad 2, ReLU), non-square', [2, 9, 7, 3], [16, 3, 5, 5], 1, 2, 1],
+      ['encoder layer 2 (16 -> 16), one image', [1, 8, 8, 16], [16, 16, 5, 5], 1, 2, 1],
+      ['stride 2, ELU', [2, 11, 9, 5], [7, 5, 3, 3], 2, 1, 2],
+      ['1x1, linear, 70 output channels', [1, 5, 6, 4], [70, 4, 1, 1], 1, 0, 0],
+    ];
+    for (const [name, xs, ws, stride, pad, act] of convCases) {
+      test(name, () => {
+        const k = addonOps();
+        const x = uniform(xs.reduce((a, b) => a * b), 31), w = uniform(ws.reduce((a, b) => a * b), 32, -0.3, 0.3), b = uniform(ws[0], 33, -0.1, 0.1);
+        const args = [x, xs, w, ws, b, [stride, stride], [pad, pad], [act]] as const;
+        const workspace = new k.DecoderWorkspace();
+        const y = k.nhwcConv2d(...args, device, workspace);
+        const yc = k.nhwcConv2d(...args);
+        expectClose(y, yc, 1e-5, 'y');
+        const dy = uniform(yc.length, 34);
+        const back = (dev?: StageDevice) => k.nhwcConv2dBackward(x, xs, w, ws, act ? yc : null, dy, [stride, stride], [pad, pad], [act], true, true, dev, dev ? workspace : undefined);
+        const g = back(device), gc = back();
+        expectClose(g.dx, gc.dx, 1e-5, 'dx');
+        expectClose(g.dw, gc.dw, 1e-5, 'dw');
+        expectClose(g.db, gc.db, 1e-5, 'db');
+        const dxOnly = k.nhwcConv2dBackward(x, xs, w, ws, act ? yc : null, dy, [stride, stride], [pad, pad], [act], true, false, device);
+        expect(dxOnly.dw).toBeNull();
+        expectClose(dxOnly.dx, gc.dx, 1e-5, 'dx (no parameter gradients)');
+      });
+    }
+    test('asymmetric padding is refused on the GPU path', () => {
+      const k = addonOps();
+      expect(() => k.nhwcConv2d(uniform(2 * 6 * 6 * 3, 1), [2, 6, 6, 3], uniform(4 * 3 * 3 * 3, 2), [4, 3, 3, 3], null, [1, 1], [1, 0], [0], device)).toThrow(/padding and stride must be the same on both axes/);
+    });
+  });
+}
+
 describeGpu('the decoding stage on a device through the ops', () => {
   test("opsForBackend('native', 'simt') gives nativeOps' nll and gradients through tf.grads", () => {
     const ops = opsForBackend('native', 'simt');
@@ -237,7 +275,7 @@ describeGpu('the decoding stage on a device through the ops', () => {
     });
   }, 120_000);
 
-  test('training steps with the stage on simt take the CPU stage\'s steps (refinement, GECO, Adam)', () => {
+  test('training steps with the stage and the encoder convolutions on simt take the CPU\'s steps (refinement, GECO, Adam)', () => {
     const S = 8;
     const config = experimentConfig({
       Net: { K: 3, input_size: [3, S, S], z_size: 6, image_decoder: 'small', image_likelihood: 'GMM', stochastic_layers: 1, refinement_iters: 1 },

@@ -15,10 +15,12 @@ export interface NhwcGrads {
   db: Float32Array | null;
 }
 export interface NativeAddon {
+  /** device 'cuda:N' / 'simt': the GPU kernels (symmetric padding and stride), buffers in `workspace` */
   nhwcConv2d(x: Float32Array, xShape: number[], w: Float32Array, wShape: number[], bias: Float32Array | null,
-    stride: number[], pad: number[], act: number[]): Float32Array;
+    stride: number[], pad: number[], act: number[], device?: StageDevice, workspace?: object): Float32Array;
   nhwcConv2dBackward(x: Float32Array, xShape: number[], w: Float32Array, wShape: number[], y: Float32Array | null,
-    dy: Float32Array, stride: number[], pad: number[], act: number[], needDx: boolean, needParams: boolean): NhwcGrads;
+    dy: Float32Array, stride: number[], pad: number[], act: number[], needDx: boolean, needParams: boolean,
+    device?: StageDevice, workspace?: object): NhwcGrads;
   nhwcConvTranspose2d(x: Float32Array, xShape: number[], w: Float32Array, wShape: number[], bias: Float32Array | null,
     stride: number[], pad: number[], outputPad: number[], act: number[]): Float32Array;
   nhwcConvTranspose2dBackward(x: Float32Array, xShape: number[], w: Float32Array, wShape: number[],
@@ -94,6 +96,22 @@ export interface DecoderStageResult {
   logMasks: Float32Array | null;
   /** milliseconds per phase, when asked for with `profile` on a GPU device */
   profile?: Record<string, number>;
+}
+
+/**
+ * The addon's buffers for the calls of one layer or decoder, kept between calls so that repeated
+ * calls reuse their memory (fresh pages cost a fault each; device memory an allocation). Keyed by
+ * a weight tensor that lives as long as the model; released with it.
+ */
+const workspaces = new WeakMap<object, object>();
+
+export function workspaceFor(key: object): object {
+  let w = workspaces.get(key);
+  if (!w) {
+    w = new (addonOps().DecoderWorkspace)();
+    workspaces.set(key, w);
+  }
+  return w;
 }
 
 let addon: NativeAddon | undefined;

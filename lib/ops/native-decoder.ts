@@ -12,25 +12,9 @@
  */
 import { tf } from '../tf';
 import { f32 } from './arrays';
-import { ADDON_ACT, addonOps, type DecoderStageLayer, type StageDevice } from './addon';
+import { ADDON_ACT, addonOps, workspaceFor, type DecoderStageLayer, type StageDevice } from './addon';
 import { paramGradsEnabled } from './conv';
 import { checkDecoderNllArgs, type DecoderNllArgs, type DecoderNllResult } from './decoder-stage';
-
-/**
- * The addon's buffers for the stages of one decoder, kept between calls so that repeated stages
- * reuse their memory (fresh pages cost a fault each: ~25% of a stage). Keyed by the decoder's
- * last weight tensor, which lives as long as the model; released with it.
- */
-const workspaces = new WeakMap<tf.Tensor, object>();
-
-function workspaceFor(key: tf.Tensor): object {
-  let w = workspaces.get(key);
-  if (!w) {
-    w = new (addonOps().DecoderWorkspace)();
-    workspaces.set(key, w);
-  }
-  return w;
-}
 
 /** The one value of a per-image upstream gradient, or null when the images' values differ. */
 function uniformValue(dy: Float32Array): number | null {
@@ -79,6 +63,7 @@ export function decoderNll(a: DecoderNllArgs, device: StageDevice = 'cpu'): Deco
       target: f32(a.target), B, K, H, W, C,
       logVar: a.logVar, gmm: a.likelihood === 'GMM',
       needDz, needParams, needOutputs: a.outputs,
+      // the decoder's last weight tensor keys its buffers (fresh pages had cost ~25% of a stage)
       workspace: weighted.length ? workspaceFor(weighted[weighted.length - 1].weight) : undefined,
       device,
     });

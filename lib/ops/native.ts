@@ -11,7 +11,7 @@
 import { tf } from '../tf';
 import { colSums, f32 } from './arrays';
 import { nativeStatus } from '../native';
-import { ADDON_ACT, addonOps as nhwc, nativeOpsAvailable, type StageDevice } from './addon';
+import { ADDON_ACT, addonOps as nhwc, nativeOpsAvailable, workspaceFor, type StageDevice } from './addon';
 import { decoderNll } from './native-decoder';
 import { slotCompetition } from './native-attention';
 import { dualGruCell, gruCell } from './native-gru';
@@ -19,8 +19,11 @@ import { tfjsOps, type Ops } from './index';
 import { addTapSumsGrad, broadcastConvShapes, broadcastTapSums } from './broadcast';
 import { convTransposeShapes, paramGradsEnabled, type ConvOptions, type ConvTransposeOptions, type FusedActivation } from './conv';
 
-/** conv2d as tfjsOps.conv2d: x [n,h,w,cin] NHWC, weight [cout,cin,kh,kw], bias [cout]. */
-export function conv2d(x: tf.Tensor4D, weight: tf.Tensor, bias: tf.Tensor, opts: ConvOptions = {}): tf.Tensor4D {
+/**
+ * conv2d as tfjsOps.conv2d: x [n,h,w,cin] NHWC, weight [cout,cin,kh,kw], bias [cout]. On `device`
+ * ('cuda:N', 'simt') the GPU kernels run it, with its buffers kept per weight tensor.
+ */
+export function conv2d(x: tf.Tensor4D, weight: tf.Tensor, bias: tf.Tensor, opts: ConvOptions = {}, device: StageDevice = 'cpu'): tf.Tensor4D {
   const [n, h, w, cin] = x.shape;
   const [cout, wcin, kh, kw] = weight.shape;
   if (wcin !== cin) throw new Error(`conv2d: input has ${cin} channels, weight [${weight.shape}] expects ${wcin}`);
@@ -35,8 +38,9 @@ export function conv2d(x: tf.Tensor4D, weight: tf.Tensor, bias: tf.Tensor, opts:
   const wShape = [cout, cin, kh, kw];
   const s = [stride, stride], p = [pad, pad], a = [ADDON_ACT[act]];
   const k = nhwc();
+  const dev: [StageDevice?, object?] = device === 'cpu' ? [] : [device, workspaceFor(weight)];
   const op = tf.customGrad((xt, wt, bt, save) => {
-    const y = k.nhwcConv2d(f32(xt as tf.Tensor), xShape, f32(wt as tf.Tensor), wShape, f32(bt as tf.Tensor), s, p, a);
+    const y = k.nhwcConv2d(f32(xt as tf.Tensor), xShape, f32(wt as tf.Tensor), wShape, f32(bt as tf.Tensor), s, p, a, ...dev);
     const value = tf.tensor4d(y, [n, oh, ow, cout]);
     (save as tf.GradSaveFunc)(act === 'linear' ? [xt as tf.Tensor, wt as tf.Tensor] : [xt as tf.Tensor, wt as tf.Tensor, value]);
     return {
@@ -44,7 +48,7 @@ export function conv2d(x: tf.Tensor4D, weight: tf.Tensor, bias: tf.Tensor, opts:
       gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => {
         const withParams = paramGradsEnabled();
         const r = k.nhwcConv2dBackward(f32(saved[0]), xShape, f32(saved[1]), wShape, act === 'linear' ? null : f32(saved[2]),
-          f32(dy), s, p, a, true, withParams);
+          f32(dy), s, p, a, true, withParams, ...dev);
         const dx = tf.tensor4d(r.dx!, [n, h, w, cin]);
         if (!withParams) return [dx, tf.zeros([cout, cin, kh, kw]), tf.zeros([cout])];
         return [dx, tf.tensor4d(r.dw!, [cout, cin, kh, kw]), tf.tensor1d(r.db!)];
@@ -353,8 +357,8 @@ const opsOnDevice = new Map<StageDevice, Ops>();
 
 /**
  * nativeOps with the decoding stage (the decoder and the likelihood, forward and backward: most
- * of a step's arithmetic) on `device`; everything else stays on the CPU kernels. A clear error
- * when the addon has no CUDA or no such device.
+ * of a step's arithmetic) and the convolutions outside it (the encoder's) on `device`; everything
+ * else stays on the CPU kernels. A clear error when the addon has no CUDA or no such device.
  */
 export function nativeOpsOn(device: StageDevice): Ops {
   if (device === 'cpu') return nativeOps;
@@ -372,7 +376,11 @@ export function nativeOpsOn(device: StageDevice): Ops {
       throw new Error(`device ${device}: ${info.cudaDevices} CUDA device${info.cudaDevices === 1 ? '' : 's'} visible${info.cudaError ? ` (${info.cudaError})` : ''}`);
     }
   }
-  const ops: Ops = { ...nativeOps, decoderNll: (a) => decoderNll(a, device) };
+  const ops: Ops = {
+    ...nativeOps,
+    decoderNll: (a) => decoderNll(a, device),
+    conv2d: (x, w, b, opts) => conv2d(x, w, b, opts, device),
+  };
   opsOnDevice.set(device, ops);
   return ops;
 }

@@ -15,7 +15,7 @@
 
 #include "../common.h"
 #include "../decoder.h"
-#include "decoder_gpu.h"
+#include "gpu.h"
 
 namespace emorl {
 int cuda_device_count(std::string* error);

@@ -5,7 +5,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "decoder_gpu.h"
+#include "gpu.h"
 
 namespace emorl {
 namespace cuda {

@@ -1,7 +1,8 @@
-// The decoding stage (decoder.h) on a GPU: the same plan, results and gradients as the CPU stage,
-// with every activation in device memory for the whole call. Two builds of one source
-// (decoder_gpu.cu): `cuda` (nvcc, EMORL_CUDA=ON) runs on a device; `simt` (always built) runs the
-// same kernels in the SIMT emulator of simt.h, so CI checks the kernels' logic without a GPU.
+// The GPU side's entry points: the decoding stage (decoder.h) with the same plan, results and
+// gradients as the CPU stage, its activations in device memory for the whole call
+// (decoder_gpu.cu), and the NHWC convolutions of nhwc.h (conv_gpu.cu, for the encoder). Two
+// builds of each source: `cuda` (nvcc, EMORL_CUDA=ON) runs on a device; `simt` (always built) runs
+// the same kernels in the SIMT emulator of simt.h, so CI checks the kernels without a GPU.
 #pragma once
 
 #include <cstddef>
@@ -41,12 +42,22 @@ namespace simt {
 std::unique_ptr<GpuWorkspace> make_workspace(int device);
 // `ws` must come from this namespace's make_workspace (checked); profile may be null.
 void decoder_stage(const DecoderStage& s, const DecoderStageOut& o, GpuWorkspace& ws, StageProfile* profile = nullptr);
+// nhwc_conv2d_forward / nhwc_conv2d_backward (nhwc.h) with host arrays in and out: one upload,
+// the products on the device, one download. Symmetric padding (g.pt = g.pl; Ho, Wo imply the rest).
+void conv2d_forward(const NhwcGeom& g, int64_t Co, const float* x, const float* w, const float* bias, Act act, float* y,
+                    GpuWorkspace& ws);
+void conv2d_backward(const NhwcGeom& g, int64_t Co, const float* x, const float* w, const float* y, const float* dy, Act act,
+                     float* dx, float* dw, float* db, GpuWorkspace& ws);
 }  // namespace simt
 
 #if defined(EMORL_CUDA)
 namespace cuda {
 std::unique_ptr<GpuWorkspace> make_workspace(int device);
 void decoder_stage(const DecoderStage& s, const DecoderStageOut& o, GpuWorkspace& ws, StageProfile* profile = nullptr);
+void conv2d_forward(const NhwcGeom& g, int64_t Co, const float* x, const float* w, const float* bias, Act act, float* y,
+                    GpuWorkspace& ws);
+void conv2d_backward(const NhwcGeom& g, int64_t Co, const float* x, const float* w, const float* y, const float* dy, Act act,
+                     float* dx, float* dw, float* db, GpuWorkspace& ws);
 // The FP32 FMA throughput of the device (GFLOP/s) over about `seconds`, for benchmarks.
 double peak_gflops(int device, double seconds);
 }  // namespace cuda
