@@ -38,7 +38,9 @@ Examples:
 Generated datasets are cached in ${cacheDir()} (set EMORL_CACHE_DIR to move it).
 SIGINT / SIGTERM finish the current step, write a checkpoint and exit (codes 130 / 143).
 With --ranks/--gpus, training.batch_size is the global batch (it must divide by N); rank 0
-writes the checkpoints and logs; a rank that dies stops the job (resume with --resume).`,
+writes the checkpoints and logs; a rank that dies stops the job (resume with --resume).
+Several nodes: EMORL_WORLD_SIZE (all ranks), EMORL_RANK (this node's first rank),
+EMORL_MASTER_ADDR / EMORL_MASTER_PORT (rank 0's node) on every node; see the README.`,
   )
   .action(async (opts) => {
     const summary = await trainCommand({ ...opts, set: opts.set ?? [] });

@@ -5,6 +5,7 @@
  * NCCL loader names the missing library.
  */
 import { fork, spawnSync } from 'node:child_process';
+import * as net from 'node:net';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -16,6 +17,7 @@ import { initBackend, tf } from '../lib/tf';
 import { readCheckpoint, type CheckpointData } from '../lib/train/checkpoint';
 import { allgatherUint32, LocalGroup, shardRange, sumInRankOrder, type Communicator } from '../lib/train/distributed';
 import { launchRanks } from '../lib/train/launcher';
+import { clusterFromEnv } from '../lib/train/rendezvous';
 import { train, type TrainOptions } from '../lib/train/loop';
 import { ncclStatus, ncclUniqueId, NcclCommunicator } from '../lib/train/nccl';
 import { Trainer, type StepResult } from '../lib/train/trainer';
@@ -380,6 +382,99 @@ describe('data-parallel training, worker processes', () => {
       child.kill('SIGKILL');
     }
   }, 60000);
+});
+
+/** A TCP port nobody listens on right now. */
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.once('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const port = (srv.address() as net.AddressInfo).port;
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+describe('several nodes: launchers meeting over TCP (two on this host)', () => {
+  const job = (out: string, steps = STEPS) => ({ config, dataFile: data, outDir: out, steps, prefetch: 0, checksumEvery: 1 });
+  const common = { worldSize: 2, localRanks: 1, entry: workerTs, execArgv, env: hookEnv, handleSignals: false };
+
+  test('a master and a node with one rank each take the steps one rank takes', async () => {
+    const port = await freePort();
+    const out = path.join(tmp, 'nodes2');
+    const pids: number[] = [];
+    const [m, n] = await Promise.all([
+      launchRanks({ ...common, job: job(out), cluster: { firstRank: 0, masterAddr: '127.0.0.1', masterPort: port }, onWorker: (_, pid) => void pids.push(pid) }),
+      launchRanks({ ...common, job: job(out), cluster: { firstRank: 1, masterAddr: '127.0.0.1', masterPort: port }, onWorker: (_, pid) => void pids.push(pid) }),
+    ]);
+    expect(m.step).toBe(STEPS);
+    expect(n).toEqual(m); // the node reports rank 0's summary
+    expect(pids.filter(alive)).toEqual([]);
+    const one = single ?? { checkpoint: (await train(base(path.join(tmp, 'one-nodes')))).lastCheckpoint!, steps: [] };
+    const cmp = compareParams(readCheckpoint(one.checkpoint), readCheckpoint(m.lastCheckpoint!));
+    expect(cmp.maxRel).toBeLessThan(1e-5);
+    expect(fs.readdirSync(path.join(out, 'checkpoints'))).toEqual(['checkpoint-00000003.emorl']);
+  }, 120000);
+
+  test("a worker killed on the node stops both nodes, each naming rank 1; no process is left", async () => {
+    const port = await freePort();
+    const out = path.join(tmp, 'nodes-killed');
+    const pids = new Map<number, number>();
+    let killed = false;
+    const onWorker = (rank: number, pid: number) => void pids.set(rank, pid);
+    const master = launchRanks({
+      ...common, job: job(out, 100000), cluster: { firstRank: 0, masterAddr: '127.0.0.1', masterPort: port }, onWorker,
+      onStep: (step) => {
+        if (step >= 1 && !killed) {
+          killed = true;
+          process.kill(pids.get(1)!, 'SIGKILL');
+        }
+      },
+    });
+    const node = launchRanks({ ...common, job: job(out, 100000), cluster: { firstRank: 1, masterAddr: '127.0.0.1', masterPort: port }, onWorker });
+    const [rm, rn] = await Promise.allSettled([master, node]);
+    expect(killed).toBe(true);
+    expect(rm.status).toBe('rejected');
+    expect(rn.status).toBe('rejected');
+    expect(String((rm as PromiseRejectedResult).reason)).toMatch(/the node with ranks 1\.\.1: rank 1 \(pid \d+\) was killed by signal SIGKILL; stopped the other ranks/);
+    expect(String((rn as PromiseRejectedResult).reason)).toMatch(/rank 1 \(pid \d+\) was killed by signal SIGKILL; stopped this node's ranks \(1\.\.1\) and told the master/);
+    expect([...pids.values()].filter(alive)).toEqual([]);
+  }, 120000);
+
+  test('a node whose master never listens gives up after the timeout, naming the address', async () => {
+    const port = await freePort();
+    const pids: number[] = [];
+    await expect(
+      launchRanks({ ...common, job: job(path.join(tmp, 'nomaster')), cluster: { firstRank: 1, masterAddr: '127.0.0.1', masterPort: port, joinTimeoutMs: 1000 }, onWorker: (_, pid) => void pids.push(pid) }),
+    ).rejects.toThrow(new RegExp(`could not reach the master at 127\\.0\\.0\\.1:${port} within 1 s`));
+    expect(pids.filter(alive)).toEqual([]);
+  }, 60000);
+
+  test('a master whose nodes never come names the missing ranks; a node that does not fit is refused', async () => {
+    const port = await freePort();
+    await expect(
+      launchRanks({ ...common, worldSize: 4, job: job(path.join(tmp, 'nonode')), cluster: { firstRank: 0, masterAddr: '127.0.0.1', masterPort: port, joinTimeoutMs: 1500 } }),
+    ).rejects.toThrow(/ranks 1\.\.3 never joined: no node brought them to port \d+ within 2 s/);
+    const port2 = await freePort();
+    const [rm, rn] = await Promise.allSettled([
+      launchRanks({ ...common, job: job(path.join(tmp, 'misfit')), cluster: { firstRank: 0, masterAddr: '127.0.0.1', masterPort: port2, joinTimeoutMs: 20000 } }),
+      launchRanks({ ...common, worldSize: 3, job: job(path.join(tmp, 'misfit')), cluster: { firstRank: 2, masterAddr: '127.0.0.1', masterPort: port2, joinTimeoutMs: 20000 } }),
+    ]);
+    expect(String((rm as PromiseRejectedResult).reason)).toMatch(/says the world has 3 ranks, the master 2/);
+    expect(String((rn as PromiseRejectedResult).reason)).toMatch(/the master refused this node: .*says the world has 3 ranks, the master 2/);
+  }, 90000);
+
+  test('clusterFromEnv: the variables, and errors naming the one at fault', () => {
+    expect(clusterFromEnv({}, 2)).toBeNull();
+    expect(clusterFromEnv({ EMORL_WORLD_SIZE: '8', EMORL_RANK: '4', EMORL_MASTER_ADDR: 'node0', EMORL_MASTER_PORT: '29500' }, 4)).toEqual({
+      worldSize: 8, cluster: { firstRank: 4, masterAddr: 'node0', masterPort: 29500, joinTimeoutMs: undefined },
+    });
+    expect(() => clusterFromEnv({ EMORL_WORLD_SIZE: '8', EMORL_MASTER_ADDR: 'a', EMORL_MASTER_PORT: '1' }, 4)).toThrow(/EMORL_RANK is not set/);
+    expect(() => clusterFromEnv({ EMORL_WORLD_SIZE: '8', EMORL_RANK: '6', EMORL_MASTER_ADDR: 'a', EMORL_MASTER_PORT: '1' }, 4)).toThrow(/EMORL_RANK=6 with 4 ranks on this node does not fit EMORL_WORLD_SIZE=8/);
+    expect(() => clusterFromEnv({ EMORL_WORLD_SIZE: '8', EMORL_RANK: '0', EMORL_MASTER_PORT: '1' }, 4)).toThrow(/EMORL_MASTER_ADDR is not set/);
+    expect(() => clusterFromEnv({ EMORL_WORLD_SIZE: '8', EMORL_RANK: '0', EMORL_MASTER_ADDR: 'a', EMORL_MASTER_PORT: 'x' }, 4)).toThrow(/EMORL_MASTER_PORT="x" is not an integer/);
+  });
 });
 
 describe('NCCL loader', () => {

@@ -10,6 +10,7 @@ import { initBackend } from '../tf';
 import { latestCheckpoint } from '../train/checkpoint';
 import { shardRange } from '../train/distributed';
 import { launchRanks } from '../train/launcher';
+import { clusterFromEnv } from '../train/rendezvous';
 import { train, type TrainSummary } from '../train/loop';
 import { checkGpuTraining } from '../train/nccl';
 import { opsForBackend } from '../ops/native';
@@ -114,13 +115,10 @@ export async function trainCommand(opts: TrainCliOptions, log: (m: string) => vo
   const configFile = opts.config ?? path.join(packageRoot(), DEFAULT_CONFIG);
   const config = loadConfigFile(configFile, overrides);
   if (opts.ranks !== undefined && opts.gpus !== undefined) throw new Error('--ranks (CPU processes) and --gpus (NCCL) exclude each other');
-  const world = opts.gpus ?? opts.ranks ?? 1;
-  const worldEnv = Number(process.env.EMORL_WORLD_SIZE ?? 1);
-  if (worldEnv > 1) {
-    throw new Error(
-      `EMORL_WORLD_SIZE=${process.env.EMORL_WORLD_SIZE}: multi-node launches (EMORL_RANK, EMORL_MASTER_ADDR/PORT) are not implemented yet; on one machine use --ranks N or --gpus N`,
-    );
-  }
+  const local = opts.gpus ?? opts.ranks ?? 1;
+  // several nodes: EMORL_WORLD_SIZE, EMORL_RANK, EMORL_MASTER_ADDR/PORT (rendezvous.ts)
+  const multi = clusterFromEnv(process.env, local);
+  const world = multi?.worldSize ?? local;
   if (!opts.resume) shardRange(config.training.batch_size, 0, world); // B must split evenly (resumed: the checkpoint's config, checked by the ranks)
   if (opts.gpus !== undefined) checkGpuTraining(opts.gpus);
   if (opts.gpus !== undefined && opts.device !== undefined && opts.device !== 'cpu') throw new Error('--gpus N puts rank r on cuda:r: leave out --device');
@@ -144,9 +142,12 @@ export async function trainCommand(opts: TrainCliOptions, log: (m: string) => vo
       resume = latestCheckpoint(path.join(path.resolve(outDir), 'checkpoints'));
       if (!resume) throw new Error(`${path.join(path.resolve(outDir), 'checkpoints')}: no checkpoint to resume from`);
     }
-    log(`data parallel: ${world} ${opts.gpus !== undefined ? 'GPU ranks (NCCL)' : 'CPU ranks (worker processes)'}, ${config.training.batch_size / world} images each of every batch of ${config.training.batch_size}`);
+    log(`data parallel: ${world} ${opts.gpus !== undefined ? 'GPU ranks (NCCL)' : 'CPU ranks (worker processes)'}, ${config.training.batch_size / world} images each of every batch of ${config.training.batch_size}` +
+      (multi ? `; this node: ranks ${multi.cluster.firstRank}..${multi.cluster.firstRank + local - 1}, master ${multi.cluster.masterAddr}:${multi.cluster.masterPort}` : ''));
     const summary = await launchRanks({
       worldSize: world,
+      localRanks: local,
+      cluster: multi?.cluster,
       backend: opts.gpus !== undefined ? 'nccl' : 'cpu',
       job: {
         config,

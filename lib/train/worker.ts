@@ -72,13 +72,14 @@ let processComm: ProcessCommunicator | undefined;
 let ncclId: ((id: Uint8Array) => void) | undefined;
 const ncclIdPromise = new Promise<Uint8Array>((resolve) => (ncclId = resolve));
 
-async function run(r: number, worldSize: number, backend: DistributedBackend, job: WorkerJob): Promise<TrainSummary> {
+// r: the global rank; local: this node's index of the rank (its GPU with --gpus)
+async function run(r: number, local: number, worldSize: number, backend: DistributedBackend, job: WorkerJob): Promise<TrainSummary> {
   await initBackend('cpu');
   let comm: Communicator;
   if (backend === 'nccl') {
     if (r === 0) await post({ type: 'nccl-id', id: ncclUniqueId() });
     const id = await ncclIdPromise;
-    comm = new NcclCommunicator(id, r, worldSize, r);
+    comm = new NcclCommunicator(id, r, worldSize, local);
   } else {
     comm = processComm = new ProcessCommunicator(r, worldSize);
   }
@@ -95,7 +96,7 @@ async function run(r: number, worldSize: number, backend: DistributedBackend, jo
       prefetch: job.prefetch,
       distributed: { comm, checksumEvery: job.checksumEvery },
       backend: job.backend,
-      device: backend === 'nccl' ? `cuda:${r}` : job.device,
+      device: backend === 'nccl' ? `cuda:${local}` : job.device,
       callbacks: r === 0 ? { onStep: (res) => void post({ type: 'step', step: res.step }).catch(() => undefined) } : undefined,
     });
   } finally {
@@ -108,7 +109,7 @@ process.on('message', (raw) => {
   switch (msg.type) {
     case 'start':
       rank = msg.rank;
-      run(msg.rank, msg.worldSize, msg.backend, msg.job).then(
+      run(msg.rank, msg.localRank, msg.worldSize, msg.backend, msg.job).then(
         async (summary) => {
           // Only what the launcher needs: no tensors, no closures.
           const { last, ...rest } = summary;
