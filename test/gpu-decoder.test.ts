@@ -177,6 +177,18 @@ for (const device of devices) {
       }, 120_000);
     }
 
+    test('the simple GEMM kernel (EMORL_GPU_GEMM=simple) as well', () => {
+      const k = addonOps();
+      const saved = process.env.EMORL_GPU_GEMM;
+      process.env.EMORL_GPU_GEMM = 'simple';
+      try {
+        for (const [name, cs] of [cases[0], cases[3], cases[5], cases[7]]) compareStage(k.decoderStage(spec(cs, device)), k.decoderStage(spec(cs, 'cpu')), `${device}, simple GEMM, ${name}`);
+      } finally {
+        if (saved === undefined) delete process.env.EMORL_GPU_GEMM;
+        else process.env.EMORL_GPU_GEMM = saved;
+      }
+    }, 120_000);
+
     test('a kept workspace: batches of changing size, then the CPU on the same workspace', () => {
       const k = addonOps();
       const ws = new k.DecoderWorkspace();

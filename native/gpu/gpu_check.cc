@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -246,26 +247,31 @@ void bench(const Case& cs, int device, double peak) {
   const double F = forward_flops(b.s);
   auto gws = gpu::make_workspace(device);
   std::printf("\n%s: %.1f GFLOP forward (convolutions after the first layer)\n", cs.name, F / 1e9);
-  std::printf("  %-26s %10s %10s %9s %10s\n", "pass", "median ms", "best ms", "GFLOP/s", "% of peak");
+  std::printf("  %-26s %10s %10s %9s %10s\n", "GEMM kernel, pass", "median ms", "best ms", "GFLOP/s", "% of peak");
   const struct {
     const char* name;
     bool dz, params;
     double mult;
   } passes[] = {{"forward", false, false, 1}, {"forward + d/dz", true, false, 2}, {"forward + all gradients", true, true, 3}};
-  for (const auto& p : passes) {
-    Outputs o = outputs(b.s, p.dz, p.params);
-    if (!p.dz) o.o.dz = nullptr;
-    gpu::decoder_stage(b.s, o.o, *gws);  // warm-up (workspace growth)
-    std::vector<double> t;
-    for (int r = 0; r < 20; ++r) {
-      const auto t0 = std::chrono::steady_clock::now();
-      gpu::decoder_stage(b.s, o.o, *gws);
-      t.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  // both GEMM kernels (EMORL_GPU_GEMM, gpu/kernels.cuh), the default last
+  for (const char* variant : {"simple", "tiled"}) {
+    setenv("EMORL_GPU_GEMM", variant, 1);
+    for (const auto& p : passes) {
+      Outputs o = outputs(b.s, p.dz, p.params);
+      if (!p.dz) o.o.dz = nullptr;
+      gpu::decoder_stage(b.s, o.o, *gws);  // warm-up (workspace growth)
+      std::vector<double> t;
+      for (int r = 0; r < 20; ++r) {
+        const auto t0 = std::chrono::steady_clock::now();
+        gpu::decoder_stage(b.s, o.o, *gws);
+        t.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+      }
+      const double med = median_ms(t), best = *std::min_element(t.begin(), t.end());
+      const double gf = p.mult * F / (best * 1e-3) / 1e9;
+      std::printf("  %-6s %-19s %10.3f %10.3f %9.0f %9.1f%%\n", variant, p.name, med, best, gf, 100 * gf / peak);
     }
-    const double med = median_ms(t), best = *std::min_element(t.begin(), t.end());
-    const double gf = p.mult * F / (best * 1e-3) / 1e9;
-    std::printf("  %-26s %10.3f %10.3f %9.0f %9.1f%%\n", p.name, med, best, gf, 100 * gf / peak);
   }
+  unsetenv("EMORL_GPU_GEMM");
   Outputs o = outputs(b.s, true, true);
   StageProfile prof;
   gpu::decoder_stage(b.s, o.o, *gws, &prof);
@@ -310,7 +316,12 @@ int main(int argc, char** argv) {
       {"big decoder at 96x96, batch 2", 2, 2, 16, 6, 6, 96, 96, big(16, 64, 4), false},
   };
   bool ok = true;
-  for (size_t i = 0; i < cases.size(); ++i) ok = check_case(cases[i], device, i + 1) && ok;
+  for (const char* variant : {"simple", "tiled"}) {
+    setenv("EMORL_GPU_GEMM", variant, 1);
+    std::printf("GEMM kernel: %s\n", variant);
+    for (size_t i = 0; i < cases.size(); ++i) ok = check_case(cases[i], device, i + 1) && ok;
+  }
+  unsetenv("EMORL_GPU_GEMM");
 #if !defined(EMORL_GPU_CHECK_SIMT)
   if (run_bench) {
     const double peak = cuda::peak_gflops(device, 1.0);

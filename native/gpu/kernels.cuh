@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <memory>
 #include <stdexcept>
@@ -54,13 +55,21 @@ EMORL_DEVICE float activate(float v, int act) {
 }
 
 // ---- GEMM operands: element (row, k) of A or (k, col) of B, gathered on the fly -------------
+// Each operand splits an element's index into a part per row (`Row`, from its first index) and
+// one per column (`Col`, from its second), so that a kernel whose threads keep the same rows
+// across k tiles decomposes each row once (`get` combines them; operator() does all three).
 
 // A strided matrix: element (r, c) at p[r·rs + c·cs].
 struct Mat {
   const float* p;
   i64 rs, cs;
   bool kfast;  // consecutive threads should step the k index (it is the contiguous one)
-  EMORL_DEVICE float operator()(int r, int c) const { return p[r * rs + c * cs]; }
+  struct Row { i64 off; };
+  struct Col { i64 off; };
+  EMORL_DEVICE Row row(int r) const { return Row{r * rs}; }
+  EMORL_DEVICE Col col(int c) const { return Col{c * cs}; }
+  EMORL_DEVICE float get(const Row& r, const Col& c) const { return p[r.off + c.off]; }
+  EMORL_DEVICE float operator()(int r, int c) const { return get(row(r), col(c)); }
 };
 inline Mat a_operand(const float* p, i64 rs, i64 cs) { return Mat{p, rs, cs, cs == 1}; }  // A(m, k)
 inline Mat b_operand(const float* p, i64 rs, i64 cs) { return Mat{p, rs, cs, rs == 1}; }  // B(k, n)
@@ -80,20 +89,34 @@ struct Im2col {
   const float* x;
   Geom g;
   bool kfast = true;
-  EMORL_DEVICE float operator()(int m, int k) const {
-    const int ci = k % g.C, t = k / g.C, kx = t % g.kw, ky = t / g.kw;
-    const int ox = m % g.Wo, t2 = m / g.Wo, oy = t2 % g.Ho, n = t2 / g.Ho;
-    const int iy = oy * g.sh - g.pt + ky, ix = ox * g.sw - g.pl + kx;
-    if (iy < 0 || iy >= g.H || ix < 0 || ix >= g.W) return 0.f;
-    return x[((static_cast<i64>(n) * g.H + iy) * g.W + ix) * g.C + ci];
+  struct Row { i64 base; int iy0, ix0; };  // the image's offset, the patch's top-left
+  struct Col { int ky, kx, ci; };
+  EMORL_DEVICE Row row(int m) const {
+    const int ox = m % g.Wo, t = m / g.Wo, oy = t % g.Ho, n = t / g.Ho;
+    return Row{static_cast<i64>(n) * g.H * g.W * g.C, oy * g.sh - g.pt, ox * g.sw - g.pl};
   }
+  EMORL_DEVICE Col col(int k) const {
+    const int ci = k % g.C, t = k / g.C;
+    return Col{t / g.kw, t % g.kw, ci};
+  }
+  EMORL_DEVICE float get(const Row& r, const Col& c) const {
+    const int iy = r.iy0 + c.ky, ix = r.ix0 + c.kx;
+    if (iy < 0 || iy >= g.H || ix < 0 || ix >= g.W) return 0.f;
+    return x[r.base + (static_cast<i64>(iy) * g.W + ix) * g.C + c.ci];
+  }
+  EMORL_DEVICE float operator()(int m, int k) const { return get(row(m), col(k)); }
 };
 
 // The same matrix transposed (row m = column k of im2col): the filter gradient's A operand.
 struct Im2colT {
   Im2col cols;
   bool kfast = false;
-  EMORL_DEVICE float operator()(int m, int k) const { return cols(k, m); }
+  using Row = Im2col::Col;
+  using Col = Im2col::Row;
+  EMORL_DEVICE Row row(int m) const { return cols.col(m); }
+  EMORL_DEVICE Col col(int k) const { return cols.row(k); }
+  EMORL_DEVICE float get(const Row& r, const Col& c) const { return cols.get(c, r); }
+  EMORL_DEVICE float operator()(int m, int k) const { return get(row(m), col(k)); }
 };
 
 // The column-side map y [N,Ho,Wo,Cc] gathered at image pixels: row m = (n, iy, ix), column
@@ -103,15 +126,24 @@ struct ColGather {
   Geom g;
   int Cc;
   bool kfast = true;
-  EMORL_DEVICE float operator()(int m, int k) const {
-    const int cc = k % Cc, t = k / Cc, kx = t % g.kw, ky = t / g.kw;
-    const int ix = m % g.W, t2 = m / g.W, iy = t2 % g.H, n = t2 / g.H;
-    const int ny = iy + g.pt - ky, nx = ix + g.pl - kx;
+  struct Row { i64 base; int ny0, nx0; };  // the map's offset; iy + pt, ix + pl
+  struct Col { int ky, kx, cc; };
+  EMORL_DEVICE Row row(int m) const {
+    const int ix = m % g.W, t = m / g.W, iy = t % g.H, n = t / g.H;
+    return Row{static_cast<i64>(n) * g.Ho * g.Wo * Cc, iy + g.pt, ix + g.pl};
+  }
+  EMORL_DEVICE Col col(int k) const {
+    const int cc = k % Cc, t = k / Cc;
+    return Col{t / g.kw, t % g.kw, cc};
+  }
+  EMORL_DEVICE float get(const Row& r, const Col& c) const {
+    const int ny = r.ny0 - c.ky, nx = r.nx0 - c.kx;
     if (ny < 0 || nx < 0 || ny % g.sh || nx % g.sw) return 0.f;
     const int oy = ny / g.sh, ox = nx / g.sw;
     if (oy >= g.Ho || ox >= g.Wo) return 0.f;
-    return y[((static_cast<i64>(n) * g.Ho + oy) * g.Wo + ox) * Cc + cc];
+    return y[r.base + (static_cast<i64>(oy) * g.Wo + ox) * Cc + c.cc];
   }
+  EMORL_DEVICE float operator()(int m, int k) const { return get(row(m), col(k)); }
 };
 
 // ---- GEMM epilogues -----------------------------------------------------------------------
@@ -178,9 +210,96 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(A a, B b, E e, int M
     }
 }
 
+// The same product with taller tiles, BM x BN per block of 256 threads, TM x TN per thread, and
+// the next k tile's operands loaded into registers while the current one is multiplied. Each
+// thread stages the same A and B elements (same rows / columns, same offsets within the k tile)
+// in every k tile, so it splits their indices into row parts once per block and only the k parts
+// per tile (the im2col gathers' divisions).
+template <int BM, int BN, int TM, int TN, class A, class B, class E>
+__global__ void __launch_bounds__(kGemmThreads) gemm_tiled_kernel(A a, B b, E e, int M, int N, int K, int kchunk) {
+  constexpr int BK = kDepth, NT = kGemmThreads, TX = BN / TN, TY = BM / TM;
+  constexpr int A_PER = BM * BK / NT, B_PER = BN * BK / NT;
+  static_assert(TX * TY == NT && NT % BM == 0 && NT % BN == 0 && NT % BK == 0, "tile shape");
+  __shared__ float As[BK][BM + 4];
+  __shared__ float Bs[BK][BN + 4];
+  const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
+  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+  const int kbeg = blockIdx.z * kchunk, kend = imin(K, kbeg + kchunk);
+  // this thread's staged elements: A (mm[i], ka[i]), B (kb[j], nn[j]), fixed across k tiles
+  int mm[A_PER], ka[A_PER], nn[B_PER], kb[B_PER];
+  typename A::Row arow[A_PER];
+  typename B::Col bcol[B_PER];
+  for (int i = 0; i < A_PER; ++i) {
+    const int idx = tid + i * NT;
+    mm[i] = a.kfast ? idx / BK : idx % BM;
+    ka[i] = a.kfast ? idx % BK : idx / BM;
+    arow[i] = a.row(m0 + mm[i] < M ? m0 + mm[i] : 0);
+  }
+  for (int j = 0; j < B_PER; ++j) {
+    const int idx = tid + j * NT;
+    nn[j] = b.kfast ? idx / BK : idx % BN;
+    kb[j] = b.kfast ? idx % BK : idx / BN;
+    bcol[j] = b.col(n0 + nn[j] < N ? n0 + nn[j] : 0);
+  }
+  float ra[A_PER], rb[B_PER];
+  auto fetch = [&](int k0) {
+    for (int i = 0; i < A_PER; ++i) {
+      const int k = k0 + ka[i];
+      ra[i] = (m0 + mm[i] < M && k < kend) ? a.get(arow[i], a.col(k)) : 0.f;
+    }
+    for (int j = 0; j < B_PER; ++j) {
+      const int k = k0 + kb[j];
+      rb[j] = (n0 + nn[j] < N && k < kend) ? b.get(b.row(k), bcol[j]) : 0.f;
+    }
+  };
+  auto stage = [&]() {
+    for (int i = 0; i < A_PER; ++i) As[ka[i]][mm[i]] = ra[i];
+    for (int j = 0; j < B_PER; ++j) Bs[kb[j]][nn[j]] = rb[j];
+  };
+  float acc[TM][TN];
+  for (int i = 0; i < TM; ++i)
+    for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
+  if (kbeg < kend) {
+    fetch(kbeg);
+    stage();
+  }
+  __syncthreads();
+  for (int k0 = kbeg; k0 < kend; k0 += BK) {
+    const bool more = k0 + BK < kend;
+    if (more) fetch(k0 + BK);  // in flight while this tile is multiplied
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+    for (int kk = 0; kk < BK; ++kk) {
+      float fa[TM], fb[TN];
+      for (int i = 0; i < TM; ++i) fa[i] = As[kk][ty + i * TY];
+      for (int j = 0; j < TN; ++j) fb[j] = Bs[kk][tx + j * TX];
+      for (int i = 0; i < TM; ++i)
+        for (int j = 0; j < TN; ++j) acc[i][j] += fa[i] * fb[j];
+    }
+    __syncthreads();
+    if (more) stage();
+    __syncthreads();
+  }
+  for (int i = 0; i < TM; ++i)
+    for (int j = 0; j < TN; ++j) {
+      const int m = m0 + ty + i * TY, n = n0 + tx + j * TX;
+      if (m < M && n < N) e(m, n, acc[i][j], static_cast<int>(blockIdx.z));
+    }
+}
+
 inline int as_int(i64 v, const char* what) {
   if (v < 0 || v > std::numeric_limits<int>::max()) throw std::length_error(std::string("GPU decoder: ") + what + " too large");
   return static_cast<int>(v);
+}
+
+// splits > 1: the k range is cut into that many chunks, one per grid z (a Partial epilogue).
+// Which GEMM kernel runs the products: EMORL_GPU_GEMM=simple (64x64 tiles, gemm_kernel) or
+// tiled (the default: gemm_tiled_kernel, 128 x 32 tiles for narrow products, 128 x 64 otherwise),
+// so that the two can be compared on a GPU (emorl_gpu_check times both).
+inline bool simple_gemm() {
+  const char* v = std::getenv("EMORL_GPU_GEMM");
+  return v && std::string(v) == "simple";
 }
 
 // splits > 1: the k range is cut into that many chunks, one per grid z (a Partial epilogue).
@@ -191,9 +310,17 @@ inline void gemm(const A& a, const B& b, const E& e, i64 M, i64 N, i64 K, i64 sp
   const i64 kchunk = std::max<i64>(kDepth, (per + kDepth - 1) / kDepth * kDepth);
   const i64 z = K ? (K + kchunk - 1) / kchunk : 1;
   if (z != splits) throw std::logic_error("GPU decoder: split count mismatch");
-  launch(gemm_kernel<A, B, E>, dim3(as_int((M + kTile - 1) / kTile, "M"), as_int((N + kTile - 1) / kTile, "N"),
-                                    as_int(z, "splits")),
-         dim3(kGemmThreads), a, b, e, as_int(M, "M"), as_int(N, "N"), as_int(K, "K"), as_int(kchunk, "k chunk"));
+  const int m = as_int(M, "M"), n = as_int(N, "N"), k = as_int(K, "K"), kc = as_int(kchunk, "k chunk"), zs = as_int(z, "splits");
+  if (simple_gemm()) {
+    launch(gemm_kernel<A, B, E>, dim3(as_int((M + kTile - 1) / kTile, "M"), as_int((N + kTile - 1) / kTile, "N"), zs), dim3(kGemmThreads),
+           a, b, e, m, n, k, kc);
+  } else if (N <= 32) {
+    launch(gemm_tiled_kernel<128, 32, 8, 2, A, B, E>, dim3(as_int((M + 127) / 128, "M"), as_int((N + 31) / 32, "N"), zs),
+           dim3(kGemmThreads), a, b, e, m, n, k, kc);
+  } else {
+    launch(gemm_tiled_kernel<128, 64, 8, 4, A, B, E>, dim3(as_int((M + 127) / 128, "M"), as_int((N + 63) / 64, "N"), zs),
+           dim3(kGemmThreads), a, b, e, m, n, k, kc);
+  }
 }
 
 // The split count gemm() accepts for a Partial epilogue over a long k range.
