@@ -330,6 +330,18 @@ describe('data-parallel training, worker processes', () => {
     process.stdout.write(`data parallel, 2 worker processes: parameters max rel ${cmp.maxRel.toExponential(2)} vs 1 rank; ${ms} ms with start-up\n`);
   }, 120000);
 
+  (nativeStatus().available && nativeStatus().info?.simtEmulator ? test : test.skip)('the job\'s device reaches every worker: 2 ranks with the GPU kernels on the emulator take the CPU ranks\' steps', async () => {
+    const run = (device: string, out: string) =>
+      launchRanks({ worldSize: 2, job: { config, dataFile: data, outDir: path.join(tmp, out), steps: 2, prefetch: 0, backend: 'native', device }, entry: workerTs, execArgv, env: hookEnv, handleSignals: false });
+    const gpu = await run('simt', 'simt2');
+    const cpu = await run('cpu', 'cpu2');
+    const cmp = compareParams(readCheckpoint(cpu.lastCheckpoint!), readCheckpoint(gpu.lastCheckpoint!));
+    expect(cmp.maxRel).toBeLessThan(1e-4);
+    expect(gpu.last!.totalLoss).toBeCloseTo(cpu.last!.totalLoss, 3);
+    // and it is the job's device the workers use: one they cannot have is their error
+    if (!nativeStatus().info!.cudaBuilt) await expect(run('cuda:0', 'nocuda')).rejects.toThrow(/rank 0 failed: device cuda:0: the addon was built without CUDA/);
+  }, 120000);
+
   test('a killed worker ends the job with a message naming it; no process is left behind', async () => {
     const pids: number[] = [];
     let killed = false;
