@@ -9,6 +9,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs-backend-cpu';
 import '@tensorflow/tfjs';
+import { installFastCpuKernels } from './cpu-kernels';
 
 export { tf };
 
@@ -28,4 +29,5 @@ export async function initBackend(name: BackendName = 'cpu'): Promise<void> {
   // here (it downloads libtensorflow) and our native addon plays that role, so mute it.
   const backend = tf.backend() as unknown as { firstUse?: boolean };
   if ('firstUse' in backend) backend.firstUse = false;
+  installFastCpuKernels();
 }
