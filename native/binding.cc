@@ -766,17 +766,18 @@ StageDevice parse_device(const Args& a, Napi::Value v, const std::string& what) 
 
 StageDevice stage_device(const Args& a, const Props& p) { return parse_device(a, p.get("device"), p.name("device")); }
 
-// The GPU workspace for a call: the DecoderWorkspace argument's (kept between calls), or `local`.
-emorl::GpuWorkspace& gpu_workspace(const Args& a, Napi::Value wv, const StageDevice& d, std::unique_ptr<emorl::GpuWorkspace>& local,
-                                   DecoderWorkspace** owner) {
+// An optional DecoderWorkspace argument (null when absent); `what` names it in the error.
+DecoderWorkspace* workspace_arg(const Args& a, Napi::Value wv, const std::string& what) {
+  if (wv.IsUndefined() || wv.IsNull()) return nullptr;
+  if (!wv.IsObject() || !wv.As<Napi::Object>().InstanceOf(a.env().GetInstanceData<Napi::FunctionReference>()->Value()))
+    a.type_error("'" + what + "' must be a DecoderWorkspace");
+  return DecoderWorkspace::Unwrap(wv.As<Napi::Object>());
+}
+
+// The GPU workspace for a call on device d: the owner's (kept between calls), or `local`.
+emorl::GpuWorkspace& gpu_workspace(const StageDevice& d, DecoderWorkspace* owner, std::unique_ptr<emorl::GpuWorkspace>& local) {
   const bool emulated = d.kind == StageDevice::Simt;
-  *owner = nullptr;
-  if (!wv.IsUndefined() && !wv.IsNull()) {
-    if (!wv.IsObject() || !wv.As<Napi::Object>().InstanceOf(a.env().GetInstanceData<Napi::FunctionReference>()->Value()))
-      a.type_error("the workspace must be a DecoderWorkspace");
-    *owner = DecoderWorkspace::Unwrap(wv.As<Napi::Object>());
-    return (*owner)->gpu(emulated, d.index);
-  }
+  if (owner) return owner->gpu(emulated, d.index);
   local = DecoderWorkspace::make_gpu_workspace(emulated, d.index);
   return *local;
 }
@@ -786,8 +787,8 @@ bool gpu_conv_forward(const Args& a, size_t arg, const emorl::NhwcGeom& g, int64
   const StageDevice d = parse_device(a, a.at(arg), "device");
   if (d.kind == StageDevice::Cpu) return false;
   std::unique_ptr<emorl::GpuWorkspace> local;
-  DecoderWorkspace* owner = nullptr;
-  emorl::GpuWorkspace& ws = gpu_workspace(a, a.at(arg + 1), d, local, &owner);
+  DecoderWorkspace* owner = workspace_arg(a, a.at(arg + 1), "workspace");
+  emorl::GpuWorkspace& ws = gpu_workspace(d, owner, local);
   if (d.kind == StageDevice::Simt) emorl::simt::conv2d_forward(g, Co, x, w, bias, act, y, ws);
 #if defined(EMORL_CUDA)
   else emorl::cuda::conv2d_forward(g, Co, x, w, bias, act, y, ws);
@@ -801,8 +802,8 @@ bool gpu_conv_backward(const Args& a, size_t arg, const emorl::NhwcGeom& g, int6
   const StageDevice d = parse_device(a, a.at(arg), "device");
   if (d.kind == StageDevice::Cpu) return false;
   std::unique_ptr<emorl::GpuWorkspace> local;
-  DecoderWorkspace* owner = nullptr;
-  emorl::GpuWorkspace& ws = gpu_workspace(a, a.at(arg + 1), d, local, &owner);
+  DecoderWorkspace* owner = workspace_arg(a, a.at(arg + 1), "workspace");
+  emorl::GpuWorkspace& ws = gpu_workspace(d, owner, local);
   if (d.kind == StageDevice::Simt) emorl::simt::conv2d_backward(g, Co, x, w, y, dy, act, dx, dw, db, ws);
 #if defined(EMORL_CUDA)
   else emorl::cuda::conv2d_backward(g, Co, x, w, y, dy, act, dx, dw, db, ws);
@@ -926,21 +927,14 @@ Napi::Value DecoderStageFn(const Napi::CallbackInfo& info, bool) {
     r.Set("means", m);
     r.Set("logMasks", l);
   }
-  Napi::Value wv = p.get("workspace");
-  DecoderWorkspace* owned = nullptr;
-  if (!wv.IsUndefined() && !wv.IsNull()) {
-    if (!wv.IsObject() || !wv.As<Napi::Object>().InstanceOf(env.GetInstanceData<Napi::FunctionReference>()->Value()))
-      a.type_error("'spec.workspace' must be a DecoderWorkspace");
-    owned = DecoderWorkspace::Unwrap(wv.As<Napi::Object>());
-  }
+  DecoderWorkspace* owned = workspace_arg(a, p.get("workspace"), p.name("workspace"));
   if (device.kind == StageDevice::Cpu) {
     emorl::Workspace local;
     emorl::decoder_stage(s, o, owned ? owned->ws() : local, threads());
   } else {
     const bool emulated = device.kind == StageDevice::Simt;
     std::unique_ptr<emorl::GpuWorkspace> local;
-    DecoderWorkspace* ignored = nullptr;  // `owned` (above) reports its memory below
-    emorl::GpuWorkspace& gws = gpu_workspace(a, wv, device, local, &ignored);
+    emorl::GpuWorkspace& gws = gpu_workspace(device, owned, local);
     emorl::StageProfile profile;
     emorl::StageProfile* prof = want_profile ? &profile : nullptr;
     if (emulated) {

@@ -21,6 +21,7 @@ import type { DecoderLayerSpec, DecoderNllArgs } from '../lib/ops/decoder-stage'
 import type { Ops } from '../lib/ops';
 import { experimentConfig } from '../lib/config/experiment';
 import { Trainer } from '../lib/train/trainer';
+import { expectRelClose } from './helpers';
 
 const st = nativeStatus();
 const available = st.available && nativeOpsAvailable() && st.info?.simtEmulator === true;
@@ -97,24 +98,10 @@ function spec(cs: Case, device: StageDevice, workspace?: object): DecoderStageSp
   };
 }
 
-/** max |a − b| ≤ tol · max |b| (and the same length) */
+/** max |a − b| ≤ tol · max |b| (expectRelClose on flat arrays; both must be there) */
 function expectClose(a: Float32Array | null, b: Float32Array | null, tol: number, what: string): void {
   if (!a || !b) throw new Error(`${what}: missing (${a ? 'expected' : 'actual'} is null)`);
-  expect(a.length).toBe(b.length);
-  let scale = 0;
-  let err = 0;
-  let where = -1;
-  for (let i = 0; i < b.length; i++) {
-    scale = Math.max(scale, Math.abs(b[i]));
-    const e = Math.abs(a[i] - b[i]);
-    if (!(e <= err)) {
-      err = e;
-      where = i;
-    }
-  }
-  if (!(err <= tol * Math.max(scale, 1e-30))) {
-    throw new Error(`${what}: max |difference| ${err} at ${where} (${a[where]} vs ${b[where]}) exceeds ${tol} x max |expected| ${scale}`);
-  }
+  expectRelClose({ shape: [a.length], dataSync: () => a }, { shape: [b.length], dataSync: () => b }, tol, what);
 }
 
 function compareStage(r: DecoderStageResult, ref: DecoderStageResult, what: string): void {

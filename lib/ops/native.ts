@@ -391,20 +391,17 @@ export function nativeOpsOn(device: StageDevice): Ops {
  * the decoding stage on `device` ('cpu' unless asked: a GPU is never picked behind the user's back).
  */
 export function opsForBackend(name: string, device: string = 'cpu'): Ops {
+  if (name !== 'native' && name !== 'js' && name !== 'auto') throw new Error(`unknown backend ${JSON.stringify(name)} (use native, js or auto)`);
   const dev = parseStageDevice(device);
   if (dev !== 'cpu') {
     if (name === 'js') throw new Error(`device ${dev} needs the native backend (--backend native), not js`);
-    if (name !== 'native' && name !== 'auto') throw new Error(`unknown backend ${JSON.stringify(name)} (use native, js or auto)`);
     return nativeOpsOn(dev);
   }
   if (name === 'auto') return defaultOps();
   if (name === 'js') return tfjsOps;
-  if (name === 'native') {
-    const st = nativeStatus();
-    if (!st.available) throw new Error(`backend 'native': the addon is not available (${st.reason}); build it with \`npm run build:native\` or use --backend js`);
-    if (!nativeOpsAvailable()) throw new Error(`backend 'native': the addon at ${st.path} is older than this package; rebuild it with \`npm run build:native\``);
-    return nativeOps;
-  }
-  throw new Error(`unknown backend ${JSON.stringify(name)} (use native, js or auto)`);
+  const st = nativeStatus();
+  if (!st.available) throw new Error(`backend 'native': the addon is not available (${st.reason}); build it with \`npm run build:native\` or use --backend js`);
+  if (!nativeOpsAvailable()) throw new Error(`backend 'native': the addon at ${st.path} is older than this package; rebuild it with \`npm run build:native\``);
+  return nativeOps;
 }
 

@@ -142,6 +142,7 @@ export function launchRanks(opts: LaunchOptions): Promise<TrainSummary> {
     // The master: collectives in flight (seq → contributions by global rank), the other nodes.
     const rounds = new Map<number, Array<Float32Array | undefined>>();
     const peers: PeerNode[] = [];
+    let ncclId: Uint8Array | undefined;
     let server: net.Server | undefined;
     // A node: its connection to the master, and what its workers said before it was up.
     let master: FrameSocket | undefined;
@@ -277,6 +278,7 @@ export function launchRanks(opts: LaunchOptions): Promise<TrainSummary> {
             fail(`rank ${g} sent an NCCL id (only rank 0 makes it)`);
             return;
           }
+          ncclId = msg.id; // for nodes that join later
           toLocals({ type: 'nccl-id', id: msg.id });
           for (const p of peers) p.conn.send({ type: 'nccl-id' }, msg.id);
           return;
@@ -381,7 +383,6 @@ export function launchRanks(opts: LaunchOptions): Promise<TrainSummary> {
       }, joinTimeoutMs);
       timers.push(t);
     };
-    let ncclId: Uint8Array | undefined;
     const startNode = async (): Promise<void> => {
       let socket: net.Socket;
       try {
@@ -449,11 +450,7 @@ export function launchRanks(opts: LaunchOptions): Promise<TrainSummary> {
         return;
       }
       children.push(child);
-      child.on('message', (m) => {
-        const msg = m as WorkerMessage;
-        if (msg.type === 'nccl-id') ncclId = msg.id;
-        onMessage(r, msg);
-      });
+      child.on('message', (m) => onMessage(r, m as WorkerMessage));
       child.on('error', (err) => {
         // A worker that could not start never emits 'exit'.
         if (child.pid === undefined) exited[r] = true;

@@ -22,8 +22,8 @@ void conv2d_forward(const NhwcGeom& g, int64_t Co, const float* x, const float* 
   check_geom(g);
   DeviceWorkspace& ws = own_workspace(base);
   const int64_t w_shape[4] = {Co, g.C, g.kh, g.kw};
-  std::vector<float> wf, wd;
-  pack_weights(w, w_shape, wf, wd);
+  std::vector<float> wf;
+  pack_weights(w, w_shape, &wf, nullptr);
   const i64 nx = g.N * g.H * g.W * g.C, ny = g.M() * Co;
   float* xd = ws.buf(kX, static_cast<size_t>(nx));
   float* wfd = ws.buf(kWf, wf.size());
@@ -53,8 +53,8 @@ void conv2d_backward(const NhwcGeom& g, int64_t Co, const float* x, const float*
   }
   if (dx) {
     const int64_t w_shape[4] = {Co, g.C, g.kh, g.kw};
-    std::vector<float> wf, wd;
-    pack_weights(w, w_shape, wf, wd);
+    std::vector<float> wd;
+    pack_weights(w, w_shape, nullptr, &wd);
     float* wdd = ws.buf(kWd, wd.size());
     to_device(wdd, wd.data(), wd.size());
     float* dxd = ws.buf(kDx, static_cast<size_t>(nx));

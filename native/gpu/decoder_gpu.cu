@@ -263,7 +263,7 @@ class Stage {
     const DecoderLayer& L = s_.layers[i];
     if (L.kind == DecoderLayerKind::SpatialBroadcast) return;
     std::vector<float> wf, wd;
-    pack_weights(L.w, L.w_shape, wf, wd);
+    pack_weights(L.w, L.w_shape, &wf, &wd);
     const i64 nw = static_cast<i64>(wf.size()), cout = L.out[3];
     to_device(layer_buf(i, kWf, nw), wf.data(), wf.size());
     to_device(layer_buf(i, kWd, nw), wd.data(), wd.size());

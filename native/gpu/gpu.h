@@ -38,29 +38,32 @@ struct StageProfile {
   }
 };
 
+// The entry points of one build of the GPU sources, the same in both namespaces:
+//   make_workspace: device buffers for the calls below;
+//   decoder_stage: `ws` must come from the same namespace's make_workspace (checked); profile may be null;
+//   conv2d_forward / conv2d_backward: nhwc_conv2d_forward / nhwc_conv2d_backward (nhwc.h) with host
+//     arrays in and out: one upload, the products on the device, one download. Symmetric padding
+//     (g.pt = g.pl; Ho, Wo imply the rest).
+#define EMORL_GPU_ENTRY_POINTS                                                                                         \
+  std::unique_ptr<GpuWorkspace> make_workspace(int device);                                                            \
+  void decoder_stage(const DecoderStage& s, const DecoderStageOut& o, GpuWorkspace& ws, StageProfile* profile = nullptr); \
+  void conv2d_forward(const NhwcGeom& g, int64_t Co, const float* x, const float* w, const float* bias, Act act, float* y, \
+                      GpuWorkspace& ws);                                                                               \
+  void conv2d_backward(const NhwcGeom& g, int64_t Co, const float* x, const float* w, const float* y, const float* dy,  \
+                       Act act, float* dx, float* dw, float* db, GpuWorkspace& ws);
+
 namespace simt {
-std::unique_ptr<GpuWorkspace> make_workspace(int device);
-// `ws` must come from this namespace's make_workspace (checked); profile may be null.
-void decoder_stage(const DecoderStage& s, const DecoderStageOut& o, GpuWorkspace& ws, StageProfile* profile = nullptr);
-// nhwc_conv2d_forward / nhwc_conv2d_backward (nhwc.h) with host arrays in and out: one upload,
-// the products on the device, one download. Symmetric padding (g.pt = g.pl; Ho, Wo imply the rest).
-void conv2d_forward(const NhwcGeom& g, int64_t Co, const float* x, const float* w, const float* bias, Act act, float* y,
-                    GpuWorkspace& ws);
-void conv2d_backward(const NhwcGeom& g, int64_t Co, const float* x, const float* w, const float* y, const float* dy, Act act,
-                     float* dx, float* dw, float* db, GpuWorkspace& ws);
+EMORL_GPU_ENTRY_POINTS
 }  // namespace simt
 
 #if defined(EMORL_CUDA)
 namespace cuda {
-std::unique_ptr<GpuWorkspace> make_workspace(int device);
-void decoder_stage(const DecoderStage& s, const DecoderStageOut& o, GpuWorkspace& ws, StageProfile* profile = nullptr);
-void conv2d_forward(const NhwcGeom& g, int64_t Co, const float* x, const float* w, const float* bias, Act act, float* y,
-                    GpuWorkspace& ws);
-void conv2d_backward(const NhwcGeom& g, int64_t Co, const float* x, const float* w, const float* y, const float* dy, Act act,
-                     float* dx, float* dw, float* db, GpuWorkspace& ws);
+EMORL_GPU_ENTRY_POINTS
 // The FP32 FMA throughput of the device (GFLOP/s) over about `seconds`, for benchmarks.
 double peak_gflops(int device, double seconds);
 }  // namespace cuda
 #endif
+
+#undef EMORL_GPU_ENTRY_POINTS
 
 }  // namespace emorl

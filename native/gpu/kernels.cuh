@@ -293,7 +293,17 @@ inline int as_int(i64 v, const char* what) {
   return static_cast<int>(v);
 }
 
-// splits > 1: the k range is cut into that many chunks, one per grid z (a Partial epilogue).
+// The k range cut into about `splits` chunks of whole k tiles: the chunk length, and how many
+// chunks that makes (fewer than asked when K is short).
+struct KChunks {
+  i64 length, count;
+};
+inline KChunks k_chunks(i64 K, i64 splits) {
+  const i64 per = (K + splits - 1) / splits;
+  const i64 length = std::max<i64>(kDepth, (per + kDepth - 1) / kDepth * kDepth);
+  return KChunks{length, K ? (K + length - 1) / length : 1};
+}
+
 // Which GEMM kernel runs the products: EMORL_GPU_GEMM=simple (64x64 tiles, gemm_kernel) or
 // tiled (the default: gemm_tiled_kernel, 128 x 32 tiles for narrow products, 128 x 64 otherwise),
 // so that the two can be compared on a GPU (emorl_gpu_check times both).
@@ -306,11 +316,9 @@ inline bool simple_gemm() {
 template <class A, class B, class E>
 inline void gemm(const A& a, const B& b, const E& e, i64 M, i64 N, i64 K, i64 splits = 1) {
   if (M == 0 || N == 0) return;
-  const i64 per = (K + splits - 1) / splits;
-  const i64 kchunk = std::max<i64>(kDepth, (per + kDepth - 1) / kDepth * kDepth);
-  const i64 z = K ? (K + kchunk - 1) / kchunk : 1;
-  if (z != splits) throw std::logic_error("GPU decoder: split count mismatch");
-  const int m = as_int(M, "M"), n = as_int(N, "N"), k = as_int(K, "K"), kc = as_int(kchunk, "k chunk"), zs = as_int(z, "splits");
+  const KChunks ch = k_chunks(K, splits);
+  if (ch.count != splits) throw std::logic_error("GPU decoder: split count mismatch");
+  const int m = as_int(M, "M"), n = as_int(N, "N"), k = as_int(K, "K"), kc = as_int(ch.length, "k chunk"), zs = as_int(ch.count, "splits");
   if (simple_gemm()) {
     launch(gemm_kernel<A, B, E>, dim3(as_int((M + kTile - 1) / kTile, "M"), as_int((N + kTile - 1) / kTile, "N"), zs), dim3(kGemmThreads),
            a, b, e, m, n, k, kc);
@@ -324,12 +332,7 @@ inline void gemm(const A& a, const B& b, const E& e, i64 M, i64 N, i64 K, i64 sp
 }
 
 // The split count gemm() accepts for a Partial epilogue over a long k range.
-inline i64 filter_splits(i64 K) {
-  const i64 want = std::min<i64>(64, std::max<i64>(1, K / kRowsPerSplit));
-  const i64 per = (K + want - 1) / want;
-  const i64 kchunk = std::max<i64>(kDepth, (per + kDepth - 1) / kDepth * kDepth);
-  return K ? (K + kchunk - 1) / kchunk : 1;
-}
+inline i64 filter_splits(i64 K) { return k_chunks(K, std::min<i64>(64, std::max<i64>(1, K / kRowsPerSplit))).count; }
 
 // ---- elementwise and reduction kernels (grid-stride loops) -----------------------------------
 
@@ -441,18 +444,20 @@ inline DeviceWorkspace& own_workspace(GpuWorkspace& ws) {
 
 inline i64 numel4(const int64_t* s) { return s[0] * s[1] * s[2] * s[3]; }
 
-// Wf[(ky,kx,img), col] and Wd[(ky,kx,col), img] from w[col][img][ky][kx] (w_shape = [col, img, kh, kw]).
-inline void pack_weights(const float* w, const int64_t* w_shape, std::vector<float>& wf, std::vector<float>& wd) {
+// Wf[(ky,kx,img), col] and Wd[(ky,kx,col), img] from w[col][img][ky][kx] (w_shape = [col, img, kh, kw]);
+// either may be null (not wanted).
+inline void pack_weights(const float* w, const int64_t* w_shape, std::vector<float>* wf, std::vector<float>* wd) {
   const i64 ncol = w_shape[0], nimg = w_shape[1], kh = w_shape[2], kw = w_shape[3];
-  wf.resize(static_cast<size_t>(ncol * nimg * kh * kw));
-  wd.resize(wf.size());
+  const size_t n = static_cast<size_t>(ncol * nimg * kh * kw);
+  if (wf) wf->resize(n);
+  if (wd) wd->resize(n);
   for (i64 col = 0; col < ncol; ++col)
     for (i64 img = 0; img < nimg; ++img)
       for (i64 ky = 0; ky < kh; ++ky)
         for (i64 kx = 0; kx < kw; ++kx) {
           const float v = w[((col * nimg + img) * kh + ky) * kw + kx];
-          wf[static_cast<size_t>(((ky * kw + kx) * nimg + img) * ncol + col)] = v;
-          wd[static_cast<size_t>(((ky * kw + kx) * ncol + col) * nimg + img)] = v;
+          if (wf) (*wf)[static_cast<size_t>(((ky * kw + kx) * nimg + img) * ncol + col)] = v;
+          if (wd) (*wd)[static_cast<size_t>(((ky * kw + kx) * ncol + col) * nimg + img)] = v;
         }
 }
 
