@@ -191,11 +191,18 @@ function decoderStageBench(): void {
   const F = n * 2 * (37 * 37 * 32 * 32 * 25 + 35 * 35 * 32 * 32 * 25 + 35 * 35 * 4 * 32 * 9);
   const peak = addon.peakGflops(0.5);
   console.log(`decoder stage, Tetrominoes config at batch 32 (${n} slots): ${fmt(F / 1e9, 1)} GFLOP forward; FMA peak of ${nativeStatus().info!.threads} threads ${fmt(peak, 0)} GFLOP/s`);
+  // precision bf16: against twice the FMA peak where the bf16 dot products run (AVX512_BF16 does
+  // two products per lane per instruction at the FMA rate); an emulated kernel is only listed.
+  const bf16 = nativeStatus().info!.bf16;
+  if (bf16) console.log(`  bf16 rows: the convolutions in mixed precision (${bf16}${bf16 === 'avx512bf16' ? `; % of the bf16 peak, ${fmt(2 * peak, 0)} GFLOP/s` : ''})`);
   const rows: string[][] = [['pass', 'best ms', 'median ms', 'GFLOP/s', '% of peak', 'GFLOP/CPU-s']];
-  for (const [name, needDz, needParams, mult] of [['forward', false, false, 1], ['forward + d/dz', true, false, 2], ['forward + all gradients', true, true, 3]] as [string, boolean, boolean, number][]) {
-    const t = time(() => addon.decoderStage({ ...spec, needDz, needParams }), Math.max(2, Math.min(REPS, 3)));
-    const flops = mult * F;
-    rows.push([name, fmt(t.best * 1e3), fmt(t.median * 1e3), fmt(flops / t.best / 1e9), fmt((100 * flops) / t.best / 1e9 / peak), fmt(flops / t.cpu / 1e9)]);
+  for (const precision of bf16 ? (['fp32', 'bf16'] as const) : (['fp32'] as const)) {
+    const top = precision === 'bf16' && bf16 === 'avx512bf16' ? 2 * peak : peak;
+    for (const [name, needDz, needParams, mult] of [['forward', false, false, 1], ['forward + d/dz', true, false, 2], ['forward + all gradients', true, true, 3]] as [string, boolean, boolean, number][]) {
+      const t = time(() => addon.decoderStage({ ...spec, needDz, needParams, precision }), Math.max(2, Math.min(REPS, 3)));
+      const flops = mult * F;
+      rows.push([precision === 'bf16' ? `${name} (bf16)` : name, fmt(t.best * 1e3), fmt(t.median * 1e3), fmt(flops / t.best / 1e9), fmt((100 * flops) / t.best / 1e9 / top), fmt(flops / t.cpu / 1e9)]);
+    }
   }
   const w = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
   for (const r of rows) console.log('  ' + r.map((x, i) => (i === 0 ? x.padEnd(w[i]) : x.padStart(w[i]))).join('  '));

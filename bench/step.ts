@@ -9,18 +9,26 @@
  *   node dist/bench/step.js --config tetrominoes --batch 32 --mode train --backend native --steps 3
  *                                                 one measurement (JSON line)
  *   --device cuda:0                               the decoding stage on a GPU (native rows)
+ *   --precision bf16                              the CPU convolutions in mixed precision (native rows)
+ *   --original DIR                                also time the original PyTorch code (a copy of its
+ *                                                 repository in DIR) with bench/original.py, beside each
+ *                                                 config: the ratios then compare the two programs on this
+ *                                                 machine now (EMORL_PYTHON: the interpreter with torch,
+ *                                                 default /usr/bin/python3)
  *
  * Each measurement runs in its own process, so each peak RSS is its own. `median_s` is the median
  * over --steps timed repetitions after one untimed warm-up repetition.
  */
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { tf, initBackend } from '../lib/tf';
 import { bundledConfig, loadConfigFile } from '../lib/cli/train';
 import { SeededNoise } from '../lib/model/noise';
 import { Trainer } from '../lib/train/trainer';
 import { tfjsOps } from '../lib/ops';
-import { nativeOpsAvailable, nativeOpsOn, parseStageDevice } from '../lib/ops/native';
+import { nativeOpsAvailable, nativeOpsOn, parseConvPrecision, parseStageDevice } from '../lib/ops/native';
+import type { ConvPrecision } from '../lib/ops/addon';
 import { nativeStatus } from '../lib/native';
 
 interface Measurement {
@@ -36,9 +44,11 @@ interface Measurement {
   threads?: number;
   /** where the decoding stage ran (native) */
   device?: string;
+  /** the CPU convolutions' products (native): 'fp32' or 'bf16' (with the kernel behind it) */
+  precision?: string;
 }
 
-/** The original's figures on this machine (STACK.md): seconds per step / per inference batch. */
+/** The original's figures on an earlier machine (STACK.md): seconds per step / per inference batch. */
 const PYTORCH: Record<string, { batch: number; train?: number; infer?: number; peakMiB?: number }> = {
   tetrominoes: { batch: 32, train: 2.2, infer: 1.0, peakMiB: 1.24 * 1024 },
   multi_dsprites: { batch: 4, train: 2.5, infer: 1.24 },
@@ -71,13 +81,14 @@ function configFile(config: string): string {
   return bundledConfig(dataset, model ?? 'EMORL');
 }
 
-async function measure(config: string, batch: number, mode: 'train' | 'infer', backend: 'native' | 'js', steps: number, device: string): Promise<Measurement> {
+async function measure(config: string, batch: number, mode: 'train' | 'infer', backend: 'native' | 'js', steps: number, device: string,
+  precision: ConvPrecision): Promise<Measurement> {
   await initBackend('cpu');
   if (backend === 'native' && !(nativeStatus().available && nativeOpsAvailable())) {
     throw new Error(`--backend native: the addon is unavailable (${nativeStatus().reason ?? 'no decoder-stage kernels'}); npm run build:native`);
   }
   const exp = loadConfigFile(configFile(config), []);
-  const trainer = new Trainer(exp, { seed: 1, ops: backend === 'native' ? nativeOpsOn(parseStageDevice(device)) : tfjsOps });
+  const trainer = new Trainer(exp, { seed: 1, ops: backend === 'native' ? nativeOpsOn(parseStageDevice(device), precision) : tfjsOps });
   const [C, H, W] = exp.Net.input_size;
   const images = tf.tidy(() => tf.sub(tf.mul(tf.randomUniform([batch, C, H, W], 0, 1, 'float32', 3), 2), 1));
   const times: number[] = [];
@@ -99,12 +110,15 @@ async function measure(config: string, batch: number, mode: 'train' | 'infer', b
     median_s: median(times),
     times_s: times,
     peak_rss_mib: process.resourceUsage().maxRSS / 1024,
-    ...(backend === 'native' ? { isa: st.info?.gemmIsa, threads: st.info?.threads, device } : {}),
+    ...(backend === 'native'
+      ? { isa: st.info?.gemmIsa, threads: st.info?.threads, device, precision: precision === 'bf16' ? `bf16 (${st.info?.bf16})` : precision }
+      : {}),
   };
 }
 
-function inChild(config: string, batch: number, mode: string, backend: string, steps: number, device: string): Measurement {
-  const r = spawnSync(process.execPath, [process.argv[1], '--config', config, '--batch', String(batch), '--mode', mode, '--backend', backend, '--steps', String(steps), '--device', device], {
+function inChild(config: string, batch: number, mode: string, backend: string, steps: number, device: string, precision: string): Measurement {
+  const r = spawnSync(process.execPath, [process.argv[1], '--config', config, '--batch', String(batch), '--mode', mode, '--backend', backend, '--steps', String(steps),
+    '--device', device, '--precision', precision], {
     encoding: 'utf8',
     stdio: ['ignore', 'pipe', 'inherit'],
     maxBuffer: 1 << 24,
@@ -114,11 +128,27 @@ function inChild(config: string, batch: number, mode: string, backend: string, s
   return JSON.parse(line) as Measurement;
 }
 
+/** The original's time for one row (bench/original.py), or an error saying why not. */
+function original(repo: string, config: string, batch: number, mode: string, steps: number): { median_s: number; peak_rss_mib: number } {
+  const script = path.join(__dirname, '..', '..', 'bench', 'original.py');
+  const file = path.join(repo, 'configs', 'train', config, 'EMORL.json');
+  const python = process.env.EMORL_PYTHON ?? '/usr/bin/python3';
+  const r = spawnSync(python, [script, '--repo', repo, '--config', file, '--batch', String(batch), '--mode', mode, '--steps', String(steps)], {
+    encoding: 'utf8',
+    stdio: ['ignore', 'pipe', 'pipe'],
+    maxBuffer: 1 << 24,
+  });
+  const line = (r.stdout ?? '').trim().split('\n').pop() ?? '';
+  if (r.status !== 0 || !line.startsWith('{')) throw new Error(`the original (${python} ${script}) on ${config} ${mode} failed: ${(r.stderr ?? '').trim().split('\n').slice(-3).join(' | ') || r.error?.message}`);
+  return JSON.parse(line) as { median_s: number; peak_rss_mib: number };
+}
+
 async function main(): Promise<void> {
   const json = process.argv.includes('--json');
   const config = arg('config');
   const steps = Number(arg('steps') ?? '3');
   const device = parseStageDevice(arg('device') ?? 'cpu');
+  const precision = parseConvPrecision(arg('precision') ?? 'fp32');
   if (!Number.isInteger(steps) || steps < 1) throw new Error(`--steps must be an integer >= 1`);
   const single = config !== undefined || arg('mode') !== undefined || arg('backend') !== undefined || arg('batch') !== undefined;
   if (single) {
@@ -129,24 +159,40 @@ async function main(): Promise<void> {
     const name = config ?? 'tetrominoes';
     const batch = Number(arg('batch') ?? String(PYTORCH[name]?.batch ?? 4));
     if (!Number.isInteger(batch) || batch < 1) throw new Error(`--batch must be an integer >= 1`);
-    console.log(JSON.stringify(await measure(name, batch, mode, backend, steps, device)));
+    console.log(JSON.stringify(await measure(name, batch, mode, backend, steps, device, backend === 'js' ? 'fp32' : precision)));
     return;
   }
   const st = nativeStatus();
   const set = DEFAULT_SET.filter(([, , b]) => b === 'js' || (st.available && nativeOpsAvailable()));
-  if (!json) console.log(`addon: ${st.available ? `${st.info?.gemmIsa}, ${st.info?.threads} threads` : `unavailable (${st.reason})`}; decoding stage on ${device}; median of ${steps} after a warm-up`);
+  // native rows: the --precision asked for, else fp32 and (where the CPU runs it) bf16
+  const precisions: ConvPrecision[] = arg('precision') !== undefined ? [precision] : st.info?.bf16 === 'avx512bf16' && device === 'cpu' ? ['fp32', 'bf16'] : ['fp32'];
+  if (!json) console.log(`addon: ${st.available ? `${st.info?.gemmIsa}, ${st.info?.threads} threads, bf16 ${st.info?.bf16 ?? 'absent'}` : `unavailable (${st.reason})`}; decoding stage on ${device}; median of ${steps} after a warm-up`);
+  const originalRepo = arg('original');
+  const measured = new Map<string, { median_s: number; peak_rss_mib: number }>();
   for (const [name, batch, backend] of set) {
-    for (const mode of ['train', 'infer'] as const) {
-      const m = inChild(name, batch, mode, backend, backend === 'js' ? 1 : steps, backend === 'js' ? 'cpu' : device);
+    for (const [mode, prec] of (['train', 'infer'] as const).flatMap((m) => (backend === 'js' ? ['fp32' as const] : precisions).map((p) => [m, p] as const))) {
+      // the original, once per config / batch / mode, just before our first row of it
+      const key = `${name}/${batch}/${mode}`;
+      if (originalRepo && backend === 'native' && !measured.has(key)) {
+        const o = original(originalRepo, name, batch, mode, steps);
+        measured.set(key, o);
+        if (json) console.log(JSON.stringify({ config: name, batch, mode, backend: 'pytorch-original', steps, ...o }));
+        else console.log(`${name.padEnd(15)} batch ${String(batch).padStart(2)} ${mode.padEnd(5)} ${'original'.padEnd(11)} ${o.median_s.toFixed(2)} s; peak RSS ${o.peak_rss_mib.toFixed(0)} MiB (PyTorch, measured now)`);
+      }
+      const m = inChild(name, batch, mode, backend, backend === 'js' ? 1 : steps, backend === 'js' ? 'cpu' : device, prec);
       if (json) {
         console.log(JSON.stringify(m));
         continue;
       }
+      const now = measured.get(key);
       const ref = PYTORCH[name];
-      const refS = ref?.[mode];
-      const ratio = refS !== undefined && ref.batch === batch ? `, ${(m.median_s / refS).toFixed(2)}x PyTorch's ${refS} s` : '';
-      const mem = mode === 'train' && ref?.peakMiB && ref.batch === batch ? ` (PyTorch ${ref.peakMiB.toFixed(0)} MiB)` : '';
-      console.log(`${name.padEnd(15)} batch ${String(batch).padStart(2)} ${mode.padEnd(5)} ${backend.padEnd(6)} ${m.median_s.toFixed(2)} s${ratio}; peak RSS ${m.peak_rss_mib.toFixed(0)} MiB${mem}`);
+      const refS = now ? now.median_s : ref?.[mode];
+      const refMiB = now ? now.peak_rss_mib : ref?.peakMiB;
+      const whose = now ? 'the original\'s' : 'PyTorch\'s (STACK.md)';
+      const ratio = refS !== undefined && (now || ref.batch === batch) ? `, ${(m.median_s / refS).toFixed(2)}x ${whose} ${refS.toFixed(2)} s` : '';
+      const mem = mode === 'train' && refMiB && (now || ref.batch === batch) ? ` (original ${refMiB.toFixed(0)} MiB)` : '';
+      const label = backend === 'js' ? 'js' : `native ${prec}`;
+      console.log(`${name.padEnd(15)} batch ${String(batch).padStart(2)} ${mode.padEnd(5)} ${label.padEnd(11)} ${m.median_s.toFixed(2)} s${ratio}; peak RSS ${m.peak_rss_mib.toFixed(0)} MiB${mem}`);
     }
   }
 }

@@ -30,6 +30,11 @@ export interface NativeInfo {
   cudaError?: string;
   /** the decoding stage's CUDA kernels can run in the SIMT emulator (device 'simt'; absent in older builds) */
   simtEmulator?: boolean;
+  /**
+   * the kernel behind precision 'bf16': 'avx512bf16' (the CPU's bf16 dot-product instructions) or
+   * 'emulated' (the same results, slower than fp32); absent in older builds
+   */
+  bf16?: string;
 }
 
 export interface NativeStatus {

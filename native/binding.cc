@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "bf16.h"
 #include "common.h"
 #include "conv.h"
 #include "decoder.h"
@@ -504,7 +505,8 @@ emorl::NhwcGeom nhwc_convt_geom(const Args& a, const std::vector<int64_t>& xs, c
 }
 
 // nhwcConv2d(x, xShape[N,H,W,C], w, wShape[Co,C,kh,kw], bias|null, stride[2], pad[2], act[1],
-//   device?, workspace?) -> y   (device 'cuda:N' / 'simt': the GPU kernels, gpu/conv_gpu.cu)
+//   device?, workspace?, precision?) -> y   (device 'cuda:N' / 'simt': the GPU kernels,
+//   gpu/conv_gpu.cu; precision 'fp32' | 'bf16', nhwc.h)
 // The GPU path of nhwcConv2d / nhwcConv2dBackward (defined with the workspace class below): false
 // when the `device` argument at `arg` is absent or 'cpu'; argument arg + 1 is an optional
 // DecoderWorkspace.
@@ -512,6 +514,8 @@ bool gpu_conv_forward(const Args& a, size_t arg, const emorl::NhwcGeom& g, int64
                       const float* bias, emorl::Act act, float* y);
 bool gpu_conv_backward(const Args& a, size_t arg, const emorl::NhwcGeom& g, int64_t Co, const float* x, const float* w,
                        const float* y, const float* dy, emorl::Act act, float* dx, float* dw, float* db);
+// The precision argument at `arg`, which follows the device argument at arg - 2.
+emorl::Precision conv_precision(const Args& a, size_t arg);
 
 Napi::Value NhwcConv2d(const Napi::CallbackInfo& info, bool) {
   Args a(info, "nhwcConv2d");
@@ -525,7 +529,9 @@ Napi::Value NhwcConv2d(const Napi::CallbackInfo& info, bool) {
   auto g = nhwc_conv_geom(a, xs, ws, stride, pad);
   const float* bias = a.f32_opt(4, "bias", ws[0], "wShape[0]");
   auto y = new_f32(a, a.numel({g.N, g.Ho, g.Wo, ws[0]}, "output"));
-  if (!gpu_conv_forward(a, 8, g, ws[0], x, w, bias, act, y.Data())) emorl::nhwc_conv2d_forward(g, ws[0], x, w, bias, act, y.Data(), threads());
+  const emorl::Precision prec = conv_precision(a, 10);
+  if (!gpu_conv_forward(a, 8, g, ws[0], x, w, bias, act, y.Data()))
+    emorl::nhwc_conv2d_forward(g, ws[0], x, w, bias, act, y.Data(), threads(), prec);
   return y;
 }
 
@@ -538,7 +544,7 @@ Napi::Value nhwc_grads(const Args& a, Napi::Value dx, Napi::Value dw, Napi::Valu
 }
 
 // nhwcConv2dBackward(x, xShape, w, wShape, y|null, dy, stride, pad, act, needDx, needParams,
-//   device?, workspace?)
+//   device?, workspace?, precision?)
 //   -> {dx|null, dw|null, db|null}
 Napi::Value NhwcConv2dBackward(const Napi::CallbackInfo& info, bool) {
   Args a(info, "nhwcConv2dBackward");
@@ -562,7 +568,9 @@ Napi::Value NhwcConv2dBackward(const Napi::CallbackInfo& info, bool) {
     auto t = new_f32(a, a.numel(ws, "wShape")); dw = t.Data(); dwv = t;
     auto u = new_f32(a, ws[0]); db = u.Data(); dbv = u;
   }
-  if (!gpu_conv_backward(a, 11, g, ws[0], x, w, y, dy, act, dx, dw, db)) emorl::nhwc_conv2d_backward(g, ws[0], x, w, y, dy, act, dx, dw, db, threads());
+  const emorl::Precision prec = conv_precision(a, 13);
+  if (!gpu_conv_backward(a, 11, g, ws[0], x, w, y, dy, act, dx, dw, db))
+    emorl::nhwc_conv2d_backward(g, ws[0], x, w, y, dy, act, dx, dw, db, threads(), prec);
   return nhwc_grads(a, dxv, dwv, dbv);
 }
 
@@ -766,6 +774,15 @@ StageDevice parse_device(const Args& a, Napi::Value v, const std::string& what) 
 
 StageDevice stage_device(const Args& a, const Props& p) { return parse_device(a, p.get("device"), p.name("device")); }
 
+// 'fp32' (default when absent) or 'bf16' (nhwc.h Precision); bf16 is a CPU-kernel option.
+emorl::Precision parse_precision(const Args& a, Napi::Value v, const std::string& what, const StageDevice& d) {
+  if (v.IsUndefined() || v.IsNull()) return emorl::Precision::Fp32;
+  const std::string s = v.IsString() ? v.As<Napi::String>().Utf8Value() : std::string();
+  if (s != "fp32" && s != "bf16") a.type_error("'" + what + "' must be 'fp32' or 'bf16'");
+  if (s == "bf16" && d.kind != StageDevice::Cpu) a.range_error("'" + what + "' bf16 is for the CPU kernels; the GPU ones compute in fp32");
+  return s == "bf16" ? emorl::Precision::Bf16 : emorl::Precision::Fp32;
+}
+
 // An optional DecoderWorkspace argument (null when absent); `what` names it in the error.
 DecoderWorkspace* workspace_arg(const Args& a, Napi::Value wv, const std::string& what) {
   if (wv.IsUndefined() || wv.IsNull()) return nullptr;
@@ -780,6 +797,10 @@ emorl::GpuWorkspace& gpu_workspace(const StageDevice& d, DecoderWorkspace* owner
   if (owner) return owner->gpu(emulated, d.index);
   local = DecoderWorkspace::make_gpu_workspace(emulated, d.index);
   return *local;
+}
+
+emorl::Precision conv_precision(const Args& a, size_t arg) {
+  return parse_precision(a, a.at(arg), "precision", parse_device(a, a.at(arg - 2), "device"));
 }
 
 bool gpu_conv_forward(const Args& a, size_t arg, const emorl::NhwcGeom& g, int64_t Co, const float* x, const float* w,
@@ -814,7 +835,8 @@ bool gpu_conv_backward(const Args& a, size_t arg, const emorl::NhwcGeom& g, int6
 
 // decoderStage({ z, n, c, pos, gh, gw, layers: [{ kind, w, wShape, b, stride, pad,
 //   outputPad, act }], target, B, K, H, W, C, logVar, gmm, needDz, needParams, needOutputs,
-//   workspace?, device?, profile? })  profile (GPU devices): milliseconds per phase, in result.profile
+//   workspace?, device?, profile?, precision? })  profile (GPU devices): milliseconds per phase, in
+//   result.profile; precision 'fp32' | 'bf16' (CPU only): of the conv layers' products (nhwc.h)
 //   -> { nll, dz|null, dpos|null, dw: [..|null], db: [..|null], means|null, logMasks|null }
 // kind: 0 broadcast conv, 1 spatial broadcast, 2 conv, 3 transposed conv (decoder.h).
 Napi::Value DecoderStageFn(const Napi::CallbackInfo& info, bool) {
@@ -845,6 +867,7 @@ Napi::Value DecoderStageFn(const Napi::CallbackInfo& info, bool) {
   const bool need_outputs = p.boolean("needOutputs", false);
   const StageDevice device = stage_device(a, p);
   const bool want_profile = p.boolean("profile", false);
+  s.precision = parse_precision(a, p.get("precision"), p.name("precision"), device);
 
   Napi::Value lv = p.get("layers");
   if (!lv.IsArray()) a.type_error("'spec.layers' must be an array");
@@ -1029,6 +1052,8 @@ Napi::Value Info(const Napi::CallbackInfo& info) {
   o.Set("cudaDevices", 0);
 #endif
   o.Set("simtEmulator", true);  // decoderStage's device 'simt': the CUDA kernels on the CPU
+  // precision 'bf16': 'avx512bf16' (about twice the fp32 rate) or 'emulated' (same numbers, slower)
+  o.Set("bf16", emorl::bf16_kernel().name);
   return o;
 }
 

@@ -293,7 +293,7 @@ void decoder_stage(const DecoderStage& s, const DecoderStageOut& o, Workspace& w
         broadcast_conv_forward(s, L, y, ws.buf(kPosConv, static_cast<size_t>(L.out[1] * L.out[2] * L.out[3])), ws, kBroadcast, nt);
         break;
       case DecoderLayerKind::Conv:
-        nhwc_conv2d_forward(layer_geom(L), L.out[3], x, L.w, L.b, L.act, y, nt);
+        nhwc_conv2d_forward(layer_geom(L), L.out[3], x, L.w, L.b, L.act, y, nt, s.precision);
         break;
       case DecoderLayerKind::ConvTranspose:
         nhwc_conv_transpose2d_forward(layer_geom(L), L.in[3], x, L.w, L.b, L.act, y, nt);
@@ -345,7 +345,7 @@ void decoder_stage(const DecoderStage& s, const DecoderStageOut& o, Workspace& w
         float* dx = ws.buf(dslot, static_cast<size_t>(numel4(L.in)));
         const float* x = act[i - 1];
         if (L.kind == DecoderLayerKind::Conv)
-          nhwc_conv2d_backward(layer_geom(L), L.out[3], x, L.w, nullptr, dcur, Act::Linear, dx, dw, db, nt);
+          nhwc_conv2d_backward(layer_geom(L), L.out[3], x, L.w, nullptr, dcur, Act::Linear, dx, dw, db, nt, s.precision);
         else
           nhwc_conv_transpose2d_backward(layer_geom(L), L.in[3], x, L.w, nullptr, dcur, Act::Linear, dx, dw, db, nt);
         dcur = dx;

@@ -51,6 +51,7 @@ struct DecoderStage {
   const float* target = nullptr;
   float log_var = 0.f;
   bool gmm = false;
+  Precision precision = Precision::Fp32;  // of the Conv layers' products (nhwc.h); CPU stage only
 };
 
 // Output buffers (each may be null: not computed). Sizes: nll [B]; dz [n, c]; dpos [gh, gw, c];

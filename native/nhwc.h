@@ -23,13 +23,21 @@ struct NhwcGeom {
 
 enum class Act : int { Linear = 0, Relu = 1, Elu = 2 };
 
+// The arithmetic of a convolution's products: fp32, or bf16 operands with fp32 accumulation
+// (bf16.h: about twice the fp32 rate on CPUs with AVX512_BF16). Bf16 covers the forward product
+// (outputs of at least 16 channels; a narrower one would leave most of a register tile idle),
+// the stride-1 input gradient (itself a forward convolution) and the filter gradient; the other
+// products (strided input gradients, transposed convolutions, biases) stay fp32.
+enum class Precision : int { Fp32 = 0, Bf16 = 1 };
+
 // y[N,Ho,Wo,Co] = act(conv(x[N,H,W,C], w[Co,C,kh,kw]) + bias). bias may be null.
 void nhwc_conv2d_forward(const NhwcGeom& g, int64_t Co, const float* x, const float* w, const float* bias, Act act,
-                         float* y, int nthreads);
+                         float* y, int nthreads, Precision prec = Precision::Fp32);
 // Gradients for dy[N,Ho,Wo,Co] given the forward output y (needed for ReLU/ELU; may be null for
 // Linear). dx (may be null: skipped) is overwritten; dw[Co,C,kh,kw] and db[Co] (both null: skipped).
 void nhwc_conv2d_backward(const NhwcGeom& g, int64_t Co, const float* x, const float* w, const float* y,
-                          const float* dy, Act act, float* dx, float* dw, float* db, int nthreads);
+                          const float* dy, Act act, float* dx, float* dw, float* db, int nthreads,
+                          Precision prec = Precision::Fp32);
 
 // Transposed convolution: x[N,h,w,Ci] (the column side of g, Ho = h, Wo = w), w[Ci,Co,kh,kw],
 // y[N,H,W,Co] (the image side of g, C = Co).

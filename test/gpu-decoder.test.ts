@@ -219,7 +219,7 @@ for (const device of devices) {
       test(name, () => {
         const k = addonOps();
         const x = uniform(xs.reduce((a, b) => a * b), 31), w = uniform(ws.reduce((a, b) => a * b), 32, -0.3, 0.3), b = uniform(ws[0], 33, -0.1, 0.1);
-        const args = [x, xs, w, ws, b, [stride, stride], [pad, pad], [act]] as const;
+        const args: [Float32Array, number[], Float32Array, number[], Float32Array, number[], number[], number[]] = [x, [...xs], w, [...ws], b, [stride, stride], [pad, pad], [act]];
         const workspace = new k.DecoderWorkspace();
         const y = k.nhwcConv2d(...args, device, workspace);
         const yc = k.nhwcConv2d(...args);

@@ -9,7 +9,7 @@ import { tf, initBackend } from '../lib/tf';
 import { nativeStatus } from '../lib/native';
 import { tfjsOps, type Ops } from '../lib/ops';
 import { nativeOps, nativeOpsAvailable, nativeOpsOn, defaultOps, opsForBackend } from '../lib/ops/native';
-import type { StageDevice } from '../lib/ops/addon';
+import type { ConvPrecision, StageDevice } from '../lib/ops/addon';
 import { spawnSync } from 'node:child_process';
 import * as path from 'node:path';
 import type { FusedActivation } from '../lib/ops/conv';
@@ -289,10 +289,18 @@ describeNative('the whole model: nativeOps vs tfjsOps', () => {
 const FIXTURE = fixturePath('tetrominoes-small-gaussian.h5');
 const describeGolden = available && fs.existsSync(FIXTURE) ? describe : describe.skip;
 
-// the decoding stage on the CPU kernels, on the CUDA kernels run by the SIMT emulator, and on a GPU when there is one
-const goldenDevices: StageDevice[] = ['cpu', ...(available && nativeStatus().info?.simtEmulator ? (['simt'] as const) : []), ...(available && nativeStatus().info!.cudaDevices > 0 ? (['cuda:0'] as const) : [])];
+// the decoding stage on the CPU kernels, on the CUDA kernels run by the SIMT emulator, and on a GPU when there is one;
+// and the CPU convolutions in bf16 (mixed precision), against the same fp32 recording with bf16-sized tolerances
+const goldenRuns: [StageDevice, ConvPrecision][] = [
+  ['cpu', 'fp32'],
+  ...(available && nativeStatus().info?.simtEmulator ? [['simt', 'fp32'] as [StageDevice, ConvPrecision]] : []),
+  ...(available && nativeStatus().info!.cudaDevices > 0 ? [['cuda:0', 'fp32'] as [StageDevice, ConvPrecision]] : []),
+  ...(available && nativeStatus().info?.bf16 ? [['cpu', 'bf16'] as [StageDevice, ConvPrecision]] : []),
+];
+// loss: relative; gradients: of each tensor's own max magnitude (bf16 operands carry 8 bits: ~4e-3 each)
+const GOLDEN_TOL: Record<ConvPrecision, { loss: number; grad: number }> = { fp32: { loss: 1e-4, grad: 1e-3 }, bf16: { loss: 1e-2, grad: 3e-2 } };
 
-describeGolden.each(goldenDevices)('golden fixture tetrominoes-small-gaussian.h5 no_geco with nativeOps, decoding stage on %s', (device) => {
+describeGolden.each(goldenRuns)('golden fixture tetrominoes-small-gaussian.h5 no_geco with nativeOps, decoding stage on %s, convolutions in %s', (device, precision) => {
   test('loss and every gradient match the recorded PyTorch ones', async () => {
     const fx = await withH5File(FIXTURE, 'r', async (f) => {
       const noiseKeys = f.keys('no_geco/noise').sort();
@@ -310,7 +318,8 @@ describeGolden.each(goldenDevices)('golden fixture tetrominoes-small-gaussian.h5
         grads: await readParamGroup(f, 'no_geco/grads'),
       };
     });
-    const model = new EfficientMORL(fx.netConfig, { ops: nativeOpsOn(device) });
+    const model = new EfficientMORL(fx.netConfig, { ops: nativeOpsOn(device, precision) });
+    const tol = GOLDEN_TOL[precision];
     model.params.load(fx.params);
     const images = tf.tensor(fx.images.data, fx.images.shape);
     const replay = new ReplayNoise(fx.noise);
@@ -318,7 +327,7 @@ describeGolden.each(goldenDevices)('golden fixture tetrominoes-small-gaussian.h5
     try {
       expect(replay.remaining()).toBe(0);
       const e = fx.total.data[0];
-      expect(Math.abs(res.totalLoss - e)).toBeLessThanOrEqual(1e-5 + 1e-4 * Math.abs(e));
+      expect(Math.abs(res.totalLoss - e)).toBeLessThanOrEqual(1e-5 + tol.loss * Math.abs(e));
       let globalMax = 0;
       for (const k of Object.keys(fx.grads)) for (const v of fx.grads[k].data) globalMax = Math.max(globalMax, Math.abs(v));
       for (const k of Object.keys(fx.grads)) {
@@ -328,7 +337,7 @@ describeGolden.each(goldenDevices)('golden fixture tetrominoes-small-gaussian.h5
           // zero in exact arithmetic
           expect(maxAbsOf(ours)).toBeLessThan(1e-6 * globalMax);
         } else {
-          expectScaled(ours, exp, 1e-3, `grad ${k}`);
+          expectScaled(ours, exp, tol.grad, `grad ${k}`);
         }
         exp.dispose();
       }

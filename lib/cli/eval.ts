@@ -15,6 +15,8 @@ export interface EvalCliOptions {
   backend?: string;
   /** 'cpu' (default) or 'cuda:N': where the decoding stage runs */
   device?: string;
+  /** 'fp32' (default) or 'bf16': the CPU convolutions' products */
+  precision?: string;
 }
 
 export async function evalCommand(opts: EvalCliOptions, log: (m: string) => void = (m) => process.stderr.write(`${m}\n`)): Promise<EvalSummary> {

@@ -14,6 +14,7 @@ import { clusterFromEnv } from '../train/rendezvous';
 import { train, type TrainSummary } from '../train/loop';
 import { checkGpuTraining } from '../train/nccl';
 import { opsForBackend } from '../ops/native';
+import { nativeStatus } from '../native';
 
 /** The package root (for the bundled configs), from dist/lib/cli or lib/cli. */
 export function packageRoot(): string {
@@ -74,6 +75,8 @@ export interface TrainCliOptions {
   backend?: string;
   /** 'cpu' (default) or 'cuda:N': where the decoding stage runs (with --gpus: cuda:<rank>) */
   device?: string;
+  /** 'fp32' (default) or 'bf16': the CPU convolutions' products (see ConvPrecision) */
+  precision?: string;
 }
 
 export function loadConfigFile(file: string, overrides: string[]): ExperimentConfig {
@@ -122,7 +125,8 @@ export async function trainCommand(opts: TrainCliOptions, log: (m: string) => vo
   if (!opts.resume) shardRange(config.training.batch_size, 0, world); // B must split evenly (resumed: the checkpoint's config, checked by the ranks)
   if (opts.gpus !== undefined) checkGpuTraining(opts.gpus);
   if (opts.gpus !== undefined && opts.device !== undefined && opts.device !== 'cpu') throw new Error('--gpus N puts rank r on cuda:r: leave out --device');
-  if (opts.device !== undefined) opsForBackend(opts.backend ?? 'auto', opts.device); // a clear error before any work
+  if (opts.device !== undefined || opts.precision !== undefined) opsForBackend(opts.backend ?? 'auto', opts.device, opts.precision); // a clear error before any work
+  if (opts.precision === 'bf16' && nativeStatus().info?.bf16 === 'emulated') log('precision bf16: this CPU has no AVX512_BF16; the bf16 kernels are emulated (same results, slower than fp32)');
   const dataFile = await resolveDataFile(config, opts.data, log);
   const stamp = new Date().toISOString().replace(/[:.]/g, '-').slice(0, 19);
   const outDir = opts.out ?? path.join('runs', `${config.training.run_suffix || path.basename(path.dirname(configFile))}-${stamp}`);
@@ -161,6 +165,7 @@ export async function trainCommand(opts: TrainCliOptions, log: (m: string) => vo
         checksumEvery: opts.checksumEvery,
         backend: opts.backend,
         device: opts.device,
+        precision: opts.precision,
       },
     });
     log(`${summary.stoppedBy === 'signal' ? 'interrupted' : 'done'} at step ${summary.step}; checkpoint ${summary.lastCheckpoint}` + (summary.skippedSteps ? `; ${summary.skippedSteps} steps skipped for non-finite values` : ''));
@@ -178,6 +183,7 @@ export async function trainCommand(opts: TrainCliOptions, log: (m: string) => vo
     prefetch: opts.prefetch,
     backend: opts.backend,
     device: opts.device,
+    precision: opts.precision,
     log,
   });
   log(

@@ -49,6 +49,8 @@ export interface EvalOptions {
   backend?: string;
   /** where the decoding stage runs: 'cpu' (default) or 'cuda:N' (see opsForBackend) */
   device?: string;
+  /** 'fp32' (default) or 'bf16': the CPU convolutions' products (see ConvPrecision) */
+  precision?: string;
   log?: (m: string) => void;
 }
 
@@ -159,7 +161,7 @@ async function prepare(opts: EvalOptions): Promise<{ config: TestConfig; type: E
   const wanted: ModelKind = config.test.model;
   let loaded: LoadedModel;
   try {
-    loaded = loadModel(opts.checkpoint, config.Net, { seed: config.seed, model: wanted, ops: opsForBackend(opts.backend ?? 'auto', opts.device ?? 'cpu') });
+    loaded = loadModel(opts.checkpoint, config.Net, { seed: config.seed, model: wanted, ops: opsForBackend(opts.backend ?? 'auto', opts.device ?? 'cpu', opts.precision ?? 'fp32') });
   } catch (err) {
     ds.close();
     if (err instanceof ModelKindError) {

@@ -15,12 +15,15 @@ export interface NhwcGrads {
   db: Float32Array | null;
 }
 export interface NativeAddon {
-  /** device 'cuda:N' / 'simt': the GPU kernels (symmetric padding and stride), buffers in `workspace` */
+  /**
+   * device 'cuda:N' / 'simt': the GPU kernels (symmetric padding and stride), buffers in `workspace`;
+   * precision (CPU): see ConvPrecision
+   */
   nhwcConv2d(x: Float32Array, xShape: number[], w: Float32Array, wShape: number[], bias: Float32Array | null,
-    stride: number[], pad: number[], act: number[], device?: StageDevice, workspace?: object): Float32Array;
+    stride: number[], pad: number[], act: number[], device?: StageDevice, workspace?: object | null, precision?: ConvPrecision): Float32Array;
   nhwcConv2dBackward(x: Float32Array, xShape: number[], w: Float32Array, wShape: number[], y: Float32Array | null,
     dy: Float32Array, stride: number[], pad: number[], act: number[], needDx: boolean, needParams: boolean,
-    device?: StageDevice, workspace?: object): NhwcGrads;
+    device?: StageDevice, workspace?: object | null, precision?: ConvPrecision): NhwcGrads;
   nhwcConvTranspose2d(x: Float32Array, xShape: number[], w: Float32Array, wShape: number[], bias: Float32Array | null,
     stride: number[], pad: number[], outputPad: number[], act: number[]): Float32Array;
   nhwcConvTranspose2dBackward(x: Float32Array, xShape: number[], w: Float32Array, wShape: number[],
@@ -78,6 +81,8 @@ export interface DecoderStageSpec {
   device?: StageDevice;
   /** GPU devices: time each phase (synchronising around it) into the result's `profile` */
   profile?: boolean;
+  /** of the conv layers' products (CPU); see ConvPrecision */
+  precision?: ConvPrecision;
 }
 
 /**
@@ -85,6 +90,15 @@ export interface DecoderStageSpec {
  * or 'simt': the CUDA kernels run by the addon's SIMT emulator on the CPU (slow; for tests).
  */
 export type StageDevice = 'cpu' | 'simt' | `cuda:${number}`;
+
+/**
+ * The arithmetic of the convolutions' products on the CPU (native/nhwc.h, native/bf16.h):
+ * 'fp32', or 'bf16': operands rounded to bfloat16, products accumulated in fp32 (mixed precision;
+ * about twice the fp32 rate on CPUs with AVX512_BF16, emulated with the same results elsewhere).
+ * Covers the decoders' and the encoder's convolutions (forward, stride-1 input gradients, filter
+ * gradients); weights, activations, every other op and the optimizer stay fp32.
+ */
+export type ConvPrecision = 'fp32' | 'bf16';
 
 export interface DecoderStageResult {
   nll: Float32Array;

@@ -12,7 +12,7 @@
  */
 import { tf } from '../tf';
 import { f32 } from './arrays';
-import { ADDON_ACT, addonOps, workspaceFor, type DecoderStageLayer, type StageDevice } from './addon';
+import { ADDON_ACT, addonOps, workspaceFor, type ConvPrecision, type DecoderStageLayer, type StageDevice } from './addon';
 import { paramGradsEnabled } from './conv';
 import { checkDecoderNllArgs, type DecoderNllArgs, type DecoderNllResult } from './decoder-stage';
 
@@ -31,7 +31,7 @@ function scaled(src: Float32Array, u: number): Float32Array {
   return out;
 }
 
-export function decoderNll(a: DecoderNllArgs, device: StageDevice = 'cpu'): DecoderNllResult {
+export function decoderNll(a: DecoderNllArgs, device: StageDevice = 'cpu', precision: ConvPrecision = 'fp32'): DecoderNllResult {
   const B = checkDecoderNllArgs(a);
   const [n, c] = a.z.shape;
   const [gh, gw] = a.pos.shape;
@@ -66,6 +66,7 @@ export function decoderNll(a: DecoderNllArgs, device: StageDevice = 'cpu'): Deco
       // the decoder's last weight tensor keys its buffers (fresh pages had cost ~25% of a stage)
       workspace: weighted.length ? workspaceFor(weighted[weighted.length - 1].weight) : undefined,
       device,
+      ...(precision !== 'fp32' ? { precision } : {}),
     });
     extra = { means: r.means, logMasks: r.logMasks };
     return {

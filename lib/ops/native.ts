@@ -11,7 +11,7 @@
 import { tf } from '../tf';
 import { colSums, f32 } from './arrays';
 import { nativeStatus } from '../native';
-import { ADDON_ACT, addonOps as nhwc, nativeOpsAvailable, workspaceFor, type StageDevice } from './addon';
+import { ADDON_ACT, addonOps as nhwc, nativeOpsAvailable, workspaceFor, type ConvPrecision, type StageDevice } from './addon';
 import { decoderNll } from './native-decoder';
 import { slotCompetition } from './native-attention';
 import { dualGruCell, gruCell } from './native-gru';
@@ -21,9 +21,11 @@ import { convTransposeShapes, paramGradsEnabled, type ConvOptions, type ConvTran
 
 /**
  * conv2d as tfjsOps.conv2d: x [n,h,w,cin] NHWC, weight [cout,cin,kh,kw], bias [cout]. On `device`
- * ('cuda:N', 'simt') the GPU kernels run it, with its buffers kept per weight tensor.
+ * ('cuda:N', 'simt') the GPU kernels run it, with its buffers kept per weight tensor; on the CPU,
+ * its products in `precision`.
  */
-export function conv2d(x: tf.Tensor4D, weight: tf.Tensor, bias: tf.Tensor, opts: ConvOptions = {}, device: StageDevice = 'cpu'): tf.Tensor4D {
+export function conv2d(x: tf.Tensor4D, weight: tf.Tensor, bias: tf.Tensor, opts: ConvOptions = {}, device: StageDevice = 'cpu',
+  precision: ConvPrecision = 'fp32'): tf.Tensor4D {
   const [n, h, w, cin] = x.shape;
   const [cout, wcin, kh, kw] = weight.shape;
   if (wcin !== cin) throw new Error(`conv2d: input has ${cin} channels, weight [${weight.shape}] expects ${wcin}`);
@@ -38,7 +40,8 @@ export function conv2d(x: tf.Tensor4D, weight: tf.Tensor, bias: tf.Tensor, opts:
   const wShape = [cout, cin, kh, kw];
   const s = [stride, stride], p = [pad, pad], a = [ADDON_ACT[act]];
   const k = nhwc();
-  const dev: [StageDevice?, object?] = device === 'cpu' ? [] : [device, workspaceFor(weight)];
+  const dev: [StageDevice?, (object | null)?, ConvPrecision?] =
+    device !== 'cpu' ? [device, workspaceFor(weight)] : precision !== 'fp32' ? [device, null, precision] : [];
   const op = tf.customGrad((xt, wt, bt, save) => {
     const y = k.nhwcConv2d(f32(xt as tf.Tensor), xShape, f32(wt as tf.Tensor), wShape, f32(bt as tf.Tensor), s, p, a, ...dev);
     const value = tf.tensor4d(y, [n, oh, ow, cout]);
@@ -353,21 +356,34 @@ export function parseStageDevice(name: string): StageDevice {
   throw new Error(`unknown device ${JSON.stringify(name)} (use cpu or cuda:N)`);
 }
 
-const opsOnDevice = new Map<StageDevice, Ops>();
+/** Checks a precision name; returns it typed, or throws saying what is allowed. */
+export function parseConvPrecision(name: string): ConvPrecision {
+  if (name === 'fp32' || name === 'bf16') return name;
+  throw new Error(`unknown precision ${JSON.stringify(name)} (use fp32 or bf16)`);
+}
+
+const opsOnDevice = new Map<string, Ops>();
 
 /**
  * nativeOps with the decoding stage (the decoder and the likelihood, forward and backward: most
  * of a step's arithmetic) and the convolutions outside it (the encoder's) on `device`; everything
  * else stays on the CPU kernels. A clear error when the addon has no CUDA or no such device.
+ * `precision` 'bf16' (CPU only) computes those convolutions' products in mixed precision
+ * (ConvPrecision).
  */
-export function nativeOpsOn(device: StageDevice): Ops {
-  if (device === 'cpu') return nativeOps;
-  const cached = opsOnDevice.get(device);
+export function nativeOpsOn(device: StageDevice, precision: ConvPrecision = 'fp32'): Ops {
+  if (device === 'cpu' && precision === 'fp32') return nativeOps;
+  const key = `${device}/${precision}`;
+  const cached = opsOnDevice.get(key);
   if (cached) return cached;
   const st = nativeStatus();
-  if (!st.available || !nativeOpsAvailable()) throw new Error(`device ${device}: the native addon is not available (${st.reason ?? 'too old'}); build it with \`npm run build:native\``);
+  const what = device === 'cpu' ? `precision ${precision}` : `device ${device}`;
+  if (!st.available || !nativeOpsAvailable()) throw new Error(`${what}: the native addon is not available (${st.reason ?? 'too old'}); build it with \`npm run build:native\``);
   const info = st.info!;
-  if (device === 'simt') {
+  if (precision !== 'fp32') {
+    if (device !== 'cpu') throw new Error(`precision ${precision} is for the CPU kernels; on ${device} the kernels compute in fp32`);
+    if (!info.bf16) throw new Error(`precision ${precision}: the addon at ${st.path} predates it; rebuild it with \`npm run build:native\``);
+  } else if (device === 'simt') {
     if (!info.simtEmulator) throw new Error(`device simt: the addon at ${st.path} predates the SIMT emulator; rebuild it with \`npm run build:native\``);
   } else {
     const index = Number(device.slice(5));
@@ -378,24 +394,26 @@ export function nativeOpsOn(device: StageDevice): Ops {
   }
   const ops: Ops = {
     ...nativeOps,
-    decoderNll: (a) => decoderNll(a, device),
-    conv2d: (x, w, b, opts) => conv2d(x, w, b, opts, device),
+    decoderNll: (a) => decoderNll(a, device, precision),
+    conv2d: (x, w, b, opts) => conv2d(x, w, b, opts, device, precision),
   };
-  opsOnDevice.set(device, ops);
+  opsOnDevice.set(key, ops);
   return ops;
 }
 
 /**
  * The ops of a backend by name: 'native' (the addon; an error saying why when it is not
  * available), 'js' (the pure TypeScript reference) or 'auto' (native when built, else js), with
- * the decoding stage on `device` ('cpu' unless asked: a GPU is never picked behind the user's back).
+ * the decoding stage on `device` ('cpu' unless asked: a GPU is never picked behind the user's back)
+ * and the CPU convolutions' products in `precision` (ConvPrecision; native only).
  */
-export function opsForBackend(name: string, device: string = 'cpu'): Ops {
+export function opsForBackend(name: string, device: string = 'cpu', precision: string = 'fp32'): Ops {
   if (name !== 'native' && name !== 'js' && name !== 'auto') throw new Error(`unknown backend ${JSON.stringify(name)} (use native, js or auto)`);
   const dev = parseStageDevice(device);
-  if (dev !== 'cpu') {
-    if (name === 'js') throw new Error(`device ${dev} needs the native backend (--backend native), not js`);
-    return nativeOpsOn(dev);
+  const prec = parseConvPrecision(precision);
+  if (dev !== 'cpu' || prec !== 'fp32') {
+    if (name === 'js') throw new Error(`${dev !== 'cpu' ? `device ${dev}` : `precision ${prec}`} needs the native backend (--backend native), not js`);
+    return nativeOpsOn(dev, prec);
   }
   if (name === 'auto') return defaultOps();
   if (name === 'js') return tfjsOps;

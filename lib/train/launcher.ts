@@ -46,6 +46,8 @@ export interface WorkerJob {
   backend?: string;
   /** device of the decoding stage on CPU ranks (GPU ranks use cuda:<local rank>) */
   device?: string;
+  /** the CPU convolutions' products on every rank ('fp32' | 'bf16') */
+  precision?: string;
 }
 
 export interface LaunchOptions {

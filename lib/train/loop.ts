@@ -85,6 +85,8 @@ export interface TrainOptions {
   backend?: string;
   /** where the decoding stage runs: 'cpu' (default) or 'cuda:N' (see opsForBackend) */
   device?: string;
+  /** 'fp32' (default) or 'bf16': the CPU convolutions' products (see ConvPrecision) */
+  precision?: string;
 }
 
 export interface TrainSummary {
@@ -308,7 +310,7 @@ async function trainRank(opts: TrainOptions): Promise<TrainSummary> {
     );
   }
 
-  const trainer = new Trainer(config, { comm, ops: opsForBackend(opts.backend ?? 'auto', opts.device ?? 'cpu') });
+  const trainer = new Trainer(config, { comm, ops: opsForBackend(opts.backend ?? 'auto', opts.device ?? 'cpu', opts.precision ?? 'fp32') });
   const noise = new SeededNoise(new Rng(mixSeeds(config.seed, 0x7e15e)));
   // Data parallel: every rank draws the global noise and keeps its rows (the checkpoint keeps
   // the one global RNG state, as a single-rank run's).

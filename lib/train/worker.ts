@@ -97,6 +97,7 @@ async function run(r: number, local: number, worldSize: number, backend: Distrib
       distributed: { comm, checksumEvery: job.checksumEvery },
       backend: job.backend,
       device: backend === 'nccl' ? `cuda:${local}` : job.device,
+      precision: job.precision,
       callbacks: r === 0 ? { onStep: (res) => void post({ type: 'step', step: res.step }).catch(() => undefined) } : undefined,
     });
   } finally {
