@@ -137,6 +137,7 @@ async function main(): Promise<void> {
       fmt((3 * flops) / totCpu / 1e9), fmt((3 * flops) / totTf / 1e9, 2), fmt(totTf / tot, 0) + 'x']);
     const widths = header.map((_, i) => Math.max(...rows.map((r) => r[i].length)));
     for (const r of rows) console.log('  ' + r.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join('  '));
+    nhwcRows(L, x, w, b, dy, flops);
     console.log('');
   }
   // The GEMM core through matmul (tfjs matMul on the same shapes, fewer repetitions).
@@ -167,6 +168,25 @@ async function main(): Promise<void> {
 
   const rss = process.resourceUsage().maxRSS / 1024;
   console.log(`peak RSS ${fmt(rss, 0)} MB`);
+}
+
+/**
+ * The same layer on the model's path: the NHWC kernels (implicit GEMM where the channels allow),
+ * in fp32 and, where the addon has it, precision bf16 (against twice the FMA peak on AVX512_BF16).
+ */
+function nhwcRows(L: (typeof LAYERS)[number], x: Float32Array, w: Float32Array, b: Float32Array, dy: Float32Array, flops: number): void {
+  const k = addonOps();
+  const [N, C, H, W] = L.x;
+  const xs = [N, H, W, C], st = [1, 1], pd = [L.pad, L.pad], lin = [0];
+  const bf16 = nativeStatus().info!.bf16;
+  const out: string[] = [];
+  for (const precision of bf16 ? (['fp32', 'bf16'] as const) : (['fp32'] as const)) {
+    const fwd = time(() => k.nhwcConv2d(x, xs, w, L.w, b, st, pd, lin, 'cpu', null, precision), REPS);
+    const dx = time(() => k.nhwcConv2dBackward(x, xs, w, L.w, null, dy, st, pd, lin, true, false, 'cpu', null, precision), REPS);
+    const dw = time(() => k.nhwcConv2dBackward(x, xs, w, L.w, null, dy, st, pd, lin, false, true, 'cpu', null, precision), REPS);
+    out.push(`${precision} forward ${fmt(flops / fwd.best / 1e9, 0)}, input grad ${fmt(flops / dx.best / 1e9, 0)}, filter grad ${fmt(flops / dw.best / 1e9, 0)}`);
+  }
+  console.log(`  NHWC (the model's kernels), GFLOP/s: ${out.join('; ')}${bf16 ? ` (bf16: ${bf16})` : ''}`);
 }
 
 /**

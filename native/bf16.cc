@@ -154,34 +154,33 @@ void bf16_gemm_serial(const Bf16Gemm& g) {
   }
 }
 
-void bf16_pack_b(int64_t K, int64_t N, const float* B, int64_t ldb, uint32_t* dst) {
+namespace {
+
+// Columns of src [K, N] (row-major, ld) in panels of `width`: dst[(j / width)·K2·width + k2·width
+// + j % width] = pair(src[2·k2, j], src[2·k2 + 1, j]), zero past K and N.
+void pack_pair_panels(int64_t K, int64_t N, const float* src, int64_t ld, int64_t width, uint32_t* dst) {
   const Bf16Kernel& k = bf16_kernel();
   const int64_t K2 = bf16_pairs(K);
-  for (int64_t jr = 0; jr < N; jr += kBf16NR) {
-    const int64_t nr = N - jr < kBf16NR ? N - jr : kBf16NR;
-    uint32_t* panel = dst + (jr / kBf16NR) * K2 * kBf16NR;
+  for (int64_t j0 = 0; j0 < N; j0 += width) {
+    const int64_t n = N - j0 < width ? N - j0 : width;
+    uint32_t* panel = dst + (j0 / width) * K2 * width;
     for (int64_t k2 = 0; k2 < K2; ++k2) {
-      uint32_t* d = panel + k2 * kBf16NR;
-      const float* even = B + 2 * k2 * ldb + jr;
-      k.interleave(even, 2 * k2 + 1 < K ? even + ldb : nullptr, nr, d);
-      for (int64_t j = nr; j < kBf16NR; ++j) d[j] = 0;
+      uint32_t* d = panel + k2 * width;
+      const float* even = src + 2 * k2 * ld + j0;
+      k.interleave(even, 2 * k2 + 1 < K ? even + ld : nullptr, n, d);
+      for (int64_t j = n; j < width; ++j) d[j] = 0;
     }
   }
 }
 
+}  // namespace
+
+void bf16_pack_b(int64_t K, int64_t N, const float* B, int64_t ldb, uint32_t* dst) {
+  pack_pair_panels(K, N, B, ldb, kBf16NR, dst);
+}
+
 void bf16_pack_a_transposed(int64_t M, int64_t K, const float* At, int64_t ld, uint32_t* dst) {
-  const Bf16Kernel& k = bf16_kernel();
-  const int64_t K2 = bf16_pairs(K);
-  for (int64_t ir = 0; ir < M; ir += kBf16MR) {
-    const int64_t mr = M - ir < kBf16MR ? M - ir : kBf16MR;
-    uint32_t* panel = dst + (ir / kBf16MR) * K2 * kBf16MR;
-    for (int64_t k2 = 0; k2 < K2; ++k2) {
-      uint32_t* d = panel + k2 * kBf16MR;
-      const float* even = At + 2 * k2 * ld + ir;
-      k.interleave(even, 2 * k2 + 1 < K ? even + ld : nullptr, mr, d);
-      for (int64_t i = mr; i < kBf16MR; ++i) d[i] = 0;
-    }
-  }
+  pack_pair_panels(K, M, At, ld, kBf16MR, dst);
 }
 
 #if !defined(EMORL_BF16_AVX512)

@@ -37,6 +37,15 @@ struct GemmKernel {
   // 12 chains x `iters` rounds of vector multiply-adds (2 FLOP per lane each); see peak_gflops.
   float (*fma_probe)(int64_t iters);
   int vector_width;  // floats per vector register
+  // Implicit-GEMM convolution tiles (the convolutions' products without a column matrix): row i of
+  // A is, for each of `taps` kernel taps t, the C floats at rows[i] + tap_off[t] (mr rows; MR row
+  // pointers, those past mr repeating a valid one); b a packed B panel over taps·C rows.
+  // C[mr x nr] = the product.
+  void (*conv_tile)(const float* const* rows, int64_t taps, const int64_t* tap_off, int64_t C, const float* b, float* c,
+                    int64_t ldc, int64_t mr, int64_t nr);
+  // C[mr x nr] += Σ_k a[k·astride + i] · B[k, j], row k of B at b + b_row[k] + b_off (nr floats).
+  void (*gather_tile)(int64_t K, const float* a, int64_t astride, const float* b, const int64_t* b_row, int64_t b_off,
+                      float* c, int64_t ldc, int64_t mr, int64_t nr);
 };
 
 const GemmKernel* gemm_kernel_generic();

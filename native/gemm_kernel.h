@@ -108,6 +108,27 @@ static void pack_b(bool tb, const float* B, int64_t ldb, int64_t kc, int64_t nc,
   }
 }
 
+// The accumulators of a register tile written to C (+ C when accumulating); only mr x nr of them.
+static inline void store_tile(vf (&s)[MR][NV], float* __restrict c, int64_t ldc, int64_t mr, int64_t nr, bool acc) {
+  if (mr == MR && nr == NR) {
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) {
+        vfu* cp = reinterpret_cast<vfu*>(c + i * ldc + j * VW);
+        *cp = acc ? *cp + s[i][j] : s[i][j];
+      }
+  } else {
+    alignas(64) float t[MR * NR];
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) *reinterpret_cast<vf*>(t + i * NR + j * VW) = s[i][j];
+    for (int64_t i = 0; i < mr; ++i)
+      for (int64_t j = 0; j < nr; ++j) c[i * ldc + j] = acc ? c[i * ldc + j] + t[i * NR + j] : t[i * NR + j];
+  }
+}
+
 // C[mr x nr] (+)= A-panel * Bp-panel over kc steps. The A panel is either packed (Direct = false:
 // element (i, p) at a[p*MR + i]) or read in place from row-major A (Direct = true: row i at
 // a + i*lda, rows past mr clamped to the last valid one; their results are discarded).
@@ -133,23 +154,7 @@ static inline void micro_kernel(int64_t kc, const float* __restrict a, int64_t l
       for (int j = 0; j < NV; ++j) s[i][j] += ai * bv[j];
     }
   }
-  if (mr == MR && nr == NR) {
-#pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) {
-        vfu* cp = reinterpret_cast<vfu*>(c + i * ldc + j * VW);
-        *cp = acc ? *cp + s[i][j] : s[i][j];
-      }
-  } else {
-    alignas(64) float t[MR * NR];
-#pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) *reinterpret_cast<vf*>(t + i * NR + j * VW) = s[i][j];
-    for (int64_t i = 0; i < mr; ++i)
-      for (int64_t j = 0; j < nr; ++j) c[i * ldc + j] = acc ? c[i * ldc + j] + t[i * NR + j] : t[i * NR + j];
-  }
+  store_tile(s, c, ldc, mr, nr, acc);
 }
 
 static void serial(const GemmCall& g, float* Ap, float* Bp) {
@@ -183,6 +188,62 @@ static void serial(const GemmCall& g, float* Ap, float* Bp) {
       }
     }
   }
+}
+
+// An implicit-GEMM convolution tile (no column matrix): C[mr x nr] = Σ_t Σ_k rows[i][tap_off[t] + k]
+// · b[(t·C + k)·NR + j], b a packed B panel over taps·C rows (rows past mr repeat a valid one).
+static void conv_tile(const float* const* rows, int64_t taps, const int64_t* tap_off, int64_t C, const float* b, float* c,
+                      int64_t ldc, int64_t mr, int64_t nr) {
+  vf s[MR][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) s[i][j] = vf{};
+  const float* row[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) row[i] = rows[i];
+  for (int64_t t = 0; t < taps; ++t) {
+    const int64_t off = tap_off[t];
+    const float* bt = b + t * C * NR;
+    for (int64_t k = 0; k < C; ++k) {
+      vf bv[NV];
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) bv[j] = *reinterpret_cast<const vf*>(bt + k * NR + j * VW);
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i) {
+        const vf ai = splat(row[i][off + k]);
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; ++j) s[i][j] += ai * bv[j];
+      }
+    }
+  }
+  store_tile(s, c, ldc, mr, nr, false);
+}
+
+// A filter-gradient tile: C[mr x nr] += Σ_k a[k·astride + i] · (b + b_row[k] + b_off)[j] (rows of B
+// gathered through an offset table; a is read for i < MR, so it must extend that far).
+static void gather_tile(int64_t K, const float* a, int64_t astride, const float* b, const int64_t* b_row, int64_t b_off,
+                        float* c, int64_t ldc, int64_t mr, int64_t nr) {
+  vf s[MR][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) s[i][j] = vf{};
+  const float* bb = b + b_off;
+  for (int64_t k = 0; k < K; ++k) {
+    const float* bk = bb + b_row[k];
+    const float* ak = a + k * astride;
+    vf bv[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) bv[j] = *reinterpret_cast<const vfu*>(bk + j * VW);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const vf ai = splat(ak[i]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) s[i][j] += ai * bv[j];
+    }
+  }
+  store_tile(s, c, ldc, mr, nr, true);
 }
 
 // FMA throughput probe (for the benchmarks' "fraction of peak"): 12 independent multiply-add
@@ -223,7 +284,9 @@ const GemmKernel* EMORL_GEMM_GETTER() {
                             &EMORL_GEMM_NS::pack_a_full,
                             &EMORL_GEMM_NS::pack_b_full,
                             &EMORL_GEMM_NS::fma_probe,
-                            EMORL_GEMM_NS::VW};
+                            EMORL_GEMM_NS::VW,
+                            &EMORL_GEMM_NS::conv_tile,
+                            &EMORL_GEMM_NS::gather_tile};
   return &k;
 }
 

@@ -1,7 +1,9 @@
-// NHWC convolutions (see nhwc.h). One parallel region per call; each thread takes whole images
-// (so its col2im writes touch only its own maps) and walks their column-matrix rows in chunks of
-// ~256 KB: im2col over NHWC rows (kh*kw contiguous runs of C floats), a single-threaded GEMM with
-// thread-private packing buffers while the chunk is in cache, and the fused bias/activation.
+// NHWC convolutions (see nhwc.h). One parallel region per call; each thread takes whole images.
+// The forward pass, the stride-1 input gradient (a forward convolution) and, when the channels
+// fill whole register tiles, the filter gradient run as implicit GEMMs on a zero-padded copy of
+// each image's map (no column matrix; see PaddedGeom). The other products walk column-matrix rows
+// in chunks of ~512 KB: im2col over NHWC rows (kh*kw contiguous runs of C floats), a
+// single-threaded GEMM with thread-private packing buffers while the chunk is in cache, col2im.
 // Filter and bias gradients are accumulated per thread and summed at the end.
 #include "nhwc.h"
 
@@ -35,31 +37,6 @@ void im2col_rows(const NhwcGeom& g, const float* x, int64_t r0, int64_t r1, floa
         float* d = dst + (ky * g.kw + kx) * C;
         if (ix < 0 || ix >= g.W) std::memset(d, 0, sizeof(float) * C);
         else std::memcpy(d, xn + (iy * g.W + ix) * C, sizeof(float) * C);
-      }
-    }
-  }
-}
-
-// Rows [r0, r1) of the column matrix written straight into the GEMM's packed-B layout (panels of
-// nr columns: cols + (panel * rows + (r - r0)) * nr), for C a multiple of nr, so that each panel
-// holds nr channels of one kernel tap: one contiguous run of the image map (or zeros).
-void im2col_rows_packed_b(const NhwcGeom& g, const float* x, int64_t r0, int64_t r1, int64_t nr, float* cols) {
-  const int64_t C = g.C, HoWo = g.Ho * g.Wo, rows = r1 - r0, blocks = C / nr;
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t n = r / HoWo, q = r % HoWo, oy = q / g.Wo, ox = q % g.Wo;
-    const float* xn = x + n * g.H * g.W * C;
-    for (int64_t ky = 0; ky < g.kh; ++ky) {
-      const int64_t iy = oy * g.sh - g.pt + ky;
-      for (int64_t kx = 0; kx < g.kw; ++kx) {
-        const int64_t ix = ox * g.sw - g.pl + kx;
-        const bool inside = iy >= 0 && iy < g.H && ix >= 0 && ix < g.W;
-        const float* src = inside ? xn + (iy * g.W + ix) * C : nullptr;
-        const int64_t panel0 = (ky * g.kw + kx) * blocks;
-        for (int64_t b = 0; b < blocks; ++b) {
-          float* d = cols + ((panel0 + b) * rows + (r - r0)) * nr;
-          if (src) std::memcpy(d, src + b * nr, sizeof(float) * nr);
-          else std::memset(d, 0, sizeof(float) * nr);
-        }
       }
     }
   }
@@ -149,6 +126,23 @@ struct Scratch {
   uint32_t* pb() { return reinterpret_cast<uint32_t*>(pairsB.data()); }
 };
 
+// The per-thread bias-gradient sums (doubles) into db.
+void reduce_bias_grads(const std::vector<Scratch>& sc, int64_t Co, float* db) {
+  for (int64_t j = 0; j < Co; ++j) {
+    double t = 0;
+    for (const auto& s : sc) t += s.dsum[static_cast<size_t>(j)];
+    db[j] = static_cast<float>(t);
+  }
+}
+
+// The per-thread accumulators (n floats each) summed into the first one, which is returned.
+float* reduce_accumulators(std::vector<Scratch>& sc, int64_t n) {
+  float* acc = sc[0].acc.data();
+  for (size_t t = 1; t < sc.size(); ++t)
+    for (int64_t i = 0; i < n; ++i) acc[i] += sc[t].acc.data()[i];
+  return acc;
+}
+
 std::vector<Scratch> scratch(int nt, int64_t cols, int64_t g, int64_t acc, int64_t dsum) {
   std::vector<Scratch> s(static_cast<size_t>(nt));
   const GemmKernel& k = gemm_kernel();
@@ -192,146 +186,222 @@ int64_t chunk_rows(int64_t width) { return std::max<int64_t>(1, kChunkFloats / s
 
 namespace {
 
-// The forward product in bf16 as an implicit GEMM: each image is converted once into a zero-padded
-// map of channel pairs [Hp, Wp, C2] (an odd C gets a zero channel), and the register tiles read
-// their rows straight from it, tap by tap (bf16.h conv_tile): no column matrix.
-void conv2d_forward_bf16(const NhwcGeom& g, int64_t Co, const float* x, const float* w, const float* bias, Act act,
-                         float* y, int nthreads) {
-  const int64_t KK = g.kh * g.kw, C = g.C, Cp = C + (C & 1), C2 = Cp / 2, HoWo = g.Ho * g.Wo;
-  const int64_t Hp = std::max(g.H + g.pt, (g.Ho - 1) * g.sh + g.kh), Wp = std::max(g.W + g.pl, (g.Wo - 1) * g.sw + g.kw);
-  AlignedBuf wm(static_cast<size_t>(KK * Cp * Co), true);
-  for (int64_t co = 0; co < Co; ++co)
-    for (int64_t ci = 0; ci < C; ++ci)
-      for (int64_t k = 0; k < KK; ++k) wm.data()[(k * Cp + ci) * Co + co] = w[(co * C + ci) * KK + k];
-  AlignedBuf wpb(static_cast<size_t>(bf16_packed_b_size(KK * Cp, Co)));
-  const uint32_t* wp = reinterpret_cast<const uint32_t*>(wpb.data());
-  bf16_pack_b(KK * Cp, Co, wm.data(), Co, reinterpret_cast<uint32_t*>(wpb.data()));
-  std::vector<int64_t> tap_off(static_cast<size_t>(KK));
-  for (int64_t ky = 0; ky < g.kh; ++ky)
-    for (int64_t kx = 0; kx < g.kw; ++kx) tap_off[static_cast<size_t>(ky * g.kw + kx)] = (ky * Wp + kx) * C2;
+// Implicit GEMM: the convolutions' products read straight from a zero-padded copy of one image's
+// map [Hp, Wp, ·], so no column matrix is formed. With the padding in the copy, every kernel tap
+// of every output cell is inside it: a tap is a fixed offset from the cell's corner.
+struct PaddedGeom {
+  int64_t Hp, Wp;
+  explicit PaddedGeom(const NhwcGeom& g)
+      : Hp(std::max(g.H + g.pt, (g.Ho - 1) * g.sh + g.kh)), Wp(std::max(g.W + g.pl, (g.Wo - 1) * g.sw + g.kw)) {}
+  // offset (in elements, `per` per cell) of tap (ky, kx) from a cell's corner
+  std::vector<int64_t> tap_offsets(const NhwcGeom& g, int64_t per) const {
+    std::vector<int64_t> o(static_cast<size_t>(g.kh * g.kw));
+    for (int64_t ky = 0; ky < g.kh; ++ky)
+      for (int64_t kx = 0; kx < g.kw; ++kx) o[static_cast<size_t>(ky * g.kw + kx)] = (ky * Wp + kx) * per;
+    return o;
+  }
+  // offset of output cell q's corner
+  int64_t corner(const NhwcGeom& g, int64_t q, int64_t per) const { return ((q / g.Wo) * g.sh * Wp + (q % g.Wo) * g.sw) * per; }
+};
+
+constexpr int kMaxMR = 16;
+
+// The forward pass by register tiles of mr output cells x nr channels: per image, fill(n, map)
+// writes the padded map (elements of type T, `per` per cell; borders stay as first zeroed), then
+// tile(rows, taps offsets, c, mr, jr, nr) computes the tile at output row block rows / channels jr.
+template <typename T, typename Fill, typename Tile>
+void implicit_forward(const NhwcGeom& g, int64_t Co, int64_t per, const float* bias, Act act, float* y, int nthreads,
+                      int MR, int NR, Fill fill, Tile tile) {
+  const PaddedGeom pg(g);
+  const std::vector<int64_t> taps = pg.tap_offsets(g, per);
+  const int64_t HoWo = g.Ho * g.Wo;
   const int nt = image_threads(nthreads, g.N);
-  std::vector<Scratch> sc(static_cast<size_t>(nt));
-  for (auto& t : sc) t.pairsA.reset(static_cast<size_t>(Hp * Wp * C2), true);  // borders stay zero
-  const Bf16Kernel& k = bf16_kernel();
+  const size_t floats = static_cast<size_t>((pg.Hp * pg.Wp * per * static_cast<int64_t>(sizeof(T)) + 3) / 4);
+  std::vector<AlignedBuf> maps(static_cast<size_t>(nt));
+  for (auto& m : maps) m.reset(floats, true);
   parallel_region(nt, [&](int tid, int ntt) {
     int64_t i0, i1;
     split_range(g.N, tid, ntt, i0, i1);
-    uint32_t* xp = sc[tid].pa();
-    const uint32_t* rows[kBf16MR];
+    T* map = reinterpret_cast<T*>(maps[tid].data());
+    const T* rows[kMaxMR];
     for (int64_t n = i0; n < i1; ++n) {
-      for (int64_t iy = 0; iy < g.H; ++iy) {
-        const float* src = x + (n * g.H + iy) * g.W * C;
-        uint32_t* dst = xp + ((iy + g.pt) * Wp + g.pl) * C2;
-        if (C % 2 == 0) k.to_pairs(src, g.W * C, dst);
-        else
-          for (int64_t ix = 0; ix < g.W; ++ix) k.to_pairs(src + ix * C, C, dst + ix * C2);
-      }
+      fill(n, map, pg);
       float* yn = y + n * HoWo * Co;
-      for (int64_t r = 0; r < HoWo; r += kBf16MR) {
-        const int64_t mr = std::min<int64_t>(kBf16MR, HoWo - r);
-        for (int64_t i = 0; i < kBf16MR; ++i) {
-          const int64_t q = r + std::min(i, mr - 1), oy = q / g.Wo, ox = q % g.Wo;
-          rows[i] = xp + (oy * g.sh * Wp + ox * g.sw) * C2;
-        }
-        for (int64_t jr = 0; jr < Co; jr += kBf16NR)
-          k.conv_tile(rows, KK, tap_off.data(), C2, wp + (jr / kBf16NR) * KK * C2 * kBf16NR, yn + r * Co + jr, Co, mr,
-                      std::min<int64_t>(kBf16NR, Co - jr));
+      for (int64_t r = 0; r < HoWo; r += MR) {
+        const int64_t mr = std::min<int64_t>(MR, HoWo - r);
+        for (int64_t i = 0; i < MR; ++i) rows[i] = map + pg.corner(g, r + std::min(i, mr - 1), per);
+        for (int64_t jr = 0; jr < Co; jr += NR) tile(rows, taps.data(), yn + r * Co + jr, mr, jr, std::min<int64_t>(NR, Co - jr));
       }
       bias_act_rows(yn, HoWo, Co, bias, act);
     }
   });
 }
 
-// The filter (and bias) gradient in bf16 for C a multiple of kBf16NR, as an implicit GEMM over
-// the pixels: dWᵀ [Co, P] = Σ_r G[r, ·]ᵀ · cols[r, ·], k running over pairs of neighbouring
-// output pixels of one output row (an odd row's last one pairs with a zero gradient). Per image,
-// the padded input map [Hp·Wp (+ sw), C] becomes X2[q, c] = pair(x[q, c], x[q + sw, c]): the
-// inputs of such a pixel pair at any tap, so a row of B is C contiguous pairs of X2, found
-// through a per-pair offset table. dy·act' is G.
-void conv2d_filter_grad_bf16(const NhwcGeom& g, int64_t Co, const float* x, const float* G, float* dw, float* db,
-                             int nthreads) {
+// Copies image n of x [N, H, W, C] into the interior of its padded map (fp32).
+void fill_padded(const NhwcGeom& g, const float* x, int64_t n, float* map, const PaddedGeom& pg) {
+  for (int64_t iy = 0; iy < g.H; ++iy)
+    std::memcpy(map + ((iy + g.pt) * pg.Wp + g.pl) * g.C, x + (n * g.H + iy) * g.W * g.C, sizeof(float) * g.W * g.C);
+}
+
+// fp32: the packed weights [P, Co] as the GEMM's B panels, the map as is.
+void conv2d_forward_fp32(const NhwcGeom& g, int64_t Co, const float* x, const float* w, const float* bias, Act act, float* y,
+                         int nthreads) {
+  const GemmKernel& k = gemm_kernel();
+  const int64_t KK = g.kh * g.kw, C = g.C;
+  const AlignedBuf wm = weight_matrix(g, Co, w);
+  const AlignedBuf wp = prepack_b(false, KK * C, Co, wm.data(), Co);
+  implicit_forward<float>(
+      g, Co, C, bias, act, y, nthreads, k.mr, k.nr,
+      [&](int64_t n, float* map, const PaddedGeom& pg) { fill_padded(g, x, n, map, pg); },
+      [&](const float* const* rows, const int64_t* taps, float* c, int64_t mr, int64_t jr, int64_t nr) {
+        k.conv_tile(rows, KK, taps, C, wp.data() + (jr / k.nr) * KK * C * k.nr, c, Co, mr, nr);
+      });
+}
+
+// bf16: the map as channel pairs (an odd C gets a zero channel), the weights as packed pairs.
+void conv2d_forward_bf16(const NhwcGeom& g, int64_t Co, const float* x, const float* w, const float* bias, Act act,
+                         float* y, int nthreads) {
+  const Bf16Kernel& k = bf16_kernel();
+  const int64_t KK = g.kh * g.kw, C = g.C, Cp = C + (C & 1), C2 = Cp / 2;
+  AlignedBuf wm(static_cast<size_t>(KK * Cp * Co), true);
+  for (int64_t co = 0; co < Co; ++co)
+    for (int64_t ci = 0; ci < C; ++ci)
+      for (int64_t t = 0; t < KK; ++t) wm.data()[(t * Cp + ci) * Co + co] = w[(co * C + ci) * KK + t];
+  AlignedBuf wpb(static_cast<size_t>(bf16_packed_b_size(KK * Cp, Co)));
+  bf16_pack_b(KK * Cp, Co, wm.data(), Co, reinterpret_cast<uint32_t*>(wpb.data()));
+  const uint32_t* wp = reinterpret_cast<const uint32_t*>(wpb.data());
+  implicit_forward<uint32_t>(
+      g, Co, C2, bias, act, y, nthreads, kBf16MR, kBf16NR,
+      [&](int64_t n, uint32_t* map, const PaddedGeom& pg) {
+        for (int64_t iy = 0; iy < g.H; ++iy) {
+          const float* src = x + (n * g.H + iy) * g.W * C;
+          uint32_t* dst = map + ((iy + g.pt) * pg.Wp + g.pl) * C2;
+          if (C % 2 == 0) k.to_pairs(src, g.W * C, dst);
+          else
+            for (int64_t ix = 0; ix < g.W; ++ix) k.to_pairs(src + ix * C, C, dst + ix * C2);
+        }
+      },
+      [&](const uint32_t* const* rows, const int64_t* taps, float* c, int64_t mr, int64_t jr, int64_t nr) {
+        k.conv_tile(rows, KK, taps, C2, wp + (jr / kBf16NR) * KK * C2 * kBf16NR, c, Co, mr, nr);
+      });
+}
+
+// The filter (and bias) gradient dWᵀ [Co, P] = Σ_r G[r, ·]ᵀ · cols[r, ·] by register tiles of MR
+// output channels x NR columns of one tap (C a multiple of NR), k running over steps through the
+// pixels of an image: per image, prepare(n, scratch) returns the A operand (a, astride) and the
+// map (C elements per cell) B's rows are gathered from, b_row[k] the offset of step k's cell
+// corner. alloc(scratch) sizes each thread's buffers before the parallel region. G = dy·act'.
+template <typename Alloc, typename Prepare, typename Tile>
+void implicit_filter_grad(const NhwcGeom& g, int64_t Co, const float* G, float* dw, float* db, int nthreads, int MR, int NR,
+                          const std::vector<int64_t>& b_row, Alloc alloc, Prepare prepare, Tile tile) {
   const int64_t KK = g.kh * g.kw, C = g.C, P = KK * C, HoWo = g.Ho * g.Wo;
-  const int64_t Hp = std::max(g.H + g.pt, (g.Ho - 1) * g.sh + g.kh), Wp = std::max(g.W + g.pl, (g.Wo - 1) * g.sw + g.kw);
-  const int64_t Wo2 = (g.Wo + 1) / 2, K2 = g.Ho * Wo2, cells = Hp * Wp;
-  std::vector<int64_t> b_row(static_cast<size_t>(K2));
-  for (int64_t oy = 0; oy < g.Ho; ++oy)
-    for (int64_t j = 0; j < Wo2; ++j) b_row[static_cast<size_t>(oy * Wo2 + j)] = (oy * g.sh * Wp + 2 * j * g.sw) * C;
+  const PaddedGeom pg(g);
   const int nt = image_threads(nthreads, g.N);
   std::vector<Scratch> sc(static_cast<size_t>(nt));
   for (auto& t : sc) {
-    t.cols.reset(static_cast<size_t>((cells + g.sw) * C), true);  // the padded map: borders stay zero
-    t.pairsB.reset(static_cast<size_t>(cells * C));               // X2
-    t.pairsA.reset(static_cast<size_t>(K2 * Co + kBf16MR));       // G pairs [K2, Co] (+ a tile's overrun)
     t.acc.reset(static_cast<size_t>(Co * P), true);
     if (db) t.dsum.assign(static_cast<size_t>(Co), 0.0);
+    alloc(t);
   }
-  const Bf16Kernel& k = bf16_kernel();
   parallel_region(nt, [&](int tid, int ntt) {
     int64_t i0, i1;
     split_range(g.N, tid, ntt, i0, i1);
     Scratch& s = sc[tid];
-    float* xp = s.cols.data();
-    uint32_t *x2 = s.pb(), *ga = s.pa();
     for (int64_t n = i0; n < i1; ++n) {
-      for (int64_t iy = 0; iy < g.H; ++iy)
-        std::memcpy(xp + ((iy + g.pt) * Wp + g.pl) * C, x + (n * g.H + iy) * g.W * C, sizeof(float) * g.W * C);
-      k.interleave(xp, xp + g.sw * C, cells * C, x2);
-      const float* Gn = G + n * HoWo * Co;
-      for (int64_t oy = 0; oy < g.Ho; ++oy)
-        for (int64_t j = 0; j < Wo2; ++j) {
-          const float* even = Gn + (oy * g.Wo + 2 * j) * Co;
-          k.interleave(even, 2 * j + 1 < g.Wo ? even + Co : nullptr, Co, ga + (oy * Wo2 + j) * Co);
-        }
-      if (db) add_col_sums(Gn, HoWo, Co, s.dsum.data());
+      const auto op = prepare(n, s);  // {a, astride, map}
+      if (db) add_col_sums(G + n * HoWo * Co, HoWo, Co, s.dsum.data());
       for (int64_t ky = 0; ky < g.kh; ++ky)
         for (int64_t kx = 0; kx < g.kw; ++kx)
-          for (int64_t cb = 0; cb < C; cb += kBf16NR) {
-            const int64_t p0 = (ky * g.kw + kx) * C + cb;
-            for (int64_t ir = 0; ir < Co; ir += kBf16MR)
-              k.gather_tile(K2, ga + ir, Co, x2, b_row.data(), (ky * Wp + kx) * C + cb, s.acc.data() + ir * P + p0, P,
-                            std::min<int64_t>(kBf16MR, Co - ir), kBf16NR);
+          for (int64_t cb = 0; cb < C; cb += NR) {
+            const int64_t p0 = (ky * g.kw + kx) * C + cb, off = (ky * pg.Wp + kx) * C + cb;
+            for (int64_t ir = 0; ir < Co; ir += MR)
+              tile(op, ir, b_row.data(), off, s.acc.data() + ir * P + p0, P, std::min<int64_t>(MR, Co - ir));
           }
     }
   });
-  if (db)
-    for (int64_t j = 0; j < Co; ++j) {
-      double t = 0;
-      for (auto& s : sc) t += s.dsum[static_cast<size_t>(j)];
-      db[j] = static_cast<float>(t);
-    }
-  float* acc = sc[0].acc.data();
-  for (size_t t = 1; t < sc.size(); ++t)
-    for (int64_t i = 0; i < P * Co; ++i) acc[i] += sc[t].acc.data()[i];
+  if (db) reduce_bias_grads(sc, Co, db);
+  const float* acc = reduce_accumulators(sc, P * Co);
   for (int64_t co = 0; co < Co; ++co)
     for (int64_t ci = 0; ci < C; ++ci)
-      for (int64_t kk = 0; kk < KK; ++kk) dw[(co * C + ci) * KK + kk] = acc[co * P + kk * C + ci];
+      for (int64_t t = 0; t < KK; ++t) dw[(co * C + ci) * KK + t] = acc[co * P + t * C + ci];
+}
+
+template <typename T>
+struct FilterGradOperands {
+  const T* a;
+  int64_t astride;
+  const T* map;
+};
+
+// fp32: k runs over the output cells; A is G itself (copied with padded rows when Co is not a
+// multiple of MR, since a tile reads MR entries of each row), B's rows are the padded map's.
+void conv2d_filter_grad_fp32(const NhwcGeom& g, int64_t Co, const float* x, const float* G, float* dw, float* db,
+                             int nthreads) {
+  const GemmKernel& k = gemm_kernel();
+  const int64_t HoWo = g.Ho * g.Wo, C = g.C, Cs = (Co + k.mr - 1) / k.mr * k.mr;
+  const PaddedGeom pg(g);
+  std::vector<int64_t> b_row(static_cast<size_t>(HoWo));
+  for (int64_t q = 0; q < HoWo; ++q) b_row[static_cast<size_t>(q)] = pg.corner(g, q, C);
+  implicit_filter_grad(
+      g, Co, G, dw, db, nthreads, k.mr, k.nr, b_row,
+      [&](Scratch& s) {
+        s.cols.reset(static_cast<size_t>(pg.Hp * pg.Wp * C), true);  // the padded map: borders stay zero
+        if (Cs != Co) s.g.reset(static_cast<size_t>(HoWo * Cs), true);
+      },
+      [&](int64_t n, Scratch& s) {
+        fill_padded(g, x, n, s.cols.data(), pg);
+        const float* Gn = G + n * HoWo * Co;
+        if (Cs == Co) return FilterGradOperands<float>{Gn, Co, s.cols.data()};
+        for (int64_t q = 0; q < HoWo; ++q) std::memcpy(s.g.data() + q * Cs, Gn + q * Co, sizeof(float) * Co);
+        return FilterGradOperands<float>{s.g.data(), Cs, s.cols.data()};
+      },
+      [&](const FilterGradOperands<float>& op, int64_t ir, const int64_t* rows, int64_t off, float* c, int64_t ldc, int64_t mr) {
+        k.gather_tile(HoWo, op.a + ir, op.astride, op.map, rows, off, c, ldc, mr, k.nr);
+      });
+}
+
+// bf16: k runs over pairs of neighbouring output cells of one output row (an odd row's last cell
+// pairs with a zero gradient). The padded map becomes X2[q, c] = pair(x[q, c], x[q + sw, c]): the
+// inputs of such a pair at any tap, so a row of B is C contiguous pairs of X2; A is G as pairs.
+void conv2d_filter_grad_bf16(const NhwcGeom& g, int64_t Co, const float* x, const float* G, float* dw, float* db,
+                             int nthreads) {
+  const Bf16Kernel& k = bf16_kernel();
+  const int64_t C = g.C, HoWo = g.Ho * g.Wo, Wo2 = (g.Wo + 1) / 2, K2 = g.Ho * Wo2;
+  const PaddedGeom pg(g);
+  std::vector<int64_t> b_row(static_cast<size_t>(K2));
+  for (int64_t oy = 0; oy < g.Ho; ++oy)
+    for (int64_t j = 0; j < Wo2; ++j) b_row[static_cast<size_t>(oy * Wo2 + j)] = pg.corner(g, oy * g.Wo + 2 * j, C);
+  const int64_t cells = pg.Hp * pg.Wp;
+  implicit_filter_grad(
+      g, Co, G, dw, db, nthreads, kBf16MR, kBf16NR, b_row,
+      [&](Scratch& s) {
+        s.cols.reset(static_cast<size_t>((cells + g.sw) * C), true);  // the padded map (+ the last pair's partner)
+        s.pairsB.reset(static_cast<size_t>(cells * C));               // X2
+        s.pairsA.reset(static_cast<size_t>(K2 * Co + kBf16MR));       // G pairs [K2, Co] (+ a tile's overrun)
+      },
+      [&](int64_t n, Scratch& s) {
+        fill_padded(g, x, n, s.cols.data(), pg);
+        k.interleave(s.cols.data(), s.cols.data() + g.sw * C, cells * C, s.pb());
+        const float* Gn = G + n * HoWo * Co;
+        for (int64_t oy = 0; oy < g.Ho; ++oy)
+          for (int64_t j = 0; j < Wo2; ++j) {
+            const float* even = Gn + (oy * g.Wo + 2 * j) * Co;
+            k.interleave(even, 2 * j + 1 < g.Wo ? even + Co : nullptr, Co, s.pa() + (oy * Wo2 + j) * Co);
+          }
+        return FilterGradOperands<uint32_t>{s.pa(), Co, s.pb()};
+      },
+      [&](const FilterGradOperands<uint32_t>& op, int64_t ir, const int64_t* rows, int64_t off, float* c, int64_t ldc, int64_t mr) {
+        k.gather_tile(K2, op.a + ir, op.astride, op.map, rows, off, c, ldc, mr, kBf16NR);
+      });
 }
 
 }  // namespace
 
 void nhwc_conv2d_forward(const NhwcGeom& g, int64_t Co, const float* x, const float* w, const float* bias, Act act,
                          float* y, int nthreads, Precision prec) {
-  const int64_t P = g.P(), HoWo = g.Ho * g.Wo;
   if (g.M() == 0 || Co == 0) return;
   if (prec == Precision::Bf16 && Co >= 16) return conv2d_forward_bf16(g, Co, x, w, bias, act, y, nthreads);
-  const AlignedBuf wm = weight_matrix(g, Co, w);
-  const AlignedBuf wp = prepack_b(false, P, Co, wm.data(), Co);
-  const int nt = image_threads(nthreads, g.N);
-  const int64_t R = chunk_rows(P);
-  auto sc = scratch(nt, R * P, 0, 0, 0);
-  parallel_region(nt, [&](int tid, int ntt) {
-    int64_t i0, i1;
-    split_range(g.N, tid, ntt, i0, i1);
-    Scratch& s = sc[tid];
-    for (int64_t r0 = i0 * HoWo; r0 < i1 * HoWo; r0 += R) {
-      const int64_t r1 = std::min(i1 * HoWo, r0 + R);
-      im2col_rows(g, x, r0, r1, s.cols.data());
-      GemmCall c = call(false, false, r1 - r0, Co, P, s.cols.data(), P, nullptr, Co, y + r0 * Co, Co, false);
-      c.Bpacked = wp.data();
-      sgemm_serial(c, s.packA.data(), s.packB.data());
-      bias_act_rows(y + r0 * Co, r1 - r0, Co, bias, act);
-    }
-  });
+  conv2d_forward_fp32(g, Co, x, w, bias, act, y, nthreads);
 }
 
 void nhwc_conv2d_backward(const NhwcGeom& g, int64_t Co, const float* x, const float* w, const float* y,
@@ -339,8 +409,8 @@ void nhwc_conv2d_backward(const NhwcGeom& g, int64_t Co, const float* x, const f
   const int64_t P = g.P(), KK = g.kh * g.kw, C = g.C, HoWo = g.Ho * g.Wo, HWC = g.H * g.W * C;
   const bool params = dw || db;
   // Stride 1: the input gradient is itself a stride-1 convolution of dy·act' with the flipped,
-  // transposed kernel and padding k−1−p, which runs as the forward pass does (im2col rows straight
-  // into a narrow GEMM), instead of a GEMM into columns and a col2im scatter.
+  // transposed kernel and padding k−1−p, which runs as the forward pass does (implicit GEMM),
+  // instead of a GEMM into columns and a col2im scatter.
   // (Only for outputs of at least 16 channels: a narrower one, e.g. an RGB input's gradient, would
   // fill a fraction of the register tile's columns; the column path suits it better.)
   if (dx && g.sh == 1 && g.sw == 1 && g.pt <= g.kh - 1 && g.pl <= g.kw - 1 && Co > 0 && g.M() > 0 && C >= 16) {
@@ -361,11 +431,13 @@ void nhwc_conv2d_backward(const NhwcGeom& g, int64_t Co, const float* x, const f
     if (params) nhwc_conv2d_backward(g, Co, x, w, nullptr, Gd, Act::Linear, nullptr, dw, db, nthreads, prec);
     return;
   }
-  if (dw && prec == Precision::Bf16 && C % kBf16NR == 0 && Co > 0 && g.M() > 0) {
-    if (dx) nhwc_conv2d_backward(g, Co, x, w, y, dy, act, dx, nullptr, nullptr, nthreads, prec);  // (strided: fp32)
+  // The filter gradient by implicit GEMM when the channels fill whole register tiles.
+  const bool bf16 = prec == Precision::Bf16;
+  if (dw && C % (bf16 ? kBf16NR : gemm_kernel().nr) == 0 && Co > 0 && g.M() > 0) {
+    if (dx) nhwc_conv2d_backward(g, Co, x, w, y, dy, act, dx, nullptr, nullptr, nthreads, prec);  // (strided: by columns)
     AlignedBuf G(act == Act::Linear ? 0 : static_cast<size_t>(g.M() * Co));
     if (act != Act::Linear) act_grad_parallel(dy, y, g.M() * Co, act, G.data(), nthreads);
-    conv2d_filter_grad_bf16(g, Co, x, act == Act::Linear ? dy : G.data(), dw, db, nthreads);
+    (bf16 ? conv2d_filter_grad_bf16 : conv2d_filter_grad_fp32)(g, Co, x, act == Act::Linear ? dy : G.data(), dw, db, nthreads);
     return;
   }
   const AlignedBuf wm = weight_matrix(g, Co, w);
@@ -374,12 +446,10 @@ void nhwc_conv2d_backward(const NhwcGeom& g, int64_t Co, const float* x, const f
   const int nt = image_threads(nthreads, g.N);
   const int64_t R = chunk_rows(P);
   auto sc = scratch(nt, R * P, R * Co, dw ? P * Co : 0, db ? Co : 0);
-  // The filter gradient as dWᵀ [Co, P] = Gᵀ · cols with cols written straight into packed-B panels
-  // (no packing pass over the largest operand) when the channels fill whole panels; in bf16, the
-  // same product from packed pairs (pairs along the rows, i.e. along the product's k).
-  const int64_t NR = gemm_kernel().nr;
-  const bool bf16_dw = dw && prec == Precision::Bf16;
-  const bool packed_dw = dw && !bf16_dw && C % NR == 0;
+  // The filter gradient (channels that do not fill register tiles) from column chunks: in fp32
+  // dW [P, Co] = colsᵀ · G; in bf16 dWᵀ [Co, P] = Gᵀ · cols from packed pairs (pairs along the
+  // rows, the product's k).
+  const bool bf16_dw = dw && bf16;
   if (bf16_dw)
     for (auto& t : sc) {
       t.pairsA.reset(static_cast<size_t>(bf16_packed_a_size(Co, R)));
@@ -416,11 +486,6 @@ void nhwc_conv2d_backward(const NhwcGeom& g, int64_t Co, const float* x, const f
         c.ldc = P;
         c.accumulate = true;
         bf16_gemm_serial(c);
-      } else if (packed_dw) {
-        im2col_rows_packed_b(g, x, r0, r1, NR, s.cols.data());
-        GemmCall c = call(true, false, Co, P, rows, s.g.data(), Co, nullptr, P, s.acc.data(), P, true);
-        c.Bpacked = s.cols.data();
-        sgemm_serial(c, s.packA.data(), s.packB.data());
       } else if (dw) {
         im2col_rows(g, x, r0, r1, s.cols.data());
         sgemm_serial(call(true, false, P, Co, rows, s.cols.data(), P, s.g.data(), Co, s.acc.data(), Co, true),
@@ -429,21 +494,13 @@ void nhwc_conv2d_backward(const NhwcGeom& g, int64_t Co, const float* x, const f
     }
   });
   if (!params) return;
-  if (db) {
-    for (int64_t j = 0; j < Co; ++j) {
-      double t = 0;
-      for (auto& s : sc) t += s.dsum[j];
-      db[j] = static_cast<float>(t);
-    }
-  }
+  if (db) reduce_bias_grads(sc, Co, db);
   if (dw) {
-    float* acc = sc[0].acc.data();
-    for (size_t t = 1; t < sc.size(); ++t)
-      for (int64_t i = 0; i < P * Co; ++i) acc[i] += sc[t].acc.data()[i];
+    const float* acc = reduce_accumulators(sc, P * Co);
     for (int64_t co = 0; co < Co; ++co)
       for (int64_t ci = 0; ci < C; ++ci)
         for (int64_t k = 0; k < KK; ++k)
-          dw[(co * C + ci) * KK + k] = packed_dw || bf16_dw ? acc[co * P + k * C + ci] : acc[(k * C + ci) * Co + co];
+          dw[(co * C + ci) * KK + k] = bf16_dw ? acc[co * P + k * C + ci] : acc[(k * C + ci) * Co + co];
   }
 }
 
@@ -508,17 +565,9 @@ void nhwc_conv_transpose2d_backward(const NhwcGeom& g, int64_t Ci, const float* 
                      s.packA.data(), s.packB.data());
     }
   });
-  if (db) {
-    for (int64_t j = 0; j < Co; ++j) {
-      double t = 0;
-      for (auto& s : sc) t += s.dsum[j];
-      db[j] = static_cast<float>(t);
-    }
-  }
+  if (db) reduce_bias_grads(sc, Co, db);
   if (dw) {
-    float* acc = sc[0].acc.data();
-    for (size_t t = 1; t < sc.size(); ++t)
-      for (int64_t i = 0; i < Ci * Q; ++i) acc[i] += sc[t].acc.data()[i];
+    const float* acc = reduce_accumulators(sc, Ci * Q);
     for (int64_t ci = 0; ci < Ci; ++ci)
       for (int64_t co = 0; co < Co; ++co)
         for (int64_t k = 0; k < KK; ++k) dw[(ci * Co + co) * KK + k] = acc[ci * Q + k * Co + co];
