@@ -1,9 +1,11 @@
 /**
- * lib/cpu-kernels.ts: the same-shape float32 Add / Sub / Mul that replace the tfjs cpu backend's
- * give exactly float32(a op b) per element, and every other case (broadcasting, int32) still
- * reaches tfjs' own kernel.
+ * lib/cpu-kernels.ts: the float32 Add / Sub / Mul / RealDiv that replace the tfjs cpu backend's
+ * give exactly float32(a op b) per element, same shape or broadcast (against a plain reference
+ * over output coordinates), int32 still reaches tfjs' own kernel; Slice and SplitV copy exactly
+ * what tfjs' own copy (checked against a reference over coordinates).
  */
 import { tf, initBackend } from '../lib/tf';
+import { broadcastAxes, isFastCpuKernel } from '../lib/cpu-kernels';
 
 beforeAll(async () => {
   await initBackend('cpu');
@@ -13,7 +15,25 @@ const ops: [string, (a: tf.Tensor, b: tf.Tensor) => tf.Tensor, (x: number, y: nu
   ['add', tf.add, (x, y) => x + y],
   ['sub', tf.sub, (x, y) => x - y],
   ['mul', tf.mul, (x, y) => x * y],
+  ['div', tf.div, (x, y) => x / y],
 ];
+
+/** Row-major coordinates of flat index i in `shape`. */
+function coords(i: number, shape: number[]): number[] {
+  const c = new Array<number>(shape.length);
+  for (let d = shape.length - 1; d >= 0; d--) {
+    c[d] = i % shape[d];
+    i = Math.floor(i / shape[d]);
+  }
+  return c;
+}
+/** Flat index in `shape` of coordinates c (right-aligned; size-1 axes broadcast). */
+function flatBroadcast(c: number[], shape: number[]): number {
+  let i = 0;
+  const off = c.length - shape.length;
+  for (let d = 0; d < shape.length; d++) i = i * shape[d] + (shape[d] === 1 ? 0 : c[d + off]);
+  return i;
+}
 
 test.each(ops)('%s, same shape: float32 of the exact result, element by element', (_, f, ref) => {
   tf.tidy(() => {
@@ -27,14 +47,76 @@ test.each(ops)('%s, same shape: float32 of the exact result, element by element'
   });
 });
 
-test.each(ops)('%s, broadcasting and int32: tfjs\' own kernel', (_, f, ref) => {
+const broadcastCases: [number[], number[]][] = [
+  [[2, 3], [3]],
+  [[2, 1, 4], [3, 1]],
+  [[], [5]],
+  [[4, 1], [1, 5]],
+  [[3, 1, 2, 1], [1, 4, 1, 6]],
+  [[1, 1], [2, 3]],
+  [[6, 5], [1]],
+];
+
+test.each(ops)('%s, broadcasting: float32 of the exact result at every output coordinate', (_, f, ref) => {
   tf.tidy(() => {
-    const a = tf.tensor2d([1.5, -2, 3, 4.25, 5, -6], [2, 3]);
-    const b = tf.tensor1d([0.5, 2, -1]);
-    expect(Array.from(f(a, b).dataSync())).toEqual([1.5, -2, 3, 4.25, 5, -6].map((v, i) => Math.fround(ref(v, [0.5, 2, -1][i % 3]))));
+    for (const [as, bs] of broadcastCases) {
+      for (const [sa, sb] of [[as, bs], [bs, as]]) {
+        const a = tf.randomUniform(sa, -3, 3, 'float32', 3), b = tf.randomUniform(sb, 0.5, 3, 'float32', 4);
+        const y = f(a, b);
+        const shape = tf.broadcast_util.assertAndGetBroadcastShape(sa, sb);
+        expect(y.shape).toEqual(shape);
+        const av = a.dataSync(), bv = b.dataSync(), yv = y.dataSync();
+        for (let i = 0; i < yv.length; i++) {
+          const c = coords(i, shape);
+          expect(yv[i]).toBe(Math.fround(ref(av[flatBroadcast(c, sa)], bv[flatBroadcast(c, sb)])));
+        }
+      }
+    }
+  });
+});
+
+test('initBackend installs them in place of tfjs\' own', () => {
+  for (const name of ['Add', 'Sub', 'Multiply', 'RealDiv', 'Slice', 'SplitV']) expect([name, isFastCpuKernel(name)]).toEqual([name, true]);
+  expect(isFastCpuKernel('Maximum')).toBe(false);
+});
+
+test('broadcastAxes merges axes each input spans or skips alike', () => {
+  expect(broadcastAxes([32, 1225, 64], [64])).toEqual({ dims: [39200, 64], sa: [64, 1], sb: [0, 1], shape: [32, 1225, 64] });
+  expect(broadcastAxes([4, 1], [1, 5])).toEqual({ dims: [4, 5], sa: [1, 0], sb: [0, 1], shape: [4, 5] });
+  expect(broadcastAxes([2, 3], [4])).toBeNull();
+});
+
+test.each(ops)('%s, int32: tfjs\' own kernel', (_, f, ref) => {
+  tf.tidy(() => {
     const i = f(tf.tensor1d([1, 2, 3], 'int32'), tf.tensor1d([4, 5, 6], 'int32'));
     expect(i.dtype).toBe('int32');
-    expect(Array.from(i.dataSync())).toEqual([1, 2, 3].map((v, k) => ref(v, [4, 5, 6][k])));
+    if (ref(1, 4) === Math.trunc(ref(1, 4))) expect(Array.from(i.dataSync())).toEqual([1, 2, 3].map((v, k) => ref(v, [4, 5, 6][k])));
+  });
+});
+
+test('slice and split copy exactly the elements at their coordinates', () => {
+  tf.tidy(() => {
+    const shape = [3, 4, 5, 70];
+    const x = tf.randomUniform(shape, -1, 1, 'float32', 5);
+    const xv = x.dataSync();
+    const at = (c: number[]) => xv[((c[0] * shape[1] + c[1]) * shape[2] + c[2]) * shape[3] + c[3]];
+    const check = (y: tf.Tensor, begin: number[]) => {
+      const yv = y.dataSync();
+      for (let i = 0; i < yv.length; i++) {
+        const c = coords(i, y.shape);
+        expect(yv[i]).toBe(at(c.map((v, d) => v + begin[d])));
+      }
+    };
+    for (const [begin, size] of [[[0, 0, 0, 0], [3, 4, 5, 70]], [[1, 0, 0, 0], [2, 4, 5, 70]], [[0, 1, 2, 3], [3, 2, 3, 60]], [[2, 3, 4, 69], [1, 1, 1, 1]], [[0, 0, 1, 0], [3, 4, 3, 70]]]) {
+      check(tf.slice(x, begin, size), begin);
+    }
+    const parts = tf.split(x, [30, 40], 3);
+    check(parts[0], [0, 0, 0, 0]);
+    check(parts[1], [0, 0, 0, 30]);
+    const rows = tf.split(x, 2, 2 - 1);
+    check(rows[1], [0, 2, 0, 0]);
+    // int32 still works (tfjs' own kernels)
+    expect(Array.from(tf.split(tf.tensor1d([1, 2, 3, 4], 'int32'), 2)[1].dataSync())).toEqual([3, 4]);
   });
 });
 
