@@ -46,7 +46,15 @@ struct GemmKernel {
   // C[mr x nr] += Σ_k a[k·astride + i] · B[k, j], row k of B at b + b_row[k] + b_off (nr floats).
   void (*gather_tile)(int64_t K, const float* a, int64_t astride, const float* b, const int64_t* b_row, int64_t b_off,
                       float* c, int64_t ldc, int64_t mr, int64_t nr);
+  // A convolution tile for at most kNarrowCo output channels, vectorised over the input channels
+  // (C a multiple of vector_width): C[mr x Co] for mr <= kNarrowRows cells (kNarrowRows row
+  // pointers), weights laid out [Co][taps][C].
+  void (*narrow_tile)(const float* const* rows, int64_t taps, const int64_t* tap_off, int64_t C, int64_t Co, const float* w,
+                      float* c, int64_t ldc, int64_t mr);
 };
+
+constexpr int kNarrowCo = 4;    // the most output channels narrow_tile takes
+constexpr int kNarrowRows = 4;  // output cells per narrow tile
 
 const GemmKernel* gemm_kernel_generic();
 const GemmKernel* gemm_kernel_avx2();

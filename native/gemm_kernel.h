@@ -246,6 +246,51 @@ static void gather_tile(int64_t K, const float* a, int64_t astride, const float*
   store_tile(s, c, ldc, mr, nr, true);
 }
 
+// A convolution with at most kNarrowCo output channels (e.g. a decoder's RGB + mask layer), where
+// a register tile of output channels would sit mostly idle: vectorised over the input channels
+// instead (C a multiple of VW). out[i·ldc + co] = Σ_t Σ_k rows[i][tap_off[t] + k] · w[(co·taps + t)·C + k]
+// for kNarrowRows output cells i < mr (rows past mr repeat a valid one).
+template <int CO>
+static void narrow_tile_co(const float* const* rows, int64_t taps, const int64_t* tap_off, int64_t C, const float* w,
+                           float* c, int64_t ldc, int64_t mr) {
+  constexpr int R = kNarrowRows;
+  vf s[R][CO];
+#pragma GCC unroll 4
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+    for (int o = 0; o < CO; ++o) s[i][o] = vf{};
+  for (int64_t t = 0; t < taps; ++t) {
+    const int64_t off = tap_off[t];
+    for (int64_t k = 0; k < C; k += VW) {
+      vf xv[R];
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i) xv[i] = *reinterpret_cast<const vfu*>(rows[i] + off + k);
+#pragma GCC unroll 4
+      for (int o = 0; o < CO; ++o) {
+        const vf wv = *reinterpret_cast<const vfu*>(w + (o * taps + t) * C + k);
+#pragma GCC unroll 4
+        for (int i = 0; i < R; ++i) s[i][o] += xv[i] * wv;
+      }
+    }
+  }
+  for (int64_t i = 0; i < mr; ++i)
+    for (int o = 0; o < CO; ++o) {
+      float t = 0.f;
+      for (int l = 0; l < VW; ++l) t += s[i][o][l];
+      c[i * ldc + o] = t;
+    }
+}
+
+static void narrow_tile(const float* const* rows, int64_t taps, const int64_t* tap_off, int64_t C, int64_t Co, const float* w,
+                        float* c, int64_t ldc, int64_t mr) {
+  switch (Co) {
+    case 1: return narrow_tile_co<1>(rows, taps, tap_off, C, w, c, ldc, mr);
+    case 2: return narrow_tile_co<2>(rows, taps, tap_off, C, w, c, ldc, mr);
+    case 3: return narrow_tile_co<3>(rows, taps, tap_off, C, w, c, ldc, mr);
+    default: return narrow_tile_co<4>(rows, taps, tap_off, C, w, c, ldc, mr);
+  }
+}
+
 // FMA throughput probe (for the benchmarks' "fraction of peak"): 12 independent multiply-add
 // chains kept in vector registers, `iters` rounds; returns a value that depends on every lane.
 static float fma_probe(int64_t iters) {
@@ -286,7 +331,8 @@ const GemmKernel* EMORL_GEMM_GETTER() {
                             &EMORL_GEMM_NS::fma_probe,
                             EMORL_GEMM_NS::VW,
                             &EMORL_GEMM_NS::conv_tile,
-                            &EMORL_GEMM_NS::gather_tile};
+                            &EMORL_GEMM_NS::gather_tile,
+                            &EMORL_GEMM_NS::narrow_tile};
   return &k;
 }
 

@@ -243,11 +243,25 @@ void fill_padded(const NhwcGeom& g, const float* x, int64_t n, float* map, const
     std::memcpy(map + ((iy + g.pt) * pg.Wp + g.pl) * g.C, x + (n * g.H + iy) * g.W * g.C, sizeof(float) * g.W * g.C);
 }
 
-// fp32: the packed weights [P, Co] as the GEMM's B panels, the map as is.
+// fp32: the packed weights [P, Co] as the GEMM's B panels, the map as is; a narrow output (at
+// most kNarrowCo channels) by tiles vectorised over the input channels, weights [Co][taps][C].
 void conv2d_forward_fp32(const NhwcGeom& g, int64_t Co, const float* x, const float* w, const float* bias, Act act, float* y,
                          int nthreads) {
   const GemmKernel& k = gemm_kernel();
   const int64_t KK = g.kh * g.kw, C = g.C;
+  if (Co <= kNarrowCo && C % k.vector_width == 0) {
+    AlignedBuf wt(static_cast<size_t>(Co * KK * C));
+    for (int64_t co = 0; co < Co; ++co)
+      for (int64_t ci = 0; ci < C; ++ci)
+        for (int64_t t = 0; t < KK; ++t) wt.data()[(co * KK + t) * C + ci] = w[(co * C + ci) * KK + t];
+    implicit_forward<float>(
+        g, Co, C, bias, act, y, nthreads, kNarrowRows, static_cast<int>(Co),
+        [&](int64_t n, float* map, const PaddedGeom& pg) { fill_padded(g, x, n, map, pg); },
+        [&](const float* const* rows, const int64_t* taps, float* c, int64_t mr, int64_t, int64_t) {
+          k.narrow_tile(rows, KK, taps, C, Co, wt.data(), c, Co, mr);
+        });
+    return;
+  }
   const AlignedBuf wm = weight_matrix(g, Co, w);
   const AlignedBuf wp = prepack_b(false, KK * C, Co, wm.data(), Co);
   implicit_forward<float>(

@@ -95,6 +95,8 @@ describeBf16('bf16 convolutions', () => {
     ['stride 2, 64 channels, ELU', [2, 9, 10, 64], [16, 64, 3, 3], 2, 1, 2],
     ['4 output channels (the forward stays fp32)', [2, 7, 7, 32], [4, 32, 3, 3], 1, 1, 0],
     ['40 output channels (partial register tiles), no padding', [1, 6, 5, 32], [40, 32, 3, 3], 1, 0, 0],
+    ['3 output channels from 64 (the narrow fp32 forward tile)', [1, 5, 6, 64], [3, 64, 3, 3], 1, 1, 0],
+    ['1 output channel from 16, ReLU', [2, 6, 5, 16], [1, 16, 3, 3], 1, 1, 1],
   ];
   for (const [name, xs, ws, stride, pad, act] of cases) {
     test(`${name}: values and gradients equal tfjs on bf16-rounded operands`, () => {
