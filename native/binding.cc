@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "attention.h"
 #include "bf16.h"
 #include "common.h"
 #include "conv.h"
@@ -977,6 +978,48 @@ Napi::Value DecoderStageFn(const Napi::CallbackInfo& info, bool) {
   return r;
 }
 
+// slotSoftmax({ dots [B,K,N], B, K, N, eps }) -> { p, a, w [B,K,N], s [B,K] (Float64Array) }
+// slotSoftmaxBackward({ g, w, p [B,K,N], s [B,K] (Float64Array), B, K, N }) -> d/ddots [B,K,N]
+// (attention.h: the slot competition's normalisations).
+Napi::Value SlotSoftmaxFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "slotSoftmax");
+  Props p(a, a.at(0), "spec");
+  const int64_t B = p.integer("B", 1), K = p.integer("K", 1), N = p.integer("N", 1);
+  const std::vector<int64_t> shape{B, K, N};
+  const int64_t n = a.numel(shape, "[B,K,N]");
+  const float* dots = p.f32("dots", n, "[B,K,N] = " + shape_str(shape));
+  const double eps = p.number("eps");
+  if (!(eps >= 0 && eps < 1)) a.range_error("'spec.eps' must be in [0, 1)");
+  auto pv = new_f32(a, n), av = new_f32(a, n), wv = new_f32(a, n);
+  auto sv = Napi::Float64Array::New(a.env(), static_cast<size_t>(B * K));
+  emorl::slot_softmax_forward(dots, B, K, N, eps, pv.Data(), av.Data(), wv.Data(), sv.Data(), threads());
+  Napi::Object r = Napi::Object::New(a.env());
+  r.Set("p", pv);
+  r.Set("a", av);
+  r.Set("w", wv);
+  r.Set("s", sv);
+  return r;
+}
+
+Napi::Value SlotSoftmaxBackwardFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "slotSoftmaxBackward");
+  Props p(a, a.at(0), "spec");
+  const int64_t B = p.integer("B", 1), K = p.integer("K", 1), N = p.integer("N", 1);
+  const std::vector<int64_t> shape{B, K, N};
+  const int64_t n = a.numel(shape, "[B,K,N]");
+  const std::string what = "[B,K,N] = " + shape_str(shape);
+  const float* g = p.f32("g", n, what);
+  const float* w = p.f32("w", n, what);
+  const float* pr = p.f32("p", n, what);
+  Napi::Value sv = p.get("s");
+  if (!sv.IsTypedArray() || sv.As<Napi::TypedArray>().TypedArrayType() != napi_float64_array ||
+      sv.As<Napi::Float64Array>().ElementLength() != static_cast<size_t>(B * K))
+    a.type_error("'spec.s' must be a Float64Array of B*K = " + std::to_string(B * K) + " elements");
+  auto out = new_f32(a, n);
+  emorl::slot_softmax_backward(g, w, pr, sv.As<Napi::Float64Array>().Data(), B, K, N, out.Data(), threads());
+  return out;
+}
+
 // imageNll(raw [B*K,H,W,C+1], target [B,H,W,C], B, K, H, W, C, logVar, gmm, needGrad)
 //   -> { nll [B], draw|null }: the fused likelihood alone (likelihood.h), for tests and the
 //   Slot Attention loss.
@@ -1087,6 +1130,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   env.SetInstanceData(new Napi::FunctionReference(Napi::Persistent(ws_class)));  // per-environment, freed with it
   exports.Set("DecoderWorkspace", ws_class);
   exports.Set("imageNll", Napi::Function::New(env, entry<ImageNllFn, false>, "imageNll"));
+  exports.Set("slotSoftmax", Napi::Function::New(env, entry<SlotSoftmaxFn, false>, "slotSoftmax"));
+  exports.Set("slotSoftmaxBackward", Napi::Function::New(env, entry<SlotSoftmaxBackwardFn, false>, "slotSoftmaxBackward"));
   exports.Set("peakGflops", Napi::Function::New(env, entry<PeakGflops, false>, "peakGflops"));
   exports.Set("gpuPeakGflops", Napi::Function::New(env, entry<GpuPeakGflops, false>, "gpuPeakGflops"));
   exports.Set("reference", ref);

@@ -9,7 +9,7 @@ import { tf, initBackend } from '../lib/tf';
 import { nativeStatus } from '../lib/native';
 import { tfjsOps, type Ops } from '../lib/ops';
 import { nativeOps, nativeOpsAvailable, nativeOpsOn, defaultOps, opsForBackend } from '../lib/ops/native';
-import type { ConvPrecision, StageDevice } from '../lib/ops/addon';
+import { addonOps, type ConvPrecision, type StageDevice } from '../lib/ops/addon';
 import { spawnSync } from 'node:child_process';
 import * as path from 'node:path';
 import type { FusedActivation } from '../lib/ops/conv';
@@ -160,6 +160,16 @@ describeNative('nativeOps ops vs tfjsOps', () => {
       const gt = tf.grads(f(tfjsOps))([q, k, v]);
       ['dq', 'dk', 'dv'].forEach((n, i) => expectScaled(gn[i], gt[i], 1e-4, n));
     });
+  });
+
+  test('the slot softmax kernels check their arguments', () => {
+    const m = addonOps();
+    const dots = new Float32Array(2 * 3 * 5);
+    expect(() => m.slotSoftmax({ dots, B: 2, K: 3, N: 4, eps: 1e-8 })).toThrow(/dots.*\[B,K,N\] = \[2,3,4\]/);
+    expect(() => m.slotSoftmax({ dots, B: 2, K: 3, N: 5, eps: -1 })).toThrow(/eps' must be in \[0, 1\)/);
+    const r = m.slotSoftmax({ dots, B: 2, K: 3, N: 5, eps: 0 });
+    expect(Array.from(r.w.slice(0, 5))).toEqual([0.2, 0.2, 0.2, 0.2, 0.2].map(Math.fround));
+    expect(() => m.slotSoftmaxBackward({ g: r.w, w: r.w, p: r.p, s: new Float64Array(5), B: 2, K: 3, N: 5 })).toThrow(/'spec.s' must be a Float64Array of B\*K = 6/);
   });
 
   test.each([

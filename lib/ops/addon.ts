@@ -39,6 +39,10 @@ export interface NativeAddon {
   peakGflops(seconds?: number): number;
   /** the FP32 FMA throughput of CUDA device `device` (GFLOP/s; addon built with CUDA) */
   gpuPeakGflops(device: number, seconds?: number): number;
+  /** the slot competition's normalisations (native/attention.h): softmax over slots, + ε, renormalised over pixels */
+  slotSoftmax(spec: { dots: Float32Array; B: number; K: number; N: number; eps: number }): { p: Float32Array; a: Float32Array; w: Float32Array; s: Float64Array };
+  /** their backward: d/ddots from g = d/dw */
+  slotSoftmaxBackward(spec: { g: Float32Array; w: Float32Array; p: Float32Array; s: Float64Array; B: number; K: number; N: number }): Float32Array;
   /** the fused likelihood alone (native/likelihood.h) */
   imageNll(spec: { raw: Float32Array; target: Float32Array; B: number; K: number; H: number; W: number; C: number; logVar: number; gmm: boolean; needGrad: boolean }): { nll: Float32Array; draw: Float32Array | null };
 }
@@ -137,8 +141,8 @@ export function addonOps(): NativeAddon {
   if (!st.available || !st.path) throw new Error(`emorl native addon unavailable: ${st.reason ?? 'unknown reason'}`);
   // eslint-disable-next-line @typescript-eslint/no-require-imports
   const mod = require(st.path) as Partial<NativeAddon>;
-  if (typeof mod.nhwcConv2d !== 'function' || typeof mod.decoderStage !== 'function') {
-    throw new Error(`the addon at ${st.path} is older than this package (no NHWC or decoder-stage kernels); rebuild it with \`npm run build:native\``);
+  if (typeof mod.nhwcConv2d !== 'function' || typeof mod.decoderStage !== 'function' || typeof mod.slotSoftmax !== 'function') {
+    throw new Error(`the addon at ${st.path} is older than this package (no NHWC, decoder-stage or attention kernels); rebuild it with \`npm run build:native\``);
   }
   return (addon = mod as NativeAddon);
 }

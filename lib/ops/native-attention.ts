@@ -1,7 +1,8 @@
 /**
  * slotCompetition (lib/ops/attention.ts) with the three batched products on the addon's GEMM and
- * the softmax over slots, the ε and the renormalisation over pixels as single passes, forward and
- * backward, instead of a dozen broadcasting tfjs ops and their gradients. With p the softmax,
+ * the softmax over slots, the ε and the renormalisation over pixels as single native passes
+ * (native/attention.h), forward and backward, instead of a dozen broadcasting tfjs ops and their
+ * gradients. With p the softmax,
  * a = p + ε, s = Σ_pixels a and w = a / s:
  *
  *   d/dw = dU vᵀ,  dv = wᵀ dU,  d/da = (d/dw − Σ_pixels (d/dw) w) / s,
@@ -20,35 +21,12 @@ export function slotCompetition(q: tf.Tensor3D, k: tf.Tensor3D, v: tf.Tensor3D):
   if (k.shape[0] !== B || k.shape[2] !== d) throw new Error(`slotCompetition: keys [${k.shape}] do not fit queries [${q.shape}]`);
   if (v.shape[0] !== B || v.shape[1] !== N) throw new Error(`slotCompetition: values [${v.shape}] do not fit keys [${k.shape}]`);
   const m = addonOps();
-  const KN = K * N;
   let attnOut: Float32Array | null = null;
   const op = tf.customGrad((qt, kt, vt, save) => {
     const qd = f32(qt as tf.Tensor), kd = f32(kt as tf.Tensor), vd = f32(vt as tf.Tensor);
-    const p = m.matmul(qd, [B, K, d], kd, [B, N, d], false, true); // dots, then the softmax over slots in place
-    const a = new Float32Array(B * KN);
-    const w = new Float32Array(B * KN);
-    const s = new Float64Array(B * K);
-    for (let b = 0; b < B; b++) {
-      const o = b * KN;
-      for (let n = 0; n < N; n++) {
-        let mx = -Infinity;
-        for (let j = 0; j < K; j++) mx = Math.max(mx, p[o + j * N + n]);
-        let sum = 0;
-        for (let j = 0; j < K; j++) sum += Math.exp(p[o + j * N + n] - mx);
-        const lse = mx + Math.log(sum);
-        for (let j = 0; j < K; j++) {
-          const i = o + j * N + n;
-          p[i] = Math.exp(p[i] - lse);
-          a[i] = p[i] + 1e-8;
-        }
-      }
-      for (let j = 0; j < K; j++) {
-        let t = 0;
-        for (let n = 0, i = o + j * N; n < N; n++, i++) t += a[i];
-        s[b * K + j] = t;
-        for (let n = 0, i = o + j * N; n < N; n++, i++) w[i] = a[i] / t;
-      }
-    }
+    const dots = m.matmul(qd, [B, K, d], kd, [B, N, d], false, true);
+    // the softmax over slots, a = p + ε, s = Σ_pixels a, w = a / s (native/attention.h)
+    const { p, a, w, s } = m.slotSoftmax({ dots, B, K, N, eps: 1e-8 });
     attnOut = a;
     const updates = m.matmul(w, [B, K, N], vd, [B, N, dv], false, false);
     (save as tf.GradSaveFunc)([qt as tf.Tensor, kt as tf.Tensor, vt as tf.Tensor]);
@@ -59,24 +37,7 @@ export function slotCompetition(q: tf.Tensor3D, k: tf.Tensor3D, v: tf.Tensor3D):
         const q2 = f32(saved[0]), k2 = f32(saved[1]), v2 = f32(saved[2]);
         const dW = m.matmul(g, [B, K, dv], v2, [B, N, dv], false, true); // [B,K,N]
         const dV = m.matmul(w, [B, K, N], g, [B, K, dv], true, false); // [B,N,dv]
-        const dd = dW; // becomes d/da, then d/ddots, in place
-        for (let b = 0; b < B; b++) {
-          const o = b * KN;
-          for (let j = 0; j < K; j++) {
-            let t = 0;
-            for (let n = 0, i = o + j * N; n < N; n++, i++) t += dW[i] * w[i];
-            const inv = 1 / s[b * K + j];
-            for (let n = 0, i = o + j * N; n < N; n++, i++) dd[i] = (dW[i] - t) * inv;
-          }
-          for (let n = 0; n < N; n++) {
-            let t = 0;
-            for (let j = 0; j < K; j++) t += p[o + j * N + n] * dd[o + j * N + n];
-            for (let j = 0; j < K; j++) {
-              const i = o + j * N + n;
-              dd[i] = p[i] * (dd[i] - t);
-            }
-          }
-        }
+        const dd = m.slotSoftmaxBackward({ g: dW, w, p, s, B, K, N }); // d/ddots
         const dQ = m.matmul(dd, [B, K, N], k2, [B, N, d], false, false);
         const dK = m.matmul(dd, [B, K, N], q2, [B, K, d], true, false);
         return [tf.tensor3d(dQ, [B, K, d]), tf.tensor3d(dK, [B, N, d]), tf.tensor3d(dV, [B, N, dv])];
