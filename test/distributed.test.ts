@@ -343,6 +343,17 @@ describe('data-parallel training, worker processes', () => {
     if (!nativeStatus().info!.cudaBuilt) await expect(run('cuda:0', 'nocuda')).rejects.toThrow(/rank [01] failed: device cuda:0: the addon was built without CUDA/);
   }, 120000);
 
+  (nativeStatus().available && nativeStatus().info?.bf16 ? test : test.skip)('the job\'s precision reaches every worker: 2 bf16 ranks train near, not equal to, 2 fp32 ranks', async () => {
+    const run = (precision: string, out: string) =>
+      launchRanks({ worldSize: 2, job: { config, dataFile: data, outDir: path.join(tmp, out), steps: 2, prefetch: 0, backend: 'native', precision }, entry: workerTs, execArgv, env: hookEnv, handleSignals: false });
+    const bf16 = await run('bf16', 'bf16x2');
+    const fp32 = await run('fp32', 'fp32x2');
+    const cmp = compareParams(readCheckpoint(fp32.lastCheckpoint!), readCheckpoint(bf16.lastCheckpoint!));
+    expect(cmp.maxRel).toBeGreaterThan(1e-5);
+    expect(relDiff(bf16.last!.totalLoss, fp32.last!.totalLoss)).toBeLessThan(1e-2);
+    await expect(run('half', 'half')).rejects.toThrow(/rank [01] failed: unknown precision "half" \(use fp32 or bf16\)/);
+  }, 120000);
+
   test('a killed worker ends the job with a message naming it; no process is left behind', async () => {
     const pids: number[] = [];
     let killed = false;
