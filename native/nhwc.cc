@@ -411,6 +411,16 @@ void conv2d_filter_grad_bf16(const NhwcGeom& g, int64_t Co, const float* x, cons
 
 }  // namespace
 
+void bias_act(float* y, int64_t rows, int64_t n, const float* bias, Act act, int nthreads) {
+  if (!bias && act == Act::Linear) return;
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, rows * n / 65536 + 1)));
+  parallel_region(nt, [&](int tid, int ntt) {
+    int64_t r0, r1;
+    split_range(rows, tid, ntt, r0, r1);
+    bias_act_rows(y + r0 * n, r1 - r0, n, bias, act);
+  });
+}
+
 void nhwc_conv2d_forward(const NhwcGeom& g, int64_t Co, const float* x, const float* w, const float* bias, Act act,
                          float* y, int nthreads, Precision prec) {
   if (g.M() == 0 || Co == 0) return;

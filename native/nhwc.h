@@ -30,6 +30,10 @@ enum class Act : int { Linear = 0, Relu = 1, Elu = 2 };
 // products (strided input gradients, transposed convolutions, biases) stay fp32.
 enum class Precision : int { Fp32 = 0, Bf16 = 1 };
 
+// y (rows of n) += bias (may be null), then the activation, in place, on up to nthreads threads
+// (the epilogue of the convolutions, and of matmul for the linear layers).
+void bias_act(float* y, int64_t rows, int64_t n, const float* bias, Act act, int nthreads);
+
 // y[N,Ho,Wo,Co] = act(conv(x[N,H,W,C], w[Co,C,kh,kw]) + bias). bias may be null.
 void nhwc_conv2d_forward(const NhwcGeom& g, int64_t Co, const float* x, const float* w, const float* bias, Act act,
                          float* y, int nthreads, Precision prec = Precision::Fp32);

@@ -227,6 +227,23 @@ describeNative('native kernels', () => {
     expect(Array.from(c.data)).toEqual(new Array(12).fill(0));
   });
 
+  test('matmul with the linear layers\' epilogue: + bias per row, then ReLU, as in float32 arithmetic', () => {
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    const raw = require(status.path!) as { matmul: (...a: unknown[]) => Float32Array; reference: { matmul: (...a: unknown[]) => Float32Array } };
+    const M = 300, Kd = 24, N = 40;
+    const A = rand(M * Kd, 601), B = rand(N * Kd, 602), bias = rand(N, 603);
+    const plain = raw.matmul(A, [M, Kd], B, [N, Kd], false, true);
+    for (const relu of [false, true]) {
+      const want = plain.map((v, i) => {
+        const t = Math.fround(v + bias[i % N]);
+        return relu && !(t > 0) ? 0 : t;
+      });
+      expect(Array.from(raw.matmul(A, [M, Kd], B, [N, Kd], false, true, null, bias, relu))).toEqual(Array.from(want));
+      expect(relErr(raw.reference.matmul(A, [M, Kd], B, [N, Kd], false, true, null, bias, relu), want)).toBeLessThan(TOL);
+    }
+    expect(() => raw.matmul(A, [M, Kd], B, [N, Kd], false, true, null, new Float32Array(N + 1))).toThrow(/argument 'bias' has 41 elements but the output's N columns needs 40/);
+  });
+
   // Batch 1, large enough for the multi-threaded GEMM (split over pixels, then over channels);
   // checked against the reference loops only (tfjs' gradients are slow at this size).
   test.each([

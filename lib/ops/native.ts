@@ -111,10 +111,8 @@ export function linear(x: tf.Tensor, weight: tf.Tensor, bias?: tf.Tensor, activa
   const lead = x.shape.slice(0, -1);
   const outShape = [...lead, outDim];
   const body = (xt: tf.Tensor, wt: tf.Tensor, bd: Float32Array | null, save: tf.GradSaveFunc) => {
-    const y = k.matmul(f32(xt), [rows, inDim], f32(wt), [outDim, inDim], false, true);
-    if (bd) for (let o = 0; o < y.length; o += outDim) for (let j = 0; j < outDim; j++) y[o + j] += bd[j];
-    // ReLU fused: its gradient mask is the output's sign
-    if (relu) for (let i = 0; i < y.length; i++) if (!(y[i] > 0)) y[i] = 0;
+    // bias and ReLU fused into the product; ReLU's gradient mask is the output's sign
+    const y = k.matmul(f32(xt), [rows, inDim], f32(wt), [outDim, inDim], false, true, null, bd, relu);
     save([xt, wt]);
     return {
       value: tf.tensor(y, outShape),
