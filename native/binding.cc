@@ -22,6 +22,7 @@
 #include "decoder.h"
 #include "gemm.h"
 #include "gpu/gpu.h"
+#include "layernorm.h"
 #include "likelihood.h"
 #include "nhwc.h"
 
@@ -1025,6 +1026,70 @@ Napi::Value SlotSoftmaxBackwardFn(const Napi::CallbackInfo& info, bool) {
   return out;
 }
 
+// layerNorm({ x [rows,D], rows, D, weight?, bias?, eps }) -> { y, mean, rstd (Float64Array [rows]) }
+// layerNormBackward({ g, x [rows,D], rows, D, weight?, mean, rstd, withParams })
+//   -> { dx, dw|null, db|null (Float64Array [D]) }   (layernorm.h)
+Napi::Value LayerNormFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "layerNorm");
+  Props p(a, a.at(0), "spec");
+  const int64_t rows = p.integer("rows", 1), D = p.integer("D", 1);
+  const std::vector<int64_t> shape{rows, D};
+  const int64_t n = a.numel(shape, "[rows,D]");
+  const float* x = p.f32("x", n, "[rows,D] = " + shape_str(shape));
+  const float* w = p.has("weight") ? p.f32("weight", D, "[D] = [" + std::to_string(D) + "]") : nullptr;
+  const float* b = p.has("bias") ? p.f32("bias", D, "[D] = [" + std::to_string(D) + "]") : nullptr;
+  const double eps = p.number("eps");
+  if (!(eps > 0)) a.range_error("'spec.eps' must be > 0");
+  auto y = new_f32(a, n);
+  auto mean = Napi::Float64Array::New(a.env(), static_cast<size_t>(rows));
+  auto rstd = Napi::Float64Array::New(a.env(), static_cast<size_t>(rows));
+  emorl::layer_norm_forward(x, rows, D, w, b, eps, y.Data(), mean.Data(), rstd.Data(), threads());
+  Napi::Object r = Napi::Object::New(a.env());
+  r.Set("y", y);
+  r.Set("mean", mean);
+  r.Set("rstd", rstd);
+  return r;
+}
+
+const double* f64_prop(const Args& a, const Props& p, const char* key, int64_t n) {
+  Napi::Value v = p.get(key);
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_float64_array ||
+      v.As<Napi::Float64Array>().ElementLength() != static_cast<size_t>(n))
+    a.type_error("'" + p.name(key) + "' must be a Float64Array of " + std::to_string(n) + " elements");
+  return v.As<Napi::Float64Array>().Data();
+}
+
+Napi::Value LayerNormBackwardFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "layerNormBackward");
+  Props p(a, a.at(0), "spec");
+  const int64_t rows = p.integer("rows", 1), D = p.integer("D", 1);
+  const std::vector<int64_t> shape{rows, D};
+  const int64_t n = a.numel(shape, "[rows,D]");
+  const std::string what = "[rows,D] = " + shape_str(shape);
+  const float* g = p.f32("g", n, what);
+  const float* x = p.f32("x", n, what);
+  const float* w = p.has("weight") ? p.f32("weight", D, "[D] = [" + std::to_string(D) + "]") : nullptr;
+  const double* mean = f64_prop(a, p, "mean", rows);
+  const double* rstd = f64_prop(a, p, "rstd", rows);
+  const bool with_params = p.boolean("withParams", false);
+  auto dx = new_f32(a, n);
+  Napi::Object r = Napi::Object::New(a.env());
+  r.Set("dx", dx);
+  r.Set("dw", a.env().Null());
+  r.Set("db", a.env().Null());
+  double *dw = nullptr, *db = nullptr;
+  if (with_params) {
+    auto tw = Napi::Float64Array::New(a.env(), static_cast<size_t>(D));
+    auto tb = Napi::Float64Array::New(a.env(), static_cast<size_t>(D));
+    dw = tw.Data();
+    db = tb.Data();
+    r.Set("dw", tw);
+    r.Set("db", tb);
+  }
+  emorl::layer_norm_backward(g, x, rows, D, w, mean, rstd, dx.Data(), dw, db, threads());
+  return r;
+}
+
 // imageNll(raw [B*K,H,W,C+1], target [B,H,W,C], B, K, H, W, C, logVar, gmm, needGrad)
 //   -> { nll [B], draw|null }: the fused likelihood alone (likelihood.h), for tests and the
 //   Slot Attention loss.
@@ -1136,6 +1201,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("DecoderWorkspace", ws_class);
   exports.Set("imageNll", Napi::Function::New(env, entry<ImageNllFn, false>, "imageNll"));
   exports.Set("slotSoftmax", Napi::Function::New(env, entry<SlotSoftmaxFn, false>, "slotSoftmax"));
+  exports.Set("layerNorm", Napi::Function::New(env, entry<LayerNormFn, false>, "layerNorm"));
+  exports.Set("layerNormBackward", Napi::Function::New(env, entry<LayerNormBackwardFn, false>, "layerNormBackward"));
   exports.Set("slotSoftmaxBackward", Napi::Function::New(env, entry<SlotSoftmaxBackwardFn, false>, "slotSoftmaxBackward"));
   exports.Set("peakGflops", Napi::Function::New(env, entry<PeakGflops, false>, "peakGflops"));
   exports.Set("gpuPeakGflops", Napi::Function::New(env, entry<GpuPeakGflops, false>, "gpuPeakGflops"));

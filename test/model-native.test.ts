@@ -162,6 +162,17 @@ describeNative('nativeOps ops vs tfjsOps', () => {
     });
   });
 
+  test('the layer-norm kernels check their arguments', () => {
+    const m = addonOps();
+    const x = new Float32Array(12);
+    expect(() => m.layerNorm({ x, rows: 3, D: 5, eps: 1e-5 })).toThrow(/'spec.x'.*\[rows,D\] = \[3,5\]/);
+    expect(() => m.layerNorm({ x, rows: 3, D: 4, weight: new Float32Array(3), eps: 1e-5 })).toThrow(/'spec.weight'/);
+    expect(() => m.layerNorm({ x, rows: 3, D: 4, eps: 0 })).toThrow(/'spec.eps' must be > 0/);
+    const f = m.layerNorm({ x: Float32Array.from({ length: 12 }, (_, i) => i), rows: 3, D: 4, eps: 1e-5 });
+    expect(Array.from(f.mean)).toEqual([1.5, 5.5, 9.5]);
+    expect(() => m.layerNormBackward({ g: x, x, rows: 3, D: 4, mean: f.mean, rstd: new Float64Array(2), withParams: false })).toThrow(/'spec.rstd' must be a Float64Array of 3 elements/);
+  });
+
   test('the slot softmax kernels check their arguments', () => {
     const m = addonOps();
     const dots = new Float32Array(2 * 3 * 5);

@@ -44,6 +44,10 @@ export interface NativeAddon {
   slotSoftmax(spec: { dots: Float32Array; B: number; K: number; N: number; eps: number }): { p: Float32Array; a: Float32Array; w: Float32Array; s: Float64Array };
   /** their backward: d/ddots from g = d/dw */
   slotSoftmaxBackward(spec: { g: Float32Array; w: Float32Array; p: Float32Array; s: Float64Array; B: number; K: number; N: number }): Float32Array;
+  /** LayerNorm over the last axis (native/layernorm.h); statistics in double */
+  layerNorm(spec: { x: Float32Array; rows: number; D: number; weight?: Float32Array | null; bias?: Float32Array | null; eps: number }): { y: Float32Array; mean: Float64Array; rstd: Float64Array };
+  layerNormBackward(spec: { g: Float32Array; x: Float32Array; rows: number; D: number; weight?: Float32Array | null; mean: Float64Array; rstd: Float64Array; withParams: boolean }):
+    { dx: Float32Array; dw: Float64Array | null; db: Float64Array | null };
   /** the fused likelihood alone (native/likelihood.h) */
   imageNll(spec: { raw: Float32Array; target: Float32Array; B: number; K: number; H: number; W: number; C: number; logVar: number; gmm: boolean; needGrad: boolean }): { nll: Float32Array; draw: Float32Array | null };
 }
@@ -142,8 +146,8 @@ export function addonOps(): NativeAddon {
   if (!st.available || !st.path) throw new Error(`emorl native addon unavailable: ${st.reason ?? 'unknown reason'}`);
   // eslint-disable-next-line @typescript-eslint/no-require-imports
   const mod = require(st.path) as Partial<NativeAddon>;
-  if (typeof mod.nhwcConv2d !== 'function' || typeof mod.decoderStage !== 'function' || typeof mod.slotSoftmax !== 'function') {
-    throw new Error(`the addon at ${st.path} is older than this package (no NHWC, decoder-stage or attention kernels); rebuild it with \`npm run build:native\``);
+  if (typeof mod.nhwcConv2d !== 'function' || typeof mod.decoderStage !== 'function' || typeof mod.slotSoftmax !== 'function' || typeof mod.layerNorm !== 'function') {
+    throw new Error(`the addon at ${st.path} is older than this package (no NHWC, decoder-stage, attention or layer-norm kernels); rebuild it with \`npm run build:native\``);
   }
   return (addon = mod as NativeAddon);
 }

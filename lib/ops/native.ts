@@ -217,8 +217,8 @@ export function broadcastConv2d(
 
 /**
  * layerNorm as tfjsOps.layerNorm (over the last axis, biased variance, optional affine map),
- * as one pass each way instead of tfjs' broadcasting ops (whose cpu kernels take the generic
- * per-element index path). Statistics in double.
+ * one native pass each way (native/layernorm.h, statistics in double) instead of tfjs'
+ * broadcasting ops and their gradients.
  */
 export function layerNorm(x: tf.Tensor, weight?: tf.Tensor, bias?: tf.Tensor, eps = 1e-5): tf.Tensor {
   const D = x.shape[x.rank - 1];
@@ -227,58 +227,11 @@ export function layerNorm(x: tf.Tensor, weight?: tf.Tensor, bias?: tf.Tensor, ep
     return tfjsOps.layerNorm(x, weight, bias, eps);
   }
   const rows = x.size / D;
-  const forward = (xd: Float32Array, wd: Float32Array | null, bd: Float32Array | null) => {
-    const y = new Float32Array(xd.length);
-    const rstd = new Float64Array(rows);
-    const mean = new Float64Array(rows);
-    for (let r = 0, o = 0; r < rows; r++, o += D) {
-      let m = 0;
-      for (let j = 0; j < D; j++) m += xd[o + j];
-      m /= D;
-      let v = 0;
-      for (let j = 0; j < D; j++) {
-        const d = xd[o + j] - m;
-        v += d * d;
-      }
-      const rs = 1 / Math.sqrt(v / D + eps);
-      mean[r] = m;
-      rstd[r] = rs;
-      for (let j = 0; j < D; j++) {
-        let t = (xd[o + j] - m) * rs;
-        if (wd) t *= wd[j];
-        if (bd) t += bd[j];
-        y[o + j] = t;
-      }
-    }
-    return { y, mean, rstd };
-  };
-  const backward = (g: Float32Array, xd: Float32Array, wd: Float32Array | null, mean: Float64Array, rstd: Float64Array, withParams: boolean) => {
-    const dx = new Float32Array(xd.length);
-    const dw = withParams && wd ? new Float64Array(D) : null;
-    const db = withParams && wd ? new Float64Array(D) : null;
-    for (let r = 0, o = 0; r < rows; r++, o += D) {
-      const m = mean[r], rs = rstd[r];
-      let s1 = 0, s2 = 0;
-      for (let j = 0; j < D; j++) {
-        const xh = (xd[o + j] - m) * rs;
-        const gh = wd ? g[o + j] * wd[j] : g[o + j];
-        s1 += gh;
-        s2 += gh * xh;
-        if (dw) {
-          dw[j] += g[o + j] * xh;
-          db![j] += g[o + j];
-        }
-      }
-      s1 /= D;
-      s2 /= D;
-      for (let j = 0; j < D; j++) {
-        const xh = (xd[o + j] - m) * rs;
-        const gh = wd ? g[o + j] * wd[j] : g[o + j];
-        dx[o + j] = rs * (gh - s1 - xh * s2);
-      }
-    }
-    return { dx, dw, db };
-  };
+  const k = nhwc();
+  const forward = (xd: Float32Array, wd: Float32Array | null, bd: Float32Array | null) =>
+    k.layerNorm({ x: xd, rows, D, weight: wd, bias: bd, eps });
+  const backward = (g: Float32Array, xd: Float32Array, wd: Float32Array | null, mean: Float64Array, rstd: Float64Array, withParams: boolean) =>
+    k.layerNormBackward({ g, x: xd, rows, D, weight: wd, mean, rstd, withParams: withParams && wd !== null });
   if (!weight) {
     const op = tf.customGrad((xt, save) => {
       const f = forward(f32(xt as tf.Tensor), null, null);
