@@ -159,46 +159,43 @@ function fastBinary(name: BinaryName, original: tf.KernelConfig): tf.KernelConfi
   };
 }
 
-function fastSlice(original: tf.KernelConfig): tf.KernelConfig {
+/** A kernel on one float32 input x (any other dtype: the original kernel). */
+function fastOnFloat32(name: string, original: tf.KernelConfig,
+  run: (x: tf.TensorInfo, xv: Float32Array, attrs: unknown, backend: CpuBackendData) => tf.TensorInfo | tf.TensorInfo[]): tf.KernelConfig {
   return {
-    kernelName: 'Slice',
+    kernelName: name,
     backendName: 'cpu',
     kernelFunc: (args) => {
       const x = (args.inputs as { x: tf.TensorInfo }).x;
       const backend = args.backend as unknown as CpuBackendData;
       const xv = float32Values(backend, x);
-      if (!xv) return original.kernelFunc(args);
-      const { begin, size: sz } = args.attrs as unknown as { begin: number | number[]; size?: number | number[] };
-      const [b, s] = tf.slice_util.parseSliceParams(x, begin, sz);
-      tf.slice_util.assertParamsValid(x, b, s);
-      return backend.makeTensorInfo(s, 'float32', sliceCopy(xv, x.shape, b, s));
+      return xv ? run(x, xv, args.attrs, backend) : original.kernelFunc(args);
     },
   };
 }
 
-function fastSplitV(original: tf.KernelConfig): tf.KernelConfig {
-  return {
-    kernelName: 'SplitV',
-    backendName: 'cpu',
-    kernelFunc: (args) => {
-      const x = (args.inputs as { x: tf.TensorInfo }).x;
-      const backend = args.backend as unknown as CpuBackendData;
-      const xv = float32Values(backend, x);
-      if (!xv) return original.kernelFunc(args);
-      const { numOrSizeSplits, axis } = args.attrs as unknown as { numOrSizeSplits: number | number[]; axis: number | number[] };
-      const ax = tf.util.parseAxisParam(axis, x.shape)[0];
-      const sizes = tf.backend_util.prepareSplitSize(x as tf.Tensor, numOrSizeSplits, ax);
-      const begin = new Array<number>(x.shape.length).fill(0);
-      return sizes.map((s) => {
-        const extent = x.shape.slice();
-        extent[ax] = s;
-        const t = backend.makeTensorInfo(extent, 'float32', sliceCopy(xv, x.shape, begin, extent));
-        begin[ax] += s;
-        return t;
-      });
-    },
-  };
-}
+const fastSlice = (original: tf.KernelConfig) =>
+  fastOnFloat32(tf.Slice, original, (x, xv, attrs, backend) => {
+    const { begin, size: sz } = attrs as { begin: number | number[]; size?: number | number[] };
+    const [b, s] = tf.slice_util.parseSliceParams(x, begin, sz);
+    tf.slice_util.assertParamsValid(x, b, s);
+    return backend.makeTensorInfo(s, 'float32', sliceCopy(xv, x.shape, b, s));
+  });
+
+const fastSplitV = (original: tf.KernelConfig) =>
+  fastOnFloat32(tf.SplitV, original, (x, xv, attrs, backend) => {
+    const { numOrSizeSplits, axis } = attrs as { numOrSizeSplits: number | number[]; axis: number | number[] };
+    const ax = tf.util.parseAxisParam(axis, x.shape)[0];
+    const sizes = tf.backend_util.prepareSplitSize(x as tf.Tensor, numOrSizeSplits, ax);
+    const begin = new Array<number>(x.shape.length).fill(0);
+    return sizes.map((s) => {
+      const extent = x.shape.slice();
+      extent[ax] = s;
+      const t = backend.makeTensorInfo(extent, 'float32', sliceCopy(xv, x.shape, begin, extent));
+      begin[ax] += s;
+      return t;
+    });
+  });
 
 // keyed by tfjs' kernel names (tf.Multiply is 'Multiply', not 'Mul')
 const FAST: Record<string, (original: tf.KernelConfig) => tf.KernelConfig> = {

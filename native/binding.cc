@@ -984,6 +984,15 @@ Napi::Value DecoderStageFn(const Napi::CallbackInfo& info, bool) {
   return r;
 }
 
+// A Float64Array property of exactly n elements.
+const double* f64_prop(const Args& a, const Props& p, const char* key, int64_t n) {
+  Napi::Value v = p.get(key);
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_float64_array ||
+      v.As<Napi::Float64Array>().ElementLength() != static_cast<size_t>(n))
+    a.type_error("'" + p.name(key) + "' must be a Float64Array of " + std::to_string(n) + " elements");
+  return v.As<Napi::Float64Array>().Data();
+}
+
 // slotSoftmax({ dots [B,K,N], B, K, N, eps }) -> { p, a, w [B,K,N], s [B,K] (Float64Array) }
 // slotSoftmaxBackward({ g, w, p [B,K,N], s [B,K] (Float64Array), B, K, N }) -> d/ddots [B,K,N]
 // (attention.h: the slot competition's normalisations).
@@ -1017,27 +1026,41 @@ Napi::Value SlotSoftmaxBackwardFn(const Napi::CallbackInfo& info, bool) {
   const float* g = p.f32("g", n, what);
   const float* w = p.f32("w", n, what);
   const float* pr = p.f32("p", n, what);
-  Napi::Value sv = p.get("s");
-  if (!sv.IsTypedArray() || sv.As<Napi::TypedArray>().TypedArrayType() != napi_float64_array ||
-      sv.As<Napi::Float64Array>().ElementLength() != static_cast<size_t>(B * K))
-    a.type_error("'spec.s' must be a Float64Array of B*K = " + std::to_string(B * K) + " elements");
+  const double* sd = f64_prop(a, p, "s", B * K);
   auto out = new_f32(a, n);
-  emorl::slot_softmax_backward(g, w, pr, sv.As<Napi::Float64Array>().Data(), B, K, N, out.Data(), threads());
+  emorl::slot_softmax_backward(g, w, pr, sd, B, K, N, out.Data(), threads());
   return out;
 }
 
 // layerNorm({ x [rows,D], rows, D, weight?, bias?, eps }) -> { y, mean, rstd (Float64Array [rows]) }
 // layerNormBackward({ g, x [rows,D], rows, D, weight?, mean, rstd, withParams })
 //   -> { dx, dw|null, db|null (Float64Array [D]) }   (layernorm.h)
+// A layer-norm spec's sizes: rows x D (n elements), `what` its shape for messages.
+struct RowsOfD {
+  int64_t rows, D, n;
+  std::string what;
+  // an optional [D] parameter
+  const float* param(const Props& p, const char* key) const {
+    return p.has(key) ? p.f32(key, D, "[D] = [" + std::to_string(D) + "]") : nullptr;
+  }
+};
+
+RowsOfD rows_of_d(const Args& a, const Props& p) {
+  RowsOfD r{p.integer("rows", 1), p.integer("D", 1), 0, ""};
+  const std::vector<int64_t> shape{r.rows, r.D};
+  r.n = a.numel(shape, "[rows,D]");
+  r.what = "[rows,D] = " + shape_str(shape);
+  return r;
+}
+
 Napi::Value LayerNormFn(const Napi::CallbackInfo& info, bool) {
   Args a(info, "layerNorm");
   Props p(a, a.at(0), "spec");
-  const int64_t rows = p.integer("rows", 1), D = p.integer("D", 1);
-  const std::vector<int64_t> shape{rows, D};
-  const int64_t n = a.numel(shape, "[rows,D]");
-  const float* x = p.f32("x", n, "[rows,D] = " + shape_str(shape));
-  const float* w = p.has("weight") ? p.f32("weight", D, "[D] = [" + std::to_string(D) + "]") : nullptr;
-  const float* b = p.has("bias") ? p.f32("bias", D, "[D] = [" + std::to_string(D) + "]") : nullptr;
+  const RowsOfD s = rows_of_d(a, p);
+  const int64_t rows = s.rows, D = s.D, n = s.n;
+  const float* x = p.f32("x", n, s.what);
+  const float* w = s.param(p, "weight");
+  const float* b = s.param(p, "bias");
   const double eps = p.number("eps");
   if (!(eps > 0)) a.range_error("'spec.eps' must be > 0");
   auto y = new_f32(a, n);
@@ -1051,24 +1074,14 @@ Napi::Value LayerNormFn(const Napi::CallbackInfo& info, bool) {
   return r;
 }
 
-const double* f64_prop(const Args& a, const Props& p, const char* key, int64_t n) {
-  Napi::Value v = p.get(key);
-  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_float64_array ||
-      v.As<Napi::Float64Array>().ElementLength() != static_cast<size_t>(n))
-    a.type_error("'" + p.name(key) + "' must be a Float64Array of " + std::to_string(n) + " elements");
-  return v.As<Napi::Float64Array>().Data();
-}
-
 Napi::Value LayerNormBackwardFn(const Napi::CallbackInfo& info, bool) {
   Args a(info, "layerNormBackward");
   Props p(a, a.at(0), "spec");
-  const int64_t rows = p.integer("rows", 1), D = p.integer("D", 1);
-  const std::vector<int64_t> shape{rows, D};
-  const int64_t n = a.numel(shape, "[rows,D]");
-  const std::string what = "[rows,D] = " + shape_str(shape);
-  const float* g = p.f32("g", n, what);
-  const float* x = p.f32("x", n, what);
-  const float* w = p.has("weight") ? p.f32("weight", D, "[D] = [" + std::to_string(D) + "]") : nullptr;
+  const RowsOfD s = rows_of_d(a, p);
+  const int64_t rows = s.rows, D = s.D, n = s.n;
+  const float* g = p.f32("g", n, s.what);
+  const float* x = p.f32("x", n, s.what);
+  const float* w = s.param(p, "weight");
   const double* mean = f64_prop(a, p, "mean", rows);
   const double* rstd = f64_prop(a, p, "rstd", rows);
   const bool with_params = p.boolean("withParams", false);
