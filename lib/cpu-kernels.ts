@@ -35,8 +35,6 @@ const RUNS: Record<BinaryName, (a: Float32Array, ai: number, sa: number, b: Floa
   },
 };
 
-const size = (shape: readonly number[]) => shape.reduce((p, d) => p * d, 1);
-
 /**
  * The broadcast of a [aShape] and b [bShape] as a few axes: adjacent axes merge when each input
  * either spans both or is broadcast along both. Returns the merged output dims and per-input
@@ -79,7 +77,7 @@ export function broadcastBinary(name: BinaryName, a: Float32Array, aShape: reado
   const ax = broadcastAxes(aShape, bShape);
   if (!ax) return null;
   const { dims, sa, sb, shape } = ax;
-  const out = new Float32Array(size(shape));
+  const out = new Float32Array(tf.util.sizeFromShape(shape));
   const run = RUNS[name];
   const r = dims.length;
   if (r === 0) {
@@ -107,7 +105,7 @@ export function broadcastBinary(name: BinaryName, a: Float32Array, aShape: reado
 /** x [shape] sliced at begin with extent `extent`, copied in contiguous runs. */
 export function sliceCopy(x: Float32Array, shape: readonly number[], begin: readonly number[], extent: readonly number[]): Float32Array {
   const r = shape.length;
-  const out = new Float32Array(size(extent));
+  const out = new Float32Array(tf.util.sizeFromShape(extent as number[]));
   if (out.length === 0) return out;
   // the trailing axes taken whole form one run with the first partial axis before them
   let d = r - 1, inner = 1;

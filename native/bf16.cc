@@ -43,68 +43,37 @@ void generic_interleave(const float* even, const float* odd, int64_t n, uint32_t
   for (int64_t j = 0; j < n; ++j) dst[j] = pair(even[j], odd ? odd[j] : 0.f);
 }
 
-// VDPBF16PS lane by lane: acc + a_odd·b_odd, rounded, then + a_even·b_even, rounded (each product
-// of two bf16 is exact in fp32, so a contracted multiply-add rounds the same).
-void generic_tile(int64_t K2, const uint32_t* a, int64_t lda, const uint32_t* b, float* c, int64_t ldc, int64_t mr,
-                  int64_t nr, bool accumulate) {
-  constexpr int MR = kBf16MR, NR = kBf16NR;
-  float s[MR][NR] = {};
-  for (int64_t k = 0; k < K2; ++k) {
-    const uint32_t* bk = b + k * NR;
-    for (int64_t i = 0; i < mr; ++i) {
-      const uint32_t ap = lda > 0 ? a[i * lda + k] : a[k * MR + i];
-      const float ae = operand(ap & 0xffffu), ao = operand(ap >> 16);
-      for (int j = 0; j < NR; ++j) {
-        const float t = s[i][j] + ao * operand(bk[j] >> 16);
-        s[i][j] = t + ae * operand(bk[j] & 0xffffu);
-      }
-    }
+// VDPBF16PS lane by lane on one row of a tile: s[j] + a_odd·b_odd[j], rounded, then
+// + a_even·b_even[j], rounded (each product of two bf16 is exact in fp32, so a contracted
+// multiply-add rounds the same).
+inline void dot_pairs(float (&s)[kBf16NR], uint32_t ap, const uint32_t* bk) {
+  const float ae = operand(ap & 0xffffu), ao = operand(ap >> 16);
+  for (int j = 0; j < kBf16NR; ++j) {
+    const float u = s[j] + ao * operand(bk[j] >> 16);
+    s[j] = u + ae * operand(bk[j] & 0xffffu);
   }
-  for (int64_t i = 0; i < mr; ++i)
-    for (int64_t j = 0; j < nr; ++j) c[i * ldc + j] = accumulate ? c[i * ldc + j] + s[i][j] : s[i][j];
 }
 
 void generic_conv_tile(const uint32_t* const* rows, int64_t taps, const int64_t* tap_off, int64_t C2, const uint32_t* b,
                        float* c, int64_t ldc, int64_t mr, int64_t nr) {
-  constexpr int NR = kBf16NR;
-  float s[kBf16MR][NR] = {};
+  float s[kBf16MR][kBf16NR] = {};
   for (int64_t t = 0; t < taps; ++t)
-    for (int64_t k = 0; k < C2; ++k) {
-      const uint32_t* bk = b + (t * C2 + k) * NR;
-      for (int64_t i = 0; i < mr; ++i) {
-        const uint32_t ap = rows[i][tap_off[t] + k];
-        const float ae = operand(ap & 0xffffu), ao = operand(ap >> 16);
-        for (int j = 0; j < NR; ++j) {
-          const float u = s[i][j] + ao * operand(bk[j] >> 16);
-          s[i][j] = u + ae * operand(bk[j] & 0xffffu);
-        }
-      }
-    }
+    for (int64_t k = 0; k < C2; ++k)
+      for (int64_t i = 0; i < mr; ++i) dot_pairs(s[i], rows[i][tap_off[t] + k], b + (t * C2 + k) * kBf16NR);
   for (int64_t i = 0; i < mr; ++i)
     for (int64_t j = 0; j < nr; ++j) c[i * ldc + j] = s[i][j];
 }
 
 void generic_gather_tile(int64_t K2, const uint32_t* a, int64_t astride, const uint32_t* b, const int64_t* b_row,
                          int64_t b_off, float* c, int64_t ldc, int64_t mr, int64_t nr) {
-  constexpr int NR = kBf16NR;
-  float s[kBf16MR][NR] = {};
-  for (int64_t k = 0; k < K2; ++k) {
-    const uint32_t* bk = b + b_row[k] + b_off;
-    for (int64_t i = 0; i < mr; ++i) {
-      const uint32_t ap = a[k * astride + i];
-      const float ae = operand(ap & 0xffffu), ao = operand(ap >> 16);
-      for (int j = 0; j < NR; ++j) {
-        const float u = s[i][j] + ao * operand(bk[j] >> 16);
-        s[i][j] = u + ae * operand(bk[j] & 0xffffu);
-      }
-    }
-  }
+  float s[kBf16MR][kBf16NR] = {};
+  for (int64_t k = 0; k < K2; ++k)
+    for (int64_t i = 0; i < mr; ++i) dot_pairs(s[i], a[k * astride + i], b + b_row[k] + b_off);
   for (int64_t i = 0; i < mr; ++i)
     for (int64_t j = 0; j < nr; ++j) c[i * ldc + j] += s[i][j];
 }
 
-const Bf16Kernel kGeneric = {"emulated", generic_to_pairs, generic_interleave, generic_tile, generic_conv_tile,
-                             generic_gather_tile};
+const Bf16Kernel kGeneric = {"emulated", generic_to_pairs, generic_interleave, generic_conv_tile, generic_gather_tile};
 
 const Bf16Kernel* best_bf16() {
   // EMORL_BF16_ISA=emulated (or EMORL_GEMM_ISA=generic|avx2, which pick a lesser fp32 kernel too):
@@ -124,41 +93,12 @@ const Bf16Kernel* best_bf16() {
 
 }  // namespace
 
-const Bf16Kernel* bf16_kernel_generic() { return &kGeneric; }
-
 const Bf16Kernel& bf16_kernel() {
   static const Bf16Kernel* const k = best_bf16();  // decided once (thread-safe), never changed
   return *k;
 }
 
-bool bf16_native() { return &bf16_kernel() != &kGeneric; }
-
-void bf16_gemm_serial(const Bf16Gemm& g) {
-  if (g.M <= 0 || g.N <= 0) return;
-  const Bf16Kernel& k = bf16_kernel();
-  // Row tiles outer: a tile's A rows stay in L1 while it walks the B panels.
-  for (int64_t ir = 0; ir < g.M; ir += kBf16MR) {
-    const int64_t mr = g.M - ir < kBf16MR ? g.M - ir : kBf16MR;
-    const uint32_t* a = g.a_packed ? g.A + (ir / kBf16MR) * g.K2 * kBf16MR : g.A + ir * g.lda;
-    for (int64_t jr = 0; jr < g.N; jr += kBf16NR) {
-      const int64_t nr = g.N - jr < kBf16NR ? g.N - jr : kBf16NR;
-      float* c = g.C + ir * g.ldc + jr;
-      if (g.K2 == 0) {
-        for (int64_t i = 0; i < mr; ++i)
-          for (int64_t j = 0; j < nr; ++j)
-            if (!g.accumulate) c[i * g.ldc + j] = 0.f;
-        continue;
-      }
-      k.tile(g.K2, a, g.a_packed ? 0 : g.lda, g.B + (jr / kBf16NR) * g.K2 * kBf16NR, c, g.ldc, mr, nr, g.accumulate);
-    }
-  }
-}
-
-namespace {
-
-// Columns of src [K, N] (row-major, ld) in panels of `width`: dst[(j / width)·K2·width + k2·width
-// + j % width] = pair(src[2·k2, j], src[2·k2 + 1, j]), zero past K and N.
-void pack_pair_panels(int64_t K, int64_t N, const float* src, int64_t ld, int64_t width, uint32_t* dst) {
+void bf16_pack(int64_t K, int64_t N, const float* src, int64_t ld, int64_t width, uint32_t* dst) {
   const Bf16Kernel& k = bf16_kernel();
   const int64_t K2 = bf16_pairs(K);
   for (int64_t j0 = 0; j0 < N; j0 += width) {
@@ -171,16 +111,6 @@ void pack_pair_panels(int64_t K, int64_t N, const float* src, int64_t ld, int64_
       for (int64_t j = n; j < width; ++j) d[j] = 0;
     }
   }
-}
-
-}  // namespace
-
-void bf16_pack_b(int64_t K, int64_t N, const float* B, int64_t ldb, uint32_t* dst) {
-  pack_pair_panels(K, N, B, ldb, kBf16NR, dst);
-}
-
-void bf16_pack_a_transposed(int64_t M, int64_t K, const float* At, int64_t ld, uint32_t* dst) {
-  pack_pair_panels(K, M, At, ld, kBf16MR, dst);
 }
 
 #if !defined(EMORL_BF16_AVX512)

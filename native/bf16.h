@@ -5,11 +5,10 @@
 // fp32 FMA rate; elsewhere a portable emulation gives bit-identical results (slowly), so the
 // same numbers come out on every machine.
 //
-// Operands are stored as bf16 pairs along k, one pair per uint32 (low half: the even k).
-//   A, in place: rows of pairs, row i at A + i·lda.
-//   A, packed:   ceil(M/MR) panels of [K2][MR] pairs (K2 = ceil(K/2)).
-//   B, packed:   ceil(N/NR) panels of [K2][NR] pairs.
-// Padding (k past K, rows past M, columns past N) is zero.
+// Operands are stored as bf16 pairs along k, one pair per uint32 (low half: the even k), in
+// panels: ceil(N/width) panels of [K2][width] pairs (K2 = ceil(K/2)); padding (k past K, columns
+// past N) is zero. B operands use panels of kBf16NR columns; an A operand read by gather_tile is
+// one panel as wide as its rows.
 #pragma once
 
 #include <cstdint>
@@ -20,25 +19,12 @@ constexpr int kBf16MR = 8;   // rows of a register tile
 constexpr int kBf16NR = 32;  // columns of a register tile (two 16-lane vectors)
 
 inline int64_t bf16_pairs(int64_t k) { return (k + 1) / 2; }
-// uint32 pairs in a packed B operand of op(B) [K x N]
-inline int64_t bf16_packed_b_size(int64_t K, int64_t N) { return (N + kBf16NR - 1) / kBf16NR * kBf16NR * bf16_pairs(K); }
-// uint32 pairs in a packed A operand of op(A) [M x K]
-inline int64_t bf16_packed_a_size(int64_t M, int64_t K) { return (M + kBf16MR - 1) / kBf16MR * kBf16MR * bf16_pairs(K); }
+// uint32 pairs in the panels of a [K x N] operand
+inline int64_t bf16_packed_size(int64_t K, int64_t N, int64_t width) { return (N + width - 1) / width * width * bf16_pairs(K); }
 
 // Scalar rounding (the reference the vector conversions match bit for bit).
 uint16_t float_to_bf16(float x);
 float bf16_to_float(uint16_t h);
-
-struct Bf16Gemm {
-  int64_t M = 0, N = 0, K2 = 0;  // K2: pairs along k
-  const uint32_t* A = nullptr;
-  int64_t lda = 0;        // in pairs, for A in place
-  bool a_packed = false;  // A in packed panels (lda unused)
-  const uint32_t* B = nullptr;  // packed panels
-  float* C = nullptr;
-  int64_t ldc = 0;
-  bool accumulate = false;  // C += product (else C = product)
-};
 
 // One instruction-set variant.
 struct Bf16Kernel {
@@ -47,11 +33,6 @@ struct Bf16Kernel {
   void (*to_pairs)(const float* src, int64_t n, uint32_t* dst);
   // dst[j] = pair(even[j], odd[j]) for j < n; odd null: zeros.
   void (*interleave)(const float* even, const float* odd, int64_t n, uint32_t* dst);
-  // One register tile: C[mr x nr] (+)= A-panel · B-panel over K2 pairs. A is a packed panel
-  // (element (i, k2) at a[k2*MR + i]) or, with lda > 0, rows in place (row i at a + i*lda; rows
-  // past mr are clamped to the last one and their results dropped).
-  void (*tile)(int64_t K2, const uint32_t* a, int64_t lda, const uint32_t* b, float* c, int64_t ldc, int64_t mr,
-               int64_t nr, bool accumulate);
   // A convolution's register tile without a column matrix (implicit GEMM): row i of A is, for
   // each of `taps` kernel taps t, the C2 pairs at rows[i] + tap_off[t] (MR row pointers; rows past
   // mr repeat a valid one). b: a packed panel over taps·C2 pairs. C = product (no accumulate).
@@ -64,21 +45,13 @@ struct Bf16Kernel {
                       int64_t b_off, float* c, int64_t ldc, int64_t mr, int64_t nr);
 };
 
-const Bf16Kernel* bf16_kernel_generic();
 const Bf16Kernel* bf16_kernel_avx512();  // null when the addon was built without it
 
 // AVX512_BF16 when the CPU has it (EMORL_BF16_ISA=emulated, or EMORL_GEMM_ISA=generic|avx2,
 // forces the emulation, for tests).
 const Bf16Kernel& bf16_kernel();
-// Whether bf16_kernel() runs the instructions (false: emulated, slower than fp32).
-bool bf16_native();
 
-// Single-threaded product (see Bf16Gemm).
-void bf16_gemm_serial(const Bf16Gemm& g);
-
-// Packs op(B) [K x N], B row-major [K x N] (ldb), into panels (bf16_packed_b_size pairs).
-void bf16_pack_b(int64_t K, int64_t N, const float* B, int64_t ldb, uint32_t* dst);
-// Packs op(A) = Aᵀ, for At row-major [K x M] (ld), into packed-A panels (bf16_packed_a_size pairs).
-void bf16_pack_a_transposed(int64_t M, int64_t K, const float* At, int64_t ld, uint32_t* dst);
+// Packs src [K x N] (row-major, ld) into panels of `width` columns (bf16_packed_size pairs).
+void bf16_pack(int64_t K, int64_t N, const float* src, int64_t ld, int64_t width, uint32_t* dst);
 
 }  // namespace emorl

@@ -68,34 +68,6 @@ inline void store_tile(__m512 (&s)[MR][2], float* c, int64_t ldc, int64_t mr, in
   }
 }
 
-template <bool InPlace>
-inline void tile_impl(int64_t K2, const uint32_t* __restrict a, int64_t lda, const uint32_t* __restrict b,
-                      float* __restrict c, int64_t ldc, int64_t mr, int64_t nr, bool accumulate) {
-  __m512 s[MR][2];
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) s[i][0] = s[i][1] = _mm512_setzero_ps();
-  const uint32_t* row[MR];
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) row[i] = InPlace ? a + (i < mr ? i : mr - 1) * lda : a + i;
-  for (int64_t k = 0; k < K2; ++k) {
-    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + k * NR);
-    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + k * NR + 16);
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      const __m512bh ai = (__m512bh)_mm512_set1_epi32(static_cast<int>(InPlace ? row[i][k] : row[i][k * MR]));
-      s[i][0] = _mm512_dpbf16_ps(s[i][0], ai, b0);
-      s[i][1] = _mm512_dpbf16_ps(s[i][1], ai, b1);
-    }
-  }
-  store_tile(s, c, ldc, mr, nr, accumulate);
-}
-
-void tile(int64_t K2, const uint32_t* a, int64_t lda, const uint32_t* b, float* c, int64_t ldc, int64_t mr, int64_t nr,
-          bool accumulate) {
-  if (lda > 0) tile_impl<true>(K2, a, lda, b, c, ldc, mr, nr, accumulate);
-  else tile_impl<false>(K2, a, 0, b, c, ldc, mr, nr, accumulate);
-}
-
 void conv_tile(const uint32_t* const* rows, int64_t taps, const int64_t* tap_off, int64_t C2, const uint32_t* b, float* c,
                int64_t ldc, int64_t mr, int64_t nr) {
   __m512 s[MR][2];
@@ -142,7 +114,7 @@ void gather_tile(int64_t K2, const uint32_t* a, int64_t astride, const uint32_t*
   store_tile(s, c, ldc, mr, nr, true);
 }
 
-const Bf16Kernel kAvx512 = {"avx512bf16", to_pairs, interleave, tile, conv_tile, gather_tile};
+const Bf16Kernel kAvx512 = {"avx512bf16", to_pairs, interleave, conv_tile, gather_tile};
 
 }  // namespace
 

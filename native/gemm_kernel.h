@@ -135,11 +135,7 @@ static inline void store_tile(vf (&s)[MR][NV], float* __restrict c, int64_t ldc,
 template <bool Direct>
 static inline void micro_kernel(int64_t kc, const float* __restrict a, int64_t lda, const float* __restrict b,
                                 float* __restrict c, int64_t ldc, int64_t mr, int64_t nr, bool acc) {
-  vf s[MR][NV];
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) s[i][j] = vf{};
+  vf s[MR][NV] = {};
   const float* row[MR];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) row[i] = a + (Direct ? (i < mr ? i : mr - 1) * lda : 0);
@@ -194,11 +190,7 @@ static void serial(const GemmCall& g, float* Ap, float* Bp) {
 // · b[(t·C + k)·NR + j], b a packed B panel over taps·C rows (rows past mr repeat a valid one).
 static void conv_tile(const float* const* rows, int64_t taps, const int64_t* tap_off, int64_t C, const float* b, float* c,
                       int64_t ldc, int64_t mr, int64_t nr) {
-  vf s[MR][NV];
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) s[i][j] = vf{};
+  vf s[MR][NV] = {};
   const float* row[MR];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) row[i] = rows[i];
@@ -224,11 +216,7 @@ static void conv_tile(const float* const* rows, int64_t taps, const int64_t* tap
 // gathered through an offset table; a is read for i < MR, so it must extend that far).
 static void gather_tile(int64_t K, const float* a, int64_t astride, const float* b, const int64_t* b_row, int64_t b_off,
                         float* c, int64_t ldc, int64_t mr, int64_t nr) {
-  vf s[MR][NV];
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) s[i][j] = vf{};
+  vf s[MR][NV] = {};
   const float* bb = b + b_off;
   for (int64_t k = 0; k < K; ++k) {
     const float* bk = bb + b_row[k];

@@ -102,6 +102,14 @@ void act_grad_parallel(const float* dy, const float* y, int64_t count, Act act, 
   });
 }
 
+// dy·act' for `count` elements: dy itself for a linear layer, else a copy kept in `buf`.
+const float* dy_act(const float* dy, const float* y, int64_t count, Act act, AlignedBuf& buf, int nthreads) {
+  if (act == Act::Linear) return dy;
+  buf.reset(static_cast<size_t>(count));
+  act_grad_parallel(dy, y, count, act, buf.data(), nthreads);
+  return buf.data();
+}
+
 // Column sums of G [rows, n] added into s (double).
 void add_col_sums(const float* G, int64_t rows, int64_t n, double* s) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -157,13 +165,14 @@ std::vector<Scratch> scratch(int nt, int64_t cols, int64_t g, int64_t acc, int64
   return s;
 }
 
-// The conv weights w [Co, C, kh, kw] as the GEMM's [P, Co] matrix (row (ky·kw + kx)·C + ci).
-AlignedBuf weight_matrix(const NhwcGeom& g, int64_t Co, const float* w) {
-  const int64_t P = g.P(), KK = g.kh * g.kw, C = g.C;
-  AlignedBuf wm(static_cast<size_t>(P * Co));
+// The conv weights w [Co, C, kh, kw] as the GEMM's [kh·kw·Cp, Co] matrix (row (ky·kw + kx)·Cp + ci),
+// Cp >= C channels per tap (the rows of channels past C are zero).
+AlignedBuf weight_matrix(const NhwcGeom& g, int64_t Co, const float* w, int64_t Cp) {
+  const int64_t KK = g.kh * g.kw, C = g.C;
+  AlignedBuf wm(static_cast<size_t>(KK * Cp * Co), Cp != C);
   for (int64_t co = 0; co < Co; ++co)
     for (int64_t ci = 0; ci < C; ++ci)
-      for (int64_t k = 0; k < KK; ++k) wm.data()[(k * C + ci) * Co + co] = w[(co * C + ci) * KK + k];
+      for (int64_t k = 0; k < KK; ++k) wm.data()[(k * Cp + ci) * Co + co] = w[(co * C + ci) * KK + k];
   return wm;
 }
 
@@ -262,7 +271,7 @@ void conv2d_forward_fp32(const NhwcGeom& g, int64_t Co, const float* x, const fl
         });
     return;
   }
-  const AlignedBuf wm = weight_matrix(g, Co, w);
+  const AlignedBuf wm = weight_matrix(g, Co, w, C);
   const AlignedBuf wp = prepack_b(false, KK * C, Co, wm.data(), Co);
   implicit_forward<float>(
       g, Co, C, bias, act, y, nthreads, k.mr, k.nr,
@@ -277,12 +286,9 @@ void conv2d_forward_bf16(const NhwcGeom& g, int64_t Co, const float* x, const fl
                          float* y, int nthreads) {
   const Bf16Kernel& k = bf16_kernel();
   const int64_t KK = g.kh * g.kw, C = g.C, Cp = C + (C & 1), C2 = Cp / 2;
-  AlignedBuf wm(static_cast<size_t>(KK * Cp * Co), true);
-  for (int64_t co = 0; co < Co; ++co)
-    for (int64_t ci = 0; ci < C; ++ci)
-      for (int64_t t = 0; t < KK; ++t) wm.data()[(t * Cp + ci) * Co + co] = w[(co * C + ci) * KK + t];
-  AlignedBuf wpb(static_cast<size_t>(bf16_packed_b_size(KK * Cp, Co)));
-  bf16_pack_b(KK * Cp, Co, wm.data(), Co, reinterpret_cast<uint32_t*>(wpb.data()));
+  const AlignedBuf wm = weight_matrix(g, Co, w, Cp);
+  AlignedBuf wpb(static_cast<size_t>(bf16_packed_size(KK * Cp, Co, kBf16NR)));
+  bf16_pack(KK * Cp, Co, wm.data(), Co, kBf16NR, reinterpret_cast<uint32_t*>(wpb.data()));
   const uint32_t* wp = reinterpret_cast<const uint32_t*>(wpb.data());
   implicit_forward<uint32_t>(
       g, Co, C2, bias, act, y, nthreads, kBf16MR, kBf16NR,
@@ -438,10 +444,8 @@ void nhwc_conv2d_backward(const NhwcGeom& g, int64_t Co, const float* x, const f
   // (Only for outputs of at least 16 channels: a narrower one, e.g. an RGB input's gradient, would
   // fill a fraction of the register tile's columns; the column path suits it better.)
   if (dx && g.sh == 1 && g.sw == 1 && g.pt <= g.kh - 1 && g.pl <= g.kw - 1 && Co > 0 && g.M() > 0 && C >= 16) {
-    // dy·act' (a copy only when there is an activation)
-    AlignedBuf G(act == Act::Linear ? 0 : static_cast<size_t>(g.M() * Co));
-    if (act != Act::Linear) act_grad_parallel(dy, y, g.M() * Co, act, G.data(), nthreads);
-    const float* Gd = act == Act::Linear ? dy : G.data();
+    AlignedBuf G;
+    const float* Gd = dy_act(dy, y, g.M() * Co, act, G, nthreads);
     AlignedBuf wf(static_cast<size_t>(C * Co * KK));
     for (int64_t co = 0; co < Co; ++co)
       for (int64_t ci = 0; ci < C; ++ci)
@@ -458,26 +462,28 @@ void nhwc_conv2d_backward(const NhwcGeom& g, int64_t Co, const float* x, const f
   // The filter gradient by implicit GEMM when the channels fill whole register tiles.
   const bool bf16 = prec == Precision::Bf16;
   if (dw && C % (bf16 ? kBf16NR : gemm_kernel().nr) == 0 && Co > 0 && g.M() > 0) {
-    if (dx) nhwc_conv2d_backward(g, Co, x, w, y, dy, act, dx, nullptr, nullptr, nthreads, prec);  // (strided: by columns)
-    AlignedBuf G(act == Act::Linear ? 0 : static_cast<size_t>(g.M() * Co));
-    if (act != Act::Linear) act_grad_parallel(dy, y, g.M() * Co, act, G.data(), nthreads);
-    (bf16 ? conv2d_filter_grad_bf16 : conv2d_filter_grad_fp32)(g, Co, x, act == Act::Linear ? dy : G.data(), dw, db, nthreads);
+    AlignedBuf G;
+    const float* Gd = dy_act(dy, y, g.M() * Co, act, G, nthreads);
+    if (dx) nhwc_conv2d_backward(g, Co, x, w, nullptr, Gd, Act::Linear, dx, nullptr, nullptr, nthreads, prec);  // (strided: by columns)
+    (bf16 ? conv2d_filter_grad_bf16 : conv2d_filter_grad_fp32)(g, Co, x, Gd, dw, db, nthreads);
     return;
   }
-  const AlignedBuf wm = weight_matrix(g, Co, w);
+  const AlignedBuf wm = weight_matrix(g, Co, w, C);
   // wmᵀ packed once for every chunk's input-gradient product
   const AlignedBuf wtp = dx ? prepack_b(true, Co, P, wm.data(), Co) : AlignedBuf();
   const int nt = image_threads(nthreads, g.N);
   const int64_t R = chunk_rows(P);
   auto sc = scratch(nt, R * P, R * Co, dw ? P * Co : 0, db ? Co : 0);
   // The filter gradient (channels that do not fill register tiles) from column chunks: in fp32
-  // dW [P, Co] = colsᵀ · G; in bf16 dWᵀ [Co, P] = Gᵀ · cols from packed pairs (pairs along the
-  // rows, the product's k).
+  // dW [P, Co] = colsᵀ · G; in bf16 dWᵀ [Co, P] = Gᵀ · cols by gather_tile, with pairs along the
+  // rows (the product's k): A = G as [K2, Co] pairs, B = cols in panels, row k2 at k2·NR.
   const bool bf16_dw = dw && bf16;
+  std::vector<int64_t> panel_rows(bf16_dw ? static_cast<size_t>(bf16_pairs(R)) : 0);
+  for (size_t k2 = 0; k2 < panel_rows.size(); ++k2) panel_rows[k2] = static_cast<int64_t>(k2) * kBf16NR;
   if (bf16_dw)
     for (auto& t : sc) {
-      t.pairsA.reset(static_cast<size_t>(bf16_packed_a_size(Co, R)));
-      t.pairsB.reset(static_cast<size_t>(bf16_packed_b_size(R, P)));
+      t.pairsA.reset(static_cast<size_t>(bf16_packed_size(R, Co, Co) + kBf16MR));  // (+ a tile's overrun)
+      t.pairsB.reset(static_cast<size_t>(bf16_packed_size(R, P, kBf16NR)));
     }
   parallel_region(nt, [&](int tid, int ntt) {
     int64_t i0, i1;
@@ -497,19 +503,14 @@ void nhwc_conv2d_backward(const NhwcGeom& g, int64_t Co, const float* x, const f
       }
       if (bf16_dw) {
         im2col_rows(g, x, r0, r1, s.cols.data());
-        bf16_pack_b(rows, P, s.cols.data(), P, s.pb());
-        bf16_pack_a_transposed(Co, rows, s.g.data(), Co, s.pa());
-        Bf16Gemm c;
-        c.M = Co;
-        c.N = P;
-        c.K2 = bf16_pairs(rows);
-        c.A = s.pa();
-        c.a_packed = true;
-        c.B = s.pb();
-        c.C = s.acc.data();
-        c.ldc = P;
-        c.accumulate = true;
-        bf16_gemm_serial(c);
+        bf16_pack(rows, P, s.cols.data(), P, kBf16NR, s.pb());
+        bf16_pack(rows, Co, s.g.data(), Co, Co, s.pa());
+        const Bf16Kernel& k = bf16_kernel();
+        const int64_t K2 = bf16_pairs(rows);
+        for (int64_t ir = 0; ir < Co; ir += kBf16MR)
+          for (int64_t jr = 0; jr < P; jr += kBf16NR)
+            k.gather_tile(K2, s.pa() + ir, Co, s.pb() + (jr / kBf16NR) * K2 * kBf16NR, panel_rows.data(), 0,
+                          s.acc.data() + ir * P + jr, P, std::min<int64_t>(kBf16MR, Co - ir), std::min<int64_t>(kBf16NR, P - jr));
       } else if (dw) {
         im2col_rows(g, x, r0, r1, s.cols.data());
         sgemm_serial(call(true, false, P, Co, rows, s.cols.data(), P, s.g.data(), Co, s.acc.data(), Co, true),
