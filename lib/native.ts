@@ -35,6 +35,11 @@ export interface NativeInfo {
    * 'emulated' (the same results, slower than fp32); absent in older builds
    */
   bf16?: string;
+  /**
+   * how stride-1 3x3 and 5x5 convolutions run: 'winograd' (lib/ops/winograd.ts) or 'direct'
+   * (EMORL_CONV_ALGO=direct); absent in older builds
+   */
+  convAlgo?: string;
 }
 
 export interface NativeStatus {

@@ -1180,6 +1180,8 @@ Napi::Value Info(const Napi::CallbackInfo& info) {
   o.Set("simtEmulator", true);  // decoderStage's device 'simt': the CUDA kernels on the CPU
   // precision 'bf16': 'avx512bf16' (about twice the fp32 rate) or 'emulated' (same numbers, slower)
   o.Set("bf16", emorl::bf16_kernel().name);
+  // how stride-1 3x3 and 5x5 convolutions run: 'winograd' (F(4x4,5x5), F(6x6,3x3)) or 'direct'
+  o.Set("convAlgo", emorl::winograd_enabled() ? "winograd" : "direct");
   return o;
 }
 

@@ -51,8 +51,17 @@ struct GemmKernel {
   // pointers), weights laid out [Co][taps][C].
   void (*narrow_tile)(const float* const* rows, int64_t taps, const int64_t* tap_off, int64_t C, int64_t Co, const float* w,
                       float* c, int64_t ldc, int64_t mr);
+  // Winograd F(m×m, r×r), α = 8, m = 4 or 6 (see nhwc.cc), vectorised over channels (multiples of
+  // vector_width). The input transform of one 8×8 tile, cell (i, j) at map + i·row + j·C, into
+  // V[ξ] at V + ξ·xi_stride (ξ < 64); the output transform of one tile from X[ξ] at X + ξ·xi_stride
+  // into the rows x cols cells (of m x m) at y + a·row + b·Co, plus bias (may be null), then ReLU
+  // when relu.
+  void (*wino_input)(const float* map, int64_t row, int64_t C, float* V, int64_t xi_stride);
+  void (*wino_output)(int m, const float* X, int64_t xi_stride, int64_t Co, const float* bias, bool relu, float* y, int64_t row,
+                      int64_t rows, int64_t cols);
 };
 
+constexpr int kWinogradAlpha = 8;  // the Winograd tiles' input side (GemmKernel::wino_*)
 constexpr int kNarrowCo = 4;    // the most output channels narrow_tile takes
 constexpr int kNarrowRows = 4;  // output cells per narrow tile
 

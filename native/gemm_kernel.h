@@ -279,6 +279,113 @@ static void narrow_tile(const float* const* rows, int64_t taps, const int64_t* t
   }
 }
 
+// Winograd F(m×m, r×r) with α = 8 (interpolation points 0, ±1, ±2, ±1/2, ∞; m = 4 for r = 5, m = 6
+// for r = 3): Y = Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A. Bᵀ is shared by both (its rows scaled to small
+// integers; G, in nhwc.cc, carries the inverse scales). Vectorised over channels (a multiple of VW).
+
+// t = Bᵀ d, with the ± point pairs sharing their even and odd halves.
+static inline void wino_bt(const vf (&d)[8], vf (&t)[8]) {
+  const vf two = splat(2.f), four = splat(4.f), five = splat(5.f), seventeen = splat(17.f), twentyone = splat(21.f);
+  t[0] = four * (d[0] - d[6]) + twentyone * (d[4] - d[2]);
+  t[7] = four * (d[7] - d[1]) + twentyone * (d[3] - d[5]);
+  const vf e1 = seventeen * d[4] - four * (d[2] + d[6]), o1 = seventeen * d[3] - four * (d[1] + d[5]);
+  t[1] = e1 + o1;
+  t[2] = e1 - o1;
+  const vf e2 = d[2] - five * d[4] + four * d[6], o2 = two * (d[1] - five * d[3] + four * d[5]);
+  t[3] = e2 + o2;
+  t[4] = e2 - o2;
+  const vf e3 = two * (four * d[2] - five * d[4] + d[6]), o3 = four * d[1] - five * d[3] + d[5];
+  t[5] = e3 + o3;
+  t[6] = e3 - o3;
+}
+
+// The input transform V = Bᵀ d B of one 8×8 tile: d[i][j] at map + i·row + j·C (C channels per
+// cell), V[ξ = 8i + j] written at V + ξ·xi_stride.
+static void wino_input(const float* map, int64_t row, int64_t C, float* V, int64_t xi_stride) {
+  for (int64_t c = 0; c < C; c += VW) {
+    vf t[8][8];  // Bᵀ d, one column of d at a time
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      vf d[8], o[8];
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) d[i] = *reinterpret_cast<const vfu*>(map + i * row + j * C + c);
+      wino_bt(d, o);
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) t[i][j] = o[i];
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      vf o[8];
+      wino_bt(t[i], o);
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) *reinterpret_cast<vfu*>(V + (8 * i + j) * xi_stride + c) = o[j];
+    }
+  }
+}
+
+// y = Aᵀ v: row a is the points' a-th powers (the ∞ point only in the last row).
+template <int M>
+static inline void wino_at(const vf (&v)[8], vf (&y)[M]) {
+  const vf s12 = v[1] + v[2], d12 = v[1] - v[2], s34 = v[3] + v[4], d34 = v[3] - v[4], s56 = v[5] + v[6], d56 = v[5] - v[6];
+  y[0] = v[0] + s12 + s34 + s56;
+  y[1] = d12 + splat(2.f) * d34 + splat(0.5f) * d56;
+  y[2] = s12 + splat(4.f) * s34 + splat(0.25f) * s56;
+  if constexpr (M == 4) {
+    y[3] = d12 + splat(8.f) * d34 + splat(0.125f) * d56 + v[7];
+  } else {
+    y[3] = d12 + splat(8.f) * d34 + splat(0.125f) * d56;
+    y[4] = s12 + splat(16.f) * s34 + splat(0.0625f) * s56;
+    y[5] = d12 + splat(32.f) * d34 + splat(0.03125f) * d56 + v[7];
+  }
+}
+
+// The output transform Y = Aᵀ X A (+ bias, then ReLU when relu) of one tile, X[ξ] at X + ξ·xi_stride
+// (Co channels): Y[a][b] written at y + a·row + b·Co for a < rows, b < cols (the tiles on the
+// bottom and right edges are cut).
+template <int M>
+static void wino_output_m(const float* X, int64_t xi_stride, int64_t Co, const float* bias, bool relu, float* y, int64_t row,
+                          int64_t rows, int64_t cols) {
+  const bool full = rows == M && cols == M;
+  for (int64_t c = 0; c < Co; c += VW) {
+    vf t[M][8];  // Aᵀ X, one column of X at a time
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      vf v[8], o[M];
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) v[i] = *reinterpret_cast<const vfu*>(X + (8 * i + j) * xi_stride + c);
+      wino_at<M>(v, o);
+#pragma GCC unroll 6
+      for (int a = 0; a < M; ++a) t[a][j] = o[a];
+    }
+    const vf b = bias ? *reinterpret_cast<const vfu*>(bias + c) : vf{}, zero = vf{};
+    vf o[M][M];
+#pragma GCC unroll 6
+    for (int a = 0; a < M; ++a) {
+      wino_at<M>(t[a], o[a]);
+#pragma GCC unroll 6
+      for (int e = 0; e < M; ++e) {
+        o[a][e] += b;
+        if (relu) o[a][e] = o[a][e] > zero ? o[a][e] : zero;
+      }
+    }
+    if (full) {
+#pragma GCC unroll 6
+      for (int a = 0; a < M; ++a)
+#pragma GCC unroll 6
+        for (int e = 0; e < M; ++e) *reinterpret_cast<vfu*>(y + a * row + e * Co + c) = o[a][e];
+    } else {
+      for (int64_t a = 0; a < rows; ++a)
+        for (int64_t e = 0; e < cols; ++e) *reinterpret_cast<vfu*>(y + a * row + e * Co + c) = o[a][e];
+    }
+  }
+}
+
+static void wino_output(int m, const float* X, int64_t xi_stride, int64_t Co, const float* bias, bool relu, float* y, int64_t row,
+                        int64_t rows, int64_t cols) {
+  if (m == 4) wino_output_m<4>(X, xi_stride, Co, bias, relu, y, row, rows, cols);
+  else wino_output_m<6>(X, xi_stride, Co, bias, relu, y, row, rows, cols);
+}
+
 // FMA throughput probe (for the benchmarks' "fraction of peak"): 12 independent multiply-add
 // chains kept in vector registers, `iters` rounds; returns a value that depends on every lane.
 static float fma_probe(int64_t iters) {
@@ -320,7 +427,9 @@ const GemmKernel* EMORL_GEMM_GETTER() {
                             EMORL_GEMM_NS::VW,
                             &EMORL_GEMM_NS::conv_tile,
                             &EMORL_GEMM_NS::gather_tile,
-                            &EMORL_GEMM_NS::narrow_tile};
+                            &EMORL_GEMM_NS::narrow_tile,
+                            &EMORL_GEMM_NS::wino_input,
+                            &EMORL_GEMM_NS::wino_output};
   return &k;
 }
 

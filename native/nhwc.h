@@ -27,8 +27,14 @@ enum class Act : int { Linear = 0, Relu = 1, Elu = 2 };
 // (bf16.h: about twice the fp32 rate on CPUs with AVX512_BF16). Bf16 covers the forward product
 // (outputs of at least 16 channels; a narrower one would leave most of a register tile idle),
 // the stride-1 input gradient (itself a forward convolution) and the filter gradient; the other
-// products (strided input gradients, transposed convolutions, biases) stay fp32.
+// products (strided input gradients, transposed convolutions, biases) stay fp32. In either
+// precision a forward product (or stride-1 input gradient) that Winograd takes runs by Winograd
+// in fp32 (stride 1, 3×3 or 5×5, channels in whole vectors: nhwc.cc), which is faster than bf16.
 enum class Precision : int { Fp32 = 0, Bf16 = 1 };
+
+// Whether Winograd is on: EMORL_CONV_ALGO=direct turns it off for the whole process (read once;
+// for comparisons and tests).
+bool winograd_enabled();
 
 // y (rows of n) += bias (may be null), then the activation, in place, on up to nthreads threads
 // (the epilogue of the convolutions, and of matmul for the linear layers).

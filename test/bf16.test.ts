@@ -12,6 +12,7 @@ import { tf, initBackend } from '../lib/tf';
 import { nativeStatus } from '../lib/native';
 import { addonOps, type DecoderStageSpec } from '../lib/ops/addon';
 import { bf16Coverage, roundToBf16 } from '../lib/ops/bf16';
+import { gemmVectorWidth } from '../lib/ops/winograd';
 import { nativeOpsAvailable, nativeOpsOn, opsForBackend } from '../lib/ops/native';
 import { expectRelClose } from './helpers';
 
@@ -22,6 +23,8 @@ if (!available) {
   console.warn(`bf16 tests SKIPPED: ${st.reason ?? 'the addon predates precision bf16 (npm run build:native)'}`);
 }
 const describeBf16 = available ? describe : describe.skip;
+/** The addon's vector width when its Winograd convolutions are on (bf16Coverage). */
+const winogradWidth = st.info?.convAlgo === 'winograd' ? gemmVectorWidth(st.info.gemmIsa) : null;
 
 beforeAll(async () => {
   await initBackend('cpu');
@@ -90,7 +93,8 @@ describeBf16('bf16 convolutions', () => {
 
   // [name, x NHWC, w [Co, C, k, k], stride, pad, act (0 linear, 1 relu, 2 elu)]
   const cases: [string, number[], number[], number, number, number][] = [
-    ['a decoder layer (32 -> 32, 5x5, odd output width), ReLU', [2, 9, 9, 32], [32, 32, 5, 5], 1, 1, 1],
+    ['a 32 -> 32 layer (4x4: Winograd takes only 3x3 and 5x5), odd output width, ReLU', [2, 9, 9, 32], [32, 32, 4, 4], 1, 1, 1],
+    ['a decoder layer (32 -> 32, 5x5: the forward and input gradient by Winograd in fp32), ReLU', [2, 9, 9, 32], [32, 32, 5, 5], 1, 1, 1],
     ['an RGB input (3 channels: odd, fewer than a pair tile)', [2, 10, 8, 3], [20, 3, 5, 5], 1, 2, 1],
     ['stride 2, 64 channels, ELU', [2, 9, 10, 64], [16, 64, 3, 3], 2, 1, 2],
     ['4 output channels (the forward stays fp32)', [2, 7, 7, 32], [4, 32, 3, 3], 1, 1, 0],
@@ -104,7 +108,7 @@ describeBf16('bf16 convolutions', () => {
       const [N, H, W, C] = xs;
       const [Co, , kh] = ws;
       const x = uniform(xs.reduce((a, b) => a * b), 11), w = uniform(ws.reduce((a, b) => a * b), 12, -0.2, 0.2), b = uniform(Co, 13, -0.1, 0.1);
-      const cov = bf16Coverage(C, Co, kh, stride, pad);
+      const cov = bf16Coverage(C, Co, kh, stride, pad, winogradWidth);
       const y = k.nhwcConv2d(x, xs, w, ws, b, [stride, stride], [pad, pad], [act], 'cpu', null, 'bf16');
       const y32 = k.nhwcConv2d(x, xs, w, ws, b, [stride, stride], [pad, pad], [act]);
       const Ho = Math.floor((H + 2 * pad - kh) / stride) + 1, Wo = Math.floor((W + 2 * pad - kh) / stride) + 1;
@@ -124,6 +128,7 @@ describeBf16('bf16 convolutions', () => {
         const yRef = activate(tf.add(cov.forward ? conv(xr, wr) : conv(x, w), tf.tensor1d(b)));
         expectRelClose(wrap(y, ys), yRef, 5e-5, 'y');
         if (cov.forward) expect(relDistance(y, y32)).toBeGreaterThan(1e-4); // it did round
+        else expect(relDistance(y, y32)).toBe(0); // the fp32 path itself
         // G = dy · act'(pre-activation), from the output y as the addon takes it
         const G = new Float32Array(dy.length);
         for (let i = 0; i < dy.length; i++) G[i] = act === 0 || y[i] > 0 ? dy[i] : act === 1 ? 0 : dy[i] * (y[i] + 1);
@@ -135,6 +140,7 @@ describeBf16('bf16 convolutions', () => {
         expectRelClose(wrap(g.dw!, ws), dwRef, 5e-5, 'dw');
         expectRelClose(wrap(g.db!, [Co]), tf.sum(tf.tensor2d(G, [G.length / Co, Co]), 0), 1e-5, 'db');
         if (cov.inputGrad) expect(relDistance(g.dx!, g32.dx!)).toBeGreaterThan(1e-4);
+        else expect(relDistance(g.dx!, g32.dx!)).toBe(0);
         expect(relDistance(g.dw!, g32.dw!)).toBeGreaterThan(1e-4);
       });
     });
@@ -147,11 +153,11 @@ describeBf16('bf16 convolutions', () => {
       return;
     }
     // the same computation in a child whose kernel choice is forced to the emulation
-    // a 32-channel layer (implicit-GEMM forward, input and filter gradients) and an RGB one
-    // (odd channels; the filter gradient through packed operands)
+    // a 32-channel 4x4 layer (implicit-GEMM forward, input and filter gradients; Winograd does not
+    // take 4x4) and an RGB one (odd channels; the filter gradient through packed operands)
     const run = `(k, uniform) => {
       const out = [];
-      for (const [xs, ws, pad] of [[[2, 9, 9, 32], [32, 32, 5, 5], 1], [[2, 10, 8, 3], [20, 3, 5, 5], 2]]) {
+      for (const [xs, ws, pad] of [[[2, 9, 9, 32], [32, 32, 4, 4], 1], [[2, 10, 8, 3], [20, 3, 5, 5], 2]]) {
         const n = (s) => s.reduce((a, b) => a * b, 1);
         const x = uniform(n(xs), 21), w = uniform(n(ws), 22, -0.2, 0.2), b = uniform(ws[0], 23);
         const y = k.nhwcConv2d(x, xs, w, ws, b, [1, 1], [pad, pad], [1], 'cpu', null, 'bf16');
@@ -195,7 +201,8 @@ describeBf16('a decoding stage and the ops in bf16', () => {
     expectRelClose(wrap(r16.dz!, [spec.n, spec.c]), wrap(r32.dz!, [spec.n, spec.c]), 2e-2, 'dz');
     expectRelClose(wrap(r16.means!, [r16.means!.length]), wrap(r32.means!, [r32.means!.length]), 2e-2, 'means');
     for (let i = 0; i < spec.layers.length; i++) expectRelClose(wrap(r16.dw[i]!, [r16.dw[i]!.length]), wrap(r32.dw[i]!, [r32.dw[i]!.length]), 3e-2, `dw[${i}]`);
-    expect(relDistance(r16.dz!, r32.dz!)).toBeGreaterThan(1e-5);
+    // the filter gradients are bf16 products everywhere (the forward and d/dz may all be Winograd's, in fp32)
+    for (let i = 1; i < spec.layers.length; i++) expect(relDistance(r16.dw[i]!, r32.dw[i]!)).toBeGreaterThan(1e-5);
   });
 
   test('nativeOpsOn(cpu, bf16) computes the convolutions in bf16', () => {
@@ -203,7 +210,7 @@ describeBf16('a decoding stage and the ops in bf16', () => {
     expect(ops).toBe(nativeOpsOn('cpu', 'bf16'));
     tf.tidy(() => {
       const x = tf.tensor4d(uniform(2 * 6 * 6 * 32, 31), [2, 6, 6, 32]);
-      const w = tf.tensor4d(uniform(32 * 32 * 9, 32, -0.2, 0.2), [32, 32, 3, 3]);
+      const w = tf.tensor4d(uniform(32 * 32 * 16, 32, -0.2, 0.2), [32, 32, 4, 4]); // 4x4: not a Winograd size
       const b = tf.tensor1d(uniform(32, 33));
       const y = ops.conv2d(x, w, b, { pad: 1 });
       const want = tf.conv2d(tf.tensor4d(roundToBf16(x.dataSync() as Float32Array), x.shape), tf.tensor4d(roundToBf16(w.dataSync() as Float32Array), w.shape).transpose([2, 3, 1, 0]) as tf.Tensor4D, 1, 1).add(b);

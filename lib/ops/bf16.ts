@@ -5,6 +5,7 @@
  * rounded operands up to the order of the fp32 sums (each product of two bf16 is exact in fp32),
  * which is how the tests check the addon against tfjs.
  */
+import { winogradTakes } from './winograd';
 
 /**
  * x rounded to the nearest bfloat16 (ties to even), as a float32: zeros and denormals become a
@@ -27,14 +28,23 @@ export function roundToBf16(x: Float32Array): Float32Array {
 
 /** The products of a convolution that precision 'bf16' computes in bf16 (the rest stay fp32). */
 export interface Bf16Coverage {
-  /** y = conv(x, w): with at least 16 output channels (a narrower one stays fp32) */
+  /** y = conv(x, w): with at least 16 output channels (a narrower one stays fp32), unless Winograd takes it */
   forward: boolean;
-  /** dx: at stride 1 (itself a forward convolution, with cin outputs) with at least 16 input channels */
+  /** dx: at stride 1 (itself a forward convolution, with cin outputs) with at least 16 input channels, unless Winograd takes it */
   inputGrad: boolean;
   /** dw (always); db is a plain sum of dy·act', in fp32 */
   filterGrad: boolean;
 }
 
-export function bf16Coverage(cin: number, cout: number, kernel: number, stride: number, pad: number): Bf16Coverage {
-  return { forward: cout >= 16, inputGrad: stride === 1 && pad <= kernel - 1 && cin >= 16, filterGrad: true };
+/**
+ * winogradWidth: the addon's vector width when its Winograd convolutions are on (lib/ops/winograd.ts;
+ * they run in fp32 in either precision, being faster than bf16's direct sums), else null.
+ */
+export function bf16Coverage(cin: number, cout: number, kernel: number, stride: number, pad: number, winogradWidth: number | null): Bf16Coverage {
+  const winograd = (i: number, o: number) => winogradWidth !== null && winogradTakes(i, o, kernel, 1, winogradWidth);
+  return {
+    forward: cout >= 16 && !(stride === 1 && winograd(cin, cout)),
+    inputGrad: stride === 1 && pad <= kernel - 1 && cin >= 16 && !winograd(cout, cin),
+    filterGrad: true,
+  };
 }
