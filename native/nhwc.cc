@@ -337,7 +337,7 @@ AlignedBuf winograd_weights(const NhwcGeom& g, int64_t Co, const float* w) {
 }
 
 // Per image: the padded map (sized for whole tiles), then blocks of T tiles: the input transform
-// into V [64][T][C], the 64 products into X [64][T][Co] (register tiles of the GEMM kernel, read
+// into V [T][64][C], the 64 products into X [T][64][Co] (register tiles of the GEMM kernel, read
 // in place), the output transform into y with the bias (and ReLU; an ELU follows per image).
 void conv2d_forward_winograd(const NhwcGeom& g, int64_t Co, const float* x, const float* w, const float* bias, Act act,
                              float* y, int nthreads) {
@@ -351,12 +351,16 @@ void conv2d_forward_winograd(const NhwcGeom& g, int64_t Co, const float* x, cons
   const int64_t T = std::max<int64_t>(k.mr, (int64_t(1) << 16) / (kWinoPoints * (C + Co)) / k.mr * k.mr);
   const AlignedBuf up = winograd_weights(g, Co, w);
   const int64_t panel = (Co + k.nr - 1) / k.nr * k.nr * C;
+  // Tile-major blocks: tile t's 64 transformed cells are contiguous (ξ at t·vt + ξ·C), so each
+  // transform streams through one block of memory; the GEMM for one ξ reads its rows (tiles) at
+  // stride vt. One cache line past a multiple of 1 KB keeps those rows off a single L1 set.
+  const int64_t vt = kWinoPoints * C + 16, xt = kWinoPoints * Co + 16;
   const int nt = image_threads(nthreads, g.N);
   std::vector<Scratch> sc(static_cast<size_t>(nt));
   for (auto& s : sc) {
     s.cols.reset(static_cast<size_t>(pg.Hp * pg.Wp * C), true);  // the padded map: borders stay zero
-    s.g.reset(static_cast<size_t>(kWinoPoints * T * C));
-    s.acc.reset(static_cast<size_t>(kWinoPoints * T * Co));
+    s.g.reset(static_cast<size_t>(T * vt));
+    s.acc.reset(static_cast<size_t>(T * xt));
   }
   const int64_t zero_tap = 0;
   parallel_region(nt, [&](int tid, int ntt) {
@@ -372,22 +376,20 @@ void conv2d_forward_winograd(const NhwcGeom& g, int64_t Co, const float* x, cons
         const int64_t tn = std::min(T, tiles - t0);
         for (int64_t t = 0; t < tn; ++t) {
           const int64_t ty = (t0 + t) / tx_n, tx = (t0 + t) % tx_n;
-          k.wino_input(map + (ty * m * pg.Wp + tx * m) * C, pg.Wp * C, C, V + t * C, T * C);
+          k.wino_input(map + (ty * m * pg.Wp + tx * m) * C, pg.Wp * C, C, V + t * vt, C);
         }
-        for (int xi = 0; xi < kWinoPoints; ++xi) {
-          const float* Vx = V + xi * T * C;
+        for (int xi = 0; xi < kWinoPoints; ++xi)
           for (int64_t ir = 0; ir < tn; ir += k.mr) {
             const int64_t mr = std::min<int64_t>(k.mr, tn - ir);
-            for (int64_t i = 0; i < k.mr; ++i) rows[i] = Vx + (ir + std::min(i, mr - 1)) * C;
+            for (int64_t i = 0; i < k.mr; ++i) rows[i] = V + (ir + std::min(i, mr - 1)) * vt + xi * C;
             for (int64_t jr = 0; jr < Co; jr += k.nr)
-              k.conv_tile(rows, 1, &zero_tap, C, up.data() + xi * panel + (jr / k.nr) * C * k.nr, X + (xi * T + ir) * Co + jr,
-                          Co, mr, std::min<int64_t>(k.nr, Co - jr));
+              k.conv_tile(rows, 1, &zero_tap, C, up.data() + xi * panel + (jr / k.nr) * C * k.nr, X + ir * xt + xi * Co + jr, xt, mr,
+                          std::min<int64_t>(k.nr, Co - jr));
           }
-        }
         for (int64_t t = 0; t < tn; ++t) {
           const int64_t ty = (t0 + t) / tx_n, tx = (t0 + t) % tx_n;
-          k.wino_output(static_cast<int>(m), X + t * Co, T * Co, Co, bias, act == Act::Relu, yn + (ty * m * g.Wo + tx * m) * Co,
-                        g.Wo * Co, std::min(m, g.Ho - ty * m), std::min(m, g.Wo - tx * m));
+          k.wino_output(static_cast<int>(m), X + t * xt, Co, Co, bias, act == Act::Relu, yn + (ty * m * g.Wo + tx * m) * Co, g.Wo * Co,
+                        std::min(m, g.Ho - ty * m), std::min(m, g.Wo - tx * m));
         }
       }
       if (act == Act::Elu) bias_act_rows(yn, g.Ho * g.Wo, Co, nullptr, act);
