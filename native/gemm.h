@@ -59,6 +59,11 @@ struct GemmKernel {
   void (*wino_input)(const float* map, int64_t row, int64_t C, float* V, int64_t xi_stride);
   void (*wino_output)(int m, const float* X, int64_t xi_stride, int64_t Co, const float* bias, bool relu, float* y, int64_t row,
                       int64_t rows, int64_t cols);
+  // The output transform's adjoint for the filter gradient: the rows x cols cells of one tile's
+  // output gradient dY (cell (a, b) at dy + a·row + b·Co; zero past rows and cols) to D = A dY Aᵀ,
+  // D[ξ] at D + ξ·xi_stride.
+  void (*wino_output_adjoint)(int m, const float* dy, int64_t row, int64_t Co, int64_t rows, int64_t cols, float* D,
+                              int64_t xi_stride);
 };
 
 constexpr int kWinogradAlpha = 8;  // the Winograd tiles' input side (GemmKernel::wino_*)

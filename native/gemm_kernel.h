@@ -386,6 +386,64 @@ static void wino_output(int m, const float* X, int64_t xi_stride, int64_t Co, co
   else wino_output_m<6>(X, xi_stride, Co, bias, relu, y, row, rows, cols);
 }
 
+// v ↦ A v (Aᵀ's adjoint, an m-vector to 8): the points' polynomials Σ_a p^a v[a], the ∞ row v[m-1].
+template <int M>
+static inline void wino_a(const vf (&v)[M], vf (&o)[8]) {
+  vf e1 = v[0], o1 = v[1], e2 = v[0], o2 = splat(2.f) * v[1], e3 = v[0], o3 = splat(0.5f) * v[1];
+#pragma GCC unroll 6
+  for (int a = 2; a < M; ++a) {
+    const vf up = splat(static_cast<float>(1 << a)) * v[a], down = splat(1.f / static_cast<float>(1 << a)) * v[a];
+    if (a % 2 == 0) {
+      e1 += v[a];
+      e2 += up;
+      e3 += down;
+    } else {
+      o1 += v[a];
+      o2 += up;
+      o3 += down;
+    }
+  }
+  o[0] = v[0];
+  o[1] = e1 + o1;
+  o[2] = e1 - o1;
+  o[3] = e2 + o2;
+  o[4] = e2 - o2;
+  o[5] = e3 + o3;
+  o[6] = e3 - o3;
+  o[7] = v[M - 1];
+}
+
+// The output transform's adjoint D = A dY Aᵀ for one tile (the filter gradient's counterpart of
+// X): dY[a][b] at dy + a·row + b·Co for a < rows, b < cols (zero beyond: the cut tiles' missing
+// cells), D[ξ = 8i + j] written at D + ξ·xi_stride.
+template <int M>
+static void wino_output_adjoint_m(const float* dy, int64_t row, int64_t Co, int64_t rows, int64_t cols, float* D, int64_t xi_stride) {
+  for (int64_t c = 0; c < Co; c += VW) {
+    vf t[8][M];  // A dY, one column of dY at a time
+#pragma GCC unroll 6
+    for (int b = 0; b < M; ++b) {
+      vf v[M], o[8];
+#pragma GCC unroll 6
+      for (int a = 0; a < M; ++a) v[a] = a < rows && b < cols ? *reinterpret_cast<const vfu*>(dy + a * row + b * Co + c) : vf{};
+      wino_a<M>(v, o);
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) t[i][b] = o[i];
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      vf o[8];
+      wino_a<M>(t[i], o);
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) *reinterpret_cast<vfu*>(D + (8 * i + j) * xi_stride + c) = o[j];
+    }
+  }
+}
+
+static void wino_output_adjoint(int m, const float* dy, int64_t row, int64_t Co, int64_t rows, int64_t cols, float* D, int64_t xi_stride) {
+  if (m == 4) wino_output_adjoint_m<4>(dy, row, Co, rows, cols, D, xi_stride);
+  else wino_output_adjoint_m<6>(dy, row, Co, rows, cols, D, xi_stride);
+}
+
 // FMA throughput probe (for the benchmarks' "fraction of peak"): 12 independent multiply-add
 // chains kept in vector registers, `iters` rounds; returns a value that depends on every lane.
 static float fma_probe(int64_t iters) {
@@ -429,7 +487,8 @@ const GemmKernel* EMORL_GEMM_GETTER() {
                             &EMORL_GEMM_NS::gather_tile,
                             &EMORL_GEMM_NS::narrow_tile,
                             &EMORL_GEMM_NS::wino_input,
-                            &EMORL_GEMM_NS::wino_output};
+                            &EMORL_GEMM_NS::wino_output,
+                            &EMORL_GEMM_NS::wino_output_adjoint};
   return &k;
 }
 

@@ -302,15 +302,23 @@ bool winograd_fits(const NhwcGeom& g, int64_t Co) {
 
 // The transformed weights U[ξ] = G g Gᵀ [64][C][Co] (ξ = 8i + j) of w [Co, C, r, r], each ξ's
 // C x Co matrix packed as the GEMM's B panels.
-AlignedBuf winograd_weights(const NhwcGeom& g, int64_t Co, const float* w) {
-  const int64_t r = g.kh, C = g.C;
+// G [8, r] (row-major) for an r×r kernel: row i is s_i·(1, p_i, p_i², …) for the finite points,
+// the ∞ row the last tap / 4.
+std::vector<double> winograd_g(int64_t r) {
   constexpr int A = kWinogradAlpha;
   static constexpr double kPoint[A - 1] = {0, 1, -1, 2, -2, 0.5, -0.5};
   static constexpr double kScale[A - 1] = {1. / 4, 1. / 18, 1. / 18, 1. / 360, 1. / 360, 16. / 45, 16. / 45};
-  double G[A][5] = {};
+  std::vector<double> G(static_cast<size_t>(A * r), 0.0);
   for (int i = 0; i < A - 1; ++i)
-    for (int64_t k = 0; k < r; ++k) G[i][k] = kScale[i] * std::pow(kPoint[i], static_cast<double>(k));
-  G[A - 1][r - 1] = 0.25;
+    for (int64_t k = 0; k < r; ++k) G[static_cast<size_t>(i * r + k)] = kScale[i] * std::pow(kPoint[i], static_cast<double>(k));
+  G[static_cast<size_t>((A - 1) * r + r - 1)] = 0.25;
+  return G;
+}
+
+AlignedBuf winograd_weights(const NhwcGeom& g, int64_t Co, const float* w) {
+  const int64_t r = g.kh, C = g.C;
+  const std::vector<double> Gv = winograd_g(r);
+  auto G = [&](int i, int64_t k) { return Gv[static_cast<size_t>(i * r + k)]; };
   AlignedBuf u(static_cast<size_t>(kWinoPoints * C * Co));
   std::vector<double> gw(static_cast<size_t>(kWinogradAlpha * r));
   for (int64_t co = 0; co < Co; ++co)
@@ -319,13 +327,13 @@ AlignedBuf winograd_weights(const NhwcGeom& g, int64_t Co, const float* w) {
       for (int i = 0; i < kWinogradAlpha; ++i)  // G g
         for (int64_t kx = 0; kx < r; ++kx) {
           double t = 0;
-          for (int64_t ky = 0; ky < r; ++ky) t += G[i][ky] * wk[ky * r + kx];
+          for (int64_t ky = 0; ky < r; ++ky) t += G(i, ky) * wk[ky * r + kx];
           gw[static_cast<size_t>(i * r + kx)] = t;
         }
       for (int i = 0; i < kWinogradAlpha; ++i)  // (G g) Gᵀ
         for (int j = 0; j < kWinogradAlpha; ++j) {
           double t = 0;
-          for (int64_t kx = 0; kx < r; ++kx) t += gw[static_cast<size_t>(i * r + kx)] * G[j][kx];
+          for (int64_t kx = 0; kx < r; ++kx) t += gw[static_cast<size_t>(i * r + kx)] * G(j, kx);
           u.data()[((i * kWinogradAlpha + j) * C + ci) * Co + co] = static_cast<float>(t);
         }
     }
@@ -336,29 +344,50 @@ AlignedBuf winograd_weights(const NhwcGeom& g, int64_t Co, const float* w) {
   return up;
 }
 
-// Per image: the padded map (sized for whole tiles), then blocks of T tiles: the input transform
-// into V [T][64][C], the 64 products into X [T][64][Co] (register tiles of the GEMM kernel, read
-// in place), the output transform into y with the bias (and ReLU; an ELU follows per image).
+// The tiling of one Winograd convolution g -> Co: m×m output tiles (row-major over the image), the
+// padded input map sized for whole tiles, and blocks of T tiles whose transformed cells are stored
+// tile-major: tile t's 64 cells contiguous (ξ at t·vt + ξ·C for the input side, t·xt + ξ·Co for
+// the output side), so each transform streams through one block of memory while the GEMM for one
+// ξ reads its rows (tiles) at stride vt. One cache line past a multiple of 1 KB keeps those rows
+// off a single L1 set. V and X of a block stay within ~256 KB (L2), in whole register tiles.
+struct WinogradTiling {
+  int64_t r, m, ty_n, tx_n, tiles, T, vt, xt;
+  PaddedGeom pg;
+  WinogradTiling(const NhwcGeom& g, int64_t Co, int64_t block_floats)
+      : r(g.kh), m(kWinogradAlpha - g.kh + 1), ty_n((g.Ho + m - 1) / m), tx_n((g.Wo + m - 1) / m), tiles(ty_n * tx_n),
+        T(std::max<int64_t>(gemm_kernel().mr, block_floats / (kWinoPoints * (g.C + Co)) / gemm_kernel().mr * gemm_kernel().mr)),
+        vt(kWinoPoints * g.C + 16), xt(kWinoPoints * Co + 16), pg(g) {
+    pg.Hp = std::max(pg.Hp, ty_n * m + r - 1);
+    pg.Wp = std::max(pg.Wp, tx_n * m + r - 1);
+  }
+  int64_t ty(int64_t t) const { return t / tx_n; }
+  int64_t tx(int64_t t) const { return t % tx_n; }
+  // the input transforms of tiles [t0, t0 + tn) of the padded map into V
+  void input(const GemmKernel& k, const float* map, int64_t C, int64_t t0, int64_t tn, float* V) const {
+    for (int64_t t = 0; t < tn; ++t)
+      k.wino_input(map + (ty(t0 + t) * m * pg.Wp + tx(t0 + t) * m) * C, pg.Wp * C, C, V + t * vt, C);
+  }
+  // the output cell (row, column) where tile t starts, and how many of its rows / columns exist
+  int64_t corner(const NhwcGeom& g, int64_t t) const { return ty(t) * m * g.Wo + tx(t) * m; }
+  int64_t rows(const NhwcGeom& g, int64_t t) const { return std::min(m, g.Ho - ty(t) * m); }
+  int64_t cols(const NhwcGeom& g, int64_t t) const { return std::min(m, g.Wo - tx(t) * m); }
+};
+
+// Per image: the padded map, then per block of tiles the input transform into V [T][64][C], the
+// 64 products into X [T][64][Co] (register tiles of the GEMM kernel, read in place), the output
+// transform into y with the bias (and ReLU; an ELU follows per image).
 void conv2d_forward_winograd(const NhwcGeom& g, int64_t Co, const float* x, const float* w, const float* bias, Act act,
                              float* y, int nthreads) {
   const GemmKernel& k = gemm_kernel();
-  const int64_t r = g.kh, m = kWinogradAlpha - r + 1, C = g.C;
-  const int64_t ty_n = (g.Ho + m - 1) / m, tx_n = (g.Wo + m - 1) / m, tiles = ty_n * tx_n;
-  PaddedGeom pg(g);
-  pg.Hp = std::max(pg.Hp, ty_n * m + r - 1);
-  pg.Wp = std::max(pg.Wp, tx_n * m + r - 1);
-  // V and X of a block within ~256 KB (L2), in whole register tiles
-  const int64_t T = std::max<int64_t>(k.mr, (int64_t(1) << 16) / (kWinoPoints * (C + Co)) / k.mr * k.mr);
+  const int64_t C = g.C;
+  const WinogradTiling wt(g, Co, int64_t(1) << 16);
+  const int64_t T = wt.T, vt = wt.vt, xt = wt.xt;
   const AlignedBuf up = winograd_weights(g, Co, w);
   const int64_t panel = (Co + k.nr - 1) / k.nr * k.nr * C;
-  // Tile-major blocks: tile t's 64 transformed cells are contiguous (ξ at t·vt + ξ·C), so each
-  // transform streams through one block of memory; the GEMM for one ξ reads its rows (tiles) at
-  // stride vt. One cache line past a multiple of 1 KB keeps those rows off a single L1 set.
-  const int64_t vt = kWinoPoints * C + 16, xt = kWinoPoints * Co + 16;
   const int nt = image_threads(nthreads, g.N);
   std::vector<Scratch> sc(static_cast<size_t>(nt));
   for (auto& s : sc) {
-    s.cols.reset(static_cast<size_t>(pg.Hp * pg.Wp * C), true);  // the padded map: borders stay zero
+    s.cols.reset(static_cast<size_t>(wt.pg.Hp * wt.pg.Wp * C), true);  // the padded map: borders stay zero
     s.g.reset(static_cast<size_t>(T * vt));
     s.acc.reset(static_cast<size_t>(T * xt));
   }
@@ -370,14 +399,11 @@ void conv2d_forward_winograd(const NhwcGeom& g, int64_t Co, const float* x, cons
     float *map = s.cols.data(), *V = s.g.data(), *X = s.acc.data();
     const float* rows[kMaxMR];
     for (int64_t n = i0; n < i1; ++n) {
-      fill_padded(g, x, n, map, pg);
+      fill_padded(g, x, n, map, wt.pg);
       float* yn = y + n * g.Ho * g.Wo * Co;
-      for (int64_t t0 = 0; t0 < tiles; t0 += T) {
-        const int64_t tn = std::min(T, tiles - t0);
-        for (int64_t t = 0; t < tn; ++t) {
-          const int64_t ty = (t0 + t) / tx_n, tx = (t0 + t) % tx_n;
-          k.wino_input(map + (ty * m * pg.Wp + tx * m) * C, pg.Wp * C, C, V + t * vt, C);
-        }
+      for (int64_t t0 = 0; t0 < wt.tiles; t0 += T) {
+        const int64_t tn = std::min(T, wt.tiles - t0);
+        wt.input(k, map, C, t0, tn, V);
         for (int xi = 0; xi < kWinoPoints; ++xi)
           for (int64_t ir = 0; ir < tn; ir += k.mr) {
             const int64_t mr = std::min<int64_t>(k.mr, tn - ir);
@@ -386,15 +412,72 @@ void conv2d_forward_winograd(const NhwcGeom& g, int64_t Co, const float* x, cons
               k.conv_tile(rows, 1, &zero_tap, C, up.data() + xi * panel + (jr / k.nr) * C * k.nr, X + ir * xt + xi * Co + jr, xt, mr,
                           std::min<int64_t>(k.nr, Co - jr));
           }
-        for (int64_t t = 0; t < tn; ++t) {
-          const int64_t ty = (t0 + t) / tx_n, tx = (t0 + t) % tx_n;
-          k.wino_output(static_cast<int>(m), X + t * xt, Co, Co, bias, act == Act::Relu, yn + (ty * m * g.Wo + tx * m) * Co, g.Wo * Co,
-                        std::min(m, g.Ho - ty * m), std::min(m, g.Wo - tx * m));
-        }
+        for (int64_t t = t0; t < t0 + tn; ++t)
+          k.wino_output(static_cast<int>(wt.m), X + (t - t0) * xt, Co, Co, bias, act == Act::Relu, yn + wt.corner(g, t) * Co, g.Wo * Co,
+                        wt.rows(g, t), wt.cols(g, t));
       }
       if (act == Act::Elu) bias_act_rows(yn, g.Ho * g.Wo, Co, nullptr, act);
     }
   });
+}
+
+// The filter gradient by Winograd: with D = A dY Aᵀ per tile (the output transform's adjoint),
+// dU[ξ] = Σ_tiles V[ξ]ᵀ D[ξ] ([C, Co]: 64 GEMMs with the tiles as the sum, accumulated per thread),
+// then dW = Gᵀ dU G (the weight transform's adjoint, in doubles). G = dy·act'.
+void conv2d_filter_grad_winograd(const NhwcGeom& g, int64_t Co, const float* x, const float* G, float* dw, float* db,
+                                 int nthreads) {
+  const GemmKernel& k = gemm_kernel();
+  const int64_t C = g.C, HoWo = g.Ho * g.Wo, UC = kWinoPoints * C * Co;
+  const WinogradTiling wt(g, Co, int64_t(1) << 17);  // longer sums per GEMM tile: twice the forward's blocks
+  const int64_t T = wt.T, vt = wt.vt, xt = wt.xt;
+  const int nt = image_threads(nthreads, g.N);
+  std::vector<Scratch> sc(static_cast<size_t>(nt));
+  std::vector<int64_t> b_row(static_cast<size_t>(T));
+  for (int64_t t = 0; t < T; ++t) b_row[static_cast<size_t>(t)] = t * xt;
+  for (auto& s : sc) {
+    s.cols.reset(static_cast<size_t>(wt.pg.Hp * wt.pg.Wp * C), true);
+    s.g.reset(static_cast<size_t>(T * vt + k.mr));  // (+ a tile's overrun of the last row)
+    s.packA.reset(static_cast<size_t>(T * xt + k.nr));
+    s.acc.reset(static_cast<size_t>(UC), true);
+    if (db) s.dsum.assign(static_cast<size_t>(Co), 0.0);
+  }
+  parallel_region(nt, [&](int tid, int ntt) {
+    int64_t i0, i1;
+    split_range(g.N, tid, ntt, i0, i1);
+    Scratch& s = sc[tid];
+    float *map = s.cols.data(), *V = s.g.data(), *D = s.packA.data(), *dU = s.acc.data();
+    for (int64_t n = i0; n < i1; ++n) {
+      fill_padded(g, x, n, map, wt.pg);
+      const float* Gn = G + n * HoWo * Co;
+      if (db) add_col_sums(Gn, HoWo, Co, s.dsum.data());
+      for (int64_t t0 = 0; t0 < wt.tiles; t0 += T) {
+        const int64_t tn = std::min(T, wt.tiles - t0);
+        wt.input(k, map, C, t0, tn, V);
+        for (int64_t t = t0; t < t0 + tn; ++t)
+          k.wino_output_adjoint(static_cast<int>(wt.m), Gn + wt.corner(g, t) * Co, g.Wo * Co, Co, wt.rows(g, t), wt.cols(g, t),
+                                D + (t - t0) * xt, Co);
+        for (int xi = 0; xi < kWinoPoints; ++xi)
+          for (int64_t ir = 0; ir < C; ir += k.mr)
+            for (int64_t jr = 0; jr < Co; jr += k.nr)
+              k.gather_tile(tn, V + xi * C + ir, vt, D, b_row.data(), xi * Co + jr, dU + (xi * C + ir) * Co + jr, Co,
+                            std::min<int64_t>(k.mr, C - ir), std::min<int64_t>(k.nr, Co - jr));
+      }
+    }
+  });
+  if (db) reduce_bias_grads(sc, Co, db);
+  const float* dUs = reduce_accumulators(sc, UC);
+  const std::vector<double> Gm = winograd_g(wt.r);
+  for (int64_t co = 0; co < Co; ++co)
+    for (int64_t ci = 0; ci < C; ++ci)
+      for (int64_t ky = 0; ky < wt.r; ++ky)
+        for (int64_t kx = 0; kx < wt.r; ++kx) {
+          double t = 0;
+          for (int i = 0; i < kWinogradAlpha; ++i)
+            for (int j = 0; j < kWinogradAlpha; ++j)
+              t += Gm[static_cast<size_t>(i * wt.r + ky)] * static_cast<double>(dUs[((i * kWinogradAlpha + j) * C + ci) * Co + co]) *
+                   Gm[static_cast<size_t>(j * wt.r + kx)];
+          dw[((co * C + ci) * wt.r + ky) * wt.r + kx] = static_cast<float>(t);
+        }
 }
 
 // bf16: the map as channel pairs (an odd C gets a zero channel), the weights as packed pairs.
@@ -584,6 +667,14 @@ void nhwc_conv2d_backward(const NhwcGeom& g, int64_t Co, const float* x, const f
     gt.kh = g.kh; gt.kw = g.kw; gt.sh = gt.sw = 1; gt.pt = g.kh - 1 - g.pt; gt.pl = g.kw - 1 - g.pl;
     nhwc_conv2d_forward(gt, C, Gd, wf.data(), nullptr, Act::Linear, dx, nthreads, prec);
     if (params) nhwc_conv2d_backward(g, Co, x, w, nullptr, Gd, Act::Linear, nullptr, dw, db, nthreads, prec);
+    return;
+  }
+  // The filter gradient by Winograd where the forward pass runs by it (fp32 in either precision).
+  if (dw && winograd_fits(g, Co) && g.M() > 0) {
+    AlignedBuf G;
+    const float* Gd = dy_act(dy, y, g.M() * Co, act, G, nthreads);
+    if (dx) nhwc_conv2d_backward(g, Co, x, w, nullptr, Gd, Act::Linear, dx, nullptr, nullptr, nthreads, prec);
+    conv2d_filter_grad_winograd(g, Co, x, Gd, dw, db, nthreads);
     return;
   }
   // The filter gradient by implicit GEMM when the channels fill whole register tiles.

@@ -100,6 +100,17 @@ function degenerate(name: string, i: number, size: number): boolean {
   return false;
 }
 
+/**
+ * How far the parameters of two runs over different batch splits may differ after a few Adam steps,
+ * relative to each tensor's largest value. Their gradients agree to 1e-5 of the largest gradient
+ * (checked directly; about 5e-8 measured), but Adam divides each entry by its own running
+ * magnitude: where a gradient is ~1e-4 of the largest, as at the corner taps of the decoder's
+ * kernels, the two runs' rounding (the Winograd filter gradient's is a few times the direct sum's)
+ * becomes a visible part of a step of ~lr (4e-5 of decode.4's largest weight, measured). A wrong
+ * reduction differs by whole steps.
+ */
+const PARAM_TOL = 1e-4;
+
 /** Parameters of two runs compared per tensor, relative to the tensor's largest magnitude. */
 function compareParams(a: CheckpointData, b: CheckpointData): { maxRel: number; degenerateMaxAbs: number; compared: number } {
   let maxRel = 0;
@@ -186,7 +197,7 @@ describe('data-parallel training, ranks in one process', () => {
     const b = readCheckpoint(two[0].lastCheckpoint!);
     expect([...b.tensors.keys()].sort()).toEqual([...a.tensors.keys()].sort());
     const cmp = compareParams(a, b);
-    expect(cmp.maxRel).toBeLessThan(1e-5);
+    expect(cmp.maxRel).toBeLessThan(PARAM_TOL);
     expect(cmp.degenerateMaxAbs).toBeLessThan(2 * STEPS * config.training.lr);
     expect(b.meta.iterator).toEqual(a.meta.iterator);
     expect(b.meta.noiseRng).toEqual(a.meta.noiseRng);
@@ -322,7 +333,7 @@ describe('data-parallel training, worker processes', () => {
     expect(pids.every((p) => !alive(p))).toBe(true);
     const one = single ?? { checkpoint: (await train(base(path.join(tmp, 'one-again')))).lastCheckpoint!, steps: [] };
     const cmp = compareParams(readCheckpoint(one.checkpoint), readCheckpoint(summary.lastCheckpoint!));
-    expect(cmp.maxRel).toBeLessThan(1e-5);
+    expect(cmp.maxRel).toBeLessThan(PARAM_TOL);
     expect(fs.readdirSync(path.join(out, 'checkpoints'))).toEqual(['checkpoint-00000003.emorl']);
     const lines = fs.readFileSync(path.join(out, 'log.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l));
     expect(lines.map((l) => l.step)).toEqual([0, 1, 2]); // one line per step: rank 0 only
@@ -437,7 +448,7 @@ describe('several nodes: launchers meeting over TCP (two on this host)', () => {
     expect(pids.filter(alive)).toEqual([]);
     const one = single ?? { checkpoint: (await train(base(path.join(tmp, 'one-nodes')))).lastCheckpoint!, steps: [] };
     const cmp = compareParams(readCheckpoint(one.checkpoint), readCheckpoint(m.lastCheckpoint!));
-    expect(cmp.maxRel).toBeLessThan(1e-5);
+    expect(cmp.maxRel).toBeLessThan(PARAM_TOL);
     expect(fs.readdirSync(path.join(out, 'checkpoints'))).toEqual(['checkpoint-00000003.emorl']);
   }, 120000);
 

@@ -1,9 +1,10 @@
 /**
  * Winograd convolution (lib/ops/winograd.ts, native/nhwc.cc): the float64 reference of the
  * algorithm equals a direct sum (so the transform matrices are right), and the addon's fp32
- * Winograd convolutions equal the direct sum within fp32 rounding: every tile position (edges cut
+ * Winograd convolutions equal the direct sums within fp32 rounding: every tile position (edges cut
  * short), padding 0-3, both kernel sizes, ReLU and ELU with bias, the stride-1 input gradient that
- * runs through it, the same results in precision bf16, and Winograd switched off
+ * runs through it and the filter gradient (by the transforms' adjoints), the same results in
+ * precision bf16, and Winograd switched off
  * (EMORL_CONV_ALGO=direct) in a child process. Skipped, with a notice, when the addon is not built.
  */
 import { execFileSync } from 'node:child_process';
@@ -97,7 +98,7 @@ describeAddon('the addon\'s Winograd convolutions', () => {
     [[1, 14, 13, 32], [32, 32, 3, 3], 0, 2],
     [[1, 6, 6, 16], [16, 16, 5, 5], 3, 1], // padding beyond the kernel's reach
   ];
-  test.each(cases)('x %j, w %j, pad %d, act %d: values and input gradient within fp32 rounding of the direct sum', (xs, ws, pad, act) => {
+  test.each(cases)('x %j, w %j, pad %d, act %d: values, input and filter gradients within fp32 rounding of the direct sums', (xs, ws, pad, act) => {
     const k = addonOps();
     const [N, H, W, C] = xs;
     const [Co, , r] = ws;
@@ -111,12 +112,31 @@ describeAddon('the addon\'s Winograd convolutions', () => {
       return act === 1 ? Math.max(p, 0) : act === 2 ? (p > 0 ? p : Math.expm1(p)) : p;
     });
     expectRelClose(wrap(y, [N, Ho, Wo, Co]), wrap(want, [N, Ho, Wo, Co]), 2e-5, 'y');
-    // the stride-1 input gradient is a forward convolution (Co -> C) and takes the same path
-    if (!winogradTakes(Co, C, r, 1, width())) return;
+    // the filter gradient takes Winograd too; the stride-1 input gradient is a forward convolution
+    // (Co -> C) and does where that one fits
     const dy = uniform(y.length, 6);
-    const g = k.nhwcConv2dBackward(x, xs, w, ws, act ? y : null, dy, [1, 1], [pad, pad], [act], true, false);
+    const g = k.nhwcConv2dBackward(x, xs, w, ws, act ? y : null, dy, [1, 1], [pad, pad], [act], true, true);
+    const G = dy.map((d, i) => (act === 0 || y[i] > 0 ? d : act === 1 ? 0 : d * (y[i] + 1)));
+    const dwRef = new Float64Array(size(ws)), dbRef = new Float64Array(Co);
+    for (let b = 0; b < N; b++)
+      for (let oy = 0; oy < Ho; oy++)
+        for (let ox = 0; ox < Wo; ox++)
+          for (let o = 0; o < Co; o++) {
+            const gv = G[((b * Ho + oy) * Wo + ox) * Co + o];
+            dbRef[o] += gv;
+            for (let ky = 0; ky < r; ky++) {
+              const iy = oy - pad + ky;
+              if (iy < 0 || iy >= H) continue;
+              for (let kx = 0; kx < r; kx++) {
+                const ix = ox - pad + kx;
+                if (ix < 0 || ix >= W) continue;
+                for (let i = 0; i < C; i++) dwRef[((o * C + i) * r + ky) * r + kx] += gv * x[((b * H + iy) * W + ix) * C + i];
+              }
+            }
+          }
+    expectRelClose(wrap(g.dw!, ws), wrap(dwRef, ws), 2e-5, 'dw');
+    expectRelClose(wrap(g.db!, [Co]), wrap(dbRef, [Co]), 1e-5, 'db');
     tf.tidy(() => {
-      const G = dy.map((d, i) => (act === 0 || y[i] > 0 ? d : act === 1 ? 0 : d * (y[i] + 1)));
       const conv = (xt: tf.Tensor4D) => tf.conv2d(xt, tf.tensor4d(w, ws as [number, number, number, number]).transpose([2, 3, 1, 0]) as tf.Tensor4D, 1, [[0, 0], [pad, pad], [pad, pad], [0, 0]]);
       const [dxRef] = tf.grads((xt: tf.Tensor) => conv(xt as tf.Tensor4D))([tf.tensor4d(x, xs as [number, number, number, number])], tf.tensor4d(G, [N, Ho, Wo, Co]));
       expectRelClose(wrap(g.dx!, xs), dxRef, 2e-5, 'dx');
@@ -129,7 +149,12 @@ describeAddon('the addon\'s Winograd convolutions', () => {
     const x = uniform(size(xs), 7), w = uniform(size(ws), 8, -0.2, 0.2), b = uniform(32, 9);
     const y32 = k.nhwcConv2d(x, xs, w, ws, b, [1, 1], [1, 1], [1]);
     const y16 = k.nhwcConv2d(x, xs, w, ws, b, [1, 1], [1, 1], [1], 'cpu', null, 'bf16');
-    expect(Buffer.from(y16.buffer).equals(Buffer.from(y32.buffer))).toBe(true);
+    const same = (a: Float32Array, c: Float32Array) => Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(Buffer.from(c.buffer, c.byteOffset, c.byteLength));
+    expect(same(y16, y32)).toBe(true);
+    const dy = uniform(y32.length, 10);
+    const g32 = k.nhwcConv2dBackward(x, xs, w, ws, y32, dy, [1, 1], [1, 1], [1], true, true);
+    const g16 = k.nhwcConv2dBackward(x, xs, w, ws, y32, dy, [1, 1], [1, 1], [1], true, true, 'cpu', null, 'bf16');
+    expect(same(g16.dx!, g32.dx!) && same(g16.dw!, g32.dw!) && same(g16.db!, g32.db!)).toBe(true);
   });
 
   test('EMORL_CONV_ALGO=direct switches it off (info().convAlgo), with results within fp32 rounding', () => {

@@ -32,7 +32,7 @@ export interface Bf16Coverage {
   forward: boolean;
   /** dx: at stride 1 (itself a forward convolution, with cin outputs) with at least 16 input channels, unless Winograd takes it */
   inputGrad: boolean;
-  /** dw (always); db is a plain sum of dy·act', in fp32 */
+  /** dw, unless Winograd takes the forward pass; db is a plain sum of dy·act', in fp32 */
   filterGrad: boolean;
 }
 
@@ -45,6 +45,6 @@ export function bf16Coverage(cin: number, cout: number, kernel: number, stride: 
   return {
     forward: cout >= 16 && !(stride === 1 && winograd(cin, cout)),
     inputGrad: stride === 1 && pad <= kernel - 1 && cin >= 16 && !winograd(cout, cin),
-    filterGrad: true,
+    filterGrad: !(stride === 1 && winograd(cin, cout)),
   };
 }
