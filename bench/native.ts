@@ -186,7 +186,16 @@ function nhwcRows(L: (typeof LAYERS)[number], x: Float32Array, w: Float32Array, 
     const dw = time(() => k.nhwcConv2dBackward(x, xs, w, L.w, null, dy, st, pd, lin, false, true, 'cpu', null, precision), REPS);
     out.push(`${precision} forward ${fmt(flops / fwd.best / 1e9, 0)}, input grad ${fmt(flops / dx.best / 1e9, 0)}, filter grad ${fmt(flops / dw.best / 1e9, 0)}`);
   }
-  console.log(`  NHWC (the model's kernels), GFLOP/s: ${out.join('; ')}${bf16 ? ` (bf16: ${bf16})` : ''}`);
+  console.log(`  NHWC (the model's kernels), GFLOP/s: ${out.join('; ')}${bf16 ? ` (bf16: ${bf16})` : ''}${winogradNote()}`);
+}
+
+/**
+ * With Winograd on (info().convAlgo), a stride-1 3x3 / 5x5 layer does fewer multiply-adds than the
+ * direct count these rates use: they are direct-equivalent and can exceed the FMA peak.
+ * `EMORL_CONV_ALGO=direct npm run bench -- native` gives the direct kernels' rates.
+ */
+function winogradNote(): string {
+  return nativeStatus().info!.convAlgo === 'winograd' ? ' [direct-equivalent: Winograd on]' : '';
 }
 
 /**
@@ -210,7 +219,7 @@ function decoderStageBench(): void {
   // the convolutions after the broadcast layer (whose per-class products are negligible)
   const F = n * 2 * (37 * 37 * 32 * 32 * 25 + 35 * 35 * 32 * 32 * 25 + 35 * 35 * 4 * 32 * 9);
   const peak = addon.peakGflops(0.5);
-  console.log(`decoder stage, Tetrominoes config at batch 32 (${n} slots): ${fmt(F / 1e9, 1)} GFLOP forward; FMA peak of ${nativeStatus().info!.threads} threads ${fmt(peak, 0)} GFLOP/s`);
+  console.log(`decoder stage, Tetrominoes config at batch 32 (${n} slots): ${fmt(F / 1e9, 1)} GFLOP forward; FMA peak of ${nativeStatus().info!.threads} threads ${fmt(peak, 0)} GFLOP/s${winogradNote()}`);
   // precision bf16: against twice the FMA peak where the bf16 dot products run (AVX512_BF16 does
   // two products per lane per instruction at the FMA rate); an emulated kernel is only listed.
   const bf16 = nativeStatus().info!.bf16;
