@@ -96,12 +96,6 @@ namespace {
 
 int64_t numel4(const int64_t* s) { return s[0] * s[1] * s[2] * s[3]; }
 
-inline float act_fwd(float v, Act a) {
-  if (a == Act::Relu) return v > 0.f ? v : 0.f;
-  if (a == Act::Elu) return v > 0.f ? v : std::expm1(v);
-  return v;
-}
-
 void broadcast_conv_forward(const DecoderStage& s, const DecoderLayer& L, float* y, float* conv_pos, Workspace& ws,
                             size_t slot, int nt) {
   const int64_t n = s.n, c = s.c, cout = L.out[3], oh = L.out[1], ow = L.out[2], QC = oh * ow * cout;
@@ -124,8 +118,9 @@ void broadcast_conv_forward(const DecoderStage& s, const DecoderLayer& L, float*
           const float* zc = zw + i * KC + (t.row_of[oy] * t.ncol + t.col_of[ox]) * cout;
           float* yq = y + i * QC + q * cout;
           const float* pq = cp + q * cout;
-          for (int64_t co = 0; co < cout; ++co) yq[co] = act_fwd(zc[co] + pq[co], L.act);
+          for (int64_t co = 0; co < cout; ++co) yq[co] = zc[co] + pq[co];
         }
+    gemm_kernel().bias_act_rows(y + i0 * QC, (i1 - i0) * oh * ow, cout, nullptr, static_cast<int>(L.act));
   });
 }
 

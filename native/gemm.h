@@ -54,16 +54,19 @@ struct GemmKernel {
   // Winograd F(m×m, r×r), α = 8, m = 4 or 6 (see nhwc.cc), vectorised over channels (multiples of
   // vector_width). The input transform of one 8×8 tile, cell (i, j) at map + i·row + j·C, into
   // V[ξ] at V + ξ·xi_stride (ξ < 64); the output transform of one tile from X[ξ] at X + ξ·xi_stride
-  // into the rows x cols cells (of m x m) at y + a·row + b·Co, plus bias (may be null), then ReLU
-  // when relu.
+  // into the rows x cols cells (of m x m) at y + a·row + b·Co, plus bias (may be null), then the
+  // activation act (as in bias_act_rows).
   void (*wino_input)(const float* map, int64_t row, int64_t C, float* V, int64_t xi_stride);
-  void (*wino_output)(int m, const float* X, int64_t xi_stride, int64_t Co, const float* bias, bool relu, float* y, int64_t row,
+  void (*wino_output)(int m, const float* X, int64_t xi_stride, int64_t Co, const float* bias, int act, float* y, int64_t row,
                       int64_t rows, int64_t cols);
   // The output transform's adjoint for the filter gradient: the rows x cols cells of one tile's
   // output gradient dY (cell (a, b) at dy + a·row + b·Co; zero past rows and cols) to D = A dY Aᵀ,
   // D[ξ] at D + ξ·xi_stride.
   void (*wino_output_adjoint)(int m, const float* dy, int64_t row, int64_t Co, int64_t rows, int64_t cols, float* D,
                               int64_t xi_stride);
+  // y (rows of n) += bias (may be null), then act: 0 linear, 1 ReLU, 2 ELU (expm1 vectorised, to
+  // about an ulp), in place (the epilogue of the convolutions and of matmul; nhwc.h's Act values).
+  void (*bias_act_rows)(float* y, int64_t rows, int64_t n, const float* bias, int act);
 };
 
 constexpr int kWinogradAlpha = 8;  // the Winograd tiles' input side (GemmKernel::wino_*)

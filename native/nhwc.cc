@@ -65,22 +65,9 @@ void col2im_rows(const NhwcGeom& g, const float* cols, int64_t r0, int64_t r1, f
   }
 }
 
-inline float act_fwd(float v, Act a) {
-  if (a == Act::Relu) return v > 0.f ? v : 0.f;
-  if (a == Act::Elu) return v > 0.f ? v : std::expm1(v);
-  return v;
-}
-
-// y (rows of n) += bias, then the activation, in place.
+// y (rows of n) += bias, then the activation, in place (vectorised per ISA).
 void bias_act_rows(float* y, int64_t rows, int64_t n, const float* bias, Act act) {
-  if (!bias && act == Act::Linear) return;
-  for (int64_t r = 0; r < rows; ++r) {
-    float* yr = y + r * n;
-    if (bias)
-      for (int64_t j = 0; j < n; ++j) yr[j] += bias[j];
-    if (act != Act::Linear)
-      for (int64_t j = 0; j < n; ++j) yr[j] = act_fwd(yr[j], act);
-  }
+  gemm_kernel().bias_act_rows(y, rows, n, bias, static_cast<int>(act));
 }
 
 // g[i] = dy[i] * act'(pre-activation), from the activation's output y, for `count` elements.
@@ -375,7 +362,7 @@ struct WinogradTiling {
 
 // Per image: the padded map, then per block of tiles the input transform into V [T][64][C], the
 // 64 products into X [T][64][Co] (register tiles of the GEMM kernel, read in place), the output
-// transform into y with the bias (and ReLU; an ELU follows per image).
+// transform into y with the bias and activation.
 void conv2d_forward_winograd(const NhwcGeom& g, int64_t Co, const float* x, const float* w, const float* bias, Act act,
                              float* y, int nthreads) {
   const GemmKernel& k = gemm_kernel();
@@ -413,10 +400,9 @@ void conv2d_forward_winograd(const NhwcGeom& g, int64_t Co, const float* x, cons
                           std::min<int64_t>(k.nr, Co - jr));
           }
         for (int64_t t = t0; t < t0 + tn; ++t)
-          k.wino_output(static_cast<int>(wt.m), X + (t - t0) * xt, Co, Co, bias, act == Act::Relu, yn + wt.corner(g, t) * Co, g.Wo * Co,
-                        wt.rows(g, t), wt.cols(g, t));
+          k.wino_output(static_cast<int>(wt.m), X + (t - t0) * xt, Co, Co, bias, static_cast<int>(act), yn + wt.corner(g, t) * Co,
+                        g.Wo * Co, wt.rows(g, t), wt.cols(g, t));
       }
-      if (act == Act::Elu) bias_act_rows(yn, g.Ho * g.Wo, Co, nullptr, act);
     }
   });
 }

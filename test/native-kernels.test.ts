@@ -14,6 +14,7 @@ import {
   Shape4,
   Padding,
 } from '../lib/native';
+import { addonOps } from '../lib/ops/addon';
 
 const status = nativeStatus();
 const describeNative = status.available ? describe : describe.skip;
@@ -395,6 +396,23 @@ describeNative('native kernels', () => {
     const tiny = Number('5e-324'); // JS doubles must still have subnormals after the call
     expect(tiny * 1.5).toBeGreaterThan(0);
     expect(Math.fround(Number('1e-39'))).toBeGreaterThan(0);
+  });
+
+  test.each([16, 5])('the ELU epilogue (vectorised expm1) is within 1.5 ulps of expm1 over [-100, 10] (%d channels)', (C) => {
+    // a 1x1 identity convolution with ELU: the epilogue alone, over whole vectors (16) and a tail (5)
+    const n = 1 << 14;
+    const x = new Float32Array(n * C);
+    for (let i = 0; i < x.length; i++) x[i] = -100 + (110 * i) / x.length;
+    x.set([-1e-30, -1e-8, -1e-4, -0.3465, -0.3466, -86.9, -87.5, -88.8, -200, 1e-30, 0], 0);
+    const w = new Float32Array(C * C);
+    for (let i = 0; i < C; i++) w[i * C + i] = 1;
+    const y = addonOps().nhwcConv2d(x, [1, 1, n, C], w, [C, C, 1, 1], null, [1, 1], [0, 0], [2]);
+    let worst = 0;
+    for (let i = 0; i < x.length; i++) {
+      const want = x[i] > 0 ? x[i] : Math.fround(Math.expm1(x[i]));
+      worst = Math.max(worst, Math.abs(y[i] - want) / Math.max(Math.abs(want) * 2 ** -23, 2 ** -149));
+    }
+    expect(worst).toBeLessThanOrEqual(1.5);
   });
 
   describe('argument checks', () => {
