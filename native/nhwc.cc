@@ -452,18 +452,30 @@ void conv2d_filter_grad_winograd(const NhwcGeom& g, int64_t Co, const float* x, 
   });
   if (db) reduce_bias_grads(sc, Co, db);
   const float* dUs = reduce_accumulators(sc, UC);
+  // dW = Gᵀ dU G, separably (dU G, then Gᵀ ·), vectorised over the output channels
   const std::vector<double> Gm = winograd_g(wt.r);
-  for (int64_t co = 0; co < Co; ++co)
-    for (int64_t ci = 0; ci < C; ++ci)
-      for (int64_t ky = 0; ky < wt.r; ++ky)
-        for (int64_t kx = 0; kx < wt.r; ++kx) {
-          double t = 0;
-          for (int i = 0; i < kWinogradAlpha; ++i)
-            for (int j = 0; j < kWinogradAlpha; ++j)
-              t += Gm[static_cast<size_t>(i * wt.r + ky)] * static_cast<double>(dUs[((i * kWinogradAlpha + j) * C + ci) * Co + co]) *
-                   Gm[static_cast<size_t>(j * wt.r + kx)];
-          dw[((co * C + ci) * wt.r + ky) * wt.r + kx] = static_cast<float>(t);
+  const int64_t r = wt.r;
+  std::vector<double> t1(static_cast<size_t>(kWinogradAlpha * r * Co));  // [i][kx][co] = Σ_j dU[i][j] G[j][kx]
+  for (int64_t ci = 0; ci < C; ++ci) {
+    std::fill(t1.begin(), t1.end(), 0.0);
+    for (int i = 0; i < kWinogradAlpha; ++i)
+      for (int j = 0; j < kWinogradAlpha; ++j) {
+        const float* u = dUs + ((i * kWinogradAlpha + j) * C + ci) * Co;
+        for (int64_t kx = 0; kx < r; ++kx) {
+          const double gj = Gm[static_cast<size_t>(j * r + kx)];
+          if (gj == 0.0) continue;
+          double* t = t1.data() + (i * r + kx) * Co;
+          for (int64_t co = 0; co < Co; ++co) t[co] += gj * static_cast<double>(u[co]);
         }
+      }
+    for (int64_t ky = 0; ky < r; ++ky)
+      for (int64_t kx = 0; kx < r; ++kx)
+        for (int64_t co = 0; co < Co; ++co) {
+          double v = 0;
+          for (int i = 0; i < kWinogradAlpha; ++i) v += Gm[static_cast<size_t>(i * r + ky)] * t1[static_cast<size_t>((i * r + kx) * Co + co)];
+          dw[((co * C + ci) * r + ky) * r + kx] = static_cast<float>(v);
+        }
+  }
 }
 
 // bf16: the map as channel pairs (an odd C gets a zero channel), the weights as packed pairs.
