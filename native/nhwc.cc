@@ -277,7 +277,7 @@ void conv2d_forward_fp32(const NhwcGeom& g, int64_t Co, const float* x, const fl
 // point p is s·(1, p, p², …) with s = 1/4, 1/18, 1/18, 1/360, 1/360, 16/45, 16/45, and ∞'s is the
 // last tap / 4, so that Bᵀ (GemmKernel::wino_input) is in small integers. Bᵀ was derived by solving
 // Aᵀ[(G g) ⊙ (Bᵀ d)] = g ⋆ d in exact rationals. The sums are fp32; against the direct sum the
-// transforms cost a few times fp32's rounding (about 1e-5 relative; test/native-kernels.test.ts).
+// transforms cost a few times fp32's rounding (about 1e-5 relative; test/winograd.test.ts).
 constexpr int kWinoPoints = kWinogradAlpha * kWinogradAlpha;
 
 // Whether the forward convolution g -> Co runs by Winograd.
@@ -287,8 +287,6 @@ bool winograd_fits(const NhwcGeom& g, int64_t Co) {
          Co % vw == 0 && Co > kNarrowCo;
 }
 
-// The transformed weights U[ξ] = G g Gᵀ [64][C][Co] (ξ = 8i + j) of w [Co, C, r, r], each ξ's
-// C x Co matrix packed as the GEMM's B panels.
 // G [8, r] (row-major) for an r×r kernel: row i is s_i·(1, p_i, p_i², …) for the finite points,
 // the ∞ row the last tap / 4.
 std::vector<double> winograd_g(int64_t r) {
@@ -302,6 +300,8 @@ std::vector<double> winograd_g(int64_t r) {
   return G;
 }
 
+// The transformed weights U[ξ] = G g Gᵀ [64][C][Co] (ξ = 8i + j) of w [Co, C, r, r], each ξ's
+// C x Co matrix packed as the GEMM's B panels.
 AlignedBuf winograd_weights(const NhwcGeom& g, int64_t Co, const float* w) {
   const int64_t r = g.kh, C = g.C;
   const std::vector<double> Gv = winograd_g(r);
@@ -409,8 +409,8 @@ void conv2d_forward_winograd(const NhwcGeom& g, int64_t Co, const float* x, cons
 
 // The filter gradient by Winograd: with D = A dY Aᵀ per tile (the output transform's adjoint),
 // dU[ξ] = Σ_tiles V[ξ]ᵀ D[ξ] ([C, Co]: 64 GEMMs with the tiles as the sum, accumulated per thread),
-// then dW = Gᵀ dU G (the weight transform's adjoint, in doubles). G = dy·act'.
-void conv2d_filter_grad_winograd(const NhwcGeom& g, int64_t Co, const float* x, const float* G, float* dw, float* db,
+// then dW = Gᵀ dU G (the weight transform's adjoint, in doubles). Gd = dy·act'.
+void conv2d_filter_grad_winograd(const NhwcGeom& g, int64_t Co, const float* x, const float* Gd, float* dw, float* db,
                                  int nthreads) {
   const GemmKernel& k = gemm_kernel();
   const int64_t C = g.C, HoWo = g.Ho * g.Wo, UC = kWinoPoints * C * Co;
@@ -434,7 +434,7 @@ void conv2d_filter_grad_winograd(const NhwcGeom& g, int64_t Co, const float* x, 
     float *map = s.cols.data(), *V = s.g.data(), *D = s.packA.data(), *dU = s.acc.data();
     for (int64_t n = i0; n < i1; ++n) {
       fill_padded(g, x, n, map, wt.pg);
-      const float* Gn = G + n * HoWo * Co;
+      const float* Gn = Gd + n * HoWo * Co;
       if (db) add_col_sums(Gn, HoWo, Co, s.dsum.data());
       for (int64_t t0 = 0; t0 < wt.tiles; t0 += T) {
         const int64_t tn = std::min(T, wt.tiles - t0);
