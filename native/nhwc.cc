@@ -166,9 +166,15 @@ AlignedBuf weight_matrix(const NhwcGeom& g, int64_t Co, const float* w, int64_t 
 }
 
 // op(B) [K x N] packed once for GemmCall::Bpacked (the weights of every chunk's product).
+// Floats of op(B) [K x N] in the GEMM's packed B panels (N rounded up to whole panels).
+int64_t packed_b_floats(int64_t K, int64_t N) {
+  const int64_t nr = gemm_kernel().nr;
+  return (N + nr - 1) / nr * nr * K;
+}
+
 AlignedBuf prepack_b(bool tb, int64_t K, int64_t N, const float* B, int64_t ldb) {
   const GemmKernel& k = gemm_kernel();
-  AlignedBuf out(static_cast<size_t>(((N + k.nr - 1) / k.nr) * k.nr * K));
+  AlignedBuf out(static_cast<size_t>(packed_b_floats(K, N)));
   k.pack_b_full(tb, K, N, B, ldb, out.data());
   return out;
 }
@@ -325,7 +331,7 @@ AlignedBuf winograd_weights(const NhwcGeom& g, int64_t Co, const float* w) {
         }
     }
   const GemmKernel& k = gemm_kernel();
-  const int64_t panel = (Co + k.nr - 1) / k.nr * k.nr * C;
+  const int64_t panel = packed_b_floats(C, Co);
   AlignedBuf up(static_cast<size_t>(kWinoPoints * panel));
   for (int xi = 0; xi < kWinoPoints; ++xi) k.pack_b_full(false, C, Co, u.data() + xi * C * Co, Co, up.data() + xi * panel);
   return up;
@@ -370,7 +376,7 @@ void conv2d_forward_winograd(const NhwcGeom& g, int64_t Co, const float* x, cons
   const WinogradTiling wt(g, Co, int64_t(1) << 16);
   const int64_t T = wt.T, vt = wt.vt, xt = wt.xt;
   const AlignedBuf up = winograd_weights(g, Co, w);
-  const int64_t panel = (Co + k.nr - 1) / k.nr * k.nr * C;
+  const int64_t panel = packed_b_floats(C, Co);  // one ξ's weights in up
   const int nt = image_threads(nthreads, g.N);
   std::vector<Scratch> sc(static_cast<size_t>(nt));
   for (auto& s : sc) {
@@ -667,21 +673,15 @@ void nhwc_conv2d_backward(const NhwcGeom& g, int64_t Co, const float* x, const f
     if (params) nhwc_conv2d_backward(g, Co, x, w, nullptr, Gd, Act::Linear, nullptr, dw, db, nthreads, prec);
     return;
   }
-  // The filter gradient by Winograd where the forward pass runs by it (fp32 in either precision).
-  if (dw && winograd_fits(g, Co) && g.M() > 0) {
-    AlignedBuf G;
-    const float* Gd = dy_act(dy, y, g.M() * Co, act, G, nthreads);
-    if (dx) nhwc_conv2d_backward(g, Co, x, w, nullptr, Gd, Act::Linear, dx, nullptr, nullptr, nthreads, prec);
-    conv2d_filter_grad_winograd(g, Co, x, Gd, dw, db, nthreads);
-    return;
-  }
-  // The filter gradient by implicit GEMM when the channels fill whole register tiles.
+  // The filter gradient by Winograd where the forward pass runs by it (fp32 in either precision),
+  // else by implicit GEMM when the channels fill whole register tiles.
   const bool bf16 = prec == Precision::Bf16;
-  if (dw && C % (bf16 ? kBf16NR : gemm_kernel().nr) == 0 && Co > 0 && g.M() > 0) {
+  const bool winograd_dw = dw && winograd_fits(g, Co);
+  if (dw && (winograd_dw || C % (bf16 ? kBf16NR : gemm_kernel().nr) == 0) && Co > 0 && g.M() > 0) {
     AlignedBuf G;
     const float* Gd = dy_act(dy, y, g.M() * Co, act, G, nthreads);
-    if (dx) nhwc_conv2d_backward(g, Co, x, w, nullptr, Gd, Act::Linear, dx, nullptr, nullptr, nthreads, prec);  // (strided: by columns)
-    (bf16 ? conv2d_filter_grad_bf16 : conv2d_filter_grad_fp32)(g, Co, x, Gd, dw, db, nthreads);
+    if (dx) nhwc_conv2d_backward(g, Co, x, w, nullptr, Gd, Act::Linear, dx, nullptr, nullptr, nthreads, prec);  // (by columns)
+    (winograd_dw ? conv2d_filter_grad_winograd : bf16 ? conv2d_filter_grad_bf16 : conv2d_filter_grad_fp32)(g, Co, x, Gd, dw, db, nthreads);
     return;
   }
   const AlignedBuf wm = weight_matrix(g, Co, w, C);

@@ -14,7 +14,7 @@ import { addonOps, type DecoderStageSpec } from '../lib/ops/addon';
 import { bf16Coverage, roundToBf16 } from '../lib/ops/bf16';
 import { gemmVectorWidth } from '../lib/ops/winograd';
 import { nativeOpsAvailable, nativeOpsOn, opsForBackend } from '../lib/ops/native';
-import { expectRelClose } from './helpers';
+import { expectRelClose, uniform, wrap } from './helpers';
 
 const st = nativeStatus();
 const available = st.available && nativeOpsAvailable() && st.info?.bf16 !== undefined;
@@ -30,20 +30,8 @@ beforeAll(async () => {
   await initBackend('cpu');
 });
 
-/** Deterministic pseudo-random floats in [lo, hi). */
-function uniform(n: number, seed: number, lo = -1, hi = 1): Float32Array {
-  const a = new Float32Array(n);
-  let s = seed >>> 0 || 1;
-  for (let i = 0; i < n; i++) {
-    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
-    a[i] = lo + ((hi - lo) * s) / 2 ** 32;
-  }
-  return a;
-}
-
 const bits = (x: number): number => new Uint32Array(new Float32Array([x]).buffer)[0];
 const fromBits = (u: number): number => new Float32Array(new Uint32Array([u]).buffer)[0];
-const wrap = (a: Float32Array, shape: number[]) => ({ shape, dataSync: () => a });
 
 /** max |a − b| over max |b|: how far apart two results are. */
 function relDistance(a: Float32Array, b: Float32Array): number {

@@ -21,3 +21,17 @@ export function expectRelClose(actual: { shape: number[]; dataSync(): ArrayLike<
   if (!(rel <= tol)) throw new Error(`${what}: max error ${maxErr} is ${rel.toExponential(2)} of max |${maxE}| (tolerance ${tol})`);
 }
 
+
+/** Deterministic pseudo-random floats in [lo, hi) (self-contained: tests pass its source to child processes). */
+export function uniform(n: number, seed: number, lo = -1, hi = 1): Float32Array {
+  const a = new Float32Array(n);
+  let s = seed >>> 0 || 1;
+  for (let i = 0; i < n; i++) {
+    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
+    a[i] = lo + ((hi - lo) * s) / 2 ** 32;
+  }
+  return a;
+}
+
+/** A flat array with a shape, as expectRelClose takes it. */
+export const wrap = (a: ArrayLike<number>, shape: number[]) => ({ shape, dataSync: () => a });

@@ -13,7 +13,7 @@ import { nativeStatus } from '../lib/native';
 import { addonOps } from '../lib/ops/addon';
 import { nativeOpsAvailable } from '../lib/ops/native';
 import { gemmVectorWidth, winogradConv2dReference, winogradTakes } from '../lib/ops/winograd';
-import { expectRelClose } from './helpers';
+import { expectRelClose, uniform, wrap } from './helpers';
 
 const st = nativeStatus();
 const available = st.available && nativeOpsAvailable() && st.info?.convAlgo !== undefined;
@@ -27,40 +27,35 @@ beforeAll(async () => {
   await initBackend('cpu');
 });
 
-/** Deterministic pseudo-random floats in [lo, hi). */
-function uniform(n: number, seed: number, lo = -1, hi = 1): Float32Array {
-  const a = new Float32Array(n);
-  let s = seed >>> 0 || 1;
-  for (let i = 0; i < n; i++) {
-    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
-    a[i] = lo + ((hi - lo) * s) / 2 ** 32;
-  }
-  return a;
-}
-
 const size = (s: readonly number[]) => s.reduce((a, b) => a * b, 1);
-const wrap = (a: ArrayLike<number>, shape: number[]) => ({ shape, dataSync: () => a });
 
-/** The direct correlation in float64: x NHWC, w [Co, C, r, r], stride 1, zero padding pad. */
-function directConv(x: ArrayLike<number>, [n, h, w, c]: number[], wt: ArrayLike<number>, [co, , r]: number[], pad: number): Float64Array {
+/**
+ * Every product of a stride-1 correlation with zero padding pad: visit(xi, wi, yi) for each input
+ * cell and channel (xi, NHWC), weight (wi, [Co, C, r, r]) and output cell and channel (yi, NHWC)
+ * that meet.
+ */
+function forEachProduct([n, h, w, c]: number[], [co, , r]: number[], pad: number, visit: (xi: number, wi: number, yi: number) => void): void {
   const ho = h + 2 * pad - r + 1, wo = w + 2 * pad - r + 1;
-  const y = new Float64Array(n * ho * wo * co);
   for (let b = 0; b < n; b++)
     for (let oy = 0; oy < ho; oy++)
       for (let ox = 0; ox < wo; ox++)
-        for (let o = 0; o < co; o++) {
-          let s = 0;
+        for (let o = 0; o < co; o++)
           for (let ky = 0; ky < r; ky++) {
             const iy = oy - pad + ky;
             if (iy < 0 || iy >= h) continue;
             for (let kx = 0; kx < r; kx++) {
               const ix = ox - pad + kx;
               if (ix < 0 || ix >= w) continue;
-              for (let i = 0; i < c; i++) s += x[((b * h + iy) * w + ix) * c + i] * wt[((o * c + i) * r + ky) * r + kx];
+              for (let i = 0; i < c; i++) visit(((b * h + iy) * w + ix) * c + i, ((o * c + i) * r + ky) * r + kx, ((b * ho + oy) * wo + ox) * co + o);
             }
           }
-          y[((b * ho + oy) * wo + ox) * co + o] = s;
-        }
+}
+
+/** The direct correlation in float64: x NHWC, w [Co, C, r, r], stride 1, zero padding pad. */
+function directConv(x: ArrayLike<number>, xs: number[], wt: ArrayLike<number>, ws: number[], pad: number): Float64Array {
+  const [n, h, w] = xs, [co, , r] = ws;
+  const y = new Float64Array(n * (h + 2 * pad - r + 1) * (w + 2 * pad - r + 1) * co);
+  forEachProduct(xs, ws, pad, (xi, wi, yi) => (y[yi] += x[xi] * wt[wi]));
   return y;
 }
 
@@ -118,22 +113,8 @@ describeAddon('the addon\'s Winograd convolutions', () => {
     const g = k.nhwcConv2dBackward(x, xs, w, ws, act ? y : null, dy, [1, 1], [pad, pad], [act], true, true);
     const G = dy.map((d, i) => (act === 0 || y[i] > 0 ? d : act === 1 ? 0 : d * (y[i] + 1)));
     const dwRef = new Float64Array(size(ws)), dbRef = new Float64Array(Co);
-    for (let b = 0; b < N; b++)
-      for (let oy = 0; oy < Ho; oy++)
-        for (let ox = 0; ox < Wo; ox++)
-          for (let o = 0; o < Co; o++) {
-            const gv = G[((b * Ho + oy) * Wo + ox) * Co + o];
-            dbRef[o] += gv;
-            for (let ky = 0; ky < r; ky++) {
-              const iy = oy - pad + ky;
-              if (iy < 0 || iy >= H) continue;
-              for (let kx = 0; kx < r; kx++) {
-                const ix = ox - pad + kx;
-                if (ix < 0 || ix >= W) continue;
-                for (let i = 0; i < C; i++) dwRef[((o * C + i) * r + ky) * r + kx] += gv * x[((b * H + iy) * W + ix) * C + i];
-              }
-            }
-          }
+    forEachProduct(xs, ws, pad, (xi, wi, yi) => (dwRef[wi] += G[yi] * x[xi]));
+    G.forEach((v, i) => (dbRef[i % Co] += v));
     expectRelClose(wrap(g.dw!, ws), wrap(dwRef, ws), 2e-5, 'dw');
     expectRelClose(wrap(g.db!, [Co]), wrap(dbRef, [Co]), 1e-5, 'db');
     tf.tidy(() => {

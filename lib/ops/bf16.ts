@@ -41,10 +41,10 @@ export interface Bf16Coverage {
  * they run in fp32 in either precision, being faster than bf16's direct sums), else null.
  */
 export function bf16Coverage(cin: number, cout: number, kernel: number, stride: number, pad: number, winogradWidth: number | null): Bf16Coverage {
-  const winograd = (i: number, o: number) => winogradWidth !== null && winogradTakes(i, o, kernel, 1, winogradWidth);
+  const winograd = (i: number, o: number, s: number) => winogradWidth !== null && winogradTakes(i, o, kernel, s, winogradWidth);
   return {
-    forward: cout >= 16 && !(stride === 1 && winograd(cin, cout)),
-    inputGrad: stride === 1 && pad <= kernel - 1 && cin >= 16 && !winograd(cout, cin),
-    filterGrad: !(stride === 1 && winograd(cin, cout)),
+    forward: cout >= 16 && !winograd(cin, cout, stride),
+    inputGrad: stride === 1 && pad <= kernel - 1 && cin >= 16 && !winograd(cout, cin, 1),
+    filterGrad: !winograd(cin, cout, stride),
   };
 }
