@@ -22,6 +22,7 @@
 #include "decoder.h"
 #include "gemm.h"
 #include "gpu/gpu.h"
+#include "gru.h"
 #include "layernorm.h"
 #include "likelihood.h"
 #include "nhwc.h"
@@ -1103,6 +1104,121 @@ Napi::Value LayerNormBackwardFn(const Napi::CallbackInfo& info, bool) {
   return r;
 }
 
+// ---- the GRU step (gru.h; lib/ops/native-gru.ts) ----
+
+// The dimensions N, I, H of a GRU spec and the shapes they imply, for the messages.
+struct GruSpec {
+  emorl::GruDims d;
+  std::string what(const char* tensor) const {
+    const std::string t(tensor);
+    if (t == "x") return "[N,I] = " + shape_str({d.N, d.I});
+    if (t == "h") return "[N,H] = " + shape_str({d.N, d.H});
+    if (t == "w_ih") return "[3H,I] = " + shape_str({d.G(), d.I});
+    if (t == "w_hh") return "[3H,H] = " + shape_str({d.G(), d.H});
+    if (t == "gates") return "[4,N,H] = " + shape_str({emorl::kGruPlanes, d.N, d.H});
+    return "[3H] = " + shape_str({d.G()});
+  }
+};
+
+GruSpec gru_spec(const Args& a, const Props& p) {
+  GruSpec s{{p.integer("N", 1), p.integer("I", 1), p.integer("H", 1)}};
+  a.numel({s.d.N, s.d.G(), std::max(s.d.I, s.d.H)}, "[N,3H,max(I,H)]");  // size check
+  return s;
+}
+
+// The GPU path of a GRU call: the device at spec.device ('cpu': none) and its workspace.
+struct GpuCall {
+  StageDevice device;
+  DecoderWorkspace* owner = nullptr;
+  std::unique_ptr<emorl::GpuWorkspace> local;
+  emorl::GpuWorkspace* ws = nullptr;
+  GpuCall(const Args& a, const Props& p) : device(stage_device(a, p)) {
+    if (device.kind == StageDevice::Cpu) return;
+    owner = workspace_arg(a, p.get("workspace"), p.name("workspace"));
+    ws = &gpu_workspace(device, owner, local);
+  }
+  bool on_gpu() const { return ws != nullptr; }
+  bool simt() const { return device.kind == StageDevice::Simt; }
+  void done(Napi::Env env) const {
+    if (owner) owner->report(env);
+  }
+};
+
+// gruCell({x, h, wIh, wHh, bIh, bHh, N, I, H, device?, workspace?}) -> {y [N,H], gates [4,N,H]}
+//   gates (r, u, n, c_n) are what gruCellBackward needs besides the inputs.
+Napi::Value GruCellFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "gruCell");
+  Props p(a, a.at(0), "spec");
+  const GruSpec s = gru_spec(a, p);
+  const emorl::GruDims& d = s.d;
+  const float* x = p.f32("x", d.N * d.I, s.what("x"));
+  const float* h = p.f32("h", d.N * d.H, s.what("h"));
+  const float* wih = p.f32("wIh", d.G() * d.I, s.what("w_ih"));
+  const float* whh = p.f32("wHh", d.G() * d.H, s.what("w_hh"));
+  const float* bih = p.f32("bIh", d.G(), s.what("b"));
+  const float* bhh = p.f32("bHh", d.G(), s.what("b"));
+  GpuCall gpu(a, p);
+  auto y = new_f32(a, d.N * d.H);
+  auto gates = new_f32(a, emorl::kGruPlanes * d.N * d.H);
+  if (!gpu.on_gpu())
+    emorl::gru_forward(d, x, h, wih, whh, bih, bhh, y.Data(), gates.Data(), threads());
+  else if (gpu.simt())
+    emorl::simt::gru_forward(d, x, h, wih, whh, bih, bhh, y.Data(), gates.Data(), *gpu.ws);
+#if defined(EMORL_CUDA)
+  else
+    emorl::cuda::gru_forward(d, x, h, wih, whh, bih, bhh, y.Data(), gates.Data(), *gpu.ws);
+#endif
+  gpu.done(a.env());
+  Napi::Object r = Napi::Object::New(a.env());
+  r.Set("y", y);
+  r.Set("gates", gates);
+  return r;
+}
+
+// gruCellBackward({x, h, wIh, wHh, gates, dy, N, I, H, needParams, device?, workspace?})
+//   -> {dx, dh, dwIh|null, dwHh|null, dbIh|null, dbHh|null}
+Napi::Value GruCellBackwardFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "gruCellBackward");
+  Props p(a, a.at(0), "spec");
+  const GruSpec s = gru_spec(a, p);
+  const emorl::GruDims& d = s.d;
+  const float* x = p.f32("x", d.N * d.I, s.what("x"));
+  const float* h = p.f32("h", d.N * d.H, s.what("h"));
+  const float* wih = p.f32("wIh", d.G() * d.I, s.what("w_ih"));
+  const float* whh = p.f32("wHh", d.G() * d.H, s.what("w_hh"));
+  const float* gates = p.f32("gates", emorl::kGruPlanes * d.N * d.H, s.what("gates"));
+  const float* dy = p.f32("dy", d.N * d.H, s.what("h"));
+  const bool need_params = p.boolean("needParams", true);
+  GpuCall gpu(a, p);
+  auto dx = new_f32(a, d.N * d.I);
+  auto dh = new_f32(a, d.N * d.H);
+  Napi::Object r = Napi::Object::New(a.env());
+  r.Set("dx", dx);
+  r.Set("dh", dh);
+  float *dwih = nullptr, *dwhh = nullptr, *dbih = nullptr, *dbhh = nullptr;
+  const std::pair<const char*, float**> params[] = {{"dwIh", &dwih}, {"dwHh", &dwhh}, {"dbIh", &dbih}, {"dbHh", &dbhh}};
+  const int64_t sizes[] = {d.G() * d.I, d.G() * d.H, d.G(), d.G()};
+  for (size_t i = 0; i < 4; ++i) {
+    if (!need_params) {
+      r.Set(params[i].first, a.env().Null());
+      continue;
+    }
+    auto t = new_f32(a, sizes[i]);
+    *params[i].second = t.Data();
+    r.Set(params[i].first, t);
+  }
+  if (!gpu.on_gpu())
+    emorl::gru_backward(d, x, h, wih, whh, gates, dy, dx.Data(), dh.Data(), dwih, dwhh, dbih, dbhh, threads());
+  else if (gpu.simt())
+    emorl::simt::gru_backward(d, x, h, wih, whh, gates, dy, dx.Data(), dh.Data(), dwih, dwhh, dbih, dbhh, *gpu.ws);
+#if defined(EMORL_CUDA)
+  else
+    emorl::cuda::gru_backward(d, x, h, wih, whh, gates, dy, dx.Data(), dh.Data(), dwih, dwhh, dbih, dbhh, *gpu.ws);
+#endif
+  gpu.done(a.env());
+  return r;
+}
+
 // imageNll(raw [B*K,H,W,C+1], target [B,H,W,C], B, K, H, W, C, logVar, gmm, needGrad)
 //   -> { nll [B], draw|null }: the fused likelihood alone (likelihood.h), for tests and the
 //   Slot Attention loss.
@@ -1216,6 +1332,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("DecoderWorkspace", ws_class);
   exports.Set("imageNll", Napi::Function::New(env, entry<ImageNllFn, false>, "imageNll"));
   exports.Set("slotSoftmax", Napi::Function::New(env, entry<SlotSoftmaxFn, false>, "slotSoftmax"));
+  exports.Set("gruCell", Napi::Function::New(env, entry<GruCellFn, false>, "gruCell"));
+  exports.Set("gruCellBackward", Napi::Function::New(env, entry<GruCellBackwardFn, false>, "gruCellBackward"));
   exports.Set("layerNorm", Napi::Function::New(env, entry<LayerNormFn, false>, "layerNorm"));
   exports.Set("layerNormBackward", Napi::Function::New(env, entry<LayerNormBackwardFn, false>, "layerNormBackward"));
   exports.Set("slotSoftmaxBackward", Napi::Function::New(env, entry<SlotSoftmaxBackwardFn, false>, "slotSoftmaxBackward"));

@@ -6,7 +6,9 @@
  * likelihoods and odd sizes (K = 1, one image, non-square, more channels than one GEMM tile;
  * the emulated build splits filter gradients every 128 rows, so every case crosses splits).
  *
- * The NHWC convolutions outside the stage (the encoder's) likewise, values and gradients.
+ * The NHWC convolutions outside the stage (the encoder's) likewise, values and gradients, and the
+ * GRU step (native/gpu/gru_gpu.cu) against the CPU one (which test/model-native.test.ts checks
+ * against the TypeScript cell), and through the ops against the TypeScript cell itself.
  *
  * Every case runs on the 'simt' device: the same kernel source compiled for the addon's SIMT
  * emulator, which runs each block's threads as fibers on the CPU (so CI checks the kernels'
@@ -17,6 +19,7 @@ import { tf, initBackend } from '../lib/tf';
 import { nativeStatus } from '../lib/native';
 import { addonOps, type DecoderStageLayer, type DecoderStageResult, type DecoderStageSpec, type StageDevice } from '../lib/ops/addon';
 import { nativeOps, nativeOpsAvailable, nativeOpsOn, opsForBackend } from '../lib/ops/native';
+import { tfjsOps } from '../lib/ops';
 import type { DecoderLayerSpec, DecoderNllArgs } from '../lib/ops/decoder-stage';
 import type { Ops } from '../lib/ops';
 import { experimentConfig } from '../lib/config/experiment';
@@ -242,6 +245,77 @@ for (const device of devices) {
   });
 }
 
+for (const device of devices) {
+  describeGpu(`gruCell on ${device} vs the CPU kernels (the inference and refinement GRUs)`, () => {
+    const gruCases: [string, number, number, number][] = [
+      // name, N rows, I inputs, H hidden
+      ['N 7, input 5, hidden 4', 7, 5, 4],
+      ['one row', 1, 3, 6],
+      // 3H = 99 and I = 70 cross the 64-column tiles, 130 rows the 128-row ones
+      ['more rows and columns than one GEMM tile', 130, 70, 33],
+    ];
+    for (const [name, N, I, H] of gruCases) {
+      test(name, () => {
+        const k = addonOps();
+        const spec = {
+          x: uniform(N * I, 61), h: uniform(N * H, 62), wIh: uniform(3 * H * I, 63, -0.5, 0.5), wHh: uniform(3 * H * H, 64, -0.5, 0.5),
+          bIh: uniform(3 * H, 65, -0.3, 0.3), bHh: uniform(3 * H, 66, -0.3, 0.3), N, I, H,
+        };
+        const workspace = new k.DecoderWorkspace();
+        const f = k.gruCell({ ...spec, device, workspace }), fc = k.gruCell(spec);
+        expectClose(f.y, fc.y, 1e-5, 'y');
+        expectClose(f.gates, fc.gates, 1e-5, 'gates');
+        const back = { x: spec.x, h: spec.h, wIh: spec.wIh, wHh: spec.wHh, gates: fc.gates, dy: uniform(N * H, 67), N, I, H, needParams: true };
+        const g = k.gruCellBackward({ ...back, device, workspace }), gc = k.gruCellBackward(back);
+        for (const key of ['dx', 'dh', 'dwIh', 'dwHh', 'dbIh', 'dbHh'] as const) expectClose(g[key], gc[key], 1e-5, key);
+        const inputsOnly = k.gruCellBackward({ ...back, needParams: false, device, workspace });
+        expect(inputsOnly.dwIh).toBeNull();
+        expect(inputsOnly.dbHh).toBeNull();
+        expectClose(inputsOnly.dh, gc.dh, 1e-5, 'dh (no parameter gradients)');
+      });
+    }
+
+    test('through the ops: gruCell and dualGruCell against the TypeScript cells, values and gradients', () => {
+      const ops = nativeOpsOn(device);
+      expect(ops.gruCell).not.toBe(nativeOps.gruCell);
+      const N = 5, I = 6, H = 4;
+      tf.tidy(() => {
+        const t = (shape: number[], seed: number, r = 1) => tf.tensor(uniform(shape.reduce((a, b) => a * b), seed, -r, r), shape);
+        const xs = [t([N, I], 71), t([N, H], 72), t([N, H], 73)];
+        const dual = [t([2 * H, I], 74, 0.5), t([2 * H, H], 75, 0.5), t([2 * H, I], 76, 0.5), t([2 * H, H], 77, 0.5),
+          t([H, I], 78, 0.5), t([H, H], 79, 0.5), t([H, I], 80, 0.5), t([H, H], 81, 0.5),
+          t([4 * H], 82, 0.3), t([4 * H], 83, 0.3), t([2 * H], 84, 0.3), t([2 * H], 85, 0.3)];
+        const single = [t([3 * H, I], 86, 0.5), t([3 * H, H], 87, 0.5), t([3 * H], 88, 0.3), t([3 * H], 89, 0.3)];
+        const dy = t([N, 3 * H], 90);
+        // one loss over a GRU cell and a DualGRU cell, so that every input and weight gets a gradient
+        const f = (o: Ops) => (...v: tf.Tensor[]) => {
+          const [x, h1, h2] = v as tf.Tensor2D[];
+          const w = v.slice(3) as tf.Tensor2D[];
+          const g = o.gruCell(x, h1, { weightIh: w[12], weightHh: w[13], biasIh: w[14] as tf.Tensor1D, biasHh: w[15] as tf.Tensor1D });
+          const [a, b] = o.dualGruCell(x, h1, h2, {
+            weightIh1: w[0], weightHh1: w[1], weightIh2: w[2], weightHh2: w[3], weightIn1: w[4], weightHn1: w[5], weightIn2: w[6], weightHn2: w[7],
+            biasIh: w[8] as tf.Tensor1D, biasHh: w[9] as tf.Tensor1D, biasIn: w[10] as tf.Tensor1D, biasHn: w[11] as tf.Tensor1D,
+          });
+          return tf.sum(tf.mul(tf.concat([g, a, b], 1), dy)) as tf.Scalar;
+        };
+        const all = [...xs, ...dual, ...single];
+        expect(Math.abs((f(ops)(...all).dataSync()[0]) - f(tfjsOps)(...all).dataSync()[0])).toBeLessThan(1e-4);
+        const gd = tf.grads(f(ops))(all), gt = tf.grads(f(tfjsOps))(all);
+        gd.forEach((g, i) => expectClose(g.dataSync() as Float32Array, gt[i].dataSync() as Float32Array, 1e-5, `gradient ${i}`));
+      });
+    });
+
+    test('wrong sizes are refused with the key and the shape at fault', () => {
+      const k = addonOps();
+      const spec = { x: uniform(6, 1), h: uniform(8, 2), wIh: uniform(12 * 3, 3), wHh: uniform(12 * 4, 4), bIh: uniform(12, 5), bHh: uniform(12, 6), N: 2, I: 3, H: 4, device };
+      expect(k.gruCell(spec).y).toHaveLength(8);
+      expect(() => k.gruCell({ ...spec, wHh: uniform(12 * 3, 4) })).toThrow(/'spec.wHh' has 36 elements but \[3H,H\] = \[12,4\] needs 48/);
+      expect(() => k.gruCell({ ...spec, H: 0 })).toThrow(/'spec.H' is 0; expected an integer >= 1/);
+      expect(() => k.gruCellBackward({ ...spec, gates: uniform(8, 7), dy: uniform(8, 8), needParams: true })).toThrow(/'spec.gates' has 8 elements but \[4,N,H\] = \[4,2,4\] needs 32/);
+    });
+  });
+}
+
 describeGpu('the decoding stage on a device through the ops', () => {
   test("opsForBackend('native', 'simt') gives nativeOps' nll and gradients through tf.grads", () => {
     const ops = opsForBackend('native', 'simt');
@@ -274,7 +348,7 @@ describeGpu('the decoding stage on a device through the ops', () => {
     });
   }, 120_000);
 
-  test('training steps with the stage and the encoder convolutions on simt take the CPU\'s steps (refinement, GECO, Adam)', () => {
+  test('training steps with the stage, the encoder convolutions and the GRU cells on simt take the CPU\'s steps (refinement, GECO, Adam)', () => {
     const S = 8;
     const config = experimentConfig({
       Net: { K: 3, input_size: [3, S, S], z_size: 6, image_decoder: 'small', image_likelihood: 'GMM', stochastic_layers: 1, refinement_iters: 1 },

@@ -48,8 +48,51 @@ export interface NativeAddon {
   layerNorm(spec: { x: Float32Array; rows: number; D: number; weight?: Float32Array | null; bias?: Float32Array | null; eps: number }): { y: Float32Array; mean: Float64Array; rstd: Float64Array };
   layerNormBackward(spec: { g: Float32Array; x: Float32Array; rows: number; D: number; weight?: Float32Array | null; mean: Float64Array; rstd: Float64Array; withParams: boolean }):
     { dx: Float32Array; dw: Float64Array | null; db: Float64Array | null };
+  /**
+   * one GRU step for N rows (native/gru.h): y = h' and the gate planes (r, u, n, c_n) [4,N,H] that
+   * gruCellBackward needs; device 'cuda:N' / 'simt': the GPU kernels, buffers in `workspace`
+   */
+  gruCell(spec: GruCellSpec): { y: Float32Array; gates: Float32Array };
+  /** its backward from dy = d/dh'; the parameter gradients only with needParams (else null) */
+  gruCellBackward(spec: GruCellBackwardSpec): GruCellGrads;
   /** the fused likelihood alone (native/likelihood.h) */
   imageNll(spec: { raw: Float32Array; target: Float32Array; B: number; K: number; H: number; W: number; C: number; logVar: number; gmm: boolean; needGrad: boolean }): { nll: Float32Array; draw: Float32Array | null };
+}
+
+export interface GruCellSpec {
+  x: Float32Array;
+  h: Float32Array;
+  wIh: Float32Array;
+  wHh: Float32Array;
+  bIh: Float32Array;
+  bHh: Float32Array;
+  N: number;
+  I: number;
+  H: number;
+  device?: StageDevice;
+  workspace?: object;
+}
+export interface GruCellBackwardSpec {
+  x: Float32Array;
+  h: Float32Array;
+  wIh: Float32Array;
+  wHh: Float32Array;
+  gates: Float32Array;
+  dy: Float32Array;
+  N: number;
+  I: number;
+  H: number;
+  needParams: boolean;
+  device?: StageDevice;
+  workspace?: object;
+}
+export interface GruCellGrads {
+  dx: Float32Array;
+  dh: Float32Array;
+  dwIh: Float32Array | null;
+  dwHh: Float32Array | null;
+  dbIh: Float32Array | null;
+  dbHh: Float32Array | null;
 }
 
 export interface DecoderStageLayer {
@@ -146,8 +189,8 @@ export function addonOps(): NativeAddon {
   if (!st.available || !st.path) throw new Error(`emorl native addon unavailable: ${st.reason ?? 'unknown reason'}`);
   // eslint-disable-next-line @typescript-eslint/no-require-imports
   const mod = require(st.path) as Partial<NativeAddon>;
-  if (typeof mod.nhwcConv2d !== 'function' || typeof mod.decoderStage !== 'function' || typeof mod.slotSoftmax !== 'function' || typeof mod.layerNorm !== 'function') {
-    throw new Error(`the addon at ${st.path} is older than this package (no NHWC, decoder-stage, attention or layer-norm kernels); rebuild it with \`npm run build:native\``);
+  if (typeof mod.nhwcConv2d !== 'function' || typeof mod.decoderStage !== 'function' || typeof mod.slotSoftmax !== 'function' || typeof mod.layerNorm !== 'function' || typeof mod.gruCell !== 'function') {
+    throw new Error(`the addon at ${st.path} is older than this package (no NHWC, decoder-stage, attention, layer-norm or GRU kernels); rebuild it with \`npm run build:native\``);
   }
   return (addon = mod as NativeAddon);
 }

@@ -317,8 +317,8 @@ const opsOnDevice = new Map<string, Ops>();
 
 /**
  * nativeOps with the decoding stage (the decoder and the likelihood, forward and backward: most
- * of a step's arithmetic) and the convolutions outside it (the encoder's) on `device`; everything
- * else stays on the CPU kernels. A clear error when the addon has no CUDA or no such device.
+ * of a step's arithmetic), the convolutions outside it (the encoder's) and the GRU cells (the
+ * inference's and the refinement's) on `device`; everything else stays on the CPU kernels. A clear error when the addon has no CUDA or no such device.
  * `precision` 'bf16' (CPU only) computes those convolutions' products in mixed precision
  * (ConvPrecision).
  */
@@ -347,6 +347,10 @@ export function nativeOpsOn(device: StageDevice, precision: ConvPrecision = 'fp3
     ...nativeOps,
     decoderNll: (a) => decoderNll(a, device, precision),
     conv2d: (x, w, b, opts) => conv2d(x, w, b, opts, device, precision),
+    ...(device !== 'cpu' && {
+      gruCell: (x, h, p) => gruCell(x, h, p, device),
+      dualGruCell: (x, h1, h2, p) => dualGruCell(x, h1, h2, p, device),
+    }),
   };
   opsOnDevice.set(key, ops);
   return ops;

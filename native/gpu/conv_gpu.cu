@@ -49,7 +49,7 @@ void conv2d_backward(const NhwcGeom& g, int64_t Co, const float* x, const float*
     if (!y) throw std::invalid_argument("GPU conv2d backward: the forward output is needed for the activation's derivative");
     float* yd = ws.buf(kY, static_cast<size_t>(ny));
     to_device(yd, y, static_cast<size_t>(ny));
-    launch(act_grad_kernel, grid_for(ny), dim3(kThreads), dyd, static_cast<const float*>(yd), ny, static_cast<int>(act));
+    act_grad(dyd, yd, ny, static_cast<int>(act));
   }
   if (dx) {
     const int64_t w_shape[4] = {Co, g.C, g.kh, g.kw};

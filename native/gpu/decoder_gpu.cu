@@ -334,7 +334,7 @@ class Stage {
     const float* y = act_[i];
     if (L.kind != DecoderLayerKind::SpatialBroadcast && L.act != Act::Linear) {
       Phase ph(profile_, "backward: activation derivatives");
-      launch(act_grad_kernel, grid_for(numel4(L.out)), dim3(kThreads), dcur_, y, numel4(L.out), static_cast<int>(L.act));
+      act_grad(dcur_, y, numel4(L.out), static_cast<int>(L.act));
     }
     switch (L.kind) {
       case DecoderLayerKind::SpatialBroadcast: {

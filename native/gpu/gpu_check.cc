@@ -1,5 +1,6 @@
-// emorl_gpu_check: the CUDA decoding stage against the CPU stage (every output and gradient), then
-// its speed on the shipped configs' decoders, with no Node.js (GPU machines may have none).
+// emorl_gpu_check: the CUDA decoding stage against the CPU stage (every output and gradient) and the
+// CUDA GRU step against the CPU one, then their speed on the shipped configs' shapes, with no
+// Node.js (GPU machines may have none).
 //   cmake -S . -B build-gpu -DEMORL_CUDA=ON -DEMORL_GPU_CHECK=ON
 //   cmake --build build-gpu --target emorl_gpu_check -j && build-gpu/emorl_gpu_check [device] [--no-bench]
 // Exit status 0 when every case matches; the same cases as test/gpu-decoder.test.ts, plus the
@@ -16,6 +17,7 @@
 
 #include "../common.h"
 #include "../decoder.h"
+#include "../gru.h"
 #include "gpu.h"
 
 namespace emorl {
@@ -204,6 +206,72 @@ bool check_case(const Case& cs, int device, uint64_t seed) {
   return ok;
 }
 
+// The GRU step on the device against the CPU: y, the gate planes and every gradient.
+struct GruCase {
+  const char* name;
+  int64_t N, I, H;
+};
+
+struct GruData {
+  GruDims d;
+  std::vector<float> x, h, wih, whh, bih, bhh, dy;
+};
+
+GruData gru_data(const GruCase& c, uint64_t seed) {
+  Rng rng{seed * 0x9e3779b97f4a7c15ull + 7};
+  GruData g{{c.N, c.I, c.H}, {}, {}, {}, {}, {}, {}, {}};
+  const size_t N = static_cast<size_t>(c.N), I = static_cast<size_t>(c.I), H = static_cast<size_t>(c.H);
+  g.x = rng.vec(N * I, -1, 1);
+  g.h = rng.vec(N * H, -1, 1);
+  g.wih = rng.vec(3 * H * I, -0.5f, 0.5f);
+  g.whh = rng.vec(3 * H * H, -0.5f, 0.5f);
+  g.bih = rng.vec(3 * H, -0.3f, 0.3f);
+  g.bhh = rng.vec(3 * H, -0.3f, 0.3f);
+  g.dy = rng.vec(N * H, -1, 1);
+  return g;
+}
+
+struct GruResult {
+  std::vector<float> y, gates, dx, dh, dwih, dwhh, dbih, dbhh;
+  explicit GruResult(const GruDims& d)
+      : y(static_cast<size_t>(d.N * d.H)), gates(static_cast<size_t>(kGruPlanes * d.N * d.H)), dx(static_cast<size_t>(d.N * d.I)),
+        dh(static_cast<size_t>(d.N * d.H)), dwih(static_cast<size_t>(d.G() * d.I)), dwhh(static_cast<size_t>(d.G() * d.H)),
+        dbih(static_cast<size_t>(d.G())), dbhh(static_cast<size_t>(d.G())) {}
+};
+
+void gru_gpu(const GruData& g, GruResult& r, GpuWorkspace& ws) {
+  gpu::gru_forward(g.d, g.x.data(), g.h.data(), g.wih.data(), g.whh.data(), g.bih.data(), g.bhh.data(), r.y.data(), r.gates.data(), ws);
+  gpu::gru_backward(g.d, g.x.data(), g.h.data(), g.wih.data(), g.whh.data(), r.gates.data(), g.dy.data(), r.dx.data(), r.dh.data(),
+                    r.dwih.data(), r.dwhh.data(), r.dbih.data(), r.dbhh.data(), ws);
+}
+
+bool check_gru(const GruCase& c, int device, uint64_t seed) {
+  const GruData g = gru_data(c, seed);
+  GruResult cpu(g.d), dev(g.d);
+  gru_forward(g.d, g.x.data(), g.h.data(), g.wih.data(), g.whh.data(), g.bih.data(), g.bhh.data(), cpu.y.data(), cpu.gates.data(), max_threads());
+  gru_backward(g.d, g.x.data(), g.h.data(), g.wih.data(), g.whh.data(), cpu.gates.data(), g.dy.data(), cpu.dx.data(), cpu.dh.data(),
+               cpu.dwih.data(), cpu.dwhh.data(), cpu.dbih.data(), cpu.dbhh.data(), max_threads());
+  auto ws = gpu::make_workspace(device);
+  gru_gpu(g, dev, *ws);
+  const std::pair<const char*, double> items[] = {
+      {"y", rel_err(dev.y, cpu.y)},          {"gates", rel_err(dev.gates, cpu.gates)}, {"dx", rel_err(dev.dx, cpu.dx)},
+      {"dh", rel_err(dev.dh, cpu.dh)},       {"dw_ih", rel_err(dev.dwih, cpu.dwih)},   {"dw_hh", rel_err(dev.dwhh, cpu.dwhh)},
+      {"db_ih", rel_err(dev.dbih, cpu.dbih)}, {"db_hh", rel_err(dev.dbhh, cpu.dbhh)}};
+  constexpr double tol = 1e-5;
+  bool ok = true;
+  double worst = 0;
+  std::string bad;
+  for (const auto& it : items) {
+    worst = std::max(worst, it.second / tol);
+    if (!(it.second <= tol)) {
+      ok = false;
+      bad += std::string(" ") + it.first + "=" + std::to_string(it.second);
+    }
+  }
+  std::printf("%-4s GRU step %-53s worst error %.2f of its tolerance%s\n", ok ? "ok" : "FAIL", c.name, worst, bad.c_str());
+  return ok;
+}
+
 LayerDef bconv(int64_t co, int64_t ci, int64_t k, int64_t pad, Act a) { return {DecoderLayerKind::BroadcastConv, {co, ci, k, k}, 1, pad, 0, a}; }
 LayerDef conv(int64_t co, int64_t ci, int64_t k, int64_t pad, Act a) { return {DecoderLayerKind::Conv, {co, ci, k, k}, 1, pad, 0, a}; }
 LayerDef convt(int64_t ci, int64_t co, int64_t k, int64_t s, int64_t pad, int64_t op, Act a) {
@@ -284,6 +352,24 @@ void bench(const Case& cs, int device, double peak) {
               std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
 }
 
+// One GRU step forward + backward (uploads and downloads included, as a training step has them).
+void bench_gru(const GruCase& c, int device) {
+  const GruData g = gru_data(c, 5);
+  GruResult r(g.d);
+  auto ws = gpu::make_workspace(device);
+  gru_gpu(g, r, *ws);  // warm-up
+  std::vector<double> t;
+  for (int i = 0; i < 50; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    gru_gpu(g, r, *ws);
+    t.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  }
+  const double flops = 2.0 * 3 * g.d.G() * g.d.N * (g.d.I + g.d.H);  // the six products
+  const double best = *std::min_element(t.begin(), t.end());
+  std::printf("GRU step %-40s forward + backward: median %.3f ms, best %.3f ms (%.0f GFLOP/s)\n", c.name, median_ms(t), best,
+              flops / (best * 1e-3) / 1e9);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -322,8 +408,16 @@ int main(int argc, char** argv) {
     for (size_t i = 0; i < cases.size(); ++i) ok = check_case(cases[i], device, i + 1) && ok;
   }
   unsetenv("EMORL_GPU_GEMM");
+  const std::vector<GruCase> gru_cases{
+      {"N 7, input 5, hidden 4", 7, 5, 4}, {"one row", 1, 3, 6}, {"past one GEMM tile", 130, 70, 33},
+      {"Tetrominoes DualGRU half, batch 32", 128, 32, 32}, {"refinement-sized, batch 32", 128, 128, 128}};
+  for (size_t i = 0; i < gru_cases.size(); ++i) ok = check_gru(gru_cases[i], device, 100 + i) && ok;
 #if !defined(EMORL_GPU_CHECK_SIMT)
   if (run_bench) {
+    std::printf("\n");
+    bench_gru({"Tetrominoes DualGRU half, batch 32 (N 128, 32 -> 32)", 128, 32, 32}, device);
+    bench_gru({"N 128, 128 -> 128", 128, 128, 128}, device);
+    bench_gru({"N 224, 64 -> 64 (CLEVR6 batch 32)", 224, 64, 64}, device);
     const double peak = cuda::peak_gflops(device, 1.0);
     std::printf("\ncuda:%d FP32 FMA peak (measured): %.0f GFLOP/s\n", device, peak);
     bench({"Tetrominoes stage, batch 32 (128 slots)", 32, 4, 32, 41, 41, 35, 35, small(32, 32), false}, device, peak);
@@ -331,6 +425,6 @@ int main(int argc, char** argv) {
     bench({"CLEVR6-96 stage, batch 32 (224 slots), GMM", 32, 7, 64, 106, 106, 96, 96, iodine(64, 64), true}, device, peak);
   }
 #endif
-  std::printf("\n%s\n", ok ? "all cases match the CPU stage" : "SOME CASES DIFFER FROM THE CPU STAGE");
+  std::printf("\n%s\n", ok ? "all cases match the CPU kernels" : "SOME CASES DIFFER FROM THE CPU KERNELS");
   return ok ? 0 : 1;
 }

@@ -351,6 +351,9 @@ __global__ void act_grad_kernel(float* dy, const float* y, i64 n, int act) {
   }
 }
 
+// dy ⊙ act'(y) in place, on the device (act: 1 ReLU, 2 ELU).
+inline void act_grad(float* dy, const float* y, i64 n, int act) { launch(act_grad_kernel, grid_for(n), dim3(kThreads), dy, y, n, act); }
+
 // Column sums of `batch` matrices v[b, rows, cols], in two passes: partial sums over chunks of
 // rows (block 32 columns × 8 row lanes), then over the chunks.
 __global__ void col_sums_partial_kernel(const float* v, i64 rows, i64 cols, i64 rows_per_chunk, float* part) {

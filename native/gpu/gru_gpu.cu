@@ -1,0 +1,126 @@
+// One GRU step (gru.h) on a GPU (gpu.h): the two products on the tiled GEMM of kernels.cuh with
+// the biases in its epilogue, then one elementwise kernel for the gates; backward, one kernel for
+// the gates' gradients, then the products for dx, dh (onto dh's direct part) and the parameters.
+// Each call uploads its inputs and downloads its outputs. Compiled by nvcc into emorl::cuda and by
+// the host compiler (gru_simt.cc) into emorl::simt.
+#include "../gru.h"
+#include "kernels.cuh"
+
+namespace emorl {
+namespace EMORL_GPU_NS {
+namespace {
+
+// the workspace's slots for one call
+enum GruSlot : size_t { kGx, kGh, kGwih, kGwhh, kGbih, kGbhh, kGa, kGc, kGy, kGgates, kGdy, kGdx, kGdh, kGdwih, kGdwhh, kGdb, kGscratch };
+
+// y and the gate planes from a = x·W_ihᵀ + b_ih and c = h·W_hhᵀ + b_hh ([N, 3H] each).
+__global__ void gru_gates_kernel(const float* a, const float* c, const float* h, i64 N, i64 H, float* y, float* gates) {
+  const i64 plane = N * H, G = 3 * H;
+  EMORL_GRID_LOOP(q, plane) {
+    const i64 i = q / H, j = q % H;
+    const float* ai = a + i * G;
+    const float* ci = c + i * G;
+    const GruGates g = gru_gates(ai[j], ai[H + j], ai[2 * H + j], ci[j], ci[H + j], ci[2 * H + j], h[q]);
+    y[q] = g.y;
+    gates[kGruReset * plane + q] = g.r;
+    gates[kGruUpdate * plane + q] = g.u;
+    gates[kGruNew * plane + q] = g.n;
+    gates[kGruHiddenNew * plane + q] = ci[2 * H + j];
+  }
+}
+
+// da, dc [N, 3H] and dh's direct part from dy and the forward pass's planes.
+__global__ void gru_gate_grads_kernel(const float* dy, const float* gates, const float* h, i64 N, i64 H, float* da, float* dc,
+                                      float* dh) {
+  const i64 plane = N * H, G = 3 * H;
+  EMORL_GRID_LOOP(q, plane) {
+    const i64 o = q / H * G + q % H;
+    const float r = gates[kGruReset * plane + q];
+    const GruGateGrads g =
+        gru_gate_grads(dy[q], r, gates[kGruUpdate * plane + q], gates[kGruNew * plane + q], gates[kGruHiddenNew * plane + q], h[q]);
+    da[o] = dc[o] = g.dr;
+    da[o + H] = dc[o + H] = g.du;
+    da[o + 2 * H] = g.dn_pre;
+    dc[o + 2 * H] = g.dn_pre * r;
+    dh[q] = g.dh_direct;
+  }
+}
+
+// out[m, n] += v: a product added onto what is there (each element written by one thread).
+struct AddTo {
+  float* out;
+  int ldc;
+  EMORL_DEVICE void operator()(int m, int n, float v, int) const { out[static_cast<i64>(m) * ldc + n] += v; }
+};
+
+float* upload(DeviceWorkspace& ws, size_t slot, const float* src, i64 n) {
+  float* d = ws.buf(slot, static_cast<size_t>(n));
+  to_device(d, src, static_cast<size_t>(n));
+  return d;
+}
+
+}  // namespace
+
+void gru_forward(const GruDims& d, const float* x, const float* h, const float* w_ih, const float* w_hh, const float* b_ih,
+                 const float* b_hh, float* y, float* gates, GpuWorkspace& base) {
+  DeviceWorkspace& ws = own_workspace(base);
+  const i64 N = d.N, I = d.I, H = d.H, G = d.G();
+  const float* xd = upload(ws, kGx, x, N * I);
+  const float* hd = upload(ws, kGh, h, N * H);
+  const float* wihd = upload(ws, kGwih, w_ih, G * I);
+  const float* whhd = upload(ws, kGwhh, w_hh, G * H);
+  const float* bihd = upload(ws, kGbih, b_ih, G);
+  const float* bhhd = upload(ws, kGbhh, b_hh, G);
+  float* ad = ws.buf(kGa, static_cast<size_t>(N * G));
+  float* cd = ws.buf(kGc, static_cast<size_t>(N * G));
+  const int g = as_int(G, "3H");
+  // B(k, n) = W[n, k]: the weights as stored ([3H, I]), read transposed
+  gemm(a_operand(xd, I, 1), b_operand(wihd, 1, I), Store{ad, g, bihd, 0}, N, G, I);
+  gemm(a_operand(hd, H, 1), b_operand(whhd, 1, H), Store{cd, g, bhhd, 0}, N, G, H);
+  float* yd = ws.buf(kGy, static_cast<size_t>(N * H));
+  float* gd = ws.buf(kGgates, static_cast<size_t>(kGruPlanes * N * H));
+  launch(gru_gates_kernel, grid_for(N * H), dim3(kThreads), static_cast<const float*>(ad), static_cast<const float*>(cd), hd, N, H, yd, gd);
+  to_host(y, yd, static_cast<size_t>(N * H));
+  to_host(gates, gd, static_cast<size_t>(kGruPlanes * N * H));
+  finish("GRU forward");
+}
+
+void gru_backward(const GruDims& d, const float* x, const float* h, const float* w_ih, const float* w_hh, const float* gates,
+                  const float* dy, float* dx, float* dh, float* dw_ih, float* dw_hh, float* db_ih, float* db_hh, GpuWorkspace& base) {
+  DeviceWorkspace& ws = own_workspace(base);
+  const i64 N = d.N, I = d.I, H = d.H, G = d.G();
+  const float* hd = upload(ws, kGh, h, N * H);
+  const float* gd = upload(ws, kGgates, gates, kGruPlanes * N * H);
+  const float* dyd = upload(ws, kGdy, dy, N * H);
+  float* dad = ws.buf(kGa, static_cast<size_t>(N * G));
+  float* dcd = ws.buf(kGc, static_cast<size_t>(N * G));
+  float* dhd = ws.buf(kGdh, static_cast<size_t>(N * H));
+  launch(gru_gate_grads_kernel, grid_for(N * H), dim3(kThreads), dyd, gd, hd, N, H, dad, dcd, dhd);
+  const float* wihd = upload(ws, kGwih, w_ih, G * I);
+  const float* whhd = upload(ws, kGwhh, w_hh, G * H);
+  float* dxd = ws.buf(kGdx, static_cast<size_t>(N * I));
+  gemm(a_operand(dad, G, 1), b_operand(wihd, I, 1), Store{dxd, as_int(I, "I"), nullptr, 0}, N, I, G);
+  gemm(a_operand(dcd, G, 1), b_operand(whhd, H, 1), AddTo{dhd, as_int(H, "H")}, N, H, G);
+  to_host(dx, dxd, static_cast<size_t>(N * I));
+  to_host(dh, dhd, static_cast<size_t>(N * H));
+  if (dw_ih || dw_hh || db_ih || db_hh) {
+    if (!(dw_ih && dw_hh && db_ih && db_hh)) throw std::invalid_argument("GPU GRU backward: the parameter gradients come all or none");
+    // A(m, k) = da[k, m]: the gradients transposed, against the rows of x and h
+    const float* xd = upload(ws, kGx, x, N * I);
+    float* dwihd = ws.buf(kGdwih, static_cast<size_t>(G * I));
+    float* dwhhd = ws.buf(kGdwhh, static_cast<size_t>(G * H));
+    gemm(a_operand(dad, 1, G), b_operand(xd, I, 1), Store{dwihd, as_int(I, "I"), nullptr, 0}, G, I, N);
+    gemm(a_operand(dcd, 1, G), b_operand(hd, H, 1), Store{dwhhd, as_int(H, "H"), nullptr, 0}, G, H, N);
+    float* dbd = ws.buf(kGdb, static_cast<size_t>(2 * G));
+    col_sums(ws, kGscratch, dad, 1, N, G, dbd);
+    col_sums(ws, kGscratch, dcd, 1, N, G, dbd + G);
+    to_host(dw_ih, dwihd, static_cast<size_t>(G * I));
+    to_host(dw_hh, dwhhd, static_cast<size_t>(G * H));
+    to_host(db_ih, dbd, static_cast<size_t>(G));
+    to_host(db_hh, dbd + G, static_cast<size_t>(G));
+  }
+  finish("GRU backward");
+}
+
+}  // namespace EMORL_GPU_NS
+}  // namespace emorl

@@ -1,0 +1,97 @@
+// One GRU step on the CPU (gru.h): the products on sgemm, the gates in one pass over the rows.
+#include "gru.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "common.h"
+#include "gemm.h"
+
+namespace emorl {
+
+namespace {
+
+// Threads for a pass over rows of `cols` elements: about 16K elements each at least, since the
+// passes are short and a thread's start costs more than that much work.
+int pass_threads(int nthreads, int64_t rows, int64_t cols) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, rows * cols / 16384 + 1)));
+}
+
+// C [M,N] = A [M,K] · op(B), op(B) = Bᵀ when B is stored [N,K].
+void product(bool transA, bool transB, int64_t M, int64_t N, int64_t K, const float* A, const float* B, float* C, bool accumulate,
+             int nthreads) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (!accumulate) std::fill(C, C + M * N, 0.f);
+    return;
+  }
+  GemmCall g{transA, transB, M, N, K, A, transA ? M : K, B, transB ? K : N, C, N, accumulate};
+  sgemm(g, nthreads);
+}
+
+// out[j] = Σ_rows v[row, j], in double.
+void column_sums(const float* v, int64_t rows, int64_t cols, float* out) {
+  std::vector<double> acc(static_cast<size_t>(cols), 0.0);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) acc[static_cast<size_t>(j)] += v[i * cols + j];
+  for (int64_t j = 0; j < cols; ++j) out[j] = static_cast<float>(acc[static_cast<size_t>(j)]);
+}
+
+}  // namespace
+
+void gru_forward(const GruDims& d, const float* x, const float* h, const float* w_ih, const float* w_hh, const float* b_ih,
+                 const float* b_hh, float* y, float* gates, int nthreads) {
+  const int64_t N = d.N, H = d.H, G = d.G(), plane = N * H;
+  std::vector<float> a(static_cast<size_t>(N * G)), c(static_cast<size_t>(N * G));
+  product(false, true, N, G, d.I, x, w_ih, a.data(), false, nthreads);
+  product(false, true, N, G, H, h, w_hh, c.data(), false, nthreads);
+  parallel_region(pass_threads(nthreads, N, G), [&](int tid, int nt) {
+    int64_t r0, r1;
+    split_range(N, tid, nt, r0, r1);
+    for (int64_t i = r0; i < r1; ++i) {
+      const float *ai = a.data() + i * G, *ci = c.data() + i * G;
+      for (int64_t j = 0; j < H; ++j) {
+        const int64_t q = i * H + j;
+        const float cn = ci[2 * H + j] + b_hh[2 * H + j];
+        const GruGates g = gru_gates(ai[j] + b_ih[j], ai[H + j] + b_ih[H + j], ai[2 * H + j] + b_ih[2 * H + j], ci[j] + b_hh[j],
+                                     ci[H + j] + b_hh[H + j], cn, h[q]);
+        y[q] = g.y;
+        gates[kGruReset * plane + q] = g.r;
+        gates[kGruUpdate * plane + q] = g.u;
+        gates[kGruNew * plane + q] = g.n;
+        gates[kGruHiddenNew * plane + q] = cn;
+      }
+    }
+  });
+}
+
+void gru_backward(const GruDims& d, const float* x, const float* h, const float* w_ih, const float* w_hh, const float* gates,
+                  const float* dy, float* dx, float* dh, float* dw_ih, float* dw_hh, float* db_ih, float* db_hh, int nthreads) {
+  const int64_t N = d.N, I = d.I, H = d.H, G = d.G(), plane = N * H;
+  // da, dc [N,3H]: the gradients of the input and hidden pre-activation parts
+  std::vector<float> da(static_cast<size_t>(N * G)), dc(static_cast<size_t>(N * G));
+  parallel_region(pass_threads(nthreads, N, G), [&](int tid, int nt) {
+    int64_t r0, r1;
+    split_range(N, tid, nt, r0, r1);
+    for (int64_t i = r0; i < r1; ++i)
+      for (int64_t j = 0; j < H; ++j) {
+        const int64_t q = i * H + j, o = i * G + j;
+        const float r = gates[kGruReset * plane + q];
+        const GruGateGrads g = gru_gate_grads(dy[q], r, gates[kGruUpdate * plane + q], gates[kGruNew * plane + q],
+                                              gates[kGruHiddenNew * plane + q], h[q]);
+        da[o] = dc[o] = g.dr;
+        da[o + H] = dc[o + H] = g.du;
+        da[o + 2 * H] = g.dn_pre;
+        dc[o + 2 * H] = g.dn_pre * r;
+        dh[q] = g.dh_direct;
+      }
+  });
+  product(false, false, N, I, G, da.data(), w_ih, dx, false, nthreads);
+  product(false, false, N, H, G, dc.data(), w_hh, dh, true, nthreads);
+  if (dw_ih) product(true, false, G, I, N, da.data(), x, dw_ih, false, nthreads);
+  if (dw_hh) product(true, false, G, H, N, dc.data(), h, dw_hh, false, nthreads);
+  if (db_ih) column_sums(da.data(), N, G, db_ih);
+  if (db_hh) column_sums(dc.data(), N, G, db_hh);
+}
+
+}  // namespace emorl
