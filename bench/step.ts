@@ -8,7 +8,9 @@
  *   node dist/bench/step.js --json                the same, one JSON object per line
  *   node dist/bench/step.js --config tetrominoes --batch 32 --mode train --backend native --steps 3
  *                                                 one measurement (JSON line)
- *   --device cuda:0                               the decoding stage on a GPU (native rows)
+ *   --device cuda:0                               the decoding stages, encoder and GRU cells on a GPU (native
+ *                                                 rows; each row then also says what crossed the bus per step;
+ *                                                 'simt' for the emulated kernels: slow, but the same copies)
  *   --precision bf16                              the CPU convolutions in mixed precision (native rows)
  *   --original DIR                                also time the original PyTorch code (a copy of its
  *                                                 repository in DIR) with bench/original.py, beside each
@@ -28,7 +30,7 @@ import { SeededNoise } from '../lib/model/noise';
 import { Trainer } from '../lib/train/trainer';
 import { tfjsOps } from '../lib/ops';
 import { nativeOpsAvailable, nativeOpsOn, parseConvPrecision, parseStageDevice } from '../lib/ops/native';
-import type { ConvPrecision } from '../lib/ops/addon';
+import { deviceTraffic, type ConvPrecision } from '../lib/ops/addon';
 import { nativeStatus } from '../lib/native';
 
 interface Measurement {
@@ -46,6 +48,8 @@ interface Measurement {
   device?: string;
   /** the CPU convolutions' products (native): 'fp32' or 'bf16' (with the kernel behind it) */
   precision?: string;
+  /** GPU devices: host <-> device copies per step (the timed steps' mean) */
+  bus_per_step?: { up_mib: number; down_mib: number; uploads: number; downloads: number };
 }
 
 /** The original's figures on an earlier machine (STACK.md): seconds per step / per inference batch. */
@@ -92,12 +96,20 @@ async function measure(config: string, batch: number, mode: 'train' | 'infer', b
   const [C, H, W] = exp.Net.input_size;
   const images = tf.tidy(() => tf.sub(tf.mul(tf.randomUniform([batch, C, H, W], 0, 1, 'float32', 3), 2), 1));
   const times: number[] = [];
+  let bus0 = deviceTraffic();
   for (let r = 0; r <= steps; r++) {
+    if (r === 1) bus0 = deviceTraffic();  // after the warm-up
     const t = performance.now();
     if (mode === 'train') trainer.step(images, { noise: new SeededNoise(r) }).release();
     else trainer.model.infer(images, { noise: new SeededNoise(r), outputs: false }).dispose();
     if (r > 0) times.push((performance.now() - t) / 1000);
   }
+  const bus1 = deviceTraffic();
+  const mib = (b: number) => Math.round((b / steps / 2 ** 20) * 100) / 100;
+  const bus = device !== 'cpu' && backend === 'native'
+    ? { bus_per_step: { up_mib: mib(bus1.upBytes - bus0.upBytes), down_mib: mib(bus1.downBytes - bus0.downBytes),
+      uploads: (bus1.uploads - bus0.uploads) / steps, downloads: (bus1.downloads - bus0.downloads) / steps } }
+    : {};
   images.dispose();
   trainer.dispose();
   const st = nativeStatus();
@@ -113,6 +125,7 @@ async function measure(config: string, batch: number, mode: 'train' | 'infer', b
     ...(backend === 'native'
       ? { isa: st.info?.gemmIsa, threads: st.info?.threads, device, precision: precision === 'bf16' ? `bf16 (${st.info?.bf16})` : precision }
       : {}),
+    ...bus,
   };
 }
 
@@ -192,7 +205,9 @@ async function main(): Promise<void> {
       const ratio = refS !== undefined && (now || ref.batch === batch) ? `, ${(m.median_s / refS).toFixed(2)}x ${whose} ${refS.toFixed(2)} s` : '';
       const mem = mode === 'train' && refMiB && (now || ref.batch === batch) ? ` (original ${refMiB.toFixed(0)} MiB)` : '';
       const label = backend === 'js' ? 'js' : `native ${prec}`;
-      console.log(`${name.padEnd(15)} batch ${String(batch).padStart(2)} ${mode.padEnd(5)} ${label.padEnd(11)} ${m.median_s.toFixed(2)} s${ratio}; peak RSS ${m.peak_rss_mib.toFixed(0)} MiB${mem}`);
+      const b = m.bus_per_step;
+      const busText = b ? `; per step ${b.up_mib} MiB up in ${b.uploads} copies, ${b.down_mib} MiB down in ${b.downloads}` : '';
+      console.log(`${name.padEnd(15)} batch ${String(batch).padStart(2)} ${mode.padEnd(5)} ${label.padEnd(11)} ${m.median_s.toFixed(2)} s${ratio}; peak RSS ${m.peak_rss_mib.toFixed(0)} MiB${mem}${busText}`);
     }
   }
 }

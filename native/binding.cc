@@ -702,7 +702,8 @@ std::string shape4(const int64_t* s) { return shape_str({s[0], s[1], s[2], s[3]}
 class DecoderWorkspace : public Napi::ObjectWrap<DecoderWorkspace> {
  public:
   static Napi::Function Define(Napi::Env env) {
-    return DefineClass(env, "DecoderWorkspace", {InstanceMethod("bytes", &DecoderWorkspace::Bytes)});
+    return DefineClass(env, "DecoderWorkspace",
+                       {InstanceMethod("bytes", &DecoderWorkspace::Bytes), InstanceMethod("traffic", &DecoderWorkspace::Traffic)});
   }
   explicit DecoderWorkspace(const Napi::CallbackInfo& info) : Napi::ObjectWrap<DecoderWorkspace>(info) {}
   void Finalize(Napi::Env env) override {
@@ -713,6 +714,7 @@ class DecoderWorkspace : public Napi::ObjectWrap<DecoderWorkspace> {
   // The GPU stage's buffers for one backend and device (a change of either starts afresh).
   emorl::GpuWorkspace& gpu(bool emulated, int device) {
     if (!gpu_ || gpu_->emulated() != emulated || gpu_->device() != device) {
+      past_ = total_traffic();
       gpu_.reset();
       gpu_ = make_gpu_workspace(emulated, device);
     }
@@ -737,8 +739,30 @@ class DecoderWorkspace : public Napi::ObjectWrap<DecoderWorkspace> {
 
  private:
   Napi::Value Bytes(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), static_cast<double>(ws_.bytes())); }
+  // traffic() -> {upBytes, downBytes, uploads, downloads}: host <-> device copies so far (GPU devices)
+  Napi::Value Traffic(const Napi::CallbackInfo& info) {
+    const emorl::GpuTraffic t = total_traffic();
+    Napi::Object o = Napi::Object::New(info.Env());
+    o.Set("upBytes", static_cast<double>(t.up_bytes));
+    o.Set("downBytes", static_cast<double>(t.down_bytes));
+    o.Set("uploads", static_cast<double>(t.uploads));
+    o.Set("downloads", static_cast<double>(t.downloads));
+    return o;
+  }
+  emorl::GpuTraffic total_traffic() const {
+    emorl::GpuTraffic t = past_;
+    if (gpu_) {
+      const emorl::GpuTraffic g = gpu_->traffic();
+      t.up_bytes += g.up_bytes;
+      t.down_bytes += g.down_bytes;
+      t.uploads += g.uploads;
+      t.downloads += g.downloads;
+    }
+    return t;
+  }
   emorl::Workspace ws_;
   std::unique_ptr<emorl::GpuWorkspace> gpu_;
+  emorl::GpuTraffic past_;  // of the GPU workspaces replaced so far
   size_t reported_ = 0;
 };
 
@@ -1219,6 +1243,157 @@ Napi::Value GruCellBackwardFn(const Napi::CallbackInfo& info, bool) {
   return r;
 }
 
+// ---- a stack of convolutions as one GPU stage (gpu.h ConvStack; lib/ops/native.ts convStack) ----
+
+// The stack described by spec {x, xShape [N,H,W,C], layers: [{w, wShape [Co,Ci,kh,kw], b, stride?,
+// pad, act}]}, every shape checked (each layer's Ci must be the previous layer's Co).
+emorl::ConvStack conv_stack_spec(const Args& a, const Props& p) {
+  emorl::ConvStack s;
+  Napi::Value xsv = p.get("xShape");
+  if (!xsv.IsArray() || xsv.As<Napi::Array>().Length() != 4) a.type_error("'" + p.name("xShape") + "' must be an array of 4 integers");
+  int64_t xs[4];
+  for (uint32_t k = 0; k < 4; ++k) {
+    Napi::Value e = xsv.As<Napi::Array>().Get(k);
+    const double d = e.IsNumber() ? e.As<Napi::Number>().DoubleValue() : -1;
+    if (!std::isfinite(d) || std::floor(d) != d || d < 1 || d > 2147483647.0) a.range_error("'" + p.name("xShape") + "' entries must be integers >= 1");
+    xs[k] = static_cast<int64_t>(d);
+  }
+  s.N = xs[0];
+  s.H = xs[1];
+  s.W = xs[2];
+  s.C = xs[3];
+  s.x = p.f32("x", a.numel({s.N, s.H, s.W, s.C}, "xShape"), "xShape " + shape_str({s.N, s.H, s.W, s.C}));
+  Napi::Value lv = p.get("layers");
+  if (!lv.IsArray() || lv.As<Napi::Array>().Length() == 0) a.type_error("'" + p.name("layers") + "' must be a non-empty array");
+  auto la = lv.As<Napi::Array>();
+  int64_t channels = s.C;
+  for (uint32_t i = 0; i < la.Length(); ++i) {
+    const Props q(a, la.Get(i), p.name("layers") + "[" + std::to_string(i) + "]");
+    Napi::Value wsv = q.get("wShape");
+    if (!wsv.IsArray() || wsv.As<Napi::Array>().Length() != 4) a.type_error("'" + q.name("wShape") + "' must be an array of 4 integers");
+    int64_t w[4];
+    for (uint32_t k = 0; k < 4; ++k) {
+      Napi::Value e = wsv.As<Napi::Array>().Get(k);
+      const double d = e.IsNumber() ? e.As<Napi::Number>().DoubleValue() : -1;
+      if (!std::isfinite(d) || std::floor(d) != d || d < 1 || d > 1e6) a.range_error("'" + q.name("wShape") + "' entries must be integers >= 1");
+      w[k] = static_cast<int64_t>(d);
+    }
+    const std::vector<int64_t> wshape{w[0], w[1], w[2], w[3]};
+    if (w[1] != channels) {
+      std::ostringstream o;
+      o << "'" << q.name("wShape") << "' " << shape_str(wshape) << " takes " << w[1] << " input channels, but "
+        << (i ? "the previous layer gives " : "xShape has ") << channels;
+      a.range_error(o.str());
+    }
+    emorl::ConvStackLayer L;
+    L.w = q.f32("w", a.numel(wshape, "wShape"), "wShape " + shape_str(wshape));
+    L.b = q.f32("b", w[0], "wShape[0] = " + std::to_string(w[0]));
+    L.Co = w[0];
+    L.kh = w[2];
+    L.kw = w[3];
+    L.stride = q.integer("stride", 1, 1);
+    L.pad = q.integer("pad", 0);
+    const int64_t act = q.integer("act", 0, 0);
+    if (act > 2) a.range_error("'" + q.name("act") + "' must be 0 (linear), 1 (relu) or 2 (elu)");
+    L.act = static_cast<emorl::Act>(act);
+    s.layers.push_back(L);
+    channels = w[0];
+  }
+  for (size_t i = 0; i < s.layers.size(); ++i) {
+    try {
+      (void)s.geom(i);
+    } catch (const std::invalid_argument&) {
+      a.range_error("'" + p.name("layers") + "[" + std::to_string(i) + "]': the kernel and padding leave no output for xShape " +
+                    shape_str({s.N, s.H, s.W, s.C}));
+    }
+  }
+  return s;
+}
+
+// The GPU (never the CPU: per-layer calls are the CPU's way) for a conv stack call.
+GpuCall conv_stack_device(const Args& a, const Props& p) {
+  GpuCall gpu(a, p);
+  if (!gpu.on_gpu()) a.range_error("'" + p.name("device") + "' must be 'cuda:N' or 'simt': a conv stack is a GPU stage (on the CPU, call nhwcConv2d per layer)");
+  return gpu;
+}
+
+// convStack({x, xShape, layers, device, workspace?}) -> {y [N,Ho,Wo,Co], yShape, stamp}
+//   stamp: hand it to convStackBackward; its maps stay in the workspace until the next forward.
+Napi::Value ConvStackFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "convStack");
+  Props p(a, a.at(0), "spec");
+  const emorl::ConvStack s = conv_stack_spec(a, p);
+  GpuCall gpu = conv_stack_device(a, p);
+  const emorl::NhwcGeom g = s.geom(s.layers.size() - 1);
+  const int64_t Co = s.layers.back().Co;
+  auto y = new_f32(a, a.numel({g.N, g.Ho, g.Wo, Co}, "output"));
+  const uint64_t stamp = gpu.simt() ? emorl::simt::conv_stack_forward(s, y.Data(), *gpu.ws)
+#if defined(EMORL_CUDA)
+                                    : emorl::cuda::conv_stack_forward(s, y.Data(), *gpu.ws);
+#else
+                                    : 0;
+#endif
+  gpu.done(a.env());
+  Napi::Object r = Napi::Object::New(a.env());
+  r.Set("y", y);
+  Napi::Array shape = Napi::Array::New(a.env(), 4);
+  const int64_t dims[4] = {g.N, g.Ho, g.Wo, Co};
+  for (uint32_t k = 0; k < 4; ++k) shape.Set(k, Napi::Number::New(a.env(), static_cast<double>(dims[k])));
+  r.Set("yShape", shape);
+  r.Set("stamp", Napi::Number::New(a.env(), static_cast<double>(stamp)));
+  return r;
+}
+
+// convStackBackward({x, xShape, layers, dy, stamp, needDx, needParams, device, workspace?})
+//   -> {dx|null, dw: [per layer]|null, db: [per layer]|null}. With the stamp of the workspace's latest
+//   forward the maps it left are used; otherwise the forward runs again first.
+Napi::Value ConvStackBackwardFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "convStackBackward");
+  Props p(a, a.at(0), "spec");
+  const emorl::ConvStack s = conv_stack_spec(a, p);
+  GpuCall gpu = conv_stack_device(a, p);
+  const emorl::NhwcGeom g = s.geom(s.layers.size() - 1);
+  const std::vector<int64_t> ys{g.N, g.Ho, g.Wo, s.layers.back().Co};
+  const float* dy = p.f32("dy", a.numel(ys, "output"), "the output " + shape_str(ys));
+  const double st = p.has("stamp") ? p.number("stamp") : 0;
+  if (st < 0 || std::floor(st) != st) a.range_error("'" + p.name("stamp") + "' must be a stamp from convStack");
+  const bool need_dx = p.boolean("needDx", false), need_params = p.boolean("needParams", true);
+  Napi::Object r = Napi::Object::New(a.env());
+  float* dx = nullptr;
+  if (need_dx) {
+    auto t = new_f32(a, s.N * s.H * s.W * s.C);
+    dx = t.Data();
+    r.Set("dx", t);
+  } else {
+    r.Set("dx", a.env().Null());
+  }
+  std::vector<float*> dw(s.layers.size(), nullptr), db(s.layers.size(), nullptr);
+  if (need_params) {
+    Napi::Array dwa = Napi::Array::New(a.env(), s.layers.size()), dba = Napi::Array::New(a.env(), s.layers.size());
+    for (size_t i = 0; i < s.layers.size(); ++i) {
+      const emorl::ConvStackLayer& L = s.layers[i];
+      auto tw = new_f32(a, L.Co * s.geom(i).P());
+      auto tb = new_f32(a, L.Co);
+      dw[i] = tw.Data();
+      db[i] = tb.Data();
+      dwa.Set(static_cast<uint32_t>(i), tw);
+      dba.Set(static_cast<uint32_t>(i), tb);
+    }
+    r.Set("dw", dwa);
+    r.Set("db", dba);
+  } else {
+    r.Set("dw", a.env().Null());
+    r.Set("db", a.env().Null());
+  }
+  const uint64_t stamp = static_cast<uint64_t>(st);
+  if (gpu.simt()) emorl::simt::conv_stack_backward(s, stamp, dy, dx, dw, db, *gpu.ws);
+#if defined(EMORL_CUDA)
+  else emorl::cuda::conv_stack_backward(s, stamp, dy, dx, dw, db, *gpu.ws);
+#endif
+  gpu.done(a.env());
+  return r;
+}
+
 // imageNll(raw [B*K,H,W,C+1], target [B,H,W,C], B, K, H, W, C, logVar, gmm, needGrad)
 //   -> { nll [B], draw|null }: the fused likelihood alone (likelihood.h), for tests and the
 //   Slot Attention loss.
@@ -1333,6 +1508,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("imageNll", Napi::Function::New(env, entry<ImageNllFn, false>, "imageNll"));
   exports.Set("slotSoftmax", Napi::Function::New(env, entry<SlotSoftmaxFn, false>, "slotSoftmax"));
   exports.Set("gruCell", Napi::Function::New(env, entry<GruCellFn, false>, "gruCell"));
+  exports.Set("convStack", Napi::Function::New(env, entry<ConvStackFn, false>, "convStack"));
+  exports.Set("convStackBackward", Napi::Function::New(env, entry<ConvStackBackwardFn, false>, "convStackBackward"));
   exports.Set("gruCellBackward", Napi::Function::New(env, entry<GruCellBackwardFn, false>, "gruCellBackward"));
   exports.Set("layerNorm", Napi::Function::New(env, entry<LayerNormFn, false>, "layerNorm"));
   exports.Set("layerNormBackward", Napi::Function::New(env, entry<LayerNormBackwardFn, false>, "layerNormBackward"));

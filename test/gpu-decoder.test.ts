@@ -17,11 +17,11 @@
  */
 import { tf, initBackend } from '../lib/tf';
 import { nativeStatus } from '../lib/native';
-import { addonOps, type DecoderStageLayer, type DecoderStageResult, type DecoderStageSpec, type StageDevice } from '../lib/ops/addon';
+import { addonOps, deviceTraffic, type DecoderStageLayer, type DecoderStageResult, type DecoderStageSpec, type StageDevice } from '../lib/ops/addon';
 import { nativeOps, nativeOpsAvailable, nativeOpsOn, opsForBackend } from '../lib/ops/native';
 import { tfjsOps } from '../lib/ops';
 import type { DecoderLayerSpec, DecoderNllArgs } from '../lib/ops/decoder-stage';
-import type { Ops } from '../lib/ops';
+import type { ConvStackLayer, Ops } from '../lib/ops';
 import { experimentConfig } from '../lib/config/experiment';
 import { Trainer } from '../lib/train/trainer';
 import { expectRelClose } from './helpers';
@@ -246,6 +246,104 @@ for (const device of devices) {
 }
 
 for (const device of devices) {
+  describeGpu(`convStack on ${device}: the encoder's convolutions as one stage, maps kept on the device`, () => {
+    const stackCases: [string, number[], [number, number, number, number][], number[], number[], ConvStackLayer['activation'][]][] = [
+      // name, xShape, wShapes, strides, pads, activations
+      ['the encoder (3 -> 16 -> 16 -> 16, 5x5, pad 2, ReLU), non-square', [2, 9, 7, 3], [[16, 3, 5, 5], [16, 16, 5, 5], [16, 16, 5, 5]], [1, 1, 1], [2, 2, 2], ['relu', 'relu', 'relu']],
+      ['stride 2, ELU, then linear 1x1 to 70 channels', [1, 11, 9, 5], [[7, 5, 3, 3], [70, 7, 1, 1]], [2, 1], [1, 0], ['elu', 'linear']],
+      ['one layer, one image', [1, 6, 6, 4], [[5, 4, 3, 3]], [1], [1], ['relu']],
+    ];
+    const tensors = (xs: number[], ws: [number, number, number, number][], strides: number[], pads: number[], acts: ConvStackLayer['activation'][], seed: number) => {
+      const x = tf.tensor4d(uniform(xs.reduce((a, b) => a * b), seed), xs as [number, number, number, number]);
+      const layers: ConvStackLayer[] = ws.map((w, i) => ({
+        weight: tf.tensor4d(uniform(w.reduce((a, b) => a * b), seed + 1 + i, -0.3, 0.3), w), bias: tf.tensor1d(uniform(w[0], seed + 20 + i, -0.1, 0.1)),
+        stride: strides[i], pad: pads[i], activation: acts[i],
+      }));
+      return { x, layers };
+    };
+    for (const [name, xs, ws, strides, pads, acts] of stackCases) {
+      test(`${name}: values and gradients against the CPU's layer-by-layer convolutions`, () => {
+        tf.tidy(() => {
+          const { x, layers } = tensors(xs, ws, strides, pads, acts, 41);
+          const ops = nativeOpsOn(device);
+          const f = (o: Ops) => (...t: tf.Tensor[]) => {
+            const y = o.convStack(t[0] as tf.Tensor4D, layers.map((L, i) => ({ ...L, weight: t[1 + 2 * i], bias: t[2 + 2 * i] })));
+            return tf.sum(tf.mul(y, tf.sin(tf.range(0, y.size).reshape(y.shape)))) as tf.Scalar;
+          };
+          const all = [x, ...layers.flatMap((L) => [L.weight, L.bias])];
+          const yd = ops.convStack(x, layers), yc = nativeOps.convStack(x, layers);
+          expect(yd.shape).toEqual(yc.shape);
+          expectClose(yd.dataSync() as Float32Array, yc.dataSync() as Float32Array, 1e-5, 'y');
+          const gd = tf.grads(f(ops))(all), gc = tf.grads(f(nativeOps))(all);
+          gd.forEach((g, i) => expectClose(g.dataSync() as Float32Array, gc[i].dataSync() as Float32Array, 1e-5, i ? `parameter gradient ${i - 1}` : 'dx'));
+          const gz = ops.withoutParamGrads(() => tf.grads(f(ops))(all));
+          expectClose(gz[0].dataSync() as Float32Array, gc[0].dataSync() as Float32Array, 1e-5, 'dx without parameter gradients');
+          expect(tf.max(tf.abs(gz[1])).dataSync()[0]).toBe(0);
+        });
+      });
+    }
+
+    test('a backward after another forward on the same workspace recomputes its maps (stamps)', () => {
+      const k = addonOps();
+      const xs = [2, 8, 8, 3];
+      const layers = [
+        { w: uniform(8 * 3 * 9, 51, -0.3, 0.3), wShape: [8, 3, 3, 3], b: uniform(8, 52, -0.1, 0.1), pad: 1, act: 1 },
+        { w: uniform(8 * 8 * 9, 53, -0.3, 0.3), wShape: [8, 8, 3, 3], b: uniform(8, 54, -0.1, 0.1), pad: 1, act: 1 },
+      ];
+      const workspace = new k.DecoderWorkspace();
+      const specA = { x: uniform(2 * 8 * 8 * 3, 55), xShape: xs, layers, device, workspace };
+      const specB = { ...specA, x: uniform(2 * 8 * 8 * 3, 56) };
+      const dy = uniform(2 * 8 * 8 * 8, 57);
+      const a = k.convStack(specA);
+      const b = k.convStack(specB);
+      expect(b.stamp).not.toBe(a.stamp);
+      const back = (spec: typeof specA, stamp: number) => k.convStackBackward({ ...spec, dy, stamp, needDx: true, needParams: true });
+      const fresh = (spec: typeof specA) => k.convStackBackward({ ...spec, workspace: new k.DecoderWorkspace(), dy, stamp: 0, needDx: true, needParams: true });
+      const staleA = back(specA, a.stamp), refA = fresh(specA);
+      const residentB = back(specB, b.stamp), refB = fresh(specB);
+      for (const [got, ref, what] of [[staleA, refA, 'A after B'], [residentB, refB, 'B resident']] as const) {
+        expectClose(got.dx, ref.dx, 1e-6, `${what}: dx`);
+        got.dw!.forEach((dw, i) => expectClose(dw, ref.dw![i], 1e-6, `${what}: dw[${i}]`));
+        got.db!.forEach((db, i) => expectClose(db, ref.db![i], 1e-6, `${what}: db[${i}]`));
+      }
+      // the two inputs differ, so equal gradients would mean a stale map was used
+      expect(Math.abs(refA.dw![0][0] - refB.dw![0][0])).toBeGreaterThan(1e-4);
+    });
+
+    test('what crosses the bus: the images, weights and last map forward; with its stamp the backward uploads only dy and the weights', () => {
+      const k = addonOps();
+      const layers = [
+        { w: uniform(8 * 3 * 9, 61, -0.3, 0.3), wShape: [8, 3, 3, 3], b: uniform(8, 62, -0.1, 0.1), pad: 1, act: 1 },
+        { w: uniform(6 * 8 * 9, 63, -0.3, 0.3), wShape: [6, 8, 3, 3], b: uniform(6, 64, -0.1, 0.1), pad: 1, act: 1 },
+      ];
+      const workspace = new k.DecoderWorkspace();
+      expect(workspace.traffic()).toEqual({ upBytes: 0, downBytes: 0, uploads: 0, downloads: 0 });
+      const spec = { x: uniform(2 * 7 * 7 * 3, 65), xShape: [2, 7, 7, 3], layers, device, workspace };
+      const f = k.convStack(spec);
+      const weights = 8 * 3 * 9 + 8 + 6 * 8 * 9 + 6;
+      expect(workspace.traffic()).toEqual({ upBytes: 4 * (spec.x.length + weights), downBytes: 4 * f.y.length, uploads: 5, downloads: 1 });
+      k.convStackBackward({ ...spec, dy: uniform(f.y.length, 66), stamp: f.stamp, needDx: false, needParams: true });
+      const t = workspace.traffic();
+      // dy and layer 1's weights for its input gradient (layer 0 needs none without dx); dw, db of both layers
+      expect(t.upBytes - 4 * (spec.x.length + weights)).toBe(4 * (f.y.length + 6 * 8 * 9));
+      expect(t.uploads).toBe(5 + 2);
+      expect(t.downBytes - 4 * f.y.length).toBe(4 * weights);
+      expect(t.downloads).toBe(1 + 4);
+    });
+
+    test('clear errors: the CPU, a channel mismatch, a kernel larger than the padded map', () => {
+      const k = addonOps();
+      const layer = { w: uniform(4 * 3 * 9, 1), wShape: [4, 3, 3, 3], b: uniform(4, 2), pad: 1, act: 1 };
+      const spec = { x: uniform(1 * 5 * 5 * 3, 3), xShape: [1, 5, 5, 3], layers: [layer], device };
+      expect(k.convStack(spec).yShape).toEqual([1, 5, 5, 4]);
+      expect(() => k.convStack({ ...spec, device: 'cpu' })).toThrow(/a conv stack is a GPU stage/);
+      expect(() => k.convStack({ ...spec, layers: [layer, layer] })).toThrow(/'spec.layers\[1\].wShape' \[4,3,3,3\] takes 3 input channels, but the previous layer gives 4/);
+      expect(() => k.convStack({ ...spec, layers: [{ ...layer, w: uniform(4 * 3 * 81, 1), wShape: [4, 3, 9, 9] }] })).toThrow(/'spec.layers\[0\]': the kernel and padding leave no output/);
+    });
+  });
+}
+
+for (const device of devices) {
   describeGpu(`gruCell on ${device} vs the CPU kernels (the inference and refinement GRUs)`, () => {
     const gruCases: [string, number, number, number][] = [
       // name, N rows, I inputs, H hidden
@@ -368,7 +466,11 @@ describeGpu('the decoding stage on a device through the ops', () => {
       }
     };
     const cpu = run(nativeOps);
+    const bus0 = deviceTraffic();
     const dev = run(nativeOpsOn('simt'));
+    const bus = deviceTraffic();
+    expect(bus.uploads).toBeGreaterThan(bus0.uploads);
+    expect(bus.downBytes).toBeGreaterThan(bus0.downBytes);
     images.dispose();
     cpu.forEach((row, i) => row.forEach((v, j) => expect(Math.abs(dev[i][j] - v)).toBeLessThanOrEqual(1e-4 * Math.max(1, Math.abs(v)))));
   }, 300_000);

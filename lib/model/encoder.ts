@@ -25,10 +25,7 @@ export interface EncoderOutput {
 export function encode(p: ParamStore, ops: Ops, x: tf.Tensor4D, prefix = 'hvae_networks'): EncoderOutput {
   const [B, H, W] = x.shape;
   const e = paramKey(prefix, 'encoder_pt_1');
-  let h: tf.Tensor4D = x;
-  for (const i of [0, 2, 4, 6]) {
-    h = ops.conv2d(h, p.get(`${e}.${i}.weight`), p.get(`${e}.${i}.bias`), { pad: 2, activation: 'relu' });
-  }
+  const h = ops.convStack(x, [0, 2, 4, 6].map((i) => ({ weight: p.get(`${e}.${i}.weight`), bias: p.get(`${e}.${i}.bias`), pad: 2, activation: 'relu' as const })));
   const pos = tf.tensor3d(positionalEmbedding(H, W), [H, W, 4]);
   const posProj = ops.linear(pos, p.get(paramKey(prefix, 'pos_embed_projection.weight')), p.get(paramKey(prefix, 'pos_embed_projection.bias')));
   let f: tf.Tensor = addToEach(h, posProj).reshape([B, H * W, ENC_CH]);

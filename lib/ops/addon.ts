@@ -32,8 +32,8 @@ export interface NativeAddon {
   /** op(a)·op(b), then (the linear layers' epilogue) + bias per row and ReLU */
   matmul(a: Float32Array, aShape: number[], b: Float32Array, bShape: number[], transA: boolean, transB: boolean,
     out?: Float32Array | null, bias?: Float32Array | null, relu?: boolean): Float32Array;
-  /** buffers decoderStage keeps between calls (owned by the JS object) */
-  DecoderWorkspace: new () => object;
+  /** buffers decoderStage and the GPU ops keep between calls (owned by the JS object) */
+  DecoderWorkspace: new () => AddonWorkspace;
   /** one decoder stage (native/decoder.h); the spec is checked there */
   decoderStage(spec: DecoderStageSpec): DecoderStageResult;
   /** the FMA throughput of all threads over about `seconds` (GFLOP/s; for benchmarks) */
@@ -55,8 +55,26 @@ export interface NativeAddon {
   gruCell(spec: GruCellSpec): { y: Float32Array; gates: Float32Array };
   /** its backward from dy = d/dh'; the parameter gradients only with needParams (else null) */
   gruCellBackward(spec: GruCellBackwardSpec): GruCellGrads;
+  /**
+   * a stack of convolutions as one GPU stage (native/gpu/gpu.h ConvStack): the last map, and a stamp
+   * under which the intermediate maps stay in `workspace` for convStackBackward
+   */
+  convStack(spec: ConvStackSpec): { y: Float32Array; yShape: number[]; stamp: number };
+  /** its backward from dy of the last map; with another stamp than the workspace's latest, the forward runs again first */
+  convStackBackward(spec: ConvStackSpec & { dy: Float32Array; stamp: number; needDx: boolean; needParams: boolean }):
+    { dx: Float32Array | null; dw: Float32Array[] | null; db: Float32Array[] | null };
   /** the fused likelihood alone (native/likelihood.h) */
   imageNll(spec: { raw: Float32Array; target: Float32Array; B: number; K: number; H: number; W: number; C: number; logVar: number; gmm: boolean; needGrad: boolean }): { nll: Float32Array; draw: Float32Array | null };
+}
+
+export interface ConvStackSpec {
+  x: Float32Array;
+  /** [N, H, W, C] */
+  xShape: number[];
+  /** each: w [Co, Ci, kh, kw], b [Co]; act 0 linear, 1 relu, 2 elu */
+  layers: { w: Float32Array; wShape: number[]; b: Float32Array; stride?: number; pad?: number; act?: number }[];
+  device: StageDevice;
+  workspace?: object;
 }
 
 export interface GruCellSpec {
@@ -93,6 +111,21 @@ export interface GruCellGrads {
   dwHh: Float32Array | null;
   dbIh: Float32Array | null;
   dbHh: Float32Array | null;
+}
+
+/** What crossed the bus (host <-> GPU copies) through one or more workspaces. */
+export interface DeviceTraffic {
+  upBytes: number;
+  downBytes: number;
+  uploads: number;
+  downloads: number;
+}
+
+export interface AddonWorkspace {
+  /** host bytes held */
+  bytes(): number;
+  /** host <-> device copies through it so far (zero on the CPU) */
+  traffic(): DeviceTraffic;
 }
 
 export interface DecoderStageLayer {
@@ -169,15 +202,43 @@ export interface DecoderStageResult {
  * calls reuse their memory (fresh pages cost a fault each; device memory an allocation). Keyed by
  * a weight tensor that lives as long as the model; released with it.
  */
-const workspaces = new WeakMap<object, object>();
+const workspaces = new WeakMap<object, Map<string, AddonWorkspace>>();
+/** every workspace made here, for deviceTraffic (weakly: they go with their keys) */
+const made = new Set<WeakRef<AddonWorkspace>>();
 
-export function workspaceFor(key: object): object {
-  let w = workspaces.get(key);
+/** `role` separates the workspaces of different uses of one key (a conv stack's resident maps from its first layer's). */
+export function workspaceFor(key: object, role = 'layer'): AddonWorkspace {
+  let byRole = workspaces.get(key);
+  if (!byRole) workspaces.set(key, (byRole = new Map()));
+  let w = byRole.get(role);
   if (!w) {
     w = new (addonOps().DecoderWorkspace)();
-    workspaces.set(key, w);
+    byRole.set(role, w);
+    made.add(new WeakRef(w));
   }
   return w;
+}
+
+/**
+ * The host <-> GPU copies made so far through the workspaces of workspaceFor (every GPU call of
+ * the ops goes through one), summed; those of collected workspaces are no longer counted, so
+ * take differences over spans in which the model lives (e.g. per training step).
+ */
+export function deviceTraffic(): DeviceTraffic {
+  const t: DeviceTraffic = { upBytes: 0, downBytes: 0, uploads: 0, downloads: 0 };
+  for (const ref of made) {
+    const w = ref.deref();
+    if (!w) {
+      made.delete(ref);
+      continue;
+    }
+    const x = w.traffic();
+    t.upBytes += x.upBytes;
+    t.downBytes += x.downBytes;
+    t.uploads += x.uploads;
+    t.downloads += x.downloads;
+  }
+  return t;
 }
 
 let addon: NativeAddon | undefined;

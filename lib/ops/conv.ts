@@ -175,6 +175,23 @@ export interface ConvOptions {
   activation?: FusedActivation;
 }
 
+/** One layer of a convolution stack (Ops.convStack). */
+export interface ConvStackLayer {
+  /** [cout, cin, kh, kw] */
+  weight: tf.Tensor;
+  /** [cout] */
+  bias: tf.Tensor;
+  stride?: number;
+  pad?: number;
+  activation?: FusedActivation;
+}
+
+/** The layers applied in turn with `conv` (the reference of Ops.convStack). */
+export function convStackWith(conv: typeof conv2d, x: tf.Tensor4D, layers: ConvStackLayer[]): tf.Tensor4D {
+  if (!layers.length) throw new Error('convStack: no layers');
+  return layers.reduce((h, L) => conv(h, L.weight, L.bias, { stride: L.stride, pad: L.pad, activation: L.activation }), x);
+}
+
 /**
  * y = conv2d(x, w) + b. x [n,h,w,cin] (NHWC), w [cout,cin,kh,kw] (PyTorch), b [cout];
  * returns [n,oh,ow,cout].

@@ -2,8 +2,9 @@
  * The hot-path ops behind one interface. The model calls these through an `Ops` object, so that
  * a native implementation (the addon) can be dropped in without touching the model code.
  */
+import type { tf } from '../tf';
 import { broadcastConv2d, spatialBroadcast } from './broadcast';
-import { conv2d, convTranspose2d, withoutParamGrads } from './conv';
+import { conv2d, convStackWith, convTranspose2d, withoutParamGrads, type ConvStackLayer } from './conv';
 import { slotCompetition } from './attention';
 import { decoderNllReference, type DecoderNllArgs, type DecoderNllResult } from './decoder-stage';
 import { dualGruCell, elu, gruCell, layerNorm, linear } from './nn';
@@ -11,6 +12,8 @@ import { dualGruCell, elu, gruCell, layerNorm, linear } from './nn';
 export interface Ops {
   conv2d: typeof conv2d;
   convTranspose2d: typeof convTranspose2d;
+  /** conv2d layer after layer (the encoder's stack; on a GPU device one stage with its maps kept there) */
+  convStack(x: tf.Tensor4D, layers: ConvStackLayer[]): tf.Tensor4D;
   /** z [n,c] tiled over a grid plus a positional embedding [gh,gw,c] */
   spatialBroadcast: typeof spatialBroadcast;
   /** conv2d(spatialBroadcast(z, pos)) without forming the broadcast map (the decoders' first layer) */
@@ -32,6 +35,7 @@ export interface Ops {
 export const tfjsOps: Ops = {
   conv2d,
   convTranspose2d,
+  convStack: (x, layers) => convStackWith(tfjsOps.conv2d, x, layers),
   spatialBroadcast,
   broadcastConv2d,
   linear,
@@ -44,5 +48,5 @@ export const tfjsOps: Ops = {
   decoderNll: (args) => decoderNllReference(tfjsOps, args),
 };
 
-export type { ConvOptions, ConvTransposeOptions } from './conv';
+export type { ConvOptions, ConvTransposeOptions, ConvStackLayer } from './conv';
 export type { GruWeights, DualGruWeights } from './nn';

@@ -1,8 +1,9 @@
 /**
- * The `Ops` of the model on the native addon: NHWC conv2d / convTranspose2d (im2col over NHWC +
- * the addon's blocked GEMM, bias and ReLU/ELU fused forward and backward) and the big linear
- * layers on the addon's GEMM, the decoders' broadcast first layer on both, layerNorm as fused
- * TypeScript loops. Everything else (GRU cells, ELU, spatialBroadcast) is tfjsOps' implementation.
+ * The `Ops` of the model on the native addon: NHWC conv2d / convTranspose2d (implicit GEMM or
+ * Winograd, bias and ReLU/ELU fused forward and backward), the big linear layers on the addon's
+ * GEMM, the decoders' broadcast first layer, whole decoding stages, layerNorm, the slot
+ * competition and the GRU cells. The rest (ELU, spatialBroadcast) is tfjsOps' implementation.
+ * nativeOpsOn(device) moves the decoding stages, the encoder's convolutions and the GRU cells to a GPU.
  *
  * Same signatures and results as tfjsOps (up to float rounding: the TypeScript GEMMs accumulate
  * in doubles, the addon in float32 with FMA). Inside `withoutParamGrads` the weight and bias
@@ -11,13 +12,13 @@
 import { tf } from '../tf';
 import { colSums, f32 } from './arrays';
 import { nativeStatus } from '../native';
-import { ADDON_ACT, addonOps as nhwc, nativeOpsAvailable, workspaceFor, type ConvPrecision, type StageDevice } from './addon';
+import { ADDON_ACT, addonOps as nhwc, nativeOpsAvailable, workspaceFor, type ConvPrecision, type ConvStackSpec, type StageDevice } from './addon';
 import { decoderNll } from './native-decoder';
 import { slotCompetition } from './native-attention';
 import { dualGruCell, gruCell } from './native-gru';
 import { tfjsOps, type Ops } from './index';
 import { addTapSumsGrad, broadcastConvShapes, broadcastTapSums } from './broadcast';
-import { convTransposeShapes, paramGradsEnabled, type ConvOptions, type ConvTransposeOptions, type FusedActivation } from './conv';
+import { convStackWith, convTransposeShapes, paramGradsEnabled, type ConvOptions, type ConvStackLayer, type ConvTransposeOptions, type FusedActivation } from './conv';
 
 /**
  * conv2d as tfjsOps.conv2d: x [n,h,w,cin] NHWC, weight [cout,cin,kh,kw], bias [cout]. On `device`
@@ -59,6 +60,47 @@ export function conv2d(x: tf.Tensor4D, weight: tf.Tensor, bias: tf.Tensor, opts:
     };
   });
   return op(x, weight, bias) as tf.Tensor4D;
+}
+
+/**
+ * convStack on a GPU device: one addon call each way (native/gpu/conv_gpu.cu), the intermediate
+ * maps kept in the device workspace of the first layer's weight from the forward call to its
+ * backward call (a stamp says whether they are still this forward's; if not, they are recomputed).
+ */
+export function convStackOnDevice(x: tf.Tensor4D, layers: ConvStackLayer[], device: StageDevice): tf.Tensor4D {
+  if (!layers.length) throw new Error('convStack: no layers');
+  const k = nhwc();
+  const workspace = workspaceFor(layers[0].weight, 'convStack');
+  const xShape = [...x.shape];
+  const n = layers.length;
+  const op = tf.customGrad((...args) => {
+    const save = args.pop() as tf.GradSaveFunc;
+    const t = args as tf.Tensor[];
+    const spec = (): ConvStackSpec => ({
+      x: f32(t[0]), xShape, device, workspace,
+      layers: layers.map((L, i) => ({
+        w: f32(t[1 + 2 * i]), wShape: [...L.weight.shape], b: f32(t[2 + 2 * i]), stride: L.stride ?? 1, pad: L.pad ?? 0,
+        act: ADDON_ACT[L.activation ?? 'linear'],
+      })),
+    });
+    const s = spec();
+    const { y, yShape, stamp } = k.convStack(s);
+    save(t);
+    return {
+      value: tf.tensor4d(y, yShape as [number, number, number, number]),
+      gradFunc: (dy: tf.Tensor) => {
+        const needParams = paramGradsEnabled();
+        const g = k.convStackBackward({ ...s, dy: f32(dy), stamp, needDx: true, needParams });
+        const grads: tf.Tensor[] = [tf.tensor4d(g.dx!, x.shape)];
+        layers.forEach((L, i) => {
+          grads.push(needParams ? tf.tensor(g.dw![i], L.weight.shape) : tf.zerosLike(L.weight));
+          grads.push(needParams ? tf.tensor(g.db![i], L.bias.shape) : tf.zerosLike(L.bias));
+        });
+        return grads;
+      },
+    };
+  });
+  return op(x, ...layers.flatMap((L) => [L.weight, L.bias])) as tf.Tensor4D;
 }
 
 /** convTranspose2d as tfjsOps.convTranspose2d: x [n,h,w,cin], weight [cin,cout,kh,kw], bias [cout]. */
@@ -290,7 +332,7 @@ export function layerNorm(x: tf.Tensor, weight?: tf.Tensor, bias?: tf.Tensor, ep
  * tfjsOps with the convolutions, the big linear layers, layerNorm, the attention, the GRU cells and
  * whole decoding stages on the native addon / fused loops.
  */
-export const nativeOps: Ops = { ...tfjsOps, conv2d, convTranspose2d, broadcastConv2d, linear, layerNorm, decoderNll, slotCompetition, gruCell, dualGruCell };
+export const nativeOps: Ops = { ...tfjsOps, conv2d, convStack: (x, layers) => convStackWith(conv2d, x, layers), convTranspose2d, broadcastConv2d, linear, layerNorm, decoderNll, slotCompetition, gruCell, dualGruCell };
 
 export { nativeOpsAvailable };
 
@@ -347,6 +389,7 @@ export function nativeOpsOn(device: StageDevice, precision: ConvPrecision = 'fp3
     ...nativeOps,
     decoderNll: (a) => decoderNll(a, device, precision),
     conv2d: (x, w, b, opts) => conv2d(x, w, b, opts, device, precision),
+    convStack: (x, layers) => (device === 'cpu' ? convStackWith(ops.conv2d, x, layers) : convStackOnDevice(x, layers, device)),
     ...(device !== 'cpu' && {
       gruCell: (x, h, p) => gruCell(x, h, p, device),
       dualGruCell: (x, h1, h2, p) => dualGruCell(x, h1, h2, p, device),

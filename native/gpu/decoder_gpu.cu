@@ -252,12 +252,8 @@ class Stage {
   float* layer_buf(size_t i, LayerSlot slot, i64 n) {
     return ws_.buf(nl_ + kFixedSlots + i * kLayerSlots + slot, static_cast<size_t>(n));
   }
-  float* upload(Slot slot, const float* src, i64 n) {
-    float* d = fixed(slot, n);
-    to_device(d, src, static_cast<size_t>(n));
-    return d;
-  }
-  static void download(float* dst, const float* src, i64 n) { to_host(dst, src, static_cast<size_t>(n)); }
+  float* upload(Slot slot, const float* src, i64 n) { return ws_.upload(nl_ + slot, src, static_cast<size_t>(n)); }
+  void download(float* dst, const float* src, i64 n) { ws_.down(dst, src, static_cast<size_t>(n)); }
 
   void upload_layer(size_t i) {
     const DecoderLayer& L = s_.layers[i];
@@ -265,9 +261,9 @@ class Stage {
     std::vector<float> wf, wd;
     pack_weights(L.w, L.w_shape, &wf, &wd);
     const i64 nw = static_cast<i64>(wf.size()), cout = L.out[3];
-    to_device(layer_buf(i, kWf, nw), wf.data(), wf.size());
-    to_device(layer_buf(i, kWd, nw), wd.data(), wd.size());
-    to_device(layer_buf(i, kBias, cout), L.b, static_cast<size_t>(cout));
+    ws_.up(layer_buf(i, kWf, nw), wf.data(), wf.size());
+    ws_.up(layer_buf(i, kWd, nw), wd.data(), wd.size());
+    ws_.up(layer_buf(i, kBias, cout), L.b, static_cast<size_t>(cout));
   }
 
   void col_sums(const float* v, i64 batch, i64 rows, i64 cols, float* out) {

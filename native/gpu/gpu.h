@@ -7,21 +7,30 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "../decoder.h"
 #include "../gru.h"
+#include "../nhwc.h"
 
 namespace emorl {
+
+// What crossed the bus through one workspace since it was made: bytes and copies each way.
+struct GpuTraffic {
+  uint64_t up_bytes = 0, down_bytes = 0, uploads = 0, downloads = 0;
+};
 
 // Device buffers kept between calls by their owner (a JS DecoderWorkspace), on one device.
 class GpuWorkspace {
  public:
   virtual ~GpuWorkspace() = default;
   virtual size_t bytes() const = 0;
+  virtual GpuTraffic traffic() const = 0;
   virtual int device() const = 0;
   virtual bool emulated() const = 0;
 };
@@ -40,13 +49,56 @@ struct StageProfile {
   }
 };
 
+// A stack of NHWC convolutions run as one stage (the encoder's): images in, the last map out, the
+// intermediate maps kept on the device from the forward call to its backward call.
+struct ConvStackLayer {
+  const float* w;  // [Co, Ci, kh, kw] (PyTorch layout)
+  const float* b;  // [Co]
+  int64_t Co, kh, kw, stride, pad;  // symmetric stride and padding
+  Act act;
+};
+struct ConvStack {
+  int64_t N, H, W, C;  // the input x [N,H,W,C]
+  const float* x;
+  std::vector<ConvStackLayer> layers;
+  // the geometry of layer i (its input is layer i − 1's output); throws on a shape that leaves no output
+  NhwcGeom geom(size_t i) const;
+};
+
+inline NhwcGeom ConvStack::geom(size_t i) const {
+  NhwcGeom g{};
+  g.N = N;
+  g.H = H;
+  g.W = W;
+  g.C = C;
+  for (size_t l = 0;; ++l) {
+    const ConvStackLayer& L = layers.at(l);
+    g.kh = L.kh;
+    g.kw = L.kw;
+    g.sh = g.sw = L.stride;
+    g.pt = g.pl = L.pad;
+    g.Ho = (g.H + 2 * L.pad - L.kh) / L.stride + 1;
+    g.Wo = (g.W + 2 * L.pad - L.kw) / L.stride + 1;
+    if (L.stride < 1 || g.H + 2 * L.pad < L.kh || g.W + 2 * L.pad < L.kw || g.Ho < 1 || g.Wo < 1)
+      throw std::invalid_argument("conv stack: layer " + std::to_string(l) + " leaves no output");
+    if (l == i) return g;
+    g.H = g.Ho;
+    g.W = g.Wo;
+    g.C = L.Co;
+  }
+}
+
 // The entry points of one build of the GPU sources, the same in both namespaces:
 //   make_workspace: device buffers for the calls below;
 //   decoder_stage: `ws` must come from the same namespace's make_workspace (checked); profile may be null;
 //   conv2d_forward / conv2d_backward: nhwc_conv2d_forward / nhwc_conv2d_backward (nhwc.h) with host
 //     arrays in and out: one upload, the products on the device, one download. Symmetric padding
 //     (g.pt = g.pl; Ho, Wo imply the rest);
-//   gru_forward / gru_backward: gru.h's GRU step, host arrays in and out likewise.
+//   gru_forward / gru_backward: gru.h's GRU step, host arrays in and out likewise;
+//   conv_stack_forward: the last map y; returns a stamp under which the activations stay in `ws`;
+//   conv_stack_backward: from dy of the last map, dx (may be null) and each layer's dw, db (null
+//     pointers: skipped). With the stamp of the latest forward on `ws` it uses the activations
+//     left there; with any other (0: none) it runs the forward again first.
 #define EMORL_GPU_ENTRY_POINTS                                                                                         \
   std::unique_ptr<GpuWorkspace> make_workspace(int device);                                                            \
   void decoder_stage(const DecoderStage& s, const DecoderStageOut& o, GpuWorkspace& ws, StageProfile* profile = nullptr); \
@@ -57,7 +109,10 @@ struct StageProfile {
   void gru_forward(const GruDims& d, const float* x, const float* h, const float* w_ih, const float* w_hh, const float* b_ih,   \
                    const float* b_hh, float* y, float* gates, GpuWorkspace& ws);                                               \
   void gru_backward(const GruDims& d, const float* x, const float* h, const float* w_ih, const float* w_hh, const float* gates, \
-                    const float* dy, float* dx, float* dh, float* dw_ih, float* dw_hh, float* db_ih, float* db_hh, GpuWorkspace& ws);
+                    const float* dy, float* dx, float* dh, float* dw_ih, float* dw_hh, float* db_ih, float* db_hh, GpuWorkspace& ws); \
+  uint64_t conv_stack_forward(const ConvStack& s, float* y, GpuWorkspace& ws);                                         \
+  void conv_stack_backward(const ConvStack& s, uint64_t stamp, const float* dy, float* dx, const std::vector<float*>& dw,  \
+                           const std::vector<float*>& db, GpuWorkspace& ws);
 
 namespace simt {
 EMORL_GPU_ENTRY_POINTS

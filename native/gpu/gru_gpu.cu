@@ -53,11 +53,7 @@ struct AddTo {
   EMORL_DEVICE void operator()(int m, int n, float v, int) const { out[static_cast<i64>(m) * ldc + n] += v; }
 };
 
-float* upload(DeviceWorkspace& ws, size_t slot, const float* src, i64 n) {
-  float* d = ws.buf(slot, static_cast<size_t>(n));
-  to_device(d, src, static_cast<size_t>(n));
-  return d;
-}
+float* upload(DeviceWorkspace& ws, size_t slot, const float* src, i64 n) { return ws.upload(slot, src, static_cast<size_t>(n)); }
 
 }  // namespace
 
@@ -80,8 +76,8 @@ void gru_forward(const GruDims& d, const float* x, const float* h, const float* 
   float* yd = ws.buf(kGy, static_cast<size_t>(N * H));
   float* gd = ws.buf(kGgates, static_cast<size_t>(kGruPlanes * N * H));
   launch(gru_gates_kernel, grid_for(N * H), dim3(kThreads), static_cast<const float*>(ad), static_cast<const float*>(cd), hd, N, H, yd, gd);
-  to_host(y, yd, static_cast<size_t>(N * H));
-  to_host(gates, gd, static_cast<size_t>(kGruPlanes * N * H));
+  ws.down(y, yd, static_cast<size_t>(N * H));
+  ws.down(gates, gd, static_cast<size_t>(kGruPlanes * N * H));
   finish("GRU forward");
 }
 
@@ -101,8 +97,8 @@ void gru_backward(const GruDims& d, const float* x, const float* h, const float*
   float* dxd = ws.buf(kGdx, static_cast<size_t>(N * I));
   gemm(a_operand(dad, G, 1), b_operand(wihd, I, 1), Store{dxd, as_int(I, "I"), nullptr, 0}, N, I, G);
   gemm(a_operand(dcd, G, 1), b_operand(whhd, H, 1), AddTo{dhd, as_int(H, "H")}, N, H, G);
-  to_host(dx, dxd, static_cast<size_t>(N * I));
-  to_host(dh, dhd, static_cast<size_t>(N * H));
+  ws.down(dx, dxd, static_cast<size_t>(N * I));
+  ws.down(dh, dhd, static_cast<size_t>(N * H));
   if (dw_ih || dw_hh || db_ih || db_hh) {
     if (!(dw_ih && dw_hh && db_ih && db_hh)) throw std::invalid_argument("GPU GRU backward: the parameter gradients come all or none");
     // A(m, k) = da[k, m]: the gradients transposed, against the rows of x and h
@@ -114,10 +110,10 @@ void gru_backward(const GruDims& d, const float* x, const float* h, const float*
     float* dbd = ws.buf(kGdb, static_cast<size_t>(2 * G));
     col_sums(ws, kGscratch, dad, 1, N, G, dbd);
     col_sums(ws, kGscratch, dcd, 1, N, G, dbd + G);
-    to_host(dw_ih, dwihd, static_cast<size_t>(G * I));
-    to_host(dw_hh, dwhhd, static_cast<size_t>(G * H));
-    to_host(db_ih, dbd, static_cast<size_t>(G));
-    to_host(db_hh, dbd + G, static_cast<size_t>(G));
+    ws.down(dw_ih, dwihd, static_cast<size_t>(G * I));
+    ws.down(dw_hh, dwhhd, static_cast<size_t>(G * H));
+    ws.down(db_ih, dbd, static_cast<size_t>(G));
+    ws.down(db_hh, dbd + G, static_cast<size_t>(G));
   }
   finish("GRU backward");
 }

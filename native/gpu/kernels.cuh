@@ -412,6 +412,23 @@ class DeviceWorkspace final : public GpuWorkspace {
     if (bufs_[slot]->size() < n || !bufs_[slot]->data()) bufs_[slot]->reset(n);
     return bufs_[slot]->data();
   }
+  // Host <-> device copies of n floats, counted in traffic(); upload() into slot `slot` (grown to n).
+  void up(float* dst, const float* src, size_t n) {
+    to_device(dst, src, n);
+    traffic_.up_bytes += n * sizeof(float);
+    ++traffic_.uploads;
+  }
+  float* upload(size_t slot, const float* src, size_t n) {
+    float* d = buf(slot, n);
+    up(d, src, n);
+    return d;
+  }
+  void down(float* dst, const float* src, size_t n) {
+    to_host(dst, src, n);
+    traffic_.down_bytes += n * sizeof(float);
+    ++traffic_.downloads;
+  }
+  GpuTraffic traffic() const override { return traffic_; }
   size_t bytes() const override {
     size_t b = 0;
     for (const auto& x : bufs_)
@@ -419,6 +436,11 @@ class DeviceWorkspace final : public GpuWorkspace {
     return b;
   }
   int device() const override { return device_; }
+  // Activations a forward call leaves on the device for its backward call: stamp() marks a new
+  // set (returned to the caller), holds(g) says whether set g is still the one there.
+  uint64_t stamp() { return resident_ = ++stamps_; }
+  bool holds(uint64_t g) const { return g != 0 && g == resident_; }
+  void forget() { resident_ = 0; }
   bool emulated() const override {
 #if defined(__CUDACC__)
     return false;
@@ -429,6 +451,8 @@ class DeviceWorkspace final : public GpuWorkspace {
 
  private:
   int device_;
+  uint64_t stamps_ = 0, resident_ = 0;
+  GpuTraffic traffic_;
   std::vector<std::unique_ptr<DeviceBuf>> bufs_;
 };
 
