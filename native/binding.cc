@@ -688,6 +688,15 @@ class Props {
     if (!v.IsBoolean()) a_.type_error("'" + name(key) + "' must be a boolean");
     return v.As<Napi::Boolean>().Value();
   }
+  // An optional content tag (lib/ops/addon.ts contentTag): an integer in [0, 2^53]; absent: 0.
+  uint64_t tag(const char* key) const {
+    Napi::Value v = get(key);
+    if (v.IsUndefined() || v.IsNull()) return 0;
+    const double d = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : -1;
+    if (!std::isfinite(d) || std::floor(d) != d || d < 0 || d > 9007199254740992.0)
+      a_.type_error("'" + name(key) + "' must be a content tag (an integer >= 0)");
+    return static_cast<uint64_t>(d);
+  }
 
  private:
   const Args& a_;
@@ -924,6 +933,8 @@ Napi::Value DecoderStageFn(const Napi::CallbackInfo& info, bool) {
       L.w = q.f32("w", a.numel({L.w_shape[0], L.w_shape[1], L.w_shape[2], L.w_shape[3]}, "wShape"), "wShape " + shape4(L.w_shape));
       const int64_t cout = L.kind == emorl::DecoderLayerKind::ConvTranspose ? L.w_shape[1] : L.w_shape[0];
       L.b = q.f32("b", cout, "its " + std::to_string(cout) + " output channels");
+      L.w_tag = q.tag("wTag");
+      L.b_tag = q.tag("bTag");
       L.stride = q.integer("stride", 1, 1);
       L.pad = q.integer("pad", 0, 0);
       L.out_pad = q.integer("outputPad", 0, 0);
@@ -1150,6 +1161,9 @@ GruSpec gru_spec(const Args& a, const Props& p) {
   return s;
 }
 
+// The weights' content tags of a GRU spec (GPU calls keep tagged weights on the device).
+emorl::GruTags gru_tags(const Props& p) { return {p.tag("wIhTag"), p.tag("wHhTag"), p.tag("bIhTag"), p.tag("bHhTag")}; }
+
 // The GPU path of a GRU call: the device at spec.device ('cpu': none) and its workspace.
 struct GpuCall {
   StageDevice device;
@@ -1187,10 +1201,10 @@ Napi::Value GruCellFn(const Napi::CallbackInfo& info, bool) {
   if (!gpu.on_gpu())
     emorl::gru_forward(d, x, h, wih, whh, bih, bhh, y.Data(), gates.Data(), threads());
   else if (gpu.simt())
-    emorl::simt::gru_forward(d, x, h, wih, whh, bih, bhh, y.Data(), gates.Data(), *gpu.ws);
+    emorl::simt::gru_forward(d, x, h, wih, whh, bih, bhh, y.Data(), gates.Data(), *gpu.ws, gru_tags(p));
 #if defined(EMORL_CUDA)
   else
-    emorl::cuda::gru_forward(d, x, h, wih, whh, bih, bhh, y.Data(), gates.Data(), *gpu.ws);
+    emorl::cuda::gru_forward(d, x, h, wih, whh, bih, bhh, y.Data(), gates.Data(), *gpu.ws, gru_tags(p));
 #endif
   gpu.done(a.env());
   Napi::Object r = Napi::Object::New(a.env());
@@ -1234,10 +1248,10 @@ Napi::Value GruCellBackwardFn(const Napi::CallbackInfo& info, bool) {
   if (!gpu.on_gpu())
     emorl::gru_backward(d, x, h, wih, whh, gates, dy, dx.Data(), dh.Data(), dwih, dwhh, dbih, dbhh, threads());
   else if (gpu.simt())
-    emorl::simt::gru_backward(d, x, h, wih, whh, gates, dy, dx.Data(), dh.Data(), dwih, dwhh, dbih, dbhh, *gpu.ws);
+    emorl::simt::gru_backward(d, x, h, wih, whh, gates, dy, dx.Data(), dh.Data(), dwih, dwhh, dbih, dbhh, *gpu.ws, gru_tags(p));
 #if defined(EMORL_CUDA)
   else
-    emorl::cuda::gru_backward(d, x, h, wih, whh, gates, dy, dx.Data(), dh.Data(), dwih, dwhh, dbih, dbhh, *gpu.ws);
+    emorl::cuda::gru_backward(d, x, h, wih, whh, gates, dy, dx.Data(), dh.Data(), dwih, dwhh, dbih, dbhh, *gpu.ws, gru_tags(p));
 #endif
   gpu.done(a.env());
   return r;
@@ -1288,6 +1302,8 @@ emorl::ConvStack conv_stack_spec(const Args& a, const Props& p) {
     emorl::ConvStackLayer L;
     L.w = q.f32("w", a.numel(wshape, "wShape"), "wShape " + shape_str(wshape));
     L.b = q.f32("b", w[0], "wShape[0] = " + std::to_string(w[0]));
+    L.w_tag = q.tag("wTag");
+    L.b_tag = q.tag("bTag");
     L.Co = w[0];
     L.kh = w[2];
     L.kw = w[3];

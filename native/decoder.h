@@ -36,6 +36,9 @@ struct DecoderLayer {
   int64_t w_shape[4] = {0, 0, 0, 0};
   int64_t stride = 1, pad = 0, out_pad = 0;
   Act act = Act::Linear;
+  // GPU stages: tags of w's and b's contents (0: unknown); a device workspace that holds the same
+  // tag keeps its copy instead of uploading (and packing) again
+  uint64_t w_tag = 0, b_tag = 0;
   // filled in by decoder_plan: the layer's input and output maps [N, H, W, C]
   int64_t in[4] = {0, 0, 0, 0};
   int64_t out[4] = {0, 0, 0, 0};

@@ -22,6 +22,11 @@ struct GruDims {
   int64_t G() const { return 3 * H; }
 };
 
+// GPU calls: tags of the weights' and biases' contents (DecoderLayer::w_tag; 0: unknown).
+struct GruTags {
+  uint64_t w_ih = 0, w_hh = 0, b_ih = 0, b_hh = 0;
+};
+
 // The forward pass keeps four planes of N·H values for the backward pass, in this order.
 enum GruPlane : int { kGruReset = 0, kGruUpdate = 1, kGruNew = 2, kGruHiddenNew = 3, kGruPlanes = 4 };
 

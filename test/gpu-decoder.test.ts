@@ -179,6 +179,23 @@ for (const device of devices) {
       }
     }, 120_000);
 
+    test('tagged layers: a second call with the same tags uploads no weights, and gives the same results', () => {
+      const k = addonOps();
+      const cs = cases[0][1];
+      const workspace = new k.DecoderWorkspace();
+      let tag = 100;
+      const s = spec(cs, device, workspace);
+      const tagged = { ...s, layers: s.layers.map((L) => (L.kind === 1 ? L : { ...L, wTag: tag++, bTag: tag++ })) };
+      const first = k.decoderStage(tagged);
+      const t1 = workspace.traffic();
+      const second = k.decoderStage(tagged);
+      const t2 = workspace.traffic();
+      const weights = s.layers.reduce((a, L) => a + (L.w ? 2 * L.w.length + L.b!.length : 0), 0);  // packed twice (Wf, Wd) + bias
+      expect(t1.upBytes - 4 * weights).toBe(t2.upBytes - t1.upBytes);
+      compareStage(second, first, 'second call');
+      compareStage(second, k.decoderStage(spec(cs, 'cpu')), 'against the CPU');
+    });
+
     test('a kept workspace: batches of changing size, then the CPU on the same workspace', () => {
       const k = addonOps();
       const ws = new k.DecoderWorkspace();
@@ -329,6 +346,25 @@ for (const device of devices) {
       expect(t.uploads).toBe(5 + 2);
       expect(t.downBytes - 4 * f.y.length).toBe(4 * weights);
       expect(t.downloads).toBe(1 + 4);
+    });
+
+    test('tagged weights stay on the device: the same tags upload nothing again, a new tag uploads the new weights', () => {
+      const k = addonOps();
+      const w0 = uniform(8 * 3 * 9, 71, -0.3, 0.3), w1 = uniform(8 * 3 * 9, 72, -0.3, 0.3), b = uniform(8, 73, -0.1, 0.1);
+      const workspace = new k.DecoderWorkspace();
+      const spec = (w: Float32Array, wTag: number) => ({
+        x: uniform(2 * 6 * 6 * 3, 74), xShape: [2, 6, 6, 3], device, workspace, layers: [{ w, wShape: [8, 3, 3, 3], b, pad: 1, act: 1, wTag, bTag: 3 }],
+      });
+      const up = () => workspace.traffic().upBytes;
+      k.convStack(spec(w0, 1));
+      const first = up();
+      const again = k.convStack(spec(w0, 1));
+      expect(up() - first).toBe(4 * 2 * 6 * 6 * 3);  // the images only
+      const changed = k.convStack(spec(w1, 2));
+      expect(up() - first - 4 * 2 * 6 * 6 * 3).toBe(4 * (2 * 6 * 6 * 3 + 8 * 3 * 9));  // the images and the new weight (not the bias)
+      const cpu = (w: Float32Array) => k.nhwcConv2d(spec(w, 0).x, [2, 6, 6, 3], w, [8, 3, 3, 3], b, [1, 1], [1, 1], [1]);
+      expectClose(again.y, cpu(w0), 1e-5, 'y with the kept weights');
+      expectClose(changed.y, cpu(w1), 1e-5, 'y with the new weights');
     });
 
     test('clear errors: the CPU, a channel mismatch, a kernel larger than the padded map', () => {

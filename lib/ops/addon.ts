@@ -2,6 +2,7 @@
  * The addon's entry points as nativeOps uses them (native/binding.cc checks every argument), and
  * its lazy loading: the same module lib/native.ts found, or an error saying why not.
  */
+import type { tf } from '../tf';
 import { nativeStatus } from '../native';
 import type { FusedActivation } from './conv';
 
@@ -72,7 +73,7 @@ export interface ConvStackSpec {
   /** [N, H, W, C] */
   xShape: number[];
   /** each: w [Co, Ci, kh, kw], b [Co]; act 0 linear, 1 relu, 2 elu */
-  layers: { w: Float32Array; wShape: number[]; b: Float32Array; stride?: number; pad?: number; act?: number }[];
+  layers: { w: Float32Array; wShape: number[]; b: Float32Array; stride?: number; pad?: number; act?: number; wTag?: number; bTag?: number }[];
   device: StageDevice;
   workspace?: object;
 }
@@ -89,6 +90,11 @@ export interface GruCellSpec {
   H: number;
   device?: StageDevice;
   workspace?: object;
+  /** GPU devices: contentTag of each weight and bias */
+  wIhTag?: number;
+  wHhTag?: number;
+  bIhTag?: number;
+  bHhTag?: number;
 }
 export interface GruCellBackwardSpec {
   x: Float32Array;
@@ -103,6 +109,8 @@ export interface GruCellBackwardSpec {
   needParams: boolean;
   device?: StageDevice;
   workspace?: object;
+  wIhTag?: number;
+  wHhTag?: number;
 }
 export interface GruCellGrads {
   dx: Float32Array;
@@ -134,6 +142,9 @@ export interface DecoderStageLayer {
   w?: Float32Array;
   wShape?: number[];
   b?: Float32Array;
+  /** GPU devices: contentTag of w and b (the workspace keeps tagged weights on the device) */
+  wTag?: number;
+  bTag?: number;
   stride?: number;
   pad?: number;
   outputPad?: number;
@@ -239,6 +250,25 @@ export function deviceTraffic(): DeviceTraffic {
     t.downloads += x.downloads;
   }
   return t;
+}
+
+const tagsByData = new WeakMap<object, Map<string, number>>();
+let lastTag = 0;
+
+/**
+ * A number that names a tensor's contents for the GPU ops' weight caches: the same for the same
+ * data and shape (tfjs data never changes in place; a tf.Variable's assign, e.g. an optimizer
+ * step, gives it new data and so a new tag). A device workspace that holds a weight under its tag
+ * does not upload (or repack) it again.
+ */
+export function contentTag(t: tf.Tensor): number {
+  const data = (t as unknown as { dataId: object }).dataId;
+  let byShape = tagsByData.get(data);
+  if (!byShape) tagsByData.set(data, (byShape = new Map()));
+  const shape = t.shape.join(',');
+  let tag = byShape.get(shape);
+  if (tag === undefined) byShape.set(shape, (tag = ++lastTag));
+  return tag;
 }
 
 let addon: NativeAddon | undefined;

@@ -12,7 +12,7 @@
  */
 import { tf } from '../tf';
 import { f32 } from './arrays';
-import { ADDON_ACT, addonOps, workspaceFor, type ConvPrecision, type DecoderStageLayer, type StageDevice } from './addon';
+import { ADDON_ACT, addonOps, contentTag, workspaceFor, type ConvPrecision, type DecoderStageLayer, type StageDevice } from './addon';
 import { paramGradsEnabled } from './conv';
 import { checkDecoderNllArgs, type DecoderNllArgs, type DecoderNllResult } from './decoder-stage';
 
@@ -53,7 +53,8 @@ export function decoderNll(a: DecoderNllArgs, device: StageDevice = 'cpu', preci
       const wt = vals[w++];
       const bt = vals[w++];
       const wd = f32(wt);
-      const base = { w: wd, wShape: wt.shape, b: f32(bt), pad: L.pad, act: ADDON_ACT[L.activation] };
+      const tags = device !== 'cpu' ? { wTag: contentTag(wt), bTag: contentTag(bt) } : {};
+      const base = { w: wd, wShape: wt.shape, b: f32(bt), pad: L.pad, act: ADDON_ACT[L.activation], ...tags };
       if (L.kind === 'broadcastConv') return { ...base, kind: 0 };
       if (L.kind === 'conv') return { ...base, kind: 2 };
       return { ...base, kind: 3, stride: L.stride, outputPad: L.outputPad };

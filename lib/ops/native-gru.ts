@@ -17,7 +17,7 @@
  */
 import { tf } from '../tf';
 import { f32 } from './arrays';
-import { addonOps, workspaceFor, type StageDevice } from './addon';
+import { addonOps, contentTag, workspaceFor, type StageDevice } from './addon';
 import { paramGradsEnabled } from './conv';
 import type { DualGruWeights, GruWeights } from './nn';
 
@@ -32,9 +32,12 @@ export function gruCell(x: tf.Tensor2D, h: tf.Tensor2D, p: GruWeights, device: S
   const G = 3 * H;
   const where = device === 'cpu' ? {} : { device, workspace: workspaceFor(key) };
   const op = tf.customGrad((xt, ht, wih, whh, bih, bhh, save) => {
+    const tags = device === 'cpu' ? {} : {
+      wIhTag: contentTag(wih as tf.Tensor), wHhTag: contentTag(whh as tf.Tensor), bIhTag: contentTag(bih as tf.Tensor), bHhTag: contentTag(bhh as tf.Tensor),
+    };
     const { y, gates } = m.gruCell({
       x: f32(xt as tf.Tensor), h: f32(ht as tf.Tensor), wIh: f32(wih as tf.Tensor), wHh: f32(whh as tf.Tensor),
-      bIh: f32(bih as tf.Tensor), bHh: f32(bhh as tf.Tensor), N, I, H, ...where,
+      bIh: f32(bih as tf.Tensor), bHh: f32(bhh as tf.Tensor), N, I, H, ...where, ...tags,
     });
     (save as tf.GradSaveFunc)([xt as tf.Tensor, ht as tf.Tensor, wih as tf.Tensor, whh as tf.Tensor]);
     return {
@@ -42,7 +45,7 @@ export function gruCell(x: tf.Tensor2D, h: tf.Tensor2D, p: GruWeights, device: S
       gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => {
         const needParams = paramGradsEnabled();
         const g = m.gruCellBackward({
-          x: f32(saved[0]), h: f32(saved[1]), wIh: f32(saved[2]), wHh: f32(saved[3]), gates, dy: f32(dy), N, I, H, needParams, ...where,
+          x: f32(saved[0]), h: f32(saved[1]), wIh: f32(saved[2]), wHh: f32(saved[3]), gates, dy: f32(dy), N, I, H, needParams, ...where, ...tags,
         });
         const grads: tf.Tensor[] = [tf.tensor2d(g.dx, [N, I]), tf.tensor2d(g.dh, [N, H])];
         if (!needParams) grads.push(tf.zeros([G, I]), tf.zeros([G, H]), tf.zeros([G]), tf.zeros([G]));

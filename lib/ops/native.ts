@@ -12,7 +12,7 @@
 import { tf } from '../tf';
 import { colSums, f32 } from './arrays';
 import { nativeStatus } from '../native';
-import { ADDON_ACT, addonOps as nhwc, nativeOpsAvailable, workspaceFor, type ConvPrecision, type ConvStackSpec, type StageDevice } from './addon';
+import { ADDON_ACT, addonOps as nhwc, contentTag, nativeOpsAvailable, workspaceFor, type ConvPrecision, type ConvStackSpec, type StageDevice } from './addon';
 import { decoderNll } from './native-decoder';
 import { slotCompetition } from './native-attention';
 import { dualGruCell, gruCell } from './native-gru';
@@ -80,7 +80,7 @@ export function convStackOnDevice(x: tf.Tensor4D, layers: ConvStackLayer[], devi
       x: f32(t[0]), xShape, device, workspace,
       layers: layers.map((L, i) => ({
         w: f32(t[1 + 2 * i]), wShape: [...L.weight.shape], b: f32(t[2 + 2 * i]), stride: L.stride ?? 1, pad: L.pad ?? 0,
-        act: ADDON_ACT[L.activation ?? 'linear'],
+        act: ADDON_ACT[L.activation ?? 'linear'], wTag: contentTag(t[1 + 2 * i]), bTag: contentTag(t[2 + 2 * i]),
       })),
     });
     const s = spec();

@@ -24,11 +24,11 @@ struct StackSlots {
   size_t out(size_t i) const { return 1 + i; }  // layer i's output map
   size_t wf(size_t i) const { return 1 + L + i; }
   size_t bias(size_t i) const { return 1 + 2 * L + i; }
-  size_t wd() const { return 1 + 3 * L; }
-  size_t grad(int which) const { return 2 + 3 * L + static_cast<size_t>(which); }  // two gradient maps, in turn
-  size_t dw() const { return 4 + 3 * L; }
-  size_t db() const { return 5 + 3 * L; }
-  size_t scratch() const { return 6 + 3 * L; }
+  size_t wd(size_t i) const { return 1 + 3 * L + i; }
+  size_t grad(int which) const { return 1 + 4 * L + static_cast<size_t>(which); }  // two gradient maps, in turn
+  size_t dw() const { return 3 + 4 * L; }
+  size_t db() const { return 4 + 4 * L; }
+  size_t scratch() const { return 5 + 4 * L; }
 };
 
 i64 map_size(const NhwcGeom& g) { return g.N * g.H * g.W * g.C; }
@@ -44,11 +44,11 @@ void stack_forward(const ConvStack& s, DeviceWorkspace& ws) {
     const ConvStackLayer& L = s.layers[i];
     const NhwcGeom g = s.geom(i);
     const int64_t w_shape[4] = {L.Co, g.C, L.kh, L.kw};
-    pack_weights(L.w, w_shape, &wf, nullptr);
-    float* wfd = ws.buf(sl.wf(i), wf.size());
-    ws.up(wfd, wf.data(), wf.size());
-    float* bd = ws.buf(sl.bias(i), static_cast<size_t>(L.Co));
-    ws.up(bd, L.b, static_cast<size_t>(L.Co));
+    const float* wfd = ws.upload_tagged(sl.wf(i), slot_tag(L.w_tag, kPackedForward), static_cast<size_t>(L.Co * g.P()), [&] {
+      pack_weights(L.w, w_shape, &wf, nullptr);
+      return wf.data();
+    });
+    const float* bd = ws.upload_tagged(sl.bias(i), slot_tag(L.b_tag, kAsIs), static_cast<size_t>(L.Co), [&] { return L.b; });
     float* out = ws.buf(sl.out(i), static_cast<size_t>(g.M() * L.Co));
     gemm(Im2col{in, geom_of(g)}, b_operand(wfd, L.Co, 1), Store{out, as_int(L.Co, "Co"), bd, static_cast<int>(L.act)}, g.M(), L.Co, g.P());
     in = out;
@@ -114,9 +114,10 @@ void conv_stack_backward(const ConvStack& s, uint64_t stamp, const float* dy, fl
     }
     if (i == 0 && !dx) break;
     const int64_t w_shape[4] = {L.Co, g.C, L.kh, L.kw};
-    pack_weights(L.w, w_shape, nullptr, &wd);
-    float* wdd = ws.buf(sl.wd(), wd.size());
-    ws.up(wdd, wd.data(), wd.size());
+    const float* wdd = ws.upload_tagged(sl.wd(i), slot_tag(L.w_tag, kPackedDataGrad), static_cast<size_t>(L.Co * g.P()), [&] {
+      pack_weights(L.w, w_shape, nullptr, &wd);
+      return wd.data();
+    });
     float* dnext = ws.buf(sl.grad(1 - cur), static_cast<size_t>(map_size(g)));
     gemm(ColGather{d, gg, as_int(L.Co, "Co")}, b_operand(wdd, g.C, 1), Store{dnext, as_int(g.C, "C"), nullptr, 0}, g.N * g.H * g.W, g.C,
          L.kh * L.kw * L.Co);

@@ -258,12 +258,18 @@ class Stage {
   void upload_layer(size_t i) {
     const DecoderLayer& L = s_.layers[i];
     if (L.kind == DecoderLayerKind::SpatialBroadcast) return;
-    std::vector<float> wf, wd;
-    pack_weights(L.w, L.w_shape, &wf, &wd);
-    const i64 nw = static_cast<i64>(wf.size()), cout = L.out[3];
-    ws_.up(layer_buf(i, kWf, nw), wf.data(), wf.size());
-    ws_.up(layer_buf(i, kWd, nw), wd.data(), wd.size());
-    ws_.up(layer_buf(i, kBias, cout), L.b, static_cast<size_t>(cout));
+    std::vector<float> wf, wd;  // packed only when a copy is not on the device already
+    const size_t nw = static_cast<size_t>(L.w_shape[0] * L.w_shape[1] * L.w_shape[2] * L.w_shape[3]);
+    const size_t base = nl_ + kFixedSlots + i * kLayerSlots;
+    ws_.upload_tagged(base + kWf, slot_tag(L.w_tag, kPackedForward), nw, [&] {
+      pack_weights(L.w, L.w_shape, &wf, nullptr);
+      return wf.data();
+    });
+    ws_.upload_tagged(base + kWd, slot_tag(L.w_tag, kPackedDataGrad), nw, [&] {
+      pack_weights(L.w, L.w_shape, nullptr, &wd);
+      return wd.data();
+    });
+    ws_.upload_tagged(base + kBias, slot_tag(L.b_tag, kAsIs), static_cast<size_t>(L.out[3]), [&] { return L.b; });
   }
 
   void col_sums(const float* v, i64 batch, i64 rows, i64 cols, float* out) {

@@ -56,6 +56,7 @@ struct ConvStackLayer {
   const float* b;  // [Co]
   int64_t Co, kh, kw, stride, pad;  // symmetric stride and padding
   Act act;
+  uint64_t w_tag = 0, b_tag = 0;  // tags of w's and b's contents (DecoderLayer::w_tag)
 };
 struct ConvStack {
   int64_t N, H, W, C;  // the input x [N,H,W,C]
@@ -94,7 +95,8 @@ inline NhwcGeom ConvStack::geom(size_t i) const {
 //   conv2d_forward / conv2d_backward: nhwc_conv2d_forward / nhwc_conv2d_backward (nhwc.h) with host
 //     arrays in and out: one upload, the products on the device, one download. Symmetric padding
 //     (g.pt = g.pl; Ho, Wo imply the rest);
-//   gru_forward / gru_backward: gru.h's GRU step, host arrays in and out likewise;
+//   gru_forward / gru_backward: gru.h's GRU step, host arrays in and out likewise (weights kept on
+//     the device between calls under their tags);
 //   conv_stack_forward: the last map y; returns a stamp under which the activations stay in `ws`;
 //   conv_stack_backward: from dy of the last map, dx (may be null) and each layer's dw, db (null
 //     pointers: skipped). With the stamp of the latest forward on `ws` it uses the activations
@@ -107,9 +109,10 @@ inline NhwcGeom ConvStack::geom(size_t i) const {
   void conv2d_backward(const NhwcGeom& g, int64_t Co, const float* x, const float* w, const float* y, const float* dy,  \
                        Act act, float* dx, float* dw, float* db, GpuWorkspace& ws);                                       \
   void gru_forward(const GruDims& d, const float* x, const float* h, const float* w_ih, const float* w_hh, const float* b_ih,   \
-                   const float* b_hh, float* y, float* gates, GpuWorkspace& ws);                                               \
+                   const float* b_hh, float* y, float* gates, GpuWorkspace& ws, const GruTags& tags = {});                     \
   void gru_backward(const GruDims& d, const float* x, const float* h, const float* w_ih, const float* w_hh, const float* gates, \
-                    const float* dy, float* dx, float* dh, float* dw_ih, float* dw_hh, float* db_ih, float* db_hh, GpuWorkspace& ws); \
+                    const float* dy, float* dx, float* dh, float* dw_ih, float* dw_hh, float* db_ih, float* db_hh, GpuWorkspace& ws, \
+                    const GruTags& tags = {});                                                                                 \
   uint64_t conv_stack_forward(const ConvStack& s, float* y, GpuWorkspace& ws);                                         \
   void conv_stack_backward(const ConvStack& s, uint64_t stamp, const float* dy, float* dx, const std::vector<float*>& dw,  \
                            const std::vector<float*>& db, GpuWorkspace& ws);

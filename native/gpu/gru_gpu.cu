@@ -55,18 +55,23 @@ struct AddTo {
 
 float* upload(DeviceWorkspace& ws, size_t slot, const float* src, i64 n) { return ws.upload(slot, src, static_cast<size_t>(n)); }
 
+// a weight or bias, kept on the device between calls under its tag
+const float* upload_weight(DeviceWorkspace& ws, size_t slot, uint64_t tag, const float* src, i64 n) {
+  return ws.upload_tagged(slot, slot_tag(tag, kAsIs), static_cast<size_t>(n), [&] { return src; });
+}
+
 }  // namespace
 
 void gru_forward(const GruDims& d, const float* x, const float* h, const float* w_ih, const float* w_hh, const float* b_ih,
-                 const float* b_hh, float* y, float* gates, GpuWorkspace& base) {
+                 const float* b_hh, float* y, float* gates, GpuWorkspace& base, const GruTags& tags) {
   DeviceWorkspace& ws = own_workspace(base);
   const i64 N = d.N, I = d.I, H = d.H, G = d.G();
   const float* xd = upload(ws, kGx, x, N * I);
   const float* hd = upload(ws, kGh, h, N * H);
-  const float* wihd = upload(ws, kGwih, w_ih, G * I);
-  const float* whhd = upload(ws, kGwhh, w_hh, G * H);
-  const float* bihd = upload(ws, kGbih, b_ih, G);
-  const float* bhhd = upload(ws, kGbhh, b_hh, G);
+  const float* wihd = upload_weight(ws, kGwih, tags.w_ih, w_ih, G * I);
+  const float* whhd = upload_weight(ws, kGwhh, tags.w_hh, w_hh, G * H);
+  const float* bihd = upload_weight(ws, kGbih, tags.b_ih, b_ih, G);
+  const float* bhhd = upload_weight(ws, kGbhh, tags.b_hh, b_hh, G);
   float* ad = ws.buf(kGa, static_cast<size_t>(N * G));
   float* cd = ws.buf(kGc, static_cast<size_t>(N * G));
   const int g = as_int(G, "3H");
@@ -82,7 +87,8 @@ void gru_forward(const GruDims& d, const float* x, const float* h, const float* 
 }
 
 void gru_backward(const GruDims& d, const float* x, const float* h, const float* w_ih, const float* w_hh, const float* gates,
-                  const float* dy, float* dx, float* dh, float* dw_ih, float* dw_hh, float* db_ih, float* db_hh, GpuWorkspace& base) {
+                  const float* dy, float* dx, float* dh, float* dw_ih, float* dw_hh, float* db_ih, float* db_hh, GpuWorkspace& base,
+                  const GruTags& tags) {
   DeviceWorkspace& ws = own_workspace(base);
   const i64 N = d.N, I = d.I, H = d.H, G = d.G();
   const float* hd = upload(ws, kGh, h, N * H);
@@ -92,8 +98,8 @@ void gru_backward(const GruDims& d, const float* x, const float* h, const float*
   float* dcd = ws.buf(kGc, static_cast<size_t>(N * G));
   float* dhd = ws.buf(kGdh, static_cast<size_t>(N * H));
   launch(gru_gate_grads_kernel, grid_for(N * H), dim3(kThreads), dyd, gd, hd, N, H, dad, dcd, dhd);
-  const float* wihd = upload(ws, kGwih, w_ih, G * I);
-  const float* whhd = upload(ws, kGwhh, w_hh, G * H);
+  const float* wihd = upload_weight(ws, kGwih, tags.w_ih, w_ih, G * I);
+  const float* whhd = upload_weight(ws, kGwhh, tags.w_hh, w_hh, G * H);
   float* dxd = ws.buf(kGdx, static_cast<size_t>(N * I));
   gemm(a_operand(dad, G, 1), b_operand(wihd, I, 1), Store{dxd, as_int(I, "I"), nullptr, 0}, N, I, G);
   gemm(a_operand(dcd, G, 1), b_operand(whhd, H, 1), AddTo{dhd, as_int(H, "H")}, N, H, G);

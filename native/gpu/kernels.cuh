@@ -397,6 +397,11 @@ __global__ void filter_grad_reduce_kernel(const float* part, int splits, int nco
 
 // ---- host side --------------------------------------------------------------------------------
 
+// What a slot holds of a tagged tensor: its data as it is, or packed for the forward (Wf) or the
+// data-gradient (Wd) product. slot_tag gives each (tag, form) its own slot tag.
+enum TagForm : uint64_t { kAsIs = 1, kPackedForward = 2, kPackedDataGrad = 3 };
+inline uint64_t slot_tag(uint64_t tag, TagForm form) { return tag ? tag * 4 + form : 0; }
+
 class DeviceWorkspace final : public GpuWorkspace {
  public:
   explicit DeviceWorkspace(int device) : device_(device) {}
@@ -406,11 +411,28 @@ class DeviceWorkspace final : public GpuWorkspace {
     } catch (...) {
     }
   }
+  // Slot `slot`'s buffer, grown to at least n floats. n > 0 is a request to write it: the slot
+  // forgets the tag of what upload_tagged left there; n = 0 returns it as it is (to read).
   float* buf(size_t slot, size_t n) {
-    if (slot >= bufs_.size()) bufs_.resize(slot + 1);
+    if (slot >= bufs_.size()) {
+      bufs_.resize(slot + 1);
+      tags_.resize(slot + 1, 0);
+    }
     if (!bufs_[slot]) bufs_[slot].reset(new DeviceBuf());
     if (bufs_[slot]->size() < n || !bufs_[slot]->data()) bufs_[slot]->reset(n);
+    if (n) tags_[slot] = 0;
     return bufs_[slot]->data();
+  }
+  // n floats that the caller tags (tag != 0: the same tag means the same contents, e.g. a weight
+  // tensor's data): when the slot already holds `tag`, nothing is copied (nor computed: fill()
+  // gives the host data only when it is needed). Weights stay on the device from step to step.
+  template <class Fill>
+  float* upload_tagged(size_t slot, uint64_t tag, size_t n, Fill fill) {
+    if (tag && slot < tags_.size() && tags_[slot] == tag && bufs_[slot]->size() >= n) return bufs_[slot]->data();
+    float* d = buf(slot, n);
+    up(d, fill(), n);
+    tags_[slot] = tag;
+    return d;
   }
   // Host <-> device copies of n floats, counted in traffic(); upload() into slot `slot` (grown to n).
   void up(float* dst, const float* src, size_t n) {
@@ -454,6 +476,7 @@ class DeviceWorkspace final : public GpuWorkspace {
   uint64_t stamps_ = 0, resident_ = 0;
   GpuTraffic traffic_;
   std::vector<std::unique_ptr<DeviceBuf>> bufs_;
+  std::vector<uint64_t> tags_;  // per slot: the tag of upload_tagged's contents (0: none)
 };
 
 // The workspace as this build's, on its device (a workspace of the other GPU build is an error).
