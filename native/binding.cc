@@ -1410,6 +1410,134 @@ Napi::Value ConvStackBackwardFn(const Napi::CallbackInfo& info, bool) {
   return r;
 }
 
+// ---- the whole encoder as one GPU stage: the conv stack, then gpu.h's EncoderHead ----
+
+// spec.head = {pos [H·W, pc], posW [D, pc], posB [D], lnW, lnB [D], eps, w1, w2 [D, D], b1, b2 [D],
+//   wk, wv [Z, D], tags?: 11 content tags in that order}, D the stack's last channels.
+emorl::EncoderHead encoder_head_spec(const Args& a, const Props& p, const emorl::ConvStack& s) {
+  const Props q(a, p.get("head"), p.name("head"));
+  emorl::EncoderHead h;
+  const emorl::NhwcGeom g = s.geom(s.layers.size() - 1);
+  const int64_t hw = g.Ho * g.Wo;
+  h.D = s.layers.back().Co;
+  const std::string dn = "D = " + std::to_string(h.D) + " (the last layer's channels)";
+  const int64_t npos = q.length("pos");
+  if (npos == 0 || npos % hw) {
+    std::ostringstream o;
+    o << "'" << q.name("pos") << "' has " << npos << " elements, not a positive multiple of the last map's " << hw << " pixels";
+    a.range_error(o.str());
+  }
+  h.pos_c = npos / hw;
+  h.pos = q.f32("pos", npos, "[H·W, pc]");
+  h.pos_w = q.f32("posW", h.D * h.pos_c, "[D, pc] = " + shape_str({h.D, h.pos_c}));
+  h.pos_b = q.f32("posB", h.D, dn);
+  h.ln_w = q.f32("lnW", h.D, dn);
+  h.ln_b = q.f32("lnB", h.D, dn);
+  h.eps = q.number("eps");
+  if (!(h.eps > 0)) a.range_error("'" + q.name("eps") + "' must be > 0");
+  h.w1 = q.f32("w1", h.D * h.D, "[D, D] = " + shape_str({h.D, h.D}));
+  h.b1 = q.f32("b1", h.D, dn);
+  h.w2 = q.f32("w2", h.D * h.D, "[D, D] = " + shape_str({h.D, h.D}));
+  h.b2 = q.f32("b2", h.D, dn);
+  const int64_t nk = q.length("wk");
+  if (nk == 0 || nk % h.D) a.range_error("'" + q.name("wk") + "' has " + std::to_string(nk) + " elements, not [Z, D] for " + dn);
+  h.Z = nk / h.D;
+  h.wk = q.f32("wk", h.Z * h.D, "[Z, D]");
+  h.wv = q.f32("wv", h.Z * h.D, "[Z, D] = " + shape_str({h.Z, h.D}) + " (as wk)");
+  Napi::Value tv = q.get("tags");
+  if (!tv.IsUndefined() && !tv.IsNull()) {
+    if (!tv.IsArray() || tv.As<Napi::Array>().Length() != 11) a.type_error("'" + q.name("tags") + "' must be an array of 11 content tags");
+    for (uint32_t i = 0; i < 11; ++i) {
+      Napi::Value e = tv.As<Napi::Array>().Get(i);
+      const double d = e.IsNumber() ? e.As<Napi::Number>().DoubleValue() : -1;
+      if (!std::isfinite(d) || std::floor(d) != d || d < 0 || d > 9007199254740992.0)
+        a.type_error("'" + q.name("tags") + "' entries must be content tags (integers >= 0)");
+      h.tags[i] = static_cast<uint64_t>(d);
+    }
+  }
+  return h;
+}
+
+// encoderStage({x, xShape, layers, head, device, workspace?}) -> {k, v [N·H·W, Z], rows, Z, stamp}
+Napi::Value EncoderStageFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "encoderStage");
+  Props p(a, a.at(0), "spec");
+  const emorl::ConvStack s = conv_stack_spec(a, p);
+  const emorl::EncoderHead h = encoder_head_spec(a, p, s);
+  GpuCall gpu = conv_stack_device(a, p);
+  const int64_t rows = s.geom(s.layers.size() - 1).M();
+  auto k = new_f32(a, a.numel({rows, h.Z}, "k")), v = new_f32(a, a.numel({rows, h.Z}, "v"));
+  const uint64_t stamp = gpu.simt() ? emorl::simt::encoder_forward(s, h, k.Data(), v.Data(), *gpu.ws)
+#if defined(EMORL_CUDA)
+                                    : emorl::cuda::encoder_forward(s, h, k.Data(), v.Data(), *gpu.ws);
+#else
+                                    : 0;
+#endif
+  gpu.done(a.env());
+  Napi::Object r = Napi::Object::New(a.env());
+  r.Set("k", k);
+  r.Set("v", v);
+  r.Set("rows", static_cast<double>(rows));
+  r.Set("Z", static_cast<double>(h.Z));
+  r.Set("stamp", static_cast<double>(stamp));
+  return r;
+}
+
+// encoderStageBackward({x, xShape, layers, head, dk, dv, stamp, needParams, device, workspace?})
+//   -> {dw, db: [per layer] | null, head: {posW, posB, lnW, lnB, w1, b1, w2, b2, wk, wv} | null}
+Napi::Value EncoderStageBackwardFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "encoderStageBackward");
+  Props p(a, a.at(0), "spec");
+  const emorl::ConvStack s = conv_stack_spec(a, p);
+  const emorl::EncoderHead h = encoder_head_spec(a, p, s);
+  GpuCall gpu = conv_stack_device(a, p);
+  const int64_t rows = s.geom(s.layers.size() - 1).M();
+  const std::string kv = "[rows, Z] = " + shape_str({rows, h.Z});
+  const float* dk = p.f32("dk", rows * h.Z, kv);
+  const float* dv = p.f32("dv", rows * h.Z, kv);
+  const double st = p.has("stamp") ? p.number("stamp") : 0;
+  if (st < 0 || std::floor(st) != st) a.range_error("'" + p.name("stamp") + "' must be a stamp from encoderStage");
+  const bool need_params = p.boolean("needParams", true);
+  Napi::Object r = Napi::Object::New(a.env());
+  std::vector<float*> dw(s.layers.size(), nullptr), db(s.layers.size(), nullptr);
+  emorl::EncoderHeadGrads g;
+  if (need_params) {
+    Napi::Array dwa = Napi::Array::New(a.env(), s.layers.size()), dba = Napi::Array::New(a.env(), s.layers.size());
+    for (size_t i = 0; i < s.layers.size(); ++i) {
+      auto tw = new_f32(a, s.layers[i].Co * s.geom(i).P());
+      auto tb = new_f32(a, s.layers[i].Co);
+      dw[i] = tw.Data();
+      db[i] = tb.Data();
+      dwa.Set(static_cast<uint32_t>(i), tw);
+      dba.Set(static_cast<uint32_t>(i), tb);
+    }
+    r.Set("dw", dwa);
+    r.Set("db", dba);
+    Napi::Object ho = Napi::Object::New(a.env());
+    const std::pair<const char*, std::pair<float**, int64_t>> outs[] = {
+        {"posW", {&g.pos_w, h.D * h.pos_c}}, {"posB", {&g.pos_b, h.D}}, {"lnW", {&g.ln_w, h.D}}, {"lnB", {&g.ln_b, h.D}},
+        {"w1", {&g.w1, h.D * h.D}},          {"b1", {&g.b1, h.D}},      {"w2", {&g.w2, h.D * h.D}}, {"b2", {&g.b2, h.D}},
+        {"wk", {&g.wk, h.Z * h.D}},          {"wv", {&g.wv, h.Z * h.D}}};
+    for (const auto& o : outs) {
+      auto t = new_f32(a, o.second.second);
+      *o.second.first = t.Data();
+      ho.Set(o.first, t);
+    }
+    r.Set("head", ho);
+  } else {
+    r.Set("dw", a.env().Null());
+    r.Set("db", a.env().Null());
+    r.Set("head", a.env().Null());
+  }
+  const uint64_t stamp = static_cast<uint64_t>(st);
+  if (gpu.simt()) emorl::simt::encoder_backward(s, h, stamp, dk, dv, dw, db, g, *gpu.ws);
+#if defined(EMORL_CUDA)
+  else emorl::cuda::encoder_backward(s, h, stamp, dk, dv, dw, db, g, *gpu.ws);
+#endif
+  gpu.done(a.env());
+  return r;
+}
+
 // imageNll(raw [B*K,H,W,C+1], target [B,H,W,C], B, K, H, W, C, logVar, gmm, needGrad)
 //   -> { nll [B], draw|null }: the fused likelihood alone (likelihood.h), for tests and the
 //   Slot Attention loss.
@@ -1525,6 +1653,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("slotSoftmax", Napi::Function::New(env, entry<SlotSoftmaxFn, false>, "slotSoftmax"));
   exports.Set("gruCell", Napi::Function::New(env, entry<GruCellFn, false>, "gruCell"));
   exports.Set("convStack", Napi::Function::New(env, entry<ConvStackFn, false>, "convStack"));
+  exports.Set("encoderStage", Napi::Function::New(env, entry<EncoderStageFn, false>, "encoderStage"));
+  exports.Set("encoderStageBackward", Napi::Function::New(env, entry<EncoderStageBackwardFn, false>, "encoderStageBackward"));
   exports.Set("convStackBackward", Napi::Function::New(env, entry<ConvStackBackwardFn, false>, "convStackBackward"));
   exports.Set("gruCellBackward", Napi::Function::New(env, entry<GruCellBackwardFn, false>, "gruCellBackward"));
   exports.Set("layerNorm", Napi::Function::New(env, entry<LayerNormFn, false>, "layerNorm"));

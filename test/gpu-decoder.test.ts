@@ -21,7 +21,8 @@ import { addonOps, deviceTraffic, type DecoderStageLayer, type DecoderStageResul
 import { nativeOps, nativeOpsAvailable, nativeOpsOn, opsForBackend } from '../lib/ops/native';
 import { tfjsOps } from '../lib/ops';
 import type { DecoderLayerSpec, DecoderNllArgs } from '../lib/ops/decoder-stage';
-import type { ConvStackLayer, Ops } from '../lib/ops';
+import type { ConvStackLayer, EncoderArgs, Ops } from '../lib/ops';
+import { positionalEmbedding } from '../lib/model/positional';
 import { experimentConfig } from '../lib/config/experiment';
 import { Trainer } from '../lib/train/trainer';
 import { expectRelClose } from './helpers';
@@ -375,6 +376,86 @@ for (const device of devices) {
       expect(() => k.convStack({ ...spec, device: 'cpu' })).toThrow(/a conv stack is a GPU stage/);
       expect(() => k.convStack({ ...spec, layers: [layer, layer] })).toThrow(/'spec.layers\[1\].wShape' \[4,3,3,3\] takes 3 input channels, but the previous layer gives 4/);
       expect(() => k.convStack({ ...spec, layers: [{ ...layer, w: uniform(4 * 3 * 81, 1), wShape: [4, 3, 9, 9] }] })).toThrow(/'spec.layers\[0\]': the kernel and padding leave no output/);
+    });
+  });
+}
+
+for (const device of devices) {
+  describeGpu(`encoder on ${device}: convolutions, positional embedding, LayerNorm + MLP, keys and values as one stage`, () => {
+    const make = (B: number, H: number, W: number, C: number, D: number, Z: number, convs: number, seed: number): EncoderArgs => {
+      const t = (shape: number[], r: number) => tf.tensor(uniform(shape.reduce((a, b) => a * b), seed++, -r, r), shape);
+      return {
+        x: t([B, H, W, C], 1) as tf.Tensor4D,
+        convs: Array.from({ length: convs }, (_, i) => ({ weight: t([D, i ? D : C, 5, 5], 0.15), bias: t([D], 0.1), pad: 2, activation: 'relu' as const })),
+        pos: tf.tensor3d(positionalEmbedding(H, W), [H, W, 4]),
+        posWeight: t([D, 4], 0.5), posBias: t([D], 0.1), lnWeight: tf.add(1, t([D], 0.2)), lnBias: t([D], 0.1),
+        w1: t([D, D], 0.3), b1: t([D], 0.1), w2: t([D, D], 0.3), b2: t([D], 0.1), wk: t([Z, D], 0.3), wv: t([Z, D], 0.3),
+      };
+    };
+    const params = (a: EncoderArgs) => [...a.convs.flatMap((L) => [L.weight, L.bias]), a.posWeight, a.posBias, a.lnWeight, a.lnBias, a.w1, a.b1, a.w2, a.b2, a.wk, a.wv];
+    const withParams = (a: EncoderArgs, p: tf.Tensor[]): EncoderArgs => {
+      const n = a.convs.length;
+      const h = p.slice(2 * n);
+      return {
+        ...a, convs: a.convs.map((L, i) => ({ ...L, weight: p[2 * i], bias: p[2 * i + 1] })),
+        posWeight: h[0], posBias: h[1], lnWeight: h[2], lnBias: h[3], w1: h[4], b1: h[5], w2: h[6], b2: h[7], wk: h[8], wv: h[9],
+      };
+    };
+    for (const [name, dims] of [
+      ['two images 7x6, 3 -> 16 channels, 2 convolutions, Z 8', [2, 7, 6, 3, 16, 8, 2]],
+      ['one image 5x5, 70 channels (past one GEMM tile), 1 convolution, Z 5', [1, 5, 5, 2, 70, 5, 1]],
+    ] as [string, number[]][]) {
+      test(`${name}: k, v and every parameter gradient against the CPU ops`, () => {
+        tf.tidy(() => {
+          const [B, H, W, C, D, Z, n] = dims;
+          const a = make(B, H, W, C, D, Z, n, 300);
+          const ops = nativeOpsOn(device);
+          const kd = ops.encoder(a), kc = nativeOps.encoder(a);
+          expect(kd.k.shape).toEqual([B, H * W, Z]);
+          expectClose(kd.k.dataSync() as Float32Array, kc.k.dataSync() as Float32Array, 1e-5, 'k');
+          expectClose(kd.v.dataSync() as Float32Array, kc.v.dataSync() as Float32Array, 1e-5, 'v');
+          const wk = tf.sin(tf.range(0, B * H * W * Z).reshape([B, H * W, Z])), wv = tf.cos(tf.range(0, B * H * W * Z).reshape([B, H * W, Z]));
+          const f = (o: Ops) => (...p: tf.Tensor[]) => {
+            const r = o.encoder(withParams(a, p));
+            return tf.add(tf.sum(tf.mul(r.k, wk)), tf.sum(tf.mul(r.v, wv))) as tf.Scalar;
+          };
+          const gd = tf.grads(f(ops))(params(a)), gc = tf.grads(f(nativeOps))(params(a));
+          gd.forEach((g, i) => expectClose(g.dataSync() as Float32Array, gc[i].dataSync() as Float32Array, 1e-4, `parameter gradient ${i}`));
+          const gz = ops.withoutParamGrads(() => tf.grads(f(ops))(params(a)));
+          expect(tf.max(tf.abs(gz[0])).dataSync()[0]).toBe(0);
+        });
+      });
+    }
+
+    test('a backward after another forward recomputes; the weights stay on the device under their tags', () => {
+      tf.tidy(() => {
+        const a = make(1, 6, 6, 3, 16, 8, 2, 400), b = { ...make(1, 6, 6, 3, 16, 8, 2, 400), x: make(1, 6, 6, 3, 16, 8, 2, 500).x };
+        const ops = nativeOpsOn(device);
+        const lossOf = (r: { k: tf.Tensor; v: tf.Tensor }) => tf.add(tf.sum(tf.square(r.k)), tf.sum(r.v)) as tf.Scalar;
+        // a's forward, then b's on the same weights (so the same workspace), then a's backward
+        const ga = tf.grads((...p: tf.Tensor[]) => {
+          const la = lossOf(ops.encoder(withParams(a, p)));
+          ops.encoder(withParams(b, p));
+          return la;
+        })(params(a));
+        const gref = tf.grads((...p: tf.Tensor[]) => lossOf(nativeOps.encoder(withParams(a, p))))(params(a));
+        ga.forEach((g, i) => expectClose(g.dataSync() as Float32Array, gref[i].dataSync() as Float32Array, 1e-4, `gradient ${i}`));
+      });
+      const k = addonOps();
+      const workspace = new k.DecoderWorkspace();
+      const D = 8, Z = 4, hw = 16;
+      const layers = [{ w: uniform(D * 3 * 9, 1, -0.3, 0.3), wShape: [D, 3, 3, 3], b: uniform(D, 2), pad: 1, act: 1, wTag: 1, bTag: 2 }];
+      const head = { pos: uniform(hw * 4, 3), posW: uniform(D * 4, 4), posB: uniform(D, 5), lnW: uniform(D, 6), lnB: uniform(D, 7), eps: 1e-5,
+        w1: uniform(D * D, 8), b1: uniform(D, 9), w2: uniform(D * D, 10), b2: uniform(D, 11), wk: uniform(Z * D, 12), wv: uniform(Z * D, 13),
+        tags: [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13] };
+      const spec = { x: uniform(hw * 3, 14), xShape: [1, 4, 4, 3], layers, head, device, workspace };
+      const r1 = k.encoderStage(spec);
+      const up1 = workspace.traffic().upBytes;
+      const r2 = k.encoderStage({ ...spec, x: uniform(hw * 3, 15) });
+      expect(workspace.traffic().upBytes - up1).toBe(4 * hw * 3);  // the images only
+      expect(r2.stamp).not.toBe(r1.stamp);
+      expect(() => k.encoderStage({ ...spec, head: { ...head, wk: uniform(Z * D + 1, 12) } })).toThrow(/'spec.head.wk' has 33 elements, not \[Z, D\]/);
+      expect(() => k.encoderStage({ ...spec, head: { ...head, pos: uniform(hw * 4 - 1, 3) } })).toThrow(/'spec.head.pos' has 63 elements, not a positive multiple of the last map's 16 pixels/);
     });
   });
 }

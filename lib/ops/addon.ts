@@ -64,6 +64,12 @@ export interface NativeAddon {
   /** its backward from dy of the last map; with another stamp than the workspace's latest, the forward runs again first */
   convStackBackward(spec: ConvStackSpec & { dy: Float32Array; stamp: number; needDx: boolean; needParams: boolean }):
     { dx: Float32Array | null; dw: Float32Array[] | null; db: Float32Array[] | null };
+  /** the whole encoder as one GPU stage (native/gpu/gpu.h EncoderHead): k and v [rows, Z], and a stamp as convStack's */
+  encoderStage(spec: EncoderStageSpec): { k: Float32Array; v: Float32Array; rows: number; Z: number; stamp: number };
+  encoderStageBackward(spec: EncoderStageSpec & { dk: Float32Array; dv: Float32Array; stamp: number; needParams: boolean }): {
+    dw: Float32Array[] | null; db: Float32Array[] | null;
+    head: Record<'posW' | 'posB' | 'lnW' | 'lnB' | 'w1' | 'b1' | 'w2' | 'b2' | 'wk' | 'wv', Float32Array> | null;
+  };
   /** the fused likelihood alone (native/likelihood.h) */
   imageNll(spec: { raw: Float32Array; target: Float32Array; B: number; K: number; H: number; W: number; C: number; logVar: number; gmm: boolean; needGrad: boolean }): { nll: Float32Array; draw: Float32Array | null };
 }
@@ -76,6 +82,17 @@ export interface ConvStackSpec {
   layers: { w: Float32Array; wShape: number[]; b: Float32Array; stride?: number; pad?: number; act?: number; wTag?: number; bTag?: number }[];
   device: StageDevice;
   workspace?: object;
+}
+
+export interface EncoderStageSpec extends ConvStackSpec {
+  head: {
+    /** [H·W, pc] of the last map */
+    pos: Float32Array;
+    posW: Float32Array; posB: Float32Array; lnW: Float32Array; lnB: Float32Array; eps: number;
+    w1: Float32Array; b1: Float32Array; w2: Float32Array; b2: Float32Array; wk: Float32Array; wv: Float32Array;
+    /** contentTags of pos, posW, posB, lnW, lnB, w1, b1, w2, b2, wk, wv */
+    tags?: number[];
+  };
 }
 
 export interface GruCellSpec {

@@ -7,6 +7,7 @@ import { broadcastConv2d, spatialBroadcast } from './broadcast';
 import { conv2d, convStackWith, convTranspose2d, withoutParamGrads, type ConvStackLayer } from './conv';
 import { slotCompetition } from './attention';
 import { decoderNllReference, type DecoderNllArgs, type DecoderNllResult } from './decoder-stage';
+import { encoderReference, type EncoderArgs, type EncoderOutput } from './encoder-stage';
 import { dualGruCell, elu, gruCell, layerNorm, linear } from './nn';
 
 export interface Ops {
@@ -29,6 +30,8 @@ export interface Ops {
   slotCompetition: typeof slotCompetition;
   /** A decoding stage: the decoder's layer stack and the image likelihood of its output (decoder-stage.ts) */
   decoderNll(args: DecoderNllArgs): DecoderNllResult;
+  /** The image encoder: convolutions, positional embedding, LayerNorm + MLP, keys and values (encoder-stage.ts) */
+  encoder(args: EncoderArgs): EncoderOutput;
 }
 
 /** The reference implementation: tfjs ops plus TypeScript im2col/GEMM convolutions. */
@@ -46,7 +49,9 @@ export const tfjsOps: Ops = {
   withoutParamGrads,
   slotCompetition,
   decoderNll: (args) => decoderNllReference(tfjsOps, args),
+  encoder: (args) => encoderReference(tfjsOps, args),
 };
 
 export type { ConvOptions, ConvTransposeOptions, ConvStackLayer } from './conv';
+export type { EncoderArgs, EncoderOutput } from './encoder-stage';
 export type { GruWeights, DualGruWeights } from './nn';

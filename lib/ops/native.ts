@@ -17,6 +17,7 @@ import { decoderNll } from './native-decoder';
 import { slotCompetition } from './native-attention';
 import { dualGruCell, gruCell } from './native-gru';
 import { tfjsOps, type Ops } from './index';
+import { ENCODER_LN_EPS, encoderReference, type EncoderArgs, type EncoderOutput } from './encoder-stage';
 import { addTapSumsGrad, broadcastConvShapes, broadcastTapSums } from './broadcast';
 import { convStackWith, convTransposeShapes, paramGradsEnabled, type ConvOptions, type ConvStackLayer, type ConvTransposeOptions, type FusedActivation } from './conv';
 
@@ -101,6 +102,72 @@ export function convStackOnDevice(x: tf.Tensor4D, layers: ConvStackLayer[], devi
     };
   });
   return op(x, ...layers.flatMap((L) => [L.weight, L.bias])) as tf.Tensor4D;
+}
+
+/**
+ * The encoder (encoder-stage.ts) on a GPU device: one addon call each way (native/gpu/conv_gpu.cu),
+ * every activation kept in the device workspace of the first convolution's weight from the
+ * forward call to its backward call (recomputed if another forward ran since). The images and the
+ * positional grid are constants here: no gradient flows to them.
+ */
+export function encoderOnDevice(a: EncoderArgs, device: StageDevice): EncoderOutput {
+  if (!a.convs.length) throw new Error('encoder: no convolutions');
+  const k = nhwc();
+  const workspace = workspaceFor(a.convs[0].weight, 'encoder');
+  const [B, H, W] = a.x.shape;
+  const xShape = [...a.x.shape];
+  const xd = f32(a.x), pos = f32(a.pos), posTag = contentTag(a.pos);
+  const nc = a.convs.length;
+  const head = [a.posWeight, a.posBias, a.lnWeight, a.lnBias, a.w1, a.b1, a.w2, a.b2, a.wk, a.wv];
+  const op = tf.customGrad((...args) => {
+    const save = args.pop() as tf.GradSaveFunc;
+    const t = args as tf.Tensor[];
+    const hp = t.slice(2 * nc);
+    const spec = {
+      x: xd, xShape, device, workspace,
+      layers: a.convs.map((L, i) => ({
+        w: f32(t[2 * i]), wShape: [...L.weight.shape], b: f32(t[2 * i + 1]), stride: L.stride ?? 1, pad: L.pad ?? 0,
+        act: ADDON_ACT[L.activation ?? 'linear'], wTag: contentTag(t[2 * i]), bTag: contentTag(t[2 * i + 1]),
+      })),
+      head: {
+        pos, posW: f32(hp[0]), posB: f32(hp[1]), lnW: f32(hp[2]), lnB: f32(hp[3]), eps: ENCODER_LN_EPS,
+        w1: f32(hp[4]), b1: f32(hp[5]), w2: f32(hp[6]), b2: f32(hp[7]), wk: f32(hp[8]), wv: f32(hp[9]),
+        tags: [posTag, ...hp.map(contentTag)],
+      },
+    };
+    const r = k.encoderStage(spec);
+    const { rows, Z } = r;
+    // k and v side by side, [rows, 2Z]: customGrad takes one output
+    const kv = new Float32Array(rows * 2 * Z);
+    for (let i = 0; i < rows; i++) {
+      kv.set(r.k.subarray(i * Z, (i + 1) * Z), i * 2 * Z);
+      kv.set(r.v.subarray(i * Z, (i + 1) * Z), i * 2 * Z + Z);
+    }
+    save([]);
+    return {
+      value: tf.tensor2d(kv, [rows, 2 * Z]),
+      gradFunc: (dy: tf.Tensor) => {
+        const g = f32(dy);
+        const dk = new Float32Array(rows * Z), dv = new Float32Array(rows * Z);
+        for (let i = 0; i < rows; i++) {
+          dk.set(g.subarray(i * 2 * Z, i * 2 * Z + Z), i * Z);
+          dv.set(g.subarray(i * 2 * Z + Z, (i + 1) * 2 * Z), i * Z);
+        }
+        const needParams = paramGradsEnabled();
+        const b = k.encoderStageBackward({ ...spec, dk, dv, stamp: r.stamp, needParams });
+        if (!needParams) return t.map((x) => tf.zerosLike(x));
+        const grads: tf.Tensor[] = [];
+        a.convs.forEach((L, i) => grads.push(tf.tensor(b.dw![i], L.weight.shape), tf.tensor(b.db![i], L.bias.shape)));
+        const hg = b.head!;
+        [hg.posW, hg.posB, hg.lnW, hg.lnB, hg.w1, hg.b1, hg.w2, hg.b2, hg.wk, hg.wv].forEach((d, i) => grads.push(tf.tensor(d, head[i].shape)));
+        return grads;
+      },
+    };
+  });
+  const kv = op(...a.convs.flatMap((L) => [L.weight, L.bias]), ...head) as tf.Tensor2D;
+  const Z = a.wk.shape[0];
+  const [kt, vt] = tf.split(kv, 2, 1);
+  return { k: kt.reshape([B, H * W, Z]), v: vt.reshape([B, H * W, Z]) } as EncoderOutput;
 }
 
 /** convTranspose2d as tfjsOps.convTranspose2d: x [n,h,w,cin], weight [cin,cout,kh,kw], bias [cout]. */
@@ -332,7 +399,10 @@ export function layerNorm(x: tf.Tensor, weight?: tf.Tensor, bias?: tf.Tensor, ep
  * tfjsOps with the convolutions, the big linear layers, layerNorm, the attention, the GRU cells and
  * whole decoding stages on the native addon / fused loops.
  */
-export const nativeOps: Ops = { ...tfjsOps, conv2d, convStack: (x, layers) => convStackWith(conv2d, x, layers), convTranspose2d, broadcastConv2d, linear, layerNorm, decoderNll, slotCompetition, gruCell, dualGruCell };
+export const nativeOps: Ops = {
+  ...tfjsOps, conv2d, convStack: (x, layers) => convStackWith(conv2d, x, layers), convTranspose2d, broadcastConv2d, linear, layerNorm, decoderNll,
+  slotCompetition, gruCell, dualGruCell, encoder: (args) => encoderReference(nativeOps, args),
+};
 
 export { nativeOpsAvailable };
 
@@ -390,6 +460,7 @@ export function nativeOpsOn(device: StageDevice, precision: ConvPrecision = 'fp3
     decoderNll: (a) => decoderNll(a, device, precision),
     conv2d: (x, w, b, opts) => conv2d(x, w, b, opts, device, precision),
     convStack: (x, layers) => (device === 'cpu' ? convStackWith(ops.conv2d, x, layers) : convStackOnDevice(x, layers, device)),
+    encoder: (args) => (device === 'cpu' ? encoderReference(ops, args) : encoderOnDevice(args, device)),
     ...(device !== 'cpu' && {
       gruCell: (x, h, p) => gruCell(x, h, p, device),
       dualGruCell: (x, h1, h2, p) => dualGruCell(x, h1, h2, p, device),

@@ -29,6 +29,7 @@ struct StackSlots {
   size_t dw() const { return 3 + 4 * L; }
   size_t db() const { return 4 + 4 * L; }
   size_t scratch() const { return 5 + 4 * L; }
+  size_t end() const { return 6 + 4 * L; }  // the first slot past the stack's (the encoder head's)
 };
 
 i64 map_size(const NhwcGeom& g) { return g.N * g.H * g.W * g.C; }
@@ -61,44 +62,20 @@ void check_stack(const ConvStack& s) {
     if (!L.w || !L.b) throw std::invalid_argument("GPU conv stack: every layer needs its weight and bias");
 }
 
-}  // namespace
 
-uint64_t conv_stack_forward(const ConvStack& s, float* y, GpuWorkspace& base) {
-  check_stack(s);
-  DeviceWorkspace& ws = own_workspace(base);
-  ws.forget();  // a failure below leaves no set claimed
-  stack_forward(s, ws);
-  const size_t last = s.layers.size() - 1;
-  const NhwcGeom g = s.geom(last);
-  ws.down(y, ws.buf(StackSlots{s.layers.size()}.out(last), 0), static_cast<size_t>(g.M() * s.layers[last].Co));
-  finish("conv stack forward");
-  return ws.stamp();
-}
-
-void conv_stack_backward(const ConvStack& s, uint64_t stamp, const float* dy, float* dx, const std::vector<float*>& dw,
-                         const std::vector<float*>& db, GpuWorkspace& base) {
-  check_stack(s);
-  DeviceWorkspace& ws = own_workspace(base);
+// From d/d(the last map) in gradient slot 0: every layer's dw, db (null: skipped) and dx (null:
+// skipped), through the maps stack_forward left.
+void stack_backward(const ConvStack& s, DeviceWorkspace& ws, float* dx, const std::vector<float*>& dw, const std::vector<float*>& db) {
   const size_t n = s.layers.size();
-  if (dw.size() != n || db.size() != n) throw std::invalid_argument("GPU conv stack backward: one dw and db pointer per layer");
-  if (!ws.holds(stamp)) {  // another forward ran since (or none did): recompute this one's maps
-    ws.forget();
-    stack_forward(s, ws);
-  }
   const StackSlots sl{n};
   int cur = 0;  // which gradient slot holds d/d(the current layer's output)
-  {
-    const NhwcGeom g = s.geom(n - 1);
-    const i64 ny = g.M() * s.layers[n - 1].Co;
-    ws.up(ws.buf(sl.grad(cur), static_cast<size_t>(ny)), dy, static_cast<size_t>(ny));
-  }
   std::vector<float> wd;
   for (size_t i = n; i-- > 0;) {
     const ConvStackLayer& L = s.layers[i];
     const NhwcGeom g = s.geom(i);
     const Geom gg = geom_of(g);
     const i64 ny = g.M() * L.Co;
-    float* d = ws.buf(sl.grad(cur), static_cast<size_t>(ny));
+    float* d = ws.buf(sl.grad(cur), 0);
     const float* in = ws.buf(i ? sl.out(i - 1) : sl.x(), 0);
     if (L.act != Act::Linear) act_grad(d, ws.buf(sl.out(i), 0), ny, static_cast<int>(L.act));
     if (dw[i]) {
@@ -124,7 +101,270 @@ void conv_stack_backward(const ConvStack& s, uint64_t stamp, const float* dy, fl
     cur = 1 - cur;
     if (i == 0) ws.down(dx, dnext, static_cast<size_t>(map_size(g)));
   }
+}
+
+// ---- the encoder head (gpu.h EncoderHead) ----
+
+// f0 = h + P[pixel], then LayerNorm with γ, β per row: one thread per row (D is small: 64 in the
+// shipped configs), statistics kept for the backward pass.
+__global__ void pos_layer_norm_kernel(const float* h, const float* P, i64 rows, i64 hw, int D, const float* gamma, const float* beta,
+                                      float eps, float* f1, float* mean, float* rstd) {
+  EMORL_GRID_LOOP(r, rows) {
+    const float* hr = h + r * D;
+    const float* pr = P + (r % hw) * D;
+    float m = 0.f;
+    for (int j = 0; j < D; ++j) m += hr[j] + pr[j];
+    m /= static_cast<float>(D);
+    float var = 0.f;
+    for (int j = 0; j < D; ++j) {
+      const float d = hr[j] + pr[j] - m;
+      var += d * d;
+    }
+    const float rs = 1.f / sqrtf(var / static_cast<float>(D) + eps);
+    for (int j = 0; j < D; ++j) f1[r * D + j] = (hr[j] + pr[j] - m) * rs * gamma[j] + beta[j];
+    mean[r] = m;
+    rstd[r] = rs;
+  }
+}
+
+// Its backward per row: df0 = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)) with dx̂ = df1·γ, and gx = df1·x̂
+// (summed over rows into dγ).
+__global__ void pos_layer_norm_backward_kernel(const float* df1, const float* h, const float* P, i64 rows, i64 hw, int D, const float* gamma,
+                                               const float* mean, const float* rstd, float* df0, float* gx) {
+  EMORL_GRID_LOOP(r, rows) {
+    const float* hr = h + r * D;
+    const float* pr = P + (r % hw) * D;
+    const float* gr = df1 + r * D;
+    const float m = mean[r], rs = rstd[r];
+    float m1 = 0.f, m2 = 0.f;
+    for (int j = 0; j < D; ++j) {
+      const float xh = (hr[j] + pr[j] - m) * rs, dxh = gr[j] * gamma[j];
+      m1 += dxh;
+      m2 += dxh * xh;
+    }
+    m1 /= static_cast<float>(D);
+    m2 /= static_cast<float>(D);
+    for (int j = 0; j < D; ++j) {
+      const float xh = (hr[j] + pr[j] - m) * rs;
+      df0[r * D + j] = rs * (gr[j] * gamma[j] - m1 - xh * m2);
+      gx[r * D + j] = gr[j] * xh;
+    }
+  }
+}
+
+// out[i] = Σ_split part[split, i]
+__global__ void sum_splits_kernel(const float* part, int splits, i64 n, float* out) {
+  EMORL_GRID_LOOP(i, n) {
+    float t = 0.f;
+    for (int s = 0; s < splits; ++s) t += part[s * n + i];
+    out[i] = t;
+  }
+}
+
+// dW [out, in] = Σ_r A[r, o]·B[r, i] over `rows` rows (a linear layer's weight gradient), split
+// over rows with partial sums in slot `scratch`.
+void dense_weight_grad(DeviceWorkspace& ws, size_t scratch, const float* A, i64 out, const float* B, i64 in, i64 rows, float* dw) {
+  const i64 splits = filter_splits(rows);
+  float* part = ws.buf(scratch, static_cast<size_t>(splits * out * in));
+  gemm(a_operand(A, 1, out), b_operand(B, in, 1), Partial{part, out * in, as_int(in, "in")}, out, in, rows, splits);
+  launch(sum_splits_kernel, grid_for(out * in), dim3(kThreads), static_cast<const float*>(part), static_cast<int>(splits), out * in, dw);
+}
+
+// The head's slots, after the stack's.
+struct HeadSlots {
+  size_t b;
+  size_t param(int i) const { return b + static_cast<size_t>(i); }  // EncoderHead's tensors in tag order (11)
+  size_t P() const { return b + 11; }
+  size_t f1() const { return b + 12; }
+  size_t mean() const { return b + 13; }
+  size_t rstd() const { return b + 14; }
+  size_t f2() const { return b + 15; }
+  size_t f3() const { return b + 16; }
+  size_t k() const { return b + 17; }
+  size_t v() const { return b + 18; }
+  size_t dk() const { return b + 19; }
+  size_t dv() const { return b + 20; }
+  size_t df3() const { return b + 21; }
+  size_t df2() const { return b + 22; }
+  size_t df1() const { return b + 23; }
+  size_t gx() const { return b + 24; }
+  size_t dP() const { return b + 25; }
+  size_t grad() const { return b + 26; }
+  size_t scratch() const { return b + 27; }
+};
+enum HeadParam : int { kPos, kPosW, kPosB, kLnW, kLnB, kW1, kB1, kW2, kB2, kWk, kWv };
+
+// The head's shapes from the stack's last map; checks that they fit.
+struct HeadDims {
+  i64 R, HW, D, Z, pc;
+};
+HeadDims head_dims(const ConvStack& s, const EncoderHead& h) {
+  const NhwcGeom g = s.geom(s.layers.size() - 1);
+  if (h.D != s.layers.back().Co) throw std::invalid_argument("GPU encoder: the head's D differs from the stack's last channels");
+  if (h.D < 1 || h.Z < 1 || h.pos_c < 1) throw std::invalid_argument("GPU encoder: empty head");
+  const float* need[] = {h.pos, h.pos_w, h.pos_b, h.ln_w, h.ln_b, h.w1, h.b1, h.w2, h.b2, h.wk, h.wv};
+  for (const float* p : need)
+    if (!p) throw std::invalid_argument("GPU encoder: every head tensor is needed");
+  return HeadDims{g.M(), g.Ho * g.Wo, h.D, h.Z, h.pos_c};
+}
+
+// The head's tensor i (n floats) on the device, uploaded unless its tag is there.
+const float* head_param(DeviceWorkspace& ws, const HeadSlots& hs, const EncoderHead& h, int i, const float* src, i64 n) {
+  return ws.upload_tagged(hs.param(i), slot_tag(h.tags[i], kAsIs), static_cast<size_t>(n), [&] { return src; });
+}
+
+// The head's forward pass from the stack's last map, leaving every activation in its slot.
+void head_forward(const ConvStack& s, const EncoderHead& h, DeviceWorkspace& ws) {
+  const HeadDims d = head_dims(s, h);
+  const StackSlots sl{s.layers.size()};
+  const HeadSlots hs{sl.end()};
+  const int D = as_int(d.D, "D"), Z = as_int(d.Z, "Z");
+  const float* pos = head_param(ws, hs, h, kPos, h.pos, d.HW * d.pc);
+  const float* pos_w = head_param(ws, hs, h, kPosW, h.pos_w, d.D * d.pc);
+  const float* pos_b = head_param(ws, hs, h, kPosB, h.pos_b, d.D);
+  float* P = ws.buf(hs.P(), static_cast<size_t>(d.HW * d.D));
+  gemm(a_operand(pos, d.pc, 1), b_operand(pos_w, 1, d.pc), Store{P, D, pos_b, 0}, d.HW, d.D, d.pc);
+  const float* ln_w = head_param(ws, hs, h, kLnW, h.ln_w, d.D);
+  const float* ln_b = head_param(ws, hs, h, kLnB, h.ln_b, d.D);
+  float* f1 = ws.buf(hs.f1(), static_cast<size_t>(d.R * d.D));
+  float* mean = ws.buf(hs.mean(), static_cast<size_t>(d.R));
+  float* rstd = ws.buf(hs.rstd(), static_cast<size_t>(d.R));
+  launch(pos_layer_norm_kernel, grid_for(d.R), dim3(kThreads), static_cast<const float*>(ws.buf(sl.out(s.layers.size() - 1), 0)),
+         static_cast<const float*>(P), d.R, d.HW, D, ln_w, ln_b, static_cast<float>(h.eps), f1, mean, rstd);
+  const float* w1 = head_param(ws, hs, h, kW1, h.w1, d.D * d.D);
+  const float* b1 = head_param(ws, hs, h, kB1, h.b1, d.D);
+  const float* w2 = head_param(ws, hs, h, kW2, h.w2, d.D * d.D);
+  const float* b2 = head_param(ws, hs, h, kB2, h.b2, d.D);
+  const float* wk = head_param(ws, hs, h, kWk, h.wk, d.Z * d.D);
+  const float* wv = head_param(ws, hs, h, kWv, h.wv, d.Z * d.D);
+  float* f2 = ws.buf(hs.f2(), static_cast<size_t>(d.R * d.D));
+  float* f3 = ws.buf(hs.f3(), static_cast<size_t>(d.R * d.D));
+  gemm(a_operand(f1, d.D, 1), b_operand(w1, 1, d.D), Store{f2, D, b1, static_cast<int>(Act::Relu)}, d.R, d.D, d.D);
+  gemm(a_operand(f2, d.D, 1), b_operand(w2, 1, d.D), Store{f3, D, b2, 0}, d.R, d.D, d.D);
+  gemm(a_operand(f3, d.D, 1), b_operand(wk, 1, d.D), Store{ws.buf(hs.k(), static_cast<size_t>(d.R * d.Z)), Z, nullptr, 0}, d.R, d.Z, d.D);
+  gemm(a_operand(f3, d.D, 1), b_operand(wv, 1, d.D), Store{ws.buf(hs.v(), static_cast<size_t>(d.R * d.Z)), Z, nullptr, 0}, d.R, d.Z, d.D);
+}
+
+}  // namespace
+
+uint64_t conv_stack_forward(const ConvStack& s, float* y, GpuWorkspace& base) {
+  check_stack(s);
+  DeviceWorkspace& ws = own_workspace(base);
+  ws.forget();  // a failure below leaves no set claimed
+  stack_forward(s, ws);
+  const size_t last = s.layers.size() - 1;
+  const NhwcGeom g = s.geom(last);
+  ws.down(y, ws.buf(StackSlots{s.layers.size()}.out(last), 0), static_cast<size_t>(g.M() * s.layers[last].Co));
+  finish("conv stack forward");
+  return ws.stamp();
+}
+
+void conv_stack_backward(const ConvStack& s, uint64_t stamp, const float* dy, float* dx, const std::vector<float*>& dw,
+                         const std::vector<float*>& db, GpuWorkspace& base) {
+  check_stack(s);
+  DeviceWorkspace& ws = own_workspace(base);
+  const size_t n = s.layers.size();
+  if (dw.size() != n || db.size() != n) throw std::invalid_argument("GPU conv stack backward: one dw and db pointer per layer");
+  if (!ws.holds(stamp)) {  // another forward ran since (or none did): recompute this one's maps
+    ws.forget();
+    stack_forward(s, ws);
+  }
+  const NhwcGeom g = s.geom(n - 1);
+  const i64 ny = g.M() * s.layers[n - 1].Co;
+  ws.up(ws.buf(StackSlots{n}.grad(0), static_cast<size_t>(ny)), dy, static_cast<size_t>(ny));
+  stack_backward(s, ws, dx, dw, db);
   finish("conv stack backward");
+}
+
+uint64_t encoder_forward(const ConvStack& s, const EncoderHead& h, float* k, float* v, GpuWorkspace& base) {
+  check_stack(s);
+  DeviceWorkspace& ws = own_workspace(base);
+  const HeadDims d = head_dims(s, h);
+  ws.forget();
+  stack_forward(s, ws);
+  head_forward(s, h, ws);
+  const HeadSlots hs{StackSlots{s.layers.size()}.end()};
+  ws.down(k, ws.buf(hs.k(), 0), static_cast<size_t>(d.R * d.Z));
+  ws.down(v, ws.buf(hs.v(), 0), static_cast<size_t>(d.R * d.Z));
+  finish("encoder forward");
+  return ws.stamp();
+}
+
+void encoder_backward(const ConvStack& s, const EncoderHead& h, uint64_t stamp, const float* dk, const float* dv,
+                      const std::vector<float*>& dw, const std::vector<float*>& db, const EncoderHeadGrads& g, GpuWorkspace& base) {
+  check_stack(s);
+  DeviceWorkspace& ws = own_workspace(base);
+  const HeadDims d = head_dims(s, h);
+  const size_t n = s.layers.size();
+  if (dw.size() != n || db.size() != n) throw std::invalid_argument("GPU encoder backward: one dw and db pointer per layer");
+  const float* wanted[] = {g.pos_w, g.pos_b, g.ln_w, g.ln_b, g.w1, g.b1, g.w2, g.b2, g.wk, g.wv};
+  const bool params = g.wk != nullptr;
+  for (const float* p : wanted)
+    if ((p != nullptr) != params) throw std::invalid_argument("GPU encoder backward: the head's gradients come all or none");
+  if (!ws.holds(stamp)) {  // another forward ran since (or none did): recompute this one's activations
+    ws.forget();
+    stack_forward(s, ws);
+    head_forward(s, h, ws);
+  }
+  const StackSlots sl{n};
+  const HeadSlots hs{sl.end()};
+  const int D = as_int(d.D, "D");
+  // every head tensor is in its slot from the forward pass
+  auto param = [&](int i) { return static_cast<const float*>(ws.buf(hs.param(i), 0)); };
+  const float* dkd = ws.upload(hs.dk(), dk, static_cast<size_t>(d.R * d.Z));
+  const float* dvd = ws.upload(hs.dv(), dv, static_cast<size_t>(d.R * d.Z));
+  const float* f1 = ws.buf(hs.f1(), 0);
+  const float* f2 = ws.buf(hs.f2(), 0);
+  const float* f3 = ws.buf(hs.f3(), 0);
+  float* grad = ws.buf(hs.grad(), static_cast<size_t>(std::max(d.D * d.D, std::max(d.Z * d.D, d.D * d.pc))));
+  auto weight_grad = [&](const float* A, i64 out, const float* B, i64 in, float* host) {
+    dense_weight_grad(ws, hs.scratch(), A, out, B, in, d.R, grad);
+    ws.down(host, grad, static_cast<size_t>(out * in));
+  };
+  auto bias_grad = [&](const float* v, i64 rows, float* host) {
+    col_sums(ws, hs.scratch(), v, 1, rows, d.D, grad);
+    ws.down(host, grad, static_cast<size_t>(d.D));
+  };
+  // k = f3 W_kᵀ, v = f3 W_vᵀ
+  float* df3 = ws.buf(hs.df3(), static_cast<size_t>(d.R * d.D));
+  gemm(a_operand(dkd, d.Z, 1), b_operand(param(kWk), d.D, 1), Store{df3, D, nullptr, 0}, d.R, d.D, d.Z);
+  gemm(a_operand(dvd, d.Z, 1), b_operand(param(kWv), d.D, 1), AddTo{df3, D}, d.R, d.D, d.Z);
+  if (params) {
+    weight_grad(dkd, d.Z, f3, d.D, g.wk);
+    weight_grad(dvd, d.Z, f3, d.D, g.wv);
+  }
+  // f3 = f2 W2ᵀ + b2, f2 = ReLU(f1 W1ᵀ + b1)
+  float* df2 = ws.buf(hs.df2(), static_cast<size_t>(d.R * d.D));
+  gemm(a_operand(df3, d.D, 1), b_operand(param(kW2), d.D, 1), Store{df2, D, nullptr, 0}, d.R, d.D, d.D);
+  act_grad(df2, f2, d.R * d.D, static_cast<int>(Act::Relu));
+  if (params) {
+    weight_grad(df3, d.D, f2, d.D, g.w2);
+    bias_grad(df3, d.R, g.b2);
+  }
+  float* df1 = ws.buf(hs.df1(), static_cast<size_t>(d.R * d.D));
+  gemm(a_operand(df2, d.D, 1), b_operand(param(kW1), d.D, 1), Store{df1, D, nullptr, 0}, d.R, d.D, d.D);
+  if (params) {
+    weight_grad(df2, d.D, f1, d.D, g.w1);
+    bias_grad(df2, d.R, g.b1);
+  }
+  // the LayerNorm, into d/d(the stack's last map), which is also d/d(the positional projection)
+  float* df0 = ws.buf(sl.grad(0), static_cast<size_t>(d.R * d.D));
+  float* gx = ws.buf(hs.gx(), static_cast<size_t>(d.R * d.D));
+  launch(pos_layer_norm_backward_kernel, grid_for(d.R), dim3(kThreads), static_cast<const float*>(df1),
+         static_cast<const float*>(ws.buf(sl.out(n - 1), 0)), static_cast<const float*>(ws.buf(hs.P(), 0)), d.R, d.HW, D, param(kLnW),
+         static_cast<const float*>(ws.buf(hs.mean(), 0)), static_cast<const float*>(ws.buf(hs.rstd(), 0)), df0, gx);
+  if (params) {
+    bias_grad(gx, d.R, g.ln_w);
+    bias_grad(df1, d.R, g.ln_b);
+    // P = pos W_posᵀ + b_pos is added to every image's map: dP sums df0 over the images
+    float* dP = ws.buf(hs.dP(), static_cast<size_t>(d.HW * d.D));
+    col_sums(ws, hs.scratch(), df0, 1, d.R / d.HW, d.HW * d.D, dP);
+    dense_weight_grad(ws, hs.scratch(), dP, d.D, param(kPos), d.pc, d.HW, grad);
+    ws.down(g.pos_w, grad, static_cast<size_t>(d.D * d.pc));
+    bias_grad(dP, d.HW, g.pos_b);
+  }
+  stack_backward(s, ws, nullptr, dw, db);
+  finish("encoder backward");
 }
 
 void conv2d_forward(const NhwcGeom& g, int64_t Co, const float* x, const float* w, const float* bias, Act act, float* y,

@@ -46,13 +46,6 @@ __global__ void gru_gate_grads_kernel(const float* dy, const float* gates, const
   }
 }
 
-// out[m, n] += v: a product added onto what is there (each element written by one thread).
-struct AddTo {
-  float* out;
-  int ldc;
-  EMORL_DEVICE void operator()(int m, int n, float v, int) const { out[static_cast<i64>(m) * ldc + n] += v; }
-};
-
 float* upload(DeviceWorkspace& ws, size_t slot, const float* src, i64 n) { return ws.upload(slot, src, static_cast<size_t>(n)); }
 
 // a weight or bias, kept on the device between calls under its tag

@@ -159,6 +159,13 @@ struct Store {
   }
 };
 
+// out[m, n] += v: a product added onto what is there (each element written by one thread).
+struct AddTo {
+  float* out;
+  int ldc;
+  EMORL_DEVICE void operator()(int m, int n, float v, int) const { out[static_cast<i64>(m) * ldc + n] += v; }
+};
+
 // one split's partial sum: part[split, m, n]
 struct Partial {
   float* part;
