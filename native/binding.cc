@@ -20,6 +20,7 @@
 #include "common.h"
 #include "conv.h"
 #include "decoder.h"
+#include "encoder_head.h"
 #include "gemm.h"
 #include "gpu/gpu.h"
 #include "gru.h"
@@ -1414,13 +1415,11 @@ Napi::Value ConvStackBackwardFn(const Napi::CallbackInfo& info, bool) {
 
 // spec.head = {pos [H·W, pc], posW [D, pc], posB [D], lnW, lnB [D], eps, w1, w2 [D, D], b1, b2 [D],
 //   wk, wv [Z, D], tags?: 11 content tags in that order}, D the stack's last channels.
-emorl::EncoderHead encoder_head_spec(const Args& a, const Props& p, const emorl::ConvStack& s) {
+emorl::EncoderHead encoder_head_spec(const Args& a, const Props& p, int64_t D, int64_t hw, const char* d_is) {
   const Props q(a, p.get("head"), p.name("head"));
   emorl::EncoderHead h;
-  const emorl::NhwcGeom g = s.geom(s.layers.size() - 1);
-  const int64_t hw = g.Ho * g.Wo;
-  h.D = s.layers.back().Co;
-  const std::string dn = "D = " + std::to_string(h.D) + " (the last layer's channels)";
+  h.D = D;
+  const std::string dn = "D = " + std::to_string(h.D) + " (" + d_is + ")";
   const int64_t npos = q.length("pos");
   if (npos == 0 || npos % hw) {
     std::ostringstream o;
@@ -1456,6 +1455,90 @@ emorl::EncoderHead encoder_head_spec(const Args& a, const Props& p, const emorl:
     }
   }
   return h;
+}
+
+emorl::EncoderHead encoder_head_spec(const Args& a, const Props& p, const emorl::ConvStack& s) {
+  const emorl::NhwcGeom g = s.geom(s.layers.size() - 1);
+  return encoder_head_spec(a, p, s.layers.back().Co, g.Ho * g.Wo, "the last layer's channels");
+}
+
+// ---- the encoder head on the CPU (encoder_head.h; lib/ops/native.ts encoderHead) ----
+
+struct HeadCall {
+  emorl::EncoderHead h;
+  emorl::EncoderHeadDims d;
+  emorl::EncoderHeadParams params() const {
+    return {h.pos, h.pos_w, h.pos_b, h.ln_w, h.ln_b, h.w1, h.b1, h.w2, h.b2, h.wk, h.wv, h.eps};
+  }
+};
+
+// {h [rows, D], rows, hw, D, head} as the encoder stage's head (spec.head).
+HeadCall head_call(const Args& a, const Props& p) {
+  HeadCall c;
+  const int64_t rows = p.integer("rows", 1), hw = p.integer("hw", 1), D = p.integer("D", 1);
+  if (rows % hw) a.range_error("'" + p.name("rows") + "' = " + std::to_string(rows) + " is not a multiple of hw = " + std::to_string(hw));
+  c.h = encoder_head_spec(a, p, D, hw, "spec.D");
+  c.d = {rows, hw, D, c.h.Z, c.h.pos_c};
+  a.numel({rows, std::max(D, c.h.Z)}, "[rows, max(D, Z)]");
+  return c;
+}
+
+// encoderHead({h, rows, hw, D, head}) -> {k, v [rows, Z], f1, f2, f3 [rows, D], mean, rstd [rows] (Float64Array)}
+Napi::Value EncoderHeadFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "encoderHead");
+  Props p(a, a.at(0), "spec");
+  const HeadCall c = head_call(a, p);
+  const int64_t R = c.d.rows, D = c.d.D, Z = c.d.Z;
+  const float* h = p.f32("h", R * D, "[rows, D] = " + shape_str({R, D}));
+  auto k = new_f32(a, R * Z), v = new_f32(a, R * Z);
+  auto f1 = new_f32(a, R * D), f2 = new_f32(a, R * D), f3 = new_f32(a, R * D);
+  auto mean = Napi::Float64Array::New(a.env(), static_cast<size_t>(R)), rstd = Napi::Float64Array::New(a.env(), static_cast<size_t>(R));
+  emorl::encoder_head_forward(c.d, h, c.params(), k.Data(), v.Data(), {f1.Data(), f2.Data(), f3.Data(), mean.Data(), rstd.Data()}, threads());
+  Napi::Object r = Napi::Object::New(a.env());
+  r.Set("k", k);
+  r.Set("v", v);
+  r.Set("f1", f1);
+  r.Set("f2", f2);
+  r.Set("f3", f3);
+  r.Set("mean", mean);
+  r.Set("rstd", rstd);
+  return r;
+}
+
+// encoderHeadBackward({h, rows, hw, D, head, f1, f2, f3, mean, rstd, dk, dv, needParams})
+//   -> {dh [rows, D], head: {posW, posB, lnW, lnB, w1, b1, w2, b2, wk, wv} | null}
+Napi::Value EncoderHeadBackwardFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "encoderHeadBackward");
+  Props p(a, a.at(0), "spec");
+  const HeadCall c = head_call(a, p);
+  const int64_t R = c.d.rows, D = c.d.D, Z = c.d.Z;
+  const std::string rd = "[rows, D] = " + shape_str({R, D}), rz = "[rows, Z] = " + shape_str({R, Z});
+  const float* h = p.f32("h", R * D, rd);
+  const emorl::EncoderHeadKept sv{p.f32("f1", R * D, rd), p.f32("f2", R * D, rd), p.f32("f3", R * D, rd), f64_prop(a, p, "mean", R),
+                                  f64_prop(a, p, "rstd", R)};
+  const float* dk = p.f32("dk", R * Z, rz);
+  const float* dv = p.f32("dv", R * Z, rz);
+  auto dh = new_f32(a, R * D);
+  Napi::Object r = Napi::Object::New(a.env());
+  r.Set("dh", dh);
+  emorl::EncoderHeadParamGrads g{};
+  if (p.boolean("needParams", true)) {
+    Napi::Object ho = Napi::Object::New(a.env());
+    const std::pair<const char*, std::pair<float**, int64_t>> outs[] = {
+        {"posW", {&g.pos_w, D * c.d.pc}}, {"posB", {&g.pos_b, D}}, {"lnW", {&g.ln_w, D}}, {"lnB", {&g.ln_b, D}},
+        {"w1", {&g.w1, D * D}},            {"b1", {&g.b1, D}},     {"w2", {&g.w2, D * D}}, {"b2", {&g.b2, D}},
+        {"wk", {&g.wk, Z * D}},            {"wv", {&g.wv, Z * D}}};
+    for (const auto& o : outs) {
+      auto t = new_f32(a, o.second.second);
+      *o.second.first = t.Data();
+      ho.Set(o.first, t);
+    }
+    r.Set("head", ho);
+  } else {
+    r.Set("head", a.env().Null());
+  }
+  emorl::encoder_head_backward(c.d, h, c.params(), sv, dk, dv, dh.Data(), g, threads());
+  return r;
 }
 
 // encoderStage({x, xShape, layers, head, device, workspace?}) -> {k, v [N·H·W, Z], rows, Z, stamp}
@@ -1654,6 +1737,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("gruCell", Napi::Function::New(env, entry<GruCellFn, false>, "gruCell"));
   exports.Set("convStack", Napi::Function::New(env, entry<ConvStackFn, false>, "convStack"));
   exports.Set("encoderStage", Napi::Function::New(env, entry<EncoderStageFn, false>, "encoderStage"));
+  exports.Set("encoderHead", Napi::Function::New(env, entry<EncoderHeadFn, false>, "encoderHead"));
+  exports.Set("encoderHeadBackward", Napi::Function::New(env, entry<EncoderHeadBackwardFn, false>, "encoderHeadBackward"));
   exports.Set("encoderStageBackward", Napi::Function::New(env, entry<EncoderStageBackwardFn, false>, "encoderStageBackward"));
   exports.Set("convStackBackward", Napi::Function::New(env, entry<ConvStackBackwardFn, false>, "convStackBackward"));
   exports.Set("gruCellBackward", Napi::Function::New(env, entry<GruCellBackwardFn, false>, "gruCellBackward"));

@@ -3,6 +3,7 @@
 // No global mutable state: thread counts come from OpenMP's own settings (OMP_NUM_THREADS).
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -129,6 +130,25 @@ inline void split_range(int64_t n, int tid, int nt, int64_t& begin, int64_t& end
   int64_t q = n / nt, r = n % nt;
   begin = tid * q + (tid < r ? tid : r);
   end = begin + q + (tid < r ? 1 : 0);
+}
+
+// out[j] = Σ_rows v[row, j] (rows of `cols` floats), summed in double: per-thread partial sums over
+// contiguous row ranges, added in thread order (the result does not depend on timing).
+inline void column_sums(const float* v, int64_t rows, int64_t cols, float* out, int nthreads) {
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, rows * cols / 65536 + 1)));
+  std::vector<double> part(static_cast<size_t>(nt * cols), 0.0);
+  parallel_region(nt, [&](int tid, int n) {
+    int64_t r0, r1;
+    split_range(rows, tid, n, r0, r1);
+    double* acc = part.data() + tid * cols;
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t j = 0; j < cols; ++j) acc[j] += v[r * cols + j];
+  });
+  for (int64_t j = 0; j < cols; ++j) {
+    double t = 0;
+    for (int i = 0; i < nt; ++i) t += part[static_cast<size_t>(i * cols + j)];
+    out[j] = static_cast<float>(t);
+  }
 }
 
 }  // namespace emorl

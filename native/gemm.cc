@@ -3,8 +3,6 @@
 
 #include <algorithm>
 #include <chrono>
-
-#include <algorithm>
 #include <cstdlib>
 #include <string>
 
@@ -58,6 +56,16 @@ static GemmCall sub(const GemmCall& g, int64_t i0, int64_t i1, int64_t j0, int64
   else s.B = g.transB ? g.B + j0 * g.ldb : g.B + j0;
   s.C = g.C + i0 * g.ldc + j0;
   return s;
+}
+
+void sgemm_dense(bool transA, bool transB, int64_t M, int64_t N, int64_t K, const float* A, const float* B, float* C,
+                 bool accumulate, int nthreads) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    if (!accumulate) std::fill(C, C + M * N, 0.f);
+    return;
+  }
+  sgemm(GemmCall{transA, transB, M, N, K, A, transA ? M : K, B, transB ? K : N, C, N, accumulate}, nthreads);
 }
 
 void sgemm(const GemmCall& g, int nthreads) {

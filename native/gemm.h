@@ -83,6 +83,11 @@ const GemmKernel& gemm_kernel();
 // Multi-threaded (up to `nthreads`; 1 = run on the calling thread only). Allocates its scratch.
 void sgemm(const GemmCall& g, int nthreads);
 
+// C [M,N] = op(A)·op(B) (+ C when accumulate) for tightly packed row-major matrices (op(A) = Aᵀ
+// when A is stored [K,M], op(B) = Bᵀ when B is stored [N,K]); K = 0 gives zeros (or leaves C).
+void sgemm_dense(bool transA, bool transB, int64_t M, int64_t N, int64_t K, const float* A, const float* B, float* C,
+                 bool accumulate, int nthreads);
+
 // Single-threaded, with caller-owned scratch of gemm_kernel().pack_*_floats floats (for callers
 // that parallelise at a coarser level, e.g. over the images of a batch).
 void sgemm_serial(const GemmCall& g, float* packA, float* packB);

@@ -17,34 +17,14 @@ int pass_threads(int nthreads, int64_t rows, int64_t cols) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, rows * cols / 16384 + 1)));
 }
 
-// C [M,N] = A [M,K] · op(B), op(B) = Bᵀ when B is stored [N,K].
-void product(bool transA, bool transB, int64_t M, int64_t N, int64_t K, const float* A, const float* B, float* C, bool accumulate,
-             int nthreads) {
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
-    if (!accumulate) std::fill(C, C + M * N, 0.f);
-    return;
-  }
-  GemmCall g{transA, transB, M, N, K, A, transA ? M : K, B, transB ? K : N, C, N, accumulate};
-  sgemm(g, nthreads);
-}
-
-// out[j] = Σ_rows v[row, j], in double.
-void column_sums(const float* v, int64_t rows, int64_t cols, float* out) {
-  std::vector<double> acc(static_cast<size_t>(cols), 0.0);
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) acc[static_cast<size_t>(j)] += v[i * cols + j];
-  for (int64_t j = 0; j < cols; ++j) out[j] = static_cast<float>(acc[static_cast<size_t>(j)]);
-}
-
 }  // namespace
 
 void gru_forward(const GruDims& d, const float* x, const float* h, const float* w_ih, const float* w_hh, const float* b_ih,
                  const float* b_hh, float* y, float* gates, int nthreads) {
   const int64_t N = d.N, H = d.H, G = d.G(), plane = N * H;
   std::vector<float> a(static_cast<size_t>(N * G)), c(static_cast<size_t>(N * G));
-  product(false, true, N, G, d.I, x, w_ih, a.data(), false, nthreads);
-  product(false, true, N, G, H, h, w_hh, c.data(), false, nthreads);
+  sgemm_dense(false, true, N, G, d.I, x, w_ih, a.data(), false, nthreads);
+  sgemm_dense(false, true, N, G, H, h, w_hh, c.data(), false, nthreads);
   parallel_region(pass_threads(nthreads, N, G), [&](int tid, int nt) {
     int64_t r0, r1;
     split_range(N, tid, nt, r0, r1);
@@ -86,12 +66,12 @@ void gru_backward(const GruDims& d, const float* x, const float* h, const float*
         dh[q] = g.dh_direct;
       }
   });
-  product(false, false, N, I, G, da.data(), w_ih, dx, false, nthreads);
-  product(false, false, N, H, G, dc.data(), w_hh, dh, true, nthreads);
-  if (dw_ih) product(true, false, G, I, N, da.data(), x, dw_ih, false, nthreads);
-  if (dw_hh) product(true, false, G, H, N, dc.data(), h, dw_hh, false, nthreads);
-  if (db_ih) column_sums(da.data(), N, G, db_ih);
-  if (db_hh) column_sums(dc.data(), N, G, db_hh);
+  sgemm_dense(false, false, N, I, G, da.data(), w_ih, dx, false, nthreads);
+  sgemm_dense(false, false, N, H, G, dc.data(), w_hh, dh, true, nthreads);
+  if (dw_ih) sgemm_dense(true, false, G, I, N, da.data(), x, dw_ih, false, nthreads);
+  if (dw_hh) sgemm_dense(true, false, G, H, N, dc.data(), h, dw_hh, false, nthreads);
+  if (db_ih) column_sums(da.data(), N, G, db_ih, nthreads);
+  if (db_hh) column_sums(dc.data(), N, G, db_hh, nthreads);
 }
 
 }  // namespace emorl

@@ -7,7 +7,8 @@
 import * as fs from 'node:fs';
 import { tf, initBackend } from '../lib/tf';
 import { nativeStatus } from '../lib/native';
-import { tfjsOps, type Ops } from '../lib/ops';
+import { tfjsOps, type EncoderArgs, type Ops } from '../lib/ops';
+import { positionalEmbedding } from '../lib/model/positional';
 import { nativeOps, nativeOpsAvailable, nativeOpsOn, defaultOps, opsForBackend } from '../lib/ops/native';
 import { addonOps, type ConvPrecision, type StageDevice } from '../lib/ops/addon';
 import { spawnSync } from 'node:child_process';
@@ -100,6 +101,34 @@ describeNative('nativeOps ops vs tfjsOps', () => {
       const gz = nativeOps.withoutParamGrads(() => tf.grads(f(nativeOps))([x, w, b]));
       expectScaled(gz[0], gt[0], 1e-5, 'dx without param grads');
       expect(maxAbsOf(gz[1])).toBe(0);
+    });
+  });
+
+  test('encoder (convolutions, then the head in one addon call each way): k, v and every gradient', () => {
+    tf.tidy(() => {
+      const B = 2, H = 7, W = 6, C = 3, D = 16, Z = 8;
+      const x = rand([B, H, W, C], 71) as tf.Tensor4D;
+      const params = [rand([D, C, 5, 5], 72, 0.2), rand([D], 73, 0.1), rand([D, D, 5, 5], 74, 0.05), rand([D], 75, 0.1),
+        rand([D, 4], 76, 0.5), rand([D], 77, 0.1), tf.add(1, rand([D], 78, 0.2)), rand([D], 79, 0.1),
+        rand([D, D], 80, 0.3), rand([D], 81, 0.1), rand([D, D], 82, 0.3), rand([D], 83, 0.1), rand([Z, D], 84, 0.3), rand([Z, D], 85, 0.3)];
+      const pos = tf.tensor3d(positionalEmbedding(H, W), [H, W, 4]);
+      const args = (p: tf.Tensor[]): EncoderArgs => ({
+        x, pos, convs: [0, 1].map((i) => ({ weight: p[2 * i], bias: p[2 * i + 1], pad: 2, activation: 'relu' as const })),
+        posWeight: p[4], posBias: p[5], lnWeight: p[6], lnBias: p[7], w1: p[8], b1: p[9], w2: p[10], b2: p[11], wk: p[12], wv: p[13],
+      });
+      const wk = rand([B, H * W, Z], 86), wv = rand([B, H * W, Z], 87);
+      const f = (o: Ops) => (...p: tf.Tensor[]) => {
+        const r = o.encoder(args(p));
+        return tf.add(tf.sum(tf.mul(r.k, wk)), tf.sum(tf.mul(r.v, wv))) as tf.Scalar;
+      };
+      const rn = nativeOps.encoder(args(params)), rt = tfjsOps.encoder(args(params));
+      expectScaled(rn.k, rt.k, 1e-5, 'k');
+      expectScaled(rn.v, rt.v, 1e-5, 'v');
+      const gn = tf.grads(f(nativeOps))(params), gt = tf.grads(f(tfjsOps))(params);
+      gn.forEach((g, i) => expectScaled(g, gt[i], 1e-4, `gradient ${i}`));
+      const gz = nativeOps.withoutParamGrads(() => tf.grads(f(nativeOps))(params));
+      expect(maxAbsOf(gz[4])).toBe(0);
+      expect(maxAbsOf(gz[12])).toBe(0);
     });
   });
 

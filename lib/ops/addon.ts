@@ -68,8 +68,12 @@ export interface NativeAddon {
   encoderStage(spec: EncoderStageSpec): { k: Float32Array; v: Float32Array; rows: number; Z: number; stamp: number };
   encoderStageBackward(spec: EncoderStageSpec & { dk: Float32Array; dv: Float32Array; stamp: number; needParams: boolean }): {
     dw: Float32Array[] | null; db: Float32Array[] | null;
-    head: Record<'posW' | 'posB' | 'lnW' | 'lnB' | 'w1' | 'b1' | 'w2' | 'b2' | 'wk' | 'wv', Float32Array> | null;
+    head: EncoderHeadGrads | null;
   };
+  /** the encoder after its convolutions on the CPU (native/encoder_head.h): k, v and what the backward needs */
+  encoderHead(spec: EncoderHeadSpec): { k: Float32Array; v: Float32Array; f1: Float32Array; f2: Float32Array; f3: Float32Array; mean: Float64Array; rstd: Float64Array };
+  encoderHeadBackward(spec: EncoderHeadSpec & { f1: Float32Array; f2: Float32Array; f3: Float32Array; mean: Float64Array; rstd: Float64Array; dk: Float32Array; dv: Float32Array; needParams: boolean }):
+    { dh: Float32Array; head: EncoderHeadGrads | null };
   /** the fused likelihood alone (native/likelihood.h) */
   imageNll(spec: { raw: Float32Array; target: Float32Array; B: number; K: number; H: number; W: number; C: number; logVar: number; gmm: boolean; needGrad: boolean }): { nll: Float32Array; draw: Float32Array | null };
 }
@@ -82,6 +86,17 @@ export interface ConvStackSpec {
   layers: { w: Float32Array; wShape: number[]; b: Float32Array; stride?: number; pad?: number; act?: number; wTag?: number; bTag?: number }[];
   device: StageDevice;
   workspace?: object;
+}
+
+export type EncoderHeadGrads = Record<'posW' | 'posB' | 'lnW' | 'lnB' | 'w1' | 'b1' | 'w2' | 'b2' | 'wk' | 'wv', Float32Array>;
+
+/** The head's tensors (EncoderStageSpec.head) and the conv stack's last map h [rows, D] (rows = images · hw). */
+export interface EncoderHeadSpec {
+  h: Float32Array;
+  rows: number;
+  hw: number;
+  D: number;
+  head: EncoderStageSpec['head'];
 }
 
 export interface EncoderStageSpec extends ConvStackSpec {
@@ -297,8 +312,8 @@ export function addonOps(): NativeAddon {
   if (!st.available || !st.path) throw new Error(`emorl native addon unavailable: ${st.reason ?? 'unknown reason'}`);
   // eslint-disable-next-line @typescript-eslint/no-require-imports
   const mod = require(st.path) as Partial<NativeAddon>;
-  if (typeof mod.nhwcConv2d !== 'function' || typeof mod.decoderStage !== 'function' || typeof mod.slotSoftmax !== 'function' || typeof mod.layerNorm !== 'function' || typeof mod.gruCell !== 'function') {
-    throw new Error(`the addon at ${st.path} is older than this package (no NHWC, decoder-stage, attention, layer-norm or GRU kernels); rebuild it with \`npm run build:native\``);
+  if (typeof mod.nhwcConv2d !== 'function' || typeof mod.decoderStage !== 'function' || typeof mod.slotSoftmax !== 'function' || typeof mod.layerNorm !== 'function' || typeof mod.gruCell !== 'function' || typeof mod.encoderHead !== 'function') {
+    throw new Error(`the addon at ${st.path} is older than this package (no NHWC, decoder-stage, attention, layer-norm, GRU or encoder kernels); rebuild it with \`npm run build:native\``);
   }
   return (addon = mod as NativeAddon);
 }

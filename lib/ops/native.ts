@@ -17,7 +17,7 @@ import { decoderNll } from './native-decoder';
 import { slotCompetition } from './native-attention';
 import { dualGruCell, gruCell } from './native-gru';
 import { tfjsOps, type Ops } from './index';
-import { ENCODER_LN_EPS, encoderReference, type EncoderArgs, type EncoderOutput } from './encoder-stage';
+import { ENCODER_LN_EPS, type EncoderArgs, type EncoderOutput } from './encoder-stage';
 import { addTapSumsGrad, broadcastConvShapes, broadcastTapSums } from './broadcast';
 import { convStackWith, convTransposeShapes, paramGradsEnabled, type ConvOptions, type ConvStackLayer, type ConvTransposeOptions, type FusedActivation } from './conv';
 
@@ -137,22 +137,11 @@ export function encoderOnDevice(a: EncoderArgs, device: StageDevice): EncoderOut
     };
     const r = k.encoderStage(spec);
     const { rows, Z } = r;
-    // k and v side by side, [rows, 2Z]: customGrad takes one output
-    const kv = new Float32Array(rows * 2 * Z);
-    for (let i = 0; i < rows; i++) {
-      kv.set(r.k.subarray(i * Z, (i + 1) * Z), i * 2 * Z);
-      kv.set(r.v.subarray(i * Z, (i + 1) * Z), i * 2 * Z + Z);
-    }
     save([]);
     return {
-      value: tf.tensor2d(kv, [rows, 2 * Z]),
+      value: joinKv(r.k, r.v, rows, Z),
       gradFunc: (dy: tf.Tensor) => {
-        const g = f32(dy);
-        const dk = new Float32Array(rows * Z), dv = new Float32Array(rows * Z);
-        for (let i = 0; i < rows; i++) {
-          dk.set(g.subarray(i * 2 * Z, i * 2 * Z + Z), i * Z);
-          dv.set(g.subarray(i * 2 * Z + Z, (i + 1) * 2 * Z), i * Z);
-        }
+        const [dk, dv] = splitKv(dy, rows, Z);
         const needParams = paramGradsEnabled();
         const b = k.encoderStageBackward({ ...spec, dk, dv, stamp: r.stamp, needParams });
         if (!needParams) return t.map((x) => tf.zerosLike(x));
@@ -164,10 +153,77 @@ export function encoderOnDevice(a: EncoderArgs, device: StageDevice): EncoderOut
       },
     };
   });
-  const kv = op(...a.convs.flatMap((L) => [L.weight, L.bias]), ...head) as tf.Tensor2D;
-  const Z = a.wk.shape[0];
+  return kvOutput(op(...a.convs.flatMap((L) => [L.weight, L.bias]), ...head) as tf.Tensor2D, B, H * W);
+}
+
+/** k and v [rows, Z] side by side as one [rows, 2Z] tensor (customGrad takes one output). */
+function joinKv(k: Float32Array, v: Float32Array, rows: number, Z: number): tf.Tensor2D {
+  const kv = new Float32Array(rows * 2 * Z);
+  for (let i = 0; i < rows; i++) {
+    kv.set(k.subarray(i * Z, (i + 1) * Z), i * 2 * Z);
+    kv.set(v.subarray(i * Z, (i + 1) * Z), i * 2 * Z + Z);
+  }
+  return tf.tensor2d(kv, [rows, 2 * Z]);
+}
+
+/** The gradient of joinKv's output back to dk, dv. */
+function splitKv(dy: tf.Tensor, rows: number, Z: number): [Float32Array, Float32Array] {
+  const g = f32(dy);
+  const dk = new Float32Array(rows * Z), dv = new Float32Array(rows * Z);
+  for (let i = 0; i < rows; i++) {
+    dk.set(g.subarray(i * 2 * Z, i * 2 * Z + Z), i * Z);
+    dv.set(g.subarray(i * 2 * Z + Z, (i + 1) * 2 * Z), i * Z);
+  }
+  return [dk, dv];
+}
+
+function kvOutput(kv: tf.Tensor2D, B: number, HW: number): EncoderOutput {
+  const Z = kv.shape[1] / 2;
   const [kt, vt] = tf.split(kv, 2, 1);
-  return { k: kt.reshape([B, H * W, Z]), v: vt.reshape([B, H * W, Z]) } as EncoderOutput;
+  return { k: kt.reshape([B, HW, Z]), v: vt.reshape([B, HW, Z]) } as EncoderOutput;
+}
+
+/**
+ * The encoder on the CPU kernels: the convolutions by `ops.convStack`, then the head (positional
+ * add, LayerNorm, MLP, k and v: native/encoder_head.h) as one addon call each way, which keeps its
+ * activations as typed arrays between them.
+ */
+export function encoderOnCpu(ops: Ops, a: EncoderArgs): EncoderOutput {
+  const h = ops.convStack(a.x, a.convs);
+  const [B, H, W, D] = h.shape;
+  const rows = B * H * W;
+  const k = nhwc();
+  const head = [a.posWeight, a.posBias, a.lnWeight, a.lnBias, a.w1, a.b1, a.w2, a.b2, a.wk, a.wv];
+  const pos = f32(a.pos);
+  const op = tf.customGrad((...args) => {
+    const save = args.pop() as tf.GradSaveFunc;
+    const t = args as tf.Tensor[];
+    const hp = t.slice(1);
+    const spec = {
+      h: f32(t[0]), rows, hw: H * W, D,
+      head: {
+        pos, posW: f32(hp[0]), posB: f32(hp[1]), lnW: f32(hp[2]), lnB: f32(hp[3]), eps: ENCODER_LN_EPS,
+        w1: f32(hp[4]), b1: f32(hp[5]), w2: f32(hp[6]), b2: f32(hp[7]), wk: f32(hp[8]), wv: f32(hp[9]),
+      },
+    };
+    const r = k.encoderHead(spec);
+    const Z = r.k.length / rows;
+    save([]);
+    return {
+      value: joinKv(r.k, r.v, rows, Z),
+      gradFunc: (dy: tf.Tensor) => {
+        const [dk, dv] = splitKv(dy, rows, Z);
+        const needParams = paramGradsEnabled();
+        const b = k.encoderHeadBackward({ ...spec, f1: r.f1, f2: r.f2, f3: r.f3, mean: r.mean, rstd: r.rstd, dk, dv, needParams });
+        const grads: tf.Tensor[] = [tf.tensor4d(b.dh, [B, H, W, D])];
+        if (!needParams) return [...grads, ...hp.map((x) => tf.zerosLike(x))];
+        const hg = b.head!;
+        [hg.posW, hg.posB, hg.lnW, hg.lnB, hg.w1, hg.b1, hg.w2, hg.b2, hg.wk, hg.wv].forEach((d, i) => grads.push(tf.tensor(d, head[i].shape)));
+        return grads;
+      },
+    };
+  });
+  return kvOutput(op(h, ...head) as tf.Tensor2D, B, H * W);
 }
 
 /** convTranspose2d as tfjsOps.convTranspose2d: x [n,h,w,cin], weight [cin,cout,kh,kw], bias [cout]. */
@@ -401,7 +457,7 @@ export function layerNorm(x: tf.Tensor, weight?: tf.Tensor, bias?: tf.Tensor, ep
  */
 export const nativeOps: Ops = {
   ...tfjsOps, conv2d, convStack: (x, layers) => convStackWith(conv2d, x, layers), convTranspose2d, broadcastConv2d, linear, layerNorm, decoderNll,
-  slotCompetition, gruCell, dualGruCell, encoder: (args) => encoderReference(nativeOps, args),
+  slotCompetition, gruCell, dualGruCell, encoder: (args) => encoderOnCpu(nativeOps, args),
 };
 
 export { nativeOpsAvailable };
@@ -460,7 +516,7 @@ export function nativeOpsOn(device: StageDevice, precision: ConvPrecision = 'fp3
     decoderNll: (a) => decoderNll(a, device, precision),
     conv2d: (x, w, b, opts) => conv2d(x, w, b, opts, device, precision),
     convStack: (x, layers) => (device === 'cpu' ? convStackWith(ops.conv2d, x, layers) : convStackOnDevice(x, layers, device)),
-    encoder: (args) => (device === 'cpu' ? encoderReference(ops, args) : encoderOnDevice(args, device)),
+    encoder: (args) => (device === 'cpu' ? encoderOnCpu(ops, args) : encoderOnDevice(args, device)),
     ...(device !== 'cpu' && {
       gruCell: (x, h, p) => gruCell(x, h, p, device),
       dualGruCell: (x, h1, h2, p) => dualGruCell(x, h1, h2, p, device),

@@ -208,6 +208,11 @@ bool check_case(const Case& cs, int device, uint64_t seed) {
   return ok;
 }
 
+double median_ms(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
 // The GRU step on the device against the CPU: y, the gate planes and every gradient.
 struct GruCase {
   const char* name;
@@ -347,6 +352,95 @@ bool check_conv_stack(const char* name, int64_t N, int64_t H, int64_t W, int64_t
   return ok;
 }
 
+// The whole encoder on the device against the same kernels on the SIMT emulator (which the
+// TypeScript tests check against the encoder in plain ops): k, v and every gradient.
+bool check_encoder(const char* name, int64_t N, int64_t H, int64_t W, int64_t D, int64_t Z, int device, uint64_t seed, bool timed = false) {
+#if defined(EMORL_GPU_CHECK_SIMT)
+  (void)name, (void)N, (void)H, (void)W, (void)D, (void)Z, (void)device, (void)seed, (void)timed;
+  return true;  // nothing to compare the emulator with
+#else
+  Rng rng{seed * 0x9e3779b97f4a7c15ull + 5};
+  ConvStack s;
+  s.N = N;
+  s.H = H;
+  s.W = W;
+  s.C = 3;
+  const std::vector<float> x = rng.vec(static_cast<size_t>(N * H * W * 3), -1, 1);
+  s.x = x.data();
+  std::vector<std::vector<float>> t;
+  auto tensor = [&](int64_t n, float r) {
+    t.push_back(rng.vec(static_cast<size_t>(n), -r, r));
+    return t.back().data();
+  };
+  t.reserve(32);
+  for (int i = 0; i < 4; ++i) s.layers.push_back({tensor(D * (i ? D : 3) * 25, 0.05f), tensor(D, 0.1f), D, 5, 5, 1, 2, Act::Relu});
+  EncoderHead h;
+  h.D = D;
+  h.Z = Z;
+  h.pos_c = 4;
+  h.pos = tensor(H * W * 4, 1.f);
+  h.pos_w = tensor(D * 4, 0.5f);
+  h.pos_b = tensor(D, 0.1f);
+  h.ln_w = tensor(D, 1.f);
+  h.ln_b = tensor(D, 0.1f);
+  h.w1 = tensor(D * D, 0.2f);
+  h.b1 = tensor(D, 0.1f);
+  h.w2 = tensor(D * D, 0.2f);
+  h.b2 = tensor(D, 0.1f);
+  h.wk = tensor(Z * D, 0.2f);
+  h.wv = tensor(Z * D, 0.2f);
+  const size_t rows = static_cast<size_t>(N * H * W);
+  const std::vector<float> dk = rng.vec(rows * static_cast<size_t>(Z), -1, 1), dv = rng.vec(rows * static_cast<size_t>(Z), -1, 1);
+  struct Run {
+    std::vector<float> k, v;
+    std::vector<std::vector<float>> dw, db, head;
+  };
+  auto run = [&](bool emulated) {
+    Run r;
+    r.k.resize(rows * static_cast<size_t>(Z));
+    r.v.resize(r.k.size());
+    auto ws = emulated ? emorl::simt::make_workspace(0) : emorl::cuda::make_workspace(device);
+    const uint64_t stamp = emulated ? emorl::simt::encoder_forward(s, h, r.k.data(), r.v.data(), *ws)
+                                    : emorl::cuda::encoder_forward(s, h, r.k.data(), r.v.data(), *ws);
+    std::vector<float*> dw, db;
+    for (size_t i = 0; i < s.layers.size(); ++i) {
+      r.dw.emplace_back(static_cast<size_t>(D * s.geom(i).P()));
+      r.db.emplace_back(static_cast<size_t>(D));
+    }
+    for (size_t i = 0; i < s.layers.size(); ++i) {
+      dw.push_back(r.dw[i].data());
+      db.push_back(r.db[i].data());
+    }
+    const int64_t sizes[10] = {D * 4, D, D, D, D * D, D, D * D, D, Z * D, Z * D};
+    for (int64_t n : sizes) r.head.emplace_back(static_cast<size_t>(n));
+    EncoderHeadGrads g{r.head[0].data(), r.head[1].data(), r.head[2].data(), r.head[3].data(), r.head[4].data(),
+                       r.head[5].data(), r.head[6].data(), r.head[7].data(), r.head[8].data(), r.head[9].data()};
+    if (emulated) emorl::simt::encoder_backward(s, h, stamp, dk.data(), dv.data(), dw, db, g, *ws);
+    else emorl::cuda::encoder_backward(s, h, stamp, dk.data(), dv.data(), dw, db, g, *ws);
+    return r;
+  };
+  const Run gpu = run(false), emu = run(true);
+  double worst = std::max(rel_err(gpu.k, emu.k), rel_err(gpu.v, emu.v));
+  for (size_t i = 0; i < gpu.dw.size(); ++i) worst = std::max({worst, rel_err(gpu.dw[i], emu.dw[i]), rel_err(gpu.db[i], emu.db[i])});
+  for (size_t i = 0; i < gpu.head.size(); ++i) worst = std::max(worst, rel_err(gpu.head[i], emu.head[i]));
+  // the same kernels in the same order: only the order of float sums within a block and FMA
+  // contraction differ; ReLU kinks (see check_conv_stack) can flip at full size
+  const double tol = N * H * W > 4096 ? 5e-2 : 1e-4;
+  const bool ok = worst <= tol;
+  std::printf("%-4s encoder %-54s worst error %.2g (tolerance %.0e) against the emulated kernels\n", ok ? "ok" : "FAIL", name, worst, tol);
+  if (timed) {  // forward + backward with every gradient, uploads and downloads included
+    std::vector<double> ms;
+    for (int r = 0; r < 10; ++r) {
+      const auto t0 = std::chrono::steady_clock::now();
+      run(false);
+      ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    }
+    std::printf("     encoder %s forward + backward on cuda:%d: median %.3f ms (a fresh workspace each run)\n", name, device, median_ms(ms));
+  }
+  return ok;
+#endif
+}
+
 LayerDef bconv(int64_t co, int64_t ci, int64_t k, int64_t pad, Act a) { return {DecoderLayerKind::BroadcastConv, {co, ci, k, k}, 1, pad, 0, a}; }
 LayerDef conv(int64_t co, int64_t ci, int64_t k, int64_t pad, Act a) { return {DecoderLayerKind::Conv, {co, ci, k, k}, 1, pad, 0, a}; }
 LayerDef convt(int64_t ci, int64_t co, int64_t k, int64_t s, int64_t pad, int64_t op, Act a) {
@@ -378,11 +472,6 @@ double forward_flops(const DecoderStage& s) {
     f += 2.0 * big_side[0] * big_side[1] * big_side[2] * L.w_shape[0] * L.w_shape[1] * L.w_shape[2] * L.w_shape[3];
   }
   return f;
-}
-
-double median_ms(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
 }
 
 void bench(const Case& cs, int device, double peak) {
@@ -493,6 +582,8 @@ int main(int argc, char** argv) {
   // same shapes with ELU check 1e-4 (measured 1e-5 on the emulator)
   ok = check_conv_stack("the Tetrominoes encoder shapes with ELU, batch 32", 32, 35, 35, 3, 64, 4, device, 201, Act::Elu) && ok;
   ok = check_conv_stack("the Tetrominoes encoder (ReLU), batch 32", 32, 35, 35, 3, 64, 4, device, 201, Act::Relu, 5e-2) && ok;
+  ok = check_encoder("small, 2 images 9x7", 2, 9, 7, 16, 8, device, 300) && ok;
+  ok = check_encoder("Tetrominoes, batch 32", 32, 35, 35, 64, 32, device, 301, run_bench) && ok;
 #if !defined(EMORL_GPU_CHECK_SIMT)
   if (run_bench) {
     std::printf("\n");
