@@ -689,6 +689,17 @@ class Props {
     if (!v.IsBoolean()) a_.type_error("'" + name(key) + "' must be a boolean");
     return v.As<Napi::Boolean>().Value();
   }
+  // An array of 4 integers in [1, max] (a shape), into out.
+  void shape4(const char* key, int64_t* out, double max = 2147483647.0) const {
+    Napi::Value v = get(key);
+    if (!v.IsArray() || v.As<Napi::Array>().Length() != 4) a_.type_error("'" + name(key) + "' must be an array of 4 integers");
+    for (uint32_t k = 0; k < 4; ++k) {
+      Napi::Value e = v.As<Napi::Array>().Get(k);
+      const double d = e.IsNumber() ? e.As<Napi::Number>().DoubleValue() : -1;
+      if (!std::isfinite(d) || std::floor(d) != d || d < 1 || d > max) a_.range_error("'" + name(key) + "' entries must be integers >= 1");
+      out[k] = static_cast<int64_t>(d);
+    }
+  }
   // An optional content tag (lib/ops/addon.ts contentTag): an integer in [0, 2^53]; absent: 0.
   uint64_t tag(const char* key) const {
     Napi::Value v = get(key);
@@ -923,14 +934,7 @@ Napi::Value DecoderStageFn(const Napi::CallbackInfo& info, bool) {
     if (kind > 3) a.range_error("'" + q.name("kind") + "' must be 0 (broadcast conv), 1 (spatial broadcast), 2 (conv) or 3 (transposed conv)");
     L.kind = static_cast<emorl::DecoderLayerKind>(kind);
     if (L.kind != emorl::DecoderLayerKind::SpatialBroadcast) {
-      Napi::Value wsv = q.get("wShape");
-      if (!wsv.IsArray() || wsv.As<Napi::Array>().Length() != 4) a.type_error("'" + q.name("wShape") + "' must be an array of 4 integers");
-      for (uint32_t k = 0; k < 4; ++k) {
-        Napi::Value e = wsv.As<Napi::Array>().Get(k);
-        const double d = e.IsNumber() ? e.As<Napi::Number>().DoubleValue() : -1;
-        if (!std::isfinite(d) || std::floor(d) != d || d < 1 || d > 1e6) a.range_error("'" + q.name("wShape") + "' entries must be integers >= 1");
-        L.w_shape[k] = static_cast<int64_t>(d);
-      }
+      q.shape4("wShape", L.w_shape, 1e6);
       L.w = q.f32("w", a.numel({L.w_shape[0], L.w_shape[1], L.w_shape[2], L.w_shape[3]}, "wShape"), "wShape " + shape4(L.w_shape));
       const int64_t cout = L.kind == emorl::DecoderLayerKind::ConvTranspose ? L.w_shape[1] : L.w_shape[0];
       L.b = q.f32("b", cout, "its " + std::to_string(cout) + " output channels");
@@ -1264,15 +1268,8 @@ Napi::Value GruCellBackwardFn(const Napi::CallbackInfo& info, bool) {
 // pad, act}]}, every shape checked (each layer's Ci must be the previous layer's Co).
 emorl::ConvStack conv_stack_spec(const Args& a, const Props& p) {
   emorl::ConvStack s;
-  Napi::Value xsv = p.get("xShape");
-  if (!xsv.IsArray() || xsv.As<Napi::Array>().Length() != 4) a.type_error("'" + p.name("xShape") + "' must be an array of 4 integers");
   int64_t xs[4];
-  for (uint32_t k = 0; k < 4; ++k) {
-    Napi::Value e = xsv.As<Napi::Array>().Get(k);
-    const double d = e.IsNumber() ? e.As<Napi::Number>().DoubleValue() : -1;
-    if (!std::isfinite(d) || std::floor(d) != d || d < 1 || d > 2147483647.0) a.range_error("'" + p.name("xShape") + "' entries must be integers >= 1");
-    xs[k] = static_cast<int64_t>(d);
-  }
+  p.shape4("xShape", xs);
   s.N = xs[0];
   s.H = xs[1];
   s.W = xs[2];
@@ -1284,15 +1281,8 @@ emorl::ConvStack conv_stack_spec(const Args& a, const Props& p) {
   int64_t channels = s.C;
   for (uint32_t i = 0; i < la.Length(); ++i) {
     const Props q(a, la.Get(i), p.name("layers") + "[" + std::to_string(i) + "]");
-    Napi::Value wsv = q.get("wShape");
-    if (!wsv.IsArray() || wsv.As<Napi::Array>().Length() != 4) a.type_error("'" + q.name("wShape") + "' must be an array of 4 integers");
     int64_t w[4];
-    for (uint32_t k = 0; k < 4; ++k) {
-      Napi::Value e = wsv.As<Napi::Array>().Get(k);
-      const double d = e.IsNumber() ? e.As<Napi::Number>().DoubleValue() : -1;
-      if (!std::isfinite(d) || std::floor(d) != d || d < 1 || d > 1e6) a.range_error("'" + q.name("wShape") + "' entries must be integers >= 1");
-      w[k] = static_cast<int64_t>(d);
-    }
+    q.shape4("wShape", w, 1e6);
     const std::vector<int64_t> wshape{w[0], w[1], w[2], w[3]};
     if (w[1] != channels) {
       std::ostringstream o;
@@ -1427,22 +1417,22 @@ emorl::EncoderHead encoder_head_spec(const Args& a, const Props& p, int64_t D, i
     a.range_error(o.str());
   }
   h.pos_c = npos / hw;
-  h.pos = q.f32("pos", npos, "[H·W, pc]");
-  h.pos_w = q.f32("posW", h.D * h.pos_c, "[D, pc] = " + shape_str({h.D, h.pos_c}));
-  h.pos_b = q.f32("posB", h.D, dn);
-  h.ln_w = q.f32("lnW", h.D, dn);
-  h.ln_b = q.f32("lnB", h.D, dn);
-  h.eps = q.number("eps");
-  if (!(h.eps > 0)) a.range_error("'" + q.name("eps") + "' must be > 0");
-  h.w1 = q.f32("w1", h.D * h.D, "[D, D] = " + shape_str({h.D, h.D}));
-  h.b1 = q.f32("b1", h.D, dn);
-  h.w2 = q.f32("w2", h.D * h.D, "[D, D] = " + shape_str({h.D, h.D}));
-  h.b2 = q.f32("b2", h.D, dn);
+  h.p.pos = q.f32("pos", npos, "[H·W, pc]");
+  h.p.pos_w = q.f32("posW", h.D * h.pos_c, "[D, pc] = " + shape_str({h.D, h.pos_c}));
+  h.p.pos_b = q.f32("posB", h.D, dn);
+  h.p.ln_w = q.f32("lnW", h.D, dn);
+  h.p.ln_b = q.f32("lnB", h.D, dn);
+  h.p.eps = q.number("eps");
+  if (!(h.p.eps > 0)) a.range_error("'" + q.name("eps") + "' must be > 0");
+  h.p.w1 = q.f32("w1", h.D * h.D, "[D, D] = " + shape_str({h.D, h.D}));
+  h.p.b1 = q.f32("b1", h.D, dn);
+  h.p.w2 = q.f32("w2", h.D * h.D, "[D, D] = " + shape_str({h.D, h.D}));
+  h.p.b2 = q.f32("b2", h.D, dn);
   const int64_t nk = q.length("wk");
   if (nk == 0 || nk % h.D) a.range_error("'" + q.name("wk") + "' has " + std::to_string(nk) + " elements, not [Z, D] for " + dn);
   h.Z = nk / h.D;
-  h.wk = q.f32("wk", h.Z * h.D, "[Z, D]");
-  h.wv = q.f32("wv", h.Z * h.D, "[Z, D] = " + shape_str({h.Z, h.D}) + " (as wk)");
+  h.p.wk = q.f32("wk", h.Z * h.D, "[Z, D]");
+  h.p.wv = q.f32("wv", h.Z * h.D, "[Z, D] = " + shape_str({h.Z, h.D}) + " (as wk)");
   Napi::Value tv = q.get("tags");
   if (!tv.IsUndefined() && !tv.IsNull()) {
     if (!tv.IsArray() || tv.As<Napi::Array>().Length() != 11) a.type_error("'" + q.name("tags") + "' must be an array of 11 content tags");
@@ -1462,14 +1452,28 @@ emorl::EncoderHead encoder_head_spec(const Args& a, const Props& p, const emorl:
   return encoder_head_spec(a, p, s.layers.back().Co, g.Ho * g.Wo, "the last layer's channels");
 }
 
+// The head's parameter gradients as new arrays {posW, posB, lnW, lnB, w1, b1, w2, b2, wk, wv}, g
+// pointing into them.
+Napi::Object head_grads_object(const Args& a, const emorl::EncoderHead& h, emorl::EncoderHeadParamGrads& g) {
+  const int64_t D = h.D, Z = h.Z;
+  const std::pair<const char*, std::pair<float**, int64_t>> outs[] = {
+      {"posW", {&g.pos_w, D * h.pos_c}}, {"posB", {&g.pos_b, D}}, {"lnW", {&g.ln_w, D}}, {"lnB", {&g.ln_b, D}},
+      {"w1", {&g.w1, D * D}},            {"b1", {&g.b1, D}},      {"w2", {&g.w2, D * D}}, {"b2", {&g.b2, D}},
+      {"wk", {&g.wk, Z * D}},            {"wv", {&g.wv, Z * D}}};
+  Napi::Object o = Napi::Object::New(a.env());
+  for (const auto& e : outs) {
+    auto t = new_f32(a, e.second.second);
+    *e.second.first = t.Data();
+    o.Set(e.first, t);
+  }
+  return o;
+}
+
 // ---- the encoder head on the CPU (encoder_head.h; lib/ops/native.ts encoderHead) ----
 
 struct HeadCall {
   emorl::EncoderHead h;
   emorl::EncoderHeadDims d;
-  emorl::EncoderHeadParams params() const {
-    return {h.pos, h.pos_w, h.pos_b, h.ln_w, h.ln_b, h.w1, h.b1, h.w2, h.b2, h.wk, h.wv, h.eps};
-  }
 };
 
 // {h [rows, D], rows, hw, D, head} as the encoder stage's head (spec.head).
@@ -1493,7 +1497,7 @@ Napi::Value EncoderHeadFn(const Napi::CallbackInfo& info, bool) {
   auto k = new_f32(a, R * Z), v = new_f32(a, R * Z);
   auto f1 = new_f32(a, R * D), f2 = new_f32(a, R * D), f3 = new_f32(a, R * D);
   auto mean = Napi::Float64Array::New(a.env(), static_cast<size_t>(R)), rstd = Napi::Float64Array::New(a.env(), static_cast<size_t>(R));
-  emorl::encoder_head_forward(c.d, h, c.params(), k.Data(), v.Data(), {f1.Data(), f2.Data(), f3.Data(), mean.Data(), rstd.Data()}, threads());
+  emorl::encoder_head_forward(c.d, h, c.h.p, k.Data(), v.Data(), {f1.Data(), f2.Data(), f3.Data(), mean.Data(), rstd.Data()}, threads());
   Napi::Object r = Napi::Object::New(a.env());
   r.Set("k", k);
   r.Set("v", v);
@@ -1523,21 +1527,11 @@ Napi::Value EncoderHeadBackwardFn(const Napi::CallbackInfo& info, bool) {
   r.Set("dh", dh);
   emorl::EncoderHeadParamGrads g{};
   if (p.boolean("needParams", true)) {
-    Napi::Object ho = Napi::Object::New(a.env());
-    const std::pair<const char*, std::pair<float**, int64_t>> outs[] = {
-        {"posW", {&g.pos_w, D * c.d.pc}}, {"posB", {&g.pos_b, D}}, {"lnW", {&g.ln_w, D}}, {"lnB", {&g.ln_b, D}},
-        {"w1", {&g.w1, D * D}},            {"b1", {&g.b1, D}},     {"w2", {&g.w2, D * D}}, {"b2", {&g.b2, D}},
-        {"wk", {&g.wk, Z * D}},            {"wv", {&g.wv, Z * D}}};
-    for (const auto& o : outs) {
-      auto t = new_f32(a, o.second.second);
-      *o.second.first = t.Data();
-      ho.Set(o.first, t);
-    }
-    r.Set("head", ho);
+    r.Set("head", head_grads_object(a, c.h, g));
   } else {
     r.Set("head", a.env().Null());
   }
-  emorl::encoder_head_backward(c.d, h, c.params(), sv, dk, dv, dh.Data(), g, threads());
+  emorl::encoder_head_backward(c.d, h, c.h.p, sv, dk, dv, dh.Data(), g, threads());
   return r;
 }
 
@@ -1583,7 +1577,7 @@ Napi::Value EncoderStageBackwardFn(const Napi::CallbackInfo& info, bool) {
   const bool need_params = p.boolean("needParams", true);
   Napi::Object r = Napi::Object::New(a.env());
   std::vector<float*> dw(s.layers.size(), nullptr), db(s.layers.size(), nullptr);
-  emorl::EncoderHeadGrads g;
+  emorl::EncoderHeadParamGrads g{};
   if (need_params) {
     Napi::Array dwa = Napi::Array::New(a.env(), s.layers.size()), dba = Napi::Array::New(a.env(), s.layers.size());
     for (size_t i = 0; i < s.layers.size(); ++i) {
@@ -1596,17 +1590,7 @@ Napi::Value EncoderStageBackwardFn(const Napi::CallbackInfo& info, bool) {
     }
     r.Set("dw", dwa);
     r.Set("db", dba);
-    Napi::Object ho = Napi::Object::New(a.env());
-    const std::pair<const char*, std::pair<float**, int64_t>> outs[] = {
-        {"posW", {&g.pos_w, h.D * h.pos_c}}, {"posB", {&g.pos_b, h.D}}, {"lnW", {&g.ln_w, h.D}}, {"lnB", {&g.ln_b, h.D}},
-        {"w1", {&g.w1, h.D * h.D}},          {"b1", {&g.b1, h.D}},      {"w2", {&g.w2, h.D * h.D}}, {"b2", {&g.b2, h.D}},
-        {"wk", {&g.wk, h.Z * h.D}},          {"wv", {&g.wv, h.Z * h.D}}};
-    for (const auto& o : outs) {
-      auto t = new_f32(a, o.second.second);
-      *o.second.first = t.Data();
-      ho.Set(o.first, t);
-    }
-    r.Set("head", ho);
+    r.Set("head", head_grads_object(a, h, g));
   } else {
     r.Set("dw", a.env().Null());
     r.Set("db", a.env().Null());

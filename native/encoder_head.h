@@ -1,5 +1,5 @@
-// The encoder after its convolutions on the CPU (lib/ops/encoder-stage.ts; gpu/gpu.h EncoderHead
-// is the same on a GPU): per pixel of the conv stack's last map h [N, HW, D],
+// The encoder after its convolutions (lib/ops/encoder-stage.ts), on the CPU here and on a GPU in
+// gpu/conv_gpu.cu (gpu.h EncoderHead holds these parameters): per pixel of the conv stack's last map h [N, HW, D],
 //   f0 = h + (pos W_posᵀ + b_pos),  f1 = LayerNorm(f0)·γ + β,  f2 = ReLU(f1 W1ᵀ + b1),
 //   f3 = f2 W2ᵀ + b2,  k = f3 W_kᵀ,  v = f3 W_vᵀ.
 // One call each way: the forward keeps f1, f2, f3 and the row statistics for the backward.
@@ -34,7 +34,8 @@ void encoder_head_forward(const EncoderHeadDims& d, const float* h, const Encode
 
 // The head's parameter gradients (all null: skipped).
 struct EncoderHeadParamGrads {
-  float *pos_w, *pos_b, *ln_w, *ln_b, *w1, *b1, *w2, *b2, *wk, *wv;
+  float *pos_w = nullptr, *pos_b = nullptr, *ln_w = nullptr, *ln_b = nullptr, *w1 = nullptr, *b1 = nullptr, *w2 = nullptr,
+        *b2 = nullptr, *wk = nullptr, *wv = nullptr;
 };
 
 // dh [rows, D] (overwritten) from dk, dv; h is the forward's input (the LayerNorm's x̂ is recomputed

@@ -53,18 +53,7 @@ void gru_backward(const GruDims& d, const float* x, const float* h, const float*
   parallel_region(pass_threads(nthreads, N, G), [&](int tid, int nt) {
     int64_t r0, r1;
     split_range(N, tid, nt, r0, r1);
-    for (int64_t i = r0; i < r1; ++i)
-      for (int64_t j = 0; j < H; ++j) {
-        const int64_t q = i * H + j, o = i * G + j;
-        const float r = gates[kGruReset * plane + q];
-        const GruGateGrads g = gru_gate_grads(dy[q], r, gates[kGruUpdate * plane + q], gates[kGruNew * plane + q],
-                                              gates[kGruHiddenNew * plane + q], h[q]);
-        da[o] = dc[o] = g.dr;
-        da[o + H] = dc[o + H] = g.du;
-        da[o + 2 * H] = g.dn_pre;
-        dc[o + 2 * H] = g.dn_pre * r;
-        dh[q] = g.dh_direct;
-      }
+    for (int64_t q = r0 * H; q < r1 * H; ++q) gru_gate_grads_at(q, H, plane, gates, dy, h, da.data(), dc.data(), dh);
   });
   sgemm_dense(false, false, N, I, G, da.data(), w_ih, dx, false, nthreads);
   sgemm_dense(false, false, N, H, G, dc.data(), w_hh, dh, true, nthreads);

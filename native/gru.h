@@ -59,6 +59,21 @@ EMORL_HOST_DEVICE GruGateGrads gru_gate_grads(float dy, float r, float u, float 
   return g;
 }
 
+// Element q = (row i, unit j) of the backward pass's gate part: from dy and the forward's gate planes
+// (plane = N·H floats each), its entries of da, dc [N, 3H] and the direct part of dh.
+EMORL_HOST_DEVICE void gru_gate_grads_at(int64_t q, int64_t H, int64_t plane, const float* gates, const float* dy, const float* h,
+                                         float* da, float* dc, float* dh) {
+  const int64_t o = q / H * 3 * H + q % H;
+  const float r = gates[kGruReset * plane + q];
+  const GruGateGrads g =
+      gru_gate_grads(dy[q], r, gates[kGruUpdate * plane + q], gates[kGruNew * plane + q], gates[kGruHiddenNew * plane + q], h[q]);
+  da[o] = dc[o] = g.dr;
+  da[o + H] = dc[o + H] = g.du;
+  da[o + 2 * H] = g.dn_pre;
+  dc[o + 2 * H] = g.dn_pre * r;
+  dh[q] = g.dh_direct;
+}
+
 // y [N,H] = h'; gates [kGruPlanes, N, H] = r, u, n, c_n for gru_backward.
 void gru_forward(const GruDims& d, const float* x, const float* h, const float* w_ih, const float* w_hh, const float* b_ih,
                  const float* b_hh, float* y, float* gates, int nthreads);

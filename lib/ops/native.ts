@@ -12,7 +12,7 @@
 import { tf } from '../tf';
 import { colSums, f32 } from './arrays';
 import { nativeStatus } from '../native';
-import { ADDON_ACT, addonOps as nhwc, contentTag, nativeOpsAvailable, workspaceFor, type ConvPrecision, type ConvStackSpec, type StageDevice } from './addon';
+import { ADDON_ACT, addonOps as nhwc, contentTag, nativeOpsAvailable, workspaceFor, type ConvPrecision, type ConvStackSpec, type EncoderHeadGrads, type EncoderStageSpec, type StageDevice } from './addon';
 import { decoderNll } from './native-decoder';
 import { slotCompetition } from './native-attention';
 import { dualGruCell, gruCell } from './native-gru';
@@ -116,12 +116,10 @@ export function encoderOnDevice(a: EncoderArgs, device: StageDevice): EncoderOut
   const workspace = workspaceFor(a.convs[0].weight, 'encoder');
   const [B, H, W] = a.x.shape;
   const xShape = [...a.x.shape];
-  const xd = f32(a.x), pos = f32(a.pos), posTag = contentTag(a.pos);
+  const xd = f32(a.x), posTag = contentTag(a.pos);
   const nc = a.convs.length;
-  const head = [a.posWeight, a.posBias, a.lnWeight, a.lnBias, a.w1, a.b1, a.w2, a.b2, a.wk, a.wv];
-  const op = tf.customGrad((...args) => {
-    const save = args.pop() as tf.GradSaveFunc;
-    const t = args as tf.Tensor[];
+  const head = headTensors(a);
+  const kv = kvOp([...a.convs.flatMap((L) => [L.weight, L.bias]), ...head], (t) => {
     const hp = t.slice(2 * nc);
     const spec = {
       x: xd, xShape, device, workspace,
@@ -129,31 +127,62 @@ export function encoderOnDevice(a: EncoderArgs, device: StageDevice): EncoderOut
         w: f32(t[2 * i]), wShape: [...L.weight.shape], b: f32(t[2 * i + 1]), stride: L.stride ?? 1, pad: L.pad ?? 0,
         act: ADDON_ACT[L.activation ?? 'linear'], wTag: contentTag(t[2 * i]), bTag: contentTag(t[2 * i + 1]),
       })),
-      head: {
-        pos, posW: f32(hp[0]), posB: f32(hp[1]), lnW: f32(hp[2]), lnB: f32(hp[3]), eps: ENCODER_LN_EPS,
-        w1: f32(hp[4]), b1: f32(hp[5]), w2: f32(hp[6]), b2: f32(hp[7]), wk: f32(hp[8]), wv: f32(hp[9]),
-        tags: [posTag, ...hp.map(contentTag)],
-      },
+      head: { ...headSpec(a, hp), tags: [posTag, ...hp.map(contentTag)] },
     };
     const r = k.encoderStage(spec);
-    const { rows, Z } = r;
-    save([]);
     return {
-      value: joinKv(r.k, r.v, rows, Z),
-      gradFunc: (dy: tf.Tensor) => {
-        const [dk, dv] = splitKv(dy, rows, Z);
-        const needParams = paramGradsEnabled();
+      ...r,
+      grads: (dk, dv, needParams) => {
         const b = k.encoderStageBackward({ ...spec, dk, dv, stamp: r.stamp, needParams });
         if (!needParams) return t.map((x) => tf.zerosLike(x));
         const grads: tf.Tensor[] = [];
         a.convs.forEach((L, i) => grads.push(tf.tensor(b.dw![i], L.weight.shape), tf.tensor(b.db![i], L.bias.shape)));
-        const hg = b.head!;
-        [hg.posW, hg.posB, hg.lnW, hg.lnB, hg.w1, hg.b1, hg.w2, hg.b2, hg.wk, hg.wv].forEach((d, i) => grads.push(tf.tensor(d, head[i].shape)));
-        return grads;
+        return [...grads, ...headGrads(b.head!, head)];
       },
     };
   });
-  return kvOutput(op(...a.convs.flatMap((L) => [L.weight, L.bias]), ...head) as tf.Tensor2D, B, H * W);
+  return kvOutput(kv, B, H * W);
+}
+
+/** The head's parameters of an encoder, in the addon's order. */
+function headTensors(a: EncoderArgs): tf.Tensor[] {
+  return [a.posWeight, a.posBias, a.lnWeight, a.lnBias, a.w1, a.b1, a.w2, a.b2, a.wk, a.wv];
+}
+
+/** The addon's head spec from those tensors (hp, in headTensors' order). */
+function headSpec(a: EncoderArgs, hp: tf.Tensor[]): EncoderStageSpec['head'] {
+  return {
+    pos: f32(a.pos), posW: f32(hp[0]), posB: f32(hp[1]), lnW: f32(hp[2]), lnB: f32(hp[3]), eps: ENCODER_LN_EPS,
+    w1: f32(hp[4]), b1: f32(hp[5]), w2: f32(hp[6]), b2: f32(hp[7]), wk: f32(hp[8]), wv: f32(hp[9]),
+  };
+}
+
+/** The addon's head gradients as tensors shaped like `head` (headTensors' order). */
+function headGrads(g: EncoderHeadGrads, head: tf.Tensor[]): tf.Tensor[] {
+  return [g.posW, g.posB, g.lnW, g.lnB, g.w1, g.b1, g.w2, g.b2, g.wk, g.wv].map((d, i) => tf.tensor(d, head[i].shape));
+}
+
+/**
+ * A custom op over `inputs` whose output is k and v [rows, Z] side by side (customGrad takes one
+ * output); `run` computes them and gives the inputs' gradients from dk, dv.
+ */
+function kvOp(inputs: tf.Tensor[], run: (t: tf.Tensor[]) => {
+  k: Float32Array; v: Float32Array; rows: number; Z: number;
+  grads: (dk: Float32Array, dv: Float32Array, needParams: boolean) => tf.Tensor[];
+}): tf.Tensor2D {
+  const op = tf.customGrad((...args) => {
+    const save = args.pop() as tf.GradSaveFunc;
+    const r = run(args as tf.Tensor[]);
+    save([]);
+    return {
+      value: joinKv(r.k, r.v, r.rows, r.Z),
+      gradFunc: (dy: tf.Tensor) => {
+        const [dk, dv] = splitKv(dy, r.rows, r.Z);
+        return r.grads(dk, dv, paramGradsEnabled());
+      },
+    };
+  });
+  return op(...inputs) as tf.Tensor2D;
 }
 
 /** k and v [rows, Z] side by side as one [rows, 2Z] tensor (customGrad takes one output). */
@@ -193,37 +222,20 @@ export function encoderOnCpu(ops: Ops, a: EncoderArgs): EncoderOutput {
   const [B, H, W, D] = h.shape;
   const rows = B * H * W;
   const k = nhwc();
-  const head = [a.posWeight, a.posBias, a.lnWeight, a.lnBias, a.w1, a.b1, a.w2, a.b2, a.wk, a.wv];
-  const pos = f32(a.pos);
-  const op = tf.customGrad((...args) => {
-    const save = args.pop() as tf.GradSaveFunc;
-    const t = args as tf.Tensor[];
-    const hp = t.slice(1);
-    const spec = {
-      h: f32(t[0]), rows, hw: H * W, D,
-      head: {
-        pos, posW: f32(hp[0]), posB: f32(hp[1]), lnW: f32(hp[2]), lnB: f32(hp[3]), eps: ENCODER_LN_EPS,
-        w1: f32(hp[4]), b1: f32(hp[5]), w2: f32(hp[6]), b2: f32(hp[7]), wk: f32(hp[8]), wv: f32(hp[9]),
-      },
-    };
+  const head = headTensors(a);
+  const kv = kvOp([h, ...head], (t) => {
+    const spec = { h: f32(t[0]), rows, hw: H * W, D, head: headSpec(a, t.slice(1)) };
     const r = k.encoderHead(spec);
-    const Z = r.k.length / rows;
-    save([]);
     return {
-      value: joinKv(r.k, r.v, rows, Z),
-      gradFunc: (dy: tf.Tensor) => {
-        const [dk, dv] = splitKv(dy, rows, Z);
-        const needParams = paramGradsEnabled();
+      k: r.k, v: r.v, rows, Z: r.k.length / rows,
+      grads: (dk, dv, needParams) => {
         const b = k.encoderHeadBackward({ ...spec, f1: r.f1, f2: r.f2, f3: r.f3, mean: r.mean, rstd: r.rstd, dk, dv, needParams });
-        const grads: tf.Tensor[] = [tf.tensor4d(b.dh, [B, H, W, D])];
-        if (!needParams) return [...grads, ...hp.map((x) => tf.zerosLike(x))];
-        const hg = b.head!;
-        [hg.posW, hg.posB, hg.lnW, hg.lnB, hg.w1, hg.b1, hg.w2, hg.b2, hg.wk, hg.wv].forEach((d, i) => grads.push(tf.tensor(d, head[i].shape)));
-        return grads;
+        const dh = tf.tensor4d(b.dh, [B, H, W, D]);
+        return needParams ? [dh, ...headGrads(b.head!, head)] : [dh, ...head.map((x) => tf.zerosLike(x))];
       },
     };
   });
-  return kvOutput(op(h, ...head) as tf.Tensor2D, B, H * W);
+  return kvOutput(kv, B, H * W);
 }
 
 /** convTranspose2d as tfjsOps.convTranspose2d: x [n,h,w,cin], weight [cin,cout,kh,kw], bias [cout]. */

@@ -202,7 +202,7 @@ HeadDims head_dims(const ConvStack& s, const EncoderHead& h) {
   const NhwcGeom g = s.geom(s.layers.size() - 1);
   if (h.D != s.layers.back().Co) throw std::invalid_argument("GPU encoder: the head's D differs from the stack's last channels");
   if (h.D < 1 || h.Z < 1 || h.pos_c < 1) throw std::invalid_argument("GPU encoder: empty head");
-  const float* need[] = {h.pos, h.pos_w, h.pos_b, h.ln_w, h.ln_b, h.w1, h.b1, h.w2, h.b2, h.wk, h.wv};
+  const float* need[] = {h.p.pos, h.p.pos_w, h.p.pos_b, h.p.ln_w, h.p.ln_b, h.p.w1, h.p.b1, h.p.w2, h.p.b2, h.p.wk, h.p.wv};
   for (const float* p : need)
     if (!p) throw std::invalid_argument("GPU encoder: every head tensor is needed");
   return HeadDims{g.M(), g.Ho * g.Wo, h.D, h.Z, h.pos_c};
@@ -219,24 +219,24 @@ void head_forward(const ConvStack& s, const EncoderHead& h, DeviceWorkspace& ws)
   const StackSlots sl{s.layers.size()};
   const HeadSlots hs{sl.end()};
   const int D = as_int(d.D, "D"), Z = as_int(d.Z, "Z");
-  const float* pos = head_param(ws, hs, h, kPos, h.pos, d.HW * d.pc);
-  const float* pos_w = head_param(ws, hs, h, kPosW, h.pos_w, d.D * d.pc);
-  const float* pos_b = head_param(ws, hs, h, kPosB, h.pos_b, d.D);
+  const float* pos = head_param(ws, hs, h, kPos, h.p.pos, d.HW * d.pc);
+  const float* pos_w = head_param(ws, hs, h, kPosW, h.p.pos_w, d.D * d.pc);
+  const float* pos_b = head_param(ws, hs, h, kPosB, h.p.pos_b, d.D);
   float* P = ws.buf(hs.P(), static_cast<size_t>(d.HW * d.D));
   gemm(a_operand(pos, d.pc, 1), b_operand(pos_w, 1, d.pc), Store{P, D, pos_b, 0}, d.HW, d.D, d.pc);
-  const float* ln_w = head_param(ws, hs, h, kLnW, h.ln_w, d.D);
-  const float* ln_b = head_param(ws, hs, h, kLnB, h.ln_b, d.D);
+  const float* ln_w = head_param(ws, hs, h, kLnW, h.p.ln_w, d.D);
+  const float* ln_b = head_param(ws, hs, h, kLnB, h.p.ln_b, d.D);
   float* f1 = ws.buf(hs.f1(), static_cast<size_t>(d.R * d.D));
   float* mean = ws.buf(hs.mean(), static_cast<size_t>(d.R));
   float* rstd = ws.buf(hs.rstd(), static_cast<size_t>(d.R));
   launch(pos_layer_norm_kernel, grid_for(d.R), dim3(kThreads), static_cast<const float*>(ws.buf(sl.out(s.layers.size() - 1), 0)),
-         static_cast<const float*>(P), d.R, d.HW, D, ln_w, ln_b, static_cast<float>(h.eps), f1, mean, rstd);
-  const float* w1 = head_param(ws, hs, h, kW1, h.w1, d.D * d.D);
-  const float* b1 = head_param(ws, hs, h, kB1, h.b1, d.D);
-  const float* w2 = head_param(ws, hs, h, kW2, h.w2, d.D * d.D);
-  const float* b2 = head_param(ws, hs, h, kB2, h.b2, d.D);
-  const float* wk = head_param(ws, hs, h, kWk, h.wk, d.Z * d.D);
-  const float* wv = head_param(ws, hs, h, kWv, h.wv, d.Z * d.D);
+         static_cast<const float*>(P), d.R, d.HW, D, ln_w, ln_b, static_cast<float>(h.p.eps), f1, mean, rstd);
+  const float* w1 = head_param(ws, hs, h, kW1, h.p.w1, d.D * d.D);
+  const float* b1 = head_param(ws, hs, h, kB1, h.p.b1, d.D);
+  const float* w2 = head_param(ws, hs, h, kW2, h.p.w2, d.D * d.D);
+  const float* b2 = head_param(ws, hs, h, kB2, h.p.b2, d.D);
+  const float* wk = head_param(ws, hs, h, kWk, h.p.wk, d.Z * d.D);
+  const float* wv = head_param(ws, hs, h, kWv, h.p.wv, d.Z * d.D);
   float* f2 = ws.buf(hs.f2(), static_cast<size_t>(d.R * d.D));
   float* f3 = ws.buf(hs.f3(), static_cast<size_t>(d.R * d.D));
   gemm(a_operand(f1, d.D, 1), b_operand(w1, 1, d.D), Store{f2, D, b1, static_cast<int>(Act::Relu)}, d.R, d.D, d.D);
@@ -291,7 +291,7 @@ uint64_t encoder_forward(const ConvStack& s, const EncoderHead& h, float* k, flo
 }
 
 void encoder_backward(const ConvStack& s, const EncoderHead& h, uint64_t stamp, const float* dk, const float* dv,
-                      const std::vector<float*>& dw, const std::vector<float*>& db, const EncoderHeadGrads& g, GpuWorkspace& base) {
+                      const std::vector<float*>& dw, const std::vector<float*>& db, const EncoderHeadParamGrads& g, GpuWorkspace& base) {
   check_stack(s);
   DeviceWorkspace& ws = own_workspace(base);
   const HeadDims d = head_dims(s, h);

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../decoder.h"
+#include "../encoder_head.h"
 #include "../gru.h"
 #include "../nhwc.h"
 
@@ -66,24 +67,13 @@ struct ConvStack {
   NhwcGeom geom(size_t i) const;
 };
 
-// The encoder after its conv stack (lib/ops/encoder-stage.ts): per pixel of the stack's last map
-// h [N, H·W, D], f0 = h + (pos · W_posᵀ + b_pos), f1 = LayerNorm(f0) (affine), f2 = ReLU(f1 W1ᵀ + b1),
-// f3 = f2 W2ᵀ + b2, then k = f3 W_kᵀ and v = f3 W_vᵀ [N, H·W, Z].
+// The encoder after its conv stack: encoder_head.h's head (the same math as the CPU's) on the
+// stack's last map h [N, H·W, D], giving k and v [N, H·W, Z].
 struct EncoderHead {
   int64_t D = 0, Z = 0, pos_c = 0;  // the stack's channels, k / v width, positional channels
-  const float* pos = nullptr;       // [H·W, pos_c]
-  const float *pos_w = nullptr, *pos_b = nullptr;  // [D, pos_c], [D]
-  const float *ln_w = nullptr, *ln_b = nullptr;    // [D]
-  double eps = 1e-5;
-  const float *w1 = nullptr, *b1 = nullptr, *w2 = nullptr, *b2 = nullptr;  // [D, D], [D]
-  const float *wk = nullptr, *wv = nullptr;                                // [Z, D]
+  EncoderHeadParams p{};
   // content tags (DecoderLayer::w_tag) of pos, pos_w, pos_b, ln_w, ln_b, w1, b1, w2, b2, wk, wv
   uint64_t tags[11] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
-};
-// The head's parameter gradients, in EncoderHead's order (all null: not wanted).
-struct EncoderHeadGrads {
-  float *pos_w = nullptr, *pos_b = nullptr, *ln_w = nullptr, *ln_b = nullptr, *w1 = nullptr, *b1 = nullptr, *w2 = nullptr,
-        *b2 = nullptr, *wk = nullptr, *wv = nullptr;
 };
 
 inline NhwcGeom ConvStack::geom(size_t i) const {
@@ -140,7 +130,7 @@ inline NhwcGeom ConvStack::geom(size_t i) const {
                            const std::vector<float*>& db, GpuWorkspace& ws);                                           \
   uint64_t encoder_forward(const ConvStack& s, const EncoderHead& h, float* k, float* v, GpuWorkspace& ws);             \
   void encoder_backward(const ConvStack& s, const EncoderHead& h, uint64_t stamp, const float* dk, const float* dv,       \
-                        const std::vector<float*>& dw, const std::vector<float*>& db, const EncoderHeadGrads& g,        \
+                        const std::vector<float*>& dw, const std::vector<float*>& db, const EncoderHeadParamGrads& g,        \
                         GpuWorkspace& ws);
 
 namespace simt {

@@ -173,27 +173,15 @@ double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
   return scale > 0 ? err / scale : err;
 }
 
-bool check_case(const Case& cs, int device, uint64_t seed) {
-  Built b = build(cs, seed);
-  Outputs cpu = outputs(b.s, true, true), gpu = outputs(b.s, true, true);
-  Workspace ws;
-  decoder_stage(b.s, cpu.o, ws, max_threads());
-  auto gws = gpu::make_workspace(device);
-  gpu::decoder_stage(b.s, gpu.o, *gws);
-  struct Item {
-    std::string name;
-    double err, tol;
-  };
-  std::vector<Item> items{{"nll", rel_err(gpu.nll, cpu.nll), 1e-5},
-                          {"means", rel_err(gpu.means, cpu.means), 1e-5},
-                          {"log masks", rel_err(gpu.log_masks, cpu.log_masks), 1e-5},
-                          {"dz", rel_err(gpu.dz, cpu.dz), cs.grad_tol},
-                          {"dpos", rel_err(gpu.dpos, cpu.dpos), cs.grad_tol}};
-  for (size_t i = 0; i < b.s.layers.size(); ++i)
-    if (!cpu.dw[i].empty()) {
-      items.push_back({"dw[" + std::to_string(i) + "]", rel_err(gpu.dw[i], cpu.dw[i]), cs.grad_tol});
-      items.push_back({"db[" + std::to_string(i) + "]", rel_err(gpu.db[i], cpu.db[i]), cs.grad_tol});
-    }
+// One compared output: its name, its error (rel_err) and the error allowed.
+struct Compared {
+  std::string name;
+  double err, tol;
+};
+
+// Whether every item is within its tolerance; prints one line: "ok"/"FAIL", what, the worst error
+// as a fraction of its tolerance, the items over it, and `extra`.
+bool verdict(const std::string& what, const std::vector<Compared>& items, const std::string& extra = "") {
   bool ok = true;
   double worst = 0;
   std::string bad;
@@ -204,8 +192,28 @@ bool check_case(const Case& cs, int device, uint64_t seed) {
       bad += " " + it.name + "=" + std::to_string(it.err);
     }
   }
-  std::printf("%-4s %-62s worst error %.2f of its tolerance%s\n", ok ? "ok" : "FAIL", cs.name, worst, bad.c_str());
+  std::printf("%-4s %-62s worst error %.2f of its tolerance%s%s\n", ok ? "ok" : "FAIL", what.c_str(), worst, bad.c_str(), extra.c_str());
   return ok;
+}
+
+bool check_case(const Case& cs, int device, uint64_t seed) {
+  Built b = build(cs, seed);
+  Outputs cpu = outputs(b.s, true, true), gpu = outputs(b.s, true, true);
+  Workspace ws;
+  decoder_stage(b.s, cpu.o, ws, max_threads());
+  auto gws = gpu::make_workspace(device);
+  gpu::decoder_stage(b.s, gpu.o, *gws);
+  std::vector<Compared> items{{"nll", rel_err(gpu.nll, cpu.nll), 1e-5},
+                          {"means", rel_err(gpu.means, cpu.means), 1e-5},
+                          {"log masks", rel_err(gpu.log_masks, cpu.log_masks), 1e-5},
+                          {"dz", rel_err(gpu.dz, cpu.dz), cs.grad_tol},
+                          {"dpos", rel_err(gpu.dpos, cpu.dpos), cs.grad_tol}};
+  for (size_t i = 0; i < b.s.layers.size(); ++i)
+    if (!cpu.dw[i].empty()) {
+      items.push_back({"dw[" + std::to_string(i) + "]", rel_err(gpu.dw[i], cpu.dw[i]), cs.grad_tol});
+      items.push_back({"db[" + std::to_string(i) + "]", rel_err(gpu.db[i], cpu.db[i]), cs.grad_tol});
+    }
+  return verdict(cs.name, items);
 }
 
 double median_ms(std::vector<double> v) {
@@ -260,23 +268,11 @@ bool check_gru(const GruCase& c, int device, uint64_t seed) {
                cpu.dwih.data(), cpu.dwhh.data(), cpu.dbih.data(), cpu.dbhh.data(), max_threads());
   auto ws = gpu::make_workspace(device);
   gru_gpu(g, dev, *ws);
-  const std::pair<const char*, double> items[] = {
-      {"y", rel_err(dev.y, cpu.y)},          {"gates", rel_err(dev.gates, cpu.gates)}, {"dx", rel_err(dev.dx, cpu.dx)},
-      {"dh", rel_err(dev.dh, cpu.dh)},       {"dw_ih", rel_err(dev.dwih, cpu.dwih)},   {"dw_hh", rel_err(dev.dwhh, cpu.dwhh)},
-      {"db_ih", rel_err(dev.dbih, cpu.dbih)}, {"db_hh", rel_err(dev.dbhh, cpu.dbhh)}};
   constexpr double tol = 1e-5;
-  bool ok = true;
-  double worst = 0;
-  std::string bad;
-  for (const auto& it : items) {
-    worst = std::max(worst, it.second / tol);
-    if (!(it.second <= tol)) {
-      ok = false;
-      bad += std::string(" ") + it.first + "=" + std::to_string(it.second);
-    }
-  }
-  std::printf("%-4s GRU step %-53s worst error %.2f of its tolerance%s\n", ok ? "ok" : "FAIL", c.name, worst, bad.c_str());
-  return ok;
+  return verdict(std::string("GRU step ") + c.name,
+                 {{"y", rel_err(dev.y, cpu.y), tol},        {"gates", rel_err(dev.gates, cpu.gates), tol}, {"dx", rel_err(dev.dx, cpu.dx), tol},
+                  {"dh", rel_err(dev.dh, cpu.dh), tol},     {"dw_ih", rel_err(dev.dwih, cpu.dwih), tol},   {"dw_hh", rel_err(dev.dwhh, cpu.dwhh), tol},
+                  {"db_ih", rel_err(dev.dbih, cpu.dbih), tol}, {"db_hh", rel_err(dev.dbhh, cpu.dbhh), tol}});
 }
 
 // The conv stack on the device against the CPU's layer-by-layer convolutions: the last map, dx and
@@ -331,25 +327,15 @@ bool check_conv_stack(const char* name, int64_t N, int64_t H, int64_t W, int64_t
     pb.push_back(gdb[static_cast<size_t>(i)].data());
   }
   gpu::conv_stack_backward(s, stamp, dy.data(), gdx.data(), pw, pb, *ws);
-  std::vector<std::pair<std::string, double>> items{{"y", rel_err(y, maps.back())}, {"dx", rel_err(gdx, dx)}};
+  std::vector<Compared> items{{"y", rel_err(y, maps.back()), tol}, {"dx", rel_err(gdx, dx), tol}};
   for (int i = 0; i < layers; ++i) {
-    items.push_back({"dw[" + std::to_string(i) + "]", rel_err(gdw[static_cast<size_t>(i)], dw[static_cast<size_t>(i)])});
-    items.push_back({"db[" + std::to_string(i) + "]", rel_err(gdb[static_cast<size_t>(i)], db[static_cast<size_t>(i)])});
-  }
-  bool ok = true;
-  double worst = 0;
-  std::string bad;
-  for (const auto& it : items) {
-    worst = std::max(worst, it.second / tol);
-    if (!(it.second <= tol)) {
-      ok = false;
-      bad += " " + it.first + "=" + std::to_string(it.second);
-    }
+    items.push_back({"dw[" + std::to_string(i) + "]", rel_err(gdw[static_cast<size_t>(i)], dw[static_cast<size_t>(i)]), tol});
+    items.push_back({"db[" + std::to_string(i) + "]", rel_err(gdb[static_cast<size_t>(i)], db[static_cast<size_t>(i)]), tol});
   }
   const GpuTraffic t = ws->traffic();
-  std::printf("%-4s conv stack %-50s worst error %.2f of its tolerance%s; %.2f MiB up, %.2f MiB down\n", ok ? "ok" : "FAIL", name, worst,
-              bad.c_str(), t.up_bytes / 1048576.0, t.down_bytes / 1048576.0);
-  return ok;
+  char bus[96];
+  std::snprintf(bus, sizeof bus, "; %.2f MiB up, %.2f MiB down", t.up_bytes / 1048576.0, t.down_bytes / 1048576.0);
+  return verdict(std::string("conv stack ") + name, items, bus);
 }
 
 // The whole encoder on the device against the same kernels on the SIMT emulator (which the
@@ -378,17 +364,17 @@ bool check_encoder(const char* name, int64_t N, int64_t H, int64_t W, int64_t D,
   h.D = D;
   h.Z = Z;
   h.pos_c = 4;
-  h.pos = tensor(H * W * 4, 1.f);
-  h.pos_w = tensor(D * 4, 0.5f);
-  h.pos_b = tensor(D, 0.1f);
-  h.ln_w = tensor(D, 1.f);
-  h.ln_b = tensor(D, 0.1f);
-  h.w1 = tensor(D * D, 0.2f);
-  h.b1 = tensor(D, 0.1f);
-  h.w2 = tensor(D * D, 0.2f);
-  h.b2 = tensor(D, 0.1f);
-  h.wk = tensor(Z * D, 0.2f);
-  h.wv = tensor(Z * D, 0.2f);
+  h.p.pos = tensor(H * W * 4, 1.f);
+  h.p.pos_w = tensor(D * 4, 0.5f);
+  h.p.pos_b = tensor(D, 0.1f);
+  h.p.ln_w = tensor(D, 1.f);
+  h.p.ln_b = tensor(D, 0.1f);
+  h.p.w1 = tensor(D * D, 0.2f);
+  h.p.b1 = tensor(D, 0.1f);
+  h.p.w2 = tensor(D * D, 0.2f);
+  h.p.b2 = tensor(D, 0.1f);
+  h.p.wk = tensor(Z * D, 0.2f);
+  h.p.wv = tensor(Z * D, 0.2f);
   const size_t rows = static_cast<size_t>(N * H * W);
   const std::vector<float> dk = rng.vec(rows * static_cast<size_t>(Z), -1, 1), dv = rng.vec(rows * static_cast<size_t>(Z), -1, 1);
   struct Run {
@@ -413,7 +399,7 @@ bool check_encoder(const char* name, int64_t N, int64_t H, int64_t W, int64_t D,
     }
     const int64_t sizes[10] = {D * 4, D, D, D, D * D, D, D * D, D, Z * D, Z * D};
     for (int64_t n : sizes) r.head.emplace_back(static_cast<size_t>(n));
-    EncoderHeadGrads g{r.head[0].data(), r.head[1].data(), r.head[2].data(), r.head[3].data(), r.head[4].data(),
+    EncoderHeadParamGrads g{r.head[0].data(), r.head[1].data(), r.head[2].data(), r.head[3].data(), r.head[4].data(),
                        r.head[5].data(), r.head[6].data(), r.head[7].data(), r.head[8].data(), r.head[9].data()};
     if (emulated) emorl::simt::encoder_backward(s, h, stamp, dk.data(), dv.data(), dw, db, g, *ws);
     else emorl::cuda::encoder_backward(s, h, stamp, dk.data(), dv.data(), dw, db, g, *ws);

@@ -32,18 +32,8 @@ __global__ void gru_gates_kernel(const float* a, const float* c, const float* h,
 // da, dc [N, 3H] and dh's direct part from dy and the forward pass's planes.
 __global__ void gru_gate_grads_kernel(const float* dy, const float* gates, const float* h, i64 N, i64 H, float* da, float* dc,
                                       float* dh) {
-  const i64 plane = N * H, G = 3 * H;
-  EMORL_GRID_LOOP(q, plane) {
-    const i64 o = q / H * G + q % H;
-    const float r = gates[kGruReset * plane + q];
-    const GruGateGrads g =
-        gru_gate_grads(dy[q], r, gates[kGruUpdate * plane + q], gates[kGruNew * plane + q], gates[kGruHiddenNew * plane + q], h[q]);
-    da[o] = dc[o] = g.dr;
-    da[o + H] = dc[o + H] = g.du;
-    da[o + 2 * H] = g.dn_pre;
-    dc[o + 2 * H] = g.dn_pre * r;
-    dh[q] = g.dh_direct;
-  }
+  const i64 plane = N * H;
+  EMORL_GRID_LOOP(q, plane) gru_gate_grads_at(q, H, plane, gates, dy, h, da, dc, dh);
 }
 
 float* upload(DeviceWorkspace& ws, size_t slot, const float* src, i64 n) { return ws.upload(slot, src, static_cast<size_t>(n)); }
