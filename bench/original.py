@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Times the ORIGINAL EfficientMORL code (github.com/pemami4911/EfficientMORL) on this machine's
-CPU, the way its train.py / eval.py run it, so that emorl's benchmark can compare the two programs
+CPU (or, with --device cuda, a GPU), the way its train.py / eval.py run it, so that emorl's benchmark can compare the two programs
 on the same machine (`npm run bench -- step --original DIR` calls this script).
 
 Set-up (Debian; PyPI is not needed):
@@ -81,6 +81,8 @@ def main():
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--no-ftz', action='store_true', help='keep denormals (slow: the initial weights make many)')
     ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--device', default='cpu', help="'cpu' (default) or 'cuda' / 'cuda:N': the model and images there, "
+                    'each step timed between device synchronisations')
     a = ap.parse_args()
     repo = os.path.abspath(a.repo)
     config = a.config or os.path.join(repo, 'configs', 'train', 'tetrominoes', 'EMORL.json')
@@ -107,13 +109,19 @@ def main():
     tr.update(cfg.get('training', {}))
     batch = a.batch or tr['batch_size']
 
-    model = EfficientMORL(batch_size=batch, use_geco=tr['use_geco']).to('cpu')
+    model = EfficientMORL(batch_size=batch, use_geco=tr['use_geco']).to(a.device)
+    on_gpu = a.device.startswith('cuda')
+
+    def sync():
+        if on_gpu:
+            torch.cuda.synchronize()
+
     C, H, W = model.input_size
     geco = GECO(tr['geco_reconstruction_target'] * C * H * W, tr['geco_ema_alpha'], tr['geco_step_size_acceleration']) if tr['use_geco'] else None
     gen = torch.Generator().manual_seed(1234 + a.seed)
 
     def images():
-        return torch.randint(0, 256, (batch, C, H, W), generator=gen, dtype=torch.uint8).float() / 255. * 2 - 1
+        return (torch.randint(0, 256, (batch, C, H, W), generator=gen, dtype=torch.uint8).float() / 255. * 2 - 1).to(a.device)
 
     times = []
     if a.mode == 'train':
@@ -123,6 +131,7 @@ def main():
         step = model.geco_warm_start
         for rep in range(a.steps + 1):
             x = images()
+            sync()
             t0 = time.perf_counter()
             for start, iters in reversed(tr['refinement_curriculum']):
                 if step >= start:
@@ -144,6 +153,7 @@ def main():
                 else:
                     model.geco_C_ema = geco.update_ema(model.geco_C_ema, out['nll'])
                     model.geco_beta = geco.step_beta(model.geco_C_ema, model.geco_beta, tr['geco_beta_stepsize'])
+            sync()
             dt = time.perf_counter() - t0
             step += 1
             if rep > 0:
@@ -153,9 +163,11 @@ def main():
         last = model.stochastic_layers - 1 + model.refinement_iters
         for rep in range(a.steps + 1):
             x = images()
+            sync()
             t0 = time.perf_counter()
             out = model(x, geco, model.geco_warm_start + 1, 1)
             means, masks = out[f'means_{last}'], out[f'masks_{last}'].exp()
+            sync()
             dt = time.perf_counter() - t0
             del out, means, masks
             if rep > 0:
@@ -164,7 +176,7 @@ def main():
     print(json.dumps({'config': config, 'batch': batch, 'mode': a.mode, 'refinement_iters': model.refinement_iters,
                       'median_s': statistics.median(times), 'times_s': times,
                       'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      'torch': torch.__version__, 'threads': torch.get_num_threads(), 'ftz': not a.no_ftz}))
+                      'torch': torch.__version__, 'threads': torch.get_num_threads(), 'ftz': not a.no_ftz, 'device': a.device}))
 
 
 if __name__ == '__main__':
