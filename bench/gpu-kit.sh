@@ -7,9 +7,10 @@
 #   npm run gpu:kit [-- /path/to/EfficientMORL]          here (nvcc needed; about 10 min on 2 cores)
 #   device run: bash .gpu-kit/run.sh   with carry [".gpu-kit"], timeout_s 600
 #
-# run.sh writes its reports to $OUT: the kernel checks and timings (emorl_gpu_check), training
-# steps on cuda:0 against the CPU (bench/gpu-session.ts), the step benchmark on cuda:0 and on the
-# machine's CPU, and the original's step on the GPU.
+# run.sh writes its report to $OUT/report.txt: the kernel checks and timings (emorl_gpu_check), training
+# steps on cuda:0 against the CPU (bench/gpu-session.ts), the step benchmark on cuda:0, a short
+# --gpus 1 run through NCCL, the step benchmark on the machine's CPU, and the original's step on
+# the GPU.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 ORIGINAL=${1:-}
@@ -70,7 +71,7 @@ mkdir -p "$KIT"
 tar -C "$STAGE" -cf - bin app | xz -T0 -6 > "$KIT/kit.tar.xz"
 cat > "$KIT/run.sh" <<'RUN'
 #!/usr/bin/env bash
-# One GPU session's checks and timings (bench/gpu-kit.sh made this); reports in $OUT.
+# One GPU session's checks and timings (bench/gpu-kit.sh made this); the report is $OUT/report.txt.
 set -uo pipefail
 KIT=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-$KIT/out}
@@ -79,15 +80,30 @@ W=/tmp/emorl-kit
 rm -rf "$W" && mkdir -p "$W" && xz -dc "$KIT/kit.tar.xz" | tar -C "$W" -xf -
 export PATH=$W/bin:$PATH EMORL_NATIVE_PATH=$W/app/build-cuda/emorl_native.node
 cd "$W/app"
-step() { local name=$1 limit=$2; shift 2; echo "== $name"; timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.txt"; echo "(exit ${PIPESTATUS[0]})"; }
-step device 20 nvidia-smi
-step gpu_check 200 ./emorl_gpu_check
-step session 90 node dist/bench/gpu-session.js
-step step-train-cuda 80 node dist/bench/step.js --config tetrominoes --batch 32 --mode train --device cuda:0 --steps 10
-step step-infer-cuda 40 node dist/bench/step.js --config tetrominoes --batch 32 --mode infer --device cuda:0 --steps 10
-step step-train-cpu 60 node dist/bench/step.js --config tetrominoes --batch 32 --mode train --steps 3
+# every step's output into one report ($OUT brings back at most 8 files)
+step() {
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit} s)" | tee -a "$OUT/report.txt"
+  timeout "$limit" "$@" 2>&1 | tee -a "$OUT/report.txt"
+  echo "(exit ${PIPESTATUS[0]})" | tee -a "$OUT/report.txt"
+}
+# most important first; the limits add up to under the device call's 10 minutes
+step device 15 nvidia-smi
+step gpu_check 180 ./emorl_gpu_check
+step session 75 node dist/bench/gpu-session.js
+step step-train-cuda 60 node dist/bench/step.js --config tetrominoes --batch 32 --mode train --device cuda:0 --steps 10
+# data parallel through NCCL (one rank: the library loading, the communicator, the allreduce); NCCL
+# from the machine's Python packages where it is not on the library path
+step data 20 node dist/bin/emorl-data.js generate tetrominoes --out /tmp/emorl-tet.h5 --train 256 --test 32 --no-progress
+NCCL=$(python3 -c 'import os, nvidia.nccl as m; print(os.path.join(list(m.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null || true)
+if [ -n "$NCCL" ] && [ -z "${EMORL_NCCL_LIBRARY:-}" ]; then export EMORL_NCCL_LIBRARY=$NCCL; fi
+step train-gpus1 90 node dist/bin/emorl-train.js --gpus 1 --data /tmp/emorl-tet.h5 --batch-size 8 --steps 20 --checksum-every 10 \
+  --out /tmp/emorl-run --no-progress
+step step-infer-cuda 30 node dist/bench/step.js --config tetrominoes --batch 32 --mode infer --device cuda:0 --steps 10
+step step-train-cpu 45 node dist/bench/step.js --config tetrominoes --batch 32 --mode train --steps 3
 if [ -d EfficientMORL ]; then
-  step original-train-cuda 80 python3 original.py --repo EfficientMORL --mode train --steps 10 --device cuda --threads "$(nproc)"
+  step original-train-cuda 70 python3 original.py --repo EfficientMORL --mode train --steps 10 --device cuda --threads "$(nproc)"
 fi
 RUN
 chmod +x "$KIT/run.sh"

@@ -18,7 +18,7 @@ const program = new Command('emorl-eval')
   .option('--report <file.html>', 'also write a self-contained HTML report')
   .option('--run <dir>', 'a training run folder: the report plots the loss curves of its log.jsonl')
   .option('--no-progress', 'no progress bar')
-  .option('--device <name>', 'where the decoding stage (decoder + likelihood, forward and backward) runs: cpu, or cuda:N with an addon built with EMORL_CUDA=1')
+  .option('--device <name>', 'where the GPU-capable ops run (the decoding stages, the encoder and the GRU cells, forward and backward): cpu, or cuda:N with an addon built with EMORL_CUDA=1')
   .addOption(new Option('--precision <p>', "the CPU convolutions' products: fp32, or bf16 (bfloat16 operands, fp32 sums; faster on CPUs with AVX512_BF16)").choices(['fp32', 'bf16']))
   .addOption(new Option('--backend <name>', 'compute backend: native (the C++ addon), js (pure TypeScript) or auto (native when built)').choices(['native', 'js', 'auto']).default('auto'))
   .addHelpText(

@@ -21,7 +21,7 @@ const program = new Command('emorl-train')
   .option('--gpus <n>', 'data parallel on N GPUs: one worker per GPU, gradients summed with NCCL (addon built with EMORL_CUDA=1, libnccl.so.2)', integerOption('--gpus', 1))
   .option('--checksum-every <n>', 'data parallel: compare the ranks\' parameter checksums every N steps (0: at start and end only; default 100)', integerOption('--checksum-every', 0))
   .option('--no-progress', 'no progress bar')
-  .option('--device <name>', 'where the decoding stage (decoder + likelihood, forward and backward) runs: cpu, or cuda:N with an addon built with EMORL_CUDA=1')
+  .option('--device <name>', 'where the GPU-capable ops run (the decoding stages, the encoder and the GRU cells, forward and backward): cpu, or cuda:N with an addon built with EMORL_CUDA=1')
   .addOption(new Option('--precision <p>', "the CPU convolutions' products: fp32, or bf16 (bfloat16 operands, fp32 sums: about 1.6x faster training steps on CPUs with AVX512_BF16)").choices(['fp32', 'bf16']))
   .addOption(new Option('--backend <name>', 'compute backend: native (the C++ addon), js (pure TypeScript) or auto (native when built)').choices(['native', 'js', 'auto']).default('auto'))
   .addHelpText(

@@ -13,7 +13,7 @@ export interface EvalCliOptions {
   run?: string;
   progress: boolean;
   backend?: string;
-  /** 'cpu' (default) or 'cuda:N': where the decoding stage runs */
+  /** 'cpu' (default) or 'cuda:N': where the decoding stages, the encoder and the GRU cells run */
   device?: string;
   /** 'fp32' (default) or 'bf16': the CPU convolutions' products */
   precision?: string;

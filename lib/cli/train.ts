@@ -73,7 +73,7 @@ export interface TrainCliOptions {
   checksumEvery?: number;
   /** 'native', 'js' or 'auto' (default) */
   backend?: string;
-  /** 'cpu' (default) or 'cuda:N': where the decoding stage runs (with --gpus: cuda:<rank>) */
+  /** 'cpu' (default) or 'cuda:N': where the decoding stages, the encoder and the GRU cells run (with --gpus: cuda:<rank>) */
   device?: string;
   /** 'fp32' (default) or 'bf16': the CPU convolutions' products (see ConvPrecision) */
   precision?: string;

@@ -83,7 +83,7 @@ export interface TrainOptions {
   distributed?: DistributedOptions;
   /** 'native' (the C++ addon), 'js' (pure TypeScript) or 'auto' (default: native when built) */
   backend?: string;
-  /** where the decoding stage runs: 'cpu' (default) or 'cuda:N' (see opsForBackend) */
+  /** where the decoding stages, the encoder and the GRU cells run: 'cpu' (default) or 'cuda:N' (see nativeOpsOn) */
   device?: string;
   /** 'fp32' (default) or 'bf16': the CPU convolutions' products (see ConvPrecision) */
   precision?: string;
