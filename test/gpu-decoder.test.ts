@@ -505,11 +505,12 @@ for (const device of devices) {
         // one loss over a GRU cell and a DualGRU cell, so that every input and weight gets a gradient
         const f = (o: Ops) => (...v: tf.Tensor[]) => {
           const [x, h1, h2] = v as tf.Tensor2D[];
-          const w = v.slice(3) as tf.Tensor2D[];
-          const g = o.gruCell(x, h1, { weightIh: w[12], weightHh: w[13], biasIh: w[14] as tf.Tensor1D, biasHh: w[15] as tf.Tensor1D });
+          const m = (i: number) => v[3 + i] as tf.Tensor2D;
+          const b1 = (i: number) => v[3 + i] as tf.Tensor1D;
+          const g = o.gruCell(x, h1, { weightIh: m(12), weightHh: m(13), biasIh: b1(14), biasHh: b1(15) });
           const [a, b] = o.dualGruCell(x, h1, h2, {
-            weightIh1: w[0], weightHh1: w[1], weightIh2: w[2], weightHh2: w[3], weightIn1: w[4], weightHn1: w[5], weightIn2: w[6], weightHn2: w[7],
-            biasIh: w[8] as tf.Tensor1D, biasHh: w[9] as tf.Tensor1D, biasIn: w[10] as tf.Tensor1D, biasHn: w[11] as tf.Tensor1D,
+            weightIh1: m(0), weightHh1: m(1), weightIh2: m(2), weightHh2: m(3), weightIn1: m(4), weightHn1: m(5), weightIn2: m(6), weightHn2: m(7),
+            biasIh: b1(8), biasHh: b1(9), biasIn: b1(10), biasHn: b1(11),
           });
           return tf.sum(tf.mul(tf.concat([g, a, b], 1), dy)) as tf.Scalar;
         };
