@@ -166,6 +166,13 @@ Napi::Float32Array new_f32(const Args& a, int64_t n) {
   return Napi::Float32Array::New(a.env(), static_cast<size_t>(n));
 }
 
+// A result object with these fields, in this order.
+Napi::Object object_of(Napi::Env env, std::initializer_list<std::pair<const char*, Napi::Value>> fields) {
+  Napi::Object o = Napi::Object::New(env);
+  for (const auto& f : fields) o.Set(f.first, f.second);
+  return o;
+}
+
 // The result array: a new one, or the caller's `out` (argument i: a Float32Array of exactly n
 // elements that shares no memory with any input), so hot loops can reuse their buffers.
 Napi::Float32Array out_or_new(const Args& a, size_t i, int64_t n, std::initializer_list<std::pair<size_t, const char*>> inputs) {
@@ -852,37 +859,55 @@ emorl::GpuWorkspace& gpu_workspace(const StageDevice& d, DecoderWorkspace* owner
   return *local;
 }
 
+// Where a call runs: its device ('cpu': no GPU) and, on a GPU, the workspace (the caller's
+// DecoderWorkspace, kept between calls, or one for this call alone).
+struct GpuCall {
+  StageDevice device;
+  DecoderWorkspace* owner = nullptr;
+  std::unique_ptr<emorl::GpuWorkspace> local;
+  emorl::GpuWorkspace* ws = nullptr;
+  GpuCall(const Args& a, Napi::Value dv, const std::string& device_name, Napi::Value wv, const std::string& workspace_name)
+      : device(parse_device(a, dv, device_name)) {
+    if (device.kind == StageDevice::Cpu) return;
+    owner = workspace_arg(a, wv, workspace_name);
+    ws = &gpu_workspace(device, owner, local);
+  }
+  // spec.device and spec.workspace
+  GpuCall(const Args& a, const Props& p) : GpuCall(a, p.get("device"), p.name("device"), p.get("workspace"), p.name("workspace")) {}
+  bool on_gpu() const { return ws != nullptr; }
+  bool simt() const { return device.kind == StageDevice::Simt; }
+  void done(Napi::Env env) const {
+    if (owner) owner->report(env);
+  }
+};
+
+// fn(args...) of the GPU build that `call`'s device belongs to: the emulator's or CUDA's (without
+// CUDA, parse_device admits no other GPU device than 'simt').
+#if defined(EMORL_CUDA)
+#define EMORL_ON_GPU(call, fn, ...) ((call).simt() ? emorl::simt::fn(__VA_ARGS__) : emorl::cuda::fn(__VA_ARGS__))
+#else
+#define EMORL_ON_GPU(call, fn, ...) emorl::simt::fn(__VA_ARGS__)
+#endif
+
 emorl::Precision conv_precision(const Args& a, size_t arg) {
   return parse_precision(a, a.at(arg), "precision", parse_device(a, a.at(arg - 2), "device"));
 }
 
 bool gpu_conv_forward(const Args& a, size_t arg, const emorl::NhwcGeom& g, int64_t Co, const float* x, const float* w,
                       const float* bias, emorl::Act act, float* y) {
-  const StageDevice d = parse_device(a, a.at(arg), "device");
-  if (d.kind == StageDevice::Cpu) return false;
-  std::unique_ptr<emorl::GpuWorkspace> local;
-  DecoderWorkspace* owner = workspace_arg(a, a.at(arg + 1), "workspace");
-  emorl::GpuWorkspace& ws = gpu_workspace(d, owner, local);
-  if (d.kind == StageDevice::Simt) emorl::simt::conv2d_forward(g, Co, x, w, bias, act, y, ws);
-#if defined(EMORL_CUDA)
-  else emorl::cuda::conv2d_forward(g, Co, x, w, bias, act, y, ws);
-#endif
-  if (owner) owner->report(a.env());
+  GpuCall gpu(a, a.at(arg), "device", a.at(arg + 1), "workspace");
+  if (!gpu.on_gpu()) return false;
+  EMORL_ON_GPU(gpu, conv2d_forward, g, Co, x, w, bias, act, y, *gpu.ws);
+  gpu.done(a.env());
   return true;
 }
 
 bool gpu_conv_backward(const Args& a, size_t arg, const emorl::NhwcGeom& g, int64_t Co, const float* x, const float* w,
                        const float* y, const float* dy, emorl::Act act, float* dx, float* dw, float* db) {
-  const StageDevice d = parse_device(a, a.at(arg), "device");
-  if (d.kind == StageDevice::Cpu) return false;
-  std::unique_ptr<emorl::GpuWorkspace> local;
-  DecoderWorkspace* owner = workspace_arg(a, a.at(arg + 1), "workspace");
-  emorl::GpuWorkspace& ws = gpu_workspace(d, owner, local);
-  if (d.kind == StageDevice::Simt) emorl::simt::conv2d_backward(g, Co, x, w, y, dy, act, dx, dw, db, ws);
-#if defined(EMORL_CUDA)
-  else emorl::cuda::conv2d_backward(g, Co, x, w, y, dy, act, dx, dw, db, ws);
-#endif
-  if (owner) owner->report(a.env());
+  GpuCall gpu(a, a.at(arg), "device", a.at(arg + 1), "workspace");
+  if (!gpu.on_gpu()) return false;
+  EMORL_ON_GPU(gpu, conv2d_backward, g, Co, x, w, y, dy, act, dx, dw, db, *gpu.ws);
+  gpu.done(a.env());
   return true;
 }
 
@@ -1049,12 +1074,7 @@ Napi::Value SlotSoftmaxFn(const Napi::CallbackInfo& info, bool) {
   auto pv = new_f32(a, n), av = new_f32(a, n), wv = new_f32(a, n);
   auto sv = Napi::Float64Array::New(a.env(), static_cast<size_t>(B * K));
   emorl::slot_softmax_forward(dots, B, K, N, eps, pv.Data(), av.Data(), wv.Data(), sv.Data(), threads());
-  Napi::Object r = Napi::Object::New(a.env());
-  r.Set("p", pv);
-  r.Set("a", av);
-  r.Set("w", wv);
-  r.Set("s", sv);
-  return r;
+  return object_of(a.env(), {{"p", pv}, {"a", av}, {"w", wv}, {"s", sv}});
 }
 
 Napi::Value SlotSoftmaxBackwardFn(const Napi::CallbackInfo& info, bool) {
@@ -1108,11 +1128,7 @@ Napi::Value LayerNormFn(const Napi::CallbackInfo& info, bool) {
   auto mean = Napi::Float64Array::New(a.env(), static_cast<size_t>(rows));
   auto rstd = Napi::Float64Array::New(a.env(), static_cast<size_t>(rows));
   emorl::layer_norm_forward(x, rows, D, w, b, eps, y.Data(), mean.Data(), rstd.Data(), threads());
-  Napi::Object r = Napi::Object::New(a.env());
-  r.Set("y", y);
-  r.Set("mean", mean);
-  r.Set("rstd", rstd);
-  return r;
+  return object_of(a.env(), {{"y", y}, {"mean", mean}, {"rstd", rstd}});
 }
 
 Napi::Value LayerNormBackwardFn(const Napi::CallbackInfo& info, bool) {
@@ -1146,9 +1162,11 @@ Napi::Value LayerNormBackwardFn(const Napi::CallbackInfo& info, bool) {
 
 // ---- the GRU step (gru.h; lib/ops/native-gru.ts) ----
 
-// The dimensions N, I, H of a GRU spec and the shapes they imply, for the messages.
+// The dimensions N, I, H of a GRU spec, the shapes they imply (for the messages), and the arrays
+// both directions take: x, h and the weights.
 struct GruSpec {
   emorl::GruDims d;
+  const float *x = nullptr, *h = nullptr, *wih = nullptr, *whh = nullptr;
   std::string what(const char* tensor) const {
     const std::string t(tensor);
     if (t == "x") return "[N,I] = " + shape_str({d.N, d.I});
@@ -1161,31 +1179,19 @@ struct GruSpec {
 };
 
 GruSpec gru_spec(const Args& a, const Props& p) {
-  GruSpec s{{p.integer("N", 1), p.integer("I", 1), p.integer("H", 1)}};
-  a.numel({s.d.N, s.d.G(), std::max(s.d.I, s.d.H)}, "[N,3H,max(I,H)]");  // size check
+  GruSpec s;
+  s.d = {p.integer("N", 1), p.integer("I", 1), p.integer("H", 1)};
+  const emorl::GruDims& d = s.d;
+  a.numel({d.N, d.G(), std::max(d.I, d.H)}, "[N,3H,max(I,H)]");  // size check
+  s.x = p.f32("x", d.N * d.I, s.what("x"));
+  s.h = p.f32("h", d.N * d.H, s.what("h"));
+  s.wih = p.f32("wIh", d.G() * d.I, s.what("w_ih"));
+  s.whh = p.f32("wHh", d.G() * d.H, s.what("w_hh"));
   return s;
 }
 
 // The weights' content tags of a GRU spec (GPU calls keep tagged weights on the device).
 emorl::GruTags gru_tags(const Props& p) { return {p.tag("wIhTag"), p.tag("wHhTag"), p.tag("bIhTag"), p.tag("bHhTag")}; }
-
-// The GPU path of a GRU call: the device at spec.device ('cpu': none) and its workspace.
-struct GpuCall {
-  StageDevice device;
-  DecoderWorkspace* owner = nullptr;
-  std::unique_ptr<emorl::GpuWorkspace> local;
-  emorl::GpuWorkspace* ws = nullptr;
-  GpuCall(const Args& a, const Props& p) : device(stage_device(a, p)) {
-    if (device.kind == StageDevice::Cpu) return;
-    owner = workspace_arg(a, p.get("workspace"), p.name("workspace"));
-    ws = &gpu_workspace(device, owner, local);
-  }
-  bool on_gpu() const { return ws != nullptr; }
-  bool simt() const { return device.kind == StageDevice::Simt; }
-  void done(Napi::Env env) const {
-    if (owner) owner->report(env);
-  }
-};
 
 // gruCell({x, h, wIh, wHh, bIh, bHh, N, I, H, device?, workspace?}) -> {y [N,H], gates [4,N,H]}
 //   gates (r, u, n, c_n) are what gruCellBackward needs besides the inputs.
@@ -1194,10 +1200,7 @@ Napi::Value GruCellFn(const Napi::CallbackInfo& info, bool) {
   Props p(a, a.at(0), "spec");
   const GruSpec s = gru_spec(a, p);
   const emorl::GruDims& d = s.d;
-  const float* x = p.f32("x", d.N * d.I, s.what("x"));
-  const float* h = p.f32("h", d.N * d.H, s.what("h"));
-  const float* wih = p.f32("wIh", d.G() * d.I, s.what("w_ih"));
-  const float* whh = p.f32("wHh", d.G() * d.H, s.what("w_hh"));
+  const float *x = s.x, *h = s.h, *wih = s.wih, *whh = s.whh;
   const float* bih = p.f32("bIh", d.G(), s.what("b"));
   const float* bhh = p.f32("bHh", d.G(), s.what("b"));
   GpuCall gpu(a, p);
@@ -1205,17 +1208,10 @@ Napi::Value GruCellFn(const Napi::CallbackInfo& info, bool) {
   auto gates = new_f32(a, emorl::kGruPlanes * d.N * d.H);
   if (!gpu.on_gpu())
     emorl::gru_forward(d, x, h, wih, whh, bih, bhh, y.Data(), gates.Data(), threads());
-  else if (gpu.simt())
-    emorl::simt::gru_forward(d, x, h, wih, whh, bih, bhh, y.Data(), gates.Data(), *gpu.ws, gru_tags(p));
-#if defined(EMORL_CUDA)
   else
-    emorl::cuda::gru_forward(d, x, h, wih, whh, bih, bhh, y.Data(), gates.Data(), *gpu.ws, gru_tags(p));
-#endif
+    EMORL_ON_GPU(gpu, gru_forward, d, x, h, wih, whh, bih, bhh, y.Data(), gates.Data(), *gpu.ws, gru_tags(p));
   gpu.done(a.env());
-  Napi::Object r = Napi::Object::New(a.env());
-  r.Set("y", y);
-  r.Set("gates", gates);
-  return r;
+  return object_of(a.env(), {{"y", y}, {"gates", gates}});
 }
 
 // gruCellBackward({x, h, wIh, wHh, gates, dy, N, I, H, needParams, device?, workspace?})
@@ -1225,10 +1221,7 @@ Napi::Value GruCellBackwardFn(const Napi::CallbackInfo& info, bool) {
   Props p(a, a.at(0), "spec");
   const GruSpec s = gru_spec(a, p);
   const emorl::GruDims& d = s.d;
-  const float* x = p.f32("x", d.N * d.I, s.what("x"));
-  const float* h = p.f32("h", d.N * d.H, s.what("h"));
-  const float* wih = p.f32("wIh", d.G() * d.I, s.what("w_ih"));
-  const float* whh = p.f32("wHh", d.G() * d.H, s.what("w_hh"));
+  const float *x = s.x, *h = s.h, *wih = s.wih, *whh = s.whh;
   const float* gates = p.f32("gates", emorl::kGruPlanes * d.N * d.H, s.what("gates"));
   const float* dy = p.f32("dy", d.N * d.H, s.what("h"));
   const bool need_params = p.boolean("needParams", true);
@@ -1252,12 +1245,8 @@ Napi::Value GruCellBackwardFn(const Napi::CallbackInfo& info, bool) {
   }
   if (!gpu.on_gpu())
     emorl::gru_backward(d, x, h, wih, whh, gates, dy, dx.Data(), dh.Data(), dwih, dwhh, dbih, dbhh, threads());
-  else if (gpu.simt())
-    emorl::simt::gru_backward(d, x, h, wih, whh, gates, dy, dx.Data(), dh.Data(), dwih, dwhh, dbih, dbhh, *gpu.ws, gru_tags(p));
-#if defined(EMORL_CUDA)
   else
-    emorl::cuda::gru_backward(d, x, h, wih, whh, gates, dy, dx.Data(), dh.Data(), dwih, dwhh, dbih, dbhh, *gpu.ws, gru_tags(p));
-#endif
+    EMORL_ON_GPU(gpu, gru_backward, d, x, h, wih, whh, gates, dy, dx.Data(), dh.Data(), dwih, dwhh, dbih, dbhh, *gpu.ws, gru_tags(p));
   gpu.done(a.env());
   return r;
 }
@@ -1324,6 +1313,36 @@ GpuCall conv_stack_device(const Args& a, const Props& p) {
   return gpu;
 }
 
+// spec.stamp: a stamp from `from` (absent: 0, which no workspace holds).
+uint64_t stamp_prop(const Args& a, const Props& p, const char* from) {
+  const double st = p.has("stamp") ? p.number("stamp") : 0;
+  if (st < 0 || std::floor(st) != st) a.range_error("'" + p.name("stamp") + "' must be a stamp from " + from);
+  return static_cast<uint64_t>(st);
+}
+
+// The conv stack's parameter gradients, new arrays per layer as r.dw and r.db (null when not
+// needed), with dw and db pointing into them (null pointers: skipped).
+void stack_grads(const Args& a, const emorl::ConvStack& s, bool need, Napi::Object r, std::vector<float*>& dw, std::vector<float*>& db) {
+  dw.assign(s.layers.size(), nullptr);
+  db.assign(s.layers.size(), nullptr);
+  if (!need) {
+    r.Set("dw", a.env().Null());
+    r.Set("db", a.env().Null());
+    return;
+  }
+  Napi::Array dwa = Napi::Array::New(a.env(), s.layers.size()), dba = Napi::Array::New(a.env(), s.layers.size());
+  for (size_t i = 0; i < s.layers.size(); ++i) {
+    auto tw = new_f32(a, s.layers[i].Co * s.geom(i).P());
+    auto tb = new_f32(a, s.layers[i].Co);
+    dw[i] = tw.Data();
+    db[i] = tb.Data();
+    dwa.Set(static_cast<uint32_t>(i), tw);
+    dba.Set(static_cast<uint32_t>(i), tb);
+  }
+  r.Set("dw", dwa);
+  r.Set("db", dba);
+}
+
 // convStack({x, xShape, layers, device, workspace?}) -> {y [N,Ho,Wo,Co], yShape, stamp}
 //   stamp: hand it to convStackBackward; its maps stay in the workspace until the next forward.
 Napi::Value ConvStackFn(const Napi::CallbackInfo& info, bool) {
@@ -1334,21 +1353,12 @@ Napi::Value ConvStackFn(const Napi::CallbackInfo& info, bool) {
   const emorl::NhwcGeom g = s.geom(s.layers.size() - 1);
   const int64_t Co = s.layers.back().Co;
   auto y = new_f32(a, a.numel({g.N, g.Ho, g.Wo, Co}, "output"));
-  const uint64_t stamp = gpu.simt() ? emorl::simt::conv_stack_forward(s, y.Data(), *gpu.ws)
-#if defined(EMORL_CUDA)
-                                    : emorl::cuda::conv_stack_forward(s, y.Data(), *gpu.ws);
-#else
-                                    : 0;
-#endif
+  const uint64_t stamp = EMORL_ON_GPU(gpu, conv_stack_forward, s, y.Data(), *gpu.ws);
   gpu.done(a.env());
-  Napi::Object r = Napi::Object::New(a.env());
-  r.Set("y", y);
   Napi::Array shape = Napi::Array::New(a.env(), 4);
   const int64_t dims[4] = {g.N, g.Ho, g.Wo, Co};
   for (uint32_t k = 0; k < 4; ++k) shape.Set(k, Napi::Number::New(a.env(), static_cast<double>(dims[k])));
-  r.Set("yShape", shape);
-  r.Set("stamp", Napi::Number::New(a.env(), static_cast<double>(stamp)));
-  return r;
+  return object_of(a.env(), {{"y", y}, {"yShape", shape}, {"stamp", Napi::Number::New(a.env(), static_cast<double>(stamp))}});
 }
 
 // convStackBackward({x, xShape, layers, dy, stamp, needDx, needParams, device, workspace?})
@@ -1362,8 +1372,7 @@ Napi::Value ConvStackBackwardFn(const Napi::CallbackInfo& info, bool) {
   const emorl::NhwcGeom g = s.geom(s.layers.size() - 1);
   const std::vector<int64_t> ys{g.N, g.Ho, g.Wo, s.layers.back().Co};
   const float* dy = p.f32("dy", a.numel(ys, "output"), "the output " + shape_str(ys));
-  const double st = p.has("stamp") ? p.number("stamp") : 0;
-  if (st < 0 || std::floor(st) != st) a.range_error("'" + p.name("stamp") + "' must be a stamp from convStack");
+  const uint64_t stamp = stamp_prop(a, p, "convStack");
   const bool need_dx = p.boolean("needDx", false), need_params = p.boolean("needParams", true);
   Napi::Object r = Napi::Object::New(a.env());
   float* dx = nullptr;
@@ -1374,29 +1383,9 @@ Napi::Value ConvStackBackwardFn(const Napi::CallbackInfo& info, bool) {
   } else {
     r.Set("dx", a.env().Null());
   }
-  std::vector<float*> dw(s.layers.size(), nullptr), db(s.layers.size(), nullptr);
-  if (need_params) {
-    Napi::Array dwa = Napi::Array::New(a.env(), s.layers.size()), dba = Napi::Array::New(a.env(), s.layers.size());
-    for (size_t i = 0; i < s.layers.size(); ++i) {
-      const emorl::ConvStackLayer& L = s.layers[i];
-      auto tw = new_f32(a, L.Co * s.geom(i).P());
-      auto tb = new_f32(a, L.Co);
-      dw[i] = tw.Data();
-      db[i] = tb.Data();
-      dwa.Set(static_cast<uint32_t>(i), tw);
-      dba.Set(static_cast<uint32_t>(i), tb);
-    }
-    r.Set("dw", dwa);
-    r.Set("db", dba);
-  } else {
-    r.Set("dw", a.env().Null());
-    r.Set("db", a.env().Null());
-  }
-  const uint64_t stamp = static_cast<uint64_t>(st);
-  if (gpu.simt()) emorl::simt::conv_stack_backward(s, stamp, dy, dx, dw, db, *gpu.ws);
-#if defined(EMORL_CUDA)
-  else emorl::cuda::conv_stack_backward(s, stamp, dy, dx, dw, db, *gpu.ws);
-#endif
+  std::vector<float*> dw, db;
+  stack_grads(a, s, need_params, r, dw, db);
+  EMORL_ON_GPU(gpu, conv_stack_backward, s, stamp, dy, dx, dw, db, *gpu.ws);
   gpu.done(a.env());
   return r;
 }
@@ -1498,15 +1487,7 @@ Napi::Value EncoderHeadFn(const Napi::CallbackInfo& info, bool) {
   auto f1 = new_f32(a, R * D), f2 = new_f32(a, R * D), f3 = new_f32(a, R * D);
   auto mean = Napi::Float64Array::New(a.env(), static_cast<size_t>(R)), rstd = Napi::Float64Array::New(a.env(), static_cast<size_t>(R));
   emorl::encoder_head_forward(c.d, h, c.h.p, k.Data(), v.Data(), {f1.Data(), f2.Data(), f3.Data(), mean.Data(), rstd.Data()}, threads());
-  Napi::Object r = Napi::Object::New(a.env());
-  r.Set("k", k);
-  r.Set("v", v);
-  r.Set("f1", f1);
-  r.Set("f2", f2);
-  r.Set("f3", f3);
-  r.Set("mean", mean);
-  r.Set("rstd", rstd);
-  return r;
+  return object_of(a.env(), {{"k", k}, {"v", v}, {"f1", f1}, {"f2", f2}, {"f3", f3}, {"mean", mean}, {"rstd", rstd}});
 }
 
 // encoderHeadBackward({h, rows, hw, D, head, f1, f2, f3, mean, rstd, dk, dv, needParams})
@@ -1523,16 +1504,10 @@ Napi::Value EncoderHeadBackwardFn(const Napi::CallbackInfo& info, bool) {
   const float* dk = p.f32("dk", R * Z, rz);
   const float* dv = p.f32("dv", R * Z, rz);
   auto dh = new_f32(a, R * D);
-  Napi::Object r = Napi::Object::New(a.env());
-  r.Set("dh", dh);
   emorl::EncoderHeadParamGrads g{};
-  if (p.boolean("needParams", true)) {
-    r.Set("head", head_grads_object(a, c.h, g));
-  } else {
-    r.Set("head", a.env().Null());
-  }
+  const Napi::Value head = p.boolean("needParams", true) ? Napi::Value(head_grads_object(a, c.h, g)) : a.env().Null();
   emorl::encoder_head_backward(c.d, h, c.h.p, sv, dk, dv, dh.Data(), g, threads());
-  return r;
+  return object_of(a.env(), {{"dh", dh}, {"head", head}});
 }
 
 // encoderStage({x, xShape, layers, head, device, workspace?}) -> {k, v [N·H·W, Z], rows, Z, stamp}
@@ -1544,20 +1519,11 @@ Napi::Value EncoderStageFn(const Napi::CallbackInfo& info, bool) {
   GpuCall gpu = conv_stack_device(a, p);
   const int64_t rows = s.geom(s.layers.size() - 1).M();
   auto k = new_f32(a, a.numel({rows, h.Z}, "k")), v = new_f32(a, a.numel({rows, h.Z}, "v"));
-  const uint64_t stamp = gpu.simt() ? emorl::simt::encoder_forward(s, h, k.Data(), v.Data(), *gpu.ws)
-#if defined(EMORL_CUDA)
-                                    : emorl::cuda::encoder_forward(s, h, k.Data(), v.Data(), *gpu.ws);
-#else
-                                    : 0;
-#endif
+  const uint64_t stamp = EMORL_ON_GPU(gpu, encoder_forward, s, h, k.Data(), v.Data(), *gpu.ws);
   gpu.done(a.env());
-  Napi::Object r = Napi::Object::New(a.env());
-  r.Set("k", k);
-  r.Set("v", v);
-  r.Set("rows", static_cast<double>(rows));
-  r.Set("Z", static_cast<double>(h.Z));
-  r.Set("stamp", static_cast<double>(stamp));
-  return r;
+  const auto num = [&](double x) { return Napi::Number::New(a.env(), x); };
+  return object_of(a.env(), {{"k", k}, {"v", v}, {"rows", num(static_cast<double>(rows))}, {"Z", num(static_cast<double>(h.Z))},
+                             {"stamp", num(static_cast<double>(stamp))}});
 }
 
 // encoderStageBackward({x, xShape, layers, head, dk, dv, stamp, needParams, device, workspace?})
@@ -1572,35 +1538,14 @@ Napi::Value EncoderStageBackwardFn(const Napi::CallbackInfo& info, bool) {
   const std::string kv = "[rows, Z] = " + shape_str({rows, h.Z});
   const float* dk = p.f32("dk", rows * h.Z, kv);
   const float* dv = p.f32("dv", rows * h.Z, kv);
-  const double st = p.has("stamp") ? p.number("stamp") : 0;
-  if (st < 0 || std::floor(st) != st) a.range_error("'" + p.name("stamp") + "' must be a stamp from encoderStage");
+  const uint64_t stamp = stamp_prop(a, p, "encoderStage");
   const bool need_params = p.boolean("needParams", true);
   Napi::Object r = Napi::Object::New(a.env());
-  std::vector<float*> dw(s.layers.size(), nullptr), db(s.layers.size(), nullptr);
+  std::vector<float*> dw, db;
+  stack_grads(a, s, need_params, r, dw, db);
   emorl::EncoderHeadParamGrads g{};
-  if (need_params) {
-    Napi::Array dwa = Napi::Array::New(a.env(), s.layers.size()), dba = Napi::Array::New(a.env(), s.layers.size());
-    for (size_t i = 0; i < s.layers.size(); ++i) {
-      auto tw = new_f32(a, s.layers[i].Co * s.geom(i).P());
-      auto tb = new_f32(a, s.layers[i].Co);
-      dw[i] = tw.Data();
-      db[i] = tb.Data();
-      dwa.Set(static_cast<uint32_t>(i), tw);
-      dba.Set(static_cast<uint32_t>(i), tb);
-    }
-    r.Set("dw", dwa);
-    r.Set("db", dba);
-    r.Set("head", head_grads_object(a, h, g));
-  } else {
-    r.Set("dw", a.env().Null());
-    r.Set("db", a.env().Null());
-    r.Set("head", a.env().Null());
-  }
-  const uint64_t stamp = static_cast<uint64_t>(st);
-  if (gpu.simt()) emorl::simt::encoder_backward(s, h, stamp, dk, dv, dw, db, g, *gpu.ws);
-#if defined(EMORL_CUDA)
-  else emorl::cuda::encoder_backward(s, h, stamp, dk, dv, dw, db, g, *gpu.ws);
-#endif
+  r.Set("head", need_params ? Napi::Value(head_grads_object(a, h, g)) : a.env().Null());
+  EMORL_ON_GPU(gpu, encoder_backward, s, h, stamp, dk, dv, dw, db, g, *gpu.ws);
   gpu.done(a.env());
   return r;
 }

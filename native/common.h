@@ -132,6 +132,12 @@ inline void split_range(int64_t n, int tid, int nt, int64_t& begin, int64_t& end
   end = begin + q + (tid < r ? 1 : 0);
 }
 
+// Threads for a pass over `elements` cheap elements: about 16K each at least (a thread's start costs
+// more than that much work), at most nthreads.
+inline int pass_threads(int nthreads, int64_t elements) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, elements / 16384 + 1)));
+}
+
 // out[j] = Σ_rows v[row, j] (rows of `cols` floats), summed in double: per-thread partial sums over
 // contiguous row ranges, added in thread order (the result does not depend on timing).
 inline void column_sums(const float* v, int64_t rows, int64_t cols, float* out, int nthreads) {

@@ -2,7 +2,6 @@
 // epilogue pass), the positional add and LayerNorm in one pass per row, statistics in double.
 #include "encoder_head.h"
 
-#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -13,10 +12,6 @@
 namespace emorl {
 
 namespace {
-
-int row_threads(int nthreads, int64_t rows, int64_t D) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, rows * D / 16384 + 1)));
-}
 
 // P [hw, D] = pos W_posᵀ + b_pos, in double.
 std::vector<float> positional_projection(const EncoderHeadDims& d, const EncoderHeadParams& p) {
@@ -36,7 +31,7 @@ void encoder_head_forward(const EncoderHeadDims& d, const float* h, const Encode
                           const EncoderHeadSaved& s, int nthreads) {
   const int64_t R = d.rows, D = d.D;
   const std::vector<float> P = positional_projection(d, p);
-  parallel_region(row_threads(nthreads, R, D), [&](int tid, int nt) {
+  parallel_region(pass_threads(nthreads, R * D), [&](int tid, int nt) {
     int64_t r0, r1;
     split_range(R, tid, nt, r0, r1);
     for (int64_t r = r0; r < r1; ++r) {
@@ -80,7 +75,7 @@ void encoder_head_backward(const EncoderHeadDims& d, const float* h, const Encod
   }
   // f3 = f2 W2ᵀ + b2, f2 = ReLU(f1 W1ᵀ + b1): df2 in b, then df1 in a
   sgemm_dense(false, false, R, D, D, a.data(), p.w2, b.data(), false, nthreads);
-  parallel_region(row_threads(nthreads, R, D), [&](int tid, int nt) {
+  parallel_region(pass_threads(nthreads, R * D), [&](int tid, int nt) {
     int64_t i0, i1;
     split_range(R * D, tid, nt, i0, i1);
     for (int64_t i = i0; i < i1; ++i)
@@ -94,7 +89,7 @@ void encoder_head_backward(const EncoderHeadDims& d, const float* h, const Encod
   // the LayerNorm: dh = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)), dx̂ = df1·γ; per thread, dγ, dβ and
   // dP (dh summed over the images, per pixel) in double
   const std::vector<float> P = positional_projection(d, p);
-  const int nt = row_threads(nthreads, R, D);
+  const int nt = pass_threads(nthreads, R * D);
   std::vector<double> acc(params ? static_cast<size_t>(nt * (2 * D + d.hw * D)) : 0, 0.0);
   parallel_region(nt, [&](int tid, int n) {
     int64_t r0, r1;

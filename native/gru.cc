@@ -1,7 +1,6 @@
 // One GRU step on the CPU (gru.h): the products on sgemm, the gates in one pass over the rows.
 #include "gru.h"
 
-#include <algorithm>
 #include <vector>
 
 #include "common.h"
@@ -9,23 +8,13 @@
 
 namespace emorl {
 
-namespace {
-
-// Threads for a pass over rows of `cols` elements: about 16K elements each at least, since the
-// passes are short and a thread's start costs more than that much work.
-int pass_threads(int nthreads, int64_t rows, int64_t cols) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, rows * cols / 16384 + 1)));
-}
-
-}  // namespace
-
 void gru_forward(const GruDims& d, const float* x, const float* h, const float* w_ih, const float* w_hh, const float* b_ih,
                  const float* b_hh, float* y, float* gates, int nthreads) {
   const int64_t N = d.N, H = d.H, G = d.G(), plane = N * H;
   std::vector<float> a(static_cast<size_t>(N * G)), c(static_cast<size_t>(N * G));
   sgemm_dense(false, true, N, G, d.I, x, w_ih, a.data(), false, nthreads);
   sgemm_dense(false, true, N, G, H, h, w_hh, c.data(), false, nthreads);
-  parallel_region(pass_threads(nthreads, N, G), [&](int tid, int nt) {
+  parallel_region(pass_threads(nthreads, N * G), [&](int tid, int nt) {
     int64_t r0, r1;
     split_range(N, tid, nt, r0, r1);
     for (int64_t i = r0; i < r1; ++i) {
@@ -50,7 +39,7 @@ void gru_backward(const GruDims& d, const float* x, const float* h, const float*
   const int64_t N = d.N, I = d.I, H = d.H, G = d.G(), plane = N * H;
   // da, dc [N,3H]: the gradients of the input and hidden pre-activation parts
   std::vector<float> da(static_cast<size_t>(N * G)), dc(static_cast<size_t>(N * G));
-  parallel_region(pass_threads(nthreads, N, G), [&](int tid, int nt) {
+  parallel_region(pass_threads(nthreads, N * G), [&](int tid, int nt) {
     int64_t r0, r1;
     split_range(N, tid, nt, r0, r1);
     for (int64_t q = r0 * H; q < r1 * H; ++q) gru_gate_grads_at(q, H, plane, gates, dy, h, da.data(), dc.data(), dh);

@@ -1,7 +1,6 @@
 // LayerNorm (layernorm.h): rows split over threads; parameter gradients summed per thread.
 #include "layernorm.h"
 
-#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -9,15 +8,9 @@
 
 namespace emorl {
 
-namespace {
-int row_threads(int nthreads, int64_t rows, int64_t D) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, rows * D / 16384 + 1)));
-}
-}  // namespace
-
 void layer_norm_forward(const float* x, int64_t rows, int64_t D, const float* w, const float* b, double eps, float* y,
                         double* mean, double* rstd, int nthreads) {
-  parallel_region(row_threads(nthreads, rows, D), [&](int tid, int nt) {
+  parallel_region(pass_threads(nthreads, rows * D), [&](int tid, int nt) {
     int64_t r0, r1;
     split_range(rows, tid, nt, r0, r1);
     for (int64_t r = r0; r < r1; ++r) {
@@ -46,7 +39,7 @@ void layer_norm_forward(const float* x, int64_t rows, int64_t D, const float* w,
 
 void layer_norm_backward(const float* g, const float* x, int64_t rows, int64_t D, const float* w, const double* mean,
                          const double* rstd, float* dx, double* dw, double* db, int nthreads) {
-  const int nt = row_threads(nthreads, rows, D);
+  const int nt = pass_threads(nthreads, rows * D);
   const bool params = dw && db;
   std::vector<std::vector<double>> pw(params ? static_cast<size_t>(nt) : 0, std::vector<double>(static_cast<size_t>(D), 0.0));
   std::vector<std::vector<double>> pb(params ? static_cast<size_t>(nt) : 0, std::vector<double>(static_cast<size_t>(D), 0.0));

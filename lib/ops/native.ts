@@ -77,14 +77,7 @@ export function convStackOnDevice(x: tf.Tensor4D, layers: ConvStackLayer[], devi
   const op = tf.customGrad((...args) => {
     const save = args.pop() as tf.GradSaveFunc;
     const t = args as tf.Tensor[];
-    const spec = (): ConvStackSpec => ({
-      x: f32(t[0]), xShape, device, workspace,
-      layers: layers.map((L, i) => ({
-        w: f32(t[1 + 2 * i]), wShape: [...L.weight.shape], b: f32(t[2 + 2 * i]), stride: L.stride ?? 1, pad: L.pad ?? 0,
-        act: ADDON_ACT[L.activation ?? 'linear'], wTag: contentTag(t[1 + 2 * i]), bTag: contentTag(t[2 + 2 * i]),
-      })),
-    });
-    const s = spec();
+    const s: ConvStackSpec = { x: f32(t[0]), xShape, device, workspace, layers: stackLayerSpecs(layers, t.slice(1)) };
     const { y, yShape, stamp } = k.convStack(s);
     save(t);
     return {
@@ -92,16 +85,25 @@ export function convStackOnDevice(x: tf.Tensor4D, layers: ConvStackLayer[], devi
       gradFunc: (dy: tf.Tensor) => {
         const needParams = paramGradsEnabled();
         const g = k.convStackBackward({ ...s, dy: f32(dy), stamp, needDx: true, needParams });
-        const grads: tf.Tensor[] = [tf.tensor4d(g.dx!, x.shape)];
-        layers.forEach((L, i) => {
-          grads.push(needParams ? tf.tensor(g.dw![i], L.weight.shape) : tf.zerosLike(L.weight));
-          grads.push(needParams ? tf.tensor(g.db![i], L.bias.shape) : tf.zerosLike(L.bias));
-        });
-        return grads;
+        const dx = tf.tensor4d(g.dx!, x.shape);
+        return needParams ? [dx, ...stackLayerGrads(layers, g.dw!, g.db!)] : [dx, ...t.slice(1).map((p) => tf.zerosLike(p))];
       },
     };
   });
   return op(x, ...layers.flatMap((L) => [L.weight, L.bias])) as tf.Tensor4D;
+}
+
+/** The addon's layer specs of a conv stack from its weights and biases (wb: w0, b0, w1, b1, …). */
+function stackLayerSpecs(layers: ConvStackLayer[], wb: tf.Tensor[]): ConvStackSpec['layers'] {
+  return layers.map((L, i) => ({
+    w: f32(wb[2 * i]), wShape: [...L.weight.shape], b: f32(wb[2 * i + 1]), stride: L.stride ?? 1, pad: L.pad ?? 0,
+    act: ADDON_ACT[L.activation ?? 'linear'], wTag: contentTag(wb[2 * i]), bTag: contentTag(wb[2 * i + 1]),
+  }));
+}
+
+/** The addon's dw, db of a conv stack as tensors, w and b per layer. */
+function stackLayerGrads(layers: ConvStackLayer[], dw: Float32Array[], db: Float32Array[]): tf.Tensor[] {
+  return layers.flatMap((L, i) => [tf.tensor(dw[i], L.weight.shape), tf.tensor(db[i], L.bias.shape)]);
 }
 
 /**
@@ -123,10 +125,7 @@ export function encoderOnDevice(a: EncoderArgs, device: StageDevice): EncoderOut
     const hp = t.slice(2 * nc);
     const spec = {
       x: xd, xShape, device, workspace,
-      layers: a.convs.map((L, i) => ({
-        w: f32(t[2 * i]), wShape: [...L.weight.shape], b: f32(t[2 * i + 1]), stride: L.stride ?? 1, pad: L.pad ?? 0,
-        act: ADDON_ACT[L.activation ?? 'linear'], wTag: contentTag(t[2 * i]), bTag: contentTag(t[2 * i + 1]),
-      })),
+      layers: stackLayerSpecs(a.convs, t.slice(0, 2 * nc)),
       head: { ...headSpec(a, hp), tags: [posTag, ...hp.map(contentTag)] },
     };
     const r = k.encoderStage(spec);
@@ -135,9 +134,7 @@ export function encoderOnDevice(a: EncoderArgs, device: StageDevice): EncoderOut
       grads: (dk, dv, needParams) => {
         const b = k.encoderStageBackward({ ...spec, dk, dv, stamp: r.stamp, needParams });
         if (!needParams) return t.map((x) => tf.zerosLike(x));
-        const grads: tf.Tensor[] = [];
-        a.convs.forEach((L, i) => grads.push(tf.tensor(b.dw![i], L.weight.shape), tf.tensor(b.db![i], L.bias.shape)));
-        return [...grads, ...headGrads(b.head!, head)];
+        return [...stackLayerGrads(a.convs, b.dw!, b.db!), ...headGrads(b.head!, head)];
       },
     };
   });
