@@ -1510,7 +1510,8 @@ Napi::Value EncoderHeadBackwardFn(const Napi::CallbackInfo& info, bool) {
   return object_of(a.env(), {{"dh", dh}, {"head", head}});
 }
 
-// encoderStage({x, xShape, layers, head, device, workspace?}) -> {k, v [N·H·W, Z], rows, Z, stamp}
+// encoderStage({x, xShape, layers, head, keep?, device, workspace?}) -> {k, v [N·H·W, Z] | null, rows, Z, stamp}
+//   keep: k and v stay on the device only (null here), for encoderAttention.
 Napi::Value EncoderStageFn(const Napi::CallbackInfo& info, bool) {
   Args a(info, "encoderStage");
   Props p(a, a.at(0), "spec");
@@ -1518,16 +1519,35 @@ Napi::Value EncoderStageFn(const Napi::CallbackInfo& info, bool) {
   const emorl::EncoderHead h = encoder_head_spec(a, p, s);
   GpuCall gpu = conv_stack_device(a, p);
   const int64_t rows = s.geom(s.layers.size() - 1).M();
-  auto k = new_f32(a, a.numel({rows, h.Z}, "k")), v = new_f32(a, a.numel({rows, h.Z}, "v"));
-  const uint64_t stamp = EMORL_ON_GPU(gpu, encoder_forward, s, h, k.Data(), v.Data(), *gpu.ws);
+  const bool keep = p.boolean("keep", false);
+  Napi::Value k = a.env().Null(), v = a.env().Null();
+  float *kd = nullptr, *vd = nullptr;
+  if (!keep) {
+    auto kt = new_f32(a, a.numel({rows, h.Z}, "k")), vt = new_f32(a, a.numel({rows, h.Z}, "v"));
+    kd = kt.Data();
+    vd = vt.Data();
+    k = kt;
+    v = vt;
+  }
+  const uint64_t stamp = EMORL_ON_GPU(gpu, encoder_forward, s, h, kd, vd, *gpu.ws);
   gpu.done(a.env());
   const auto num = [&](double x) { return Napi::Number::New(a.env(), x); };
   return object_of(a.env(), {{"k", k}, {"v", v}, {"rows", num(static_cast<double>(rows))}, {"Z", num(static_cast<double>(h.Z))},
                              {"stamp", num(static_cast<double>(stamp))}});
 }
 
-// encoderStageBackward({x, xShape, layers, head, dk, dv, stamp, needParams, device, workspace?})
+// spec.sumId: the id under which encoderAttentionBackward sums dk and dv on the device (a stamp
+// of encoderStage; absent: 0, none).
+uint64_t sum_id_prop(const Args& a, const Props& p) {
+  if (!p.has("sumId")) return 0;
+  const double id = p.number("sumId");
+  if (!(id >= 1) || std::floor(id) != id) a.range_error("'" + p.name("sumId") + "' must be a stamp of encoderStage");
+  return static_cast<uint64_t>(id);
+}
+
+// encoderStageBackward({x, xShape, layers, head, dk?, dv?, sumId?, stamp, needParams, device, workspace?})
 //   -> {dw, db: [per layer] | null, head: {posW, posB, lnW, lnB, w1, b1, w2, b2, wk, wv} | null}
+//   Without dk and dv: the sums encoderAttentionBackward made on the device under sumId.
 Napi::Value EncoderStageBackwardFn(const Napi::CallbackInfo& info, bool) {
   Args a(info, "encoderStageBackward");
   Props p(a, a.at(0), "spec");
@@ -1536,8 +1556,11 @@ Napi::Value EncoderStageBackwardFn(const Napi::CallbackInfo& info, bool) {
   GpuCall gpu = conv_stack_device(a, p);
   const int64_t rows = s.geom(s.layers.size() - 1).M();
   const std::string kv = "[rows, Z] = " + shape_str({rows, h.Z});
-  const float* dk = p.f32("dk", rows * h.Z, kv);
-  const float* dv = p.f32("dv", rows * h.Z, kv);
+  const uint64_t sum_id = sum_id_prop(a, p);
+  const bool summed = !p.has("dk") && !p.has("dv");
+  if (summed && !sum_id) a.type_error("'" + p.name("dk") + "' and '" + p.name("dv") + "' are needed (or a sumId)");
+  const float* dk = summed ? nullptr : p.f32("dk", rows * h.Z, kv);
+  const float* dv = summed ? nullptr : p.f32("dv", rows * h.Z, kv);
   const uint64_t stamp = stamp_prop(a, p, "encoderStage");
   const bool need_params = p.boolean("needParams", true);
   Napi::Object r = Napi::Object::New(a.env());
@@ -1545,9 +1568,65 @@ Napi::Value EncoderStageBackwardFn(const Napi::CallbackInfo& info, bool) {
   stack_grads(a, s, need_params, r, dw, db);
   emorl::EncoderHeadParamGrads g{};
   r.Set("head", need_params ? Napi::Value(head_grads_object(a, h, g)) : a.env().Null());
-  EMORL_ON_GPU(gpu, encoder_backward, s, h, stamp, dk, dv, dw, db, g, *gpu.ws);
+  EMORL_ON_GPU(gpu, encoder_backward, s, h, stamp, dk, dv, dw, db, g, *gpu.ws, sum_id);
   gpu.done(a.env());
   return r;
+}
+
+// The queries of an encoderAttention call: {q [B, K, Z], B, K, eps} beside the encoder's spec.
+emorl::EncoderAttention encoder_attention_spec(const Args& a, const Props& p, const emorl::ConvStack& s, const emorl::EncoderHead& h) {
+  emorl::EncoderAttention e;
+  e.B = p.integer("B", 1);
+  e.K = p.integer("K", 1);
+  if (e.B != s.N) a.range_error("'" + p.name("B") + "' = " + std::to_string(e.B) + " differs from the encoder's " + std::to_string(s.N) + " images");
+  const double eps = p.number("eps");
+  if (!(eps >= 0)) a.range_error("'" + p.name("eps") + "' must be >= 0");
+  e.eps = static_cast<float>(eps);
+  e.q = p.f32("q", a.numel({e.B, e.K, h.Z}, "q"), "[B, K, Z] = " + shape_str({e.B, e.K, h.Z}));
+  return e;
+}
+
+// encoderAttention({...encoderStage's spec, stamp, q, B, K, eps, wantP?}) -> {updates [B, K, Z], p [B, K, H·W] | null, stamp}
+//   The slot competition of q against the keys and values encoderStage({keep: true}) left on the
+//   device under `stamp` (recomputed there when another forward ran since; hand on the returned stamp).
+Napi::Value EncoderAttentionFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "encoderAttention");
+  Props p(a, a.at(0), "spec");
+  const emorl::ConvStack s = conv_stack_spec(a, p);
+  const emorl::EncoderHead h = encoder_head_spec(a, p, s);
+  const emorl::EncoderAttention e = encoder_attention_spec(a, p, s, h);
+  GpuCall gpu = conv_stack_device(a, p);
+  const emorl::NhwcGeom g = s.geom(s.layers.size() - 1);
+  auto updates = new_f32(a, e.B * e.K * h.Z);
+  Napi::Value pv = a.env().Null();
+  float* pd = nullptr;
+  if (p.boolean("wantP", false)) {
+    auto pt = new_f32(a, a.numel({e.B, e.K, g.Ho * g.Wo}, "p"));
+    pd = pt.Data();
+    pv = pt;
+  }
+  const uint64_t stamp = EMORL_ON_GPU(gpu, encoder_attention_forward, s, h, stamp_prop(a, p, "encoderStage"), e, updates.Data(), pd, *gpu.ws);
+  gpu.done(a.env());
+  return object_of(a.env(), {{"updates", updates}, {"p", pv}, {"stamp", Napi::Number::New(a.env(), static_cast<double>(stamp))}});
+}
+
+// encoderAttentionBackward({...encoderAttention's spec, dU [B, K, Z], sumId}) -> {dq [B, K, Z], stamp}
+//   dk and dv are summed on the device under sumId, for encoderStageBackward({sumId}).
+Napi::Value EncoderAttentionBackwardFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "encoderAttentionBackward");
+  Props p(a, a.at(0), "spec");
+  const emorl::ConvStack s = conv_stack_spec(a, p);
+  const emorl::EncoderHead h = encoder_head_spec(a, p, s);
+  const emorl::EncoderAttention e = encoder_attention_spec(a, p, s, h);
+  const float* dU = p.f32("dU", e.B * e.K * h.Z, "[B, K, Z] = " + shape_str({e.B, e.K, h.Z}));
+  const uint64_t sum_id = sum_id_prop(a, p);
+  if (!sum_id) a.type_error("'" + p.name("sumId") + "' is needed");
+  GpuCall gpu = conv_stack_device(a, p);
+  auto dq = new_f32(a, e.B * e.K * h.Z);
+  const uint64_t stamp =
+      EMORL_ON_GPU(gpu, encoder_attention_backward, s, h, stamp_prop(a, p, "encoderStage"), sum_id, e, dU, dq.Data(), *gpu.ws);
+  gpu.done(a.env());
+  return object_of(a.env(), {{"dq", dq}, {"stamp", Napi::Number::New(a.env(), static_cast<double>(stamp))}});
 }
 
 // imageNll(raw [B*K,H,W,C+1], target [B,H,W,C], B, K, H, W, C, logVar, gmm, needGrad)
@@ -1669,6 +1748,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("encoderHead", Napi::Function::New(env, entry<EncoderHeadFn, false>, "encoderHead"));
   exports.Set("encoderHeadBackward", Napi::Function::New(env, entry<EncoderHeadBackwardFn, false>, "encoderHeadBackward"));
   exports.Set("encoderStageBackward", Napi::Function::New(env, entry<EncoderStageBackwardFn, false>, "encoderStageBackward"));
+  exports.Set("encoderAttention", Napi::Function::New(env, entry<EncoderAttentionFn, false>, "encoderAttention"));
+  exports.Set("encoderAttentionBackward", Napi::Function::New(env, entry<EncoderAttentionBackwardFn, false>, "encoderAttentionBackward"));
   exports.Set("convStackBackward", Napi::Function::New(env, entry<ConvStackBackwardFn, false>, "convStackBackward"));
   exports.Set("gruCellBackward", Napi::Function::New(env, entry<GruCellBackwardFn, false>, "gruCellBackward"));
   exports.Set("layerNorm", Napi::Function::New(env, entry<LayerNormFn, false>, "layerNorm"));

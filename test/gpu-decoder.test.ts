@@ -21,7 +21,8 @@ import { addonOps, deviceTraffic, type DecoderStageLayer, type DecoderStageResul
 import { nativeOps, nativeOpsAvailable, nativeOpsOn, opsForBackend } from '../lib/ops/native';
 import { tfjsOps } from '../lib/ops';
 import type { DecoderLayerSpec, DecoderNllArgs } from '../lib/ops/decoder-stage';
-import type { ConvStackLayer, EncoderArgs, Ops } from '../lib/ops';
+import type { ConvStackLayer, EncoderArgs, EncoderOutput, Ops } from '../lib/ops';
+import { hostKeysValues } from '../lib/ops/encoder-stage';
 import { positionalEmbedding } from '../lib/model/positional';
 import { experimentConfig } from '../lib/config/experiment';
 import { Trainer } from '../lib/train/trainer';
@@ -410,13 +411,13 @@ for (const device of devices) {
           const [B, H, W, C, D, Z, n] = dims;
           const a = make(B, H, W, C, D, Z, n, 300);
           const ops = nativeOpsOn(device);
-          const kd = ops.encoder(a), kc = nativeOps.encoder(a);
+          const kd = hostKeysValues(ops.encoder(a), 'test'), kc = hostKeysValues(nativeOps.encoder(a), 'test');
           expect(kd.k.shape).toEqual([B, H * W, Z]);
           expectClose(kd.k.dataSync() as Float32Array, kc.k.dataSync() as Float32Array, 1e-5, 'k');
           expectClose(kd.v.dataSync() as Float32Array, kc.v.dataSync() as Float32Array, 1e-5, 'v');
           const wk = tf.sin(tf.range(0, B * H * W * Z).reshape([B, H * W, Z])), wv = tf.cos(tf.range(0, B * H * W * Z).reshape([B, H * W, Z]));
           const f = (o: Ops) => (...p: tf.Tensor[]) => {
-            const r = o.encoder(withParams(a, p));
+            const r = hostKeysValues(o.encoder(withParams(a, p)), 'test');
             return tf.add(tf.sum(tf.mul(r.k, wk)), tf.sum(tf.mul(r.v, wv))) as tf.Scalar;
           };
           const gd = tf.grads(f(ops))(params(a)), gc = tf.grads(f(nativeOps))(params(a));
@@ -431,7 +432,10 @@ for (const device of devices) {
       tf.tidy(() => {
         const a = make(1, 6, 6, 3, 16, 8, 2, 400), b = { ...make(1, 6, 6, 3, 16, 8, 2, 400), x: make(1, 6, 6, 3, 16, 8, 2, 500).x };
         const ops = nativeOpsOn(device);
-        const lossOf = (r: { k: tf.Tensor; v: tf.Tensor }) => tf.add(tf.sum(tf.square(r.k)), tf.sum(r.v)) as tf.Scalar;
+        const lossOf = (e: EncoderOutput) => {
+          const r = hostKeysValues(e, 'test');
+          return tf.add(tf.sum(tf.square(r.k)), tf.sum(r.v)) as tf.Scalar;
+        };
         // a's forward, then b's on the same weights (so the same workspace), then a's backward
         const ga = tf.grads((...p: tf.Tensor[]) => {
           const la = lossOf(ops.encoder(withParams(a, p)));
@@ -456,6 +460,88 @@ for (const device of devices) {
       expect(r2.stamp).not.toBe(r1.stamp);
       expect(() => k.encoderStage({ ...spec, head: { ...head, wk: uniform(Z * D + 1, 12) } })).toThrow(/'spec.head.wk' has 33 elements, not \[Z, D\]/);
       expect(() => k.encoderStage({ ...spec, head: { ...head, pos: uniform(hw * 4 - 1, 3) } })).toThrow(/'spec.head.pos' has 63 elements, not a positive multiple of the last map's 16 pixels/);
+    });
+
+    // The models' way: k and v stay on the device (keepOnDevice), the attention rounds read them
+    // there and sum dk, dv there for the encoder's backward call.
+    const queries = (B: number, K: number, Z: number, seed: number, sharp: number) =>
+      tf.tensor3d(uniform(B * K * Z, seed, -sharp, sharp), [B, K, Z]);
+    /** Σ over rounds of updates·du, from q (one per round) and the encoder's parameters */
+    const attentionLoss = (o: Ops, a: EncoderArgs, du: tf.Tensor[]) => (...p: tf.Tensor[]) => {
+      const qs = p.slice(0, du.length) as tf.Tensor3D[];
+      const kv = o.encoder(withParams(a, p.slice(du.length)));
+      return tf.addN(qs.map((q, r) => tf.sum(tf.mul(o.slotCompetition(q, kv, false).updates, du[r])))) as tf.Scalar;
+    };
+    for (const [name, dims] of [
+      ['two images 7x6, Z 8, K 3', [2, 7, 6, 3, 16, 8, 2, 3]],
+      ['one image 5x5, 70 channels, Z 40 (two column blocks), K 7', [1, 5, 5, 2, 70, 40, 1, 7]],
+      ['two images 4x4, K 1', [2, 4, 4, 3, 8, 6, 1, 1]],
+    ] as [string, number[]][]) {
+      test(`k, v kept on the device, ${name}: attention and every gradient over two rounds against the CPU ops`, () => {
+        tf.tidy(() => {
+          const [B, H, W, C, D, Z, n, K] = dims;
+          const a = { ...make(B, H, W, C, D, Z, n, 600), keepOnDevice: true };
+          const ops = nativeOpsOn(device);
+          const kvd = ops.encoder(a), kvc = nativeOps.encoder(a);
+          expect(kvd.resident?.shape).toEqual([B, H * W, Z]);
+          expect(kvc.resident).toBeUndefined();
+          const q = [queries(B, K, Z, 610, 2), queries(B, K, Z, 611, 0.5)];
+          const rd = ops.slotCompetition(q[0], kvd), rc = nativeOps.slotCompetition(q[0], kvc);
+          expectClose(rd.updates.dataSync() as Float32Array, rc.updates.dataSync() as Float32Array, 1e-5, 'updates');
+          expectClose(rd.attn!.dataSync() as Float32Array, rc.attn!.dataSync() as Float32Array, 1e-5, 'attn');
+          expect(ops.slotCompetition(q[1], kvd, false).attn).toBeUndefined();
+          const du = [queries(B, K, Z, 612, 1), queries(B, K, Z, 613, 1)];
+          const gd = tf.grads(attentionLoss(ops, a, du))([...q, ...params(a)]);
+          const gc = tf.grads(attentionLoss(nativeOps, a, du))([...q, ...params(a)]);
+          gd.forEach((g, i) => expectClose(g.dataSync() as Float32Array, gc[i].dataSync() as Float32Array, 1e-4, `gradient ${i}`));
+        });
+      });
+    }
+
+    test('k, v kept on the device: two encoder passes on the same weights, interleaved, each recomputed where needed', () => {
+      tf.tidy(() => {
+        const B = 1, K = 2, Z = 8;
+        const a = { ...make(B, 6, 5, 3, 16, Z, 2, 700), keepOnDevice: true };
+        const b = { ...a, x: make(B, 6, 5, 3, 16, Z, 2, 800).x };
+        const qa = queries(B, K, Z, 701, 1), qb = queries(B, K, Z, 702, 1);
+        const da = queries(B, K, Z, 703, 1), db = queries(B, K, Z, 704, 1);
+        // a's encoder, b's, then a's attention (a recomputed), b's (b recomputed); backward in reverse
+        const loss = (o: Ops) => (...p: tf.Tensor[]) => {
+          const ka = o.encoder(withParams(a, p)), kb = o.encoder(withParams(b, p));
+          const ua = o.slotCompetition(qa, ka, false).updates, ub = o.slotCompetition(qb, kb, false).updates;
+          return tf.add(tf.sum(tf.mul(ua, da)), tf.sum(tf.mul(ub, db))) as tf.Scalar;
+        };
+        const gd = tf.grads(loss(nativeOpsOn(device)))(params(a)), gc = tf.grads(loss(nativeOps))(params(a));
+        gd.forEach((g, i) => expectClose(g.dataSync() as Float32Array, gc[i].dataSync() as Float32Array, 1e-4, `gradient ${i}`));
+      });
+    });
+
+    test('k, v kept on the device: neither they nor their gradients cross the bus; errors name the mismatch', () => {
+      tf.tidy(() => {
+        const B = 2, K = 3, Z = 8, H = 6, W = 6, rounds = 2;
+        const host = make(B, H, W, 3, 16, Z, 2, 900);
+        const kept = { ...host, keepOnDevice: true };
+        const ops = nativeOpsOn(device);
+        const du = [queries(B, K, Z, 901, 1), queries(B, K, Z, 902, 1)];
+        const q = [queries(B, K, Z, 903, 1), queries(B, K, Z, 904, 1)];
+        const bus = (a: EncoderArgs) => {
+          const t0 = deviceTraffic();
+          tf.grads(attentionLoss(ops, a, du))([...q, ...params(a)]);
+          const t1 = deviceTraffic();
+          return { up: t1.upBytes - t0.upBytes, down: t1.downBytes - t0.downBytes };
+        };
+        bus(host);
+        bus(kept);  // every weight on the device already
+        const viaHost = bus(host), onDevice = bus(kept);
+        const kv = 4 * B * H * W * Z, qkz = 4 * B * K * Z;
+        // the host way: k and v down, dk and dv up; kept: q and the updates per round forward, q, dU and dq backward
+        expect(onDevice.down - viaHost.down).toBe(rounds * 2 * qkz - 2 * kv);
+        expect(onDevice.up - viaHost.up).toBe(rounds * 3 * qkz - 2 * kv);
+
+        const kvd = ops.encoder(kept);
+        expect(() => nativeOps.slotCompetition(q[0], kvd)).toThrow(/keys and values are on .* \(encoder keepOnDevice\)/);
+        expect(() => ops.slotCompetition(queries(B, K, Z + 1, 905, 1), kvd)).toThrow(/queries \[2,3,9\] do not fit the keys \[2,36,8\]/);
+      });
     });
   });
 }

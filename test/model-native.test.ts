@@ -8,6 +8,7 @@ import * as fs from 'node:fs';
 import { tf, initBackend } from '../lib/tf';
 import { nativeStatus } from '../lib/native';
 import { tfjsOps, type EncoderArgs, type Ops } from '../lib/ops';
+import { hostKeysValues } from '../lib/ops/encoder-stage';
 import { positionalEmbedding } from '../lib/model/positional';
 import { nativeOps, nativeOpsAvailable, nativeOpsOn, defaultOps, opsForBackend } from '../lib/ops/native';
 import { addonOps, type ConvPrecision, type StageDevice } from '../lib/ops/addon';
@@ -118,10 +119,10 @@ describeNative('nativeOps ops vs tfjsOps', () => {
       });
       const wk = rand([B, H * W, Z], 86), wv = rand([B, H * W, Z], 87);
       const f = (o: Ops) => (...p: tf.Tensor[]) => {
-        const r = o.encoder(args(p));
+        const r = hostKeysValues(o.encoder(args(p)), 'test');
         return tf.add(tf.sum(tf.mul(r.k, wk)), tf.sum(tf.mul(r.v, wv))) as tf.Scalar;
       };
-      const rn = nativeOps.encoder(args(params)), rt = tfjsOps.encoder(args(params));
+      const rn = hostKeysValues(nativeOps.encoder(args(params)), 'test'), rt = hostKeysValues(tfjsOps.encoder(args(params)), 'test');
       expectScaled(rn.k, rt.k, 1e-5, 'k');
       expectScaled(rn.v, rt.v, 1e-5, 'v');
       const gn = tf.grads(f(nativeOps))(params), gt = tf.grads(f(tfjsOps))(params);
@@ -179,12 +180,14 @@ describeNative('nativeOps ops vs tfjsOps', () => {
     tf.tidy(() => {
       const sharp = K === 7 ? 6 : 1;
       const q = rand([B, K, d], 31, sharp) as tf.Tensor3D, k = rand([B, N, d], 32) as tf.Tensor3D, v = rand([B, N, dv], 33) as tf.Tensor3D;
-      const rt = tfjsOps.slotCompetition(q, k, v);
-      const rn = nativeOps.slotCompetition(q, k, v);
-      expectScaled(rn.attn, rt.attn, 1e-5, 'attn');
+      const rt = tfjsOps.slotCompetition(q, { k, v });
+      const rn = nativeOps.slotCompetition(q, { k, v });
+      expectScaled(rn.attn!, rt.attn!, 1e-5, 'attn');
       expectScaled(rn.updates, rt.updates, 1e-5, 'updates');
+      expect(nativeOps.slotCompetition(q, { k, v }, false).attn).toBeUndefined();
       const du = rand([B, K, dv], 34);
-      const f = (ops: Ops) => (qq: tf.Tensor, kk: tf.Tensor, vv: tf.Tensor) => tf.sum(tf.mul(ops.slotCompetition(qq as tf.Tensor3D, kk as tf.Tensor3D, vv as tf.Tensor3D).updates, du));
+      const f = (ops: Ops) => (qq: tf.Tensor, kk: tf.Tensor, vv: tf.Tensor) =>
+        tf.sum(tf.mul(ops.slotCompetition(qq as tf.Tensor3D, { k: kk as tf.Tensor3D, v: vv as tf.Tensor3D }).updates, du));
       const gn = tf.grads(f(nativeOps))([q, k, v]);
       const gt = tf.grads(f(tfjsOps))([q, k, v]);
       ['dq', 'dk', 'dv'].forEach((n, i) => expectScaled(gn[i], gt[i], 1e-4, n));

@@ -280,8 +280,7 @@ export class EfficientMORL {
         : bmean(tf.add(nll, tf.mul(o.klBeta, kl)));
     const perImage = (klPerSlot: tf.Tensor1D): tf.Tensor1D => tf.sum(klPerSlot.reshape([B, K]), 1) as tf.Tensor1D;
 
-    const { k, v } = encode(p, ops, x);
-    const hv = hvaeInference(p, ops, cfg, k, v, noise);
+    const hv = hvaeInference(p, ops, cfg, encode(p, ops, x), noise, collect);
 
     /**
      * KL at stage 0, summed over layers. Reversed prior: q(z^{L-1}) against N(0, I), and each

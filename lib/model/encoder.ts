@@ -36,5 +36,7 @@ export function encode(p: ParamStore, ops: Ops, x: tf.Tensor4D, prefix = 'hvae_n
     b2: p.get(`${m}.3.bias`),
     wk: p.get(paramKey(prefix, 'to_k.weight')),
     wv: p.get(paramKey(prefix, 'to_v.weight')),
+    // the models read k and v only through ops.slotCompetition
+    keepOnDevice: true,
   });
 }

@@ -13,7 +13,7 @@
  */
 import { tf } from '../tf';
 import type { NetConfig } from '../config/net';
-import type { Ops } from '../ops';
+import type { EncoderOutput, Ops, SlotCompetition } from '../ops';
 import { paramKey } from '../params/spec';
 import type { ParamStore } from '../params/store';
 import type { NoiseSource } from './noise';
@@ -28,7 +28,7 @@ export interface HvaeOutput {
   lambda: tf.Tensor2D;
   /** the noise for the last layer's sample (the caller samples it from `lambda`) */
   lambdaEps: tf.Tensor;
-  /** attention per layer [B,K,H*W] (softmax over slots + ε, before the renormalisation) */
+  /** attention per layer [B,K,H*W] (softmax over slots + ε, before the renormalisation); empty unless kept */
   attn: tf.Tensor3D[];
   /** samples of layers 0..L-2 [B*K, z] (for visualising the intermediate decodes) */
   samples: tf.Tensor2D[];
@@ -39,22 +39,22 @@ export interface HvaeOutput {
  * layer-normalised (`norm_slots`), projected to queries (`to_q`, scaled by z^-1/2) and compete
  * for the pixels: attn = softmax over slots of q kᵀ, plus ε; each slot's update is the
  * attn-weighted mean of v over the pixels. `prefix`: the module holding norm_slots and to_q.
- * Returns attn [B,K,H*W] before the renormalisation over pixels, and updates [B,K,z].
+ * Returns updates [B,K,z] and, with keepAttn, attn [B,K,H*W] before the renormalisation over pixels.
  */
 export function attendSlots(
   p: ParamStore,
   ops: Ops,
   prefix: string,
   slots: tf.Tensor3D,
-  k: tf.Tensor3D,
-  v: tf.Tensor3D,
-): { attn: tf.Tensor3D; updates: tf.Tensor3D } {
+  kv: EncoderOutput,
+  keepAttn = true,
+): SlotCompetition {
   const z = slots.shape[2];
   const scale = Math.pow(z, -0.5);
   const normed = ops.layerNorm(slots, p.get(paramKey(prefix, 'norm_slots.weight')), p.get(paramKey(prefix, 'norm_slots.bias')));
   const q = tf.mul(ops.linear(normed, p.get(paramKey(prefix, 'to_q.weight'))), scale) as tf.Tensor3D;
   // softmax over the slots: slots compete for each pixel (lib/ops/attention.ts)
-  return ops.slotCompetition(q, k, v);
+  return ops.slotCompetition(q, kv, keepAttn);
 }
 
 /** x + MLP(LayerNorm(x)) over the last axis: Linear, ReLU, Linear (`mlp`.0 and `mlp`.2). */
@@ -64,17 +64,17 @@ export function residualMlp<T extends tf.Tensor>(p: ParamStore, ops: Ops, x: T, 
   return tf.add(x, y) as T;
 }
 
-/** k, v: [B, H*W, z] from the encoder. */
+/** kv: the encoder's keys and values [B, H*W, z]; keepAttn: return each layer's attention. */
 export function hvaeInference(
   p: ParamStore,
   ops: Ops,
   cfg: NetConfig,
-  k: tf.Tensor3D,
-  v: tf.Tensor3D,
+  kv: EncoderOutput,
   noise: NoiseSource,
+  keepAttn = true,
 ): HvaeOutput {
   const { K, z_size: z, stochastic_layers: L } = cfg;
-  const B = k.shape[0];
+  const B = kv.resident ? kv.resident.shape[0] : kv.k.shape[0];
   const N = B * K;
   const h = 'hvae_networks';
 
@@ -89,8 +89,8 @@ export function hvaeInference(
   const attns: tf.Tensor3D[] = [];
   const samples: tf.Tensor2D[] = [];
   for (let layer = 0; layer < L; layer++) {
-    const att = attendSlots(p, ops, h, slots.reshape([B, K, z]) as tf.Tensor3D, k, v);
-    attns.push(att.attn);
+    const att = attendSlots(p, ops, h, slots.reshape([B, K, z]) as tf.Tensor3D, kv, keepAttn);
+    if (att.attn) attns.push(att.attn);
     const updates = att.updates.reshape([N, z]) as tf.Tensor2D;
 
     if (cfg.use_DualGRU) {

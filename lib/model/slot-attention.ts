@@ -132,7 +132,7 @@ export class SlotAttention {
     };
 
     const x = tf.transpose(images, [0, 2, 3, 1]) as tf.Tensor4D;
-    const { k, v } = encode(p, ops, x, '');
+    const kv = encode(p, ops, x, '');
 
     // the initial slots: one sample of the learned Gaussian, shared by every slot of every image
     const [loc, sp] = tf.split(tf.tile(p.get<tf.Tensor2D>('init_slots'), [N, 1]), 2, 1) as [tf.Tensor2D, tf.Tensor2D];
@@ -146,8 +146,8 @@ export class SlotAttention {
     };
     const attns: tf.Tensor3D[] = [];
     for (let i = 0; i < SLOT_ATTENTION_ITERS; i++) {
-      const att = attendSlots(p, ops, '', slots, k, v);
-      attns.push(att.attn);
+      const att = attendSlots(p, ops, '', slots, kv, collect);
+      if (att.attn) attns.push(att.attn);
       const next = ops.gruCell(att.updates.reshape([N, z]) as tf.Tensor2D, slots.reshape([N, z]) as tf.Tensor2D, gru);
       slots = residualMlp(p, ops, next.reshape([B, K, z]) as tf.Tensor3D, 'norm_pre_ff', 'mlp');
     }

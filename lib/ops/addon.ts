@@ -64,12 +64,25 @@ export interface NativeAddon {
   /** its backward from dy of the last map; with another stamp than the workspace's latest, the forward runs again first */
   convStackBackward(spec: ConvStackSpec & { dy: Float32Array; stamp: number; needDx: boolean; needParams: boolean }):
     { dx: Float32Array | null; dw: Float32Array[] | null; db: Float32Array[] | null };
-  /** the whole encoder as one GPU stage (native/gpu/gpu.h EncoderHead): k and v [rows, Z], and a stamp as convStack's */
-  encoderStage(spec: EncoderStageSpec): { k: Float32Array; v: Float32Array; rows: number; Z: number; stamp: number };
-  encoderStageBackward(spec: EncoderStageSpec & { dk: Float32Array; dv: Float32Array; stamp: number; needParams: boolean }): {
+  /**
+   * the whole encoder as one GPU stage (native/gpu/gpu.h EncoderHead): k and v [rows, Z], and a stamp
+   * as convStack's; `keep`: k and v stay on the device only (null here), for encoderAttention
+   */
+  encoderStage<Keep extends boolean = false>(spec: EncoderStageSpec & { keep?: Keep }):
+    { k: Keep extends true ? null : Float32Array; v: Keep extends true ? null : Float32Array; rows: number; Z: number; stamp: number };
+  /** its backward from dk, dv, or (without them) from the sums encoderAttentionBackward made on the device under sumId */
+  encoderStageBackward(spec: EncoderStageSpec & { dk?: Float32Array; dv?: Float32Array; sumId?: number; stamp: number; needParams: boolean }): {
     dw: Float32Array[] | null; db: Float32Array[] | null;
     head: EncoderHeadGrads | null;
   };
+  /**
+   * the slot competition (lib/ops/attention.ts) of queries q [B, K, Z] against the keys and values an
+   * encoderStage({keep: true}) left on the device under `stamp` (recomputed there when another
+   * forward ran since: hand on the returned stamp); p [B, K, H·W] is the softmax, with wantP
+   */
+  encoderAttention(spec: EncoderAttentionSpec & { wantP?: boolean }): { updates: Float32Array; p: Float32Array | null; stamp: number };
+  /** its backward: dq from dU [B, K, Z]; dk and dv summed on the device under sumId (a stamp of encoderStage) */
+  encoderAttentionBackward(spec: EncoderAttentionSpec & { dU: Float32Array; sumId: number }): { dq: Float32Array; stamp: number };
   /** the encoder after its convolutions on the CPU (native/encoder_head.h): k, v and what the backward needs */
   encoderHead(spec: EncoderHeadSpec): { k: Float32Array; v: Float32Array; f1: Float32Array; f2: Float32Array; f3: Float32Array; mean: Float64Array; rstd: Float64Array };
   encoderHeadBackward(spec: EncoderHeadSpec & { f1: Float32Array; f2: Float32Array; f3: Float32Array; mean: Float64Array; rstd: Float64Array; dk: Float32Array; dv: Float32Array; needParams: boolean }):
@@ -108,6 +121,16 @@ export interface EncoderStageSpec extends ConvStackSpec {
     /** contentTags of pos, posW, posB, lnW, lnB, w1, b1, w2, b2, wk, wv */
     tags?: number[];
   };
+}
+
+export interface EncoderAttentionSpec extends EncoderStageSpec {
+  stamp: number;
+  /** [B, K, Z], already scaled */
+  q: Float32Array;
+  B: number;
+  K: number;
+  /** added to the softmax before the renormalisation over pixels */
+  eps: number;
 }
 
 export interface GruCellSpec {

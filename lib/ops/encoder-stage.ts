@@ -32,13 +32,45 @@ export interface EncoderArgs {
   wk: tf.Tensor;
   /** [Z, D], no bias */
   wv: tf.Tensor;
+  /**
+   * Ops that run the encoder on a GPU device leave k and v there (EncoderOutput.resident) for their
+   * slotCompetition, instead of copying them to host tensors; other ops ignore it. For callers
+   * whose only use of k and v is the attention (the models).
+   */
+  keepOnDevice?: boolean;
 }
 
-export interface EncoderOutput {
-  /** [B, H*W, Z] */
+/** The encoder's keys and values [B, H·W, Z] as tensors. */
+export interface HostKeysValues {
   k: tf.Tensor3D;
-  /** [B, H*W, Z] */
   v: tf.Tensor3D;
+  resident?: undefined;
+}
+
+/**
+ * Keys and values [B, H·W, Z] that stay on the GPU device where the encoder made them: only that
+ * device's slotCompetition reads them (and sums their gradients there).
+ */
+export interface ResidentKeysValues {
+  readonly device: string;
+  /** [B, H·W, Z] */
+  readonly shape: readonly [number, number, number];
+  /**
+   * A one-element tensor standing for k and v on the gradient tape: the ops that read them take it
+   * as an input, so that the encoder's backward pass runs after theirs. Its gradient carries no
+   * values (dk and dv are summed on the device).
+   */
+  readonly token: tf.Tensor;
+}
+
+export type EncoderOutput = HostKeysValues | { k?: undefined; v?: undefined; resident: ResidentKeysValues };
+
+/** k and v as tensors; a clear error when they were left on a device. */
+export function hostKeysValues(kv: EncoderOutput, who: string): HostKeysValues {
+  if (kv.resident) {
+    throw new Error(`${who}: the keys and values are on ${kv.resident.device} (encoder keepOnDevice); use the ops of that device`);
+  }
+  return kv;
 }
 
 /** The LayerNorm's ε (nn.LayerNorm's default, as in the original). */

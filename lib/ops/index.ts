@@ -26,7 +26,10 @@ export interface Ops {
   dualGruCell: typeof dualGruCell;
   /** Runs a forward+backward pass in which parameter gradients are not needed (may skip them). */
   withoutParamGrads: typeof withoutParamGrads;
-  /** softmax over slots of q kᵀ + ε, and the attn-renormalised mean of v per slot (attention.ts) */
+  /**
+   * softmax over slots of q kᵀ + ε, and the attn-renormalised mean of v per slot (attention.ts), on
+   * the encoder's keys and values (kept on a device by that device's encoder, when asked to)
+   */
   slotCompetition: typeof slotCompetition;
   /** A decoding stage: the decoder's layer stack and the image likelihood of its output (decoder-stage.ts) */
   decoderNll(args: DecoderNllArgs): DecoderNllResult;
@@ -53,5 +56,6 @@ export const tfjsOps: Ops = {
 };
 
 export type { ConvOptions, ConvTransposeOptions, ConvStackLayer } from './conv';
-export type { EncoderArgs, EncoderOutput } from './encoder-stage';
+export type { EncoderArgs, EncoderOutput, HostKeysValues, ResidentKeysValues } from './encoder-stage';
+export type { SlotCompetition } from './attention';
 export type { GruWeights, DualGruWeights } from './nn';

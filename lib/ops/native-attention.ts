@@ -13,8 +13,11 @@
 import { tf } from '../tf';
 import { f32 } from './arrays';
 import { addonOps } from './addon';
+import { ATTN_EPS, type SlotCompetition } from './attention';
+import { hostKeysValues, type EncoderOutput } from './encoder-stage';
 
-export function slotCompetition(q: tf.Tensor3D, k: tf.Tensor3D, v: tf.Tensor3D): { attn: tf.Tensor3D; updates: tf.Tensor3D } {
+export function slotCompetition(q: tf.Tensor3D, kv: EncoderOutput, keepAttn = true): SlotCompetition {
+  const { k, v } = hostKeysValues(kv, 'slotCompetition');
   const [B, K, d] = q.shape;
   const [, N] = k.shape;
   const dv = v.shape[2];
@@ -26,7 +29,7 @@ export function slotCompetition(q: tf.Tensor3D, k: tf.Tensor3D, v: tf.Tensor3D):
     const qd = f32(qt as tf.Tensor), kd = f32(kt as tf.Tensor), vd = f32(vt as tf.Tensor);
     const dots = m.matmul(qd, [B, K, d], kd, [B, N, d], false, true);
     // the softmax over slots, a = p + ε, s = Σ_pixels a, w = a / s (native/attention.h)
-    const { p, a, w, s } = m.slotSoftmax({ dots, B, K, N, eps: 1e-8 });
+    const { p, a, w, s } = m.slotSoftmax({ dots, B, K, N, eps: ATTN_EPS });
     attnOut = a;
     const updates = m.matmul(w, [B, K, N], vd, [B, N, dv], false, false);
     (save as tf.GradSaveFunc)([qt as tf.Tensor, kt as tf.Tensor, vt as tf.Tensor]);
@@ -45,5 +48,5 @@ export function slotCompetition(q: tf.Tensor3D, k: tf.Tensor3D, v: tf.Tensor3D):
     };
   });
   const updates = op(q, k, v) as tf.Tensor3D;
-  return { attn: tf.tensor3d(attnOut!, [B, K, N]), updates };
+  return { attn: keepAttn ? tf.tensor3d(attnOut!, [B, K, N]) : undefined, updates };
 }

@@ -17,7 +17,8 @@ import { decoderNll } from './native-decoder';
 import { slotCompetition } from './native-attention';
 import { dualGruCell, gruCell } from './native-gru';
 import { tfjsOps, type Ops } from './index';
-import { ENCODER_LN_EPS, type EncoderArgs, type EncoderOutput } from './encoder-stage';
+import { ENCODER_LN_EPS, type EncoderArgs, type EncoderOutput, type ResidentKeysValues } from './encoder-stage';
+import { ATTN_EPS, type SlotCompetition } from './attention';
 import { addTapSumsGrad, broadcastConvShapes, broadcastTapSums } from './broadcast';
 import { convStackWith, convTransposeShapes, paramGradsEnabled, type ConvOptions, type ConvStackLayer, type ConvTransposeOptions, type FusedActivation } from './conv';
 
@@ -114,6 +115,7 @@ function stackLayerGrads(layers: ConvStackLayer[], dw: Float32Array[], db: Float
  */
 export function encoderOnDevice(a: EncoderArgs, device: StageDevice): EncoderOutput {
   if (!a.convs.length) throw new Error('encoder: no convolutions');
+  if (a.keepOnDevice) return residentEncoder(a, device);
   const k = nhwc();
   const workspace = workspaceFor(a.convs[0].weight, 'encoder');
   const [B, H, W] = a.x.shape;
@@ -139,6 +141,100 @@ export function encoderOnDevice(a: EncoderArgs, device: StageDevice): EncoderOut
     };
   });
   return kvOutput(kv, B, H * W);
+}
+
+/**
+ * Keys and values an encoder left on a GPU device: the encoder's spec (to find them, or recompute
+ * them when another forward ran on its workspace since), the stamp of the activation set holding
+ * them now, and the id under which the attention rounds sum their gradients there.
+ */
+class DeviceKeysValues implements ResidentKeysValues {
+  token!: tf.Tensor;
+  readonly sumId: number;
+  constructor(readonly device: StageDevice, readonly shape: readonly [number, number, number], readonly spec: EncoderStageSpec, public stamp: number) {
+    this.sumId = stamp;
+  }
+}
+
+/**
+ * The encoder on a GPU device with k and v left there (EncoderArgs.keepOnDevice): one addon call
+ * each way as encoderOnDevice, but nothing but a token leaves the device; its backward pass takes
+ * the dk and dv the attention rounds summed on the device.
+ */
+function residentEncoder(a: EncoderArgs, device: StageDevice): EncoderOutput {
+  const k = nhwc();
+  const workspace = workspaceFor(a.convs[0].weight, 'encoder');
+  const [B, H, W] = a.x.shape;
+  const xShape = [...a.x.shape];
+  const xd = f32(a.x), posTag = contentTag(a.pos);
+  const nc = a.convs.length;
+  const head = headTensors(a);
+  let kv: DeviceKeysValues | null = null;
+  const op = tf.customGrad((...args) => {
+    const save = args.pop() as tf.GradSaveFunc;
+    const t = args as tf.Tensor[];
+    const hp = t.slice(2 * nc);
+    const spec: EncoderStageSpec = {
+      x: xd, xShape, device, workspace,
+      layers: stackLayerSpecs(a.convs, t.slice(0, 2 * nc)),
+      head: { ...headSpec(a, hp), tags: [posTag, ...hp.map(contentTag)] },
+    };
+    const r = k.encoderStage({ ...spec, keep: true });
+    const made = new DeviceKeysValues(device, [B, H * W, r.Z], spec, r.stamp);
+    kv = made;
+    save([]);
+    return {
+      value: tf.zeros([1]),
+      gradFunc: () => {
+        const needParams = paramGradsEnabled();
+        const b = k.encoderStageBackward({ ...spec, sumId: made.sumId, stamp: made.stamp, needParams });
+        if (!needParams) return t.map((x) => tf.zerosLike(x));
+        return [...stackLayerGrads(a.convs, b.dw!, b.db!), ...headGrads(b.head!, head)];
+      },
+    };
+  });
+  const token = op(...a.convs.flatMap((L) => [L.weight, L.bias]), ...head);
+  const resident = kv! as DeviceKeysValues;
+  resident.token = token;
+  return { resident };
+}
+
+/**
+ * slotCompetition on a GPU device: against keys and values its encoder left there, one addon call
+ * each way (native/gpu/attention.cuh), dk and dv summed on the device for the encoder's backward
+ * pass; host keys and values go to the CPU kernels' version.
+ */
+export function slotCompetitionOnDevice(q: tf.Tensor3D, kv: EncoderOutput, keepAttn: boolean, device: StageDevice): SlotCompetition {
+  if (!kv.resident) return slotCompetition(q, kv, keepAttn);
+  const r = kv.resident;
+  if (!(r instanceof DeviceKeysValues) || r.device !== device) {
+    throw new Error(`slotCompetition on ${device}: the keys and values were left on ${r.device} by other ops`);
+  }
+  const [B, K, Z] = q.shape;
+  const [kb, N, kz] = r.shape;
+  if (B !== kb || Z !== kz) throw new Error(`slotCompetition: queries [${q.shape}] do not fit the keys [${r.shape}]`);
+  const m = nhwc();
+  let p: Float32Array | null = null;
+  const op = tf.customGrad((qt, token, save) => {
+    const spec = { ...r.spec, q: f32(qt as tf.Tensor), B, K, eps: ATTN_EPS };
+    const f = m.encoderAttention({ ...spec, stamp: r.stamp, wantP: keepAttn });
+    r.stamp = f.stamp;
+    p = f.p;
+    (save as tf.GradSaveFunc)([]);
+    return {
+      value: tf.tensor3d(f.updates, [B, K, Z]),
+      gradFunc: (dy: tf.Tensor) => {
+        const b = m.encoderAttentionBackward({ ...spec, stamp: r.stamp, sumId: r.sumId, dU: f32(dy) });
+        r.stamp = b.stamp;
+        return [tf.tensor3d(b.dq, [B, K, Z]), tf.zerosLike(token as tf.Tensor)];
+      },
+    };
+  });
+  const updates = op(q, r.token) as tf.Tensor3D;
+  if (!keepAttn) return { updates };
+  const a = new Float32Array(p!.length);
+  for (let i = 0; i < a.length; i++) a[i] = p![i] + ATTN_EPS;
+  return { attn: tf.tensor3d(a, [B, K, N]), updates };
 }
 
 /** The head's parameters of an encoder, in the addon's order. */
@@ -529,6 +625,7 @@ export function nativeOpsOn(device: StageDevice, precision: ConvPrecision = 'fp3
     ...(device !== 'cpu' && {
       gruCell: (x, h, p) => gruCell(x, h, p, device),
       dualGruCell: (x, h1, h2, p) => dualGruCell(x, h1, h2, p, device),
+      slotCompetition: (q, kv, keepAttn = true) => slotCompetitionOnDevice(q, kv, keepAttn, device),
     }),
   };
   opsOnDevice.set(key, ops);

@@ -4,6 +4,7 @@
 // its intermediate maps kept on the device between them: per step only the images, the last map
 // and its gradient, the weights and their gradients cross the bus. Compiled by nvcc into
 // emorl::cuda and by the host compiler (conv_simt.cc) into emorl::simt.
+#include "attention.cuh"
 #include "kernels.cuh"
 
 namespace emorl {
@@ -191,6 +192,7 @@ struct HeadSlots {
   size_t dP() const { return b + 25; }
   size_t grad() const { return b + 26; }
   size_t scratch() const { return b + 27; }
+  size_t end() const { return b + 28; }  // the first slot past the head's (the attention's)
 };
 enum HeadParam : int { kPos, kPosW, kPosB, kLnW, kLnB, kW1, kB1, kW2, kB2, kWk, kWv };
 
@@ -245,7 +247,56 @@ void head_forward(const ConvStack& s, const EncoderHead& h, DeviceWorkspace& ws)
   gemm(a_operand(f3, d.D, 1), b_operand(wv, 1, d.D), Store{ws.buf(hs.v(), static_cast<size_t>(d.R * d.Z)), Z, nullptr, 0}, d.R, d.Z, d.D);
 }
 
+// Makes sure ws holds the encoder's activation set `stamp` (k and v among them): when another
+// forward ran since (or none did), the forward pass runs again and stamp becomes the new set's.
+void keep_encoder(const ConvStack& s, const EncoderHead& h, uint64_t& stamp, DeviceWorkspace& ws) {
+  if (ws.holds(stamp)) return;
+  ws.forget();
+  stack_forward(s, ws);
+  head_forward(s, h, ws);
+  stamp = ws.stamp();
+}
+
+// The competition's sizes for queries against the encoder's keys and values; checks that they fit.
+SlotAttention attention_of(const ConvStack& s, const HeadDims& d, const EncoderAttention& a) {
+  if (!a.q) throw std::invalid_argument("GPU encoder attention: no queries");
+  if (a.B != s.N) throw std::invalid_argument("GPU encoder attention: the queries' batch differs from the encoder's images");
+  SlotAttention sa{a.B, a.K, d.HW, d.Z, d.Z, a.eps};
+  check_attention(sa);
+  return sa;
+}
+
 }  // namespace
+
+uint64_t encoder_attention_forward(const ConvStack& s, const EncoderHead& h, uint64_t stamp, const EncoderAttention& a, float* updates,
+                                   float* p, GpuWorkspace& base) {
+  check_stack(s);
+  DeviceWorkspace& ws = own_workspace(base);
+  const HeadDims d = head_dims(s, h);
+  const SlotAttention sa = attention_of(s, d, a);
+  keep_encoder(s, h, stamp, ws);
+  const HeadSlots hs{StackSlots{s.layers.size()}.end()};
+  attention_forward(ws, AttentionSlots{hs.end()}, sa, ws.buf(hs.k(), 0), ws.buf(hs.v(), 0), a.q, updates, p);
+  finish("encoder attention forward");
+  return stamp;
+}
+
+uint64_t encoder_attention_backward(const ConvStack& s, const EncoderHead& h, uint64_t stamp, uint64_t sum_id, const EncoderAttention& a,
+                                    const float* dU, float* dq, GpuWorkspace& base) {
+  check_stack(s);
+  DeviceWorkspace& ws = own_workspace(base);
+  const HeadDims d = head_dims(s, h);
+  const SlotAttention sa = attention_of(s, d, a);
+  if (sum_id == 0) throw std::invalid_argument("GPU encoder attention backward: no sum id");
+  if (!dU) throw std::invalid_argument("GPU encoder attention backward: no dU");
+  keep_encoder(s, h, stamp, ws);
+  const HeadSlots hs{StackSlots{s.layers.size()}.end()};
+  const size_t n = static_cast<size_t>(d.R * d.Z);
+  attention_backward(ws, AttentionSlots{hs.end()}, sa, ws.buf(hs.k(), 0), ws.buf(hs.v(), 0), a.q, dU, ws.sum(sum_id, 0, n),
+                     ws.sum(sum_id, 1, n), dq);
+  finish("encoder attention backward");
+  return stamp;
+}
 
 uint64_t conv_stack_forward(const ConvStack& s, float* y, GpuWorkspace& base) {
   check_stack(s);
@@ -281,17 +332,22 @@ uint64_t encoder_forward(const ConvStack& s, const EncoderHead& h, float* k, flo
   DeviceWorkspace& ws = own_workspace(base);
   const HeadDims d = head_dims(s, h);
   ws.forget();
+  ws.drop_sums();  // a new pass: sums an abandoned backward pass left are no one's
   stack_forward(s, ws);
   head_forward(s, h, ws);
   const HeadSlots hs{StackSlots{s.layers.size()}.end()};
-  ws.down(k, ws.buf(hs.k(), 0), static_cast<size_t>(d.R * d.Z));
-  ws.down(v, ws.buf(hs.v(), 0), static_cast<size_t>(d.R * d.Z));
+  if ((k == nullptr) != (v == nullptr)) throw std::invalid_argument("GPU encoder: k and v are downloaded both or neither");
+  if (k) {
+    ws.down(k, ws.buf(hs.k(), 0), static_cast<size_t>(d.R * d.Z));
+    ws.down(v, ws.buf(hs.v(), 0), static_cast<size_t>(d.R * d.Z));
+  }
   finish("encoder forward");
   return ws.stamp();
 }
 
 void encoder_backward(const ConvStack& s, const EncoderHead& h, uint64_t stamp, const float* dk, const float* dv,
-                      const std::vector<float*>& dw, const std::vector<float*>& db, const EncoderHeadParamGrads& g, GpuWorkspace& base) {
+                      const std::vector<float*>& dw, const std::vector<float*>& db, const EncoderHeadParamGrads& g, GpuWorkspace& base,
+                      uint64_t sum_id) {
   check_stack(s);
   DeviceWorkspace& ws = own_workspace(base);
   const HeadDims d = head_dims(s, h);
@@ -301,18 +357,22 @@ void encoder_backward(const ConvStack& s, const EncoderHead& h, uint64_t stamp, 
   const bool params = g.wk != nullptr;
   for (const float* p : wanted)
     if ((p != nullptr) != params) throw std::invalid_argument("GPU encoder backward: the head's gradients come all or none");
-  if (!ws.holds(stamp)) {  // another forward ran since (or none did): recompute this one's activations
-    ws.forget();
-    stack_forward(s, ws);
-    head_forward(s, h, ws);
-  }
+  if ((dk == nullptr) != (dv == nullptr)) throw std::invalid_argument("GPU encoder backward: dk and dv are given both or neither");
+  keep_encoder(s, h, stamp, ws);
   const StackSlots sl{n};
   const HeadSlots hs{sl.end()};
   const int D = as_int(d.D, "D");
   // every head tensor is in its slot from the forward pass
   auto param = [&](int i) { return static_cast<const float*>(ws.buf(hs.param(i), 0)); };
-  const float* dkd = ws.upload(hs.dk(), dk, static_cast<size_t>(d.R * d.Z));
-  const float* dvd = ws.upload(hs.dv(), dv, static_cast<size_t>(d.R * d.Z));
+  const float* dkd;
+  const float* dvd;
+  if (dk) {
+    dkd = ws.upload(hs.dk(), dk, static_cast<size_t>(d.R * d.Z));
+    dvd = ws.upload(hs.dv(), dv, static_cast<size_t>(d.R * d.Z));
+  } else {  // the attention rounds' sums (none ran backward: zero, as the sums start)
+    dkd = ws.sum(sum_id, 0, static_cast<size_t>(d.R * d.Z));
+    dvd = ws.sum(sum_id, 1, static_cast<size_t>(d.R * d.Z));
+  }
   const float* f1 = ws.buf(hs.f1(), 0);
   const float* f2 = ws.buf(hs.f2(), 0);
   const float* f3 = ws.buf(hs.f3(), 0);
@@ -364,6 +424,7 @@ void encoder_backward(const ConvStack& s, const EncoderHead& h, uint64_t stamp, 
     bias_grad(dP, d.HW, g.pos_b);
   }
   stack_backward(s, ws, nullptr, dw, db);
+  if (!dk) ws.drop_sums(sum_id);
   finish("encoder backward");
 }
 

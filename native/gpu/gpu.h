@@ -76,6 +76,14 @@ struct EncoderHead {
   uint64_t tags[11] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 };
 
+// Queries [B, K, Z] (already scaled) for a slot competition against the keys and values an
+// encoder left on the device (attention.cuh has the math).
+struct EncoderAttention {
+  int64_t B = 0, K = 0;
+  float eps = 0.f;
+  const float* q = nullptr;
+};
+
 inline NhwcGeom ConvStack::geom(size_t i) const {
   NhwcGeom g{};
   g.N = N;
@@ -113,6 +121,14 @@ inline NhwcGeom ConvStack::geom(size_t i) const {
 //     left there; with any other (0: none) it runs the forward again first;
 //   encoder_forward / encoder_backward: the conv stack then the EncoderHead, k and v out, dk and dv
 //     in, the same way (no image gradient; the head's gradients all or none, like the layers').
+//     k and v null: they stay on the device only (for the attention below); dk and dv null: the
+//     sums encoder_attention_backward made under sum_id (none made: zero);
+//   encoder_attention_forward: updates [B,K,Z] and, unless null, the softmax p [B,K,H·W] of q
+//     against the k and v of the encoder's activation set `stamp`. When ws no longer holds that
+//     set, the encoder's forward pass runs again first (nothing downloaded); returns the stamp of
+//     the set used (hand it to the next call);
+//   encoder_attention_backward: dq [B,K,Z] from dU [B,K,Z], the round's dk and dv added onto the
+//     device sums of `sum_id` (started, at zero, by the first call with that id).
 #define EMORL_GPU_ENTRY_POINTS                                                                                         \
   std::unique_ptr<GpuWorkspace> make_workspace(int device);                                                            \
   void decoder_stage(const DecoderStage& s, const DecoderStageOut& o, GpuWorkspace& ws, StageProfile* profile = nullptr); \
@@ -131,7 +147,11 @@ inline NhwcGeom ConvStack::geom(size_t i) const {
   uint64_t encoder_forward(const ConvStack& s, const EncoderHead& h, float* k, float* v, GpuWorkspace& ws);             \
   void encoder_backward(const ConvStack& s, const EncoderHead& h, uint64_t stamp, const float* dk, const float* dv,       \
                         const std::vector<float*>& dw, const std::vector<float*>& db, const EncoderHeadParamGrads& g,        \
-                        GpuWorkspace& ws);
+                        GpuWorkspace& ws, uint64_t sum_id = 0);                                                       \
+  uint64_t encoder_attention_forward(const ConvStack& s, const EncoderHead& h, uint64_t stamp, const EncoderAttention& a,   \
+                                     float* updates, float* p, GpuWorkspace& ws);                                         \
+  uint64_t encoder_attention_backward(const ConvStack& s, const EncoderHead& h, uint64_t stamp, uint64_t sum_id,            \
+                                      const EncoderAttention& a, const float* dU, float* dq, GpuWorkspace& ws);
 
 namespace simt {
 EMORL_GPU_ENTRY_POINTS

@@ -378,51 +378,84 @@ bool check_encoder(const char* name, int64_t N, int64_t H, int64_t W, int64_t D,
   h.p.wv = tensor(Z * D, 0.2f);
   const size_t rows = static_cast<size_t>(N * H * W);
   const std::vector<float> dk = rng.vec(rows * static_cast<size_t>(Z), -1, 1), dv = rng.vec(rows * static_cast<size_t>(Z), -1, 1);
+  // the models' way besides: k and v kept on the device, one attention round of K slots on them
+  const int64_t K = 4;
+  const std::vector<float> q = rng.vec(static_cast<size_t>(N * K * Z), -1, 1), dU = rng.vec(q.size(), -1, 1);
   struct Run {
-    std::vector<float> k, v;
+    std::vector<float> k, v, updates, p, dq;
     std::vector<std::vector<float>> dw, db, head;
+    std::vector<float*> dwp, dbp;
+    EncoderHeadParamGrads g{};
   };
-  auto run = [&](bool emulated) {
-    Run r;
-    r.k.resize(rows * static_cast<size_t>(Z));
-    r.v.resize(r.k.size());
-    auto ws = emulated ? emorl::simt::make_workspace(0) : emorl::cuda::make_workspace(device);
-    const uint64_t stamp = emulated ? emorl::simt::encoder_forward(s, h, r.k.data(), r.v.data(), *ws)
-                                    : emorl::cuda::encoder_forward(s, h, r.k.data(), r.v.data(), *ws);
-    std::vector<float*> dw, db;
+  auto grads = [&](Run& r) {
     for (size_t i = 0; i < s.layers.size(); ++i) {
       r.dw.emplace_back(static_cast<size_t>(D * s.geom(i).P()));
       r.db.emplace_back(static_cast<size_t>(D));
     }
     for (size_t i = 0; i < s.layers.size(); ++i) {
-      dw.push_back(r.dw[i].data());
-      db.push_back(r.db[i].data());
+      r.dwp.push_back(r.dw[i].data());
+      r.dbp.push_back(r.db[i].data());
     }
     const int64_t sizes[10] = {D * 4, D, D, D, D * D, D, D * D, D, Z * D, Z * D};
     for (int64_t n : sizes) r.head.emplace_back(static_cast<size_t>(n));
-    EncoderHeadParamGrads g{r.head[0].data(), r.head[1].data(), r.head[2].data(), r.head[3].data(), r.head[4].data(),
-                       r.head[5].data(), r.head[6].data(), r.head[7].data(), r.head[8].data(), r.head[9].data()};
-    if (emulated) emorl::simt::encoder_backward(s, h, stamp, dk.data(), dv.data(), dw, db, g, *ws);
-    else emorl::cuda::encoder_backward(s, h, stamp, dk.data(), dv.data(), dw, db, g, *ws);
+    r.g = {r.head[0].data(), r.head[1].data(), r.head[2].data(), r.head[3].data(), r.head[4].data(),
+           r.head[5].data(), r.head[6].data(), r.head[7].data(), r.head[8].data(), r.head[9].data()};
+  };
+#define ON(fn, ...) (emulated ? emorl::simt::fn(__VA_ARGS__) : emorl::cuda::fn(__VA_ARGS__))
+  auto run = [&](bool emulated) {
+    Run r;
+    r.k.resize(rows * static_cast<size_t>(Z));
+    r.v.resize(r.k.size());
+    grads(r);
+    auto ws = emulated ? emorl::simt::make_workspace(0) : emorl::cuda::make_workspace(device);
+    const uint64_t stamp = ON(encoder_forward, s, h, r.k.data(), r.v.data(), *ws);
+    ON(encoder_backward, s, h, stamp, dk.data(), dv.data(), r.dwp, r.dbp, r.g, *ws);
     return r;
   };
-  const Run gpu = run(false), emu = run(true);
-  double worst = std::max(rel_err(gpu.k, emu.k), rel_err(gpu.v, emu.v));
-  for (size_t i = 0; i < gpu.dw.size(); ++i) worst = std::max({worst, rel_err(gpu.dw[i], emu.dw[i]), rel_err(gpu.db[i], emu.db[i])});
-  for (size_t i = 0; i < gpu.head.size(); ++i) worst = std::max(worst, rel_err(gpu.head[i], emu.head[i]));
+  auto run_kept = [&](bool emulated) {
+    Run r;
+    r.updates.resize(q.size());
+    r.dq.resize(q.size());
+    r.p.resize(static_cast<size_t>(N * K * H * W));
+    grads(r);
+    auto ws = emulated ? emorl::simt::make_workspace(0) : emorl::cuda::make_workspace(device);
+    const uint64_t kept = ON(encoder_forward, s, h, nullptr, nullptr, *ws);
+    const EncoderAttention at{N, K, 1e-8f, q.data()};
+    uint64_t stamp = ON(encoder_attention_forward, s, h, kept, at, r.updates.data(), r.p.data(), *ws);
+    stamp = ON(encoder_attention_backward, s, h, stamp, kept, at, dU.data(), r.dq.data(), *ws);
+    ON(encoder_backward, s, h, stamp, nullptr, nullptr, r.dwp, r.dbp, r.g, *ws, kept);
+    return r;
+  };
+#undef ON
+  const Run gpu = run(false), emu = run(true), gkept = run_kept(false), ekept = run_kept(true);
+  auto grads_err = [&](const Run& a, const Run& b) {
+    double w = 0;
+    for (size_t i = 0; i < a.dw.size(); ++i) w = std::max({w, rel_err(a.dw[i], b.dw[i]), rel_err(a.db[i], b.db[i])});
+    for (size_t i = 0; i < a.head.size(); ++i) w = std::max(w, rel_err(a.head[i], b.head[i]));
+    return w;
+  };
+  double worst = std::max({rel_err(gpu.k, emu.k), rel_err(gpu.v, emu.v), grads_err(gpu, emu)});
+  const double attention = std::max({rel_err(gkept.updates, ekept.updates), rel_err(gkept.p, ekept.p), rel_err(gkept.dq, ekept.dq),
+                                     grads_err(gkept, ekept)});
+  worst = std::max(worst, attention);
   // the same kernels in the same order: only the order of float sums within a block and FMA
   // contraction differ; ReLU kinks (see check_conv_stack) can flip at full size
   const double tol = N * H * W > 4096 ? 5e-2 : 1e-4;
   const bool ok = worst <= tol;
-  std::printf("%-4s encoder %-54s worst error %.2g (tolerance %.0e) against the emulated kernels\n", ok ? "ok" : "FAIL", name, worst, tol);
+  std::printf("%-4s encoder %-54s worst error %.2g (tolerance %.0e; k, v kept + attention %.2g) against the emulated kernels\n",
+              ok ? "ok" : "FAIL", name, worst, tol, attention);
   if (timed) {  // forward + backward with every gradient, uploads and downloads included
-    std::vector<double> ms;
-    for (int r = 0; r < 10; ++r) {
-      const auto t0 = std::chrono::steady_clock::now();
-      run(false);
-      ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    for (int kept = 0; kept < 2; ++kept) {
+      std::vector<double> ms;
+      for (int r = 0; r < 10; ++r) {
+        const auto t0 = std::chrono::steady_clock::now();
+        if (kept) run_kept(false);
+        else run(false);
+        ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+      }
+      std::printf("     encoder %s forward + backward%s on cuda:%d: median %.3f ms (a fresh workspace each run)\n", name,
+                  kept ? " with k, v kept and one attention round" : "", device, median_ms(ms));
     }
-    std::printf("     encoder %s forward + backward on cuda:%d: median %.3f ms (a fresh workspace each run)\n", name, device, median_ms(ms));
   }
   return ok;
 #endif

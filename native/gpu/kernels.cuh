@@ -462,6 +462,9 @@ class DeviceWorkspace final : public GpuWorkspace {
     size_t b = 0;
     for (const auto& x : bufs_)
       if (x) b += x->size() * sizeof(float);
+    for (const auto& e : sums_)
+      for (const auto& x : e.bufs)
+        if (x) b += x->size() * sizeof(float);
     return b;
   }
   int device() const override { return device_; }
@@ -470,6 +473,31 @@ class DeviceWorkspace final : public GpuWorkspace {
   uint64_t stamp() { return resident_ = ++stamps_; }
   bool holds(uint64_t g) const { return g != 0 && g == resident_; }
   void forget() { resident_ = 0; }
+  // Gradients summed on the device over several calls for a later call that consumes them (one
+  // encoder pass's dk, dv over its attention rounds), under an id (0: none). sum(id, which, n):
+  // buffer `which` (0, 1) of the id's sums, at zero when first asked for; has_sums(id) says whether
+  // any exist; drop_sums(id) frees them (consumed), drop_sums() every id's (a new pass begins, so
+  // an abandoned backward pass leaves nothing behind).
+  float* sum(uint64_t id, size_t which, size_t n) {
+    if (!id || which > 1) throw std::invalid_argument("GPU workspace: a sum needs an id and buffer 0 or 1");
+    auto it = std::find_if(sums_.begin(), sums_.end(), [&](const Sums& e) { return e.id == id; });
+    if (it == sums_.end()) it = sums_.insert(sums_.end(), Sums{id, {}});
+    std::unique_ptr<DeviceBuf>& b = it->bufs[which];
+    if (!b || b->size() < n) {
+      if (b && b->size()) throw std::invalid_argument("GPU workspace: a sum's buffer asked for at two sizes");
+      b.reset(new DeviceBuf());
+      b->reset(n);
+      zero(b->data(), n);
+    }
+    return b->data();
+  }
+  bool has_sums(uint64_t id) const {
+    return std::any_of(sums_.begin(), sums_.end(), [&](const Sums& e) { return e.id == id; });
+  }
+  void drop_sums(uint64_t id) {
+    sums_.erase(std::remove_if(sums_.begin(), sums_.end(), [&](const Sums& e) { return e.id == id; }), sums_.end());
+  }
+  void drop_sums() { sums_.clear(); }
   bool emulated() const override {
 #if defined(__CUDACC__)
     return false;
@@ -481,6 +509,11 @@ class DeviceWorkspace final : public GpuWorkspace {
  private:
   int device_;
   uint64_t stamps_ = 0, resident_ = 0;
+  struct Sums {
+    uint64_t id;
+    std::unique_ptr<DeviceBuf> bufs[2];
+  };
+  std::vector<Sums> sums_;
   GpuTraffic traffic_;
   std::vector<std::unique_ptr<DeviceBuf>> bufs_;
   std::vector<uint64_t> tags_;  // per slot: the tag of upload_tagged's contents (0: none)
