@@ -8,7 +8,7 @@
  *   node dist/bench/step.js --json                the same, one JSON object per line
  *   node dist/bench/step.js --config tetrominoes --batch 32 --mode train --backend native --steps 3
  *                                                 one measurement (JSON line)
- *   --device cuda:0                               the decoding stages, encoder and GRU cells on a GPU (native
+ *   --device cuda:0                               the decoding stages, encoder, attention, GRU cells on a GPU (native
  *                                                 rows; each row then also says what crossed the bus per step;
  *                                                 'simt' for the emulated kernels: slow, but the same copies)
  *   --precision bf16                              the CPU convolutions in mixed precision (native rows)

@@ -939,6 +939,8 @@ Napi::Value DecoderStageFn(const Napi::CallbackInfo& info, bool) {
   }
   const std::vector<int64_t> ts{s.lik.B, s.lik.H, s.lik.W, s.lik.C};
   s.target = p.f32("target", a.numel(ts, "[B,H,W,C]"), "[B,H,W,C] = " + shape_str(ts));
+  s.target_tag = p.tag("targetTag");
+  s.pos_tag = p.tag("posTag");
   s.log_var = static_cast<float>(p.number("logVar"));
   s.gmm = p.boolean("gmm", false);
   const bool need_dz = p.boolean("needDz", false), need_params = p.boolean("needParams", false);

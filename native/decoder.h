@@ -52,6 +52,9 @@ struct DecoderStage {
   std::vector<DecoderLayer> layers;
   ImageNllShape lik{};  // B·K = n; raw output [n, H, W, C+1]
   const float* target = nullptr;
+  // GPU stages: tags of target's and pos's contents (as DecoderLayer::w_tag): the stages of one
+  // step share them, so they cross the bus once
+  uint64_t target_tag = 0, pos_tag = 0;
   float log_var = 0.f;
   bool gmm = false;
   Precision precision = Precision::Fp32;  // of the Conv layers' products (nhwc.h); CPU stage only

@@ -216,6 +216,9 @@ export interface DecoderStageSpec {
   gw: number;
   layers: DecoderStageLayer[];
   target: Float32Array;
+  /** GPU devices: contentTag of target and pos (the stages of a step share them) */
+  targetTag?: number;
+  posTag?: number;
   B: number;
   K: number;
   H: number;

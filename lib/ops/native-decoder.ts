@@ -62,6 +62,7 @@ export function decoderNll(a: DecoderNllArgs, device: StageDevice = 'cpu', preci
     const r = addonOps().decoderStage({
       z: zd, n, c, pos: f32(vals[1]), gh, gw, layers,
       target: f32(a.target), B, K, H, W, C,
+      ...(device !== 'cpu' ? { targetTag: contentTag(a.target), posTag: contentTag(vals[1]) } : {}),
       logVar: a.logVar, gmm: a.likelihood === 'GMM',
       needDz, needParams, needOutputs: a.outputs,
       // the decoder's last weight tensor keys its buffers (fresh pages had cost ~25% of a stage)

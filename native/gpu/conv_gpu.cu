@@ -26,11 +26,12 @@ struct StackSlots {
   size_t wf(size_t i) const { return 1 + L + i; }
   size_t bias(size_t i) const { return 1 + 2 * L + i; }
   size_t wd(size_t i) const { return 1 + 3 * L + i; }
-  size_t grad(int which) const { return 1 + 4 * L + static_cast<size_t>(which); }  // two gradient maps, in turn
-  size_t dw() const { return 3 + 4 * L; }
-  size_t db() const { return 4 + 4 * L; }
-  size_t scratch() const { return 5 + 4 * L; }
-  size_t end() const { return 6 + 4 * L; }  // the first slot past the stack's (the encoder head's)
+  size_t raw(size_t i) const { return 1 + 4 * L + i; }  // the weight as it is, packed into wf and wd on the device
+  size_t grad(int which) const { return 1 + 5 * L + static_cast<size_t>(which); }  // two gradient maps, in turn
+  size_t dw() const { return 3 + 5 * L; }
+  size_t db() const { return 4 + 5 * L; }
+  size_t scratch() const { return 5 + 5 * L; }
+  size_t end() const { return 6 + 5 * L; }  // the first slot past the stack's (the encoder head's)
 };
 
 i64 map_size(const NhwcGeom& g) { return g.N * g.H * g.W * g.C; }
@@ -41,15 +42,11 @@ void stack_forward(const ConvStack& s, DeviceWorkspace& ws) {
   const i64 nx = s.N * s.H * s.W * s.C;
   float* in = ws.buf(sl.x(), static_cast<size_t>(nx));
   ws.up(in, s.x, static_cast<size_t>(nx));
-  std::vector<float> wf;
   for (size_t i = 0; i < s.layers.size(); ++i) {
     const ConvStackLayer& L = s.layers[i];
     const NhwcGeom g = s.geom(i);
     const int64_t w_shape[4] = {L.Co, g.C, L.kh, L.kw};
-    const float* wfd = ws.upload_tagged(sl.wf(i), slot_tag(L.w_tag, kPackedForward), static_cast<size_t>(L.Co * g.P()), [&] {
-      pack_weights(L.w, w_shape, &wf, nullptr);
-      return wf.data();
-    });
+    const float* wfd = packed_weight(ws, sl.raw(i), sl.wf(i), L.w_tag, kPackedForward, L.w, w_shape);
     const float* bd = ws.upload_tagged(sl.bias(i), slot_tag(L.b_tag, kAsIs), static_cast<size_t>(L.Co), [&] { return L.b; });
     float* out = ws.buf(sl.out(i), static_cast<size_t>(g.M() * L.Co));
     gemm(Im2col{in, geom_of(g)}, b_operand(wfd, L.Co, 1), Store{out, as_int(L.Co, "Co"), bd, static_cast<int>(L.act)}, g.M(), L.Co, g.P());
@@ -70,7 +67,6 @@ void stack_backward(const ConvStack& s, DeviceWorkspace& ws, float* dx, const st
   const size_t n = s.layers.size();
   const StackSlots sl{n};
   int cur = 0;  // which gradient slot holds d/d(the current layer's output)
-  std::vector<float> wd;
   for (size_t i = n; i-- > 0;) {
     const ConvStackLayer& L = s.layers[i];
     const NhwcGeom g = s.geom(i);
@@ -92,10 +88,7 @@ void stack_backward(const ConvStack& s, DeviceWorkspace& ws, float* dx, const st
     }
     if (i == 0 && !dx) break;
     const int64_t w_shape[4] = {L.Co, g.C, L.kh, L.kw};
-    const float* wdd = ws.upload_tagged(sl.wd(i), slot_tag(L.w_tag, kPackedDataGrad), static_cast<size_t>(L.Co * g.P()), [&] {
-      pack_weights(L.w, w_shape, nullptr, &wd);
-      return wd.data();
-    });
+    const float* wdd = packed_weight(ws, sl.raw(i), sl.wd(i), L.w_tag, kPackedDataGrad, L.w, w_shape);
     float* dnext = ws.buf(sl.grad(1 - cur), static_cast<size_t>(map_size(g)));
     gemm(ColGather{d, gg, as_int(L.Co, "Co")}, b_operand(wdd, g.C, 1), Store{dnext, as_int(g.C, "C"), nullptr, 0}, g.N * g.H * g.W, g.C,
          L.kh * L.kw * L.Co);

@@ -172,12 +172,12 @@ TapRanges ranges_of(const std::vector<int64_t>& of, int64_t count) {
   return r;
 }
 
-// Per stage, the workspace's slots: the layers' outputs first, then these, then five per layer.
+// Per stage, the workspace's slots: the layers' outputs first, then these, then kLayerSlots per layer.
 enum Slot : size_t {
   kGradA, kGradB, kZ, kPos, kTarget, kPixelNll, kNll, kMeans, kLogMasks, kPartial, kSums,
   kPosConv, kWsum, kZw, kGcls, kGradSum, kDz, kDpos, kDwsum, kFixedSlots
 };
-enum LayerSlot : size_t { kWf, kWd, kBias, kDw, kDb, kLayerSlots };
+enum LayerSlot : size_t { kWf, kWd, kWraw, kBias, kDw, kDb, kLayerSlots };
 
 // Times one phase of a stage when profiling (the device is synchronised at both ends).
 class Phase {
@@ -214,7 +214,7 @@ class Stage {
     {
       Phase ph(profile_, "upload z, pos, weights");
       z_ = upload(kZ, s_.z, s_.n * s_.c);
-      pos_ = upload(kPos, s_.pos, s_.gh * s_.gw * s_.c);
+      pos_ = upload_tagged(kPos, s_.pos_tag, s_.pos, s_.gh * s_.gw * s_.c);
       for (size_t i = 0; i < nl_; ++i) upload_layer(i);
     }
 
@@ -230,7 +230,7 @@ class Stage {
     if (k.C > kMaxChannels) throw std::length_error("GPU decoder: images with more than 4 channels");
     {
       Phase ph(profile_, "likelihood (incl. target upload, nll and outputs download)");
-      launch(image_nll_kernel, grid_for(k.B * P), dim3(kThreads), act_[nl_ - 1], upload(kTarget, s_.target, k.B * P * k.C),
+      launch(image_nll_kernel, grid_for(k.B * P), dim3(kThreads), act_[nl_ - 1], upload_tagged(kTarget, s_.target_tag, s_.target, k.B * P * k.C),
              static_cast<int>(k.B), static_cast<int>(k.K), P, static_cast<int>(k.C), s_.log_var, s_.gmm ? 1 : 0, pixel_nll, draw,
              means, log_masks);
       float* nll = fixed(kNll, k.B);
@@ -253,22 +253,19 @@ class Stage {
     return ws_.buf(nl_ + kFixedSlots + i * kLayerSlots + slot, static_cast<size_t>(n));
   }
   float* upload(Slot slot, const float* src, i64 n) { return ws_.upload(nl_ + slot, src, static_cast<size_t>(n)); }
+  // data the stages of a step share (tag: DecoderStage::target_tag), uploaded by the first
+  const float* upload_tagged(Slot slot, uint64_t tag, const float* src, i64 n) {
+    return ws_.upload_tagged(nl_ + slot, slot_tag(tag, kAsIs), static_cast<size_t>(n), [&] { return src; });
+  }
   void download(float* dst, const float* src, i64 n) { ws_.down(dst, src, static_cast<size_t>(n)); }
 
   void upload_layer(size_t i) {
     const DecoderLayer& L = s_.layers[i];
     if (L.kind == DecoderLayerKind::SpatialBroadcast) return;
-    std::vector<float> wf, wd;  // packed only when a copy is not on the device already
-    const size_t nw = static_cast<size_t>(L.w_shape[0] * L.w_shape[1] * L.w_shape[2] * L.w_shape[3]);
+    // packed on the device (when a copy is not there already) from one upload of the weight
     const size_t base = nl_ + kFixedSlots + i * kLayerSlots;
-    ws_.upload_tagged(base + kWf, slot_tag(L.w_tag, kPackedForward), nw, [&] {
-      pack_weights(L.w, L.w_shape, &wf, nullptr);
-      return wf.data();
-    });
-    ws_.upload_tagged(base + kWd, slot_tag(L.w_tag, kPackedDataGrad), nw, [&] {
-      pack_weights(L.w, L.w_shape, nullptr, &wd);
-      return wd.data();
-    });
+    packed_weight(ws_, base + kWraw, base + kWf, L.w_tag, kPackedForward, L.w, L.w_shape);
+    packed_weight(ws_, base + kWraw, base + kWd, L.w_tag, kPackedDataGrad, L.w, L.w_shape);
     ws_.upload_tagged(base + kBias, slot_tag(L.b_tag, kAsIs), static_cast<size_t>(L.out[3]), [&] { return L.b; });
   }
 
@@ -299,9 +296,16 @@ class Stage {
              Q, cout, static_cast<i64>(pg.kh) * pg.kw * pg.C);
         taps_ = tap_classes(L);
         const i64 KC = taps_.count() * cout;
-        std::vector<float> wsum(static_cast<size_t>(s_.c * KC));
-        class_weight_sums(L, taps_, wsum.data());
-        const float* wsum_dev = upload(kWsum, wsum.data(), s_.c * KC);
+        std::vector<float> wsum;
+        // the sums depend on the grid too: its shape joins the weight's tag
+        const uint64_t grid = (static_cast<uint64_t>(L.out[1]) << 40) ^ (static_cast<uint64_t>(L.out[2]) << 20) ^
+                              static_cast<uint64_t>(L.pad) ^ (static_cast<uint64_t>(s_.gh) << 50) ^ (static_cast<uint64_t>(s_.gw) << 30);
+        const uint64_t tag = L.w_tag ? (L.w_tag ^ (grid * 0x9e3779b97f4a7c15ull)) >> 3 : 0;
+        const float* wsum_dev = ws_.upload_tagged(nl_ + kWsum, slot_tag(tag, kTapSums), static_cast<size_t>(s_.c * KC), [&] {
+          wsum.resize(static_cast<size_t>(s_.c * KC));
+          class_weight_sums(L, taps_, wsum.data());
+          return wsum.data();
+        });
         float* zw = fixed(kZw, s_.n * KC);
         gemm(a_operand(z_, s_.c, 1), b_operand(wsum_dev, KC, 1), Store{zw, static_cast<int>(KC), nullptr, 0}, s_.n, KC, s_.c);
         rows_ = ranges_of(taps_.row_of, taps_.nrow);
@@ -418,7 +422,7 @@ class Stage {
     float* gcls = fixed(kGcls, n * KC);
     launch(class_sums_kernel, grid_for(n * KC), dim3(kThreads), static_cast<const float*>(dcur_), gcls, n, static_cast<int>(oh),
            static_cast<int>(ow), static_cast<int>(cout), rows_, cols_);
-    const float* wsum = fixed(kWsum, c * KC);
+    const float* wsum = ws_.buf(nl_ + kWsum, 0);  // the forward pass's (read only: it keeps its tag)
     if (o_.dz) {
       float* dz = fixed(kDz, n * c);
       gemm(a_operand(gcls, KC, 1), b_operand(wsum, 1, KC), Store{dz, static_cast<int>(c), nullptr, 0}, n, c, KC);

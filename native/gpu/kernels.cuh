@@ -389,6 +389,16 @@ __global__ void col_sums_final_kernel(const float* part, i64 batch, i64 chunks, 
   }
 }
 
+// w[col][img][ky][kx] (PyTorch layout) packed as Wf[(ky,kx,img), col] and / or Wd[(ky,kx,col), img]
+// (either may be null), as pack_weights does on the host.
+__global__ void pack_weights_kernel(const float* w, i64 ncol, i64 nimg, i64 kh, i64 kw, float* wf, float* wd) {
+  EMORL_GRID_LOOP(i, ncol * nimg * kh * kw) {
+    const i64 kx = i % kw, ky = (i / kw) % kh, img = (i / (kw * kh)) % nimg, col = i / (kw * kh * nimg);
+    if (wf) wf[((ky * kw + kx) * nimg + img) * ncol + col] = w[i];
+    if (wd) wd[((ky * kw + kx) * ncol + col) * nimg + img] = w[i];
+  }
+}
+
 // dw[col, img, ky, kx] = Σ_split part[split, (ky, kx, img), col]
 __global__ void filter_grad_reduce_kernel(const float* part, int splits, int ncol, int nimg, int kh, int kw, float* dw) {
   const i64 P = static_cast<i64>(kh) * kw * nimg;
@@ -404,10 +414,11 @@ __global__ void filter_grad_reduce_kernel(const float* part, int splits, int nco
 
 // ---- host side --------------------------------------------------------------------------------
 
-// What a slot holds of a tagged tensor: its data as it is, or packed for the forward (Wf) or the
-// data-gradient (Wd) product. slot_tag gives each (tag, form) its own slot tag.
-enum TagForm : uint64_t { kAsIs = 1, kPackedForward = 2, kPackedDataGrad = 3 };
-inline uint64_t slot_tag(uint64_t tag, TagForm form) { return tag ? tag * 4 + form : 0; }
+// What a slot holds of a tagged tensor: its data as it is, packed for the forward (Wf) or the
+// data-gradient (Wd) product, or (a decoder's first layer) its tap-class sums. slot_tag gives each
+// (tag, form) its own slot tag.
+enum TagForm : uint64_t { kAsIs = 1, kPackedForward = 2, kPackedDataGrad = 3, kTapSums = 4 };
+inline uint64_t slot_tag(uint64_t tag, TagForm form) { return tag ? tag * 8 + form : 0; }
 
 class DeviceWorkspace final : public GpuWorkspace {
  public:
@@ -438,6 +449,16 @@ class DeviceWorkspace final : public GpuWorkspace {
     if (tag && slot < tags_.size() && tags_[slot] == tag && bufs_[slot]->size() >= n) return bufs_[slot]->data();
     float* d = buf(slot, n);
     up(d, fill(), n);
+    tags_[slot] = tag;
+    return d;
+  }
+  // n floats that fill(dst) computes on the device from other device data, kept under `tag` like
+  // upload_tagged's (nothing crosses the bus).
+  template <class Fill>
+  float* compute_tagged(size_t slot, uint64_t tag, size_t n, Fill fill) {
+    if (tag && slot < tags_.size() && tags_[slot] == tag && bufs_[slot]->size() >= n) return bufs_[slot]->data();
+    float* d = buf(slot, n);
+    fill(d);
     tags_[slot] = tag;
     return d;
   }
@@ -549,6 +570,19 @@ inline void pack_weights(const float* w, const int64_t* w_shape, std::vector<flo
           if (wf) (*wf)[static_cast<size_t>(((ky * kw + kx) * nimg + img) * ncol + col)] = v;
           if (wd) (*wd)[static_cast<size_t>(((ky * kw + kx) * ncol + col) * nimg + img)] = v;
         }
+}
+
+// A weight w [col][img][kh][kw] (w_shape) in `form` (kPackedForward / kPackedDataGrad) in slot
+// `slot`, packed on the device from its copy as it is in slot `raw`: whatever forms the calls of a
+// step need, the weight crosses the bus once (under its tag; untagged: every call).
+inline const float* packed_weight(DeviceWorkspace& ws, size_t raw, size_t slot, uint64_t tag, TagForm form, const float* w,
+                                  const int64_t* w_shape) {
+  const i64 n = numel4(w_shape);
+  return ws.compute_tagged(slot, slot_tag(tag, form), static_cast<size_t>(n), [&](float* dst) {
+    const float* src = ws.upload_tagged(raw, slot_tag(tag, kAsIs), static_cast<size_t>(n), [&] { return w; });
+    launch(pack_weights_kernel, grid_for(n), dim3(kThreads), src, w_shape[0], w_shape[1], w_shape[2], w_shape[3],
+           form == kPackedForward ? dst : nullptr, form == kPackedDataGrad ? dst : nullptr);
+  });
 }
 
 // Σ over rows of v[batch, rows, cols] into out[batch, cols]; scratch in ws slot `scratch`.
