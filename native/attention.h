@@ -1,19 +1,30 @@
-// The slot competition's normalisations (lib/ops/native-attention.ts; the TypeScript reference is
-// lib/ops/attention.ts): the elementwise passes between its batched products, in doubles.
+// The slot competition on the CPU (lib/ops/native-attention.ts; the TypeScript reference is
+// lib/ops/attention.ts, the GPU version native/gpu/attention.cuh), fused: one addon call each
+// way, per image its products on the GEMM and the normalisations between them.
+//
+//   p = softmax over slots of q kᵀ,  a = p + ε,  s = Σ_pixels a,  w = a / s,  U = w v
+//
+// Backward from dU, with dW = dU vᵀ and r = Σ_pixels dW·w = dU·U per slot:
+//
+//   da = (dW − r) / s,  dd = p (da − Σ_slots p·da),  dq = dd k,  dk = ddᵀ q,  dv = wᵀ dU
 #pragma once
 
 #include <cstdint>
 
 namespace emorl {
 
-// dots [B, K, N]: per pixel n a softmax over the K slots, p; a = p + eps; per slot the sum over
-// pixels s [B, K] = Σ_n a; w = a / s. Outputs p, a, w [B, K, N] and s.
-void slot_softmax_forward(const float* dots, int64_t B, int64_t K, int64_t N, double eps, float* p, float* a, float* w,
-                          double* s, int nthreads);
+// q [B,K,d] (already scaled), k [B,N,d], v [B,N,C].
+struct SlotAttentionDims {
+  int64_t B, K, N, d, C;
+};
 
-// From g = d/dw [B, K, N]: d/da = (g − Σ_n g·w) / s per slot, then d/ddots = p (d/da − Σ_slots p·d/da)
-// per pixel, into out [B, K, N].
-void slot_softmax_backward(const float* g, const float* w, const float* p, const double* s, int64_t B, int64_t K, int64_t N,
-                           float* out, int nthreads);
+// p [B,K,N], s [B,K] and the updates U [B,K,C].
+void slot_attention_forward(const SlotAttentionDims& a, const float* q, const float* k, const float* v, double eps, float* p,
+                            double* s, float* updates, int nthreads);
+
+// dq [B,K,d], dk [B,N,d], dv [B,N,C] (written) from dU [B,K,C] and the forward pass's p, s, U.
+void slot_attention_backward(const SlotAttentionDims& a, const float* q, const float* k, const float* v, const float* p,
+                             const double* s, const float* updates, const float* dU, double eps, float* dq, float* dk, float* dv,
+                             int nthreads);
 
 }  // namespace emorl

@@ -1061,38 +1061,52 @@ const double* f64_prop(const Args& a, const Props& p, const char* key, int64_t n
   return v.As<Napi::Float64Array>().Data();
 }
 
-// slotSoftmax({ dots [B,K,N], B, K, N, eps }) -> { p, a, w [B,K,N], s [B,K] (Float64Array) }
-// slotSoftmaxBackward({ g, w, p [B,K,N], s [B,K] (Float64Array), B, K, N }) -> d/ddots [B,K,N]
-// (attention.h: the slot competition's normalisations).
-Napi::Value SlotSoftmaxFn(const Napi::CallbackInfo& info, bool) {
-  Args a(info, "slotSoftmax");
-  Props p(a, a.at(0), "spec");
-  const int64_t B = p.integer("B", 1), K = p.integer("K", 1), N = p.integer("N", 1);
-  const std::vector<int64_t> shape{B, K, N};
-  const int64_t n = a.numel(shape, "[B,K,N]");
-  const float* dots = p.f32("dots", n, "[B,K,N] = " + shape_str(shape));
-  const double eps = p.number("eps");
-  if (!(eps >= 0 && eps < 1)) a.range_error("'spec.eps' must be in [0, 1)");
-  auto pv = new_f32(a, n), av = new_f32(a, n), wv = new_f32(a, n);
-  auto sv = Napi::Float64Array::New(a.env(), static_cast<size_t>(B * K));
-  emorl::slot_softmax_forward(dots, B, K, N, eps, pv.Data(), av.Data(), wv.Data(), sv.Data(), threads());
-  return object_of(a.env(), {{"p", pv}, {"a", av}, {"w", wv}, {"s", sv}});
+// The sizes of a slotAttention call: {B, K, N, d, C} with q [B,K,d], k [B,N,d], v [B,N,C], and eps.
+struct AttentionCall {
+  emorl::SlotAttentionDims d;
+  double eps;
+  const float *q, *k, *v;
+};
+AttentionCall attention_call(const Args& a, const Props& p) {
+  AttentionCall c;
+  c.d = {p.integer("B", 1), p.integer("K", 1), p.integer("N", 1), p.integer("d", 1), p.integer("C", 1)};
+  const int64_t B = c.d.B, K = c.d.K, N = c.d.N;
+  c.q = p.f32("q", a.numel({B, K, c.d.d}, "q"), "[B,K,d] = " + shape_str({B, K, c.d.d}));
+  c.k = p.f32("k", a.numel({B, N, c.d.d}, "k"), "[B,N,d] = " + shape_str({B, N, c.d.d}));
+  c.v = p.f32("v", a.numel({B, N, c.d.C}, "v"), "[B,N,C] = " + shape_str({B, N, c.d.C}));
+  a.numel({B, K, N}, "[B,K,N]");
+  c.eps = p.number("eps");
+  if (!(c.eps >= 0 && c.eps < 1)) a.range_error("'" + p.name("eps") + "' must be in [0, 1)");
+  return c;
 }
 
-Napi::Value SlotSoftmaxBackwardFn(const Napi::CallbackInfo& info, bool) {
-  Args a(info, "slotSoftmaxBackward");
+// slotAttention({q, k, v, B, K, N, d, C, eps}) -> {updates [B,K,C], p [B,K,N], s [B,K] (Float64Array)}
+// slotAttentionBackward({...the same, p, s, updates, dU [B,K,C]}) -> {dq, dk, dv}
+// (attention.h: the slot competition, fused, on the CPU).
+Napi::Value SlotAttentionFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "slotAttention");
   Props p(a, a.at(0), "spec");
-  const int64_t B = p.integer("B", 1), K = p.integer("K", 1), N = p.integer("N", 1);
-  const std::vector<int64_t> shape{B, K, N};
-  const int64_t n = a.numel(shape, "[B,K,N]");
-  const std::string what = "[B,K,N] = " + shape_str(shape);
-  const float* g = p.f32("g", n, what);
-  const float* w = p.f32("w", n, what);
-  const float* pr = p.f32("p", n, what);
+  const AttentionCall c = attention_call(a, p);
+  const int64_t B = c.d.B, K = c.d.K;
+  auto updates = new_f32(a, B * K * c.d.C), pv = new_f32(a, B * K * c.d.N);
+  auto sv = Napi::Float64Array::New(a.env(), static_cast<size_t>(B * K));
+  emorl::slot_attention_forward(c.d, c.q, c.k, c.v, c.eps, pv.Data(), sv.Data(), updates.Data(), threads());
+  return object_of(a.env(), {{"updates", updates}, {"p", pv}, {"s", sv}});
+}
+
+Napi::Value SlotAttentionBackwardFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "slotAttentionBackward");
+  Props p(a, a.at(0), "spec");
+  const AttentionCall c = attention_call(a, p);
+  const int64_t B = c.d.B, K = c.d.K, N = c.d.N;
+  const std::string kc = "[B,K,C] = " + shape_str({B, K, c.d.C});
+  const float* pr = p.f32("p", B * K * N, "[B,K,N] = " + shape_str({B, K, N}));
   const double* sd = f64_prop(a, p, "s", B * K);
-  auto out = new_f32(a, n);
-  emorl::slot_softmax_backward(g, w, pr, sd, B, K, N, out.Data(), threads());
-  return out;
+  const float* updates = p.f32("updates", B * K * c.d.C, kc);
+  const float* dU = p.f32("dU", B * K * c.d.C, kc);
+  auto dq = new_f32(a, B * K * c.d.d), dk = new_f32(a, B * N * c.d.d), dv = new_f32(a, B * N * c.d.C);
+  emorl::slot_attention_backward(c.d, c.q, c.k, c.v, pr, sd, updates, dU, c.eps, dq.Data(), dk.Data(), dv.Data(), threads());
+  return object_of(a.env(), {{"dq", dq}, {"dk", dk}, {"dv", dv}});
 }
 
 // layerNorm({ x [rows,D], rows, D, weight?, bias?, eps }) -> { y, mean, rstd (Float64Array [rows]) }
@@ -1743,7 +1757,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   env.SetInstanceData(new Napi::FunctionReference(Napi::Persistent(ws_class)));  // per-environment, freed with it
   exports.Set("DecoderWorkspace", ws_class);
   exports.Set("imageNll", Napi::Function::New(env, entry<ImageNllFn, false>, "imageNll"));
-  exports.Set("slotSoftmax", Napi::Function::New(env, entry<SlotSoftmaxFn, false>, "slotSoftmax"));
+  exports.Set("slotAttention", Napi::Function::New(env, entry<SlotAttentionFn, false>, "slotAttention"));
   exports.Set("gruCell", Napi::Function::New(env, entry<GruCellFn, false>, "gruCell"));
   exports.Set("convStack", Napi::Function::New(env, entry<ConvStackFn, false>, "convStack"));
   exports.Set("encoderStage", Napi::Function::New(env, entry<EncoderStageFn, false>, "encoderStage"));
@@ -1756,7 +1770,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("gruCellBackward", Napi::Function::New(env, entry<GruCellBackwardFn, false>, "gruCellBackward"));
   exports.Set("layerNorm", Napi::Function::New(env, entry<LayerNormFn, false>, "layerNorm"));
   exports.Set("layerNormBackward", Napi::Function::New(env, entry<LayerNormBackwardFn, false>, "layerNormBackward"));
-  exports.Set("slotSoftmaxBackward", Napi::Function::New(env, entry<SlotSoftmaxBackwardFn, false>, "slotSoftmaxBackward"));
+  exports.Set("slotAttentionBackward", Napi::Function::New(env, entry<SlotAttentionBackwardFn, false>, "slotAttentionBackward"));
   exports.Set("peakGflops", Napi::Function::New(env, entry<PeakGflops, false>, "peakGflops"));
   exports.Set("gpuPeakGflops", Napi::Function::New(env, entry<GpuPeakGflops, false>, "gpuPeakGflops"));
   exports.Set("reference", ref);

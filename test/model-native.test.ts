@@ -205,14 +205,18 @@ describeNative('nativeOps ops vs tfjsOps', () => {
     expect(() => m.layerNormBackward({ g: x, x, rows: 3, D: 4, mean: f.mean, rstd: new Float64Array(2), withParams: false })).toThrow(/'spec.rstd' must be a Float64Array of 3 elements/);
   });
 
-  test('the slot softmax kernels check their arguments', () => {
+  test('the fused slot attention checks its arguments; equal scores give the mean of v', () => {
     const m = addonOps();
-    const dots = new Float32Array(2 * 3 * 5);
-    expect(() => m.slotSoftmax({ dots, B: 2, K: 3, N: 4, eps: 1e-8 })).toThrow(/dots.*\[B,K,N\] = \[2,3,4\]/);
-    expect(() => m.slotSoftmax({ dots, B: 2, K: 3, N: 5, eps: -1 })).toThrow(/eps' must be in \[0, 1\)/);
-    const r = m.slotSoftmax({ dots, B: 2, K: 3, N: 5, eps: 0 });
-    expect(Array.from(r.w.slice(0, 5))).toEqual([0.2, 0.2, 0.2, 0.2, 0.2].map(Math.fround));
-    expect(() => m.slotSoftmaxBackward({ g: r.w, w: r.w, p: r.p, s: new Float64Array(5), B: 2, K: 3, N: 5 })).toThrow(/'spec.s' must be a Float64Array of 6 elements/);
+    const B = 2, K = 3, N = 5, d = 4, C = 2;
+    const v = Float32Array.from({ length: B * N * C }, (_, i) => i);
+    const spec = { q: new Float32Array(B * K * d), k: new Float32Array(B * N * d), v, B, K, N, d, C, eps: 0 };
+    expect(() => m.slotAttention({ ...spec, N: 4 })).toThrow(/'spec.k'.*\[B,N,d\] = \[2,4,4\]/);
+    expect(() => m.slotAttention({ ...spec, eps: -1 })).toThrow(/eps' must be in \[0, 1\)/);
+    const r = m.slotAttention(spec);
+    expect(Array.from(r.p.slice(0, 5))).toEqual([1, 1, 1, 1, 1].map((x) => Math.fround(x / 3)));
+    // image 0's values: (0,1), (2,3), … (8,9): each slot's update is their mean (4, 5)
+    expect(Array.from(r.updates.slice(0, 2))).toEqual([4, 5]);
+    expect(() => m.slotAttentionBackward({ ...spec, p: r.p, s: new Float64Array(5), updates: r.updates, dU: r.updates })).toThrow(/'spec.s' must be a Float64Array of 6 elements/);
   });
 
   test.each([

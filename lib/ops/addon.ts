@@ -41,10 +41,11 @@ export interface NativeAddon {
   peakGflops(seconds?: number): number;
   /** the FP32 FMA throughput of CUDA device `device` (GFLOP/s; addon built with CUDA) */
   gpuPeakGflops(device: number, seconds?: number): number;
-  /** the slot competition's normalisations (native/attention.h): softmax over slots, + ε, renormalised over pixels */
-  slotSoftmax(spec: { dots: Float32Array; B: number; K: number; N: number; eps: number }): { p: Float32Array; a: Float32Array; w: Float32Array; s: Float64Array };
-  /** their backward: d/ddots from g = d/dw */
-  slotSoftmaxBackward(spec: { g: Float32Array; w: Float32Array; p: Float32Array; s: Float64Array; B: number; K: number; N: number }): Float32Array;
+  /** the slot competition, fused (native/attention.h): the updates [B,K,C], the softmax over slots p [B,K,N] and s = Σ_pixels (p + ε) [B,K] */
+  slotAttention(spec: SlotAttentionSpec): { updates: Float32Array; p: Float32Array; s: Float64Array };
+  /** its backward from dU [B,K,C] and the forward pass's results */
+  slotAttentionBackward(spec: SlotAttentionSpec & { p: Float32Array; s: Float64Array; updates: Float32Array; dU: Float32Array }):
+    { dq: Float32Array; dk: Float32Array; dv: Float32Array };
   /** LayerNorm over the last axis (native/layernorm.h); statistics in double */
   layerNorm(spec: { x: Float32Array; rows: number; D: number; weight?: Float32Array | null; bias?: Float32Array | null; eps: number }): { y: Float32Array; mean: Float64Array; rstd: Float64Array };
   layerNormBackward(spec: { g: Float32Array; x: Float32Array; rows: number; D: number; weight?: Float32Array | null; mean: Float64Array; rstd: Float64Array; withParams: boolean }):
@@ -121,6 +122,13 @@ export interface EncoderStageSpec extends ConvStackSpec {
     /** contentTags of pos, posW, posB, lnW, lnB, w1, b1, w2, b2, wk, wv */
     tags?: number[];
   };
+}
+
+/** q [B,K,d] (already scaled), k [B,N,d], v [B,N,C]; eps added to the softmax before the renormalisation over pixels */
+export interface SlotAttentionSpec {
+  q: Float32Array; k: Float32Array; v: Float32Array;
+  B: number; K: number; N: number; d: number; C: number;
+  eps: number;
 }
 
 export interface EncoderAttentionSpec extends EncoderStageSpec {
@@ -338,7 +346,7 @@ export function addonOps(): NativeAddon {
   if (!st.available || !st.path) throw new Error(`emorl native addon unavailable: ${st.reason ?? 'unknown reason'}`);
   // eslint-disable-next-line @typescript-eslint/no-require-imports
   const mod = require(st.path) as Partial<NativeAddon>;
-  if (typeof mod.nhwcConv2d !== 'function' || typeof mod.decoderStage !== 'function' || typeof mod.slotSoftmax !== 'function' || typeof mod.layerNorm !== 'function' || typeof mod.gruCell !== 'function' || typeof mod.encoderHead !== 'function') {
+  if (typeof mod.nhwcConv2d !== 'function' || typeof mod.decoderStage !== 'function' || typeof mod.slotAttention !== 'function' || typeof mod.layerNorm !== 'function' || typeof mod.gruCell !== 'function' || typeof mod.encoderHead !== 'function') {
     throw new Error(`the addon at ${st.path} is older than this package (no NHWC, decoder-stage, attention, layer-norm, GRU or encoder kernels); rebuild it with \`npm run build:native\``);
   }
   return (addon = mod as NativeAddon);

@@ -14,7 +14,7 @@ import { colSums, f32 } from './arrays';
 import { nativeStatus } from '../native';
 import { ADDON_ACT, addonOps as nhwc, contentTag, nativeOpsAvailable, workspaceFor, type ConvPrecision, type ConvStackSpec, type EncoderHeadGrads, type EncoderStageSpec, type StageDevice } from './addon';
 import { decoderNll } from './native-decoder';
-import { slotCompetition } from './native-attention';
+import { attnOf, slotCompetition } from './native-attention';
 import { dualGruCell, gruCell } from './native-gru';
 import { tfjsOps, type Ops } from './index';
 import { ENCODER_LN_EPS, type EncoderArgs, type EncoderOutput, type ResidentKeysValues } from './encoder-stage';
@@ -231,10 +231,7 @@ export function slotCompetitionOnDevice(q: tf.Tensor3D, kv: EncoderOutput, keepA
     };
   });
   const updates = op(q, r.token) as tf.Tensor3D;
-  if (!keepAttn) return { updates };
-  const a = new Float32Array(p!.length);
-  for (let i = 0; i < a.length; i++) a[i] = p![i] + ATTN_EPS;
-  return { attn: tf.tensor3d(a, [B, K, N]), updates };
+  return { attn: keepAttn ? attnOf(p!, [B, K, N]) : undefined, updates };
 }
 
 /** The head's parameters of an encoder, in the addon's order. */
