@@ -60,7 +60,7 @@ void slot_attention_forward(const SlotAttentionDims& a, const float* q, const fl
 
 void slot_attention_backward(const SlotAttentionDims& a, const float* q, const float* k, const float* v, const float* p,
                              const double* s, const float* updates, const float* dU, double eps, float* dq, float* dk, float* dv,
-                             int nthreads) {
+                             bool accumulate, int nthreads) {
   const int64_t K = a.K, N = a.N, d = a.d, C = a.C;
   for_each_image(a.B, nthreads, [&](int64_t b) {
     const float* pb = p + b * K * N;
@@ -90,8 +90,8 @@ void slot_attention_backward(const SlotAttentionDims& a, const float* q, const f
     }
     renormalised(pb, sb, K, N, eps, w.data());
     sgemm_dense(false, false, K, d, N, g.data(), k + b * N * d, dq + b * K * d, false, 1);
-    sgemm_dense(true, false, N, d, K, g.data(), q + b * K * d, dk + b * N * d, false, 1);
-    sgemm_dense(true, false, N, C, K, w.data(), dUb, dv + b * N * C, false, 1);
+    sgemm_dense(true, false, N, d, K, g.data(), q + b * K * d, dk + b * N * d, accumulate, 1);
+    sgemm_dense(true, false, N, C, K, w.data(), dUb, dv + b * N * C, accumulate, 1);
   });
 }
 

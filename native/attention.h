@@ -22,9 +22,10 @@ struct SlotAttentionDims {
 void slot_attention_forward(const SlotAttentionDims& a, const float* q, const float* k, const float* v, double eps, float* p,
                             double* s, float* updates, int nthreads);
 
-// dq [B,K,d], dk [B,N,d], dv [B,N,C] (written) from dU [B,K,C] and the forward pass's p, s, U.
+// dq [B,K,d] (written) and dk [B,N,d], dv [B,N,C] (written, or with accumulate added onto them:
+// the rounds of one encoder pass) from dU [B,K,C] and the forward pass's p, s, U.
 void slot_attention_backward(const SlotAttentionDims& a, const float* q, const float* k, const float* v, const float* p,
                              const double* s, const float* updates, const float* dU, double eps, float* dq, float* dk, float* dv,
-                             int nthreads);
+                             bool accumulate, int nthreads);
 
 }  // namespace emorl

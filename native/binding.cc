@@ -1081,7 +1081,8 @@ AttentionCall attention_call(const Args& a, const Props& p) {
 }
 
 // slotAttention({q, k, v, B, K, N, d, C, eps}) -> {updates [B,K,C], p [B,K,N], s [B,K] (Float64Array)}
-// slotAttentionBackward({...the same, p, s, updates, dU [B,K,C]}) -> {dq, dk, dv}
+// slotAttentionBackward({...the same, p, s, updates, dU [B,K,C], dkInto?, dvInto?}) -> {dq, dk, dv}
+//   With dkInto and dvInto, dk and dv are added onto them (and returned as null).
 // (attention.h: the slot competition, fused, on the CPU).
 Napi::Value SlotAttentionFn(const Napi::CallbackInfo& info, bool) {
   Args a(info, "slotAttention");
@@ -1104,8 +1105,25 @@ Napi::Value SlotAttentionBackwardFn(const Napi::CallbackInfo& info, bool) {
   const double* sd = f64_prop(a, p, "s", B * K);
   const float* updates = p.f32("updates", B * K * c.d.C, kc);
   const float* dU = p.f32("dU", B * K * c.d.C, kc);
-  auto dq = new_f32(a, B * K * c.d.d), dk = new_f32(a, B * N * c.d.d), dv = new_f32(a, B * N * c.d.C);
-  emorl::slot_attention_backward(c.d, c.q, c.k, c.v, pr, sd, updates, dU, c.eps, dq.Data(), dk.Data(), dv.Data(), threads());
+  auto dq = new_f32(a, B * K * c.d.d);
+  const bool into = p.has("dkInto") || p.has("dvInto");
+  if (into) {
+    // written in place: each must be its own memory, apart from every input's and the other's
+    float* dk = const_cast<float*>(p.f32("dkInto", B * N * c.d.d, "[B,N,d] = " + shape_str({B, N, c.d.d})));
+    float* dv = const_cast<float*>(p.f32("dvInto", B * N * c.d.C, "[B,N,C] = " + shape_str({B, N, c.d.C})));
+    const std::pair<const float*, int64_t> arrays[] = {{dk, B * N * c.d.d}, {dv, B * N * c.d.C},   {c.q, B * K * c.d.d},
+                                                       {c.k, B * N * c.d.d}, {c.v, B * N * c.d.C},  {pr, B * K * N},
+                                                       {updates, B * K * c.d.C}, {dU, B * K * c.d.C}};
+    for (int o = 0; o < 2; ++o)
+      for (size_t i = 0; i < std::size(arrays); ++i)
+        if (i != static_cast<size_t>(o) && arrays[i].first < arrays[o].first + arrays[o].second &&
+            arrays[o].first < arrays[i].first + arrays[i].second)
+          a.range_error("'" + p.name(o ? "dvInto" : "dkInto") + "' overlaps another array of the spec");
+    emorl::slot_attention_backward(c.d, c.q, c.k, c.v, pr, sd, updates, dU, c.eps, dq.Data(), dk, dv, true, threads());
+    return object_of(a.env(), {{"dq", dq}, {"dk", a.env().Null()}, {"dv", a.env().Null()}});
+  }
+  auto dk = new_f32(a, B * N * c.d.d), dv = new_f32(a, B * N * c.d.C);
+  emorl::slot_attention_backward(c.d, c.q, c.k, c.v, pr, sd, updates, dU, c.eps, dq.Data(), dk.Data(), dv.Data(), false, threads());
   return object_of(a.env(), {{"dq", dq}, {"dk", dk}, {"dv", dv}});
 }
 

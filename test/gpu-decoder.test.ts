@@ -467,7 +467,7 @@ for (const device of devices) {
       expect(() => k.encoderStage({ ...spec, head: { ...head, pos: uniform(hw * 4 - 1, 3) } })).toThrow(/'spec.head.pos' has 63 elements, not a positive multiple of the last map's 16 pixels/);
     });
 
-    // The models' way: k and v stay on the device (keepOnDevice), the attention rounds read them
+    // The models' way: k and v stay on the device (attentionOnly), the attention rounds read them
     // there and sum dk, dv there for the encoder's backward call.
     const queries = (B: number, K: number, Z: number, seed: number, sharp: number) =>
       tf.tensor3d(uniform(B * K * Z, seed, -sharp, sharp), [B, K, Z]);
@@ -485,11 +485,11 @@ for (const device of devices) {
       test(`k, v kept on the device, ${name}: attention and every gradient over two rounds against the CPU ops`, () => {
         tf.tidy(() => {
           const [B, H, W, C, D, Z, n, K] = dims;
-          const a = { ...make(B, H, W, C, D, Z, n, 600), keepOnDevice: true };
+          const a = { ...make(B, H, W, C, D, Z, n, 600), attentionOnly: true };
           const ops = nativeOpsOn(device);
           const kvd = ops.encoder(a), kvc = nativeOps.encoder(a);
           expect(kvd.resident?.shape).toEqual([B, H * W, Z]);
-          expect(kvc.resident).toBeUndefined();
+          expect(kvc.resident?.device).toBe('cpu');
           const q = [queries(B, K, Z, 610, 2), queries(B, K, Z, 611, 0.5)];
           const rd = ops.slotCompetition(q[0], kvd), rc = nativeOps.slotCompetition(q[0], kvc);
           expectClose(rd.updates.dataSync() as Float32Array, rc.updates.dataSync() as Float32Array, 1e-5, 'updates');
@@ -506,7 +506,7 @@ for (const device of devices) {
     test('k, v kept on the device: two encoder passes on the same weights, interleaved, each recomputed where needed', () => {
       tf.tidy(() => {
         const B = 1, K = 2, Z = 8;
-        const a = { ...make(B, 6, 5, 3, 16, Z, 2, 700), keepOnDevice: true };
+        const a = { ...make(B, 6, 5, 3, 16, Z, 2, 700), attentionOnly: true };
         const b = { ...a, x: make(B, 6, 5, 3, 16, Z, 2, 800).x };
         const qa = queries(B, K, Z, 701, 1), qb = queries(B, K, Z, 702, 1);
         const da = queries(B, K, Z, 703, 1), db = queries(B, K, Z, 704, 1);
@@ -525,7 +525,7 @@ for (const device of devices) {
       tf.tidy(() => {
         const B = 2, K = 3, Z = 8, H = 6, W = 6, rounds = 2;
         const host = make(B, H, W, 3, 16, Z, 2, 900);
-        const kept = { ...host, keepOnDevice: true };
+        const kept = { ...host, attentionOnly: true };
         const ops = nativeOpsOn(device);
         const du = [queries(B, K, Z, 901, 1), queries(B, K, Z, 902, 1)];
         const q = [queries(B, K, Z, 903, 1), queries(B, K, Z, 904, 1)];
@@ -544,7 +544,9 @@ for (const device of devices) {
         expect(onDevice.up - viaHost.up).toBe(rounds * 3 * qkz - 2 * kv);
 
         const kvd = ops.encoder(kept);
-        expect(() => nativeOps.slotCompetition(q[0], kvd)).toThrow(/keys and values are on .* \(encoder keepOnDevice\)/);
+        expect(() => nativeOps.slotCompetition(q[0], kvd)).toThrow(new RegExp(`on the CPU: the keys and values are kept on ${device} by other ops`));
+        expect(() => tfjsOps.slotCompetition(q[0], kvd)).toThrow(new RegExp(`kept by the ops that made them, on ${device} \\(encoder attentionOnly\\)`));
+        expect(() => ops.slotCompetition(q[0], nativeOps.encoder(kept))).toThrow(new RegExp(`on ${device}: the keys and values are kept on cpu by other ops`));
         expect(() => ops.slotCompetition(queries(B, K, Z + 1, 905, 1), kvd)).toThrow(/queries \[2,3,9\] do not fit the keys \[2,36,8\]/);
       });
     });

@@ -129,6 +129,35 @@ describeNative('nativeOps ops vs tfjsOps', () => {
       gn.forEach((g, i) => expectScaled(g, gt[i], 1e-4, `gradient ${i}`));
       const gz = nativeOps.withoutParamGrads(() => tf.grads(f(nativeOps))(params));
       expect(maxAbsOf(gz[4])).toBe(0);
+
+      // attentionOnly (the models' way): k and v stay in the addon's arrays, two attention rounds
+      // read them there and sum dk, dv there; against the TypeScript ops (which ignore the flag)
+      const K = 3;
+      const qs = [rand([B, K, Z], 88, 2), rand([B, K, Z], 89, 0.5)] as tf.Tensor3D[];
+      const dus = [rand([B, K, Z], 90), rand([B, K, Z], 91)];
+      const kept = (p: tf.Tensor[]): EncoderArgs => ({ ...args(p), attentionOnly: true });
+      const rounds = (o: Ops) => (...p: tf.Tensor[]) => {
+        const kv = o.encoder(kept(p.slice(2)));
+        return tf.addN(dus.map((du, r) => tf.sum(tf.mul(o.slotCompetition(p[r] as tf.Tensor3D, kv, false).updates, du)))) as tf.Scalar;
+      };
+      const kvn = nativeOps.encoder(kept(params));
+      expect(kvn.resident?.device).toBe('cpu');
+      expect(tfjsOps.encoder(kept(params)).resident).toBeUndefined();
+      const an = nativeOps.slotCompetition(qs[0], kvn), at = tfjsOps.slotCompetition(qs[0], tfjsOps.encoder(kept(params)));
+      expectScaled(an.updates, at.updates, 1e-5, 'kept: updates');
+      expectScaled(an.attn!, at.attn!, 1e-5, 'kept: attn');
+      expect(() => tfjsOps.slotCompetition(qs[0], kvn)).toThrow(/kept by the ops that made them, on cpu \(encoder attentionOnly\)/);
+      const gk = tf.grads(rounds(nativeOps))([...qs, ...params]), gr = tf.grads(rounds(tfjsOps))([...qs, ...params]);
+      gk.forEach((g, i) => expectScaled(g, gr[i], 1e-4, `kept: gradient ${i}`));
+      // two encoder passes, their rounds interleaved: each pass sums its own dk, dv
+      const x2 = rand([B, H, W, C], 92) as tf.Tensor4D;
+      const two = (o: Ops) => (...p: tf.Tensor[]) => {
+        const ka = o.encoder(kept(p)), kb = o.encoder({ ...kept(p), x: x2 });
+        const ua = o.slotCompetition(qs[0], ka, false).updates, ub = o.slotCompetition(qs[1], kb, false).updates;
+        return tf.add(tf.sum(tf.mul(ua, dus[0])), tf.sum(tf.mul(ub, dus[1]))) as tf.Scalar;
+      };
+      const g2 = tf.grads(two(nativeOps))(params), g2r = tf.grads(two(tfjsOps))(params);
+      g2.forEach((g, i) => expectScaled(g, g2r[i], 1e-4, `two passes: gradient ${i}`));
       expect(maxAbsOf(gz[12])).toBe(0);
     });
   });
@@ -217,6 +246,14 @@ describeNative('nativeOps ops vs tfjsOps', () => {
     // image 0's values: (0,1), (2,3), … (8,9): each slot's update is their mean (4, 5)
     expect(Array.from(r.updates.slice(0, 2))).toEqual([4, 5]);
     expect(() => m.slotAttentionBackward({ ...spec, p: r.p, s: new Float64Array(5), updates: r.updates, dU: r.updates })).toThrow(/'spec.s' must be a Float64Array of 6 elements/);
+    // dk, dv added in place: onto arrays of their own only
+    const back = { ...spec, p: r.p, s: r.s, updates: r.updates, dU: Float32Array.from({ length: B * K * C }, (_, i) => (i % 3) - 1) };
+    const once = m.slotAttentionBackward(back);
+    const dkInto = new Float32Array(B * N * d).fill(1), dvInto = new Float32Array(B * N * C).fill(1);
+    m.slotAttentionBackward({ ...back, dkInto, dvInto });
+    expect(Array.from(dvInto)).toEqual(Array.from(once.dv!, (x) => Math.fround(x + 1)));
+    expect(() => m.slotAttentionBackward({ ...back, dkInto: spec.k, dvInto })).toThrow(/'spec.dkInto' overlaps another array of the spec/);
+    expect(() => m.slotAttentionBackward({ ...back, dkInto, dvInto: dkInto.subarray(0, B * N * C) })).toThrow(/overlaps another array/);
   });
 
   test.each([

@@ -37,6 +37,6 @@ export function encode(p: ParamStore, ops: Ops, x: tf.Tensor4D, prefix = 'hvae_n
     wk: p.get(paramKey(prefix, 'to_k.weight')),
     wv: p.get(paramKey(prefix, 'to_v.weight')),
     // the models read k and v only through ops.slotCompetition
-    keepOnDevice: true,
+    attentionOnly: true,
   });
 }

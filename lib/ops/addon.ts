@@ -44,8 +44,9 @@ export interface NativeAddon {
   /** the slot competition, fused (native/attention.h): the updates [B,K,C], the softmax over slots p [B,K,N] and s = Σ_pixels (p + ε) [B,K] */
   slotAttention(spec: SlotAttentionSpec): { updates: Float32Array; p: Float32Array; s: Float64Array };
   /** its backward from dU [B,K,C] and the forward pass's results */
-  slotAttentionBackward(spec: SlotAttentionSpec & { p: Float32Array; s: Float64Array; updates: Float32Array; dU: Float32Array }):
-    { dq: Float32Array; dk: Float32Array; dv: Float32Array };
+  slotAttentionBackward(spec: SlotAttentionSpec & { p: Float32Array; s: Float64Array; updates: Float32Array; dU: Float32Array;
+    /** add dk, dv onto these (then returned as null) */
+    dkInto?: Float32Array; dvInto?: Float32Array }): { dq: Float32Array; dk: Float32Array | null; dv: Float32Array | null };
   /** LayerNorm over the last axis (native/layernorm.h); statistics in double */
   layerNorm(spec: { x: Float32Array; rows: number; D: number; weight?: Float32Array | null; bias?: Float32Array | null; eps: number }): { y: Float32Array; mean: Float64Array; rstd: Float64Array };
   layerNormBackward(spec: { g: Float32Array; x: Float32Array; rows: number; D: number; weight?: Float32Array | null; mean: Float64Array; rstd: Float64Array; withParams: boolean }):

@@ -33,11 +33,12 @@ export interface EncoderArgs {
   /** [Z, D], no bias */
   wv: tf.Tensor;
   /**
-   * Ops that run the encoder on a GPU device leave k and v there (EncoderOutput.resident) for their
-   * slotCompetition, instead of copying them to host tensors; other ops ignore it. For callers
-   * whose only use of k and v is the attention (the models).
+   * The caller reads k and v only through ops.slotCompetition (the models): the native ops then
+   * keep them where they made them (a GPU device's memory, or the CPU kernels' arrays) and return
+   * EncoderOutput.resident, and the attention rounds sum dk and dv there for the encoder's
+   * backward pass; the TypeScript ops ignore it.
    */
-  keepOnDevice?: boolean;
+  attentionOnly?: boolean;
 }
 
 /** The encoder's keys and values [B, H·W, Z] as tensors. */
@@ -48,17 +49,18 @@ export interface HostKeysValues {
 }
 
 /**
- * Keys and values [B, H·W, Z] that stay on the GPU device where the encoder made them: only that
- * device's slotCompetition reads them (and sums their gradients there).
+ * Keys and values [B, H·W, Z] kept by the ops that made them (EncoderArgs.attentionOnly): only
+ * those ops' slotCompetition reads them (and sums their gradients where they are).
  */
 export interface ResidentKeysValues {
+  /** where they are: 'cpu' (the CPU kernels' arrays) or a GPU device */
   readonly device: string;
   /** [B, H·W, Z] */
   readonly shape: readonly [number, number, number];
   /**
    * A one-element tensor standing for k and v on the gradient tape: the ops that read them take it
    * as an input, so that the encoder's backward pass runs after theirs. Its gradient carries no
-   * values (dk and dv are summed on the device).
+   * values (dk and dv are summed where k and v are).
    */
   readonly token: tf.Tensor;
 }
@@ -68,7 +70,7 @@ export type EncoderOutput = HostKeysValues | { k?: undefined; v?: undefined; res
 /** k and v as tensors; a clear error when they were left on a device. */
 export function hostKeysValues(kv: EncoderOutput, who: string): HostKeysValues {
   if (kv.resident) {
-    throw new Error(`${who}: the keys and values are on ${kv.resident.device} (encoder keepOnDevice); use the ops of that device`);
+    throw new Error(`${who}: the keys and values are kept by the ops that made them, on ${kv.resident.device} (encoder attentionOnly); attend with those ops`);
   }
   return kv;
 }

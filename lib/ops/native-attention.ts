@@ -7,6 +7,7 @@
  *   dW = dU vᵀ,  d/da = (dW − dU·U) / s,  d/ddots = p (d/da − Σ_slots p d/da),
  *   dq = (d/ddots) k,  dk = (d/ddots)ᵀ q,  dv = wᵀ dU.
  *
+ * On keys and values the CPU encoder kept (CpuKeysValues), dk and dv are added onto its sums.
  * `attn` is a plain tensor (no gradient through it), as the interface allows.
  */
 import { tf } from '../tf';
@@ -14,30 +15,45 @@ import { f32 } from './arrays';
 import { addonOps } from './addon';
 import { ATTN_EPS, type SlotCompetition } from './attention';
 import { hostKeysValues, type EncoderOutput } from './encoder-stage';
+import { CpuKeysValues } from './kept-kv';
 
 export function slotCompetition(q: tf.Tensor3D, kv: EncoderOutput, keepAttn = true): SlotCompetition {
-  const { k, v } = hostKeysValues(kv, 'slotCompetition');
+  const kept = kv.resident;
+  if (kept && !(kept instanceof CpuKeysValues)) {
+    throw new Error(`slotCompetition on the CPU: the keys and values are kept on ${kept.device} by other ops`);
+  }
+  const host = kept ? null : hostKeysValues(kv, 'slotCompetition');
   const [B, K, d] = q.shape;
-  const [, N] = k.shape;
-  const C = v.shape[2];
-  if (k.shape[0] !== B || k.shape[2] !== d) throw new Error(`slotCompetition: keys [${k.shape}] do not fit queries [${q.shape}]`);
-  if (v.shape[0] !== B || v.shape[1] !== N) throw new Error(`slotCompetition: values [${v.shape}] do not fit keys [${k.shape}]`);
+  const kShape = kept ? kept.shape : host!.k.shape;
+  const vShape = kept ? kept.shape : host!.v.shape;
+  const N = kShape[1], C = vShape[2];
+  if (kShape[0] !== B || kShape[2] !== d) throw new Error(`slotCompetition: keys [${kShape}] do not fit queries [${q.shape}]`);
+  if (vShape[0] !== B || vShape[1] !== N) throw new Error(`slotCompetition: values [${vShape}] do not fit keys [${kShape}]`);
   const m = addonOps();
   let p: Float32Array | null = null;
-  const op = tf.customGrad((qt, kt, vt, save) => {
-    const spec = { q: f32(qt as tf.Tensor), k: f32(kt as tf.Tensor), v: f32(vt as tf.Tensor), B, K, N, d, C, eps: ATTN_EPS };
+  // on kept keys and values the op's inputs are q and the token, and dk, dv are summed in place
+  const op = tf.customGrad((...args) => {
+    const save = args.pop() as tf.GradSaveFunc;
+    const t = args as tf.Tensor[];
+    const spec = { q: f32(t[0]), k: kept ? kept.k : f32(t[1]), v: kept ? kept.v : f32(t[2]), B, K, N, d, C, eps: ATTN_EPS };
     const f = m.slotAttention(spec);
     p = f.p;
-    (save as tf.GradSaveFunc)([]);
+    save([]);
     return {
       value: tf.tensor3d(f.updates, [B, K, C]),
       gradFunc: (dy: tf.Tensor) => {
-        const g = m.slotAttentionBackward({ ...spec, p: f.p, s: f.s, updates: f.updates, dU: f32(dy) });
-        return [tf.tensor3d(g.dq, [B, K, d]), tf.tensor3d(g.dk, [B, N, d]), tf.tensor3d(g.dv, [B, N, C])];
+        const back = { ...spec, p: f.p, s: f.s, updates: f.updates, dU: f32(dy) };
+        if (kept) {
+          const sums = kept.sums();
+          const g = m.slotAttentionBackward({ ...back, dkInto: sums.dk, dvInto: sums.dv });
+          return [tf.tensor3d(g.dq, [B, K, d]), tf.zerosLike(t[1])];
+        }
+        const g = m.slotAttentionBackward(back);
+        return [tf.tensor3d(g.dq, [B, K, d]), tf.tensor3d(g.dk!, [B, N, d]), tf.tensor3d(g.dv!, [B, N, C])];
       },
     };
   });
-  const updates = op(q, k, v) as tf.Tensor3D;
+  const updates = (kept ? op(q, kept.token) : op(q, host!.k, host!.v)) as tf.Tensor3D;
   return { attn: keepAttn ? attnOf(p!, [B, K, N]) : undefined, updates };
 }
 

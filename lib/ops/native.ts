@@ -17,7 +17,8 @@ import { decoderNll } from './native-decoder';
 import { attnOf, slotCompetition } from './native-attention';
 import { dualGruCell, gruCell } from './native-gru';
 import { tfjsOps, type Ops } from './index';
-import { ENCODER_LN_EPS, type EncoderArgs, type EncoderOutput, type ResidentKeysValues } from './encoder-stage';
+import { ENCODER_LN_EPS, type EncoderArgs, type EncoderOutput } from './encoder-stage';
+import { CpuKeysValues, DeviceKeysValues, keptKvOp } from './kept-kv';
 import { ATTN_EPS, type SlotCompetition } from './attention';
 import { addTapSumsGrad, broadcastConvShapes, broadcastTapSums } from './broadcast';
 import { convStackWith, convTransposeShapes, paramGradsEnabled, type ConvOptions, type ConvStackLayer, type ConvTransposeOptions, type FusedActivation } from './conv';
@@ -110,12 +111,13 @@ function stackLayerGrads(layers: ConvStackLayer[], dw: Float32Array[], db: Float
 /**
  * The encoder (encoder-stage.ts) on a GPU device: one addon call each way (native/gpu/conv_gpu.cu),
  * every activation kept in the device workspace of the first convolution's weight from the
- * forward call to its backward call (recomputed if another forward ran since). The images and the
- * positional grid are constants here: no gradient flows to them.
+ * forward call to its backward call (recomputed if another forward ran since). With
+ * attentionOnly, k and v stay there too: nothing but a token leaves the device, and the backward
+ * call takes the dk and dv the attention rounds summed there. The images and the positional grid
+ * are constants here: no gradient flows to them.
  */
 export function encoderOnDevice(a: EncoderArgs, device: StageDevice): EncoderOutput {
   if (!a.convs.length) throw new Error('encoder: no convolutions');
-  if (a.keepOnDevice) return residentEncoder(a, device);
   const k = nhwc();
   const workspace = workspaceFor(a.convs[0].weight, 'encoder');
   const [B, H, W] = a.x.shape;
@@ -123,84 +125,44 @@ export function encoderOnDevice(a: EncoderArgs, device: StageDevice): EncoderOut
   const xd = f32(a.x), posTag = contentTag(a.pos);
   const nc = a.convs.length;
   const head = headTensors(a);
-  const kv = kvOp([...a.convs.flatMap((L) => [L.weight, L.bias]), ...head], (t) => {
+  const inputs = [...a.convs.flatMap((L) => [L.weight, L.bias]), ...head];
+  const specOf = (t: tf.Tensor[]): EncoderStageSpec => {
     const hp = t.slice(2 * nc);
-    const spec = {
+    return {
       x: xd, xShape, device, workspace,
       layers: stackLayerSpecs(a.convs, t.slice(0, 2 * nc)),
       head: { ...headSpec(a, hp), tags: [posTag, ...hp.map(contentTag)] },
     };
+  };
+  const paramGrads = (t: tf.Tensor[], b: ReturnType<typeof k.encoderStageBackward> | null) =>
+    b ? [...stackLayerGrads(a.convs, b.dw!, b.db!), ...headGrads(b.head!, head)] : t.map((x) => tf.zerosLike(x));
+  if (a.attentionOnly) {
+    return keptKvOp(inputs, (t) => {
+      const spec = specOf(t);
+      const r = k.encoderStage({ ...spec, keep: true });
+      const kept = new DeviceKeysValues(device, [B, H * W, r.Z], spec, r.stamp);
+      return {
+        kept,
+        grads: (needParams) => {
+          const b = k.encoderStageBackward({ ...spec, sumId: kept.sumId, stamp: kept.stamp, needParams });
+          return paramGrads(t, needParams ? b : null);
+        },
+      };
+    });
+  }
+  const kv = kvOp(inputs, (t) => {
+    const spec = specOf(t);
     const r = k.encoderStage(spec);
     return {
       ...r,
-      grads: (dk, dv, needParams) => {
-        const b = k.encoderStageBackward({ ...spec, dk, dv, stamp: r.stamp, needParams });
-        if (!needParams) return t.map((x) => tf.zerosLike(x));
-        return [...stackLayerGrads(a.convs, b.dw!, b.db!), ...headGrads(b.head!, head)];
-      },
+      grads: (dk, dv, needParams) => paramGrads(t, needParams ? k.encoderStageBackward({ ...spec, dk, dv, stamp: r.stamp, needParams }) : null),
     };
   });
   return kvOutput(kv, B, H * W);
 }
 
 /**
- * Keys and values an encoder left on a GPU device: the encoder's spec (to find them, or recompute
- * them when another forward ran on its workspace since), the stamp of the activation set holding
- * them now, and the id under which the attention rounds sum their gradients there.
- */
-class DeviceKeysValues implements ResidentKeysValues {
-  token!: tf.Tensor;
-  readonly sumId: number;
-  constructor(readonly device: StageDevice, readonly shape: readonly [number, number, number], readonly spec: EncoderStageSpec, public stamp: number) {
-    this.sumId = stamp;
-  }
-}
-
-/**
- * The encoder on a GPU device with k and v left there (EncoderArgs.keepOnDevice): one addon call
- * each way as encoderOnDevice, but nothing but a token leaves the device; its backward pass takes
- * the dk and dv the attention rounds summed on the device.
- */
-function residentEncoder(a: EncoderArgs, device: StageDevice): EncoderOutput {
-  const k = nhwc();
-  const workspace = workspaceFor(a.convs[0].weight, 'encoder');
-  const [B, H, W] = a.x.shape;
-  const xShape = [...a.x.shape];
-  const xd = f32(a.x), posTag = contentTag(a.pos);
-  const nc = a.convs.length;
-  const head = headTensors(a);
-  let kv: DeviceKeysValues | null = null;
-  const op = tf.customGrad((...args) => {
-    const save = args.pop() as tf.GradSaveFunc;
-    const t = args as tf.Tensor[];
-    const hp = t.slice(2 * nc);
-    const spec: EncoderStageSpec = {
-      x: xd, xShape, device, workspace,
-      layers: stackLayerSpecs(a.convs, t.slice(0, 2 * nc)),
-      head: { ...headSpec(a, hp), tags: [posTag, ...hp.map(contentTag)] },
-    };
-    const r = k.encoderStage({ ...spec, keep: true });
-    const made = new DeviceKeysValues(device, [B, H * W, r.Z], spec, r.stamp);
-    kv = made;
-    save([]);
-    return {
-      value: tf.zeros([1]),
-      gradFunc: () => {
-        const needParams = paramGradsEnabled();
-        const b = k.encoderStageBackward({ ...spec, sumId: made.sumId, stamp: made.stamp, needParams });
-        if (!needParams) return t.map((x) => tf.zerosLike(x));
-        return [...stackLayerGrads(a.convs, b.dw!, b.db!), ...headGrads(b.head!, head)];
-      },
-    };
-  });
-  const token = op(...a.convs.flatMap((L) => [L.weight, L.bias]), ...head);
-  const resident = kv! as DeviceKeysValues;
-  resident.token = token;
-  return { resident };
-}
-
-/**
- * slotCompetition on a GPU device: against keys and values its encoder left there, one addon call
+ * slotCompetition on a GPU device: against keys and values its encoder kept there, one addon call
  * each way (native/gpu/attention.cuh), dk and dv summed on the device for the encoder's backward
  * pass; host keys and values go to the CPU kernels' version.
  */
@@ -208,7 +170,7 @@ export function slotCompetitionOnDevice(q: tf.Tensor3D, kv: EncoderOutput, keepA
   if (!kv.resident) return slotCompetition(q, kv, keepAttn);
   const r = kv.resident;
   if (!(r instanceof DeviceKeysValues) || r.device !== device) {
-    throw new Error(`slotCompetition on ${device}: the keys and values were left on ${r.device} by other ops`);
+    throw new Error(`slotCompetition on ${device}: the keys and values are kept on ${r.device} by other ops`);
   }
   const [B, K, Z] = q.shape;
   const [kb, N, kz] = r.shape;
@@ -305,7 +267,8 @@ function kvOutput(kv: tf.Tensor2D, B: number, HW: number): EncoderOutput {
 /**
  * The encoder on the CPU kernels: the convolutions by `ops.convStack`, then the head (positional
  * add, LayerNorm, MLP, k and v: native/encoder_head.h) as one addon call each way, which keeps its
- * activations as typed arrays between them.
+ * activations as typed arrays between them. With attentionOnly, k and v stay in those arrays
+ * (CpuKeysValues) and the backward call takes the dk and dv the attention rounds summed there.
  */
 export function encoderOnCpu(ops: Ops, a: EncoderArgs): EncoderOutput {
   const h = ops.convStack(a.x, a.convs);
@@ -313,17 +276,31 @@ export function encoderOnCpu(ops: Ops, a: EncoderArgs): EncoderOutput {
   const rows = B * H * W;
   const k = nhwc();
   const head = headTensors(a);
-  const kv = kvOp([h, ...head], (t) => {
+  const forward = (t: tf.Tensor[]) => {
     const spec = { h: f32(t[0]), rows, hw: H * W, D, head: headSpec(a, t.slice(1)) };
-    const r = k.encoderHead(spec);
-    return {
-      k: r.k, v: r.v, rows, Z: r.k.length / rows,
-      grads: (dk, dv, needParams) => {
-        const b = k.encoderHeadBackward({ ...spec, f1: r.f1, f2: r.f2, f3: r.f3, mean: r.mean, rstd: r.rstd, dk, dv, needParams });
-        const dh = tf.tensor4d(b.dh, [B, H, W, D]);
-        return needParams ? [dh, ...headGrads(b.head!, head)] : [dh, ...head.map((x) => tf.zerosLike(x))];
-      },
-    };
+    return { spec, r: k.encoderHead(spec) };
+  };
+  const backward = ({ spec, r }: ReturnType<typeof forward>, dk: Float32Array, dv: Float32Array, needParams: boolean) => {
+    const b = k.encoderHeadBackward({ ...spec, f1: r.f1, f2: r.f2, f3: r.f3, mean: r.mean, rstd: r.rstd, dk, dv, needParams });
+    const dh = tf.tensor4d(b.dh, [B, H, W, D]);
+    return needParams ? [dh, ...headGrads(b.head!, head)] : [dh, ...head.map((x) => tf.zerosLike(x))];
+  };
+  if (a.attentionOnly) {
+    return keptKvOp([h, ...head], (t) => {
+      const f = forward(t);
+      const kept = new CpuKeysValues([B, H * W, f.r.k.length / rows], f.r.k, f.r.v);
+      return {
+        kept,
+        grads: (needParams) => {
+          const s = kept.takeSums();
+          return backward(f, s.dk, s.dv, needParams);
+        },
+      };
+    });
+  }
+  const kv = kvOp([h, ...head], (t) => {
+    const f = forward(t);
+    return { k: f.r.k, v: f.r.v, rows, Z: f.r.k.length / rows, grads: (dk, dv, needParams) => backward(f, dk, dv, needParams) };
   });
   return kvOutput(kv, B, H * W);
 }
