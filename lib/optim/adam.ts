@@ -25,9 +25,7 @@ export function clipGradNorm(grads: Map<string, tf.Tensor>, maxNorm: number): { 
   // per-tensor norms, then the norm of those (as torch.norm(torch.stack(norms)))
   let sumSq = 0;
   for (const g of grads.values()) {
-    const t = tf.norm(g);
-    const n = (t.dataSync() as Float32Array)[0];
-    t.dispose();
+    const n = tensorNorm(g.dataSync() as Float32Array);
     sumSq += n * n;
   }
   const norm = Math.fround(Math.sqrt(sumSq));
@@ -37,20 +35,35 @@ export function clipGradNorm(grads: Map<string, tf.Tensor>, maxNorm: number): { 
   return { grads: out, norm };
 }
 
+/**
+ * A tensor's L2 norm in float32 as tf.norm computes it: squares rounded to float32, summed in
+ * order in double, the sum rounded, then its square root.
+ */
+function tensorNorm(x: Float32Array): number {
+  let t = 0;
+  for (let i = 0; i < x.length; i++) t += Math.fround(Math.pow(Math.abs(x[i]), 2));
+  return Math.fround(Math.sqrt(Math.fround(t)));
+}
+
 export interface AdamState {
   steps: number;
   m: Map<string, { shape: number[]; data: Float32Array }>;
   v: Map<string, { shape: number[]; data: Float32Array }>;
 }
 
+/**
+ * The moments are plain float32 arrays and each parameter's update is one loop, every operation
+ * rounded to float32 in the order the tensor version took (so the results are the same, bit for
+ * bit): a few tfjs ops per parameter and step were most of the optimizer's time.
+ */
 export class Adam {
   readonly lr: number;
   readonly beta1: number;
   readonly beta2: number;
   readonly eps: number;
   private step = 0;
-  private readonly m = new Map<string, tf.Tensor>();
-  private readonly v = new Map<string, tf.Tensor>();
+  private readonly m = new Map<string, Float32Array>();
+  private readonly v = new Map<string, Float32Array>();
 
   constructor(
     private readonly params: ParamStore,
@@ -94,24 +107,32 @@ export class Adam {
     }
     this.step++;
     const t = this.step;
-    const bc1 = 1 - Math.pow(this.beta1, t);
-    const bc2Sqrt = Math.sqrt(1 - Math.pow(this.beta2, t));
-    const stepSize = lr / bc1;
-    for (const [name, g] of grads) {
+    const f = Math.fround;
+    // the scalars as float32, as tfjs made them
+    const b1 = f(this.beta1), c1 = f(1 - this.beta1), b2 = f(this.beta2), c2 = f(1 - this.beta2), eps = f(this.eps);
+    const bc2Sqrt = f(Math.sqrt(1 - Math.pow(this.beta2, t)));
+    const stepSize = f(lr / (1 - Math.pow(this.beta1, t)));
+    for (const [name, grad] of grads) {
       const param = this.params.variable(name);
-      const m0 = this.m.get(name);
-      const v0 = this.v.get(name);
-      const [m1, v1, p1] = tf.tidy(() => {
-        const m = m0 ? tf.add(tf.mul(m0, this.beta1), tf.mul(g, 1 - this.beta1)) : tf.mul(g, 1 - this.beta1);
-        const v = v0 ? tf.add(tf.mul(v0, this.beta2), tf.mul(tf.square(g), 1 - this.beta2)) : tf.mul(tf.square(g), 1 - this.beta2);
-        const denom = tf.add(tf.div(tf.sqrt(v), bc2Sqrt), this.eps);
-        const p = tf.sub(param, tf.mul(tf.div(m, denom), stepSize));
-        return [m, v, p];
-      });
-      m0?.dispose();
-      v0?.dispose();
-      this.m.set(name, m1);
-      this.v.set(name, v1);
+      const g = grad.dataSync() as Float32Array;
+      const p = param.dataSync() as Float32Array;
+      const first = !this.m.has(name);
+      const m = this.m.get(name) ?? new Float32Array(g.length);
+      const v = this.v.get(name) ?? new Float32Array(g.length);
+      const next = new Float32Array(g.length);
+      for (let i = 0; i < g.length; i++) {
+        const gi = g[i];
+        // m ← β1 m + (1-β1) g;  v ← β2 v + (1-β2) g²
+        m[i] = first ? f(gi * c1) : f(f(m[i] * b1) + f(gi * c1));
+        const sq = f(gi * gi);
+        v[i] = first ? f(sq * c2) : f(f(v[i] * b2) + f(sq * c2));
+        // p − (m / (sqrt(v) / sqrt(1-β2^t) + ε)) · lr / (1-β1^t)
+        const denom = f(f(f(Math.sqrt(v[i])) / bc2Sqrt) + eps);
+        next[i] = f(p[i] - f(f(m[i] / denom) * stepSize));
+      }
+      this.m.set(name, m);
+      this.v.set(name, v);
+      const p1 = tf.tensor(next, param.shape, 'float32');
       param.assign(p1);
       p1.dispose();
     }
@@ -119,8 +140,8 @@ export class Adam {
 
   /** The optimizer's state (step count and both moments by parameter name), for checkpoints. */
   exportState(): AdamState {
-    const copy = (m: Map<string, tf.Tensor>): AdamState['m'] =>
-      new Map([...m].map(([k, t]): [string, { shape: number[]; data: Float32Array }] => [k, { shape: [...t.shape], data: Float32Array.from(t.dataSync() as Float32Array) }]));
+    const copy = (m: Map<string, Float32Array>): AdamState['m'] =>
+      new Map([...m].map(([k, data]): [string, { shape: number[]; data: Float32Array }] => [k, { shape: [...this.params.variable(k).shape], data: Float32Array.from(data) }]));
     return { steps: this.step, m: copy(this.m), v: copy(this.v) };
   }
 
@@ -138,13 +159,12 @@ export class Adam {
     }
     this.dispose();
     this.step = state.steps;
-    for (const [name, { shape, data }] of state.m) this.m.set(name, tf.tensor(Float32Array.from(data), shape, 'float32'));
-    for (const [name, { shape, data }] of state.v) this.v.set(name, tf.tensor(Float32Array.from(data), shape, 'float32'));
+    for (const [name, { data }] of state.m) this.m.set(name, Float32Array.from(data));
+    for (const [name, { data }] of state.v) this.v.set(name, Float32Array.from(data));
   }
 
+  /** Forgets the moments (they are plain arrays: nothing to release but the references). */
   dispose(): void {
-    for (const x of this.m.values()) x.dispose();
-    for (const x of this.v.values()) x.dispose();
     this.m.clear();
     this.v.clear();
   }
