@@ -76,7 +76,7 @@ test.each(ops)('%s, broadcasting: float32 of the exact result at every output co
 });
 
 test('initBackend installs them in place of tfjs\' own', () => {
-  for (const name of ['Add', 'Sub', 'Multiply', 'RealDiv', 'Slice', 'SplitV']) expect([name, isFastCpuKernel(name)]).toEqual([name, true]);
+  for (const name of ['Add', 'Sub', 'Multiply', 'RealDiv', 'Slice', 'SplitV', 'Transpose']) expect([name, isFastCpuKernel(name)]).toEqual([name, true]);
   expect(isFastCpuKernel('Maximum')).toBe(false);
 });
 
@@ -91,6 +91,25 @@ test.each(ops)('%s, int32: tfjs\' own kernel', (_, f, ref) => {
     const i = f(tf.tensor1d([1, 2, 3], 'int32'), tf.tensor1d([4, 5, 6], 'int32'));
     expect(i.dtype).toBe('int32');
     if (ref(1, 4) === Math.trunc(ref(1, 4))) expect(Array.from(i.dataSync())).toEqual([1, 2, 3].map((v, k) => ref(v, [4, 5, 6][k])));
+  });
+});
+
+test('transpose puts every element at its permuted coordinates (and int32 reaches tfjs\' own)', () => {
+  tf.tidy(() => {
+    for (const [shape, perm] of [[[4, 3, 5, 6], [0, 2, 3, 1]], [[2, 3, 4], [2, 0, 1]], [[7, 1, 3], [1, 2, 0]], [[5, 4], [1, 0]], [[6], [0]],
+      [[2, 3, 2, 2, 3], [4, 1, 3, 0, 2]], [[3, 0, 2], [2, 1, 0]]] as [number[], number[]][]) {
+      const x = tf.randomUniform(shape, -1, 1, 'float32', 9);
+      const y = tf.transpose(x, perm);
+      expect(y.shape).toEqual(perm.map((p) => shape[p]));
+      const xv = x.dataSync(), yv = y.dataSync();
+      for (let i = 0; i < yv.length; i++) {
+        const c = coords(i, y.shape);
+        const src = new Array<number>(shape.length);
+        perm.forEach((p, k) => (src[p] = c[k]));
+        expect([i, yv[i]]).toEqual([i, xv[flatBroadcast(src, shape)]]);
+      }
+    }
+    expect(Array.from(tf.transpose(tf.tensor2d([1, 2, 3, 4, 5, 6], [2, 3], 'int32')).dataSync())).toEqual([1, 4, 2, 5, 3, 6]);
   });
 });
 
