@@ -104,6 +104,35 @@ export function broadcastBinary(name: BinaryName, a: Float32Array, aShape: reado
   return { values: out, shape };
 }
 
+/** Row-major strides of `shape`. */
+function stridesOf(shape: readonly number[]): number[] {
+  const strides = new Array<number>(shape.length);
+  for (let i = shape.length - 1, s = 1; i >= 0; i--) {
+    strides[i] = s;
+    s *= shape[i];
+  }
+  return strides;
+}
+
+/**
+ * Fills `out` in order with runs of `run` elements of x, each stepping by `step`: run k starts at
+ * src + Σ_a idx_a · stride[a], the outer axes' indices idx counting through `extent` row-major.
+ */
+function copyRuns(x: Float32Array, src: number, extent: readonly number[], stride: readonly number[], run: number, step: number,
+  out: Float32Array): void {
+  const idx = new Array<number>(extent.length).fill(0);
+  for (let o = 0; o < out.length; o += run) {
+    if (step === 1 && run >= 64) out.set(x.subarray(src, src + run), o);
+    else for (let i = 0; i < run; i++) out[o + i] = x[src + i * step];
+    for (let a = extent.length - 1; a >= 0; a--) {
+      src += stride[a];
+      if (++idx[a] < extent[a]) break;
+      src -= stride[a] * extent[a];
+      idx[a] = 0;
+    }
+  }
+}
+
 /** x [shape] sliced at begin with extent `extent`, copied in contiguous runs. */
 export function sliceCopy(x: Float32Array, shape: readonly number[], begin: readonly number[], extent: readonly number[]): Float32Array {
   const r = shape.length;
@@ -116,25 +145,10 @@ export function sliceCopy(x: Float32Array, shape: readonly number[], begin: read
     out.set(x);
     return out;
   }
-  const runLen = inner * extent[d];
-  const strides = new Array<number>(r);
-  for (let i = r - 1, s = 1; i >= 0; i--) {
-    strides[i] = s;
-    s *= shape[i];
-  }
-  const idx = new Array<number>(d).fill(0);
-  let src = begin[d] * strides[d];
-  for (let i = 0; i < d; i++) src += begin[i] * strides[i];
-  for (let o = 0; o < out.length; o += runLen) {
-    if (runLen >= 64) out.set(x.subarray(src, src + runLen), o);
-    else for (let i = 0; i < runLen; i++) out[o + i] = x[src + i];
-    for (let a = d - 1; a >= 0; a--) {
-      src += strides[a];
-      if (++idx[a] < extent[a]) break;
-      src -= strides[a] * extent[a];
-      idx[a] = 0;
-    }
-  }
+  const strides = stridesOf(shape);
+  let src = 0;
+  for (let i = 0; i <= d; i++) src += begin[i] * strides[i];
+  copyRuns(x, src, extent.slice(0, d), strides.slice(0, d), inner * extent[d], 1, out);
   return out;
 }
 
@@ -147,24 +161,9 @@ export function transposeCopy(x: Float32Array, shape: readonly number[], perm: r
     out[0] = x[0];
     return out;
   }
-  const inStride = new Array<number>(r);
-  for (let i = r - 1, s = 1; i >= 0; i--) {
-    inStride[i] = s;
-    s *= shape[i];
-  }
-  const extent = perm.map((p) => shape[p]), stride = perm.map((p) => inStride[p]);
-  const n = extent[r - 1], sn = stride[r - 1];
-  const idx = new Array<number>(r).fill(0);
-  let src = 0;
-  for (let o = 0; o < out.length; o += n) {
-    for (let i = 0; i < n; i++) out[o + i] = x[src + i * sn];
-    for (let a = r - 2; a >= 0; a--) {
-      src += stride[a];
-      if (++idx[a] < extent[a]) break;
-      src -= stride[a] * extent[a];
-      idx[a] = 0;
-    }
-  }
+  const strides = stridesOf(shape);
+  const extent = perm.map((p) => shape[p]), stride = perm.map((p) => strides[p]);
+  copyRuns(x, 0, extent.slice(0, r - 1), stride.slice(0, r - 1), extent[r - 1], stride[r - 1], out);
   return out;
 }
 

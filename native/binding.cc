@@ -1544,13 +1544,23 @@ Napi::Value EncoderHeadBackwardFn(const Napi::CallbackInfo& info, bool) {
   return object_of(a.env(), {{"dh", dh}, {"head", head}});
 }
 
+// An encoder stage's spec: {x, xShape, layers} for the conv stack and `head` after it.
+struct EncoderSpec {
+  emorl::ConvStack s;
+  emorl::EncoderHead h;
+};
+EncoderSpec encoder_spec(const Args& a, const Props& p) {
+  EncoderSpec e{conv_stack_spec(a, p), {}};
+  e.h = encoder_head_spec(a, p, e.s);
+  return e;
+}
+
 // encoderStage({x, xShape, layers, head, keep?, device, workspace?}) -> {k, v [N·H·W, Z] | null, rows, Z, stamp}
 //   keep: k and v stay on the device only (null here), for encoderAttention.
 Napi::Value EncoderStageFn(const Napi::CallbackInfo& info, bool) {
   Args a(info, "encoderStage");
   Props p(a, a.at(0), "spec");
-  const emorl::ConvStack s = conv_stack_spec(a, p);
-  const emorl::EncoderHead h = encoder_head_spec(a, p, s);
+  const auto [s, h] = encoder_spec(a, p);
   GpuCall gpu = conv_stack_device(a, p);
   const int64_t rows = s.geom(s.layers.size() - 1).M();
   const bool keep = p.boolean("keep", false);
@@ -1585,8 +1595,7 @@ uint64_t sum_id_prop(const Args& a, const Props& p) {
 Napi::Value EncoderStageBackwardFn(const Napi::CallbackInfo& info, bool) {
   Args a(info, "encoderStageBackward");
   Props p(a, a.at(0), "spec");
-  const emorl::ConvStack s = conv_stack_spec(a, p);
-  const emorl::EncoderHead h = encoder_head_spec(a, p, s);
+  const auto [s, h] = encoder_spec(a, p);
   GpuCall gpu = conv_stack_device(a, p);
   const int64_t rows = s.geom(s.layers.size() - 1).M();
   const std::string kv = "[rows, Z] = " + shape_str({rows, h.Z});
@@ -1607,9 +1616,18 @@ Napi::Value EncoderStageBackwardFn(const Napi::CallbackInfo& info, bool) {
   return r;
 }
 
-// The queries of an encoderAttention call: {q [B, K, Z], B, K, eps} beside the encoder's spec.
-emorl::EncoderAttention encoder_attention_spec(const Args& a, const Props& p, const emorl::ConvStack& s, const emorl::EncoderHead& h) {
+// An encoderAttention call's spec: the encoder's, and the queries {q [B, K, Z], B, K, eps}.
+struct AttentionSpec {
+  emorl::ConvStack s;
+  emorl::EncoderHead h;
   emorl::EncoderAttention e;
+};
+AttentionSpec encoder_attention_spec(const Args& a, const Props& p) {
+  auto [stack, head] = encoder_spec(a, p);
+  AttentionSpec c{std::move(stack), head, {}};
+  const emorl::ConvStack& s = c.s;
+  const emorl::EncoderHead& h = c.h;
+  emorl::EncoderAttention& e = c.e;
   e.B = p.integer("B", 1);
   e.K = p.integer("K", 1);
   if (e.B != s.N) a.range_error("'" + p.name("B") + "' = " + std::to_string(e.B) + " differs from the encoder's " + std::to_string(s.N) + " images");
@@ -1617,7 +1635,7 @@ emorl::EncoderAttention encoder_attention_spec(const Args& a, const Props& p, co
   if (!(eps >= 0)) a.range_error("'" + p.name("eps") + "' must be >= 0");
   e.eps = static_cast<float>(eps);
   e.q = p.f32("q", a.numel({e.B, e.K, h.Z}, "q"), "[B, K, Z] = " + shape_str({e.B, e.K, h.Z}));
-  return e;
+  return c;
 }
 
 // encoderAttention({...encoderStage's spec, stamp, q, B, K, eps, wantP?}) -> {updates [B, K, Z], p [B, K, H·W] | null, stamp}
@@ -1626,9 +1644,7 @@ emorl::EncoderAttention encoder_attention_spec(const Args& a, const Props& p, co
 Napi::Value EncoderAttentionFn(const Napi::CallbackInfo& info, bool) {
   Args a(info, "encoderAttention");
   Props p(a, a.at(0), "spec");
-  const emorl::ConvStack s = conv_stack_spec(a, p);
-  const emorl::EncoderHead h = encoder_head_spec(a, p, s);
-  const emorl::EncoderAttention e = encoder_attention_spec(a, p, s, h);
+  const auto [s, h, e] = encoder_attention_spec(a, p);
   GpuCall gpu = conv_stack_device(a, p);
   const emorl::NhwcGeom g = s.geom(s.layers.size() - 1);
   auto updates = new_f32(a, e.B * e.K * h.Z);
@@ -1649,9 +1665,7 @@ Napi::Value EncoderAttentionFn(const Napi::CallbackInfo& info, bool) {
 Napi::Value EncoderAttentionBackwardFn(const Napi::CallbackInfo& info, bool) {
   Args a(info, "encoderAttentionBackward");
   Props p(a, a.at(0), "spec");
-  const emorl::ConvStack s = conv_stack_spec(a, p);
-  const emorl::EncoderHead h = encoder_head_spec(a, p, s);
-  const emorl::EncoderAttention e = encoder_attention_spec(a, p, s, h);
+  const auto [s, h, e] = encoder_attention_spec(a, p);
   const float* dU = p.f32("dU", e.B * e.K * h.Z, "[B, K, Z] = " + shape_str({e.B, e.K, h.Z}));
   const uint64_t sum_id = sum_id_prop(a, p);
   if (!sum_id) a.type_error("'" + p.name("sumId") + "' is needed");
