@@ -8,7 +8,7 @@
 #   device run: bash .gpu-kit/run.sh   with carry [".gpu-kit"], timeout_s 600
 #
 # run.sh writes its report to $OUT/report.txt: the kernel checks and timings (emorl_gpu_check), training
-# steps on cuda:0 against the CPU (bench/gpu-session.ts), the step benchmark on cuda:0, a short
+# steps on cuda:0 against the CPU and the golden fixture there (bench/gpu-session.ts), the step benchmark on cuda:0, a short
 # --gpus 1 run through NCCL, the step benchmark on the machine's CPU, and the original's step on
 # the GPU.
 set -euo pipefail
@@ -34,6 +34,9 @@ cp -r dist configs package.json "$APP/"
 cp build-cuda/Release/emorl_native.node "$APP/build-cuda/"
 cp build-gpu/emorl_gpu_check "$APP/"
 cp bench/original.py "$APP/"
+# the golden PyTorch fixture, for bench/gpu-session.ts
+GOLDEN=$ROOT/../shared/fixtures/tetrominoes-small-gaussian.h5
+if [ -f "$GOLDEN" ]; then mkdir -p "$APP/fixtures" && cp "$GOLDEN" "$APP/fixtures/"; fi
 # the packages the library loads at run time, with their own dependencies (not the build tools or
 # the dev dependencies); of the @tensorflow packages only package.json and the bundle that Node
 # loads (their "main", one file each: the rest is browser builds and typings)
@@ -91,19 +94,19 @@ step() {
 # most important first; the limits add up to under the device call's 10 minutes
 step device 15 nvidia-smi
 step gpu_check 180 ./emorl_gpu_check
-step session 75 node dist/bench/gpu-session.js
+step session 100 node dist/bench/gpu-session.js
 step step-train-cuda 60 node dist/bench/step.js --config tetrominoes --batch 32 --mode train --device cuda:0 --steps 10
 # data parallel through NCCL (one rank: the library loading, the communicator, the allreduce); NCCL
 # from the machine's Python packages where it is not on the library path
 step data 20 node dist/bin/emorl-data.js generate tetrominoes --out /tmp/emorl-tet.h5 --train 256 --test 32 --no-progress
 NCCL=$(python3 -c 'import os, nvidia.nccl as m; print(os.path.join(list(m.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null || true)
 if [ -n "$NCCL" ] && [ -z "${EMORL_NCCL_LIBRARY:-}" ]; then export EMORL_NCCL_LIBRARY=$NCCL; fi
-step train-gpus1 90 node dist/bin/emorl-train.js --gpus 1 --data /tmp/emorl-tet.h5 --batch-size 8 --steps 20 --checksum-every 10 \
+step train-gpus1 75 node dist/bin/emorl-train.js --gpus 1 --data /tmp/emorl-tet.h5 --batch-size 8 --steps 20 --checksum-every 10 \
   --out /tmp/emorl-run --no-progress
 step step-infer-cuda 30 node dist/bench/step.js --config tetrominoes --batch 32 --mode infer --device cuda:0 --steps 10
 step step-train-cpu 45 node dist/bench/step.js --config tetrominoes --batch 32 --mode train --steps 3
 if [ -d EfficientMORL ]; then
-  step original-train-cuda 70 python3 original.py --repo EfficientMORL --mode train --steps 10 --device cuda --threads "$(nproc)"
+  step original-train-cuda 60 python3 original.py --repo EfficientMORL --mode train --steps 10 --device cuda --threads "$(nproc)"
 fi
 RUN
 chmod +x "$KIT/run.sh"

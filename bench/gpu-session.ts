@@ -2,11 +2,14 @@
  * The GPU checks of one device session in one process (bench/gpu-kit.sh packs this with Node for a
  * GPU machine that has none): training steps of a small model with every GPU op on cuda:0 against
  * the same steps on the CPU kernels (the losses and gradient norms, as test/gpu-decoder.test.ts
- * checks on the emulator), then the device's FP32 peak and what crosses the bus per step. Exits 2
- * when the addon sees no CUDA device, 1 when a check fails.
+ * checks on the emulator); the golden PyTorch fixture on the device (its loss and every gradient
+ * against the recorded ones, with test/model-native.test.ts's fp32 tolerances), when there is a
+ * copy; then the device's FP32 peak and what crosses the bus. Exits 2 when the addon sees no CUDA
+ * device, 1 when a check fails.
  *
- *   node dist/bench/gpu-session.js [--device cuda:N]
+ *   node dist/bench/gpu-session.js [--device cuda:N] [--fixture tetrominoes-small-gaussian.h5]
  */
+import * as fs from 'node:fs';
 import { tf, initBackend } from '../lib/tf';
 import { experimentConfig } from '../lib/config/experiment';
 import { nativeStatus } from '../lib/native';
@@ -14,6 +17,58 @@ import { addonOps, deviceTraffic } from '../lib/ops/addon';
 import { nativeOps, nativeOpsOn, parseStageDevice } from '../lib/ops/native';
 import type { Ops } from '../lib/ops';
 import { Trainer } from '../lib/train/trainer';
+import { EfficientMORL } from '../lib/model/efficient-morl';
+import { ReplayNoise, type RecordedDraw } from '../lib/model/noise';
+import { withH5File } from '../lib/io/h5';
+import { readArray, readParamGroup } from '../lib/params/h5';
+import type { StageDevice } from '../lib/ops/addon';
+
+/** The golden fixture's recorded pass (group no_geco) through nativeOpsOn(device): true when it matches. */
+async function goldenCheck(device: StageDevice, file: string): Promise<boolean> {
+  const fx = await withH5File(file, 'r', async (f) => {
+    const noise: RecordedDraw[] = [];
+    for (const k of f.keys('no_geco/noise').sort()) noise.push(await readArray(f, `no_geco/noise/${k}`));
+    return {
+      net: JSON.parse(String(f.attr('', 'net_config'))) as Record<string, unknown>,
+      images: await readArray(f, 'input/images'),
+      params: await readParamGroup(f, 'params'),
+      noise,
+      klBeta: Number(f.attr('no_geco', 'kl_beta') ?? 1),
+      globalStep: Number(f.attr('no_geco', 'global_step') ?? 0),
+      total: (await readArray(f, 'no_geco/outputs/total_loss')).data[0],
+      grads: await readParamGroup(f, 'no_geco/grads'),
+    };
+  });
+  const model = new EfficientMORL(fx.net, { ops: nativeOpsOn(device) });
+  const images = tf.tensor(fx.images.data, fx.images.shape);
+  try {
+    model.params.load(fx.params);
+    const res = model.lossAndGrads(images, { noise: new ReplayNoise(fx.noise), klBeta: fx.klBeta, globalStep: fx.globalStep, geco: null });
+    const lossErr = Math.abs(res.totalLoss - fx.total) / Math.abs(fx.total);
+    // each gradient against its own scale (norm_slots.bias is zero in exact arithmetic: against the largest)
+    let globalMax = 0;
+    for (const g of Object.values(fx.grads)) for (const v of g.data) globalMax = Math.max(globalMax, Math.abs(v));
+    let worst = 0, at = '';
+    for (const [k, g] of Object.entries(fx.grads)) {
+      const ours = res.grads.get(k)!.dataSync() as Float32Array;
+      let diff = 0, scale = 0;
+      for (let i = 0; i < g.data.length; i++) {
+        diff = Math.max(diff, Math.abs(ours[i] - g.data[i]));
+        scale = Math.max(scale, Math.abs(g.data[i]));
+      }
+      const e = diff / (k === 'hvae_networks.norm_slots.bias' ? globalMax : scale || 1);
+      if (e > worst) [worst, at] = [e, k];
+    }
+    res.dispose();
+    const pass = lossErr <= 1e-4 && worst <= 1e-3;
+    console.log(`${pass ? 'ok  ' : 'FAIL'} golden fixture ${file} on ${device}: loss within ${lossErr.toExponential(2)} (tolerance 1e-4), `
+      + `gradients within ${worst.toExponential(2)} of their scale (worst ${at}; tolerance 1e-3)`);
+    return pass;
+  } finally {
+    images.dispose();
+    model.dispose();
+  }
+}
 
 async function main(): Promise<number> {
   await initBackend('cpu');
@@ -52,6 +107,10 @@ async function main(): Promise<number> {
     ok &&= pass;
     console.log(`${pass ? 'ok  ' : 'FAIL'} 3 training steps, ${decoder} decoder, ${likelihood}: losses and gradient norms on ${device} within ${worst.toExponential(2)} of the CPU's (tolerance 1e-4)`);
   }
+  const fi = process.argv.indexOf('--fixture');
+  const fixture = fi > 0 ? process.argv[fi + 1] : 'fixtures/tetrominoes-small-gaussian.h5';
+  if (fs.existsSync(fixture)) ok = (await goldenCheck(device, fixture)) && ok;
+  else console.log(`skip the golden fixture: no ${fixture}`);
   if (device !== 'simt') console.log(`FP32 FMA peak of ${device}: ${addonOps().gpuPeakGflops(Number(device.slice(5)), 1).toFixed(0)} GFLOP/s`);
   const t = deviceTraffic();
   console.log(`bus so far: ${(t.upBytes / 2 ** 20).toFixed(1)} MiB up in ${t.uploads} copies, ${(t.downBytes / 2 ** 20).toFixed(1)} MiB down in ${t.downloads}`);
