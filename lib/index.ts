@@ -22,7 +22,7 @@ export { EfficientMORL, stageWeight, type ModelOptions, type PassOptions, type I
 export { Geco, GECO_BETA_FLOOR } from './model/geco';
 export { SeededNoise, ReplayNoise, RecordingNoise, ShardedNoise, type NoiseSource, type RecordedDraw } from './model/noise';
 export { ParamStore, ParamError, type ParamArray, type ParamRecord } from './params/store';
-export { tfjsOps, type Ops } from './ops';
+export { tfjsOps, type Ops, type EncoderArgs, type EncoderOutput, type HostKeysValues, type ResidentKeysValues, type SlotCompetition } from './ops';
 export { nativeOps, defaultOps, opsForBackend, type ComputeBackend } from './ops/native';
 export { nativeStatus } from './native';
 export { Adam, clipGradNorm, type AdamState } from './optim/adam';
