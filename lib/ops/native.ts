@@ -3,7 +3,7 @@
  * Winograd, bias and ReLU/ELU fused forward and backward), the big linear layers on the addon's
  * GEMM, the decoders' broadcast first layer, whole decoding stages, layerNorm, the slot
  * competition and the GRU cells. The rest (ELU, spatialBroadcast) is tfjsOps' implementation.
- * nativeOpsOn(device) moves the decoding stages, the encoder's convolutions and the GRU cells to a GPU.
+ * nativeOpsOn(device) moves the decoding stages, the encoder, the attention and the GRU cells to a GPU.
  *
  * Same signatures and results as tfjsOps (up to float rounding: the TypeScript GEMMs accumulate
  * in doubles, the addon in float32 with FMA). Inside `withoutParamGrads` the weight and bias
@@ -564,8 +564,10 @@ const opsOnDevice = new Map<string, Ops>();
 
 /**
  * nativeOps with the decoding stage (the decoder and the likelihood, forward and backward: most
- * of a step's arithmetic), the convolutions outside it (the encoder's) and the GRU cells (the
- * inference's and the refinement's) on `device`; everything else stays on the CPU kernels. A clear error when the addon has no CUDA or no such device.
+ * of a step's arithmetic), the encoder and its convolutions, the slot attention on the keys and
+ * values the encoder keeps there, and the GRU cells (the inference's and the refinement's) on
+ * `device`; everything else stays on the CPU kernels. A clear error when the addon has no CUDA or
+ * no such device.
  * `precision` 'bf16' (CPU only) computes those convolutions' products in mixed precision
  * (ConvPrecision).
  */
