@@ -1227,8 +1227,10 @@ GruSpec gru_spec(const Args& a, const Props& p) {
 // The weights' content tags of a GRU spec (GPU calls keep tagged weights on the device).
 emorl::GruTags gru_tags(const Props& p) { return {p.tag("wIhTag"), p.tag("wHhTag"), p.tag("bIhTag"), p.tag("bHhTag")}; }
 
-// gruCell({x, h, wIh, wHh, bIh, bHh, N, I, H, device?, workspace?}) -> {y [N,H], gates [4,N,H]}
-//   gates (r, u, n, c_n) are what gruCellBackward needs besides the inputs.
+// gruCell({x, h, wIh, wHh, bIh, bHh, N, I, H, keep?, device?, workspace?}) -> {y [N,H], gates [4,N,H] | null, kept}
+//   gates (r, u, n, c_n) are what gruCellBackward needs besides the inputs. On a GPU, x, h and the
+//   gates also stay on the device under the id `kept` (0 on the CPU); with keep they are not
+//   downloaded at all.
 Napi::Value GruCellFn(const Napi::CallbackInfo& info, bool) {
   Args a(info, "gruCell");
   Props p(a, a.at(0), "spec");
@@ -1238,28 +1240,45 @@ Napi::Value GruCellFn(const Napi::CallbackInfo& info, bool) {
   const float* bih = p.f32("bIh", d.G(), s.what("b"));
   const float* bhh = p.f32("bHh", d.G(), s.what("b"));
   GpuCall gpu(a, p);
+  const bool keep = p.boolean("keep", false);
+  if (keep && !gpu.on_gpu()) a.range_error("'" + p.name("keep") + "' is for GPU devices (the CPU's backward takes the gates)");
   auto y = new_f32(a, d.N * d.H);
-  auto gates = new_f32(a, emorl::kGruPlanes * d.N * d.H);
+  Napi::Value gv = a.env().Null();
+  float* gd = nullptr;
+  if (!keep) {
+    auto gates = new_f32(a, emorl::kGruPlanes * d.N * d.H);
+    gd = gates.Data();
+    gv = gates;
+  }
+  uint64_t kept = 0;
   if (!gpu.on_gpu())
-    emorl::gru_forward(d, x, h, wih, whh, bih, bhh, y.Data(), gates.Data(), threads());
+    emorl::gru_forward(d, x, h, wih, whh, bih, bhh, y.Data(), gd, threads());
   else
-    EMORL_ON_GPU(gpu, gru_forward, d, x, h, wih, whh, bih, bhh, y.Data(), gates.Data(), *gpu.ws, gru_tags(p));
+    kept = EMORL_ON_GPU(gpu, gru_forward, d, x, h, wih, whh, bih, bhh, y.Data(), gd, *gpu.ws, gru_tags(p));
   gpu.done(a.env());
-  return object_of(a.env(), {{"y", y}, {"gates", gates}});
+  return object_of(a.env(), {{"y", y}, {"gates", gv}, {"kept", Napi::Number::New(a.env(), static_cast<double>(kept))}});
 }
 
 // gruCellBackward({x, h, wIh, wHh, gates, dy, N, I, H, needParams, device?, workspace?})
 //   -> {dx, dh, dwIh|null, dwHh|null, dbIh|null, dbHh|null}
+//   On a GPU also {kept}: the forward's id, whose x, h and gates on the device are used while they
+//   are there; gates may then be left out if bIh and bHh are given (to recompute them otherwise).
 Napi::Value GruCellBackwardFn(const Napi::CallbackInfo& info, bool) {
   Args a(info, "gruCellBackward");
   Props p(a, a.at(0), "spec");
   const GruSpec s = gru_spec(a, p);
   const emorl::GruDims& d = s.d;
   const float *x = s.x, *h = s.h, *wih = s.wih, *whh = s.whh;
-  const float* gates = p.f32("gates", emorl::kGruPlanes * d.N * d.H, s.what("gates"));
+  GpuCall gpu(a, p);
+  // on a GPU the forward's kept activations (spec.kept), else the gates, else recomputed from the biases
+  const bool gpu_without_gates = gpu.on_gpu() && !p.has("gates");
+  const float* gates = gpu_without_gates ? nullptr : p.f32("gates", emorl::kGruPlanes * d.N * d.H, s.what("gates"));
+  const float* bih = gpu_without_gates ? p.f32("bIh", d.G(), s.what("b")) : nullptr;
+  const float* bhh = gpu_without_gates ? p.f32("bHh", d.G(), s.what("b")) : nullptr;
+  const double kept_id = p.has("kept") ? p.number("kept") : 0;
+  if (!(kept_id >= 0) || std::floor(kept_id) != kept_id) a.range_error("'" + p.name("kept") + "' must be the id gruCell returned");
   const float* dy = p.f32("dy", d.N * d.H, s.what("h"));
   const bool need_params = p.boolean("needParams", true);
-  GpuCall gpu(a, p);
   auto dx = new_f32(a, d.N * d.I);
   auto dh = new_f32(a, d.N * d.H);
   Napi::Object r = Napi::Object::New(a.env());
@@ -1280,7 +1299,8 @@ Napi::Value GruCellBackwardFn(const Napi::CallbackInfo& info, bool) {
   if (!gpu.on_gpu())
     emorl::gru_backward(d, x, h, wih, whh, gates, dy, dx.Data(), dh.Data(), dwih, dwhh, dbih, dbhh, threads());
   else
-    EMORL_ON_GPU(gpu, gru_backward, d, x, h, wih, whh, gates, dy, dx.Data(), dh.Data(), dwih, dwhh, dbih, dbhh, *gpu.ws, gru_tags(p));
+    EMORL_ON_GPU(gpu, gru_backward, d, x, h, wih, whh, bih, bhh, gates, dy, dx.Data(), dh.Data(), dwih, dwhh, dbih, dbhh, *gpu.ws,
+                 gru_tags(p), static_cast<uint64_t>(kept_id));
   gpu.done(a.env());
   return r;
 }

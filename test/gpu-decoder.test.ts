@@ -573,7 +573,7 @@ for (const device of devices) {
         const f = k.gruCell({ ...spec, device, workspace }), fc = k.gruCell(spec);
         expectClose(f.y, fc.y, 1e-5, 'y');
         expectClose(f.gates, fc.gates, 1e-5, 'gates');
-        const back = { x: spec.x, h: spec.h, wIh: spec.wIh, wHh: spec.wHh, gates: fc.gates, dy: uniform(N * H, 67), N, I, H, needParams: true };
+        const back = { x: spec.x, h: spec.h, wIh: spec.wIh, wHh: spec.wHh, gates: fc.gates!, dy: uniform(N * H, 67), N, I, H, needParams: true };
         const g = k.gruCellBackward({ ...back, device, workspace }), gc = k.gruCellBackward(back);
         for (const key of ['dx', 'dh', 'dwIh', 'dwHh', 'dbIh', 'dbHh'] as const) expectClose(g[key], gc[key], 1e-5, key);
         const inputsOnly = k.gruCellBackward({ ...back, needParams: false, device, workspace });
@@ -582,6 +582,41 @@ for (const device of devices) {
         expectClose(inputsOnly.dh, gc.dh, 1e-5, 'dh (no parameter gradients)');
       });
     }
+
+    test('the forward keeps x, h and the gates on the device: the backward uploads dy only, or recomputes when they are gone', () => {
+      const k = addonOps();
+      const N = 9, I = 5, H = 6;
+      const spec = {
+        x: uniform(N * I, 161), h: uniform(N * H, 162), wIh: uniform(3 * H * I, 163, -0.5, 0.5), wHh: uniform(3 * H * H, 164, -0.5, 0.5),
+        bIh: uniform(3 * H, 165, -0.3, 0.3), bHh: uniform(3 * H, 166, -0.3, 0.3), N, I, H,
+      };
+      const tags = { wIhTag: 901, wHhTag: 902, bIhTag: 903, bHhTag: 904 };
+      const workspace = new k.DecoderWorkspace();
+      const on = { device, workspace, ...tags };
+      const cpu = k.gruCell(spec);
+      const dy = uniform(N * H, 167);
+      const back = { x: spec.x, h: spec.h, wIh: spec.wIh, wHh: spec.wHh, dy, N, I, H, needParams: true };
+      const want = k.gruCellBackward({ ...back, gates: cpu.gates! });
+      const same = (g: ReturnType<typeof k.gruCellBackward>, what: string) => {
+        for (const key of ['dx', 'dh', 'dwIh', 'dwHh', 'dbIh', 'dbHh'] as const) expectClose(g[key], want[key], 1e-5, `${what}: ${key}`);
+      };
+      const f = k.gruCell({ ...spec, ...on, keep: true });
+      expect(f.gates).toBeNull();
+      expect(f.kept).toBeGreaterThan(0);
+      expectClose(f.y, cpu.y, 1e-5, 'y');
+      const t0 = workspace.traffic();
+      same(k.gruCellBackward({ ...back, ...on, kept: f.kept, bIh: spec.bIh, bHh: spec.bHh }), 'kept');
+      const t1 = workspace.traffic();
+      expect(t1.upBytes - t0.upBytes).toBe(4 * N * H);  // dy
+      expect(t1.uploads - t0.uploads).toBe(1);
+      // 40 more forwards take every kept set over: the first one's backward recomputes its gates
+      for (let i = 0; i < 40; i++) k.gruCell({ ...spec, x: uniform(N * I, 200 + i), ...on, keep: true });
+      same(k.gruCellBackward({ ...back, ...on, kept: f.kept, bIh: spec.bIh, bHh: spec.bHh }), 'recomputed');
+      expect(workspace.traffic().upBytes - t1.upBytes).toBeGreaterThan(4 * (N * I + N * H)); // forwards' x, h and the backward's x, h, dy
+      same(k.gruCellBackward({ ...back, ...on, gates: cpu.gates! }), 'given gates');
+      expect(() => k.gruCellBackward({ ...back, ...on, kept: f.kept })).toThrow(/'spec.bIh' must be a Float32Array/);
+      expect(() => k.gruCell({ ...spec, keep: true })).toThrow(/'spec.keep' is for GPU devices/);
+    });
 
     test('through the ops: gruCell and dualGruCell against the TypeScript cells, values and gradients', () => {
       const ops = nativeOpsOn(device);
@@ -609,6 +644,12 @@ for (const device of devices) {
         };
         const all = [...xs, ...dual, ...single];
         expect(Math.abs((f(ops)(...all).dataSync()[0]) - f(tfjsOps)(...all).dataSync()[0])).toBeLessThan(1e-4);
+        // the DualGRU cuts its cells' weights from its parameters on every call: their tags come
+        // from those parameters, so a second call uploads x and h only
+        const t0 = deviceTraffic();
+        f(ops)(...all);
+        const t1 = deviceTraffic();
+        expect([t1.uploads - t0.uploads, t1.upBytes - t0.upBytes]).toEqual([6, 4 * 3 * (N * I + N * H)]);
         const gd = tf.grads(f(ops))(all), gt = tf.grads(f(tfjsOps))(all);
         gd.forEach((g, i) => expectClose(g.dataSync() as Float32Array, gt[i].dataSync() as Float32Array, 1e-5, `gradient ${i}`));
       });

@@ -53,9 +53,11 @@ export interface NativeAddon {
     { dx: Float32Array; dw: Float64Array | null; db: Float64Array | null };
   /**
    * one GRU step for N rows (native/gru.h): y = h' and the gate planes (r, u, n, c_n) [4,N,H] that
-   * gruCellBackward needs; device 'cuda:N' / 'simt': the GPU kernels, buffers in `workspace`
+   * gruCellBackward needs; device 'cuda:N' / 'simt': the GPU kernels, buffers in `workspace`, and
+   * x, h and the gates kept there under the id `kept` for the backward call (`keep`: the gates are
+   * not downloaded)
    */
-  gruCell(spec: GruCellSpec): { y: Float32Array; gates: Float32Array };
+  gruCell(spec: GruCellSpec): { y: Float32Array; gates: Float32Array | null; kept: number };
   /** its backward from dy = d/dh'; the parameter gradients only with needParams (else null) */
   gruCellBackward(spec: GruCellBackwardSpec): GruCellGrads;
   /**
@@ -152,6 +154,8 @@ export interface GruCellSpec {
   N: number;
   I: number;
   H: number;
+  /** GPU devices: the gates stay on the device only (gruCell's gates are null) */
+  keep?: boolean;
   device?: StageDevice;
   workspace?: object;
   /** GPU devices: contentTag of each weight and bias */
@@ -165,7 +169,8 @@ export interface GruCellBackwardSpec {
   h: Float32Array;
   wIh: Float32Array;
   wHh: Float32Array;
-  gates: Float32Array;
+  /** required on the CPU; on a GPU, with `kept`, only if the biases are not given */
+  gates?: Float32Array;
   dy: Float32Array;
   N: number;
   I: number;
@@ -175,6 +180,13 @@ export interface GruCellBackwardSpec {
   workspace?: object;
   wIhTag?: number;
   wHhTag?: number;
+  /** GPU devices: gruCell's id of the activations it kept on the device */
+  kept?: number;
+  /** GPU devices without gates: the biases, to recompute them when the kept ones are gone */
+  bIh?: Float32Array;
+  bHh?: Float32Array;
+  bIhTag?: number;
+  bHhTag?: number;
 }
 export interface GruCellGrads {
   dx: Float32Array;
@@ -335,6 +347,23 @@ export function contentTag(t: tf.Tensor): number {
   const shape = t.shape.join(',');
   let tag = byShape.get(shape);
   if (tag === undefined) byShape.set(shape, (tag = ++lastTag));
+  return tag;
+}
+
+const derivedByData = new WeakMap<object, Map<string, number>>();
+
+/**
+ * A tag for a tensor made afresh on every call from `parts` by the same recipe (`recipe`: e.g. a
+ * concatenation of slices), for the GPU ops' weight caches: the same parts' contents and recipe
+ * give the same tag, as contentTag does for one tensor. Kept while parts[0]'s data lives.
+ */
+export function derivedTag(parts: tf.Tensor[], recipe: string): number {
+  const first = (parts[0] as unknown as { dataId: object }).dataId;
+  let byKey = derivedByData.get(first);
+  if (!byKey) derivedByData.set(first, (byKey = new Map()));
+  const key = `${recipe}:${parts.map(contentTag).join(',')}`;
+  let tag = byKey.get(key);
+  if (tag === undefined) byKey.set(key, (tag = ++lastTag));
   return tag;
 }
 

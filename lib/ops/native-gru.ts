@@ -10,18 +10,29 @@
  *
  * On a GPU device ('cuda:N', or 'simt' for the same kernels emulated) the products and gates run
  * there (native/gpu/gru_gpu.cu), with device buffers kept in a workspace keyed by `key` (a
- * tensor that lives as long as the weights; default the input weights).
+ * tensor that lives as long as the weights; default the input weights); the forward call's x, h
+ * and gates stay there for its backward call.
  *
  * The DualGRU cell is two such cells on the same input with the original's weight layout
  * rearranged into nn.GRU's (reset, update, new) rows.
  */
 import { tf } from '../tf';
 import { f32 } from './arrays';
-import { addonOps, contentTag, workspaceFor, type StageDevice } from './addon';
+import { addonOps, contentTag, derivedTag, workspaceFor, type StageDevice } from './addon';
 import { paramGradsEnabled } from './conv';
 import type { DualGruWeights, GruWeights } from './nn';
 
-export function gruCell(x: tf.Tensor2D, h: tf.Tensor2D, p: GruWeights, device: StageDevice = 'cpu', key: object = p.weightIh): tf.Tensor2D {
+/** What a cell's weights and biases are made from when they are built per call (GPU weight tags). */
+interface GruSources {
+  recipe: string;
+  wIh: tf.Tensor[];
+  wHh: tf.Tensor[];
+  bIh: tf.Tensor[];
+  bHh: tf.Tensor[];
+}
+
+export function gruCell(x: tf.Tensor2D, h: tf.Tensor2D, p: GruWeights, device: StageDevice = 'cpu', key: object = p.weightIh,
+  sources?: GruSources): tf.Tensor2D {
   const [N, I] = x.shape;
   const H = h.shape[1];
   if (h.shape[0] !== N) throw new Error(`gruCell: input has ${N} rows, hidden state [${h.shape}]`);
@@ -32,20 +43,27 @@ export function gruCell(x: tf.Tensor2D, h: tf.Tensor2D, p: GruWeights, device: S
   const G = 3 * H;
   const where = device === 'cpu' ? {} : { device, workspace: workspaceFor(key) };
   const op = tf.customGrad((xt, ht, wih, whh, bih, bhh, save) => {
+    const tagOf = (t: unknown, from: tf.Tensor[] | undefined, part: string) =>
+      from ? derivedTag(from, `${sources!.recipe}/${part}`) : contentTag(t as tf.Tensor);
     const tags = device === 'cpu' ? {} : {
-      wIhTag: contentTag(wih as tf.Tensor), wHhTag: contentTag(whh as tf.Tensor), bIhTag: contentTag(bih as tf.Tensor), bHhTag: contentTag(bhh as tf.Tensor),
+      wIhTag: tagOf(wih, sources?.wIh, 'wIh'), wHhTag: tagOf(whh, sources?.wHh, 'wHh'),
+      bIhTag: tagOf(bih, sources?.bIh, 'bIh'), bHhTag: tagOf(bhh, sources?.bHh, 'bHh'),
     };
-    const { y, gates } = m.gruCell({
+    const biases = { bIh: f32(bih as tf.Tensor), bHh: f32(bhh as tf.Tensor) };
+    // on a GPU x, h and the gates stay there for the backward call (which recomputes the gates
+    // from the biases if another forward took their place)
+    const { y, gates, kept } = m.gruCell({
       x: f32(xt as tf.Tensor), h: f32(ht as tf.Tensor), wIh: f32(wih as tf.Tensor), wHh: f32(whh as tf.Tensor),
-      bIh: f32(bih as tf.Tensor), bHh: f32(bhh as tf.Tensor), N, I, H, ...where, ...tags,
+      ...biases, N, I, H, ...where, ...tags, ...(device !== 'cpu' && { keep: true }),
     });
+    const fromForward = device === 'cpu' ? { gates: gates! } : { kept, ...biases };
     (save as tf.GradSaveFunc)([xt as tf.Tensor, ht as tf.Tensor, wih as tf.Tensor, whh as tf.Tensor]);
     return {
       value: tf.tensor2d(y, [N, H]),
       gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => {
         const needParams = paramGradsEnabled();
         const g = m.gruCellBackward({
-          x: f32(saved[0]), h: f32(saved[1]), wIh: f32(saved[2]), wHh: f32(saved[3]), gates, dy: f32(dy), N, I, H, needParams, ...where, ...tags,
+          x: f32(saved[0]), h: f32(saved[1]), wIh: f32(saved[2]), wHh: f32(saved[3]), ...fromForward, dy: f32(dy), N, I, H, needParams, ...where, ...tags,
         });
         const grads: tf.Tensor[] = [tf.tensor2d(g.dx, [N, I]), tf.tensor2d(g.dh, [N, H])];
         if (!needParams) grads.push(tf.zeros([G, I]), tf.zeros([G, H]), tf.zeros([G]), tf.zeros([G]));
@@ -63,16 +81,19 @@ export function dualGruCell(x: tf.Tensor2D, h1: tf.Tensor2D, h2: tf.Tensor2D, p:
   const [bhr1, bhu1, bhr2, bhu2] = tf.split(p.biasHh, 4);
   const [bin1, bin2] = tf.split(p.biasIn, 2);
   const [bhn1, bhn2] = tf.split(p.biasHn, 2);
-  // the workspace is keyed by the cell's own input weights: the concatenations are new every call
-  const cell = (h: tf.Tensor2D, wih: tf.Tensor2D, win: tf.Tensor2D, whh: tf.Tensor2D, whn: tf.Tensor2D, bs: tf.Tensor[], cs: tf.Tensor[]) =>
+  // the workspace is keyed by the cell's own input weights, and the weight tags come from the
+  // parameters the cell's tensors are cut from: the concatenations are new every call
+  const cell = (n: number, h: tf.Tensor2D, wih: tf.Tensor2D, win: tf.Tensor2D, whh: tf.Tensor2D, whn: tf.Tensor2D, bs: tf.Tensor[], cs: tf.Tensor[]) =>
     gruCell(x, h, {
       weightIh: tf.concat([wih, win], 0) as tf.Tensor2D,
       weightHh: tf.concat([whh, whn], 0) as tf.Tensor2D,
       biasIh: tf.concat(bs, 0) as tf.Tensor1D,
       biasHh: tf.concat(cs, 0) as tf.Tensor1D,
-    }, device, wih);
+    }, device, wih, {
+      recipe: `dualGru${n}`, wIh: [wih, win], wHh: [whh, whn], bIh: [p.biasIh, p.biasIn], bHh: [p.biasHh, p.biasHn],
+    });
   return [
-    cell(h1, p.weightIh1, p.weightIn1, p.weightHh1, p.weightHn1, [bir1, biu1, bin1], [bhr1, bhu1, bhn1]),
-    cell(h2, p.weightIh2, p.weightIn2, p.weightHh2, p.weightHn2, [bir2, biu2, bin2], [bhr2, bhu2, bhn2]),
+    cell(1, h1, p.weightIh1, p.weightIn1, p.weightHh1, p.weightHn1, [bir1, biu1, bin1], [bhr1, bhu1, bhn1]),
+    cell(2, h2, p.weightIh2, p.weightIn2, p.weightHh2, p.weightHn2, [bir2, biu2, bin2], [bhr2, bhu2, bhn2]),
   ];
 }

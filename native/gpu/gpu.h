@@ -114,7 +114,10 @@ inline NhwcGeom ConvStack::geom(size_t i) const {
 //     arrays in and out: one upload, the products on the device, one download. Symmetric padding
 //     (g.pt = g.pl; Ho, Wo imply the rest);
 //   gru_forward / gru_backward: gru.h's GRU step, host arrays in and out likewise (weights kept on
-//     the device between calls under their tags);
+//     the device between calls under their tags). The forward returns an id under which its x, h
+//     and gates stay on the device (gates downloaded only when not null); the backward given that
+//     id uses them, and otherwise uploads x, h and the gates, or recomputes the gates from the
+//     biases when gates is null;
 //   conv_stack_forward: the last map y; returns a stamp under which the activations stay in `ws`;
 //   conv_stack_backward: from dy of the last map, dx (may be null) and each layer's dw, db (null
 //     pointers: skipped). With the stamp of the latest forward on `ws` it uses the activations
@@ -136,11 +139,11 @@ inline NhwcGeom ConvStack::geom(size_t i) const {
                       GpuWorkspace& ws);                                                                               \
   void conv2d_backward(const NhwcGeom& g, int64_t Co, const float* x, const float* w, const float* y, const float* dy,  \
                        Act act, float* dx, float* dw, float* db, GpuWorkspace& ws);                                       \
-  void gru_forward(const GruDims& d, const float* x, const float* h, const float* w_ih, const float* w_hh, const float* b_ih,   \
-                   const float* b_hh, float* y, float* gates, GpuWorkspace& ws, const GruTags& tags = {});                     \
-  void gru_backward(const GruDims& d, const float* x, const float* h, const float* w_ih, const float* w_hh, const float* gates, \
-                    const float* dy, float* dx, float* dh, float* dw_ih, float* dw_hh, float* db_ih, float* db_hh, GpuWorkspace& ws, \
-                    const GruTags& tags = {});                                                                                 \
+  uint64_t gru_forward(const GruDims& d, const float* x, const float* h, const float* w_ih, const float* w_hh,              \
+                       const float* b_ih, const float* b_hh, float* y, float* gates, GpuWorkspace& ws, const GruTags& tags = {}); \
+  void gru_backward(const GruDims& d, const float* x, const float* h, const float* w_ih, const float* w_hh, const float* b_ih,   \
+                    const float* b_hh, const float* gates, const float* dy, float* dx, float* dh, float* dw_ih, float* dw_hh,    \
+                    float* db_ih, float* db_hh, GpuWorkspace& ws, const GruTags& tags = {}, uint64_t kept = 0);                \
   uint64_t conv_stack_forward(const ConvStack& s, float* y, GpuWorkspace& ws);                                         \
   void conv_stack_backward(const ConvStack& s, uint64_t stamp, const float* dy, float* dx, const std::vector<float*>& dw,  \
                            const std::vector<float*>& db, GpuWorkspace& ws);                                           \

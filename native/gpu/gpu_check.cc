@@ -254,10 +254,12 @@ struct GruResult {
         dbih(static_cast<size_t>(d.G())), dbhh(static_cast<size_t>(d.G())) {}
 };
 
+// the backward pass on the activations the forward kept on the device
 void gru_gpu(const GruData& g, GruResult& r, GpuWorkspace& ws) {
-  gpu::gru_forward(g.d, g.x.data(), g.h.data(), g.wih.data(), g.whh.data(), g.bih.data(), g.bhh.data(), r.y.data(), r.gates.data(), ws);
-  gpu::gru_backward(g.d, g.x.data(), g.h.data(), g.wih.data(), g.whh.data(), r.gates.data(), g.dy.data(), r.dx.data(), r.dh.data(),
-                    r.dwih.data(), r.dwhh.data(), r.dbih.data(), r.dbhh.data(), ws);
+  const uint64_t kept =
+      gpu::gru_forward(g.d, g.x.data(), g.h.data(), g.wih.data(), g.whh.data(), g.bih.data(), g.bhh.data(), r.y.data(), r.gates.data(), ws);
+  gpu::gru_backward(g.d, g.x.data(), g.h.data(), g.wih.data(), g.whh.data(), g.bih.data(), g.bhh.data(), nullptr, g.dy.data(), r.dx.data(),
+                    r.dh.data(), r.dwih.data(), r.dwhh.data(), r.dbih.data(), r.dbhh.data(), ws, {}, kept);
 }
 
 bool check_gru(const GruCase& c, int device, uint64_t seed) {

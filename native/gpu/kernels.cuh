@@ -492,6 +492,15 @@ class DeviceWorkspace final : public GpuWorkspace {
   // Activations a forward call leaves on the device for its backward call: stamp() marks a new
   // set (returned to the caller), holds(g) says whether set g is still the one there.
   uint64_t stamp() { return resident_ = ++stamps_; }
+  // A new id for data a call leaves in slots of its own (from the stamps' counter, so never one
+  // of them), and the slot tags that say which call's data a slot holds now (buf(slot, n > 0)
+  // clears them).
+  uint64_t next_id() { return ++stamps_; }
+  void tag_slot(size_t slot, uint64_t tag) {
+    buf(slot, 0);
+    tags_[slot] = tag;
+  }
+  bool slot_holds(size_t slot, uint64_t tag) const { return tag && slot < tags_.size() && tags_[slot] == tag; }
   bool holds(uint64_t g) const { return g != 0 && g == resident_; }
   void forget() { resident_ = 0; }
   // Gradients summed on the device over several calls for a later call that consumes them (one
