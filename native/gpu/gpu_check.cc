@@ -496,6 +496,7 @@ double forward_flops(const DecoderStage& s) {
   return f;
 }
 
+#if !defined(EMORL_GPU_CHECK_SIMT)  // timings are for a GPU
 void bench(const Case& cs, int device, double peak) {
   Built b = build(cs, 99);
   const double F = forward_flops(b.s);
@@ -555,6 +556,7 @@ void bench_gru(const GruCase& c, int device) {
   std::printf("GRU step %-40s forward + backward: median %.3f ms, best %.3f ms (%.0f GFLOP/s)\n", c.name, median_ms(t), best,
               flops / (best * 1e-3) / 1e9);
 }
+#endif
 
 }  // namespace
 
