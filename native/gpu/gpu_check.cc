@@ -216,10 +216,12 @@ bool check_case(const Case& cs, int device, uint64_t seed) {
   return verdict(cs.name, items);
 }
 
+#if !defined(EMORL_GPU_CHECK_SIMT)  // timings are for a GPU
 double median_ms(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
 }
+#endif
 
 // The GRU step on the device against the CPU: y, the gate planes and every gradient.
 struct GruCase {
@@ -485,6 +487,7 @@ std::vector<LayerDef> big(int64_t c, int64_t ch, int ups) {
   return v;
 }
 
+#if !defined(EMORL_GPU_CHECK_SIMT)  // timings are for a GPU
 // FLOPs of the convolutions after the first layer (forward), from the plan
 double forward_flops(const DecoderStage& s) {
   double f = 0;
@@ -496,7 +499,6 @@ double forward_flops(const DecoderStage& s) {
   return f;
 }
 
-#if !defined(EMORL_GPU_CHECK_SIMT)  // timings are for a GPU
 void bench(const Case& cs, int device, double peak) {
   Built b = build(cs, 99);
   const double F = forward_flops(b.s);
