@@ -143,10 +143,8 @@ export function encoderOnDevice(a: EncoderArgs, device: StageDevice): EncoderOut
       const kept = new DeviceKeysValues(device, [B, H * W, r.Z], spec, r.stamp);
       return {
         kept,
-        grads: (needParams) => {
-          const b = k.encoderStageBackward({ ...spec, sumId: kept.sumId, stamp: kept.stamp, needParams });
-          return paramGrads(t, needParams ? b : null);
-        },
+        // without parameter gradients there is nothing to compute (the sums go with the next forward)
+        grads: (needParams) => paramGrads(t, needParams ? k.encoderStageBackward({ ...spec, sumId: kept.sumId, stamp: kept.stamp, needParams }) : null),
       };
     });
   }

@@ -47,7 +47,7 @@ void stack_forward(const ConvStack& s, DeviceWorkspace& ws) {
     const NhwcGeom g = s.geom(i);
     const int64_t w_shape[4] = {L.Co, g.C, L.kh, L.kw};
     const float* wfd = packed_weight(ws, sl.raw(i), sl.wf(i), L.w_tag, kPackedForward, L.w, w_shape);
-    const float* bd = ws.upload_tagged(sl.bias(i), slot_tag(L.b_tag, kAsIs), static_cast<size_t>(L.Co), [&] { return L.b; });
+    const float* bd = upload_as_is(ws, sl.bias(i), L.b_tag, L.b, L.Co);
     float* out = ws.buf(sl.out(i), static_cast<size_t>(g.M() * L.Co));
     gemm(Im2col{in, geom_of(g)}, b_operand(wfd, L.Co, 1), Store{out, as_int(L.Co, "Co"), bd, static_cast<int>(L.act)}, g.M(), L.Co, g.P());
     in = out;
@@ -205,7 +205,7 @@ HeadDims head_dims(const ConvStack& s, const EncoderHead& h) {
 
 // The head's tensor i (n floats) on the device, uploaded unless its tag is there.
 const float* head_param(DeviceWorkspace& ws, const HeadSlots& hs, const EncoderHead& h, int i, const float* src, i64 n) {
-  return ws.upload_tagged(hs.param(i), slot_tag(h.tags[i], kAsIs), static_cast<size_t>(n), [&] { return src; });
+  return upload_as_is(ws, hs.param(i), h.tags[i], src, n);
 }
 
 // The head's forward pass from the stack's last map, leaving every activation in its slot.
@@ -250,43 +250,46 @@ void keep_encoder(const ConvStack& s, const EncoderHead& h, uint64_t& stamp, Dev
   stamp = ws.stamp();
 }
 
-// The competition's sizes for queries against the encoder's keys and values; checks that they fit.
-SlotAttention attention_of(const ConvStack& s, const HeadDims& d, const EncoderAttention& a) {
+// An attention call on the encoder's keys and values: the competition's sizes (checked), and the
+// workspace holding k and v (the encoder's forward run again when they are no longer there).
+struct KeptAttention {
+  DeviceWorkspace& ws;
+  HeadDims d;
+  SlotAttention sa;
+  const float* k;
+  const float* v;
+  AttentionSlots slots;
+};
+KeptAttention kept_attention(const ConvStack& s, const EncoderHead& h, uint64_t& stamp, const EncoderAttention& a, GpuWorkspace& base) {
+  check_stack(s);
+  DeviceWorkspace& ws = own_workspace(base);
+  const HeadDims d = head_dims(s, h);
   if (!a.q) throw std::invalid_argument("GPU encoder attention: no queries");
   if (a.B != s.N) throw std::invalid_argument("GPU encoder attention: the queries' batch differs from the encoder's images");
-  SlotAttention sa{a.B, a.K, d.HW, d.Z, d.Z, a.eps};
+  const SlotAttention sa{a.B, a.K, d.HW, d.Z, d.Z, a.eps};
   check_attention(sa);
-  return sa;
+  keep_encoder(s, h, stamp, ws);
+  const HeadSlots hs{StackSlots{s.layers.size()}.end()};
+  return KeptAttention{ws, d, sa, ws.buf(hs.k(), 0), ws.buf(hs.v(), 0), AttentionSlots{hs.end()}};
 }
 
 }  // namespace
 
 uint64_t encoder_attention_forward(const ConvStack& s, const EncoderHead& h, uint64_t stamp, const EncoderAttention& a, float* updates,
                                    float* p, GpuWorkspace& base) {
-  check_stack(s);
-  DeviceWorkspace& ws = own_workspace(base);
-  const HeadDims d = head_dims(s, h);
-  const SlotAttention sa = attention_of(s, d, a);
-  keep_encoder(s, h, stamp, ws);
-  const HeadSlots hs{StackSlots{s.layers.size()}.end()};
-  attention_forward(ws, AttentionSlots{hs.end()}, sa, ws.buf(hs.k(), 0), ws.buf(hs.v(), 0), a.q, updates, p);
+  const KeptAttention c = kept_attention(s, h, stamp, a, base);
+  attention_forward(c.ws, c.slots, c.sa, c.k, c.v, a.q, updates, p);
   finish("encoder attention forward");
   return stamp;
 }
 
 uint64_t encoder_attention_backward(const ConvStack& s, const EncoderHead& h, uint64_t stamp, uint64_t sum_id, const EncoderAttention& a,
                                     const float* dU, float* dq, GpuWorkspace& base) {
-  check_stack(s);
-  DeviceWorkspace& ws = own_workspace(base);
-  const HeadDims d = head_dims(s, h);
-  const SlotAttention sa = attention_of(s, d, a);
   if (sum_id == 0) throw std::invalid_argument("GPU encoder attention backward: no sum id");
   if (!dU) throw std::invalid_argument("GPU encoder attention backward: no dU");
-  keep_encoder(s, h, stamp, ws);
-  const HeadSlots hs{StackSlots{s.layers.size()}.end()};
-  const size_t n = static_cast<size_t>(d.R * d.Z);
-  attention_backward(ws, AttentionSlots{hs.end()}, sa, ws.buf(hs.k(), 0), ws.buf(hs.v(), 0), a.q, dU, ws.sum(sum_id, 0, n),
-                     ws.sum(sum_id, 1, n), dq);
+  const KeptAttention c = kept_attention(s, h, stamp, a, base);
+  const size_t n = static_cast<size_t>(c.d.R * c.d.Z);
+  attention_backward(c.ws, c.slots, c.sa, c.k, c.v, a.q, dU, c.ws.sum(sum_id, 0, n), c.ws.sum(sum_id, 1, n), dq);
   finish("encoder attention backward");
   return stamp;
 }

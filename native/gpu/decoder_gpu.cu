@@ -254,9 +254,7 @@ class Stage {
   }
   float* upload(Slot slot, const float* src, i64 n) { return ws_.upload(nl_ + slot, src, static_cast<size_t>(n)); }
   // data the stages of a step share (tag: DecoderStage::target_tag), uploaded by the first
-  const float* upload_tagged(Slot slot, uint64_t tag, const float* src, i64 n) {
-    return ws_.upload_tagged(nl_ + slot, slot_tag(tag, kAsIs), static_cast<size_t>(n), [&] { return src; });
-  }
+  const float* upload_tagged(Slot slot, uint64_t tag, const float* src, i64 n) { return upload_as_is(ws_, nl_ + slot, tag, src, n); }
   void download(float* dst, const float* src, i64 n) { ws_.down(dst, src, static_cast<size_t>(n)); }
 
   void upload_layer(size_t i) {
@@ -266,7 +264,7 @@ class Stage {
     const size_t base = nl_ + kFixedSlots + i * kLayerSlots;
     packed_weight(ws_, base + kWraw, base + kWf, L.w_tag, kPackedForward, L.w, L.w_shape);
     packed_weight(ws_, base + kWraw, base + kWd, L.w_tag, kPackedDataGrad, L.w, L.w_shape);
-    ws_.upload_tagged(base + kBias, slot_tag(L.b_tag, kAsIs), static_cast<size_t>(L.out[3]), [&] { return L.b; });
+    upload_as_is(ws_, base + kBias, L.b_tag, L.b, L.out[3]);
   }
 
   void col_sums(const float* v, i64 batch, i64 rows, i64 cols, float* out) {

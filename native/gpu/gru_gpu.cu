@@ -45,19 +45,21 @@ __global__ void gru_gate_grads_kernel(const float* dy, const float* gates, const
 
 float* upload(DeviceWorkspace& ws, size_t slot, const float* src, i64 n) { return ws.upload(slot, src, static_cast<size_t>(n)); }
 
-// a weight or bias, kept on the device between calls under its tag
-const float* upload_weight(DeviceWorkspace& ws, size_t slot, uint64_t tag, const float* src, i64 n) {
-  return ws.upload_tagged(slot, slot_tag(tag, kAsIs), static_cast<size_t>(n), [&] { return src; });
+// whether the kept set of forward call `id` is still all there
+bool holds_kept(const DeviceWorkspace& ws, uint64_t id) {
+  for (size_t which = 0; which < 3; ++which)
+    if (!ws.slot_holds(kept_slot(id, which), id)) return false;
+  return true;
 }
 
 // The forward pass on the device from xd, hd there: y into slot kGy, the gate planes into gd.
 float* gru_pass(DeviceWorkspace& ws, const GruDims& d, const float* xd, const float* hd, const float* w_ih, const float* w_hh,
                 const float* b_ih, const float* b_hh, const GruTags& tags, float* gd) {
   const i64 N = d.N, I = d.I, H = d.H, G = d.G();
-  const float* wihd = upload_weight(ws, kGwih, tags.w_ih, w_ih, G * I);
-  const float* whhd = upload_weight(ws, kGwhh, tags.w_hh, w_hh, G * H);
-  const float* bihd = upload_weight(ws, kGbih, tags.b_ih, b_ih, G);
-  const float* bhhd = upload_weight(ws, kGbhh, tags.b_hh, b_hh, G);
+  const float* wihd = upload_as_is(ws, kGwih, tags.w_ih, w_ih, G * I);
+  const float* whhd = upload_as_is(ws, kGwhh, tags.w_hh, w_hh, G * H);
+  const float* bihd = upload_as_is(ws, kGbih, tags.b_ih, b_ih, G);
+  const float* bhhd = upload_as_is(ws, kGbhh, tags.b_hh, b_hh, G);
   float* ad = ws.buf(kGa, static_cast<size_t>(N * G));
   float* cd = ws.buf(kGc, static_cast<size_t>(N * G));
   const int g = as_int(G, "3H");
@@ -93,7 +95,7 @@ void gru_backward(const GruDims& d, const float* x, const float* h, const float*
   DeviceWorkspace& ws = own_workspace(base);
   const i64 N = d.N, I = d.I, H = d.H, G = d.G();
   const float *xd, *hd, *gd;
-  if (kept && ws.slot_holds(kept_slot(kept, 0), kept) && ws.slot_holds(kept_slot(kept, 1), kept) && ws.slot_holds(kept_slot(kept, 2), kept)) {
+  if (holds_kept(ws, kept)) {
     xd = ws.buf(kept_slot(kept, 0), 0);
     hd = ws.buf(kept_slot(kept, 1), 0);
     gd = ws.buf(kept_slot(kept, 2), 0);
@@ -114,8 +116,8 @@ void gru_backward(const GruDims& d, const float* x, const float* h, const float*
   float* dcd = ws.buf(kGc, static_cast<size_t>(N * G));
   float* dhd = ws.buf(kGdh, static_cast<size_t>(N * H));
   launch(gru_gate_grads_kernel, grid_for(N * H), dim3(kThreads), dyd, gd, hd, N, H, dad, dcd, dhd);
-  const float* wihd = upload_weight(ws, kGwih, tags.w_ih, w_ih, G * I);
-  const float* whhd = upload_weight(ws, kGwhh, tags.w_hh, w_hh, G * H);
+  const float* wihd = upload_as_is(ws, kGwih, tags.w_ih, w_ih, G * I);
+  const float* whhd = upload_as_is(ws, kGwhh, tags.w_hh, w_hh, G * H);
   float* dxd = ws.buf(kGdx, static_cast<size_t>(N * I));
   gemm(a_operand(dad, G, 1), b_operand(wihd, I, 1), Store{dxd, as_int(I, "I"), nullptr, 0}, N, I, G);
   gemm(a_operand(dcd, G, 1), b_operand(whhd, H, 1), AddTo{dhd, as_int(H, "H")}, N, H, G);

@@ -446,17 +446,13 @@ class DeviceWorkspace final : public GpuWorkspace {
   // gives the host data only when it is needed). Weights stay on the device from step to step.
   template <class Fill>
   float* upload_tagged(size_t slot, uint64_t tag, size_t n, Fill fill) {
-    if (tag && slot < tags_.size() && tags_[slot] == tag && bufs_[slot]->size() >= n) return bufs_[slot]->data();
-    float* d = buf(slot, n);
-    up(d, fill(), n);
-    tags_[slot] = tag;
-    return d;
+    return compute_tagged(slot, tag, n, [&](float* d) { up(d, fill(), n); });
   }
-  // n floats that fill(dst) computes on the device from other device data, kept under `tag` like
-  // upload_tagged's (nothing crosses the bus).
+  // n floats that fill(dst) writes into the slot (computed on the device, or uploaded), kept under
+  // `tag` the same way.
   template <class Fill>
   float* compute_tagged(size_t slot, uint64_t tag, size_t n, Fill fill) {
-    if (tag && slot < tags_.size() && tags_[slot] == tag && bufs_[slot]->size() >= n) return bufs_[slot]->data();
+    if (slot_holds(slot, tag) && bufs_[slot]->size() >= n) return bufs_[slot]->data();
     float* d = buf(slot, n);
     fill(d);
     tags_[slot] = tag;
@@ -505,9 +501,9 @@ class DeviceWorkspace final : public GpuWorkspace {
   void forget() { resident_ = 0; }
   // Gradients summed on the device over several calls for a later call that consumes them (one
   // encoder pass's dk, dv over its attention rounds), under an id (0: none). sum(id, which, n):
-  // buffer `which` (0, 1) of the id's sums, at zero when first asked for; has_sums(id) says whether
-  // any exist; drop_sums(id) frees them (consumed), drop_sums() every id's (a new pass begins, so
-  // an abandoned backward pass leaves nothing behind).
+  // buffer `which` (0, 1) of the id's sums, at zero when first asked for; drop_sums(id) frees them
+  // (consumed), drop_sums() every id's (a new pass begins, so an abandoned backward pass leaves
+  // nothing behind).
   float* sum(uint64_t id, size_t which, size_t n) {
     if (!id || which > 1) throw std::invalid_argument("GPU workspace: a sum needs an id and buffer 0 or 1");
     auto it = std::find_if(sums_.begin(), sums_.end(), [&](const Sums& e) { return e.id == id; });
@@ -520,9 +516,6 @@ class DeviceWorkspace final : public GpuWorkspace {
       zero(b->data(), n);
     }
     return b->data();
-  }
-  bool has_sums(uint64_t id) const {
-    return std::any_of(sums_.begin(), sums_.end(), [&](const Sums& e) { return e.id == id; });
   }
   void drop_sums(uint64_t id) {
     sums_.erase(std::remove_if(sums_.begin(), sums_.end(), [&](const Sums& e) { return e.id == id; }), sums_.end());
@@ -581,6 +574,12 @@ inline void pack_weights(const float* w, const int64_t* w_shape, std::vector<flo
         }
 }
 
+// A tensor's n floats as they are in slot `slot`, uploaded unless the slot holds them under `tag`
+// (a contentTag; 0: always uploaded).
+inline const float* upload_as_is(DeviceWorkspace& ws, size_t slot, uint64_t tag, const float* src, i64 n) {
+  return ws.upload_tagged(slot, slot_tag(tag, kAsIs), static_cast<size_t>(n), [&] { return src; });
+}
+
 // A weight w [col][img][kh][kw] (w_shape) in `form` (kPackedForward / kPackedDataGrad) in slot
 // `slot`, packed on the device from its copy as it is in slot `raw`: whatever forms the calls of a
 // step need, the weight crosses the bus once (under its tag; untagged: every call).
@@ -588,7 +587,7 @@ inline const float* packed_weight(DeviceWorkspace& ws, size_t raw, size_t slot, 
                                   const int64_t* w_shape) {
   const i64 n = numel4(w_shape);
   return ws.compute_tagged(slot, slot_tag(tag, form), static_cast<size_t>(n), [&](float* dst) {
-    const float* src = ws.upload_tagged(raw, slot_tag(tag, kAsIs), static_cast<size_t>(n), [&] { return w; });
+    const float* src = upload_as_is(ws, raw, tag, w, n);
     launch(pack_weights_kernel, grid_for(n), dim3(kThreads), src, w_shape[0], w_shape[1], w_shape[2], w_shape[3],
            form == kPackedForward ? dst : nullptr, form == kPackedDataGrad ? dst : nullptr);
   });
