@@ -2,7 +2,8 @@
  * lib/cpu-kernels.ts: the float32 Add / Sub / Mul / RealDiv that replace the tfjs cpu backend's
  * give exactly float32(a op b) per element, same shape or broadcast (against a plain reference
  * over output coordinates), int32 still reaches tfjs' own kernel; Slice and SplitV copy exactly
- * what tfjs' own copy (checked against a reference over coordinates).
+ * what tfjs' own copy (checked against a reference over coordinates); Sum gives float32 of each
+ * output's double sum in row-major order of the reduced axes, as tfjs' own.
  */
 import { tf, initBackend } from '../lib/tf';
 import { broadcastAxes, isFastCpuKernel } from '../lib/cpu-kernels';
@@ -76,7 +77,7 @@ test.each(ops)('%s, broadcasting: float32 of the exact result at every output co
 });
 
 test('initBackend installs them in place of tfjs\' own', () => {
-  for (const name of ['Add', 'Sub', 'Multiply', 'RealDiv', 'Slice', 'SplitV', 'Transpose']) expect([name, isFastCpuKernel(name)]).toEqual([name, true]);
+  for (const name of ['Add', 'Sub', 'Multiply', 'RealDiv', 'Slice', 'SplitV', 'Transpose', 'Sum']) expect([name, isFastCpuKernel(name)]).toEqual([name, true]);
   expect(isFastCpuKernel('Maximum')).toBe(false);
 });
 
@@ -146,5 +147,59 @@ test('gradients through them are unchanged (tf.grads of a product of sums)', () 
     // d/dx (x+y)(x−y) = 2x, d/dy = −2y
     expect(Array.from(ga.dataSync())).toEqual([2, 4, 6]);
     expect(Array.from(gb.dataSync())).toEqual([-8, -10, -12]);
+  });
+});
+
+test('Sum: each output the float32 of its double sum in row-major order of the reduced axes, as tfjs\' own', () => {
+  tf.tidy(() => {
+    const cases: [number[], number | number[] | undefined, boolean][] = [
+      [[128, 32], 0, false],
+      [[128, 32], 1, false],
+      [[128, 32], undefined, false],
+      [[4, 1, 6, 5], [0, 2], true],
+      [[4, 3, 6, 5], [1, 3], false],
+      [[4, 3, 6, 5], [3, 1], false],
+      [[4, 3, 6, 5], -1, true],
+      [[2, 1, 3], 1, false],
+      [[1, 1], [0, 1], false],
+      [[], undefined, false],
+      [[3, 0, 2], 1, false],
+      [[3, 0, 2], 0, true],
+    ];
+    for (const [shape, axis, keepDims] of cases) {
+      const axes = tf.util.parseAxisParam(axis ?? shape.map((_, d) => d), shape);
+      const [outShape] = tf.backend_util.computeOutAndReduceShapes(shape, axes);
+      const kept = shape.map((_, d) => d).filter((d) => !axes.includes(d));
+      // tfjs moves the reduced axes innermost in the order given (ours runs only when that is
+      // ascending; [3, 1] checks this reference against tfjs' own kernel)
+      const reducedShape = axes.map((d) => shape[d]);
+      const reducedSize = reducedShape.reduce((a, b) => a * b, 1);
+      const outSize = kept.reduce((a, d) => a * shape[d], 1);
+      /** x's flat index of output i's j-th reduced element (row-major over the reduced axes) */
+      const at = (i: number, j: number): number => {
+        const oc = coords(i, kept.map((d) => shape[d])), rc = coords(j, reducedShape);
+        return shape.reduce((a, n, d) => a * n + (axes.includes(d) ? rc[axes.indexOf(d)] : oc[kept.indexOf(d)]), 0);
+      };
+      // Each output's first two elements are +1e30 and −1e30, the rest in [−1, 1]: in that
+      // order the rest survive, in any other they vanish into the big ones.
+      const xv = tf.randomUniform(shape, -1, 1, 'float32', 5).dataSync() as Float32Array;
+      if (reducedSize >= 3) {
+        for (let i = 0; i < outSize; i++) {
+          xv[at(i, 0)] = 1e30;
+          xv[at(i, 1)] = -1e30;
+        }
+      }
+      const y = tf.sum(tf.tensor(xv, shape), axis, keepDims);
+      expect(y.shape).toEqual(keepDims ? tf.backend_util.expandShapeToKeepDim(outShape, axes) : outShape);
+      const yv = y.dataSync();
+      for (let i = 0; i < outSize; i++) {
+        let sum = 0;
+        for (let j = 0; j < reducedSize; j++) sum += xv[at(i, j)];
+        expect(yv[i]).toBe(Math.fround(sum));
+      }
+    }
+    // int32 and bool still reach tfjs' own kernel
+    expect(Array.from(tf.sum(tf.tensor2d([1, 2, 3, 4], [2, 2], 'int32'), 0).dataSync())).toEqual([4, 6]);
+    expect(tf.sum(tf.tensor1d([true, false, true], 'bool')).dataSync()[0]).toBe(2);
   });
 });
