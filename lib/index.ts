@@ -25,7 +25,7 @@ export { ParamStore, ParamError, type ParamArray, type ParamRecord } from './par
 export { tfjsOps, type Ops, type EncoderArgs, type EncoderOutput, type HostKeysValues, type ResidentKeysValues, type SlotCompetition } from './ops';
 export { nativeOps, defaultOps, opsForBackend, type ComputeBackend } from './ops/native';
 export { nativeStatus } from './native';
-export { Adam, clipGradNorm, type AdamState } from './optim/adam';
+export { Adam, clipGradNorm, clipScale, type AdamState } from './optim/adam';
 
 // Training
 export { Trainer, type StepResult, type TrainerState } from './train/trainer';

@@ -25,6 +25,7 @@
 #include "gpu/gpu.h"
 #include "gru.h"
 #include "layernorm.h"
+#include "optimizer.h"
 #include "likelihood.h"
 #include "nhwc.h"
 
@@ -1194,6 +1195,47 @@ Napi::Value LayerNormBackwardFn(const Napi::CallbackInfo& info, bool) {
   return r;
 }
 
+// ---- the optimizer (optimizer.h; lib/optim/adam.ts) ----
+
+// adamUpdate({ p, g, m, v, first, scale, b1, c1, b2, c2, eps, bc2Sqrt, stepSize }) -> p_next:
+// m and v are updated in place (each its own memory, apart from p's, g's and the other's); the
+// scalars must be float32 values (the reference's roundings start from them).
+Napi::Value AdamUpdateFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "adamUpdate");
+  Props p(a, a.at(0), "spec");
+  const int64_t n = p.length("p");
+  const std::string what = "p's " + std::to_string(n) + " elements";
+  const float* param = p.f32("p", n, what);
+  const float* g = p.f32("g", n, what);
+  float* m = const_cast<float*>(p.f32("m", n, what));
+  float* v = const_cast<float*>(p.f32("v", n, what));
+  const std::pair<const float*, const char*> arrays[] = {{m, "m"}, {v, "v"}, {param, "p"}, {g, "g"}};
+  for (int o = 0; o < 2; ++o)
+    for (size_t i = 0; i < std::size(arrays); ++i)
+      if (n && i != static_cast<size_t>(o) && arrays[i].first < arrays[o].first + n && arrays[o].first < arrays[i].first + n)
+        a.range_error("'" + p.name(arrays[o].second) + "' overlaps '" + p.name(arrays[i].second) + "' (it is updated in place)");
+  auto scalar = [&](const char* key) {
+    const double d = p.number(key);
+    if (static_cast<double>(static_cast<float>(d)) != d) a.range_error("'" + p.name(key) + "' must be a float32 value (Math.fround)");
+    return static_cast<float>(d);
+  };
+  emorl::AdamScalars sc{scalar("b1"), scalar("c1"),      scalar("b2"),       scalar("c2"), scalar("eps"),
+                        scalar("bc2Sqrt"), scalar("stepSize"), scalar("scale"), p.boolean("first", false)};
+  if (!(sc.bc2_sqrt > 0)) a.range_error("'" + p.name("bc2Sqrt") + "' must be > 0");
+  auto next = new_f32(a, n);
+  emorl::adam_update(param, g, m, v, next.Data(), n, sc, threads());
+  return next;
+}
+
+// l2Norm(x: Float32Array) -> number (optimizer.h l2_norm_f32: tf.norm's roundings)
+Napi::Value L2NormFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "l2Norm");
+  Napi::Value v = a.at(0);
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array) a.type_error("'x' must be a Float32Array");
+  auto x = v.As<Napi::Float32Array>();
+  return Napi::Number::New(a.env(), emorl::l2_norm_f32(x.Data(), static_cast<int64_t>(x.ElementLength())));
+}
+
 // ---- the GRU step (gru.h; lib/ops/native-gru.ts) ----
 
 // The dimensions N, I, H of a GRU spec, the shapes they imply (for the messages), and the arrays
@@ -1823,6 +1865,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("layerNorm", Napi::Function::New(env, entry<LayerNormFn, false>, "layerNorm"));
   exports.Set("layerNormBackward", Napi::Function::New(env, entry<LayerNormBackwardFn, false>, "layerNormBackward"));
   exports.Set("slotAttentionBackward", Napi::Function::New(env, entry<SlotAttentionBackwardFn, false>, "slotAttentionBackward"));
+  exports.Set("adamUpdate", Napi::Function::New(env, entry<AdamUpdateFn, false>, "adamUpdate"));
+  exports.Set("l2Norm", Napi::Function::New(env, entry<L2NormFn, false>, "l2Norm"));
   exports.Set("peakGflops", Napi::Function::New(env, entry<PeakGflops, false>, "peakGflops"));
   exports.Set("gpuPeakGflops", Napi::Function::New(env, entry<GpuPeakGflops, false>, "gpuPeakGflops"));
   exports.Set("reference", ref);

@@ -9,7 +9,8 @@ import { EfficientMORL, stageWeight } from '../lib/model/efficient-morl';
 import { Geco } from '../lib/model/geco';
 import { RecordingNoise, ReplayNoise, SeededNoise } from '../lib/model/noise';
 import { positionalEmbedding } from '../lib/model/positional';
-import { Adam, clipGradNorm } from '../lib/optim/adam';
+import { Adam, clipGradNorm, clipScale } from '../lib/optim/adam';
+import { addonOps, nativeOpsAvailable } from '../lib/ops/addon';
 import { experimentConfig } from '../lib/config/experiment';
 import { Trainer } from '../lib/train/trainer';
 import { netParamSpecs } from '../lib/params/spec';
@@ -308,6 +309,74 @@ describe('training', () => {
     copy.dispose();
     adam.dispose();
     store.dispose();
+  });
+
+  test('Adam and the clipping norm: the TypeScript loops and the addon give the tensor formulation\'s bits', () => {
+    const shapes: [string, number[]][] = [['a', [300, 400]], ['b', [7]], ['c', [3, 5, 5, 2]]];
+    const specs = shapes.map(([name, shape]) => ({ name, shape, init: { kind: 'const' as const, value: 0 }, trainable: true }));
+    const rng = new Rng(7);
+    const start = shapes.map(([, shape]) => Float32Array.from({ length: shape.reduce((a, b) => a * b, 1) }, () => rng.normal()));
+    const stores = [0, 1, 2].map(() => new ParamStore(specs, new Rng(1)));
+    for (const st of stores) shapes.forEach(([name, shape], i) => st.set(name, { data: start[i], shape }));
+    const native = nativeOpsAvailable();
+    if (!native) console.log('NOTICE: addon not built; Adam checked in TypeScript only');
+    const [lr, b1, b2, eps] = [3e-3, 0.9, 0.999, 1e-8];
+    const loop = new Adam(stores[0], { lr, native: false });
+    const addon = native ? new Adam(stores[1], { lr, native: true }) : null;
+    // the tensor formulation, every op a float32 tfjs op on float32 scalars
+    const moments = new Map<string, { m: tf.Tensor; v: tf.Tensor }>();
+    const f = Math.fround;
+    for (let t = 1; t <= 5; t++) {
+      // gradients of very different sizes, so that some steps clip and some do not
+      const grads = new Map(shapes.map(([name, shape]) => [name, tf.mul(tf.randomNormal(shape, 0, 1, 'float32', 10 * t + name.charCodeAt(0)), t % 2 ? 1e-3 : 0.5)] as [string, tf.Tensor]));
+      const ts = clipScale(grads, 5, { native: false });
+      if (native) {
+        const ns = clipScale(grads, 5, { native: true });
+        expect([ns.norm, ns.scale]).toEqual([ts.norm, ts.scale]);
+        for (const g of grads.values()) expect(addonOps().l2Norm(g.dataSync() as Float32Array)).toBe(tf.norm(g).dataSync()[0]);
+      }
+      expect(ts.norm).toBe(f(Math.sqrt([...grads.values()].reduce((a, g) => a + tf.norm(g).dataSync()[0] ** 2, 0))));
+      if (t % 2 === 0) expect(ts.scale).toBeLessThan(1);
+      else expect(ts.scale).toBe(1);
+      loop.applyGradients(grads, lr, ts.scale);
+      addon?.applyGradients(grads, lr, ts.scale);
+      tf.tidy(() => {
+        const c1 = tf.scalar(f(1 - b1)), c2 = tf.scalar(f(1 - b2));
+        for (const [name, g0] of grads) {
+          const g = ts.scale !== 1 ? tf.mul(g0, tf.scalar(ts.scale)) : g0;
+          const prev = moments.get(name);
+          const m = prev ? tf.add(tf.mul(prev.m, tf.scalar(f(b1))), tf.mul(g, c1)) : tf.mul(g, c1);
+          const v = prev ? tf.add(tf.mul(prev.v, tf.scalar(f(b2))), tf.mul(tf.square(g), c2)) : tf.mul(tf.square(g), c2);
+          const denom = tf.add(tf.div(tf.sqrt(v), tf.scalar(f(Math.sqrt(1 - b2 ** t)))), tf.scalar(f(eps)));
+          const p = tf.sub(stores[2].get(name), tf.mul(tf.div(m, denom), tf.scalar(f(lr / (1 - b1 ** t)))));
+          stores[2].set(name, { data: p.dataSync() as Float32Array, shape: p.shape });
+          prev?.m.dispose();
+          prev?.v.dispose();
+          moments.set(name, { m: tf.keep(m), v: tf.keep(v) });
+        }
+      });
+      for (const g of grads.values()) g.dispose();
+    }
+    for (const [name] of shapes) {
+      const want = stores[2].get(name).dataSync();
+      expect(Buffer.from((stores[0].get(name).dataSync() as Float32Array).buffer).equals(Buffer.from((want as Float32Array).buffer))).toBe(true);
+      if (native) expect(Buffer.from((stores[1].get(name).dataSync() as Float32Array).buffer).equals(Buffer.from((want as Float32Array).buffer))).toBe(true);
+      const m = moments.get(name)!.m.dataSync() as Float32Array;
+      expect(Buffer.from(loop.exportState().m.get(name)!.data.buffer).equals(Buffer.from(m.buffer))).toBe(true);
+      if (addon) expect(Buffer.from(addon.exportState().v.get(name)!.data.buffer).equals(Buffer.from((moments.get(name)!.v.dataSync() as Float32Array).buffer))).toBe(true);
+    }
+    expect(() => loop.applyGradients(new Map(), lr, 1.5)).toThrow(/gradScale must be a float32 value in \(0, 1\]/);
+    if (native) {
+      const x = new Float32Array(8);
+      const spec = { p: x, g: new Float32Array(8), m: new Float32Array(8), v: new Float32Array(8), first: true, scale: 1, b1: f(0.9), c1: f(0.1), b2: f(0.999), c2: f(0.001), eps: f(1e-8), bc2Sqrt: 1, stepSize: f(1e-3) };
+      expect(() => addonOps().adamUpdate({ ...spec, m: x })).toThrow(/'spec.m' overlaps 'spec.p'/);
+      expect(() => addonOps().adamUpdate({ ...spec, v: new Float32Array(7) })).toThrow(/'spec.v' has 7 elements but p's 8 elements needs 8/);
+      expect(() => addonOps().adamUpdate({ ...spec, c1: 0.1 })).toThrow(/'spec.c1' must be a float32 value/);
+    }
+    for (const { m, v } of moments.values()) tf.dispose([m, v]);
+    loop.dispose();
+    addon?.dispose();
+    for (const st of stores) st.dispose();
   });
 
   test('repeated training steps (clip, Adam, GECO bookkeeping) leak no tensors', () => {

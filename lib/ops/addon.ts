@@ -37,6 +37,14 @@ export interface NativeAddon {
   DecoderWorkspace: new () => AddonWorkspace;
   /** one decoder stage (native/decoder.h); the spec is checked there */
   decoderStage(spec: DecoderStageSpec): DecoderStageResult;
+  /**
+   * one Adam step of one parameter (native/optimizer.h): the next parameter values; m and v are
+   * updated in place. The scalars are float32 values; the same bits as lib/optim/adam.ts' loop.
+   */
+  adamUpdate(spec: { p: Float32Array; g: Float32Array; m: Float32Array; v: Float32Array; first: boolean; scale: number;
+    b1: number; c1: number; b2: number; c2: number; eps: number; bc2Sqrt: number; stepSize: number }): Float32Array;
+  /** tf.norm of a float32 array, with its roundings (native/optimizer.h) */
+  l2Norm(x: Float32Array): number;
   /** the FMA throughput of all threads over about `seconds` (GFLOP/s; for benchmarks) */
   peakGflops(seconds?: number): number;
   /** the FP32 FMA throughput of CUDA device `device` (GFLOP/s; addon built with CUDA) */
@@ -376,8 +384,8 @@ export function addonOps(): NativeAddon {
   if (!st.available || !st.path) throw new Error(`emorl native addon unavailable: ${st.reason ?? 'unknown reason'}`);
   // eslint-disable-next-line @typescript-eslint/no-require-imports
   const mod = require(st.path) as Partial<NativeAddon>;
-  if (typeof mod.nhwcConv2d !== 'function' || typeof mod.decoderStage !== 'function' || typeof mod.slotAttention !== 'function' || typeof mod.layerNorm !== 'function' || typeof mod.gruCell !== 'function' || typeof mod.encoderHead !== 'function') {
-    throw new Error(`the addon at ${st.path} is older than this package (no NHWC, decoder-stage, attention, layer-norm, GRU or encoder kernels); rebuild it with \`npm run build:native\``);
+  if (typeof mod.nhwcConv2d !== 'function' || typeof mod.decoderStage !== 'function' || typeof mod.slotAttention !== 'function' || typeof mod.layerNorm !== 'function' || typeof mod.gruCell !== 'function' || typeof mod.encoderHead !== 'function' || typeof mod.adamUpdate !== 'function') {
+    throw new Error(`the addon at ${st.path} is older than this package (no NHWC, decoder-stage, attention, layer-norm, GRU, encoder or optimizer kernels); rebuild it with \`npm run build:native\``);
   }
   return (addon = mod as NativeAddon);
 }

@@ -7,12 +7,24 @@
  */
 import { tf } from '../tf';
 import type { ParamStore } from '../params/store';
+import { addonOps, nativeOpsAvailable, type NativeAddon } from '../ops/addon';
 
 export interface AdamOptions {
   lr?: number;
   beta1?: number;
   beta2?: number;
   eps?: number;
+  /**
+   * The update loops on the addon (native/optimizer.h; default: when it is built) or in
+   * TypeScript. Both round every operation alike: the same bits.
+   */
+  native?: boolean;
+}
+
+/** The addon when `native` (default: when it is built), else null; asking for it without one throws. */
+function optimizerAddon(native: boolean | undefined): NativeAddon | null {
+  if (native === false || (native === undefined && !nativeOpsAvailable())) return null;
+  return addonOps();
 }
 
 /**
@@ -21,18 +33,29 @@ export interface AdamOptions {
  * of exactly 1 changes nothing, so we skip it). Returns new tensors in a new map; the caller
  * disposes both maps' tensors as it sees fit.
  */
-export function clipGradNorm(grads: Map<string, tf.Tensor>, maxNorm: number): { grads: Map<string, tf.Tensor>; norm: number } {
+export function clipGradNorm(grads: Map<string, tf.Tensor>, maxNorm: number, opts: { native?: boolean } = {}): { grads: Map<string, tf.Tensor>; norm: number } {
+  const { norm, scale } = clipScale(grads, maxNorm, opts);
+  const out = new Map<string, tf.Tensor>();
+  for (const [k, g] of grads) out.set(k, scale !== 1 ? tf.mul(g, scale) : g.clone());
+  return { grads: out, norm };
+}
+
+/**
+ * clipGradNorm's norm and the factor it scales the gradients by, as a float32 value (exactly 1:
+ * no clipping), without making the scaled copies: Adam.applyGradients takes the factor.
+ */
+export function clipScale(grads: Map<string, tf.Tensor>, maxNorm: number, opts: { native?: boolean } = {}): { norm: number; scale: number } {
+  const addon = optimizerAddon(opts.native);
   // per-tensor norms, then the norm of those (as torch.norm(torch.stack(norms)))
   let sumSq = 0;
   for (const g of grads.values()) {
-    const n = tensorNorm(g.dataSync() as Float32Array);
+    const x = g.dataSync() as Float32Array;
+    const n = addon ? addon.l2Norm(x) : tensorNorm(x);
     sumSq += n * n;
   }
   const norm = Math.fround(Math.sqrt(sumSq));
   const coef = Math.min(1, maxNorm / (norm + 1e-6));
-  const out = new Map<string, tf.Tensor>();
-  for (const [k, g] of grads) out.set(k, coef < 1 ? tf.mul(g, Math.fround(coef)) : g.clone());
-  return { grads: out, norm };
+  return { norm, scale: coef < 1 ? Math.fround(coef) : 1 };
 }
 
 /**
@@ -64,6 +87,7 @@ export class Adam {
   private step = 0;
   private readonly m = new Map<string, Float32Array>();
   private readonly v = new Map<string, Float32Array>();
+  private readonly addon: NativeAddon | null;
 
   constructor(
     private readonly params: ParamStore,
@@ -73,6 +97,7 @@ export class Adam {
     this.beta1 = opts.beta1 ?? 0.9;
     this.beta2 = opts.beta2 ?? 0.999;
     this.eps = opts.eps ?? 1e-8;
+    this.addon = optimizerAddon(opts.native);
     for (const [name, val] of [
       ['lr', this.lr],
       ['eps', this.eps],
@@ -94,9 +119,14 @@ export class Adam {
 
   /**
    * One update of every parameter that has a gradient (parameters without one are left alone,
-   * as PyTorch skips grad-less parameters). `lr` overrides the rate for this step (schedules).
+   * as PyTorch skips grad-less parameters). `lr` overrides the rate for this step (schedules);
+   * `gradScale` (a float32 value in (0, 1]: clipScale's) multiplies every gradient first, as
+   * clipGradNorm's scaled copies would.
    */
-  applyGradients(grads: Map<string, tf.Tensor>, lr: number = this.lr): void {
+  applyGradients(grads: Map<string, tf.Tensor>, lr: number = this.lr, gradScale = 1): void {
+    if (!(gradScale > 0 && gradScale <= 1) || Math.fround(gradScale) !== gradScale) {
+      throw new Error(`Adam: gradScale must be a float32 value in (0, 1], got ${gradScale}`);
+    }
     // check every gradient first, so that a bad one leaves the optimizer untouched
     for (const [name, g] of grads) {
       const param = this.params.variable(name);
@@ -119,17 +149,9 @@ export class Adam {
       const first = !this.m.has(name);
       const m = this.m.get(name) ?? new Float32Array(g.length);
       const v = this.v.get(name) ?? new Float32Array(g.length);
-      const next = new Float32Array(g.length);
-      for (let i = 0; i < g.length; i++) {
-        const gi = g[i];
-        // m ← β1 m + (1-β1) g;  v ← β2 v + (1-β2) g²
-        m[i] = first ? f(gi * c1) : f(f(m[i] * b1) + f(gi * c1));
-        const sq = f(gi * gi);
-        v[i] = first ? f(sq * c2) : f(f(v[i] * b2) + f(sq * c2));
-        // p − (m / (sqrt(v) / sqrt(1-β2^t) + ε)) · lr / (1-β1^t)
-        const denom = f(f(f(Math.sqrt(v[i])) / bc2Sqrt) + eps);
-        next[i] = f(p[i] - f(f(m[i] / denom) * stepSize));
-      }
+      const next = this.addon
+        ? this.addon.adamUpdate({ p, g, m, v, first, scale: gradScale, b1, c1, b2, c2, eps, bc2Sqrt, stepSize })
+        : adamLoop(p, g, m, v, first, gradScale, b1, c1, b2, c2, eps, bc2Sqrt, stepSize);
       this.m.set(name, m);
       this.v.set(name, v);
       const p1 = tf.tensor(next, param.shape, 'float32');
@@ -168,4 +190,26 @@ export class Adam {
     this.m.clear();
     this.v.clear();
   }
+}
+
+/**
+ * The reference update of one parameter (native/optimizer.h adam_update is the same loop): m and
+ * v in place, the next values returned, every operation rounded to float32 in the order the
+ * tensor version took.
+ */
+function adamLoop(p: Float32Array, g: Float32Array, m: Float32Array, v: Float32Array, first: boolean, scale: number,
+  b1: number, c1: number, b2: number, c2: number, eps: number, bc2Sqrt: number, stepSize: number): Float32Array {
+  const f = Math.fround;
+  const next = new Float32Array(g.length);
+  for (let i = 0; i < g.length; i++) {
+    const gi = scale !== 1 ? f(g[i] * scale) : g[i];
+    // m ← β1 m + (1-β1) g;  v ← β2 v + (1-β2) g²
+    m[i] = first ? f(gi * c1) : f(f(m[i] * b1) + f(gi * c1));
+    const sq = f(gi * gi);
+    v[i] = first ? f(sq * c2) : f(f(v[i] * b2) + f(sq * c2));
+    // p − (m / (sqrt(v) / sqrt(1-β2^t) + ε)) · lr / (1-β1^t)
+    const denom = f(f(f(Math.sqrt(v[i])) / bc2Sqrt) + eps);
+    next[i] = f(p[i] - f(f(m[i] / denom) * stepSize));
+  }
+  return next;
 }

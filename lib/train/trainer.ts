@@ -15,7 +15,7 @@ import { EfficientMORL, type PassOutputs } from '../model/efficient-morl';
 import { SlotAttention } from '../model/slot-attention';
 import { Geco } from '../model/geco';
 import type { NoiseSource } from '../model/noise';
-import { Adam, clipGradNorm } from '../optim/adam';
+import { Adam, clipScale } from '../optim/adam';
 import type { Ops } from '../ops';
 import { defaultOps } from '../ops/native';
 import type { ParamRecord } from '../params/store';
@@ -199,11 +199,11 @@ export class Trainer {
     if (![r.totalLoss, r.nll, r.kl].every(Number.isFinite)) skipReason = `non-finite loss (total ${r.totalLoss}, nll ${r.nll}, kl ${r.kl})`;
     let gradNorm = NaN;
     if (!skipReason) {
-      const { grads, norm } = t.clip_grad_norm ? clipGradNorm(r.grads, CLIP_GRAD_NORM) : { grads: r.grads, norm: globalNorm(r.grads) };
+      // clipping scales the gradients inside Adam's loop (no scaled copies)
+      const { norm, scale } = t.clip_grad_norm ? clipScale(r.grads, CLIP_GRAD_NORM) : { norm: globalNorm(r.grads), scale: 1 };
       gradNorm = norm;
       if (!Number.isFinite(norm)) skipReason = `non-finite gradient norm ${norm}`;
-      else this.optimizer.applyGradients(grads, lr);
-      if (grads !== r.grads) for (const g of grads.values()) g.dispose();
+      else this.optimizer.applyGradients(r.grads, lr, scale);
     }
     const outputs = r.outputs;
     for (const g of r.grads.values()) g.dispose();
