@@ -1,11 +1,13 @@
 /**
  * The hand-written convolution ops against tfjs' own (slow but independent) conv2d and
- * conv2dTranspose, values and all three gradients, on small random shapes.
+ * conv2dTranspose, values and all three gradients, on small random shapes; the diagonal
+ * Gaussians' fused σ and KL against their tfjs formulas, bit for bit.
  */
 import { tf, initBackend } from '../lib/tf';
 import { broadcastConv2d, spatialBroadcast } from '../lib/ops/broadcast';
 import { conv2d, convTranspose2d, withoutParamGrads } from '../lib/ops/conv';
 import { gemmNN, gemmTN } from '../lib/ops/gemm';
+import { klDiag, klDiagReference, softplusToStd, softplusToStdReference, type Gaussian } from '../lib/model/priors';
 import { Rng } from '../lib/util/rng';
 
 beforeAll(async () => {
@@ -178,5 +180,55 @@ describe('broadcastConv2d (the decoders\' first layer without the broadcast map)
     for (let i = 0; i < 4; i++) expect(maxRelDiff(a.grads[i], e.grads[i])).toBeLessThan(1e-5);
     const noParams = withoutParamGrads(() => tf.grads(fused)([z, pos, wt, b]));
     expect(maxRelDiff(noParams[0], e.grads[0])).toBeLessThan(1e-5);
+  });
+});
+
+describe('the diagonal Gaussians\' fused ops (lib/model/priors.ts)', () => {
+  /** The first index where two float32 arrays' bits differ, or -1. */
+  function firstBitDifference(a: tf.Tensor, b: tf.Tensor): number {
+    expect(a.shape).toEqual(b.shape);
+    const x = new Uint32Array((a.dataSync() as Float32Array).slice().buffer), y = new Uint32Array((b.dataSync() as Float32Array).slice().buffer);
+    return x.findIndex((v, i) => v !== y[i]);
+  }
+
+  /** s spread over [-120, 120] (both clamps: exp underflows, min(s, 80) cuts), and an exact 80 */
+  function spread(shape: number[], rng: Rng): tf.Tensor2D {
+    const n = shape[0] * shape[1];
+    const v = Float32Array.from({ length: n }, (_, i) => (i === 3 ? 80 : rng.normal() * (i % 3 === 0 ? 40 : 2)));
+    return tf.tensor2d(v, shape as [number, number]);
+  }
+
+  test.each([[[128, 64]], [[3, 5]], [[4, 1]]])('σ = sqrt(softplus(min(s, 80)) + 1e-5) %j: values and gradients', (shape) => {
+    tf.tidy(() => {
+      const rng = new Rng(11);
+      const s = spread(shape, rng);
+      const dy = rand(shape, rng);
+      const run = (fn: (t: tf.Tensor) => tf.Tensor) => tf.valueAndGrads((t: tf.Tensor) => tf.sum(tf.mul(fn(t), dy)) as tf.Scalar)([s]);
+      const [fused, ref] = [run(softplusToStd), run(softplusToStdReference)];
+      expect(firstBitDifference(softplusToStd(s), softplusToStdReference(s))).toBe(-1);
+      expect(firstBitDifference(fused.grads[0], ref.grads[0])).toBe(-1);
+      expect(fused.value.dataSync()[0]).toBe(ref.value.dataSync()[0]);
+    });
+  });
+
+  test.each([['N(0, I)', false], ['a prior', true]])('KL(q ‖ %s) summed over z: values and all gradients', (_, withPrior) => {
+    tf.tidy(() => {
+      const rng = new Rng(withPrior ? 12 : 13);
+      const shape = [128, 64];
+      const inputs = [rand(shape, rng), spread(shape, rng), rand(shape, rng), spread(shape, rng)].slice(0, withPrior ? 4 : 2);
+      const dy = rand([shape[0]], rng);
+      const run = (kl: (q: Gaussian, p: Gaussian | null) => tf.Tensor1D) =>
+        tf.valueAndGrads((...t: tf.Tensor[]) => {
+          const q = { loc: t[0] as tf.Tensor2D, std: softplusToStd(t[1]) as tf.Tensor2D };
+          const p = t.length > 2 ? { loc: t[2] as tf.Tensor2D, std: softplusToStd(t[3]) as tf.Tensor2D } : null;
+          return tf.sum(tf.mul(kl(q, p), dy)) as tf.Scalar;
+        })(inputs);
+      const fused = run(klDiag), ref = run(klDiagReference);
+      expect(fused.value.dataSync()[0]).toBe(ref.value.dataSync()[0]);
+      fused.grads.forEach((g, i) => expect([i, firstBitDifference(g, ref.grads[i])]).toEqual([i, -1]));
+      const q = { loc: inputs[0] as tf.Tensor2D, std: softplusToStd(inputs[1]) as tf.Tensor2D };
+      const p = withPrior ? { loc: inputs[2] as tf.Tensor2D, std: softplusToStd(inputs[3]) as tf.Tensor2D } : null;
+      expect(firstBitDifference(klDiag(q, p), klDiagReference(q, p))).toBe(-1);
+    });
   });
 });
