@@ -198,6 +198,9 @@ describeNative('nativeOps ops vs tfjsOps', () => {
       const dn = tf.grads(loss2(dual(nativeOps)))([x, h, h2, ...dw]);
       const dt = tf.grads(loss2(dual(tfjsOps)))([x, h, h2, ...dw]);
       dn.forEach((g, i) => expectScaled(g, dt[i], 1e-5, `dual grad ${i}`));
+      const dz = nativeOps.withoutParamGrads(() => tf.grads(loss2(dual(nativeOps)))([x, h, h2, ...dw]));
+      dz.slice(0, 3).forEach((g, i) => expectScaled(g, dt[i], 1e-5, `dual grad ${i} without param grads`));
+      dz.slice(3).forEach((g, i) => expect([i, maxAbsOf(g)]).toEqual([i, 0]));
     });
   });
 

@@ -31,6 +31,44 @@ interface GruSources {
   bHh: tf.Tensor[];
 }
 
+/** One cell's arrays: weights [3H, I], [3H, H] and biases [3H] in nn.GRU's row layout. */
+interface GruArrays {
+  wIh: Float32Array;
+  wHh: Float32Array;
+  bIh: Float32Array;
+  bHh: Float32Array;
+}
+
+interface GruArrayGrads {
+  dx: Float32Array;
+  dh: Float32Array;
+  /** null without parameter gradients */
+  dwIh: Float32Array | null;
+  dwHh: Float32Array | null;
+  dbIh: Float32Array | null;
+  dbHh: Float32Array | null;
+}
+
+/**
+ * One GRU step on arrays: h' now, and the backward for later (from dh', its gradients). On a GPU
+ * device the weights are cached there under `tags`, and the forward's x, h and gates stay there
+ * for the backward call (which recomputes the gates from the biases if another forward took their
+ * place).
+ */
+function gruStep(x: Float32Array, h: Float32Array, w: GruArrays, N: number, I: number, H: number, device: StageDevice, key: object,
+  tags: () => { wIhTag: number; wHhTag: number; bIhTag: number; bHhTag: number }):
+  { y: Float32Array; backward: (dy: Float32Array, needParams: boolean) => GruArrayGrads } {
+  const m = addonOps();
+  const where = device === 'cpu' ? {} : { device, workspace: workspaceFor(key), ...tags() };
+  const biases = { bIh: w.bIh, bHh: w.bHh };
+  const { y, gates, kept } = m.gruCell({ x, h, wIh: w.wIh, wHh: w.wHh, ...biases, N, I, H, ...where, ...(device !== 'cpu' && { keep: true }) });
+  const fromForward = device === 'cpu' ? { gates: gates! } : { kept, ...biases };
+  return {
+    y,
+    backward: (dy, needParams) => m.gruCellBackward({ x, h, wIh: w.wIh, wHh: w.wHh, ...fromForward, dy, N, I, H, needParams, ...where }),
+  };
+}
+
 export function gruCell(x: tf.Tensor2D, h: tf.Tensor2D, p: GruWeights, device: StageDevice = 'cpu', key: object = p.weightIh,
   sources?: GruSources): tf.Tensor2D {
   const [N, I] = x.shape;
@@ -39,32 +77,20 @@ export function gruCell(x: tf.Tensor2D, h: tf.Tensor2D, p: GruWeights, device: S
   if (p.weightIh.shape[0] !== 3 * H || p.weightIh.shape[1] !== I) throw new Error(`gruCell: weight_ih [${p.weightIh.shape}] does not fit input ${I}, hidden ${H}`);
   if (p.weightHh.shape[0] !== 3 * H || p.weightHh.shape[1] !== H) throw new Error(`gruCell: weight_hh [${p.weightHh.shape}] does not fit hidden ${H}`);
   if (p.biasIh.shape[0] !== 3 * H || p.biasHh.shape[0] !== 3 * H) throw new Error(`gruCell: biases [${p.biasIh.shape}], [${p.biasHh.shape}] do not fit hidden ${H}`);
-  const m = addonOps();
   const G = 3 * H;
-  const where = device === 'cpu' ? {} : { device, workspace: workspaceFor(key) };
-  const op = tf.customGrad((xt, ht, wih, whh, bih, bhh, save) => {
+  const op = tf.customGrad((xt, ht, wih, whh, bih, bhh) => {
     const tagOf = (t: unknown, from: tf.Tensor[] | undefined, part: string) =>
       from ? derivedTag(from, `${sources!.recipe}/${part}`) : contentTag(t as tf.Tensor);
-    const tags = device === 'cpu' ? {} : {
+    const arrays = { wIh: f32(wih as tf.Tensor), wHh: f32(whh as tf.Tensor), bIh: f32(bih as tf.Tensor), bHh: f32(bhh as tf.Tensor) };
+    const step = gruStep(f32(xt as tf.Tensor), f32(ht as tf.Tensor), arrays, N, I, H, device, key, () => ({
       wIhTag: tagOf(wih, sources?.wIh, 'wIh'), wHhTag: tagOf(whh, sources?.wHh, 'wHh'),
       bIhTag: tagOf(bih, sources?.bIh, 'bIh'), bHhTag: tagOf(bhh, sources?.bHh, 'bHh'),
-    };
-    const biases = { bIh: f32(bih as tf.Tensor), bHh: f32(bhh as tf.Tensor) };
-    // on a GPU x, h and the gates stay there for the backward call (which recomputes the gates
-    // from the biases if another forward took their place)
-    const { y, gates, kept } = m.gruCell({
-      x: f32(xt as tf.Tensor), h: f32(ht as tf.Tensor), wIh: f32(wih as tf.Tensor), wHh: f32(whh as tf.Tensor),
-      ...biases, N, I, H, ...where, ...tags, ...(device !== 'cpu' && { keep: true }),
-    });
-    const fromForward = device === 'cpu' ? { gates: gates! } : { kept, ...biases };
-    (save as tf.GradSaveFunc)([xt as tf.Tensor, ht as tf.Tensor, wih as tf.Tensor, whh as tf.Tensor]);
+    }));
     return {
-      value: tf.tensor2d(y, [N, H]),
-      gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => {
+      value: tf.tensor2d(step.y, [N, H]),
+      gradFunc: (dy: tf.Tensor) => {
         const needParams = paramGradsEnabled();
-        const g = m.gruCellBackward({
-          x: f32(saved[0]), h: f32(saved[1]), wIh: f32(saved[2]), wHh: f32(saved[3]), ...fromForward, dy: f32(dy), N, I, H, needParams, ...where, ...tags,
-        });
+        const g = step.backward(f32(dy), needParams);
         const grads: tf.Tensor[] = [tf.tensor2d(g.dx, [N, I]), tf.tensor2d(g.dh, [N, H])];
         if (!needParams) grads.push(tf.zeros([G, I]), tf.zeros([G, H]), tf.zeros([G]), tf.zeros([G]));
         else grads.push(tf.tensor2d(g.dwIh!, [G, I]), tf.tensor2d(g.dwHh!, [G, H]), tf.tensor1d(g.dbIh!), tf.tensor1d(g.dbHh!));
@@ -75,25 +101,93 @@ export function gruCell(x: tf.Tensor2D, h: tf.Tensor2D, p: GruWeights, device: S
   return op(x, h, p.weightIh, p.weightHh, p.biasIh, p.biasHh) as tf.Tensor2D;
 }
 
-/** dualGruCell (lib/ops/nn.ts): the two GRUs as gruCell with nn.GRU's row layout. */
+/** rows [r0, r1) of a row-major matrix with `cols` columns, then rows [s0, s1) of another: one new array */
+function joinRows(a: Float32Array, r0: number, r1: number, b: Float32Array, s0: number, s1: number, cols: number): Float32Array {
+  const out = new Float32Array((r1 - r0 + s1 - s0) * cols);
+  out.set(a.subarray(r0 * cols, r1 * cols));
+  out.set(b.subarray(s0 * cols, s1 * cols), (r1 - r0) * cols);
+  return out;
+}
+
+/**
+ * dualGruCell (lib/ops/nn.ts) as one op each way: the two GRUs as gruStep with nn.GRU's row
+ * layout, their weights and biases joined from the original's tensors in plain arrays and their
+ * gradients cut back the same way (as tfjs' concat and split ops would, the same values; dx sums
+ * the two cells' parts, as tfjs' accumulation would), instead of ~40 tfjs ops each way.
+ */
 export function dualGruCell(x: tf.Tensor2D, h1: tf.Tensor2D, h2: tf.Tensor2D, p: DualGruWeights, device: StageDevice = 'cpu'): [tf.Tensor2D, tf.Tensor2D] {
-  const [bir1, biu1, bir2, biu2] = tf.split(p.biasIh, 4);
-  const [bhr1, bhu1, bhr2, bhu2] = tf.split(p.biasHh, 4);
-  const [bin1, bin2] = tf.split(p.biasIn, 2);
-  const [bhn1, bhn2] = tf.split(p.biasHn, 2);
-  // the workspace is keyed by the cell's own input weights, and the weight tags come from the
-  // parameters the cell's tensors are cut from: the concatenations are new every call
-  const cell = (n: number, h: tf.Tensor2D, wih: tf.Tensor2D, win: tf.Tensor2D, whh: tf.Tensor2D, whn: tf.Tensor2D, bs: tf.Tensor[], cs: tf.Tensor[]) =>
-    gruCell(x, h, {
-      weightIh: tf.concat([wih, win], 0) as tf.Tensor2D,
-      weightHh: tf.concat([whh, whn], 0) as tf.Tensor2D,
-      biasIh: tf.concat(bs, 0) as tf.Tensor1D,
-      biasHh: tf.concat(cs, 0) as tf.Tensor1D,
-    }, device, wih, {
-      recipe: `dualGru${n}`, wIh: [wih, win], wHh: [whh, whn], bIh: [p.biasIh, p.biasIn], bHh: [p.biasHh, p.biasHn],
-    });
-  return [
-    cell(1, h1, p.weightIh1, p.weightIn1, p.weightHh1, p.weightHn1, [bir1, biu1, bin1], [bhr1, bhu1, bhn1]),
-    cell(2, h2, p.weightIh2, p.weightIn2, p.weightHh2, p.weightHn2, [bir2, biu2, bin2], [bhr2, bhu2, bhn2]),
+  const [N, I] = x.shape;
+  const H = h1.shape[1];
+  const want: [string, tf.Tensor, number[]][] = [
+    ['h1', h1, [N, H]], ['h2', h2, [N, H]],
+    ['weight_ih_1', p.weightIh1, [2 * H, I]], ['weight_in_1', p.weightIn1, [H, I]], ['weight_hh_1', p.weightHh1, [2 * H, H]], ['weight_hn_1', p.weightHn1, [H, H]],
+    ['weight_ih_2', p.weightIh2, [2 * H, I]], ['weight_in_2', p.weightIn2, [H, I]], ['weight_hh_2', p.weightHh2, [2 * H, H]], ['weight_hn_2', p.weightHn2, [H, H]],
+    ['bias_ih', p.biasIh, [4 * H]], ['bias_hh', p.biasHh, [4 * H]], ['bias_in', p.biasIn, [2 * H]], ['bias_hn', p.biasHn, [2 * H]],
   ];
+  for (const [name, t, shape] of want) {
+    if (t.shape.length !== shape.length || t.shape.some((d, i) => d !== shape[i])) throw new Error(`dualGruCell: ${name} is [${t.shape}], input [${x.shape}] and hidden ${H} need [${shape}]`);
+  }
+  const inputs = [x, h1, h2, p.weightIh1, p.weightIn1, p.weightHh1, p.weightHn1, p.weightIh2, p.weightIn2, p.weightHh2, p.weightHn2, p.biasIh, p.biasHh, p.biasIn, p.biasHn];
+  const op = tf.customGrad((...args: unknown[]) => {
+    const t = args.slice(0, inputs.length) as tf.Tensor[];
+    const [xv, h1v, h2v, wih1, win1, whh1, whn1, wih2, win2, whh2, whn2, bih, bhh, bin, bhn] = t.map(f32);
+    // cell n: weight rows (reset, update) of weight_i·_n then (new) of weight_·n_n; biases: the
+    // n-th (reset, update) pair of bias_ih / bias_hh, then the n-th half of bias_in / bias_hn
+    const cell = (n: 1 | 2, h: Float32Array, wih: Float32Array, win: Float32Array, whh: Float32Array, whn: Float32Array) => {
+      const b0 = (n - 1) * 2 * H, c0 = (n - 1) * H;
+      const arrays = {
+        wIh: joinRows(wih, 0, 2 * H, win, 0, H, I),
+        wHh: joinRows(whh, 0, 2 * H, whn, 0, H, H),
+        bIh: joinRows(bih, b0, b0 + 2 * H, bin, c0, c0 + H, 1),
+        bHh: joinRows(bhh, b0, b0 + 2 * H, bhn, c0, c0 + H, 1),
+      };
+      const [wi, wn, wh, wq] = n === 1 ? [t[3], t[4], t[5], t[6]] : [t[7], t[8], t[9], t[10]];
+      return gruStep(xv, h, arrays, N, I, H, device, wi, () => ({
+        wIhTag: derivedTag([wi, wn], `dualGru${n}/wIh`), wHhTag: derivedTag([wh, wq], `dualGru${n}/wHh`),
+        bIhTag: derivedTag([t[11], t[13]], `dualGru${n}/bIh`), bHhTag: derivedTag([t[12], t[14]], `dualGru${n}/bHh`),
+      }));
+    };
+    const s1 = cell(1, h1v, wih1, win1, whh1, whn1);
+    const s2 = cell(2, h2v, wih2, win2, whh2, whn2);
+    // one output (tfjs' customGrad takes one): the rows of h1' and h2' side by side, [N, 2H]
+    const both = new Float32Array(N * 2 * H);
+    for (let r = 0; r < N; r++) {
+      both.set(s1.y.subarray(r * H, (r + 1) * H), r * 2 * H);
+      both.set(s2.y.subarray(r * H, (r + 1) * H), r * 2 * H + H);
+    }
+    return {
+      value: tf.tensor2d(both, [N, 2 * H]),
+      gradFunc: (dy: tf.Tensor) => {
+        const needParams = paramGradsEnabled();
+        const d = f32(dy);
+        const dy1 = new Float32Array(N * H), dy2 = new Float32Array(N * H);
+        for (let r = 0; r < N; r++) {
+          dy1.set(d.subarray(r * 2 * H, r * 2 * H + H), r * H);
+          dy2.set(d.subarray(r * 2 * H + H, (r + 1) * 2 * H), r * H);
+        }
+        const g1 = s1.backward(dy1, needParams);
+        const g2 = s2.backward(dy2, needParams);
+        const dx = new Float32Array(N * I);
+        for (let i = 0; i < dx.length; i++) dx[i] = g2.dx[i] + g1.dx[i];
+        const grads: tf.Tensor[] = [tf.tensor2d(dx, [N, I]), tf.tensor2d(g1.dh, [N, H]), tf.tensor2d(g2.dh, [N, H])];
+        if (!needParams) {
+          for (const w of inputs.slice(3)) grads.push(tf.zerosLike(w));
+          return grads;
+        }
+        const rows = (a: Float32Array, r0: number, r1: number, cols: number) => a.slice(r0 * cols, r1 * cols);
+        for (const g of [g1, g2]) {
+          grads.push(tf.tensor2d(rows(g.dwIh!, 0, 2 * H, I), [2 * H, I]), tf.tensor2d(rows(g.dwIh!, 2 * H, 3 * H, I), [H, I]));
+          grads.push(tf.tensor2d(rows(g.dwHh!, 0, 2 * H, H), [2 * H, H]), tf.tensor2d(rows(g.dwHh!, 2 * H, 3 * H, H), [H, H]));
+        }
+        // bias_ih = (r1, u1, r2, u2), bias_in = (n1, n2); likewise the hidden ones
+        const join = (a: Float32Array, b: Float32Array, len: number) => joinRows(a, 0, len, b, 0, len, 1);
+        grads.push(tf.tensor1d(join(g1.dbIh!, g2.dbIh!, 2 * H)), tf.tensor1d(join(g1.dbHh!, g2.dbHh!, 2 * H)));
+        grads.push(tf.tensor1d(Float32Array.of(...g1.dbIh!.subarray(2 * H), ...g2.dbIh!.subarray(2 * H))));
+        grads.push(tf.tensor1d(Float32Array.of(...g1.dbHh!.subarray(2 * H), ...g2.dbHh!.subarray(2 * H))));
+        return grads;
+      },
+    };
+  });
+  const [y1, y2] = tf.split((op as (...t: tf.Tensor[]) => tf.Tensor)(...inputs), 2, 1) as tf.Tensor2D[];
+  return [y1, y2];
 }
