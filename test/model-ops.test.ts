@@ -8,6 +8,7 @@ import { broadcastConv2d, spatialBroadcast } from '../lib/ops/broadcast';
 import { conv2d, convTranspose2d, withoutParamGrads } from '../lib/ops/conv';
 import { gemmNN, gemmTN } from '../lib/ops/gemm';
 import { klDiag, klDiagReference, softplusToStd, softplusToStdReference, type Gaussian } from '../lib/model/priors';
+import { repeatRows } from '../lib/ops/nn';
 import { Rng } from '../lib/util/rng';
 
 beforeAll(async () => {
@@ -197,6 +198,22 @@ describe('the diagonal Gaussians\' fused ops (lib/model/priors.ts)', () => {
     const v = Float32Array.from({ length: n }, (_, i) => (i === 3 ? 80 : rng.normal() * (i % 3 === 0 ? 40 : 2)));
     return tf.tensor2d(v, shape as [number, number]);
   }
+
+  test('repeatRows: tf.tile(x, [n, 1])\'s values and gradient, bit for bit', () => {
+    tf.tidy(() => {
+      const rng = new Rng(14);
+      for (const [n, D] of [[128, 64], [1, 3], [5, 1]]) {
+        const x = rand([1, D], rng) as tf.Tensor2D;
+        // rows of mixed magnitude, so that the order and rounding of the sum shows
+        const dy = tf.mul(rand([n, D], rng), tf.tensor(Float32Array.from({ length: n * D }, (_, i) => 10 ** ((i * 7) % 9 - 4)), [n, D]));
+        expect(firstBitDifference(repeatRows(x, n), tf.tile(x, [n, 1]))).toBe(-1);
+        const g = tf.grad((t: tf.Tensor) => tf.sum(tf.mul(repeatRows(t as tf.Tensor2D, n), dy)))(x);
+        const gt = tf.grad((t: tf.Tensor) => tf.sum(tf.mul(tf.tile(t, [n, 1]), dy)))(x);
+        expect(firstBitDifference(g, gt)).toBe(-1);
+      }
+      expect(() => repeatRows(tf.zeros([2, 3]) as tf.Tensor2D, 4)).toThrow(/x must be \[1, D\], got \[2,3\]/);
+    });
+  });
 
   test.each([[[128, 64]], [[3, 5]], [[4, 1]]])('σ = sqrt(softplus(min(s, 80)) + 1e-5) %j: values and gradients', (shape) => {
     tf.tidy(() => {

@@ -14,6 +14,7 @@
 import { tf } from '../tf';
 import type { NetConfig } from '../config/net';
 import type { EncoderOutput, Ops, SlotCompetition } from '../ops';
+import { repeatRows } from '../ops/nn';
 import { paramKey } from '../params/spec';
 import type { ParamStore } from '../params/store';
 import type { NoiseSource } from './noise';
@@ -79,7 +80,7 @@ export function hvaeInference(
   const h = 'hvae_networks';
 
   // λ_0: the learned initial posterior, shared by every slot of every image
-  let lambda = tf.tile(p.get<tf.Tensor2D>(`${h}.init_posterior`), [N, 1]) as tf.Tensor2D;
+  let lambda = repeatRows(p.get<tf.Tensor2D>(`${h}.init_posterior`), N);
   let [mu, sp] = tf.split(lambda, 2, 1) as [tf.Tensor2D, tf.Tensor2D];
   let eps = noise.normal([N, z]);
   if (L === 0) return { posteriors: [], lambda, lambdaEps: eps, attn: [], samples: [] };

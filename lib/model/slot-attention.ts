@@ -20,6 +20,7 @@
 import { tf } from '../tf';
 import { netConfig, type NetConfig } from '../config/net';
 import { tfjsOps, type Ops } from '../ops';
+import { repeatRows } from '../ops/nn';
 import { slotAttentionParamSpecs } from '../params/slot-attention-spec';
 import { ParamStore } from '../params/store';
 import { Rng } from '../util/rng';
@@ -135,7 +136,7 @@ export class SlotAttention {
     const kv = encode(p, ops, x, '');
 
     // the initial slots: one sample of the learned Gaussian, shared by every slot of every image
-    const [loc, sp] = tf.split(tf.tile(p.get<tf.Tensor2D>('init_slots'), [N, 1]), 2, 1) as [tf.Tensor2D, tf.Tensor2D];
+    const [loc, sp] = tf.split(repeatRows(p.get<tf.Tensor2D>('init_slots'), N), 2, 1) as [tf.Tensor2D, tf.Tensor2D];
     let slots = rsample(gaussianFromParams(loc, sp), noise.normal([N, z])).reshape([B, K, z]) as tf.Tensor3D;
 
     const gru = {

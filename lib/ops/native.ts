@@ -46,16 +46,15 @@ export function conv2d(x: tf.Tensor4D, weight: tf.Tensor, bias: tf.Tensor, opts:
   const k = nhwc();
   const dev: [StageDevice?, (object | null)?, ConvPrecision?] =
     device !== 'cpu' ? [device, workspaceFor(weight)] : precision !== 'fp32' ? [device, null, precision] : [];
-  const op = tf.customGrad((xt, wt, bt, save) => {
-    const y = k.nhwcConv2d(f32(xt as tf.Tensor), xShape, f32(wt as tf.Tensor), wShape, f32(bt as tf.Tensor), s, p, a, ...dev);
-    const value = tf.tensor4d(y, [n, oh, ow, cout]);
-    (save as tf.GradSaveFunc)(act === 'linear' ? [xt as tf.Tensor, wt as tf.Tensor] : [xt as tf.Tensor, wt as tf.Tensor, value]);
+  const op = tf.customGrad((xt, wt, bt) => {
+    // the backward reads the arrays themselves (tfjs' save() would clone each tensor: an op apiece)
+    const xd = f32(xt as tf.Tensor), wd = f32(wt as tf.Tensor);
+    const y = k.nhwcConv2d(xd, xShape, wd, wShape, f32(bt as tf.Tensor), s, p, a, ...dev);
     return {
-      value,
-      gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => {
+      value: tf.tensor4d(y, [n, oh, ow, cout]),
+      gradFunc: (dy: tf.Tensor) => {
         const withParams = paramGradsEnabled();
-        const r = k.nhwcConv2dBackward(f32(saved[0]), xShape, f32(saved[1]), wShape, act === 'linear' ? null : f32(saved[2]),
-          f32(dy), s, p, a, true, withParams, ...dev);
+        const r = k.nhwcConv2dBackward(xd, xShape, wd, wShape, act === 'linear' ? null : y, f32(dy), s, p, a, true, withParams, ...dev);
         const dx = tf.tensor4d(r.dx!, [n, h, w, cin]);
         if (!withParams) return [dx, tf.zeros([cout, cin, kh, kw]), tf.zeros([cout])];
         return [dx, tf.tensor4d(r.dw!, [cout, cin, kh, kw]), tf.tensor1d(r.db!)];
@@ -348,42 +347,43 @@ export function linear(x: tf.Tensor, weight: tf.Tensor, bias?: tf.Tensor, activa
   const k = nhwc();
   const lead = x.shape.slice(0, -1);
   const outShape = [...lead, outDim];
-  const body = (xt: tf.Tensor, wt: tf.Tensor, bd: Float32Array | null, save: tf.GradSaveFunc) => {
-    // bias and ReLU fused into the product; ReLU's gradient mask is the output's sign
-    const y = k.matmul(f32(xt), [rows, inDim], f32(wt), [outDim, inDim], false, true, null, bd, relu);
-    save([xt, wt]);
+  const body = (xt: tf.Tensor, wt: tf.Tensor, bd: Float32Array | null) => {
+    // bias and ReLU fused into the product; ReLU's gradient mask is the output's sign. The
+    // backward reads x's and W's arrays themselves (tfjs' save() would clone each: an op apiece).
+    const xd = f32(xt), wd = f32(wt);
+    const y = k.matmul(xd, [rows, inDim], wd, [outDim, inDim], false, true, null, bd, relu);
     return {
       value: tf.tensor(y, outShape),
-      grads: (dy: tf.Tensor, saved: tf.Tensor[]): [tf.Tensor, tf.Tensor, Float32Array | null] => {
+      grads: (dy: tf.Tensor): [tf.Tensor, tf.Tensor, Float32Array | null] => {
         let g = f32(dy);
         if (relu) {
           const m = new Float32Array(g.length);
           for (let i = 0; i < g.length; i++) m[i] = y[i] > 0 ? g[i] : 0;
           g = m;
         }
-        const dx = tf.tensor(k.matmul(g, [rows, outDim], f32(saved[1]), [outDim, inDim], false, false), x.shape);
+        const dx = tf.tensor(k.matmul(g, [rows, outDim], wd, [outDim, inDim], false, false), x.shape);
         if (!paramGradsEnabled()) return [dx, tf.zeros([outDim, inDim]), bd ? new Float32Array(outDim) : null];
-        const dw = tf.tensor2d(k.matmul(g, [rows, outDim], f32(saved[0]), [rows, inDim], true, false), [outDim, inDim]);
+        const dw = tf.tensor2d(k.matmul(g, [rows, outDim], xd, [rows, inDim], true, false), [outDim, inDim]);
         return [dx, dw, bd ? colSums(g, rows, outDim) : null];
       },
     };
   };
   if (bias) {
-    const op = tf.customGrad((xt, wt, bt, save) => {
-      const r = body(xt as tf.Tensor, wt as tf.Tensor, f32(bt as tf.Tensor), save as tf.GradSaveFunc);
+    const op = tf.customGrad((xt, wt, bt) => {
+      const r = body(xt as tf.Tensor, wt as tf.Tensor, f32(bt as tf.Tensor));
       return {
         value: r.value,
-        gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => {
-          const [dx, dw, db] = r.grads(dy, saved);
+        gradFunc: (dy: tf.Tensor) => {
+          const [dx, dw, db] = r.grads(dy);
           return [dx, dw, tf.tensor(db!, bias.shape)];
         },
       };
     });
     return op(x, weight, bias);
   }
-  const op = tf.customGrad((xt, wt, save) => {
-    const r = body(xt as tf.Tensor, wt as tf.Tensor, null, save as tf.GradSaveFunc);
-    return { value: r.value, gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => r.grads(dy, saved).slice(0, 2) as tf.Tensor[] };
+  const op = tf.customGrad((xt, wt) => {
+    const r = body(xt as tf.Tensor, wt as tf.Tensor, null);
+    return { value: r.value, gradFunc: (dy: tf.Tensor) => r.grads(dy).slice(0, 2) as tf.Tensor[] };
   });
   return op(x, weight);
 }
@@ -481,14 +481,15 @@ export function layerNorm(x: tf.Tensor, weight?: tf.Tensor, bias?: tf.Tensor, ep
     });
     return op(x);
   }
-  const run = (xt: tf.Tensor, wt: tf.Tensor, bd: Float32Array | null, save: tf.GradSaveFunc) => {
-    const f = forward(f32(xt), f32(wt), bd);
-    save([xt, wt]);
+  const run = (xt: tf.Tensor, wt: tf.Tensor, bd: Float32Array | null) => {
+    // the backward reads the arrays themselves (tfjs' save() would clone each tensor: an op apiece)
+    const xd = f32(xt), wd = f32(wt);
+    const f = forward(xd, wd, bd);
     return {
       value: tf.tensor(f.y, x.shape),
-      grads: (dy: tf.Tensor, saved: tf.Tensor[]) => {
+      grads: (dy: tf.Tensor) => {
         const withParams = paramGradsEnabled();
-        const b = backward(f32(dy), f32(saved[0]), f32(saved[1]), f.mean, f.rstd, withParams);
+        const b = backward(f32(dy), xd, wd, f.mean, f.rstd, withParams);
         return {
           dx: tf.tensor(b.dx, x.shape),
           dw: b.dw ? tf.tensor1d(Float32Array.from(b.dw)) : tf.zeros([D]),
@@ -498,24 +499,24 @@ export function layerNorm(x: tf.Tensor, weight?: tf.Tensor, bias?: tf.Tensor, ep
     };
   };
   if (bias) {
-    const op = tf.customGrad((xt, wt, bt, save) => {
-      const r = run(xt as tf.Tensor, wt as tf.Tensor, f32(bt as tf.Tensor), save as tf.GradSaveFunc);
+    const op = tf.customGrad((xt, wt, bt) => {
+      const r = run(xt as tf.Tensor, wt as tf.Tensor, f32(bt as tf.Tensor));
       return {
         value: r.value,
-        gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => {
-          const g = r.grads(dy, saved);
+        gradFunc: (dy: tf.Tensor) => {
+          const g = r.grads(dy);
           return [g.dx, g.dw, g.db];
         },
       };
     });
     return op(x, weight, bias);
   }
-  const op = tf.customGrad((xt, wt, save) => {
-    const r = run(xt as tf.Tensor, wt as tf.Tensor, null, save as tf.GradSaveFunc);
+  const op = tf.customGrad((xt, wt) => {
+    const r = run(xt as tf.Tensor, wt as tf.Tensor, null);
     return {
       value: r.value,
-      gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => {
-        const g = r.grads(dy, saved);
+      gradFunc: (dy: tf.Tensor) => {
+        const g = r.grads(dy);
         g.db.dispose();
         return [g.dx, g.dw];
       },

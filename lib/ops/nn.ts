@@ -121,3 +121,30 @@ export function dualGruCell(x: tf.Tensor2D, h1: tf.Tensor2D, h2: tf.Tensor2D, p:
   const y2 = one(h2, p.weightIh2, p.weightHh2, p.weightIn2, p.weightHn2, bir2, biu2, bhr2, bhu2, bin2, bhn2);
   return [y1, y2];
 }
+
+/**
+ * x [1, D] repeated as n rows, [n, D]: tf.tile(x, [n, 1]), whose gradient tfjs takes as a slice
+ * and an add per row (256 ops for 128 slots). Here it is one loop that adds the rows in the same
+ * order with the same float32 roundings (0 + row 0, then + row 1, …): the same bits.
+ */
+export function repeatRows(x: tf.Tensor2D, n: number): tf.Tensor2D {
+  const [one, D] = x.shape;
+  if (one !== 1) throw new Error(`repeatRows: x must be [1, D], got [${x.shape}]`);
+  if (!Number.isInteger(n) || n < 1) throw new Error(`repeatRows: n must be an integer >= 1, got ${n}`);
+  if (x.dtype !== 'float32') return tf.tile(x, [n, 1]);
+  const op = tf.customGrad((xt) => {
+    const xv = (xt as tf.Tensor).dataSync() as Float32Array;
+    const y = new Float32Array(n * D);
+    for (let i = 0; i < n; i++) y.set(xv, i * D);
+    return {
+      value: tf.tensor2d(y, [n, D]),
+      gradFunc: (dy: tf.Tensor) => {
+        const g = dy.dataSync() as Float32Array;
+        const dx = new Float32Array(D);
+        for (let i = 0; i < n; i++) for (let j = 0; j < D; j++) dx[j] = dx[j] + g[i * D + j];
+        return tf.tensor2d(dx, [1, D]);
+      },
+    };
+  });
+  return op(x) as tf.Tensor2D;
+}
