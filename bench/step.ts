@@ -19,7 +19,10 @@
  *                                                 default /usr/bin/python3)
  *
  * Each measurement runs in its own process, so each peak RSS is its own. `median_s` is the median
- * over --steps timed repetitions after one untimed warm-up repetition.
+ * over --steps timed repetitions after one untimed warm-up repetition. Native rows also give
+ * `host_s`: the median time per step outside the addon's calls, i.e. in tfjs and JavaScript. With
+ * a GPU device that is the floor of a step's time on this host (the addon's CPU calls, such as the
+ * small linear layers and Adam, come on top).
  */
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -50,6 +53,32 @@ interface Measurement {
   precision?: string;
   /** GPU devices: host <-> device copies per step (the timed steps' mean) */
   bus_per_step?: { up_mib: number; down_mib: number; uploads: number; downloads: number };
+  /** native: the median time per step outside the addon's calls */
+  host_s?: number;
+}
+
+/**
+ * Wraps the addon's functions (the module object the library loads: require's cache) so that the
+ * time inside them adds up in `inside.ms`; before the first step, so every call is counted.
+ */
+function timeAddonCalls(): { ms: number } {
+  const inside = { ms: 0 };
+  const path = nativeStatus().path;
+  if (!path) return inside;
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const mod = require(path) as Record<string, unknown>;
+  for (const [name, f] of Object.entries(mod)) {
+    if (typeof f !== 'function' || /^[A-Z]/.test(name)) continue; // classes (workspaces) stay as they are
+    mod[name] = function (this: unknown, ...args: unknown[]) {
+      const t = performance.now();
+      try {
+        return (f as (...a: unknown[]) => unknown).apply(this, args);
+      } finally {
+        inside.ms += performance.now() - t;
+      }
+    };
+  }
+  return inside;
 }
 
 /** The original's figures on an earlier machine (STACK.md): seconds per step / per inference batch. */
@@ -91,18 +120,23 @@ async function measure(config: string, batch: number, mode: 'train' | 'infer', b
   if (backend === 'native' && !(nativeStatus().available && nativeOpsAvailable())) {
     throw new Error(`--backend native: the addon is unavailable (${nativeStatus().reason ?? 'no decoder-stage kernels'}); npm run build:native`);
   }
+  const inside = backend === 'native' ? timeAddonCalls() : null;
   const exp = loadConfigFile(configFile(config), []);
   const trainer = new Trainer(exp, { seed: 1, ops: backend === 'native' ? nativeOpsOn(parseStageDevice(device), precision) : tfjsOps });
   const [C, H, W] = exp.Net.input_size;
   const images = tf.tidy(() => tf.sub(tf.mul(tf.randomUniform([batch, C, H, W], 0, 1, 'float32', 3), 2), 1));
-  const times: number[] = [];
+  const times: number[] = [], hostTimes: number[] = [];
   let bus0 = deviceTraffic();
   for (let r = 0; r <= steps; r++) {
     if (r === 1) bus0 = deviceTraffic();  // after the warm-up
-    const t = performance.now();
+    const t = performance.now(), in0 = inside?.ms ?? 0;
     if (mode === 'train') trainer.step(images, { noise: new SeededNoise(r) }).release();
     else trainer.model.infer(images, { noise: new SeededNoise(r), outputs: false }).dispose();
-    if (r > 0) times.push((performance.now() - t) / 1000);
+    const dt = performance.now() - t;
+    if (r > 0) {
+      times.push(dt / 1000);
+      if (inside) hostTimes.push((dt - (inside.ms - in0)) / 1000);
+    }
   }
   const bus1 = deviceTraffic();
   const mib = (b: number) => Math.round((b / steps / 2 ** 20) * 100) / 100;
@@ -121,6 +155,7 @@ async function measure(config: string, batch: number, mode: 'train' | 'infer', b
     steps,
     median_s: median(times),
     times_s: times,
+    ...(hostTimes.length ? { host_s: Math.round(median(hostTimes) * 1e4) / 1e4 } : {}),
     peak_rss_mib: process.resourceUsage().maxRSS / 1024,
     ...(backend === 'native'
       ? { isa: st.info?.gemmIsa, threads: st.info?.threads, device, precision: precision === 'bf16' ? `bf16 (${st.info?.bf16})` : precision }
@@ -207,7 +242,8 @@ async function main(): Promise<void> {
       const label = backend === 'js' ? 'js' : `native ${prec}`;
       const b = m.bus_per_step;
       const busText = b ? `; per step ${b.up_mib} MiB up in ${b.uploads} copies, ${b.down_mib} MiB down in ${b.downloads}` : '';
-      console.log(`${name.padEnd(15)} batch ${String(batch).padStart(2)} ${mode.padEnd(5)} ${label.padEnd(11)} ${m.median_s.toFixed(2)} s${ratio}; peak RSS ${m.peak_rss_mib.toFixed(0)} MiB${mem}${busText}`);
+      const hostText = m.host_s !== undefined ? `; ${(m.host_s * 1000).toFixed(0)} ms of it outside the addon` : '';
+      console.log(`${name.padEnd(15)} batch ${String(batch).padStart(2)} ${mode.padEnd(5)} ${label.padEnd(11)} ${m.median_s.toFixed(2)} s${ratio}${hostText}; peak RSS ${m.peak_rss_mib.toFixed(0)} MiB${mem}${busText}`);
     }
   }
 }
