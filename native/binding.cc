@@ -21,6 +21,7 @@
 #include "conv.h"
 #include "decoder.h"
 #include "encoder_head.h"
+#include "encoder_stage.h"
 #include "gemm.h"
 #include "gpu/gpu.h"
 #include "gru.h"
@@ -740,6 +741,8 @@ class DecoderWorkspace : public Napi::ObjectWrap<DecoderWorkspace> {
     reported_ = 0;
   }
   emorl::Workspace& ws() { return ws_; }
+  // which CPU encoder pass's activations ws() holds
+  emorl::StageStamps& cpu_stamps() { return cpu_stamps_; }
   // The GPU stage's buffers for one backend and device (a change of either starts afresh).
   emorl::GpuWorkspace& gpu(bool emulated, int device) {
     if (!gpu_ || gpu_->emulated() != emulated || gpu_->device() != device) {
@@ -790,6 +793,7 @@ class DecoderWorkspace : public Napi::ObjectWrap<DecoderWorkspace> {
     return t;
   }
   emorl::Workspace ws_;
+  emorl::StageStamps cpu_stamps_;
   std::unique_ptr<emorl::GpuWorkspace> gpu_;
   emorl::GpuTraffic past_;  // of the GPU workspaces replaced so far
   size_t reported_ = 0;
@@ -1617,15 +1621,30 @@ EncoderSpec encoder_spec(const Args& a, const Props& p) {
   return e;
 }
 
-// encoderStage({x, xShape, layers, head, keep?, device, workspace?}) -> {k, v [N·H·W, Z] | null, rows, Z, stamp}
-//   keep: k and v stay on the device only (null here), for encoderAttention.
+// An encoder stage on the CPU (encoder_stage.h): its workspace (required: the activations live
+// there from the forward call to the backward call) and the convolutions' precision.
+struct CpuEncoderCall {
+  DecoderWorkspace* owner;
+  emorl::Precision prec;
+};
+CpuEncoderCall cpu_encoder_call(const Args& a, const Props& p, const GpuCall& gpu) {
+  DecoderWorkspace* owner = workspace_arg(a, p.get("workspace"), p.name("workspace"));
+  if (!owner) a.type_error("'" + p.name("workspace") + "' is needed on the CPU: a DecoderWorkspace keeps the activations between the calls");
+  return {owner, parse_precision(a, p.get("precision"), p.name("precision"), gpu.device)};
+}
+
+// encoderStage({x, xShape, layers, head, keep?, device, workspace?, precision?}) -> {k, v [N·H·W, Z] | null, rows, Z, stamp}
+//   keep: k and v stay on the device only (null here), for encoderAttention (GPU devices).
+//   device 'cpu' (or absent): the CPU kernels, the activations in `workspace` (required);
+//   precision: the CPU convolutions' (nhwc.h).
 Napi::Value EncoderStageFn(const Napi::CallbackInfo& info, bool) {
   Args a(info, "encoderStage");
   Props p(a, a.at(0), "spec");
   const auto [s, h] = encoder_spec(a, p);
-  GpuCall gpu = conv_stack_device(a, p);
+  GpuCall gpu(a, p);
   const int64_t rows = s.geom(s.layers.size() - 1).M();
   const bool keep = p.boolean("keep", false);
+  if (keep && !gpu.on_gpu()) a.range_error("'" + p.name("keep") + "' is for GPU devices (on the CPU, k and v are returned)");
   Napi::Value k = a.env().Null(), v = a.env().Null();
   float *kd = nullptr, *vd = nullptr;
   if (!keep) {
@@ -1635,8 +1654,16 @@ Napi::Value EncoderStageFn(const Napi::CallbackInfo& info, bool) {
     k = kt;
     v = vt;
   }
-  const uint64_t stamp = EMORL_ON_GPU(gpu, encoder_forward, s, h, kd, vd, *gpu.ws);
-  gpu.done(a.env());
+  uint64_t stamp;
+  if (gpu.on_gpu()) {
+    if (p.has("precision")) (void)parse_precision(a, p.get("precision"), p.name("precision"), gpu.device);  // bf16: a clear error
+    stamp = EMORL_ON_GPU(gpu, encoder_forward, s, h, kd, vd, *gpu.ws);
+    gpu.done(a.env());
+  } else {
+    const CpuEncoderCall c = cpu_encoder_call(a, p, gpu);
+    stamp = emorl::encoder_forward_cpu(s, h, kd, vd, c.prec, c.owner->ws(), c.owner->cpu_stamps(), threads());
+    c.owner->report(a.env());
+  }
   const auto num = [&](double x) { return Napi::Number::New(a.env(), x); };
   return object_of(a.env(), {{"k", k}, {"v", v}, {"rows", num(static_cast<double>(rows))}, {"Z", num(static_cast<double>(h.Z))},
                              {"stamp", num(static_cast<double>(stamp))}});
@@ -1651,19 +1678,20 @@ uint64_t sum_id_prop(const Args& a, const Props& p) {
   return static_cast<uint64_t>(id);
 }
 
-// encoderStageBackward({x, xShape, layers, head, dk?, dv?, sumId?, stamp, needParams, device, workspace?})
+// encoderStageBackward({x, xShape, layers, head, dk?, dv?, sumId?, stamp, needParams, device, workspace?, precision?})
 //   -> {dw, db: [per layer] | null, head: {posW, posB, lnW, lnB, w1, b1, w2, b2, wk, wv} | null}
-//   Without dk and dv: the sums encoderAttentionBackward made on the device under sumId.
+//   Without dk and dv: the sums encoderAttentionBackward made on the device under sumId (GPU devices).
 Napi::Value EncoderStageBackwardFn(const Napi::CallbackInfo& info, bool) {
   Args a(info, "encoderStageBackward");
   Props p(a, a.at(0), "spec");
   const auto [s, h] = encoder_spec(a, p);
-  GpuCall gpu = conv_stack_device(a, p);
+  GpuCall gpu(a, p);
   const int64_t rows = s.geom(s.layers.size() - 1).M();
   const std::string kv = "[rows, Z] = " + shape_str({rows, h.Z});
   const uint64_t sum_id = sum_id_prop(a, p);
   const bool summed = !p.has("dk") && !p.has("dv");
-  if (summed && !sum_id) a.type_error("'" + p.name("dk") + "' and '" + p.name("dv") + "' are needed (or a sumId)");
+  if (summed && (!sum_id || !gpu.on_gpu()))
+    a.type_error("'" + p.name("dk") + "' and '" + p.name("dv") + "' are needed" + (gpu.on_gpu() ? " (or a sumId)" : ""));
   const float* dk = summed ? nullptr : p.f32("dk", rows * h.Z, kv);
   const float* dv = summed ? nullptr : p.f32("dv", rows * h.Z, kv);
   const uint64_t stamp = stamp_prop(a, p, "encoderStage");
@@ -1673,8 +1701,14 @@ Napi::Value EncoderStageBackwardFn(const Napi::CallbackInfo& info, bool) {
   stack_grads(a, s, need_params, r, dw, db);
   emorl::EncoderHeadParamGrads g{};
   r.Set("head", need_params ? Napi::Value(head_grads_object(a, h, g)) : a.env().Null());
-  EMORL_ON_GPU(gpu, encoder_backward, s, h, stamp, dk, dv, dw, db, g, *gpu.ws, sum_id);
-  gpu.done(a.env());
+  if (gpu.on_gpu()) {
+    EMORL_ON_GPU(gpu, encoder_backward, s, h, stamp, dk, dv, dw, db, g, *gpu.ws, sum_id);
+    gpu.done(a.env());
+  } else {
+    const CpuEncoderCall c = cpu_encoder_call(a, p, gpu);
+    emorl::encoder_backward_cpu(s, h, stamp, dk, dv, dw, db, g, c.prec, c.owner->ws(), c.owner->cpu_stamps(), threads());
+    c.owner->report(a.env());
+  }
   return r;
 }
 

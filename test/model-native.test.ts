@@ -11,7 +11,7 @@ import { tfjsOps, type EncoderArgs, type Ops } from '../lib/ops';
 import { hostKeysValues } from '../lib/ops/encoder-stage';
 import { positionalEmbedding } from '../lib/model/positional';
 import { nativeOps, nativeOpsAvailable, nativeOpsOn, defaultOps, opsForBackend } from '../lib/ops/native';
-import { addonOps, type ConvPrecision, type StageDevice } from '../lib/ops/addon';
+import { addonOps, workspaceFor, type ConvPrecision, type StageDevice } from '../lib/ops/addon';
 import { spawnSync } from 'node:child_process';
 import * as path from 'node:path';
 import type { FusedActivation } from '../lib/ops/conv';
@@ -159,6 +159,29 @@ describeNative('nativeOps ops vs tfjsOps', () => {
       const g2 = tf.grads(two(nativeOps))(params), g2r = tf.grads(two(tfjsOps))(params);
       g2.forEach((g, i) => expectScaled(g, g2r[i], 1e-4, `two passes: gradient ${i}`));
       expect(maxAbsOf(gz[12])).toBe(0);
+
+      // the activations live in the first weight's workspace, which a later pass reuses as it is
+      const ws = workspaceFor(params[0], 'encoder') as { bytes(): number };
+      const held = ws.bytes();
+      expect(held).toBeGreaterThan(4 * B * H * W * D * 5); // two maps, f1, f2, f3 at least
+      tf.grads(f(nativeOps))(params);
+      expect(ws.bytes()).toBe(held);
+      // the addon's checks of a CPU stage
+      const stage = addonOps();
+      const spec = {
+        x: new Float32Array(B * H * W * C), xShape: [B, H, W, C], device: 'cpu' as const,
+        layers: [{ w: new Float32Array(D * C * 25), wShape: [D, C, 5, 5], b: new Float32Array(D), pad: 2, act: 1 }],
+        head: {
+          pos: positionalEmbedding(H, W), posW: new Float32Array(D * 4), posB: new Float32Array(D), lnW: new Float32Array(D).fill(1), lnB: new Float32Array(D), eps: 1e-5,
+          w1: new Float32Array(D * D), b1: new Float32Array(D), w2: new Float32Array(D * D), b2: new Float32Array(D), wk: new Float32Array(Z * D), wv: new Float32Array(Z * D),
+        },
+      };
+      expect(() => stage.encoderStage(spec)).toThrow(/'spec.workspace' is needed on the CPU/);
+      const own = { ...spec, workspace: new stage.DecoderWorkspace() };
+      expect(() => stage.encoderStage({ ...own, keep: true })).toThrow(/'spec.keep' is for GPU devices/);
+      const r = stage.encoderStage(own);
+      expect([r.k!.length, r.rows, r.Z]).toEqual([B * H * W * Z, B * H * W, Z]);
+      expect(() => stage.encoderStageBackward({ ...own, stamp: r.stamp, needParams: true })).toThrow(/'spec.dk' and 'spec.dv' are needed$/);
     });
   });
 

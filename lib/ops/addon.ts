@@ -125,6 +125,8 @@ export interface EncoderHeadSpec {
 }
 
 export interface EncoderStageSpec extends ConvStackSpec {
+  /** the CPU convolutions' precision (device 'cpu') */
+  precision?: ConvPrecision;
   head: {
     /** [H·W, pc] of the last map */
     pos: Float32Array;

@@ -116,25 +116,7 @@ function stackLayerGrads(layers: ConvStackLayer[], dw: Float32Array[], db: Float
  * are constants here: no gradient flows to them.
  */
 export function encoderOnDevice(a: EncoderArgs, device: StageDevice): EncoderOutput {
-  if (!a.convs.length) throw new Error('encoder: no convolutions');
-  const k = nhwc();
-  const workspace = workspaceFor(a.convs[0].weight, 'encoder');
-  const [B, H, W] = a.x.shape;
-  const xShape = [...a.x.shape];
-  const xd = f32(a.x), posTag = contentTag(a.pos);
-  const nc = a.convs.length;
-  const head = headTensors(a);
-  const inputs = [...a.convs.flatMap((L) => [L.weight, L.bias]), ...head];
-  const specOf = (t: tf.Tensor[]): EncoderStageSpec => {
-    const hp = t.slice(2 * nc);
-    return {
-      x: xd, xShape, device, workspace,
-      layers: stackLayerSpecs(a.convs, t.slice(0, 2 * nc)),
-      head: { ...headSpec(a, hp), tags: [posTag, ...hp.map(contentTag)] },
-    };
-  };
-  const paramGrads = (t: tf.Tensor[], b: ReturnType<typeof k.encoderStageBackward> | null) =>
-    b ? [...stackLayerGrads(a.convs, b.dw!, b.db!), ...headGrads(b.head!, head)] : t.map((x) => tf.zerosLike(x));
+  const { k, B, H, W, inputs, specOf, paramGrads } = encoderStageParts(a, device, 'fp32');
   if (a.attentionOnly) {
     return keptKvOp(inputs, (t) => {
       const spec = specOf(t);
@@ -156,6 +138,35 @@ export function encoderOnDevice(a: EncoderArgs, device: StageDevice): EncoderOut
     };
   });
   return kvOutput(kv, B, H * W);
+}
+
+/**
+ * What the encoder as one addon stage needs on either side: its inputs (the parameters: the images
+ * and the positional grid are constants), the addon's spec from them, and their gradients from the
+ * backward call's result (null: zeros). The workspace is the first convolution's weight's.
+ */
+function encoderStageParts(a: EncoderArgs, device: StageDevice, precision: ConvPrecision) {
+  if (!a.convs.length) throw new Error('encoder: no convolutions');
+  const k = nhwc();
+  const workspace = workspaceFor(a.convs[0].weight, 'encoder');
+  const [B, H, W] = a.x.shape;
+  const xShape = [...a.x.shape];
+  const xd = f32(a.x), posTag = device === 'cpu' ? 0 : contentTag(a.pos);
+  const nc = a.convs.length;
+  const head = headTensors(a);
+  const inputs = [...a.convs.flatMap((L) => [L.weight, L.bias]), ...head];
+  const specOf = (t: tf.Tensor[]): EncoderStageSpec => {
+    const hp = t.slice(2 * nc);
+    return {
+      x: xd, xShape, device, workspace,
+      layers: stackLayerSpecs(a.convs, t.slice(0, 2 * nc)),
+      head: { ...headSpec(a, hp), ...(device !== 'cpu' && { tags: [posTag, ...hp.map(contentTag)] }) },
+      ...(precision !== 'fp32' && { precision }),
+    };
+  };
+  const paramGrads = (t: tf.Tensor[], b: ReturnType<typeof k.encoderStageBackward> | null) =>
+    b ? [...stackLayerGrads(a.convs, b.dw!, b.db!), ...headGrads(b.head!, head)] : t.map((x) => tf.zerosLike(x));
+  return { k, B, H, W, inputs, specOf, paramGrads };
 }
 
 /**
@@ -262,42 +273,36 @@ function kvOutput(kv: tf.Tensor2D, B: number, HW: number): EncoderOutput {
 }
 
 /**
- * The encoder on the CPU kernels: the convolutions by `ops.convStack`, then the head (positional
- * add, LayerNorm, MLP, k and v: native/encoder_head.h) as one addon call each way, which keeps its
- * activations as typed arrays between them. With attentionOnly, k and v stay in those arrays
- * (CpuKeysValues) and the backward call takes the dk and dv the attention rounds summed there.
+ * The encoder on the CPU kernels as one addon call each way (native/encoder_stage.h): the
+ * convolutions and the head (positional add, LayerNorm, MLP, k and v), every activation in the
+ * workspace of the first convolution's weight from the forward call to its backward call
+ * (recomputed if another forward ran since), so a step makes none of them afresh. With
+ * attentionOnly, k and v stay in the arrays the forward call returned (CpuKeysValues) and the
+ * backward call takes the dk and dv the attention rounds summed there.
  */
-export function encoderOnCpu(ops: Ops, a: EncoderArgs): EncoderOutput {
-  const h = ops.convStack(a.x, a.convs);
-  const [B, H, W, D] = h.shape;
-  const rows = B * H * W;
-  const k = nhwc();
-  const head = headTensors(a);
-  const forward = (t: tf.Tensor[]) => {
-    const spec = { h: f32(t[0]), rows, hw: H * W, D, head: headSpec(a, t.slice(1)) };
-    return { spec, r: k.encoderHead(spec) };
-  };
-  const backward = ({ spec, r }: ReturnType<typeof forward>, dk: Float32Array, dv: Float32Array, needParams: boolean) => {
-    const b = k.encoderHeadBackward({ ...spec, f1: r.f1, f2: r.f2, f3: r.f3, mean: r.mean, rstd: r.rstd, dk, dv, needParams });
-    const dh = tf.tensor4d(b.dh, [B, H, W, D]);
-    return needParams ? [dh, ...headGrads(b.head!, head)] : [dh, ...head.map((x) => tf.zerosLike(x))];
-  };
+export function encoderOnCpu(a: EncoderArgs, precision: ConvPrecision = 'fp32'): EncoderOutput {
+  const { k, B, H, W, inputs, specOf, paramGrads } = encoderStageParts(a, 'cpu', precision);
+  const backward = (t: tf.Tensor[], spec: EncoderStageSpec, stamp: number, dk: Float32Array, dv: Float32Array, needParams: boolean) =>
+    // without parameter gradients there is nothing to compute: the images take none
+    paramGrads(t, needParams ? k.encoderStageBackward({ ...spec, dk, dv, stamp, needParams }) : null);
   if (a.attentionOnly) {
-    return keptKvOp([h, ...head], (t) => {
-      const f = forward(t);
-      const kept = new CpuKeysValues([B, H * W, f.r.k.length / rows], f.r.k, f.r.v);
+    return keptKvOp(inputs, (t) => {
+      const spec = specOf(t);
+      const r = k.encoderStage(spec);
+      const kept = new CpuKeysValues([B, H * W, r.Z], r.k, r.v);
       return {
         kept,
         grads: (needParams) => {
-          const s = kept.takeSums();
-          return backward(f, s.dk, s.dv, needParams);
+          const sums = kept.takeSums();
+          return backward(t, spec, r.stamp, sums.dk, sums.dv, needParams);
         },
       };
     });
   }
-  const kv = kvOp([h, ...head], (t) => {
-    const f = forward(t);
-    return { k: f.r.k, v: f.r.v, rows, Z: f.r.k.length / rows, grads: (dk, dv, needParams) => backward(f, dk, dv, needParams) };
+  const kv = kvOp(inputs, (t) => {
+    const spec = specOf(t);
+    const r = k.encoderStage(spec);
+    return { ...r, grads: (dk, dv, needParams) => backward(t, spec, r.stamp, dk, dv, needParams) };
   });
   return kvOutput(kv, B, H * W);
 }
@@ -531,7 +536,7 @@ export function layerNorm(x: tf.Tensor, weight?: tf.Tensor, bias?: tf.Tensor, ep
  */
 export const nativeOps: Ops = {
   ...tfjsOps, conv2d, convStack: (x, layers) => convStackWith(conv2d, x, layers), convTranspose2d, broadcastConv2d, linear, layerNorm, decoderNll,
-  slotCompetition, gruCell, dualGruCell, encoder: (args) => encoderOnCpu(nativeOps, args),
+  slotCompetition, gruCell, dualGruCell, encoder: (args) => encoderOnCpu(args),
 };
 
 export { nativeOpsAvailable };
@@ -592,7 +597,7 @@ export function nativeOpsOn(device: StageDevice, precision: ConvPrecision = 'fp3
     decoderNll: (a) => decoderNll(a, device, precision),
     conv2d: (x, w, b, opts) => conv2d(x, w, b, opts, device, precision),
     convStack: (x, layers) => (device === 'cpu' ? convStackWith(ops.conv2d, x, layers) : convStackOnDevice(x, layers, device)),
-    encoder: (args) => (device === 'cpu' ? encoderOnCpu(ops, args) : encoderOnDevice(args, device)),
+    encoder: (args) => (device === 'cpu' ? encoderOnCpu(args, precision) : encoderOnDevice(args, device)),
     ...(device !== 'cpu' && {
       gruCell: (x, h, p) => gruCell(x, h, p, device),
       dualGruCell: (x, h1, h2, p) => dualGruCell(x, h1, h2, p, device),
