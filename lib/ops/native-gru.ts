@@ -18,7 +18,7 @@
  */
 import { tf } from '../tf';
 import { f32 } from './arrays';
-import { addonOps, contentTag, derivedTag, workspaceFor, type StageDevice } from './addon';
+import { addonOps, contentTag, derivedTag, workspaceFor, type GruCellGrads, type StageDevice } from './addon';
 import { paramGradsEnabled } from './conv';
 import type { DualGruWeights, GruWeights } from './nn';
 
@@ -39,15 +39,6 @@ interface GruArrays {
   bHh: Float32Array;
 }
 
-interface GruArrayGrads {
-  dx: Float32Array;
-  dh: Float32Array;
-  /** null without parameter gradients */
-  dwIh: Float32Array | null;
-  dwHh: Float32Array | null;
-  dbIh: Float32Array | null;
-  dbHh: Float32Array | null;
-}
 
 /**
  * One GRU step on arrays: h' now, and the backward for later (from dh', its gradients). On a GPU
@@ -57,7 +48,7 @@ interface GruArrayGrads {
  */
 function gruStep(x: Float32Array, h: Float32Array, w: GruArrays, N: number, I: number, H: number, device: StageDevice, key: object,
   tags: () => { wIhTag: number; wHhTag: number; bIhTag: number; bHhTag: number }):
-  { y: Float32Array; backward: (dy: Float32Array, needParams: boolean) => GruArrayGrads } {
+  { y: Float32Array; backward: (dy: Float32Array, needParams: boolean) => GruCellGrads } {
   const m = addonOps();
   const where = device === 'cpu' ? {} : { device, workspace: workspaceFor(key), ...tags() };
   const biases = { bIh: w.bIh, bHh: w.bHh };
