@@ -193,7 +193,7 @@ export function sumAxes(x: Float32Array, shape: readonly number[], axes: readonl
   const acc = new Float64Array(outSize);
   if (x.length === 0 || extent.length === 0) {
     if (x.length) acc[0] = x[0];
-    return Float32Array.from(acc);
+    return new Float32Array(acc);
   }
   // output strides per merged axis (0 along reduced ones)
   const outStride = new Array<number>(extent.length);
@@ -218,7 +218,7 @@ export function sumAxes(x: Float32Array, shape: readonly number[], axes: readonl
       idx[a] = 0;
     }
   }
-  return Float32Array.from(acc);
+  return new Float32Array(acc);
 }
 
 function float32Values(backend: CpuBackendData, t: tf.TensorInfo): Float32Array | null {
