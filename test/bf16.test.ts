@@ -209,6 +209,32 @@ describeBf16('a decoding stage and the ops in bf16', () => {
     });
   });
 
+  test('nativeOpsOn(cpu, bf16) runs the encoder stage\'s convolutions in bf16 too', () => {
+    tf.tidy(() => {
+      const B = 2, H = 9, W = 8, C = 3, D = 32, Z = 16;
+      const t = (shape: number[], seed: number, r = 1) => tf.tensor(uniform(shape.reduce((a, b) => a * b, 1), seed, -r, r), shape);
+      const params = [t([D, C, 5, 5], 41, 0.2), t([D], 42, 0.1), t([D, D, 5, 5], 43, 0.05), t([D], 44, 0.1),
+        t([D, 4], 45, 0.5), t([D], 46, 0.1), tf.add(1, t([D], 47, 0.2)), t([D], 48, 0.1),
+        t([D, D], 49, 0.3), t([D], 50, 0.1), t([D, D], 51, 0.3), t([D], 52, 0.1), t([Z, D], 53, 0.3), t([Z, D], 54, 0.3)];
+      const x = t([B, H, W, C], 55) as tf.Tensor4D, pos = t([H, W, 4], 56) as tf.Tensor3D;
+      const wk = t([B, H * W, Z], 57), wv = t([B, H * W, Z], 58);
+      const loss = (precision: 'fp32' | 'bf16') => (...p: tf.Tensor[]) => {
+        const r = nativeOpsOn('cpu', precision).encoder({
+          x, pos, convs: [0, 1].map((i) => ({ weight: p[2 * i], bias: p[2 * i + 1], pad: 2, activation: 'relu' as const })),
+          posWeight: p[4], posBias: p[5], lnWeight: p[6], lnBias: p[7], w1: p[8], b1: p[9], w2: p[10], b2: p[11], wk: p[12], wv: p[13],
+        });
+        return tf.add(tf.sum(tf.mul(r.k!, wk)), tf.sum(tf.mul(r.v!, wv))) as tf.Scalar;
+      };
+      const g16 = tf.grads(loss('bf16'))(params), g32 = tf.grads(loss('fp32'))(params);
+      // the second convolution's filter gradient is a bf16 product, and bf16's 8-bit mantissas
+      // move every value after them: within ~10% of fp32's here (as with the per-layer calls
+      // before the stage), not equal
+      const d = relDistance(g16[2].dataSync() as Float32Array, g32[2].dataSync() as Float32Array);
+      expect(d).toBeGreaterThan(1e-5);
+      expect(d).toBeLessThan(0.3);
+    });
+  });
+
   test('clear errors: an unknown precision, bf16 on a GPU device or the js backend', () => {
     const k = addonOps();
     const x = uniform(16, 1), w = uniform(16, 2);
