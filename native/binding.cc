@@ -440,7 +440,8 @@ Napi::Value Conv2dTransposeBackwardFilter(const Napi::CallbackInfo& info, bool r
 // matmul(a, aShape[(B,)M,K], b, bShape[(B,)K,N], transA, transB, out?) -> c[(B,)M,N]
 // With transA, a is stored [(B,)K,M]; with transB, b is stored [(B,)N,K]. A batch of 1 (or a
 // 2-D operand) broadcasts against the other operand's batch.
-// matmul(a, aShape, b, bShape, transA, transB, out?, bias?, relu?) -> op(a)·op(b) (+ bias) (ReLU)
+// matmul(a, aShape, b, bShape, transA, transB, out?, bias?, act?) -> act(op(a)·op(b) (+ bias)); act: true
+// (ReLU), or an activation code 0 (linear), 1 (ReLU), 2 (ELU)
 Napi::Value Matmul(const Napi::CallbackInfo& info, bool reference) {
   Args a(info, "matmul");
   auto as = a.ints(1, "aShape", {2, 3});
@@ -464,16 +465,23 @@ Napi::Value Matmul(const Napi::CallbackInfo& info, bool reference) {
   auto c = out_or_new(a, 6, a.numel(out3 ? std::vector<int64_t>{batch, M, N} : std::vector<int64_t>{M, N}, "output"),
                       {{0, "a"}, {2, "b"}});
   const int64_t sa = ba == 1 ? 0 : M * K, sb = bb == 1 ? 0 : K * N;
-  // optional epilogue (the linear layers): + bias [N] per row, then ReLU
+  // optional epilogue (the linear layers): + bias [N] per row, then the activation
   const float* bias = a.f32_opt(7, "bias", N, "the output's N columns");
-  const bool relu = a.boolean(8, "relu", false);
+  emorl::Act act = emorl::Act::Linear;
+  if (a.at(8).IsNumber()) {
+    const double code = a.at(8).As<Napi::Number>().DoubleValue();
+    if (code != 0 && code != 1 && code != 2) a.range_error("argument 'act' must be 0 (linear), 1 (relu) or 2 (elu)");
+    act = static_cast<emorl::Act>(static_cast<int>(code));
+  } else if (a.boolean(8, "act", false)) {
+    act = emorl::Act::Relu;
+  }
   if (reference) {
     for (int64_t i = 0; i < batch; ++i) emorl::ref::matmul(ta, tb, M, N, K, A + i * sa, B + i * sb, c.Data() + i * M * N);
   } else if (M * N > 0) {
     emorl::GemmCall g{ta, tb, M, N, K, A, ta ? M : K, B, tb ? K : N, c.Data(), N, false};
     emorl::sgemm_batched(g, batch, sa, sb, M * N, threads());
   }
-  emorl::bias_act(c.Data(), batch * M, N, bias, relu ? emorl::Act::Relu : emorl::Act::Linear, reference ? 1 : threads());
+  emorl::bias_act(c.Data(), batch * M, N, bias, act, reference ? 1 : threads());
   return c;
 }
 

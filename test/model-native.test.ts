@@ -327,11 +327,13 @@ describeNative('nativeOps ops vs tfjsOps', () => {
   test.each([
     ['3-D input with bias', [2, 300, 64], [64, 64], true, 'linear'],
     ['2-D input without bias', [1225, 64], [32, 64], false, 'linear'],
-    ['small (tfjs path)', [3, 5], [4, 5], true, 'linear'],
+    ['small', [3, 5], [4, 5], true, 'linear'],
     ['3-D input with bias, fused ReLU', [2, 300, 64], [64, 64], true, 'relu'],
     ['2-D input without bias, fused ReLU', [1225, 64], [32, 64], false, 'relu'],
-    ['small (tfjs path), ReLU', [3, 5], [4, 5], true, 'relu'],
-  ] as [string, number[], number[], boolean, 'linear' | 'relu'][])('linear %s: values and gradients', (_n, xs, ws, withBias, act) => {
+    ['small, ReLU', [3, 5], [4, 5], true, 'relu'],
+    ['[B·K, z] rows, fused ELU', [128, 96], [128, 96], true, 'elu'],
+    ['small, ELU, without bias', [3, 5], [4, 5], false, 'elu'],
+  ] as [string, number[], number[], boolean, 'linear' | 'relu' | 'elu'][])('linear %s: values and gradients', (_n, xs, ws, withBias, act) => {
     tf.tidy(() => {
       const x = rand(xs, 5), w = rand(ws, 6, 0.3), b = rand([ws[0]], 7);
       const run = (ops: Ops, xx: tf.Tensor, ww: tf.Tensor, bb: tf.Tensor) => (withBias ? ops.linear(xx, ww, bb, act) : ops.linear(xx, ww, undefined, act));

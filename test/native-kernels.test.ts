@@ -228,7 +228,7 @@ describeNative('native kernels', () => {
     expect(Array.from(c.data)).toEqual(new Array(12).fill(0));
   });
 
-  test('matmul with the linear layers\' epilogue: + bias per row, then ReLU, as in float32 arithmetic', () => {
+  test('matmul with the linear layers\' epilogue: + bias per row, then ReLU or ELU, as in float32 arithmetic', () => {
     // eslint-disable-next-line @typescript-eslint/no-require-imports
     const raw = require(status.path!) as { matmul: (...a: unknown[]) => Float32Array; reference: { matmul: (...a: unknown[]) => Float32Array } };
     const M = 300, Kd = 24, N = 40;
@@ -242,6 +242,14 @@ describeNative('native kernels', () => {
       expect(Array.from(raw.matmul(A, [M, Kd], B, [N, Kd], false, true, null, bias, relu))).toEqual(Array.from(want));
       expect(relErr(raw.reference.matmul(A, [M, Kd], B, [N, Kd], false, true, null, bias, relu), want)).toBeLessThan(TOL);
     }
+    // activation codes (ADDON_ACT): 1 is ReLU as `true`; 2 ELU (the epilogue's expm1, within ulps)
+    expect(Array.from(raw.matmul(A, [M, Kd], B, [N, Kd], false, true, null, bias, 1))).toEqual(Array.from(raw.matmul(A, [M, Kd], B, [N, Kd], false, true, null, bias, true)));
+    const elu = plain.map((v, i) => {
+      const t = Math.fround(v + bias[i % N]);
+      return t > 0 ? t : Math.fround(Math.expm1(t));
+    });
+    expect(relErr(raw.matmul(A, [M, Kd], B, [N, Kd], false, true, null, bias, 2), elu)).toBeLessThan(1e-6);
+    expect(() => raw.matmul(A, [M, Kd], B, [N, Kd], false, true, null, bias, 3)).toThrow(/argument 'act' must be 0 \(linear\), 1 \(relu\) or 2 \(elu\)/);
     expect(() => raw.matmul(A, [M, Kd], B, [N, Kd], false, true, null, new Float32Array(N + 1))).toThrow(/argument 'bias' has 41 elements but the output's N columns needs 40/);
   });
 

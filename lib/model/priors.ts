@@ -144,7 +144,7 @@ export function klDiagReference(q: Gaussian, p: Gaussian | null): tf.Tensor1D {
 /** The prior network: z -> Linear(z,128) ELU -> (Linear(128,z) for μ, Linear(128,z) for s). */
 export function priorFromSample(p: ParamStore, ops: Ops, z: tf.Tensor2D): Gaussian {
   const n = 'hvae_networks.indep_prior';
-  const hid = ops.elu(ops.linear(z, p.get(`${n}.z_linear.0.weight`), p.get(`${n}.z_linear.0.bias`)));
+  const hid = ops.linear(z, p.get(`${n}.z_linear.0.weight`), p.get(`${n}.z_linear.0.bias`), 'elu');
   const loc = ops.linear(hid, p.get(`${n}.z_mu.weight`), p.get(`${n}.z_mu.bias`)) as tf.Tensor2D;
   const sp = ops.linear(hid, p.get(`${n}.z_softplus.weight`), p.get(`${n}.z_softplus.bias`)) as tf.Tensor2D;
   return gaussianFromParams(loc, sp);

@@ -25,7 +25,7 @@ export function refinementStep(p: ParamStore, ops: Ops, lambda: tf.Tensor2D, dLa
   const [dLoc, dSp] = tf.split(dLambda, 2, 1);
   const input = tf.concat([lambda, ops.layerNorm(dLoc), ops.layerNorm(dSp)], 1);
   const x = ops.linear(
-    ops.elu(ops.linear(input, p.get(`${r}.encoding.0.weight`), p.get(`${r}.encoding.0.bias`))),
+    ops.linear(input, p.get(`${r}.encoding.0.weight`), p.get(`${r}.encoding.0.bias`), 'elu'),
     p.get(`${r}.encoding.2.weight`),
     p.get(`${r}.encoding.2.bias`),
   ) as tf.Tensor2D;

@@ -30,9 +30,9 @@ export interface NativeAddon {
   nhwcConvTranspose2dBackward(x: Float32Array, xShape: number[], w: Float32Array, wShape: number[],
     y: Float32Array | null, dy: Float32Array, stride: number[], pad: number[], outputPad: number[], act: number[],
     needDx: boolean, needParams: boolean): NhwcGrads;
-  /** op(a)·op(b), then (the linear layers' epilogue) + bias per row and ReLU */
+  /** op(a)·op(b), then (the linear layers' epilogue) + bias per row and the activation (true: ReLU; or ADDON_ACT's code) */
   matmul(a: Float32Array, aShape: number[], b: Float32Array, bShape: number[], transA: boolean, transB: boolean,
-    out?: Float32Array | null, bias?: Float32Array | null, relu?: boolean): Float32Array;
+    out?: Float32Array | null, bias?: Float32Array | null, act?: boolean | number): Float32Array;
   /** buffers decoderStage and the GPU ops keep between calls (owned by the JS object) */
   DecoderWorkspace: new () => AddonWorkspace;
   /** one decoder stage (native/decoder.h); the spec is checked there */

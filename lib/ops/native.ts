@@ -335,7 +335,7 @@ export function convTranspose2d(x: tf.Tensor4D, weight: tf.Tensor, bias: tf.Tens
 }
 
 /** linear as tfjsOps.linear (y = x Wᵀ + b over the last axis, W [out,in]); big ones on the addon's GEMM. */
-export function linear(x: tf.Tensor, weight: tf.Tensor, bias?: tf.Tensor, activation: 'linear' | 'relu' = 'linear'): tf.Tensor {
+export function linear(x: tf.Tensor, weight: tf.Tensor, bias?: tf.Tensor, activation: 'linear' | 'relu' | 'elu' = 'linear'): tf.Tensor {
   const inDim = x.shape[x.rank - 1];
   if (weight.shape[1] !== inDim) {
     throw new Error(`linear: input has ${inDim} features, weight [${weight.shape}] expects ${weight.shape[1]}`);
@@ -348,22 +348,24 @@ export function linear(x: tf.Tensor, weight: tf.Tensor, bias?: tf.Tensor, activa
     (bias && (bias.rank !== 1 || bias.shape[0] !== outDim))) {
     return tfjsOps.linear(x, weight, bias, activation);
   }
-  const relu = activation === 'relu';
+  const act = activation;
   const k = nhwc();
   const lead = x.shape.slice(0, -1);
   const outShape = [...lead, outDim];
   const body = (xt: tf.Tensor, wt: tf.Tensor, bd: Float32Array | null) => {
-    // bias and ReLU fused into the product; ReLU's gradient mask is the output's sign. The
-    // backward reads x's and W's arrays themselves (tfjs' save() would clone each: an op apiece).
+    // bias and the activation fused into the product; its derivative comes from the output (ReLU:
+    // its sign; ELU: y + 1 below 0, as tfjs' EluGrad). The backward reads x's and W's arrays
+    // themselves (tfjs' save() would clone each: an op apiece).
     const xd = f32(xt), wd = f32(wt);
-    const y = k.matmul(xd, [rows, inDim], wd, [outDim, inDim], false, true, null, bd, relu);
+    const y = k.matmul(xd, [rows, inDim], wd, [outDim, inDim], false, true, null, bd, ADDON_ACT[act]);
     return {
       value: tf.tensor(y, outShape),
       grads: (dy: tf.Tensor): [tf.Tensor, tf.Tensor, Float32Array | null] => {
         let g = f32(dy);
-        if (relu) {
+        if (act !== 'linear') {
           const m = new Float32Array(g.length);
-          for (let i = 0; i < g.length; i++) m[i] = y[i] > 0 ? g[i] : 0;
+          if (act === 'relu') for (let i = 0; i < g.length; i++) m[i] = y[i] > 0 ? g[i] : 0;
+          else for (let i = 0; i < g.length; i++) m[i] = y[i] >= 0 ? g[i] : g[i] * (y[i] + 1);
           g = m;
         }
         const dx = tf.tensor(k.matmul(g, [rows, outDim], wd, [outDim, inDim], false, false), x.shape);

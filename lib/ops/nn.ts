@@ -5,8 +5,8 @@
  */
 import { tf } from '../tf';
 
-/** y = x Wᵀ + b over the last axis, W [out,in] as nn.Linear stores it. */
-export function linear(x: tf.Tensor, weight: tf.Tensor, bias?: tf.Tensor, activation: 'linear' | 'relu' = 'linear'): tf.Tensor {
+/** y = act(x Wᵀ + b) over the last axis, W [out,in] as nn.Linear stores it; act ReLU or ELU (alpha 1) when asked. */
+export function linear(x: tf.Tensor, weight: tf.Tensor, bias?: tf.Tensor, activation: 'linear' | 'relu' | 'elu' = 'linear'): tf.Tensor {
   const inDim = x.shape[x.rank - 1];
   if (weight.shape[1] !== inDim) {
     throw new Error(`linear: input has ${inDim} features, weight [${weight.shape}] expects ${weight.shape[1]}`);
@@ -16,6 +16,7 @@ export function linear(x: tf.Tensor, weight: tf.Tensor, bias?: tf.Tensor, activa
   let y: tf.Tensor = tf.matMul(x2, weight, false, true);
   if (bias) y = tf.add(y, bias);
   if (activation === 'relu') y = tf.relu(y);
+  else if (activation === 'elu') y = tf.elu(y);
   return x.rank === 2 ? y : y.reshape([...lead, weight.shape[0]]);
 }
 
