@@ -14,6 +14,29 @@ export abstract class KeptKeysValues implements ResidentKeysValues {
   constructor(readonly device: string, readonly shape: readonly [number, number, number]) {}
 }
 
+/**
+ * Sum arrays the encoder's backward pass is done with, by length, for the next pass: a fresh one
+ * of 5 MB (a Tetrominoes batch) costs a page fault per 4 KiB and V8 collections, ~3 ms each step;
+ * a warm one is zeroed in a tenth of that. Only arrays no one reads any more come here.
+ */
+const releasedSums = new Map<number, Float32Array[]>();
+const KEEP_RELEASED = 4;
+
+/** n zeros: a released array of that length, zeroed, or a new one. */
+function zeroedSums(n: number): Float32Array {
+  const a = releasedSums.get(n)?.pop();
+  return a ? a.fill(0) : new Float32Array(n);
+}
+
+/** Hands sum arrays back once nothing reads them (CpuKeysValues.takeSums' after the backward call). */
+export function releaseSums(...arrays: Float32Array[]): void {
+  for (const a of arrays) {
+    let list = releasedSums.get(a.length);
+    if (!list) releasedSums.set(a.length, (list = []));
+    if (list.length < KEEP_RELEASED && !list.includes(a)) list.push(a);
+  }
+}
+
 /** k and v [B, H·W, Z] as the CPU kernels made them, and the attention rounds' dk, dv sums. */
 export class CpuKeysValues extends KeptKeysValues {
   private dk: Float32Array | null = null;
@@ -23,11 +46,14 @@ export class CpuKeysValues extends KeptKeysValues {
   }
   /** the arrays the attention rounds add dk and dv onto (zero at first) */
   sums(): { dk: Float32Array; dv: Float32Array } {
-    this.dk ??= new Float32Array(this.k.length);
-    this.dv ??= new Float32Array(this.v.length);
+    this.dk ??= zeroedSums(this.k.length);
+    this.dv ??= zeroedSums(this.v.length);
     return { dk: this.dk, dv: this.dv };
   }
-  /** the sums, handed to the encoder's backward pass once (zero when no round ran backward) */
+  /**
+   * the sums, handed to the encoder's backward pass once (zero when no round ran backward); give
+   * them to releaseSums when it is done with them
+   */
   takeSums(): { dk: Float32Array; dv: Float32Array } {
     const s = this.sums();
     this.dk = this.dv = null;

@@ -18,7 +18,7 @@ import { attnOf, slotCompetition } from './native-attention';
 import { dualGruCell, gruCell } from './native-gru';
 import { tfjsOps, type Ops } from './index';
 import { ENCODER_LN_EPS, type EncoderArgs, type EncoderOutput } from './encoder-stage';
-import { CpuKeysValues, DeviceKeysValues, keptKvOp } from './kept-kv';
+import { CpuKeysValues, DeviceKeysValues, keptKvOp, releaseSums } from './kept-kv';
 import { ATTN_EPS, type SlotCompetition } from './attention';
 import { addTapSumsGrad, broadcastConvShapes, broadcastTapSums } from './broadcast';
 import { convStackWith, convTransposeShapes, paramGradsEnabled, type ConvOptions, type ConvStackLayer, type ConvTransposeOptions, type FusedActivation } from './conv';
@@ -294,7 +294,9 @@ export function encoderOnCpu(a: EncoderArgs, precision: ConvPrecision = 'fp32'):
         kept,
         grads: (needParams) => {
           const sums = kept.takeSums();
-          return backward(t, spec, r.stamp, sums.dk, sums.dv, needParams);
+          const g = backward(t, spec, r.stamp, sums.dk, sums.dv, needParams);
+          releaseSums(sums.dk, sums.dv); // the addon read them; nothing holds them now
+          return g;
         },
       };
     });
