@@ -1093,6 +1093,17 @@ AttentionCall attention_call(const Args& a, const Props& p) {
   return c;
 }
 
+// Arrays a call writes in place must each be their own memory, apart from every other array of the
+// call: the first of arrays[0, written) that shares memory with another, and that other ({-1, -1}: none).
+std::pair<int, int> first_overlap(std::initializer_list<std::pair<const float*, int64_t>> arrays, size_t written) {
+  const auto* v = arrays.begin();
+  for (size_t o = 0; o < written; ++o)
+    for (size_t i = 0; i < arrays.size(); ++i)
+      if (i != o && v[o].second && v[i].second && v[i].first < v[o].first + v[o].second && v[o].first < v[i].first + v[i].second)
+        return {static_cast<int>(o), static_cast<int>(i)};
+  return {-1, -1};
+}
+
 // slotAttention({q, k, v, B, K, N, d, C, eps}) -> {updates [B,K,C], p [B,K,N], s [B,K] (Float64Array)}
 // slotAttentionBackward({...the same, p, s, updates, dU [B,K,C], dkInto?, dvInto?}) -> {dq, dk, dv}
 //   With dkInto and dvInto, dk and dv are added onto them (and returned as null).
@@ -1124,14 +1135,9 @@ Napi::Value SlotAttentionBackwardFn(const Napi::CallbackInfo& info, bool) {
     // written in place: each must be its own memory, apart from every input's and the other's
     float* dk = const_cast<float*>(p.f32("dkInto", B * N * c.d.d, "[B,N,d] = " + shape_str({B, N, c.d.d})));
     float* dv = const_cast<float*>(p.f32("dvInto", B * N * c.d.C, "[B,N,C] = " + shape_str({B, N, c.d.C})));
-    const std::pair<const float*, int64_t> arrays[] = {{dk, B * N * c.d.d}, {dv, B * N * c.d.C},   {c.q, B * K * c.d.d},
-                                                       {c.k, B * N * c.d.d}, {c.v, B * N * c.d.C},  {pr, B * K * N},
-                                                       {updates, B * K * c.d.C}, {dU, B * K * c.d.C}};
-    for (int o = 0; o < 2; ++o)
-      for (size_t i = 0; i < std::size(arrays); ++i)
-        if (i != static_cast<size_t>(o) && arrays[i].first < arrays[o].first + arrays[o].second &&
-            arrays[o].first < arrays[i].first + arrays[i].second)
-          a.range_error("'" + p.name(o ? "dvInto" : "dkInto") + "' overlaps another array of the spec");
+    const int o = first_overlap({{dk, B * N * c.d.d}, {dv, B * N * c.d.C}, {c.q, B * K * c.d.d}, {c.k, B * N * c.d.d}, {c.v, B * N * c.d.C},
+                                 {pr, B * K * N}, {updates, B * K * c.d.C}, {dU, B * K * c.d.C}}, 2).first;
+    if (o >= 0) a.range_error("'" + p.name(o ? "dvInto" : "dkInto") + "' overlaps another array of the spec");
     emorl::slot_attention_backward(c.d, c.q, c.k, c.v, pr, sd, updates, dU, c.eps, dq.Data(), dk, dv, true, threads());
     return object_of(a.env(), {{"dq", dq}, {"dk", a.env().Null()}, {"dv", a.env().Null()}});
   }
@@ -1221,11 +1227,9 @@ Napi::Value AdamUpdateFn(const Napi::CallbackInfo& info, bool) {
   const float* g = p.f32("g", n, what);
   float* m = const_cast<float*>(p.f32("m", n, what));
   float* v = const_cast<float*>(p.f32("v", n, what));
-  const std::pair<const float*, const char*> arrays[] = {{m, "m"}, {v, "v"}, {param, "p"}, {g, "g"}};
-  for (int o = 0; o < 2; ++o)
-    for (size_t i = 0; i < std::size(arrays); ++i)
-      if (n && i != static_cast<size_t>(o) && arrays[i].first < arrays[o].first + n && arrays[o].first < arrays[i].first + n)
-        a.range_error("'" + p.name(arrays[o].second) + "' overlaps '" + p.name(arrays[i].second) + "' (it is updated in place)");
+  const auto [o, i] = first_overlap({{m, n}, {v, n}, {param, n}, {g, n}}, 2);
+  const char* names[] = {"m", "v", "p", "g"};
+  if (o >= 0) a.range_error("'" + p.name(names[o]) + "' overlaps '" + p.name(names[i]) + "' (it is updated in place)");
   auto scalar = [&](const char* key) {
     const double d = p.number(key);
     if (static_cast<double>(static_cast<float>(d)) != d) a.range_error("'" + p.name(key) + "' must be a float32 value (Math.fround)");

@@ -17,7 +17,7 @@
  * rearranged into nn.GRU's (reset, update, new) rows.
  */
 import { tf } from '../tf';
-import { f32 } from './arrays';
+import { f32, sideBySide, splitSideBySide } from './arrays';
 import { addonOps, contentTag, derivedTag, workspaceFor, type GruCellGrads, type StageDevice } from './addon';
 import { paramGradsEnabled } from './conv';
 import type { DualGruWeights, GruWeights } from './nn';
@@ -38,7 +38,6 @@ interface GruArrays {
   bIh: Float32Array;
   bHh: Float32Array;
 }
-
 
 /**
  * One GRU step on arrays: h' now, and the backward for later (from dh', its gradients). On a GPU
@@ -140,22 +139,12 @@ export function dualGruCell(x: tf.Tensor2D, h1: tf.Tensor2D, h2: tf.Tensor2D, p:
     };
     const s1 = cell(1, h1v, wih1, win1, whh1, whn1);
     const s2 = cell(2, h2v, wih2, win2, whh2, whn2);
-    // one output (tfjs' customGrad takes one): the rows of h1' and h2' side by side, [N, 2H]
-    const both = new Float32Array(N * 2 * H);
-    for (let r = 0; r < N; r++) {
-      both.set(s1.y.subarray(r * H, (r + 1) * H), r * 2 * H);
-      both.set(s2.y.subarray(r * H, (r + 1) * H), r * 2 * H + H);
-    }
+    // one output (customGrad takes one): h1' and h2' side by side, [N, 2H]
     return {
-      value: tf.tensor2d(both, [N, 2 * H]),
+      value: tf.tensor2d(sideBySide(s1.y, s2.y, N, H), [N, 2 * H]),
       gradFunc: (dy: tf.Tensor) => {
         const needParams = paramGradsEnabled();
-        const d = f32(dy);
-        const dy1 = new Float32Array(N * H), dy2 = new Float32Array(N * H);
-        for (let r = 0; r < N; r++) {
-          dy1.set(d.subarray(r * 2 * H, r * 2 * H + H), r * H);
-          dy2.set(d.subarray(r * 2 * H + H, (r + 1) * 2 * H), r * H);
-        }
+        const [dy1, dy2] = splitSideBySide(f32(dy), N, H);
         const g1 = s1.backward(dy1, needParams);
         const g2 = s2.backward(dy2, needParams);
         const dx = new Float32Array(N * I);
@@ -173,8 +162,8 @@ export function dualGruCell(x: tf.Tensor2D, h1: tf.Tensor2D, h2: tf.Tensor2D, p:
         // bias_ih = (r1, u1, r2, u2), bias_in = (n1, n2); likewise the hidden ones
         const join = (a: Float32Array, b: Float32Array, len: number) => joinRows(a, 0, len, b, 0, len, 1);
         grads.push(tf.tensor1d(join(g1.dbIh!, g2.dbIh!, 2 * H)), tf.tensor1d(join(g1.dbHh!, g2.dbHh!, 2 * H)));
-        grads.push(tf.tensor1d(Float32Array.of(...g1.dbIh!.subarray(2 * H), ...g2.dbIh!.subarray(2 * H))));
-        grads.push(tf.tensor1d(Float32Array.of(...g1.dbHh!.subarray(2 * H), ...g2.dbHh!.subarray(2 * H))));
+        grads.push(tf.tensor1d(joinRows(g1.dbIh!, 2 * H, 3 * H, g2.dbIh!, 2 * H, 3 * H, 1)));
+        grads.push(tf.tensor1d(joinRows(g1.dbHh!, 2 * H, 3 * H, g2.dbHh!, 2 * H, 3 * H, 1)));
         return grads;
       },
     };

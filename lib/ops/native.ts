@@ -1,8 +1,9 @@
 /**
  * The `Ops` of the model on the native addon: NHWC conv2d / convTranspose2d (implicit GEMM or
- * Winograd, bias and ReLU/ELU fused forward and backward), the big linear layers on the addon's
- * GEMM, the decoders' broadcast first layer, whole decoding stages, layerNorm, the slot
- * competition and the GRU cells. The rest (ELU, spatialBroadcast) is tfjsOps' implementation.
+ * Winograd, bias and ReLU/ELU fused forward and backward), the linear layers on the addon's GEMM
+ * (bias and ReLU/ELU fused), the decoders' broadcast first layer, whole decoding stages, the
+ * encoder, layerNorm, the slot competition and the GRU cells. The rest (a separate ELU,
+ * spatialBroadcast) is tfjsOps' implementation.
  * nativeOpsOn(device) moves the decoding stages, the encoder, the attention and the GRU cells to a GPU.
  *
  * Same signatures and results as tfjsOps (up to float rounding: the TypeScript GEMMs accumulate
@@ -10,7 +11,7 @@
  * gradients are not computed (zeros are returned), as in the TypeScript convolutions.
  */
 import { tf } from '../tf';
-import { colSums, f32 } from './arrays';
+import { colSums, f32, sideBySide, splitSideBySide } from './arrays';
 import { nativeStatus } from '../native';
 import { ADDON_ACT, addonOps as nhwc, contentTag, nativeOpsAvailable, workspaceFor, type ConvPrecision, type ConvStackSpec, type EncoderHeadGrads, type EncoderStageSpec, type StageDevice } from './addon';
 import { decoderNll } from './native-decoder';
@@ -151,7 +152,7 @@ function encoderStageParts(a: EncoderArgs, device: StageDevice, precision: ConvP
   const workspace = workspaceFor(a.convs[0].weight, 'encoder');
   const [B, H, W] = a.x.shape;
   const xShape = [...a.x.shape];
-  const xd = f32(a.x), posTag = device === 'cpu' ? 0 : contentTag(a.pos);
+  const xd = f32(a.x);
   const nc = a.convs.length;
   const head = headTensors(a);
   const inputs = [...a.convs.flatMap((L) => [L.weight, L.bias]), ...head];
@@ -160,7 +161,7 @@ function encoderStageParts(a: EncoderArgs, device: StageDevice, precision: ConvP
     return {
       x: xd, xShape, device, workspace,
       layers: stackLayerSpecs(a.convs, t.slice(0, 2 * nc)),
-      head: { ...headSpec(a, hp), ...(device !== 'cpu' && { tags: [posTag, ...hp.map(contentTag)] }) },
+      head: { ...headSpec(a, hp), ...(device !== 'cpu' && { tags: [contentTag(a.pos), ...hp.map(contentTag)] }) },
       ...(precision !== 'fp32' && { precision }),
     };
   };
@@ -235,35 +236,14 @@ function kvOp(inputs: tf.Tensor[], run: (t: tf.Tensor[]) => {
     const r = run(args as tf.Tensor[]);
     save([]);
     return {
-      value: joinKv(r.k, r.v, r.rows, r.Z),
+      value: tf.tensor2d(sideBySide(r.k, r.v, r.rows, r.Z), [r.rows, 2 * r.Z]),
       gradFunc: (dy: tf.Tensor) => {
-        const [dk, dv] = splitKv(dy, r.rows, r.Z);
+        const [dk, dv] = splitSideBySide(f32(dy), r.rows, r.Z);
         return r.grads(dk, dv, paramGradsEnabled());
       },
     };
   });
   return op(...inputs) as tf.Tensor2D;
-}
-
-/** k and v [rows, Z] side by side as one [rows, 2Z] tensor (customGrad takes one output). */
-function joinKv(k: Float32Array, v: Float32Array, rows: number, Z: number): tf.Tensor2D {
-  const kv = new Float32Array(rows * 2 * Z);
-  for (let i = 0; i < rows; i++) {
-    kv.set(k.subarray(i * Z, (i + 1) * Z), i * 2 * Z);
-    kv.set(v.subarray(i * Z, (i + 1) * Z), i * 2 * Z + Z);
-  }
-  return tf.tensor2d(kv, [rows, 2 * Z]);
-}
-
-/** The gradient of joinKv's output back to dk, dv. */
-function splitKv(dy: tf.Tensor, rows: number, Z: number): [Float32Array, Float32Array] {
-  const g = f32(dy);
-  const dk = new Float32Array(rows * Z), dv = new Float32Array(rows * Z);
-  for (let i = 0; i < rows; i++) {
-    dk.set(g.subarray(i * 2 * Z, i * 2 * Z + Z), i * Z);
-    dv.set(g.subarray(i * 2 * Z + Z, (i + 1) * 2 * Z), i * Z);
-  }
-  return [dk, dv];
 }
 
 function kvOutput(kv: tf.Tensor2D, B: number, HW: number): EncoderOutput {
@@ -336,7 +316,7 @@ export function convTranspose2d(x: tf.Tensor4D, weight: tf.Tensor, bias: tf.Tens
   return op(x, weight, bias) as tf.Tensor4D;
 }
 
-/** linear as tfjsOps.linear (y = x Wᵀ + b over the last axis, W [out,in]); big ones on the addon's GEMM. */
+/** linear as tfjsOps.linear (y = act(x Wᵀ + b) over the last axis, W [out,in]) on the addon's GEMM, bias and activation fused. */
 export function linear(x: tf.Tensor, weight: tf.Tensor, bias?: tf.Tensor, activation: 'linear' | 'relu' | 'elu' = 'linear'): tf.Tensor {
   const inDim = x.shape[x.rank - 1];
   if (weight.shape[1] !== inDim) {
@@ -350,7 +330,6 @@ export function linear(x: tf.Tensor, weight: tf.Tensor, bias?: tf.Tensor, activa
     (bias && (bias.rank !== 1 || bias.shape[0] !== outDim))) {
     return tfjsOps.linear(x, weight, bias, activation);
   }
-  const act = activation;
   const k = nhwc();
   const lead = x.shape.slice(0, -1);
   const outShape = [...lead, outDim];
@@ -359,14 +338,14 @@ export function linear(x: tf.Tensor, weight: tf.Tensor, bias?: tf.Tensor, activa
     // its sign; ELU: y + 1 below 0, as tfjs' EluGrad). The backward reads x's and W's arrays
     // themselves (tfjs' save() would clone each: an op apiece).
     const xd = f32(xt), wd = f32(wt);
-    const y = k.matmul(xd, [rows, inDim], wd, [outDim, inDim], false, true, null, bd, ADDON_ACT[act]);
+    const y = k.matmul(xd, [rows, inDim], wd, [outDim, inDim], false, true, null, bd, ADDON_ACT[activation]);
     return {
       value: tf.tensor(y, outShape),
       grads: (dy: tf.Tensor): [tf.Tensor, tf.Tensor, Float32Array | null] => {
         let g = f32(dy);
-        if (act !== 'linear') {
+        if (activation !== 'linear') {
           const m = new Float32Array(g.length);
-          if (act === 'relu') for (let i = 0; i < g.length; i++) m[i] = y[i] > 0 ? g[i] : 0;
+          if (activation === 'relu') for (let i = 0; i < g.length; i++) m[i] = y[i] > 0 ? g[i] : 0;
           else for (let i = 0; i < g.length; i++) m[i] = y[i] >= 0 ? g[i] : g[i] * (y[i] + 1);
           g = m;
         }
