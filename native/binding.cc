@@ -1839,6 +1839,27 @@ Napi::Value PeakGflops(const Napi::CallbackInfo& info, bool) {
   return Napi::Number::New(a.env(), emorl::peak_gflops(threads(), seconds));
 }
 
+// setEnvironment(name, value | null): sets (null: removes) one of the addon's EMORL_* settings in
+// the process environment, where the kernels read them (EMORL_GPU_GEMM, EMORL_SIMT_SCHEDULE). For
+// tests: Jest gives each test file a copy of process.env, which native code never sees.
+Napi::Value SetEnvironment(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "setEnvironment");
+  if (!a.at(0).IsString()) a.type_error("name must be a string");
+  const std::string name = a.at(0).As<Napi::String>().Utf8Value();
+  if (name.rfind("EMORL_", 0) != 0 || name.size() == 6 || name.find('=') != std::string::npos ||
+      name.find('\0') != std::string::npos)
+    a.range_error("name must be an EMORL_* variable, not '" + name + "'");
+  if (a.at(1).IsNull() || a.at(1).IsUndefined()) {
+    unsetenv(name.c_str());
+  } else {
+    if (!a.at(1).IsString()) a.type_error("value must be a string or null");
+    const std::string value = a.at(1).As<Napi::String>().Utf8Value();
+    if (value.find('\0') != std::string::npos) a.range_error("the value of " + name + " holds a NUL character");
+    if (setenv(name.c_str(), value.c_str(), 1) != 0) a.range_error("setenv failed for " + name);
+  }
+  return a.env().Undefined();
+}
+
 Napi::Value Info(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Object o = Napi::Object::New(env);
@@ -1887,6 +1908,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   add<Conv2dTransposeBackwardInput>(env, exports, ref, "conv2dTransposeBackwardInput");
   add<Conv2dTransposeBackwardFilter>(env, exports, ref, "conv2dTransposeBackwardFilter");
   add<Matmul>(env, exports, ref, "matmul");
+  exports.Set("setEnvironment", Napi::Function::New(env, entry<SetEnvironment, false>, "setEnvironment"));
   exports.Set("nhwcConv2d", Napi::Function::New(env, entry<NhwcConv2d, false>, "nhwcConv2d"));
   exports.Set("nhwcConv2dBackward", Napi::Function::New(env, entry<NhwcConv2dBackward, false>, "nhwcConv2dBackward"));
   exports.Set("nhwcConvTranspose2d", Napi::Function::New(env, entry<NhwcConvTranspose2d, false>, "nhwcConvTranspose2d"));

@@ -45,6 +45,12 @@ export interface NativeAddon {
     b1: number; c1: number; b2: number; c2: number; eps: number; bc2Sqrt: number; stepSize: number }): Float32Array;
   /** tf.norm of a float32 array, with its roundings (native/optimizer.h) */
   l2Norm(x: Float32Array): number;
+  /**
+   * sets (null: removes) an EMORL_* variable in the process environment, where the kernels read
+   * their settings (EMORL_GPU_GEMM, EMORL_SIMT_SCHEDULE). For tests: Jest hands each test file a
+   * copy of process.env that native code never sees.
+   */
+  setEnvironment(name: string, value: string | null): void;
   /** the FMA throughput of all threads over about `seconds` (GFLOP/s; for benchmarks) */
   peakGflops(seconds?: number): number;
   /** the FP32 FMA throughput of CUDA device `device` (GFLOP/s; addon built with CUDA) */

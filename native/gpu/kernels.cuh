@@ -316,7 +316,9 @@ inline KChunks k_chunks(i64 K, i64 splits) {
 // so that the two can be compared on a GPU (emorl_gpu_check times both).
 inline bool simple_gemm() {
   const char* v = std::getenv("EMORL_GPU_GEMM");
-  return v && std::string(v) == "simple";
+  if (!v || !*v || std::string(v) == "tiled") return false;
+  if (std::string(v) == "simple") return true;
+  throw std::invalid_argument(std::string("EMORL_GPU_GEMM must be 'simple' or 'tiled', got '") + v + "'");
 }
 
 // splits > 1: the k range is cut into that many chunks, one per grid z (a Partial epilogue).
@@ -430,14 +432,20 @@ class DeviceWorkspace final : public GpuWorkspace {
     }
   }
   // Slot `slot`'s buffer, grown to at least n floats. n > 0 is a request to write it: the slot
-  // forgets the tag of what upload_tagged left there; n = 0 returns it as it is (to read).
+  // forgets the tag of what upload_tagged left there, and under the emulator its old contents
+  // become NaN (a kernel that reads what its call did not write fails there); n = 0 returns it
+  // as it is (to read).
   float* buf(size_t slot, size_t n) {
     if (slot >= bufs_.size()) {
       bufs_.resize(slot + 1);
       tags_.resize(slot + 1, 0);
     }
     if (!bufs_[slot]) bufs_[slot].reset(new DeviceBuf());
-    if (bufs_[slot]->size() < n || !bufs_[slot]->data()) bufs_[slot]->reset(n);
+    if (bufs_[slot]->size() < n || !bufs_[slot]->data()) {
+      bufs_[slot]->reset(n);
+    } else if (n) {
+      bufs_[slot]->poison();
+    }
     if (n) tags_[slot] = 0;
     return bufs_[slot]->data();
   }

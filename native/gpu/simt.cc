@@ -7,7 +7,10 @@
 #include "simt.h"
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <memory>
+#include <string>
 #include <stdexcept>
 #include <vector>
 
@@ -134,9 +137,34 @@ void barrier() {
   yield(*r, r->fibers[r->current]);
 }
 
+namespace {
+
+// EMORL_SIMT_SCHEDULE: the order in which a launch runs its blocks, and a block its threads
+// between barriers. A GPU promises neither, so a kernel must give the same results in both: run
+// "reverse" as well as the default "forward", a thread that reads what a lower-numbered thread
+// wrote since the last barrier (a missing __syncthreads() that "forward" hides) reads stale or
+// poisoned data, and a block that depends on an earlier block's writes sees them missing.
+bool reverse_schedule() {
+  const char* s = std::getenv("EMORL_SIMT_SCHEDULE");
+  if (!s || !*s || std::strcmp(s, "forward") == 0) return false;
+  if (std::strcmp(s, "reverse") == 0) return true;
+  throw std::invalid_argument(std::string("EMORL_SIMT_SCHEDULE must be 'forward' or 'reverse', got '") + s + "'");
+}
+
+}  // namespace
+
 void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
+  // CUDA's limits (compute capability 7.0 and later), so that a launch a GPU would refuse fails here too
   const unsigned nt = block.x * block.y * block.z;
-  if (nt == 0 || nt > 1024) throw std::invalid_argument("emulated launch: a block needs 1..1024 threads");
+  if (nt == 0 || nt > 1024 || block.x > 1024 || block.y > 1024 || block.z > 64)
+    throw std::invalid_argument("emulated launch: a block needs 1..1024 threads, at most 1024 x 1024 x 64 (got " +
+                                std::to_string(block.x) + " x " + std::to_string(block.y) + " x " + std::to_string(block.z) + ")");
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535)
+    throw std::invalid_argument("emulated launch: a grid needs 1..2^31-1 x 1..65535 x 1..65535 blocks (got " +
+                                std::to_string(grid.x) + " x " + std::to_string(grid.y) + " x " + std::to_string(grid.z) + ")");
+  const bool reverse = reverse_schedule();
+  // the i-th of n in the schedule's order
+  const auto nth = [reverse](unsigned i, unsigned n) { return reverse ? n - 1 - i : i; };
   Run r;
   r.fibers.resize(nt);
   for (auto& f : r.fibers) f.stack.reset(new char[kStackBytes]);
@@ -144,13 +172,14 @@ void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
   ActiveRun active(&r);
   blockDim = block;
   gridDim = grid;
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        blockIdx = dim3(bx, by, bz);
+  for (unsigned iz = 0; iz < grid.z; ++iz)
+    for (unsigned iy = 0; iy < grid.y; ++iy)
+      for (unsigned ix = 0; ix < grid.x; ++ix) {
+        blockIdx = dim3(nth(ix, grid.x), nth(iy, grid.y), nth(iz, grid.z));
         for (auto& f : r.fibers) start_fiber(r, f);
         for (;;) {
-          for (unsigned t = 0; t < nt; ++t) {
+          for (unsigned i = 0; i < nt; ++i) {
+            const unsigned t = nth(i, nt);
             if (r.fibers[t].done) continue;
             threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
             r.current = t;

@@ -6,8 +6,10 @@
 //                    kernels on every CI run. __shared__ arrays become per-OS-thread statics (the
 //                    blocks of a launch run one at a time); atomics are plain read-modify-writes.
 // A missing __syncthreads() between a shared-memory write and another thread's read shows up
-// under the emulator as a wrong result (fiber 0 runs ahead of the rest), not as a silent race.
-// Warp intrinsics are not emulated: the kernels do not use them.
+// under the emulator as a wrong result (fiber 0 runs ahead of the rest), not as a silent race;
+// EMORL_SIMT_SCHEDULE=reverse (simt.cc) runs the threads, and the blocks, the other way round for
+// the races that order hides. Buffers handed out for writing hold NaN, as device memory holds
+// garbage. Warp intrinsics are not emulated: the kernels do not use them.
 #pragma once
 
 #include <cstddef>
@@ -47,6 +49,7 @@ class DeviceBuf {
   }
   float* data() const { return p_; }
   size_t size() const { return n_; }
+  void poison() {}  // the emulator's DeviceBuf poisons; a device memset per write would cost time
 
  private:
   void release() {
@@ -82,10 +85,12 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, A... args) {
 
 #else  // the SIMT emulator
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -125,9 +130,13 @@ class DeviceBuf {
   void reset(size_t n) {
     p_.reset(new float[n ? n : 1]);
     n_ = n;
+    poison();
   }
   float* data() const { return p_.get(); }
   size_t size() const { return n_; }
+  // NaN throughout: cudaMalloc'd memory holds whatever was there, so a kernel that reads what no
+  // one wrote (or counts on zeros) gives NaNs here instead of passing on fresh zeroed pages.
+  void poison() { std::fill(p_.get(), p_.get() + (n_ ? n_ : 1), std::numeric_limits<float>::quiet_NaN()); }
 
  private:
   std::unique_ptr<float[]> p_;
