@@ -408,6 +408,34 @@ describeNative('the whole model: nativeOps vs tfjsOps', () => {
   }, 600_000);
 });
 
+describeNative('the decoding stages of a pass share their weights (shareDecoderWeights)', () => {
+  // each stage handing its own weight gradients to the tape, which adds them up
+  const unshared = (ops: Ops): Ops => ({ ...ops, shareDecoderWeights: (spec) => spec });
+  const devices: StageDevice[] = ['cpu', ...(nativeStatus().info?.simtEmulator ? (['simt'] as StageDevice[]) : [])];
+  test.each(devices)('on %s: loss and every gradient the same bits as the tape summing every stage\'s gradients', (device) => {
+    const cfg: Partial<NetConfig> = { K: 3, input_size: [3, 12, 11], z_size: 8, image_decoder: 'small', image_likelihood: 'GMM', stochastic_layers: 2, refinement_iters: 2 };
+    const ops = nativeOpsOn(device);
+    const shared = new EfficientMORL(cfg, { ops, seed: 21 });
+    const own = new EfficientMORL(cfg, { ops: unshared(ops), seed: 21 });
+    const images = tf.tidy(() => tf.sub(tf.mul(tf.randomUniform([2, 3, 12, 11], 0, 1, 'float32', 21), 2), 1));
+    const rs = shared.lossAndGrads(images, { noise: new SeededNoise(5) });
+    const ro = own.lossAndGrads(images, { noise: new SeededNoise(5) });
+    try {
+      expect([rs.totalLoss, rs.nll, rs.kl]).toEqual([ro.totalLoss, ro.nll, ro.kl]);
+      expect([...rs.grads.keys()].sort()).toEqual([...ro.grads.keys()].sort());
+      const decoderKeys = [...ro.grads.keys()].filter((k) => k.includes('image_decoder.decode'));
+      expect(decoderKeys.length).toBe(8);
+      for (const [k, g] of ro.grads) expect([k, rs.grads.get(k)!.dataSync()]).toEqual([k, g.dataSync()]);
+    } finally {
+      rs.dispose();
+      ro.dispose();
+      images.dispose();
+      shared.dispose();
+      own.dispose();
+    }
+  });
+});
+
 const FIXTURE = fixturePath('tetrominoes-small-gaussian.h5');
 const describeGolden = available && fs.existsSync(FIXTURE) ? describe : describe.skip;
 

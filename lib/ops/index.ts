@@ -6,7 +6,7 @@ import type { tf } from '../tf';
 import { broadcastConv2d, spatialBroadcast } from './broadcast';
 import { conv2d, convStackWith, convTranspose2d, withoutParamGrads, type ConvStackLayer } from './conv';
 import { slotCompetition } from './attention';
-import { decoderNllReference, type DecoderNllArgs, type DecoderNllResult } from './decoder-stage';
+import { decoderNllReference, type DecoderNllArgs, type DecoderNllResult, type DecoderSpec } from './decoder-stage';
 import { encoderReference, type EncoderArgs, type EncoderOutput } from './encoder-stage';
 import { dualGruCell, elu, gruCell, layerNorm, linear } from './nn';
 
@@ -33,6 +33,12 @@ export interface Ops {
   slotCompetition: typeof slotCompetition;
   /** A decoding stage: the decoder's layer stack and the image likelihood of its output (decoder-stage.ts) */
   decoderNll(args: DecoderNllArgs): DecoderNllResult;
+  /**
+   * The layer stack for the several decoding stages of one pass (decoderNll with this spec): the
+   * native ops sum the stages' weight gradients themselves and give them to the tape once; the
+   * reference returns `spec` as it is.
+   */
+  shareDecoderWeights(spec: DecoderSpec): DecoderSpec;
   /** The image encoder: convolutions, positional embedding, LayerNorm + MLP, keys and values (encoder-stage.ts) */
   encoder(args: EncoderArgs): EncoderOutput;
 }
@@ -52,6 +58,7 @@ export const tfjsOps: Ops = {
   withoutParamGrads,
   slotCompetition,
   decoderNll: (args) => decoderNllReference(tfjsOps, args),
+  shareDecoderWeights: (spec) => spec,
   encoder: (args) => encoderReference(tfjsOps, args),
 };
 

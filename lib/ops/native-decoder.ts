@@ -9,12 +9,16 @@
  * inner gradient (no parameter gradients) is exact for any upstream. A stage that is
  * differentiated twice (refinement stages: the inner gradient w.r.t. λ, then the training
  * gradient) reuses the one backward.
+ *
+ * The stages of one pass share their weights through shareDecoderWeights: each stage adds u times
+ * its weight gradients onto the pass's sums, and one op hands the sums to the tape (instead of every
+ * stage's gradients as tensors that the tape then adds up).
  */
 import { tf } from '../tf';
 import { f32 } from './arrays';
 import { ADDON_ACT, addonOps, contentTag, workspaceFor, type ConvPrecision, type DecoderStageLayer, type StageDevice } from './addon';
 import { paramGradsEnabled } from './conv';
-import { checkDecoderNllArgs, type DecoderNllArgs, type DecoderNllResult } from './decoder-stage';
+import { checkDecoderNllArgs, type DecoderLayerSpec, type DecoderNllArgs, type DecoderNllResult, type DecoderSpec } from './decoder-stage';
 
 /** The one value of a per-image upstream gradient, or null when the images' values differ. */
 function uniformValue(dy: Float32Array): number | null {
@@ -31,15 +35,65 @@ function scaled(src: Float32Array, u: number): Float32Array {
   return out;
 }
 
+type WeightedLayer = Exclude<DecoderLayerSpec, { kind: 'spatialBroadcast' }>;
+const weightedLayers = (spec: DecoderSpec): WeightedLayer[] => spec.layers.filter((L): L is WeightedLayer => L.kind !== 'spatialBroadcast');
+
+/**
+ * The weights of a layer stack behind one op for all the decoding stages of a pass: the stages
+ * take its output (`token`, a scalar no stage reads) in place of the weights, and add u·dW onto
+ * `sums` as the tape reaches them; the tape reaches the op itself after every stage (it was
+ * recorded before them), and the op gives the sums as the weights' gradients.
+ */
+interface SharedWeights {
+  token: tf.Scalar;
+  /** per weighted layer: Σ over the stages so far of u·dW and u·db, in the tape's order (null: none yet) */
+  sums: { dw: Float32Array | null; db: Float32Array | null }[];
+}
+const sharedOf = new WeakMap<DecoderSpec, SharedWeights>();
+
+/** sum ← sum + u·g with the roundings of the tape's Add of scaled(g, u) onto it (null: scaled(g, u)) */
+function addScaled(sum: Float32Array | null, g: Float32Array, u: number): Float32Array {
+  if (!sum) return scaled(g, u);
+  for (let i = 0; i < g.length; i++) sum[i] += Math.fround(g[i] * u);
+  return sum;
+}
+
+/**
+ * `spec` for the decoding stages of one pass (see SharedWeights): the gradients are the bits the
+ * tape's own sum of the stages' gradients gives. A pass without a tape leaves the op unused.
+ */
+export function shareDecoderWeights(spec: DecoderSpec): DecoderSpec {
+  const layers = weightedLayers(spec);
+  if (!layers.length) return spec;
+  const out: DecoderSpec = { layers: spec.layers };
+  const s: SharedWeights = { token: null as unknown as tf.Scalar, sums: layers.map(() => ({ dw: null, db: null })) };
+  const weights = layers.flatMap((L) => [L.weight, L.bias]);
+  const op = tf.customGrad(() => ({
+    value: tf.scalar(0),
+    gradFunc: () => {
+      const grads = s.sums.flatMap((g, i) => [
+        g.dw ? tf.tensor(g.dw, layers[i].weight.shape) : tf.zerosLike(layers[i].weight),
+        g.db ? tf.tensor1d(g.db) : tf.zerosLike(layers[i].bias),
+      ]);
+      for (const g of s.sums) g.dw = g.db = null;
+      return grads;
+    },
+  }));
+  s.token = (op as (...t: tf.Tensor[]) => tf.Scalar)(...weights);
+  sharedOf.set(out, s);
+  return out;
+}
+
 export function decoderNll(a: DecoderNllArgs, device: StageDevice = 'cpu', precision: ConvPrecision = 'fp32'): DecoderNllResult {
   const B = checkDecoderNllArgs(a);
   const [n, c] = a.z.shape;
   const [gh, gw] = a.pos.shape;
   const [, H, W, C] = a.target.shape;
   const K = a.K;
-  const weighted = a.spec.layers.filter((L) => L.kind !== 'spatialBroadcast') as Exclude<(typeof a.spec.layers)[number], { kind: 'spatialBroadcast' }>[];
-  const inputs: tf.Tensor[] = [a.z, a.pos];
-  for (const L of weighted) inputs.push(L.weight, L.bias);
+  const weighted = weightedLayers(a.spec);
+  const shared = sharedOf.get(a.spec);
+  // the weights themselves, or the token of the pass's shared weights
+  const inputs: tf.Tensor[] = [a.z, a.pos, ...(shared ? [shared.token] : weighted.flatMap((L) => [L.weight, L.bias]))];
   const needDz = a.grads !== 'none';
   const needParams = a.grads === 'all';
   let extra: { means: Float32Array | null; logMasks: Float32Array | null } | null = null;
@@ -47,11 +101,13 @@ export function decoderNll(a: DecoderNllArgs, device: StageDevice = 'cpu', preci
   const op = tf.customGrad((...args: unknown[]) => {
     const vals = args.slice(0, inputs.length) as tf.Tensor[];
     const zd = f32(vals[0]);
-    let w = 2;
+    // the layers' weight tensors: the op's inputs (their own tensors), or the spec's (shared)
+    const weightTensors = shared ? weighted.flatMap((L) => [L.weight, L.bias]) : vals.slice(2);
+    let w = 0;
     const layers: DecoderStageLayer[] = a.spec.layers.map((L) => {
       if (L.kind === 'spatialBroadcast') return { kind: 1 };
-      const wt = vals[w++];
-      const bt = vals[w++];
+      const wt = weightTensors[w++];
+      const bt = weightTensors[w++];
       const wd = f32(wt);
       const tags = device !== 'cpu' ? { wTag: contentTag(wt), bTag: contentTag(bt) } : {};
       const base = { w: wd, wShape: wt.shape, b: f32(bt), pad: L.pad, act: ADDON_ACT[L.activation], ...tags };
@@ -88,11 +144,20 @@ export function decoderNll(a: DecoderNllArgs, device: StageDevice = 'cpu', preci
         const u = uniformValue(g);
         if (u === null) throw new Error('decoderNll: the upstream gradient differs between images; parameter gradients need one value for all (a batch-mean loss)');
         grads.push(tf.tensor3d(scaled(r.dpos, u), [gh, gw, c]));
+        let j = 0;
         r.dw.forEach((dw, i) => {
-          if (a.spec.layers[i].kind === 'spatialBroadcast') return;
-          grads.push(tf.tensor(scaled(dw!, u), (a.spec.layers[i] as { weight: tf.Tensor }).weight.shape));
+          const L = a.spec.layers[i];
+          if (L.kind === 'spatialBroadcast') return;
+          if (shared) {
+            const sum = shared.sums[j++];
+            sum.dw = addScaled(sum.dw, dw!, u);
+            sum.db = addScaled(sum.db, r.db[i]!, u);
+            return;
+          }
+          grads.push(tf.tensor(scaled(dw!, u), L.weight.shape));
           grads.push(tf.tensor1d(scaled(r.db[i]!, u)));
         });
+        if (shared) grads.push(tf.zerosLike(shared.token));
         return grads;
       },
     };

@@ -14,7 +14,7 @@ import { tf } from '../tf';
 import { colSums, f32, sideBySide, splitSideBySide } from './arrays';
 import { nativeStatus } from '../native';
 import { ADDON_ACT, addonOps as nhwc, contentTag, nativeOpsAvailable, workspaceFor, type ConvPrecision, type ConvStackSpec, type EncoderHeadGrads, type EncoderStageSpec, type StageDevice } from './addon';
-import { decoderNll } from './native-decoder';
+import { decoderNll, shareDecoderWeights } from './native-decoder';
 import { attnOf, slotCompetition } from './native-attention';
 import { dualGruCell, gruCell } from './native-gru';
 import { tfjsOps, type Ops } from './index';
@@ -519,7 +519,7 @@ export function layerNorm(x: tf.Tensor, weight?: tf.Tensor, bias?: tf.Tensor, ep
  */
 export const nativeOps: Ops = {
   ...tfjsOps, conv2d, convStack: (x, layers) => convStackWith(conv2d, x, layers), convTranspose2d, broadcastConv2d, linear, layerNorm, decoderNll,
-  slotCompetition, gruCell, dualGruCell, encoder: (args) => encoderOnCpu(args),
+  shareDecoderWeights, slotCompetition, gruCell, dualGruCell, encoder: (args) => encoderOnCpu(args),
 };
 
 export { nativeOpsAvailable };
