@@ -16,6 +16,7 @@ import { spawnSync } from 'node:child_process';
 import * as path from 'node:path';
 import type { FusedActivation } from '../lib/ops/conv';
 import { EfficientMORL } from '../lib/model/efficient-morl';
+import { decoderStack } from '../lib/model/decoders';
 import { RecordingNoise, ReplayNoise, SeededNoise, type RecordedDraw } from '../lib/model/noise';
 import type { NetConfig } from '../lib/config/net';
 import { withH5File } from '../lib/io/h5';
@@ -432,6 +433,21 @@ describeNative('the decoding stages of a pass share their weights (shareDecoderW
       images.dispose();
       shared.dispose();
       own.dispose();
+    }
+  });
+
+  test('a shared stack goes with its own positional embedding', () => {
+    const m = new EfficientMORL({ K: 2, input_size: [3, 6, 5], z_size: 4, image_decoder: 'small' }, { ops: nativeOps, seed: 3 });
+    try {
+      tf.tidy(() => {
+        const d = decoderStack(m.params, nativeOps, m.cfg);
+        const spec = nativeOps.shareDecoderWeights(d.spec, d.pos);
+        const args = { spec, z: tf.zeros([2, 4]) as tf.Tensor2D, pos: d.pos, target: tf.zeros([1, 6, 5, 3]) as tf.Tensor4D, K: 2, logVar: 0, likelihood: 'Gaussian' as const, grads: 'none' as const, outputs: false };
+        expect(nativeOps.decoderNll(args).nll.shape).toEqual([1]);
+        expect(() => nativeOps.decoderNll({ ...args, pos: tf.zerosLike(d.pos) })).toThrow(/goes with the positional embedding it was shared with/);
+      });
+    } finally {
+      m.dispose();
     }
   });
 });

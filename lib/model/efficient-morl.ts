@@ -260,7 +260,7 @@ export class EfficientMORL {
     const target = tf.div(tf.add(x, 1), 2) as tf.Tensor4D; // the likelihood's target is in [0,1]
     const logVar = Math.fround(2 * Math.fround(cfg.log_scale));
     const decoder = decoderStack(p, ops, cfg);
-    const decoderSpec = ops.shareDecoderWeights(decoder.spec); // every stage of this pass decodes with it
+    const decoderSpec = ops.shareDecoderWeights(decoder.spec, decoder.pos); // every stage of this pass decodes with it
 
     const useGeco = this.usesGeco(o);
     const cEma = useGeco ? (p.get('geco_C_ema').dataSync() as Float32Array)[0] : 0;

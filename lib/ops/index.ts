@@ -34,11 +34,12 @@ export interface Ops {
   /** A decoding stage: the decoder's layer stack and the image likelihood of its output (decoder-stage.ts) */
   decoderNll(args: DecoderNllArgs): DecoderNllResult;
   /**
-   * The layer stack for the several decoding stages of one pass (decoderNll with this spec): the
-   * native ops sum the stages' weight gradients themselves and give them to the tape once; the
-   * reference returns `spec` as it is.
+   * The layer stack for the several decoding stages of one pass on the positional embedding `pos`
+   * (decoderNll with this spec and that pos): the native ops sum the stages' gradients of the
+   * weights and the embedding themselves and give them to the tape once; the reference returns
+   * `spec` as it is.
    */
-  shareDecoderWeights(spec: DecoderSpec): DecoderSpec;
+  shareDecoderWeights(spec: DecoderSpec, pos: tf.Tensor3D): DecoderSpec;
   /** The image encoder: convolutions, positional embedding, LayerNorm + MLP, keys and values (encoder-stage.ts) */
   encoder(args: EncoderArgs): EncoderOutput;
 }

@@ -39,15 +39,17 @@ type WeightedLayer = Exclude<DecoderLayerSpec, { kind: 'spatialBroadcast' }>;
 const weightedLayers = (spec: DecoderSpec): WeightedLayer[] => spec.layers.filter((L): L is WeightedLayer => L.kind !== 'spatialBroadcast');
 
 /**
- * The weights of a layer stack behind one op for all the decoding stages of a pass: the stages
- * take its output (`token`, a scalar no stage reads) in place of the weights, and add u·dW onto
- * `sums` as the tape reaches them; the tape reaches the op itself after every stage (it was
- * recorded before them), and the op gives the sums as the weights' gradients.
+ * The weights of a layer stack and the positional embedding behind one op for all the decoding
+ * stages of a pass: the stages take its output (`token`, a scalar no stage reads) in their place
+ * and add u·d/dpos, u·dW, u·db onto `sums` as the tape reaches them; the tape reaches the op
+ * itself after every stage (it was recorded before them), and the op gives the sums as the
+ * gradients of the embedding and the weights.
  */
 interface SharedWeights {
   token: tf.Scalar;
-  /** per weighted layer: Σ over the stages so far of u·dW and u·db, in the tape's order (null: none yet) */
-  sums: { dw: Float32Array | null; db: Float32Array | null }[];
+  pos: tf.Tensor3D;
+  /** Σ over the stages so far, in the tape's order (null: none yet): d/dpos, then per weighted layer dW and db */
+  sums: (Float32Array | null)[];
 }
 const sharedOf = new WeakMap<DecoderSpec, SharedWeights>();
 
@@ -59,27 +61,23 @@ function addScaled(sum: Float32Array | null, g: Float32Array, u: number): Float3
 }
 
 /**
- * `spec` for the decoding stages of one pass (see SharedWeights): the gradients are the bits the
- * tape's own sum of the stages' gradients gives. A pass without a tape leaves the op unused.
+ * `spec` for the decoding stages of one pass on the embedding `pos` (see SharedWeights): the
+ * gradients are the bits the tape's own sum of the stages' gradients gives. A pass without a tape
+ * leaves the op unused.
  */
-export function shareDecoderWeights(spec: DecoderSpec): DecoderSpec {
-  const layers = weightedLayers(spec);
-  if (!layers.length) return spec;
+export function shareDecoderWeights(spec: DecoderSpec, pos: tf.Tensor3D): DecoderSpec {
+  const shared = [pos, ...weightedLayers(spec).flatMap((L) => [L.weight, L.bias])];
   const out: DecoderSpec = { layers: spec.layers };
-  const s: SharedWeights = { token: null as unknown as tf.Scalar, sums: layers.map(() => ({ dw: null, db: null })) };
-  const weights = layers.flatMap((L) => [L.weight, L.bias]);
+  const s: SharedWeights = { token: null as unknown as tf.Scalar, pos, sums: shared.map(() => null) };
   const op = tf.customGrad(() => ({
     value: tf.scalar(0),
     gradFunc: () => {
-      const grads = s.sums.flatMap((g, i) => [
-        g.dw ? tf.tensor(g.dw, layers[i].weight.shape) : tf.zerosLike(layers[i].weight),
-        g.db ? tf.tensor1d(g.db) : tf.zerosLike(layers[i].bias),
-      ]);
-      for (const g of s.sums) g.dw = g.db = null;
+      const grads = s.sums.map((g, i) => (g ? tf.tensor(g, shared[i].shape) : tf.zerosLike(shared[i])));
+      s.sums.fill(null);
       return grads;
     },
   }));
-  s.token = (op as (...t: tf.Tensor[]) => tf.Scalar)(...weights);
+  s.token = (op as (...t: tf.Tensor[]) => tf.Scalar)(...shared);
   sharedOf.set(out, s);
   return out;
 }
@@ -92,8 +90,9 @@ export function decoderNll(a: DecoderNllArgs, device: StageDevice = 'cpu', preci
   const K = a.K;
   const weighted = weightedLayers(a.spec);
   const shared = sharedOf.get(a.spec);
-  // the weights themselves, or the token of the pass's shared weights
-  const inputs: tf.Tensor[] = [a.z, a.pos, ...(shared ? [shared.token] : weighted.flatMap((L) => [L.weight, L.bias]))];
+  if (shared && shared.pos !== a.pos) throw new Error('decoderNll: a shared layer stack (shareDecoderWeights) goes with the positional embedding it was shared with');
+  // the embedding and the weights themselves, or the token of the pass's shared ones
+  const inputs: tf.Tensor[] = shared ? [a.z, shared.token] : [a.z, a.pos, ...weighted.flatMap((L) => [L.weight, L.bias])];
   const needDz = a.grads !== 'none';
   const needParams = a.grads === 'all';
   let extra: { means: Float32Array | null; logMasks: Float32Array | null } | null = null;
@@ -102,6 +101,7 @@ export function decoderNll(a: DecoderNllArgs, device: StageDevice = 'cpu', preci
     const vals = args.slice(0, inputs.length) as tf.Tensor[];
     const zd = f32(vals[0]);
     // the layers' weight tensors: the op's inputs (their own tensors), or the spec's (shared)
+    const posTensor = shared ? a.pos : vals[1];
     const weightTensors = shared ? weighted.flatMap((L) => [L.weight, L.bias]) : vals.slice(2);
     let w = 0;
     const layers: DecoderStageLayer[] = a.spec.layers.map((L) => {
@@ -116,9 +116,9 @@ export function decoderNll(a: DecoderNllArgs, device: StageDevice = 'cpu', preci
       return { ...base, kind: 3, stride: L.stride, outputPad: L.outputPad };
     });
     const r = addonOps().decoderStage({
-      z: zd, n, c, pos: f32(vals[1]), gh, gw, layers,
+      z: zd, n, c, pos: f32(posTensor), gh, gw, layers,
       target: f32(a.target), B, K, H, W, C,
-      ...(device !== 'cpu' ? { targetTag: contentTag(a.target), posTag: contentTag(vals[1]) } : {}),
+      ...(device !== 'cpu' ? { targetTag: contentTag(a.target), posTag: contentTag(posTensor) } : {}),
       logVar: a.logVar, gmm: a.likelihood === 'GMM',
       needDz, needParams, needOutputs: a.outputs,
       // the decoder's last weight tensor keys its buffers (fresh pages had cost ~25% of a stage)
@@ -143,21 +143,14 @@ export function decoderNll(a: DecoderNllArgs, device: StageDevice = 'cpu', preci
         if (!r.dpos) throw new Error("decoderNll: parameter gradients asked for, but the stage ran with grads 'input'");
         const u = uniformValue(g);
         if (u === null) throw new Error('decoderNll: the upstream gradient differs between images; parameter gradients need one value for all (a batch-mean loss)');
-        grads.push(tf.tensor3d(scaled(r.dpos, u), [gh, gw, c]));
-        let j = 0;
-        r.dw.forEach((dw, i) => {
-          const L = a.spec.layers[i];
-          if (L.kind === 'spatialBroadcast') return;
-          if (shared) {
-            const sum = shared.sums[j++];
-            sum.dw = addScaled(sum.dw, dw!, u);
-            sum.db = addScaled(sum.db, r.db[i]!, u);
-            return;
-          }
-          grads.push(tf.tensor(scaled(dw!, u), L.weight.shape));
-          grads.push(tf.tensor1d(scaled(r.db[i]!, u)));
-        });
-        if (shared) grads.push(tf.zerosLike(shared.token));
+        // d/dpos, then dW and db per weighted layer (SharedWeights.sums' order)
+        const paramGrads = [r.dpos, ...r.dw.flatMap((dw, i) => (a.spec.layers[i].kind === 'spatialBroadcast' ? [] : [dw!, r.db[i]!]))];
+        if (shared) {
+          paramGrads.forEach((d, i) => (shared.sums[i] = addScaled(shared.sums[i], d, u)));
+          grads.push(tf.zerosLike(shared.token));
+          return grads;
+        }
+        paramGrads.forEach((d, i) => grads.push(tf.tensor(scaled(d, u), inputs[i + 1].shape)));
         return grads;
       },
     };
