@@ -926,8 +926,11 @@ bool gpu_conv_backward(const Args& a, size_t arg, const emorl::NhwcGeom& g, int6
 
 // decoderStage({ z, n, c, pos, gh, gw, layers: [{ kind, w, wShape, b, stride, pad,
 //   outputPad, act }], target, B, K, H, W, C, logVar, gmm, needDz, needParams, needOutputs,
-//   workspace?, device?, profile?, precision? })  profile (GPU devices): milliseconds per phase, in
-//   result.profile; precision 'fp32' | 'bf16' (CPU only): of the conv layers' products (nhwc.h)
+//   workspace?, device?, profile?, precision?, keepParamGrads? })  profile (GPU devices): milliseconds
+//   per phase, in result.profile; precision 'fp32' | 'bf16' (CPU only): of the conv layers' products
+//   (nhwc.h); keepParamGrads (GPU devices, with needParams and a workspace): an id (integer >= 1)
+//   under which dpos, dw and db stay on the device (DecoderStageOut::keep_param_grads) for
+//   decoderParamGradSums, instead of being returned
 //   -> { nll, dz|null, dpos|null, dw: [..|null], db: [..|null], means|null, logMasks|null }
 // kind: 0 broadcast conv, 1 spatial broadcast, 2 conv, 3 transposed conv (decoder.h).
 Napi::Value DecoderStageFn(const Napi::CallbackInfo& info, bool) {
@@ -959,6 +962,13 @@ Napi::Value DecoderStageFn(const Napi::CallbackInfo& info, bool) {
   const bool need_dz = p.boolean("needDz", false), need_params = p.boolean("needParams", false);
   const bool need_outputs = p.boolean("needOutputs", false);
   const StageDevice device = stage_device(a, p);
+  const uint64_t keep_id = p.tag("keepParamGrads");
+  if (keep_id) {
+    if (device.kind == StageDevice::Cpu) a.range_error("'" + p.name("keepParamGrads") + "' is for GPU devices (the CPU stage returns its gradients)");
+    if (!need_params) a.range_error("'" + p.name("keepParamGrads") + "' needs needParams");
+    if (p.get("workspace").IsUndefined() || p.get("workspace").IsNull())
+      a.range_error("'" + p.name("keepParamGrads") + "' needs a workspace (the kept gradients live in it)");
+  }
   const bool want_profile = p.boolean("profile", false);
   s.precision = parse_precision(a, p.get("precision"), p.name("precision"), device);
 
@@ -1014,7 +1024,7 @@ Napi::Value DecoderStageFn(const Napi::CallbackInfo& info, bool) {
     const emorl::DecoderLayer& L = s.layers[i];
     dws.Set(static_cast<uint32_t>(i), env.Null());
     dbs.Set(static_cast<uint32_t>(i), env.Null());
-    if (!need_params || L.kind == emorl::DecoderLayerKind::SpatialBroadcast) continue;
+    if (!need_params || keep_id || L.kind == emorl::DecoderLayerKind::SpatialBroadcast) continue;
     auto w = new_f32(a, a.numel({L.w_shape[0], L.w_shape[1], L.w_shape[2], L.w_shape[3]}, "wShape"));
     std::memset(w.Data(), 0, w.ByteLength());  // the tap-sum gradient is added into it
     auto b = new_f32(a, L.out[3]);
@@ -1025,11 +1035,12 @@ Napi::Value DecoderStageFn(const Napi::CallbackInfo& info, bool) {
   }
   r.Set("dw", dws);
   r.Set("db", dbs);
-  if (need_params) {
+  if (need_params && !keep_id) {
     auto t = new_f32(a, s.gh * s.gw * s.c);
     o.dpos = t.Data();
     r.Set("dpos", t);
   }
+  o.keep_param_grads = keep_id;
   if (need_outputs) {
     auto m = new_f32(a, a.numel({s.n, s.lik.H, s.lik.W, s.lik.C}, "means"));
     auto l = new_f32(a, a.numel({s.n, s.lik.H, s.lik.W}, "log masks"));
@@ -1063,6 +1074,53 @@ Napi::Value DecoderStageFn(const Napi::CallbackInfo& info, bool) {
   }
   if (owned) owned->report(env);
   return r;
+}
+
+// decoderParamGradSums({ workspace, device, ids: number[], us: number[], sizes: number[] }) -> Float32Array[]
+//   per buffer b (sizes[b] floats) of the kept sets `ids` (decoderStage's keepParamGrads), the sum
+//   over the sets in that order of us[k]·set_k[b] (gpu.h decoder_param_grad_sums); the sets are freed.
+Napi::Value DecoderParamGradSumsFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "decoderParamGradSums");
+  Props p(a, a.at(0), "spec");
+  GpuCall gpu(a, p);
+  if (!gpu.on_gpu()) a.range_error("'" + p.name("device") + "' must be 'cuda:N' or 'simt': kept gradients live on a GPU device");
+  if (!gpu.owner) a.range_error("'" + p.name("workspace") + "' is required: the kept gradients live in it");
+  const auto numbers = [&](const char* key) {
+    Napi::Value v = p.get(key);
+    if (!v.IsArray()) a.type_error("'" + p.name(key) + "' must be an array of numbers");
+    auto arr = v.As<Napi::Array>();
+    std::vector<double> out;
+    for (uint32_t i = 0; i < arr.Length(); ++i) {
+      Napi::Value e = arr.Get(i);
+      if (!e.IsNumber() || !std::isfinite(e.As<Napi::Number>().DoubleValue()))
+        a.type_error("'" + p.name(key) + "[" + std::to_string(i) + "]' must be a finite number");
+      out.push_back(e.As<Napi::Number>().DoubleValue());
+    }
+    return out;
+  };
+  const std::vector<double> ids_d = numbers("ids"), us_d = numbers("us"), sizes_d = numbers("sizes");
+  if (ids_d.empty() || ids_d.size() != us_d.size())
+    a.range_error("'" + p.name("ids") + "' and '" + p.name("us") + "' must be non-empty and of one length (one u per kept set)");
+  std::vector<uint64_t> ids;
+  for (double d : ids_d) {
+    if (d < 1 || std::floor(d) != d || d > 9007199254740992.0) a.type_error("'" + p.name("ids") + "' must hold kept-set ids (integers >= 1)");
+    ids.push_back(static_cast<uint64_t>(d));
+  }
+  std::vector<float> us(us_d.begin(), us_d.end());
+  std::vector<size_t> sizes;
+  Napi::Array out = Napi::Array::New(a.env(), sizes_d.size());
+  std::vector<float*> outs;
+  for (size_t b = 0; b < sizes_d.size(); ++b) {
+    const double d = sizes_d[b];
+    if (d < 1 || std::floor(d) != d || d > 1e9) a.type_error("'" + p.name("sizes") + "' must hold buffer sizes (integers >= 1)");
+    sizes.push_back(static_cast<size_t>(d));
+    auto t = new_f32(a, static_cast<int64_t>(d));
+    outs.push_back(t.Data());
+    out.Set(static_cast<uint32_t>(b), t);
+  }
+  EMORL_ON_GPU(gpu, decoder_param_grad_sums, ids, us, sizes, outs, *gpu.ws);
+  gpu.done(a.env());
+  return out;
 }
 
 // A Float64Array property of exactly n elements.
@@ -1909,6 +1967,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   add<Conv2dTransposeBackwardFilter>(env, exports, ref, "conv2dTransposeBackwardFilter");
   add<Matmul>(env, exports, ref, "matmul");
   exports.Set("setEnvironment", Napi::Function::New(env, entry<SetEnvironment, false>, "setEnvironment"));
+  exports.Set("decoderParamGradSums", Napi::Function::New(env, entry<DecoderParamGradSumsFn, false>, "decoderParamGradSums"));
   exports.Set("nhwcConv2d", Napi::Function::New(env, entry<NhwcConv2d, false>, "nhwcConv2d"));
   exports.Set("nhwcConv2dBackward", Napi::Function::New(env, entry<NhwcConv2dBackward, false>, "nhwcConv2dBackward"));
   exports.Set("nhwcConvTranspose2d", Napi::Function::New(env, entry<NhwcConvTranspose2d, false>, "nhwcConvTranspose2d"));

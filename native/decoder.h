@@ -63,6 +63,9 @@ struct DecoderStage {
 // Output buffers (each may be null: not computed). Sizes: nll [B]; dz [n, c]; dpos [gh, gw, c];
 // dw[i], db[i] per layer (weight / bias shapes; null for SpatialBroadcast); means [n, H, W, C];
 // log_masks [n, H, W]. Gradients are of Σ_b nll_b.
+// GPU stages: keep_param_grads != 0 computes every parameter gradient (dpos, then dw and db of
+// each weighted layer, in that order: buffers 0, 1, 2, ... of a kept set) into a set left on the
+// device under that id (DeviceWorkspace::kept) instead of downloading it; dpos, dw and db stay null.
 struct DecoderStageOut {
   float* nll = nullptr;
   float* dz = nullptr;
@@ -70,6 +73,7 @@ struct DecoderStageOut {
   std::vector<float*> dw, db;
   float* means = nullptr;
   float* log_masks = nullptr;
+  uint64_t keep_param_grads = 0;
 };
 
 // Shared by the CPU stage and the GPU one (gpu/gpu.h).

@@ -245,6 +245,50 @@ describeOnDevices((device) => `decoderStage on ${device} vs the CPU stage`, (dev
     }
   }, 120_000);
 
+  test('kept parameter gradients: two stages left on the device, summed there with their u, the host\'s bits in one download per buffer', () => {
+    const k = addonOps();
+    for (const cs of [cases[1][1], cases[5][1]]) {  // a broadcast layer (its tap-class gradients), a spatial broadcast one
+      const ws = new k.DecoderWorkspace();
+      const a = spec(cs, device, ws), b = { ...spec({ ...cs, seed: cs.seed + 1 }, device, ws), layers: a.layers, pos: a.pos };
+      const us = [0.37, -1.3];
+      const own = [a, b].map((x) => k.decoderStage(x));
+      const ids = [9001, 9002];
+      const kept = [a, b].map((x, i) => k.decoderStage({ ...x, keepParamGrads: ids[i] }));
+      kept.forEach((r, i) => {
+        expect([r.dpos, ...r.dw, ...r.db].every((g) => g === null)).toBe(true);
+        expect(r.dz).toEqual(own[i].dz);
+      });
+      // the host's sum: u0·g0, then + u1·g1, each rounded to float
+      const f = Math.fround;
+      const hostSum = (g0: Float32Array, g1: Float32Array) => Float32Array.from(g0, (v, j) => f(f(v * f(us[0])) + f(g1[j] * f(us[1]))));
+      const grads = (r: DecoderStageResult) => [r.dpos!, ...r.dw.flatMap((w, i) => (w ? [w, r.db[i]!] : []))];
+      const g0 = grads(own[0]), g1 = grads(own[1]);
+      const before = ws.traffic();
+      const sums = k.decoderParamGradSums({ workspace: ws, device, ids, us, sizes: g0.map((g) => g.length) });
+      const after = ws.traffic();
+      expect(after.downloads - before.downloads).toBe(g0.length);
+      sums.forEach((sum, i) => expect(sum).toEqual(hostSum(g0[i], g1[i])));
+      // consumed: the sets are gone
+      expect(() => k.decoderParamGradSums({ workspace: ws, device, ids, us, sizes: g0.map((g) => g.length) })).toThrow(/kept set 9001 has no buffer 0 of \d+ floats \(the set is gone\)/);
+    }
+  }, 120_000);
+
+  test('kept parameter gradients: clear errors', () => {
+    const k = addonOps();
+    const ws = new k.DecoderWorkspace();
+    const s = spec(cases[2][1], device, ws);
+    expect(() => k.decoderStage({ ...spec(cases[2][1], 'cpu'), keepParamGrads: 3 })).toThrow(/'spec.keepParamGrads' is for GPU devices/);
+    expect(() => k.decoderStage({ ...s, needParams: false, keepParamGrads: 3 })).toThrow(/'spec.keepParamGrads' needs needParams/);
+    expect(() => k.decoderStage({ ...s, workspace: undefined, keepParamGrads: 3 })).toThrow(/'spec.keepParamGrads' needs a workspace/);
+    k.decoderStage({ ...s, keepParamGrads: 3 });
+    const sizes = [s.pos.length];
+    expect(() => k.decoderParamGradSums({ workspace: ws, device: 'cpu', ids: [3], us: [1], sizes })).toThrow(/must be 'cuda:N' or 'simt'/);
+    expect(() => k.decoderParamGradSums({ workspace: ws, device, ids: [3], us: [], sizes })).toThrow(/one u per kept set/);
+    expect(() => k.decoderParamGradSums({ workspace: ws, device, ids: [3], us: [1], sizes: [s.pos.length + 1] })).toThrow(/kept set 3 has no buffer 0 of \d+ floats$/);
+    expect(() => k.decoderParamGradSums({ workspace: ws, device, ids: [4], us: [1], sizes })).toThrow(/kept set 4 has no buffer 0 .*the set is gone/);
+    expect(k.decoderParamGradSums({ workspace: ws, device, ids: [3], us: [1], sizes })[0]).toHaveLength(s.pos.length);
+  });
+
   test('only what is asked for: no gradients, outputs only; a profile by phase', () => {
     const k = addonOps();
     const cs = cases[0][1];

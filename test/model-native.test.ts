@@ -11,7 +11,7 @@ import { tfjsOps, type EncoderArgs, type Ops } from '../lib/ops';
 import { hostKeysValues } from '../lib/ops/encoder-stage';
 import { positionalEmbedding } from '../lib/model/positional';
 import { nativeOps, nativeOpsAvailable, nativeOpsOn, defaultOps, opsForBackend } from '../lib/ops/native';
-import { addonOps, workspaceFor, type ConvPrecision, type StageDevice } from '../lib/ops/addon';
+import { addonOps, deviceTraffic, workspaceFor, type ConvPrecision, type StageDevice } from '../lib/ops/addon';
 import { spawnSync } from 'node:child_process';
 import * as path from 'node:path';
 import type { FusedActivation } from '../lib/ops/conv';
@@ -419,13 +419,21 @@ describeNative('the decoding stages of a pass share their weights (shareDecoderW
     const shared = new EfficientMORL(cfg, { ops, seed: 21 });
     const own = new EfficientMORL(cfg, { ops: unshared(ops), seed: 21 });
     const images = tf.tidy(() => tf.sub(tf.mul(tf.randomUniform([2, 3, 12, 11], 0, 1, 'float32', 21), 2), 1));
+    const t0 = deviceTraffic();
     const rs = shared.lossAndGrads(images, { noise: new SeededNoise(5) });
+    const t1 = deviceTraffic();
     const ro = own.lossAndGrads(images, { noise: new SeededNoise(5) });
+    const t2 = deviceTraffic();
     try {
       expect([rs.totalLoss, rs.nll, rs.kl]).toEqual([ro.totalLoss, ro.nll, ro.kl]);
       expect([...rs.grads.keys()].sort()).toEqual([...ro.grads.keys()].sort());
       const decoderKeys = [...ro.grads.keys()].filter((k) => k.includes('image_decoder.decode'));
       expect(decoderKeys.length).toBe(8);
+      if (device !== 'cpu') {
+        // on a GPU the three stages' weight gradients stay there and come down summed, once
+        const weightBytes = 4 * decoderKeys.reduce((a, k) => a + ro.grads.get(k)!.size, 0);
+        expect((t2.downBytes - t1.downBytes) - (t1.downBytes - t0.downBytes)).toBeGreaterThanOrEqual(2 * weightBytes);
+      }
       for (const [k, g] of ro.grads) expect([k, rs.grads.get(k)!.dataSync()]).toEqual([k, g.dataSync()]);
     } finally {
       rs.dispose();

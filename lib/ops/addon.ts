@@ -38,6 +38,12 @@ export interface NativeAddon {
   /** one decoder stage (native/decoder.h); the spec is checked there */
   decoderStage(spec: DecoderStageSpec): DecoderStageResult;
   /**
+   * per buffer b (sizes[b] floats) of the kept sets `ids` (decoderStage's keepParamGrads): Σ over the
+   * sets, in that order, of us[k]·set_k[b], each product and sum rounded to float as a tape's sum of
+   * scaled gradients is; the sets are freed
+   */
+  decoderParamGradSums(spec: { workspace: object; device: StageDevice; ids: number[]; us: number[]; sizes: number[] }): Float32Array[];
+  /**
    * one Adam step of one parameter (native/optimizer.h): the next parameter values; m and v are
    * updated in place. The scalars are float32 values; the same bits as lib/optim/adam.ts' loop.
    */
@@ -274,6 +280,12 @@ export interface DecoderStageSpec {
   profile?: boolean;
   /** of the conv layers' products (CPU); see ConvPrecision */
   precision?: ConvPrecision;
+  /**
+   * GPU devices, with needParams and a workspace: an id (integer >= 1) under which the parameter
+   * gradients (dpos, then dw and db of each weighted layer) stay on the device for
+   * decoderParamGradSums; the result's dpos, dw and db are then null
+   */
+  keepParamGrads?: number;
 }
 
 /**

@@ -50,7 +50,14 @@ interface SharedWeights {
   pos: tf.Tensor3D;
   /** Σ over the stages so far, in the tape's order (null: none yet): d/dpos, then per weighted layer dW and db */
   sums: (Float32Array | null)[];
+  /**
+   * On a GPU device the stages leave their gradients there (decoderStage's keepParamGrads) and
+   * these say which sets to sum, with which u, in the tape's order: one download per pass.
+   */
+  kept: { ids: number[]; us: number[]; workspace: object; device: StageDevice } | null;
 }
+/** ids of kept gradient sets: unique in the process, so in any workspace */
+let nextKeptId = 1;
 const sharedOf = new WeakMap<DecoderSpec, SharedWeights>();
 
 /** sum ← sum + u·g with the roundings of the tape's Add of scaled(g, u) onto it (null: scaled(g, u)) */
@@ -68,10 +75,17 @@ function addScaled(sum: Float32Array | null, g: Float32Array, u: number): Float3
 export function shareDecoderWeights(spec: DecoderSpec, pos: tf.Tensor3D): DecoderSpec {
   const shared = [pos, ...weightedLayers(spec).flatMap((L) => [L.weight, L.bias])];
   const out: DecoderSpec = { layers: spec.layers };
-  const s: SharedWeights = { token: null as unknown as tf.Scalar, pos, sums: shared.map(() => null) };
+  const s: SharedWeights = { token: null as unknown as tf.Scalar, pos, sums: shared.map(() => null), kept: null };
   const op = tf.customGrad(() => ({
     value: tf.scalar(0),
     gradFunc: () => {
+      if (s.kept && s.kept.ids.length) {
+        const k = s.kept;
+        const sums = addonOps().decoderParamGradSums({ workspace: k.workspace, device: k.device, ids: k.ids, us: k.us, sizes: shared.map((t) => t.size) });
+        k.ids = [];
+        k.us = [];
+        return sums.map((g, i) => tf.tensor(g, shared[i].shape));
+      }
       const grads = s.sums.map((g, i) => (g ? tf.tensor(g, shared[i].shape) : tf.zerosLike(shared[i])));
       s.sums.fill(null);
       return grads;
@@ -115,6 +129,9 @@ export function decoderNll(a: DecoderNllArgs, device: StageDevice = 'cpu', preci
       if (L.kind === 'conv') return { ...base, kind: 2 };
       return { ...base, kind: 3, stride: L.stride, outputPad: L.outputPad };
     });
+    const workspace = weighted.length ? workspaceFor(weighted[weighted.length - 1].weight) : undefined;
+    // on a GPU, a shared stack's parameter gradients stay there until the pass sums them
+    const keepId = shared && device !== 'cpu' && needParams && workspace ? nextKeptId++ : 0;
     const r = addonOps().decoderStage({
       z: zd, n, c, pos: f32(posTensor), gh, gw, layers,
       target: f32(a.target), B, K, H, W, C,
@@ -122,8 +139,9 @@ export function decoderNll(a: DecoderNllArgs, device: StageDevice = 'cpu', preci
       logVar: a.logVar, gmm: a.likelihood === 'GMM',
       needDz, needParams, needOutputs: a.outputs,
       // the decoder's last weight tensor keys its buffers (fresh pages had cost ~25% of a stage)
-      workspace: weighted.length ? workspaceFor(weighted[weighted.length - 1].weight) : undefined,
+      workspace,
       device,
+      ...(keepId ? { keepParamGrads: keepId } : {}),
       ...(precision !== 'fp32' ? { precision } : {}),
     });
     extra = { means: r.means, logMasks: r.logMasks };
@@ -140,11 +158,18 @@ export function decoderNll(a: DecoderNllArgs, device: StageDevice = 'cpu', preci
           for (let i = 1; i < inputs.length; i++) grads.push(tf.zerosLike(inputs[i]));
           return grads;
         }
-        if (!r.dpos) throw new Error("decoderNll: parameter gradients asked for, but the stage ran with grads 'input'");
+        if (!needParams) throw new Error("decoderNll: parameter gradients asked for, but the stage ran with grads 'input'");
         const u = uniformValue(g);
         if (u === null) throw new Error('decoderNll: the upstream gradient differs between images; parameter gradients need one value for all (a batch-mean loss)');
+        if (shared && keepId) {
+          shared.kept ??= { ids: [], us: [], workspace: workspace!, device };
+          shared.kept.ids.push(keepId);
+          shared.kept.us.push(u);
+          grads.push(tf.zerosLike(shared.token));
+          return grads;
+        }
         // d/dpos, then dW and db per weighted layer (SharedWeights.sums' order)
-        const paramGrads = [r.dpos, ...r.dw.flatMap((dw, i) => (a.spec.layers[i].kind === 'spatialBroadcast' ? [] : [dw!, r.db[i]!]))];
+        const paramGrads = [r.dpos!, ...r.dw.flatMap((dw, i) => (a.spec.layers[i].kind === 'spatialBroadcast' ? [] : [dw!, r.db[i]!]))];
         if (shared) {
           paramGrads.forEach((d, i) => (shared.sums[i] = addScaled(shared.sums[i], d, u)));
           grads.push(tf.zerosLike(shared.token));

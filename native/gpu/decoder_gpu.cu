@@ -156,6 +156,42 @@ __global__ void image_nll_kernel(const float* raw, const float* target, int B, i
   }
 }
 
+// dw[co, ci, ky, kx] += dwsum[ci, class·cout + co] for every class whose kernel taps hold (ky, kx),
+// the classes in add_class_weight_grads' order (row span, then column span): the host's bits.
+// ky_spans / kx_spans: per row (column) span of the classes, its kernel rows [begin, end).
+__global__ void class_weight_grads_kernel(const float* dwsum, float* dw, int cout, int c, int kh, int kw, TapRanges ky_spans,
+                                          TapRanges kx_spans) {
+  const i64 KC = static_cast<i64>(ky_spans.n) * kx_spans.n * cout;
+  EMORL_GRID_LOOP(idx, static_cast<i64>(cout) * c * kh * kw) {
+    const int kx = static_cast<int>(idx % kw), ky = static_cast<int>((idx / kw) % kh);
+    const i64 ci = (idx / (static_cast<i64>(kw) * kh)) % c, co = idx / (static_cast<i64>(kw) * kh * c);
+    float v = dw[idx];
+    for (int rc = 0; rc < ky_spans.n; ++rc) {
+      if (ky < ky_spans.begin[rc] || ky >= ky_spans.end[rc]) continue;
+      for (int cc = 0; cc < kx_spans.n; ++cc)
+        if (kx >= kx_spans.begin[cc] && kx < kx_spans.end[cc]) v = add_rn(v, dwsum[ci * KC + (rc * kx_spans.n + cc) * cout + co]);
+    }
+    dw[idx] = v;
+  }
+}
+
+// acc = u·g (first) or acc + u·g, each product and sum rounded to float (acc may be g)
+__global__ void scaled_sum_kernel(const float* g, float u, float* acc, i64 n, int first) {
+  EMORL_GRID_LOOP(i, n) acc[i] = first ? mul_rn(g[i], u) : add_rn(acc[i], mul_rn(g[i], u));
+}
+
+// The kernel spans [lo, hi) of a broadcast layer's tap classes along one axis.
+TapRanges tap_spans(const std::vector<int64_t>& lo, const std::vector<int64_t>& hi) {
+  if (lo.size() > static_cast<size_t>(kMaxTapRanges)) throw std::length_error("GPU decoder: more than 16 tap classes per axis in the broadcast layer");
+  TapRanges r{};
+  r.n = static_cast<int>(lo.size());
+  for (int j = 0; j < r.n; ++j) {
+    r.begin[j] = static_cast<int>(lo[static_cast<size_t>(j)]);
+    r.end[j] = static_cast<int>(hi[static_cast<size_t>(j)]);
+  }
+  return r;
+}
+
 // Per-output-row runs of the tap classes (classes are contiguous runs: the tap range moves
 // monotonically with the output index).
 TapRanges ranges_of(const std::vector<int64_t>& of, int64_t count) {
@@ -208,7 +244,8 @@ class Stage {
 
   void run() {
     const bool want_dz = o_.dz != nullptr;
-    bool want_params = o_.dpos != nullptr;
+    bool want_params = o_.dpos != nullptr || keeping();
+    for (size_t i = 0, j = 0; i < nl_; ++i) weighted_.push_back(s_.layers[i].kind == DecoderLayerKind::SpatialBroadcast ? 0 : j++);
     for (size_t i = 0; i < nl_; ++i) want_params = want_params || (i < o_.dw.size() && o_.dw[i]) || (i < o_.db.size() && o_.db[i]);
     const bool backward = want_dz || want_params;
     {
@@ -256,6 +293,14 @@ class Stage {
   // data the stages of a step share (tag: DecoderStage::target_tag), uploaded by the first
   const float* upload_tagged(Slot slot, uint64_t tag, const float* src, i64 n) { return upload_as_is(ws_, nl_ + slot, tag, src, n); }
   void download(float* dst, const float* src, i64 n) { ws_.down(dst, src, static_cast<size_t>(n)); }
+  // keep_param_grads: the parameter gradients go to a kept set (DecoderStageOut), not to the host
+  bool keeping() const { return o_.keep_param_grads != 0; }
+  float* kept(size_t which, i64 n) { return ws_.kept(o_.keep_param_grads, which, static_cast<size_t>(n)); }
+  // a parameter gradient's buffer: its place in the kept set (buffer 0: dpos; layer i's dw, db:
+  // 1 + 2j, 2 + 2j for the j-th weighted layer), or the scratch slot
+  float* dw_buf(size_t i, i64 n) { return keeping() ? kept(1 + 2 * weighted_[i], n) : layer_buf(i, kDw, n); }
+  float* db_buf(size_t i, i64 n) { return keeping() ? kept(2 + 2 * weighted_[i], n) : layer_buf(i, kDb, n); }
+  float* dpos_buf(i64 n) { return keeping() ? kept(0, n) : fixed(kDpos, n); }
 
   void upload_layer(size_t i) {
     const DecoderLayer& L = s_.layers[i];
@@ -349,10 +394,10 @@ class Stage {
           col_sums(dcur_, s_.n, cells, c, dz);
           download(o_.dz, dz, s_.n * c);
         }
-        if (o_.dpos) {
-          float* dpos = fixed(kDpos, cells * c);
+        if (o_.dpos || keeping()) {
+          float* dpos = dpos_buf(cells * c);
           col_sums(dcur_, 1, s_.n, cells * c, dpos);
-          download(o_.dpos, dpos, cells * c);
+          if (o_.dpos) download(o_.dpos, dpos, cells * c);
         }
         break;
       }
@@ -401,17 +446,17 @@ class Stage {
   void param_grads(size_t i, const DecoderLayer& L, const Geom& g, const float* image, const float* colside, int ncol, i64 out_rows,
                    float* dw, float* db) {
     const i64 nw = numel4(L.w_shape), cout = L.out[3];
-    if (dw) {
+    if (dw || keeping()) {
       Phase ph(profile_, "backward: filter gradients");
-      float* d = layer_buf(i, kDw, nw);
+      float* d = dw_buf(i, nw);
       filter_grad(g, image, colside, ncol, d);
-      download(dw, d, nw);
+      if (dw) download(dw, d, nw);
     }
-    if (db) {
+    if (db || keeping()) {
       Phase ph(profile_, "backward: bias gradients");
-      float* d = layer_buf(i, kDb, cout);
+      float* d = db_buf(i, cout);
       col_sums(dcur_, 1, out_rows, cout, d);
-      download(db, d, cout);
+      if (db) download(db, d, cout);
     }
   }
 
@@ -426,33 +471,40 @@ class Stage {
       gemm(a_operand(gcls, KC, 1), b_operand(wsum, 1, KC), Store{dz, static_cast<int>(c), nullptr, 0}, n, c, KC);
       download(o_.dz, dz, n * c);
     }
-    if (!dw && !db && !o_.dpos) return;
+    if (!dw && !db && !o_.dpos && !keeping()) return;
     // the shared part (conv of pos, bias) sees the gradient summed over slots
     float* gs = fixed(kGradSum, QC);
     col_sums(dcur_, 1, n, QC, gs);
     const Geom pg = geom_of(pos_geom(L));
-    if (o_.dpos) {
-      float* dpos = fixed(kDpos, s_.gh * s_.gw * c);
+    if (o_.dpos || keeping()) {
+      float* dpos = dpos_buf(s_.gh * s_.gw * c);
       gemm(ColGather{gs, pg, static_cast<int>(cout)}, b_operand(layer_buf(i, kWd, 0), c, 1), Store{dpos, static_cast<int>(c), nullptr, 0},
            s_.gh * s_.gw, c, static_cast<i64>(pg.kh) * pg.kw * cout);
-      download(o_.dpos, dpos, s_.gh * s_.gw * c);
+      if (o_.dpos) download(o_.dpos, dpos, s_.gh * s_.gw * c);
     }
-    if (db) {
-      float* d = layer_buf(i, kDb, cout);
+    if (db || keeping()) {
+      float* d = db_buf(i, cout);
       col_sums(gs, 1, oh * ow, cout, d);
-      download(db, d, cout);
+      if (db) download(db, d, cout);
     }
-    if (dw) {
+    if (dw || keeping()) {
       const i64 nw = numel4(L.w_shape);
-      float* d = layer_buf(i, kDw, nw);
+      float* d = dw_buf(i, nw);
       filter_grad(pg, pos_, gs, static_cast<int>(cout), d);
-      download(dw, d, nw);
-      // dWsum = zᵀ · gcls, then back to every tap of each class
+      // dWsum = zᵀ · gcls, then back to every tap of each class (on the host, or in a kept set on the device)
       float* dws = fixed(kDwsum, c * KC);
       gemm(a_operand(z_, 1, c), b_operand(gcls, KC, 1), Store{dws, static_cast<int>(KC), nullptr, 0}, c, KC, n);
-      std::vector<float> host(static_cast<size_t>(c * KC));
-      download(host.data(), dws, c * KC);
-      add_class_weight_grads(L, taps_, host.data(), dw);
+      if (keeping()) {
+        launch(class_weight_grads_kernel, grid_for(nw), dim3(kThreads), static_cast<const float*>(dws), d, static_cast<int>(cout),
+               static_cast<int>(c), static_cast<int>(L.w_shape[2]), static_cast<int>(L.w_shape[3]), tap_spans(taps_.row_lo, taps_.row_hi),
+               tap_spans(taps_.col_lo, taps_.col_hi));
+      }
+      if (dw) {
+        download(dw, d, nw);
+        std::vector<float> host(static_cast<size_t>(c * KC));
+        download(host.data(), dws, c * KC);
+        add_class_weight_grads(L, taps_, host.data(), dw);
+      }
     }
   }
 
@@ -460,6 +512,7 @@ class Stage {
   const DecoderStageOut& o_;
   DeviceWorkspace& ws_;
   size_t nl_;
+  std::vector<size_t> weighted_;  // per layer: its index among the weighted layers (kept sets)
   std::vector<float*> act_;
   const float* z_ = nullptr;
   const float* pos_ = nullptr;
@@ -475,6 +528,25 @@ std::unique_ptr<GpuWorkspace> make_workspace(int device) { return std::unique_pt
 
 void decoder_stage(const DecoderStage& s, const DecoderStageOut& o, GpuWorkspace& ws, StageProfile* profile) {
   Stage(s, o, own_workspace(ws), profile).run();
+}
+
+void decoder_param_grad_sums(const std::vector<uint64_t>& ids, const std::vector<float>& us, const std::vector<size_t>& sizes,
+                             const std::vector<float*>& out, GpuWorkspace& gws) {
+  DeviceWorkspace& ws = own_workspace(gws);
+  if (ids.empty() || ids.size() != us.size() || sizes.size() != out.size())
+    throw std::invalid_argument("decoder parameter gradient sums: one u per kept set, one output per buffer, at least one set");
+  for (uint64_t id : ids)
+    for (size_t b = 0; b < sizes.size(); ++b) ws.kept_buf(id, b, sizes[b]);  // every buffer there before anything runs
+  for (size_t b = 0; b < sizes.size(); ++b) {
+    const i64 n = static_cast<i64>(sizes[b]);
+    float* acc = ws.kept_buf(ids[0], b, sizes[b]);
+    for (size_t k = 0; k < ids.size(); ++k)
+      launch(scaled_sum_kernel, grid_for(n), dim3(kThreads), static_cast<const float*>(ws.kept_buf(ids[k], b, sizes[b])), us[k], acc, n,
+             k == 0 ? 1 : 0);
+    ws.down(out[b], acc, sizes[b]);
+  }
+  finish("decoder parameter gradient sums");
+  for (uint64_t id : ids) ws.drop_kept(id);
 }
 
 }  // namespace EMORL_GPU_NS

@@ -131,7 +131,11 @@ inline NhwcGeom ConvStack::geom(size_t i) const {
 //     set, the encoder's forward pass runs again first (nothing downloaded); returns the stamp of
 //     the set used (hand it to the next call);
 //   encoder_attention_backward: dq [B,K,Z] from dU [B,K,Z], the round's dk and dv added onto the
-//     device sums of `sum_id` (started, at zero, by the first call with that id).
+//     device sums of `sum_id` (started, at zero, by the first call with that id);
+//   decoder_param_grad_sums: per buffer b < sizes.size() of the kept sets `ids` (decoder stages run
+//     with keep_param_grads), out[b] = Σ_k us[k]·set_k[b] in the order given, rounded as the host
+//     sums a tape's gradients (u0·g0, then + u_k·g_k, each product and sum to float); one download
+//     per buffer, and the sets are dropped.
 #define EMORL_GPU_ENTRY_POINTS                                                                                         \
   std::unique_ptr<GpuWorkspace> make_workspace(int device);                                                            \
   void decoder_stage(const DecoderStage& s, const DecoderStageOut& o, GpuWorkspace& ws, StageProfile* profile = nullptr); \
@@ -154,7 +158,9 @@ inline NhwcGeom ConvStack::geom(size_t i) const {
   uint64_t encoder_attention_forward(const ConvStack& s, const EncoderHead& h, uint64_t stamp, const EncoderAttention& a,   \
                                      float* updates, float* p, GpuWorkspace& ws);                                         \
   uint64_t encoder_attention_backward(const ConvStack& s, const EncoderHead& h, uint64_t stamp, uint64_t sum_id,            \
-                                      const EncoderAttention& a, const float* dU, float* dq, GpuWorkspace& ws);
+                                      const EncoderAttention& a, const float* dU, float* dq, GpuWorkspace& ws);             \
+  void decoder_param_grad_sums(const std::vector<uint64_t>& ids, const std::vector<float>& us, const std::vector<size_t>& sizes, \
+                               const std::vector<float*>& out, GpuWorkspace& ws);
 
 namespace simt {
 EMORL_GPU_ENTRY_POINTS

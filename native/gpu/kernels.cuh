@@ -490,6 +490,9 @@ class DeviceWorkspace final : public GpuWorkspace {
     for (const auto& e : sums_)
       for (const auto& x : e.bufs)
         if (x) b += x->size() * sizeof(float);
+    for (const auto& e : kept_)
+      for (const auto& x : e.bufs)
+        if (x) b += x->size() * sizeof(float);
     return b;
   }
   int device() const override { return device_; }
@@ -529,6 +532,35 @@ class DeviceWorkspace final : public GpuWorkspace {
     sums_.erase(std::remove_if(sums_.begin(), sums_.end(), [&](const Sums& e) { return e.id == id; }), sums_.end());
   }
   void drop_sums() { sums_.clear(); }
+  // Sets of buffers a call leaves on the device for a later call to consume, under an id (a
+  // decoding stage's parameter gradients until the pass's sum of them): kept(id, which, n) gives
+  // buffer `which` of the set at n floats (to write; made when new, the oldest set dropped past
+  // kMaxKeptSets: one an abandoned pass left behind); kept_buf(id, which, n) the buffer as it is
+  // (an error naming id and buffer when it is not there at that size); drop_kept(id) frees the set.
+  static constexpr size_t kMaxKeptSets = 64;
+  float* kept(uint64_t id, size_t which, size_t n) {
+    if (!id) throw std::invalid_argument("GPU workspace: a kept set needs an id");
+    auto it = std::find_if(kept_.begin(), kept_.end(), [&](const Kept& e) { return e.id == id; });
+    if (it == kept_.end()) {
+      if (kept_.size() >= kMaxKeptSets) kept_.erase(kept_.begin());
+      it = kept_.insert(kept_.end(), Kept{id, {}});
+    }
+    if (it->bufs.size() <= which) it->bufs.resize(which + 1);
+    std::unique_ptr<DeviceBuf>& b = it->bufs[which];
+    if (!b) b.reset(new DeviceBuf());
+    if (b->size() != n) b->reset(n);
+    return b->data();
+  }
+  float* kept_buf(uint64_t id, size_t which, size_t n) {
+    auto it = std::find_if(kept_.begin(), kept_.end(), [&](const Kept& e) { return e.id == id; });
+    if (it == kept_.end() || it->bufs.size() <= which || !it->bufs[which] || it->bufs[which]->size() != n)
+      throw std::invalid_argument("GPU workspace: kept set " + std::to_string(id) + " has no buffer " + std::to_string(which) + " of " +
+                                  std::to_string(n) + " floats" + (it == kept_.end() ? " (the set is gone)" : ""));
+    return it->bufs[which]->data();
+  }
+  void drop_kept(uint64_t id) {
+    kept_.erase(std::remove_if(kept_.begin(), kept_.end(), [&](const Kept& e) { return e.id == id; }), kept_.end());
+  }
   bool emulated() const override {
 #if defined(__CUDACC__)
     return false;
@@ -545,6 +577,11 @@ class DeviceWorkspace final : public GpuWorkspace {
     std::unique_ptr<DeviceBuf> bufs[2];
   };
   std::vector<Sums> sums_;
+  struct Kept {
+    uint64_t id;
+    std::vector<std::unique_ptr<DeviceBuf>> bufs;
+  };
+  std::vector<Kept> kept_;
   GpuTraffic traffic_;
   std::vector<std::unique_ptr<DeviceBuf>> bufs_;
   std::vector<uint64_t> tags_;  // per slot: the tag of upload_tagged's contents (0: none)
