@@ -1703,8 +1703,9 @@ CpuEncoderCall cpu_encoder_call(const Args& a, const Props& p, const GpuCall& gp
   return {owner, parse_precision(a, p.get("precision"), p.name("precision"), gpu.device)};
 }
 
-// encoderStage({x, xShape, layers, head, keep?, device, workspace?, precision?}) -> {k, v [N·H·W, Z] | null, rows, Z, stamp}
+// encoderStage({x, xShape, layers, head, keep?, kInto?, vInto?, device, workspace?, precision?}) -> {k, v [N·H·W, Z] | null, rows, Z, stamp}
 //   keep: k and v stay on the device only (null here), for encoderAttention (GPU devices).
+//   kInto, vInto: Float32Arrays k and v are written into (and returned as), instead of new ones.
 //   device 'cpu' (or absent): the CPU kernels, the activations in `workspace` (required);
 //   precision: the CPU convolutions' (nhwc.h).
 Napi::Value EncoderStageFn(const Napi::CallbackInfo& info, bool) {
@@ -1717,7 +1718,17 @@ Napi::Value EncoderStageFn(const Napi::CallbackInfo& info, bool) {
   if (keep && !gpu.on_gpu()) a.range_error("'" + p.name("keep") + "' is for GPU devices (on the CPU, k and v are returned)");
   Napi::Value k = a.env().Null(), v = a.env().Null();
   float *kd = nullptr, *vd = nullptr;
-  if (!keep) {
+  if (!keep && (p.has("kInto") || p.has("vInto"))) {
+    // written in place: each must be its own memory, apart from the images and the other
+    const int64_t n = a.numel({rows, h.Z}, "k");
+    const std::string rz = "[rows, Z] = " + shape_str({rows, h.Z});
+    kd = const_cast<float*>(p.f32("kInto", n, rz));
+    vd = const_cast<float*>(p.f32("vInto", n, rz));
+    const int o = first_overlap({{kd, n}, {vd, n}, {s.x, s.N * s.H * s.W * s.C}}, 2).first;
+    if (o >= 0) a.range_error("'" + p.name(o ? "vInto" : "kInto") + "' overlaps another array of the spec");
+    k = p.get("kInto");
+    v = p.get("vInto");
+  } else if (!keep) {
     auto kt = new_f32(a, a.numel({rows, h.Z}, "k")), vt = new_f32(a, a.numel({rows, h.Z}, "v"));
     kd = kt.Data();
     vd = vt.Data();

@@ -60,32 +60,36 @@ void encoder_head_forward(const EncoderHeadDims& d, const float* h, const Encode
 }
 
 void encoder_head_backward(const EncoderHeadDims& d, const float* h, const EncoderHeadParams& p, const EncoderHeadKept& s,
-                           const float* dk, const float* dv, float* dh, const EncoderHeadParamGrads& g, int nthreads) {
+                           const float* dk, const float* dv, float* dh, const EncoderHeadParamGrads& g, int nthreads,
+                           float* scratch) {
   const int64_t R = d.rows, D = d.D, Z = d.Z;
   const bool params = g.wk != nullptr;
-  std::vector<float> a(static_cast<size_t>(R * D)), b(static_cast<size_t>(R * D));
+  std::vector<float> own(scratch ? 0 : static_cast<size_t>(2 * R * D));
+  // a, b: [R, D] each, every element written before it is read
+  float* const a = scratch ? scratch : own.data();
+  float* const b = a + R * D;
   // k = f3 W_kᵀ, v = f3 W_vᵀ: df3 in a
-  sgemm_dense(false, false, R, D, Z, dk, p.wk, a.data(), false, nthreads);
-  sgemm_dense(false, false, R, D, Z, dv, p.wv, a.data(), true, nthreads);
+  sgemm_dense(false, false, R, D, Z, dk, p.wk, a, false, nthreads);
+  sgemm_dense(false, false, R, D, Z, dv, p.wv, a, true, nthreads);
   if (params) {
     sgemm_dense(true, false, Z, D, R, dk, s.f3, g.wk, false, nthreads);
     sgemm_dense(true, false, Z, D, R, dv, s.f3, g.wv, false, nthreads);
-    sgemm_dense(true, false, D, D, R, a.data(), s.f2, g.w2, false, nthreads);
-    column_sums(a.data(), R, D, g.b2, nthreads);
+    sgemm_dense(true, false, D, D, R, a, s.f2, g.w2, false, nthreads);
+    column_sums(a, R, D, g.b2, nthreads);
   }
   // f3 = f2 W2ᵀ + b2, f2 = ReLU(f1 W1ᵀ + b1): df2 in b, then df1 in a
-  sgemm_dense(false, false, R, D, D, a.data(), p.w2, b.data(), false, nthreads);
+  sgemm_dense(false, false, R, D, D, a, p.w2, b, false, nthreads);
   parallel_region(pass_threads(nthreads, R * D), [&](int tid, int nt) {
     int64_t i0, i1;
     split_range(R * D, tid, nt, i0, i1);
     for (int64_t i = i0; i < i1; ++i)
-      if (!(s.f2[i] > 0.f)) b[static_cast<size_t>(i)] = 0.f;
+      if (!(s.f2[i] > 0.f)) b[i] = 0.f;
   });
   if (params) {
-    sgemm_dense(true, false, D, D, R, b.data(), s.f1, g.w1, false, nthreads);
-    column_sums(b.data(), R, D, g.b1, nthreads);
+    sgemm_dense(true, false, D, D, R, b, s.f1, g.w1, false, nthreads);
+    column_sums(b, R, D, g.b1, nthreads);
   }
-  sgemm_dense(false, false, R, D, D, b.data(), p.w1, a.data(), false, nthreads);
+  sgemm_dense(false, false, R, D, D, b, p.w1, a, false, nthreads);
   // the LayerNorm: dh = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)), dx̂ = df1·γ; per thread, dγ, dβ and
   // dP (dh summed over the images, per pixel) in double
   const std::vector<float> P = positional_projection(d, p);
@@ -98,7 +102,7 @@ void encoder_head_backward(const EncoderHeadDims& d, const float* h, const Encod
     double* dbet = params ? dgam + D : nullptr;
     double* dP = params ? dgam + 2 * D : nullptr;
     for (int64_t r = r0; r < r1; ++r) {
-      const float *hr = h + r * D, *pr = P.data() + (r % d.hw) * D, *gr = a.data() + r * D;
+      const float *hr = h + r * D, *pr = P.data() + (r % d.hw) * D, *gr = a + r * D;
       const double m = s.mean[r], rs = s.rstd[r];
       double m1 = 0, m2 = 0;
       for (int64_t j = 0; j < D; ++j) {

@@ -39,8 +39,10 @@ struct EncoderHeadParamGrads {
 };
 
 // dh [rows, D] (overwritten) from dk, dv; h is the forward's input (the LayerNorm's x̂ is recomputed
-// from it).
+// from it). scratch: 2·rows·D floats the call may overwrite (null: it allocates them; a caller's
+// kept buffer saves a batch's fresh pages, 10 MB at Tetrominoes' batch 32).
 void encoder_head_backward(const EncoderHeadDims& d, const float* h, const EncoderHeadParams& p, const EncoderHeadKept& s,
-                           const float* dk, const float* dv, float* dh, const EncoderHeadParamGrads& g, int nthreads);
+                           const float* dk, const float* dv, float* dh, const EncoderHeadParamGrads& g, int nthreads,
+                           float* scratch = nullptr);
 
 }  // namespace emorl

@@ -10,7 +10,7 @@ namespace emorl {
 namespace {
 
 // Workspace slots: the n maps, then the head's f1, f2, f3, mean, rstd, then the backward's
-// gradient of the current map (two, in turn).
+// gradient of the current map (two, in turn) and the head's backward scratch.
 struct Slots {
   size_t n;
   size_t map(size_t i) const { return i; }
@@ -20,6 +20,7 @@ struct Slots {
   size_t mean() const { return n + 3; }
   size_t rstd() const { return n + 4; }
   size_t grad(size_t which) const { return n + 5 + which; }
+  size_t head_scratch() const { return n + 7; }
 };
 
 size_t map_size(const NhwcGeom& g, int64_t Co) { return static_cast<size_t>(g.M() * Co); }
@@ -87,7 +88,8 @@ void encoder_backward_cpu(const ConvStack& s, const EncoderHead& h, uint64_t sta
   float* dy = ws.buf(sl.grad(cur), map_size(s.geom(n - 1), h.D));
   const EncoderHeadKept kept{ws.buf(sl.f1(), 0), ws.buf(sl.f2(), 0), ws.buf(sl.f3(), 0),
                              reinterpret_cast<const double*>(ws.buf(sl.mean(), 0)), reinterpret_cast<const double*>(ws.buf(sl.rstd(), 0))};
-  encoder_head_backward(d, ws.buf(sl.map(n - 1), 0), h.p, kept, dk, dv, dy, g, nthreads);
+  encoder_head_backward(d, ws.buf(sl.map(n - 1), 0), h.p, kept, dk, dv, dy, g, nthreads,
+                        ws.buf(sl.head_scratch(), static_cast<size_t>(2 * d.rows * d.D)));
   // the stack, last layer first; the first layer's input (the images) needs no gradient
   for (size_t i = n; i-- > 0;) {
     const ConvStackLayer& L = s.layers[i];

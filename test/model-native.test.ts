@@ -182,6 +182,14 @@ describeNative('nativeOps ops vs tfjsOps', () => {
       expect(() => stage.encoderStage({ ...own, keep: true })).toThrow(/'spec.keep' is for GPU devices/);
       const r = stage.encoderStage(own);
       expect([r.k!.length, r.rows, r.Z]).toEqual([B * H * W * Z, B * H * W, Z]);
+      // k and v into given arrays (the ops reuse released ones): every element written, those very arrays returned
+      const kInto = new Float32Array(B * H * W * Z).fill(NaN), vInto = new Float32Array(B * H * W * Z).fill(NaN);
+      const ri = stage.encoderStage({ ...own, kInto, vInto });
+      expect(ri.k).toBe(kInto);
+      expect(ri.v).toBe(vInto);
+      expect([ri.k, ri.v]).toEqual([r.k, r.v]);
+      expect(() => stage.encoderStage({ ...own, kInto, vInto: kInto })).toThrow(/'spec.kInto' overlaps another array of the spec/);
+      expect(() => stage.encoderStage({ ...own, kInto: new Float32Array(3), vInto })).toThrow(/'spec.kInto' has 3 elements/);
       expect(() => stage.encoderStageBackward({ ...own, stamp: r.stamp, needParams: true })).toThrow(/'spec.dk' and 'spec.dv' are needed$/);
     });
   });

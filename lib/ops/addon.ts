@@ -90,9 +90,10 @@ export interface NativeAddon {
     { dx: Float32Array | null; dw: Float32Array[] | null; db: Float32Array[] | null };
   /**
    * the whole encoder as one GPU stage (native/gpu/gpu.h EncoderHead): k and v [rows, Z], and a stamp
-   * as convStack's; `keep`: k and v stay on the device only (null here), for encoderAttention
+   * as convStack's; `keep`: k and v stay on the device only (null here), for encoderAttention;
+   * kInto, vInto: arrays of rows·Z floats that k and v are written into (and returned as)
    */
-  encoderStage<Keep extends boolean = false>(spec: EncoderStageSpec & { keep?: Keep }):
+  encoderStage<Keep extends boolean = false>(spec: EncoderStageSpec & { keep?: Keep; kInto?: Float32Array; vInto?: Float32Array }):
     { k: Keep extends true ? null : Float32Array; v: Keep extends true ? null : Float32Array; rows: number; Z: number; stamp: number };
   /** its backward from dk, dv, or (without them) from the sums encoderAttentionBackward made on the device under sumId */
   encoderStageBackward(spec: EncoderStageSpec & { dk?: Float32Array; dv?: Float32Array; sumId?: number; stamp: number; needParams: boolean }): {

@@ -15,24 +15,30 @@ export abstract class KeptKeysValues implements ResidentKeysValues {
 }
 
 /**
- * Sum arrays the encoder's backward pass is done with, by length, for the next pass: a fresh one
- * of 5 MB (a Tetrominoes batch) costs a page fault per 4 KiB and V8 collections, ~3 ms each step;
- * a warm one is zeroed in a tenth of that. Only arrays no one reads any more come here.
+ * Arrays the encoder's backward pass is done with (k, v and the rounds' dk, dv sums), by length,
+ * for the next pass: a fresh one of 5 MB (a Tetrominoes batch) costs a page fault per 4 KiB and
+ * V8 collections, ~3 ms each step; a warm one is zeroed in a tenth of that. Only arrays no one
+ * reads any more come here.
  */
-const releasedSums = new Map<number, Float32Array[]>();
+const released = new Map<number, Float32Array[]>();
 const KEEP_RELEASED = 4;
 
+/** A released array of length n, its contents whatever they were (undefined: none). */
+export function reusedArray(n: number): Float32Array | undefined {
+  return released.get(n)?.pop();
+}
+
 /** n zeros: a released array of that length, zeroed, or a new one. */
-function zeroedSums(n: number): Float32Array {
-  const a = releasedSums.get(n)?.pop();
+function zeroedArray(n: number): Float32Array {
+  const a = reusedArray(n);
   return a ? a.fill(0) : new Float32Array(n);
 }
 
-/** Hands sum arrays back once nothing reads them (CpuKeysValues.takeSums' after the backward call). */
-export function releaseSums(...arrays: Float32Array[]): void {
+/** Hands arrays back once nothing reads them (CpuKeysValues' k, v and sums after the backward call). */
+export function releaseArrays(...arrays: Float32Array[]): void {
   for (const a of arrays) {
-    let list = releasedSums.get(a.length);
-    if (!list) releasedSums.set(a.length, (list = []));
+    let list = released.get(a.length);
+    if (!list) released.set(a.length, (list = []));
     if (list.length < KEEP_RELEASED && !list.includes(a)) list.push(a);
   }
 }
@@ -46,13 +52,13 @@ export class CpuKeysValues extends KeptKeysValues {
   }
   /** the arrays the attention rounds add dk and dv onto (zero at first) */
   sums(): { dk: Float32Array; dv: Float32Array } {
-    this.dk ??= zeroedSums(this.k.length);
-    this.dv ??= zeroedSums(this.v.length);
+    this.dk ??= zeroedArray(this.k.length);
+    this.dv ??= zeroedArray(this.v.length);
     return { dk: this.dk, dv: this.dv };
   }
   /**
    * the sums, handed to the encoder's backward pass once (zero when no round ran backward); give
-   * them to releaseSums when it is done with them
+   * them to releaseArrays when it is done with them
    */
   takeSums(): { dk: Float32Array; dv: Float32Array } {
     const s = this.sums();

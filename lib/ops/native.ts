@@ -19,7 +19,7 @@ import { attnOf, slotCompetition } from './native-attention';
 import { dualGruCell, gruCell } from './native-gru';
 import { tfjsOps, type Ops } from './index';
 import { ENCODER_LN_EPS, type EncoderArgs, type EncoderOutput } from './encoder-stage';
-import { CpuKeysValues, DeviceKeysValues, keptKvOp, releaseSums } from './kept-kv';
+import { CpuKeysValues, DeviceKeysValues, keptKvOp, releaseArrays, reusedArray } from './kept-kv';
 import { ATTN_EPS, type SlotCompetition } from './attention';
 import { addTapSumsGrad, broadcastConvShapes, broadcastTapSums } from './broadcast';
 import { convStackWith, convTransposeShapes, paramGradsEnabled, type ConvOptions, type ConvStackLayer, type ConvTransposeOptions, type FusedActivation } from './conv';
@@ -268,14 +268,19 @@ export function encoderOnCpu(a: EncoderArgs, precision: ConvPrecision = 'fp32'):
   if (a.attentionOnly) {
     return keptKvOp(inputs, (t) => {
       const spec = specOf(t);
-      const r = k.encoderStage(spec);
+      // k and v into arrays an earlier pass released (fresh pages had cost ~3 ms per 5 MB array)
+      const n = B * H * W * a.wk.shape[0];
+      const kInto = reusedArray(n), vInto = kInto && reusedArray(n);
+      if (kInto && !vInto) releaseArrays(kInto);
+      const r = k.encoderStage(kInto && vInto ? { ...spec, kInto, vInto } : spec);
       const kept = new CpuKeysValues([B, H * W, r.Z], r.k, r.v);
       return {
         kept,
         grads: (needParams) => {
           const sums = kept.takeSums();
           const g = backward(t, spec, r.stamp, sums.dk, sums.dv, needParams);
-          releaseSums(sums.dk, sums.dv); // the addon read them; nothing holds them now
+          // the addon read the sums, and the attention rounds' backward passes (before this one) k and v
+          releaseArrays(sums.dk, sums.dv, kept.k, kept.v);
           return g;
         },
       };
