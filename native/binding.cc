@@ -962,7 +962,12 @@ Napi::Value DecoderStageFn(const Napi::CallbackInfo& info, bool) {
   const bool need_dz = p.boolean("needDz", false), need_params = p.boolean("needParams", false);
   const bool need_outputs = p.boolean("needOutputs", false);
   const StageDevice device = stage_device(a, p);
-  const uint64_t keep_id = p.tag("keepParamGrads");
+  uint64_t keep_id = 0;
+  if (p.has("keepParamGrads")) {
+    const double id = p.number("keepParamGrads");
+    if (!(id >= 1 && id <= 9007199254740992.0) || std::floor(id) != id) a.type_error("'" + p.name("keepParamGrads") + "' must be an id (an integer >= 1)");
+    keep_id = static_cast<uint64_t>(id);
+  }
   if (keep_id) {
     if (device.kind == StageDevice::Cpu) a.range_error("'" + p.name("keepParamGrads") + "' is for GPU devices (the CPU stage returns its gradients)");
     if (!need_params) a.range_error("'" + p.name("keepParamGrads") + "' needs needParams");

@@ -280,6 +280,7 @@ describeOnDevices((device) => `decoderStage on ${device} vs the CPU stage`, (dev
     expect(() => k.decoderStage({ ...spec(cases[2][1], 'cpu'), keepParamGrads: 3 })).toThrow(/'spec.keepParamGrads' is for GPU devices/);
     expect(() => k.decoderStage({ ...s, needParams: false, keepParamGrads: 3 })).toThrow(/'spec.keepParamGrads' needs needParams/);
     expect(() => k.decoderStage({ ...s, workspace: undefined, keepParamGrads: 3 })).toThrow(/'spec.keepParamGrads' needs a workspace/);
+    expect(() => k.decoderStage({ ...s, keepParamGrads: 0.5 })).toThrow(/'spec.keepParamGrads' must be an id \(an integer >= 1\)/);
     k.decoderStage({ ...s, keepParamGrads: 3 });
     const sizes = [s.pos.length];
     expect(() => k.decoderParamGradSums({ workspace: ws, device: 'cpu', ids: [3], us: [1], sizes })).toThrow(/must be 'cuda:N' or 'simt'/);
