@@ -288,6 +288,10 @@ describeOnDevices((device) => `decoderStage on ${device} vs the CPU stage`, (dev
     expect(() => k.decoderParamGradSums({ workspace: ws, device, ids: [3], us: [1], sizes: [s.pos.length + 1] })).toThrow(/kept set 3 has no buffer 0 of \d+ floats$/);
     expect(() => k.decoderParamGradSums({ workspace: ws, device, ids: [4], us: [1], sizes })).toThrow(/kept set 4 has no buffer 0 .*the set is gone/);
     expect(k.decoderParamGradSums({ workspace: ws, device, ids: [3], us: [1], sizes })[0]).toHaveLength(s.pos.length);
+    // a workspace keeps at most 32 sets: past that the oldest (an abandoned pass's) is dropped
+    for (let id = 100; id < 133; id++) k.decoderStage({ ...s, needDz: false, needOutputs: false, keepParamGrads: id });
+    expect(() => k.decoderParamGradSums({ workspace: ws, device, ids: [100], us: [1], sizes })).toThrow(/kept set 100 .*the set is gone/);
+    expect(k.decoderParamGradSums({ workspace: ws, device, ids: [101, 132], us: [1, 1], sizes })).toHaveLength(1);
   });
 
   test('only what is asked for: no gradients, outputs only; a profile by phase', () => {

@@ -10,9 +10,10 @@
  * differentiated twice (refinement stages: the inner gradient w.r.t. λ, then the training
  * gradient) reuses the one backward.
  *
- * The stages of one pass share their weights through shareDecoderWeights: each stage adds u times
- * its weight gradients onto the pass's sums, and one op hands the sums to the tape (instead of every
- * stage's gradients as tensors that the tape then adds up).
+ * The stages of one pass share their weights and positional embedding through shareDecoderWeights:
+ * each stage adds u times its gradients of them onto the pass's sums (on a GPU device, sums of sets
+ * the stages left there), and one op hands the sums to the tape, instead of every stage's gradients
+ * as tensors that the tape then adds up (and, on a GPU, every stage downloading them).
  */
 import { tf } from '../tf';
 import { f32 } from './arrays';

@@ -537,7 +537,7 @@ class DeviceWorkspace final : public GpuWorkspace {
   // buffer `which` of the set at n floats (to write; made when new, the oldest set dropped past
   // kMaxKeptSets: one an abandoned pass left behind); kept_buf(id, which, n) the buffer as it is
   // (an error naming id and buffer when it is not there at that size); drop_kept(id) frees the set.
-  static constexpr size_t kMaxKeptSets = 64;
+  static constexpr size_t kMaxKeptSets = 32;
   float* kept(uint64_t id, size_t which, size_t n) {
     if (!id) throw std::invalid_argument("GPU workspace: a kept set needs an id");
     auto it = std::find_if(kept_.begin(), kept_.end(), [&](const Kept& e) { return e.id == id; });
