@@ -2,7 +2,8 @@
  * The GPU checks of one device session in one process (bench/gpu-kit.sh packs this with Node for a
  * GPU machine that has none): training steps of a small model with every GPU op on cuda:0 against
  * the same steps on the CPU kernels (the losses and gradient norms, as test/gpu-decoder.test.ts
- * checks on the emulator); the golden PyTorch fixture on the device (its loss and every gradient
+ * checks on the emulator); the decoder's gradients summed on the device over a pass's stages
+ * against per-stage downloads (the same bits); the golden PyTorch fixture on the device (its loss and every gradient
  * against the recorded ones, with test/model-native.test.ts's fp32 tolerances), when there is a
  * copy; then the device's FP32 peak and what crosses the bus. Exits 2 when the addon sees no CUDA
  * device, 1 when a check fails.
@@ -18,7 +19,7 @@ import { nativeOps, nativeOpsOn, parseStageDevice } from '../lib/ops/native';
 import type { Ops } from '../lib/ops';
 import { Trainer } from '../lib/train/trainer';
 import { EfficientMORL } from '../lib/model/efficient-morl';
-import { ReplayNoise, type RecordedDraw } from '../lib/model/noise';
+import { ReplayNoise, SeededNoise, type RecordedDraw } from '../lib/model/noise';
 import { withH5File } from '../lib/io/h5';
 import { readArray, readParamGroup } from '../lib/params/h5';
 import type { StageDevice } from '../lib/ops/addon';
@@ -70,6 +71,36 @@ async function goldenCheck(device: StageDevice, file: string): Promise<boolean> 
   }
 }
 
+/**
+ * The decoder's gradients summed on the device over a pass's stages (shareDecoderWeights, kept
+ * sets) against every stage downloading its own for the tape to add: the same bits, as
+ * test/model-native.test.ts checks on the emulator. True when they are.
+ */
+function sharedWeightsCheck(device: StageDevice): boolean {
+  const cfg = { K: 3, input_size: [3, 12, 11] as [number, number, number], z_size: 8, image_decoder: 'small' as const, image_likelihood: 'GMM' as const, stochastic_layers: 2, refinement_iters: 2 };
+  const ops = nativeOpsOn(device);
+  const shared = new EfficientMORL(cfg, { ops, seed: 21 });
+  const own = new EfficientMORL(cfg, { ops: { ...ops, shareDecoderWeights: (spec) => spec }, seed: 21 });
+  const images = tf.randomUniform([2, 3, 12, 11], -1, 1, 'float32', 21);
+  const rs = shared.lossAndGrads(images, { noise: new SeededNoise(5) });
+  const ro = own.lossAndGrads(images, { noise: new SeededNoise(5) });
+  try {
+    let differ = rs.totalLoss === ro.totalLoss ? 0 : 1;
+    for (const [k, g] of ro.grads) {
+      const a = g.dataSync(), b = rs.grads.get(k)!.dataSync();
+      for (let i = 0; i < a.length; i++) if (!Object.is(a[i], b[i])) differ++;
+    }
+    console.log(`${differ ? 'FAIL' : 'ok  '} the decoder's gradients summed on ${device} over a pass's stages: ${differ ? `${differ} values differ from` : 'the same bits as'} per-stage downloads summed on the host`);
+    return differ === 0;
+  } finally {
+    rs.dispose();
+    ro.dispose();
+    images.dispose();
+    shared.dispose();
+    own.dispose();
+  }
+}
+
 async function main(): Promise<number> {
   await initBackend('cpu');
   const i = process.argv.indexOf('--device');
@@ -107,6 +138,7 @@ async function main(): Promise<number> {
     ok &&= pass;
     console.log(`${pass ? 'ok  ' : 'FAIL'} 3 training steps, ${decoder} decoder, ${likelihood}: losses and gradient norms on ${device} within ${worst.toExponential(2)} of the CPU's (tolerance 1e-4)`);
   }
+  ok = sharedWeightsCheck(device) && ok;
   const fi = process.argv.indexOf('--fixture');
   const fixture = fi > 0 ? process.argv[fi + 1] : 'fixtures/tetrominoes-small-gaussian.h5';
   if (fs.existsSync(fixture)) ok = (await goldenCheck(device, fixture)) && ok;
