@@ -717,6 +717,28 @@ class Props {
       out[k] = static_cast<int64_t>(d);
     }
   }
+  // An optional id (a stamp, a kept set's id): an integer in [1, 2^53]; absent: 0. what: the
+  // message's "must be ..." for a bad value.
+  uint64_t id(const char* key, const char* what) const {
+    if (!has(key)) return 0;
+    const double d = number(key);
+    if (!(d >= 1 && d <= 9007199254740992.0) || std::floor(d) != d) a_.range_error("'" + name(key) + "' must be " + what);
+    return static_cast<uint64_t>(d);
+  }
+  // An array of finite numbers.
+  std::vector<double> numbers(const char* key) const {
+    Napi::Value v = get(key);
+    if (!v.IsArray()) a_.type_error("'" + name(key) + "' must be an array of numbers");
+    auto arr = v.As<Napi::Array>();
+    std::vector<double> out;
+    for (uint32_t i = 0; i < arr.Length(); ++i) {
+      Napi::Value e = arr.Get(i);
+      if (!e.IsNumber() || !std::isfinite(e.As<Napi::Number>().DoubleValue()))
+        a_.type_error("'" + name(key) + "[" + std::to_string(i) + "]' must be a finite number");
+      out.push_back(e.As<Napi::Number>().DoubleValue());
+    }
+    return out;
+  }
   // An optional content tag (lib/ops/addon.ts contentTag): an integer in [0, 2^53]; absent: 0.
   uint64_t tag(const char* key) const {
     Napi::Value v = get(key);
@@ -962,12 +984,7 @@ Napi::Value DecoderStageFn(const Napi::CallbackInfo& info, bool) {
   const bool need_dz = p.boolean("needDz", false), need_params = p.boolean("needParams", false);
   const bool need_outputs = p.boolean("needOutputs", false);
   const StageDevice device = stage_device(a, p);
-  uint64_t keep_id = 0;
-  if (p.has("keepParamGrads")) {
-    const double id = p.number("keepParamGrads");
-    if (!(id >= 1 && id <= 9007199254740992.0) || std::floor(id) != id) a.type_error("'" + p.name("keepParamGrads") + "' must be an id (an integer >= 1)");
-    keep_id = static_cast<uint64_t>(id);
-  }
+  const uint64_t keep_id = p.id("keepParamGrads", "an id (an integer >= 1)");
   if (keep_id) {
     if (device.kind == StageDevice::Cpu) a.range_error("'" + p.name("keepParamGrads") + "' is for GPU devices (the CPU stage returns its gradients)");
     if (!need_params) a.range_error("'" + p.name("keepParamGrads") + "' needs needParams");
@@ -1090,20 +1107,7 @@ Napi::Value DecoderParamGradSumsFn(const Napi::CallbackInfo& info, bool) {
   GpuCall gpu(a, p);
   if (!gpu.on_gpu()) a.range_error("'" + p.name("device") + "' must be 'cuda:N' or 'simt': kept gradients live on a GPU device");
   if (!gpu.owner) a.range_error("'" + p.name("workspace") + "' is required: the kept gradients live in it");
-  const auto numbers = [&](const char* key) {
-    Napi::Value v = p.get(key);
-    if (!v.IsArray()) a.type_error("'" + p.name(key) + "' must be an array of numbers");
-    auto arr = v.As<Napi::Array>();
-    std::vector<double> out;
-    for (uint32_t i = 0; i < arr.Length(); ++i) {
-      Napi::Value e = arr.Get(i);
-      if (!e.IsNumber() || !std::isfinite(e.As<Napi::Number>().DoubleValue()))
-        a.type_error("'" + p.name(key) + "[" + std::to_string(i) + "]' must be a finite number");
-      out.push_back(e.As<Napi::Number>().DoubleValue());
-    }
-    return out;
-  };
-  const std::vector<double> ids_d = numbers("ids"), us_d = numbers("us"), sizes_d = numbers("sizes");
+  const std::vector<double> ids_d = p.numbers("ids"), us_d = p.numbers("us"), sizes_d = p.numbers("sizes");
   if (ids_d.empty() || ids_d.size() != us_d.size())
     a.range_error("'" + p.name("ids") + "' and '" + p.name("us") + "' must be non-empty and of one length (one u per kept set)");
   std::vector<uint64_t> ids;
@@ -1757,12 +1761,7 @@ Napi::Value EncoderStageFn(const Napi::CallbackInfo& info, bool) {
 
 // spec.sumId: the id under which encoderAttentionBackward sums dk and dv on the device (a stamp
 // of encoderStage; absent: 0, none).
-uint64_t sum_id_prop(const Args& a, const Props& p) {
-  if (!p.has("sumId")) return 0;
-  const double id = p.number("sumId");
-  if (!(id >= 1) || std::floor(id) != id) a.range_error("'" + p.name("sumId") + "' must be a stamp of encoderStage");
-  return static_cast<uint64_t>(id);
-}
+uint64_t sum_id_prop(const Props& p) { return p.id("sumId", "a stamp of encoderStage"); }
 
 // encoderStageBackward({x, xShape, layers, head, dk?, dv?, sumId?, stamp, needParams, device, workspace?, precision?})
 //   -> {dw, db: [per layer] | null, head: {posW, posB, lnW, lnB, w1, b1, w2, b2, wk, wv} | null}
@@ -1774,7 +1773,7 @@ Napi::Value EncoderStageBackwardFn(const Napi::CallbackInfo& info, bool) {
   GpuCall gpu(a, p);
   const int64_t rows = s.geom(s.layers.size() - 1).M();
   const std::string kv = "[rows, Z] = " + shape_str({rows, h.Z});
-  const uint64_t sum_id = sum_id_prop(a, p);
+  const uint64_t sum_id = sum_id_prop(p);
   const bool summed = !p.has("dk") && !p.has("dv");
   if (summed && (!sum_id || !gpu.on_gpu()))
     a.type_error("'" + p.name("dk") + "' and '" + p.name("dv") + "' are needed" + (gpu.on_gpu() ? " (or a sumId)" : ""));
@@ -1849,7 +1848,7 @@ Napi::Value EncoderAttentionBackwardFn(const Napi::CallbackInfo& info, bool) {
   Props p(a, a.at(0), "spec");
   const auto [s, h, e] = encoder_attention_spec(a, p);
   const float* dU = p.f32("dU", e.B * e.K * h.Z, "[B, K, Z] = " + shape_str({e.B, e.K, h.Z}));
-  const uint64_t sum_id = sum_id_prop(a, p);
+  const uint64_t sum_id = sum_id_prop(p);
   if (!sum_id) a.type_error("'" + p.name("sumId") + "' is needed");
   GpuCall gpu = conv_stack_device(a, p);
   auto dq = new_f32(a, e.B * e.K * h.Z);

@@ -23,14 +23,15 @@ export abstract class KeptKeysValues implements ResidentKeysValues {
 const released = new Map<number, Float32Array[]>();
 const KEEP_RELEASED = 4;
 
-/** A released array of length n, its contents whatever they were (undefined: none). */
-export function reusedArray(n: number): Float32Array | undefined {
-  return released.get(n)?.pop();
+/** `count` released arrays of length n, their contents whatever they were (undefined: fewer are there). */
+export function reusedArrays(n: number, count: number): Float32Array[] | undefined {
+  const list = released.get(n);
+  return list && list.length >= count ? list.splice(list.length - count, count) : undefined;
 }
 
 /** n zeros: a released array of that length, zeroed, or a new one. */
 function zeroedArray(n: number): Float32Array {
-  const a = reusedArray(n);
+  const a = reusedArrays(n, 1)?.[0];
   return a ? a.fill(0) : new Float32Array(n);
 }
 

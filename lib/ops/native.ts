@@ -19,7 +19,7 @@ import { attnOf, slotCompetition } from './native-attention';
 import { dualGruCell, gruCell } from './native-gru';
 import { tfjsOps, type Ops } from './index';
 import { ENCODER_LN_EPS, type EncoderArgs, type EncoderOutput } from './encoder-stage';
-import { CpuKeysValues, DeviceKeysValues, keptKvOp, releaseArrays, reusedArray } from './kept-kv';
+import { CpuKeysValues, DeviceKeysValues, keptKvOp, releaseArrays, reusedArrays } from './kept-kv';
 import { ATTN_EPS, type SlotCompetition } from './attention';
 import { addTapSumsGrad, broadcastConvShapes, broadcastTapSums } from './broadcast';
 import { convStackWith, convTransposeShapes, paramGradsEnabled, type ConvOptions, type ConvStackLayer, type ConvTransposeOptions, type FusedActivation } from './conv';
@@ -269,10 +269,8 @@ export function encoderOnCpu(a: EncoderArgs, precision: ConvPrecision = 'fp32'):
     return keptKvOp(inputs, (t) => {
       const spec = specOf(t);
       // k and v into arrays an earlier pass released (fresh pages had cost ~3 ms per 5 MB array)
-      const n = B * H * W * a.wk.shape[0];
-      const kInto = reusedArray(n), vInto = kInto && reusedArray(n);
-      if (kInto && !vInto) releaseArrays(kInto);
-      const r = k.encoderStage(kInto && vInto ? { ...spec, kInto, vInto } : spec);
+      const into = reusedArrays(B * H * W * a.wk.shape[0], 2);
+      const r = k.encoderStage(into ? { ...spec, kInto: into[0], vInto: into[1] } : spec);
       const kept = new CpuKeysValues([B, H * W, r.Z], r.k, r.v);
       return {
         kept,
