@@ -3,7 +3,8 @@
  * GPU machine that has none): training steps of a small model with every GPU op on cuda:0 against
  * the same steps on the CPU kernels (the losses and gradient norms, as test/gpu-decoder.test.ts
  * checks on the emulator); the decoder's gradients summed on the device over a pass's stages
- * against per-stage downloads (the same bits); the golden PyTorch fixture on the device (its loss and every gradient
+ * against per-stage downloads (the same bits); the decoder's Adam step on the device against
+ * Adam on the host (the same bits); the golden PyTorch fixture on the device (its loss and every gradient
  * against the recorded ones, with test/model-native.test.ts's fp32 tolerances), when there is a
  * copy; then the device's FP32 peak and what crosses the bus. Exits 2 when the addon sees no CUDA
  * device, 1 when a check fails.
@@ -101,6 +102,46 @@ function sharedWeightsCheck(device: StageDevice): boolean {
   }
 }
 
+/**
+ * Three training steps with the decoder's weights and their Adam step on the device against the
+ * same steps with Adam on the host (both decoding on the device): every parameter the same bits,
+ * and the bus per step without the weights and their gradients.
+ */
+function deviceOptimizerCheck(device: StageDevice): boolean {
+  const S = 12;
+  const config = experimentConfig({
+    Net: { K: 3, input_size: [3, S, S], z_size: 8, image_decoder: 'small', image_likelihood: 'GMM', stochastic_layers: 2, refinement_iters: 2 },
+    training: { batch_size: 4, lr: 1e-3, use_scheduler: false, use_geco: true, geco_reconstruction_target: -0.5, refinement_curriculum: [[-1, 2]] },
+    seed: 5,
+  });
+  const images = tf.randomUniform([4, 3, S, S], -1, 1, 'float32', 9);
+  const run = (deviceOptimizer: boolean) => {
+    const t = new Trainer(config, { ops: nativeOpsOn(device), deviceOptimizer });
+    try {
+      const bus = [0, 1, 2].map(() => {
+        const b0 = deviceTraffic();
+        t.step(images);
+        const b1 = deviceTraffic();
+        return [b1.upBytes - b0.upBytes, b1.downBytes - b0.downBytes];
+      });
+      return { params: t.parameters(), bus: bus[2] };
+    } finally {
+      t.dispose();
+    }
+  };
+  const host = run(false), dev = run(true);
+  images.dispose();
+  let differ = 0;
+  for (const k of Object.keys(host.params)) {
+    const a = host.params[k].data, b = dev.params[k].data;
+    for (let i = 0; i < a.length; i++) if (!Object.is(a[i], b[i])) differ++;
+  }
+  const kib = (b: number) => (b / 1024).toFixed(1);
+  console.log(`${differ ? 'FAIL' : 'ok  '} 3 training steps with the decoder's Adam on ${device}: ${differ} parameter values differ from Adam on the host; ` +
+    `bus per step ${kib(dev.bus[0])} KiB up, ${kib(dev.bus[1])} KiB down (Adam on the host: ${kib(host.bus[0])}, ${kib(host.bus[1])})`);
+  return differ === 0;
+}
+
 async function main(): Promise<number> {
   await initBackend('cpu');
   const i = process.argv.indexOf('--device');
@@ -139,6 +180,7 @@ async function main(): Promise<number> {
     console.log(`${pass ? 'ok  ' : 'FAIL'} 3 training steps, ${decoder} decoder, ${likelihood}: losses and gradient norms on ${device} within ${worst.toExponential(2)} of the CPU's (tolerance 1e-4)`);
   }
   ok = sharedWeightsCheck(device) && ok;
+  ok = deviceOptimizerCheck(device) && ok;
   const fi = process.argv.indexOf('--fixture');
   const fixture = fi > 0 ? process.argv[fi + 1] : 'fixtures/tetrominoes-small-gaussian.h5';
   if (fs.existsSync(fixture)) ok = (await goldenCheck(device, fixture)) && ok;

@@ -952,7 +952,8 @@ bool gpu_conv_backward(const Args& a, size_t arg, const emorl::NhwcGeom& g, int6
 //   per phase, in result.profile; precision 'fp32' | 'bf16' (CPU only): of the conv layers' products
 //   (nhwc.h); keepParamGrads (GPU devices, with needParams and a workspace): an id (integer >= 1)
 //   under which dpos, dw and db stay on the device (DecoderStageOut::keep_param_grads) for
-//   decoderParamGradSums, instead of being returned
+//   decoderParamGradSums, instead of being returned. A layer with resident: true (GPU devices,
+//   with its tags and the workspace) has no w or b: the workspace holds them (decoderAdam's)
 //   -> { nll, dz|null, dpos|null, dw: [..|null], db: [..|null], means|null, logMasks|null }
 // kind: 0 broadcast conv, 1 spatial broadcast, 2 conv, 3 transposed conv (decoder.h).
 Napi::Value DecoderStageFn(const Napi::CallbackInfo& info, bool) {
@@ -1007,11 +1008,19 @@ Napi::Value DecoderStageFn(const Napi::CallbackInfo& info, bool) {
     L.kind = static_cast<emorl::DecoderLayerKind>(kind);
     if (L.kind != emorl::DecoderLayerKind::SpatialBroadcast) {
       q.shape4("wShape", L.w_shape, 1e6);
-      L.w = q.f32("w", a.numel({L.w_shape[0], L.w_shape[1], L.w_shape[2], L.w_shape[3]}, "wShape"), "wShape " + shape4(L.w_shape));
       const int64_t cout = L.kind == emorl::DecoderLayerKind::ConvTranspose ? L.w_shape[1] : L.w_shape[0];
-      L.b = q.f32("b", cout, "its " + std::to_string(cout) + " output channels");
       L.w_tag = q.tag("wTag");
       L.b_tag = q.tag("bTag");
+      if (q.boolean("resident", false)) {
+        // w and b live on the device only (an optimizer there updates them): no host copy to read
+        if (device.kind == StageDevice::Cpu) a.range_error("'" + q.name("resident") + "' is for GPU devices");
+        if (!L.w_tag || !L.b_tag || p.get("workspace").IsUndefined() || p.get("workspace").IsNull())
+          a.range_error("'" + q.name("resident") + "' needs wTag, bTag and the workspace that holds them");
+        a.numel({L.w_shape[0], L.w_shape[1], L.w_shape[2], L.w_shape[3]}, "wShape");
+      } else {
+        L.w = q.f32("w", a.numel({L.w_shape[0], L.w_shape[1], L.w_shape[2], L.w_shape[3]}, "wShape"), "wShape " + shape4(L.w_shape));
+        L.b = q.f32("b", cout, "its " + std::to_string(cout) + " output channels");
+      }
       L.stride = q.integer("stride", 1, 1);
       L.pad = q.integer("pad", 0, 0);
       L.out_pad = q.integer("outputPad", 0, 0);
@@ -1098,15 +1107,61 @@ Napi::Value DecoderStageFn(const Napi::CallbackInfo& info, bool) {
   return r;
 }
 
-// decoderParamGradSums({ workspace, device, ids: number[], us: number[], sizes: number[] }) -> Float32Array[]
+// A decoder's device-resident parameters (gpu.h DecoderParams): spec.layers (the stack's length)
+// and spec.params [{ layer, bias, size, tag }].
+emorl::DecoderParams decoder_params(const Args& a, const Props& p) {
+  emorl::DecoderParams d;
+  d.layers = static_cast<size_t>(p.integer("layers", 1));
+  Napi::Value v = p.get("params");
+  if (!v.IsArray()) a.type_error("'" + p.name("params") + "' must be an array of { layer, bias, size, tag }");
+  auto arr = v.As<Napi::Array>();
+  for (uint32_t j = 0; j < arr.Length(); ++j) {
+    Props q(a, arr.Get(j), p.name("params") + "[" + std::to_string(j) + "]");
+    emorl::DecoderParams::Param e;
+    e.layer = static_cast<size_t>(q.integer("layer", 0));
+    if (e.layer >= d.layers) a.range_error("'" + q.name("layer") + "' is " + std::to_string(e.layer) + ", past the stack's " + std::to_string(d.layers) + " layers");
+    e.bias = q.boolean("bias", false);
+    e.n = static_cast<size_t>(q.integer("size", 1));
+    e.tag = q.tag("tag");
+    if (!e.tag) a.range_error("'" + q.name("tag") + "' must be a content tag >= 1");
+    d.params.push_back(e);
+  }
+  return d;
+}
+
+// Adam's float32 scalars of one step (optimizer.h AdamScalars) from spec.b1, c1, b2, c2, eps,
+// bc2Sqrt, stepSize, scale and first.
+emorl::AdamScalars adam_scalars(const Args& a, const Props& p) {
+  auto scalar = [&](const char* key) {
+    const double d = p.number(key);
+    if (static_cast<double>(static_cast<float>(d)) != d) a.range_error("'" + p.name(key) + "' must be a float32 value (Math.fround)");
+    return static_cast<float>(d);
+  };
+  emorl::AdamScalars sc{scalar("b1"), scalar("c1"),      scalar("b2"),       scalar("c2"), scalar("eps"),
+                        scalar("bc2Sqrt"), scalar("stepSize"), scalar("scale"), p.boolean("first", false)};
+  if (!(sc.bc2_sqrt > 0)) a.range_error("'" + p.name("bc2Sqrt") + "' must be > 0");
+  return sc;
+}
+
+// spec.workspace on spec.device, which must be a GPU device (what: the message's subject)
+GpuCall device_workspace(const Args& a, const Props& p, const char* what) {
+  GpuCall gpu(a, p);
+  if (!gpu.on_gpu()) a.range_error("'" + p.name("device") + "' must be 'cuda:N' or 'simt': " + what + " live on a GPU device");
+  if (!gpu.owner) a.range_error("'" + p.name("workspace") + "' is required: " + what + " live in it");
+  return gpu;
+}
+
+// decoderParamGradSums({ workspace, device, ids: number[], us: number[], sizes: number[], keep? })
+//   -> (Float32Array | null)[]; keep: { layers, params } (decoder_params): buffers 1 onwards are
+//   summed into those parameters' gradients on the device and come back null
 //   per buffer b (sizes[b] floats) of the kept sets `ids` (decoderStage's keepParamGrads), the sum
 //   over the sets in that order of us[k]·set_k[b] (gpu.h decoder_param_grad_sums); the sets are freed.
 Napi::Value DecoderParamGradSumsFn(const Napi::CallbackInfo& info, bool) {
   Args a(info, "decoderParamGradSums");
   Props p(a, a.at(0), "spec");
-  GpuCall gpu(a, p);
-  if (!gpu.on_gpu()) a.range_error("'" + p.name("device") + "' must be 'cuda:N' or 'simt': kept gradients live on a GPU device");
-  if (!gpu.owner) a.range_error("'" + p.name("workspace") + "' is required: the kept gradients live in it");
+  GpuCall gpu = device_workspace(a, p, "kept gradients");
+  std::unique_ptr<emorl::DecoderParams> keep;
+  if (p.has("keep")) keep.reset(new emorl::DecoderParams(decoder_params(a, Props(a, p.get("keep"), p.name("keep")))));
   const std::vector<double> ids_d = p.numbers("ids"), us_d = p.numbers("us"), sizes_d = p.numbers("sizes");
   if (ids_d.empty() || ids_d.size() != us_d.size())
     a.range_error("'" + p.name("ids") + "' and '" + p.name("us") + "' must be non-empty and of one length (one u per kept set)");
@@ -1123,13 +1178,92 @@ Napi::Value DecoderParamGradSumsFn(const Napi::CallbackInfo& info, bool) {
     const double d = sizes_d[b];
     if (d < 1 || std::floor(d) != d || d > 1e9) a.type_error("'" + p.name("sizes") + "' must hold buffer sizes (integers >= 1)");
     sizes.push_back(static_cast<size_t>(d));
+    if (keep && b > 0) {
+      outs.push_back(nullptr);
+      out.Set(static_cast<uint32_t>(b), a.env().Null());
+      continue;
+    }
     auto t = new_f32(a, static_cast<int64_t>(d));
     outs.push_back(t.Data());
     out.Set(static_cast<uint32_t>(b), t);
   }
-  EMORL_ON_GPU(gpu, decoder_param_grad_sums, ids, us, sizes, outs, *gpu.ws);
+  EMORL_ON_GPU(gpu, decoder_param_grad_sums, ids, us, sizes, outs, *gpu.ws, keep.get());
   gpu.done(a.env());
   return out;
+}
+
+// decoderGradNorms({ workspace, device, layers, params }) -> Float32Array: per parameter, the L2
+// norm of its summed gradient on the device (l2Norm's bits)
+Napi::Value DecoderGradNormsFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "decoderGradNorms");
+  Props p(a, a.at(0), "spec");
+  GpuCall gpu = device_workspace(a, p, "device-resident parameters");
+  const emorl::DecoderParams d = decoder_params(a, p);
+  auto norms = new_f32(a, static_cast<int64_t>(d.params.size()));
+  EMORL_ON_GPU(gpu, decoder_grad_norms, d, norms.Data(), *gpu.ws);
+  gpu.done(a.env());
+  return norms;
+}
+
+// decoderAdam({ workspace, device, layers, params, newTags: number[], b1, c1, b2, c2, eps, bc2Sqrt,
+//   stepSize, scale, first }): adamUpdate on the device of every parameter from its summed
+//   gradient; each then lies in the workspace under its new tag
+Napi::Value DecoderAdamFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "decoderAdam");
+  Props p(a, a.at(0), "spec");
+  GpuCall gpu = device_workspace(a, p, "device-resident parameters");
+  const emorl::DecoderParams d = decoder_params(a, p);
+  const emorl::AdamScalars sc = adam_scalars(a, p);
+  std::vector<uint64_t> tags;
+  for (double t : p.numbers("newTags")) {
+    if (!(t >= 1 && t <= 9007199254740992.0) || std::floor(t) != t) a.range_error("'" + p.name("newTags") + "' must hold content tags >= 1");
+    tags.push_back(static_cast<uint64_t>(t));
+  }
+  if (tags.size() != d.params.size()) a.range_error("'" + p.name("newTags") + "' must hold one tag per parameter");
+  EMORL_ON_GPU(gpu, decoder_adam, d, tags, sc, *gpu.ws);
+  gpu.done(a.env());
+  return a.env().Undefined();
+}
+
+emorl::DecoderParamPart param_part(const Args& a, const Props& p) {
+  Napi::Value v = p.get("part");
+  const std::string s = v.IsString() ? v.As<Napi::String>().Utf8Value() : "";
+  if (s == "weights") return emorl::DecoderParamPart::Weights;
+  if (s == "grads") return emorl::DecoderParamPart::Grads;
+  if (s == "m") return emorl::DecoderParamPart::FirstMoments;
+  if (s == "v") return emorl::DecoderParamPart::SecondMoments;
+  a.range_error("'" + p.name("part") + "' must be 'weights', 'grads', 'm' or 'v'");
+  return emorl::DecoderParamPart::Weights;
+}
+
+// decoderParamsRead({ workspace, device, layers, params, part: 'weights' | 'grads' | 'm' | 'v' })
+//   -> Float32Array: that part of every parameter, end to end
+Napi::Value DecoderParamsReadFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "decoderParamsRead");
+  Props p(a, a.at(0), "spec");
+  GpuCall gpu = device_workspace(a, p, "device-resident parameters");
+  const emorl::DecoderParams d = decoder_params(a, p);
+  const emorl::DecoderParamPart part = param_part(a, p);
+  auto out = new_f32(a, static_cast<int64_t>(d.total()));
+  EMORL_ON_GPU(gpu, decoder_params_copy, d, part, out.Data(), nullptr, *gpu.ws);
+  gpu.done(a.env());
+  return out;
+}
+
+// decoderParamsWrite({ workspace, device, layers, params, part: 'm' | 'v', data: Float32Array }):
+// the moments of every parameter, end to end, onto the device (an optimizer state restored)
+Napi::Value DecoderParamsWriteFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "decoderParamsWrite");
+  Props p(a, a.at(0), "spec");
+  GpuCall gpu = device_workspace(a, p, "device-resident parameters");
+  const emorl::DecoderParams d = decoder_params(a, p);
+  const emorl::DecoderParamPart part = param_part(a, p);
+  if (part != emorl::DecoderParamPart::FirstMoments && part != emorl::DecoderParamPart::SecondMoments)
+    a.range_error("'" + p.name("part") + "' must be 'm' or 'v' (weights go up through the stages)");
+  const float* data = p.f32("data", static_cast<int64_t>(d.total()), "the parameters' " + std::to_string(d.total()) + " values");
+  EMORL_ON_GPU(gpu, decoder_params_copy, d, part, nullptr, data, *gpu.ws);
+  gpu.done(a.env());
+  return a.env().Undefined();
 }
 
 // A Float64Array property of exactly n elements.
@@ -1297,14 +1431,7 @@ Napi::Value AdamUpdateFn(const Napi::CallbackInfo& info, bool) {
   const auto [o, i] = first_overlap({{m, n}, {v, n}, {param, n}, {g, n}}, 2);
   const char* names[] = {"m", "v", "p", "g"};
   if (o >= 0) a.range_error("'" + p.name(names[o]) + "' overlaps '" + p.name(names[i]) + "' (it is updated in place)");
-  auto scalar = [&](const char* key) {
-    const double d = p.number(key);
-    if (static_cast<double>(static_cast<float>(d)) != d) a.range_error("'" + p.name(key) + "' must be a float32 value (Math.fround)");
-    return static_cast<float>(d);
-  };
-  emorl::AdamScalars sc{scalar("b1"), scalar("c1"),      scalar("b2"),       scalar("c2"), scalar("eps"),
-                        scalar("bc2Sqrt"), scalar("stepSize"), scalar("scale"), p.boolean("first", false)};
-  if (!(sc.bc2_sqrt > 0)) a.range_error("'" + p.name("bc2Sqrt") + "' must be > 0");
+  const emorl::AdamScalars sc = adam_scalars(a, p);
   auto next = new_f32(a, n);
   emorl::adam_update(param, g, m, v, next.Data(), n, sc, threads());
   return next;
@@ -1983,6 +2110,10 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   add<Matmul>(env, exports, ref, "matmul");
   exports.Set("setEnvironment", Napi::Function::New(env, entry<SetEnvironment, false>, "setEnvironment"));
   exports.Set("decoderParamGradSums", Napi::Function::New(env, entry<DecoderParamGradSumsFn, false>, "decoderParamGradSums"));
+  exports.Set("decoderGradNorms", Napi::Function::New(env, entry<DecoderGradNormsFn, false>, "decoderGradNorms"));
+  exports.Set("decoderAdam", Napi::Function::New(env, entry<DecoderAdamFn, false>, "decoderAdam"));
+  exports.Set("decoderParamsRead", Napi::Function::New(env, entry<DecoderParamsReadFn, false>, "decoderParamsRead"));
+  exports.Set("decoderParamsWrite", Napi::Function::New(env, entry<DecoderParamsWriteFn, false>, "decoderParamsWrite"));
   exports.Set("nhwcConv2d", Napi::Function::New(env, entry<NhwcConv2d, false>, "nhwcConv2d"));
   exports.Set("nhwcConv2dBackward", Napi::Function::New(env, entry<NhwcConv2dBackward, false>, "nhwcConv2dBackward"));
   exports.Set("nhwcConvTranspose2d", Napi::Function::New(env, entry<NhwcConvTranspose2d, false>, "nhwcConvTranspose2d"));

@@ -16,6 +16,7 @@
 import { tf } from '../tf';
 import { netConfig, type NetConfig } from '../config/net';
 import { tfjsOps, type Ops } from '../ops';
+import type { DeviceDecoderParams } from '../ops/device-params';
 import { ParamStore } from '../params/store';
 import { netParamSpecs } from '../params/spec';
 import { Rng } from '../util/rng';
@@ -479,8 +480,20 @@ export class EfficientMORL {
   }
 
   /**
+   * Keeps the decoder's weights on the GPU device the ops decode on, their gradients summed and
+   * their optimizer step taken there (Adam.attachDevice): from now on lossAndGrads leaves them out
+   * of its gradients. Null when the ops do not decode on a GPU.
+   */
+  keepDecoderOnDevice(): DeviceDecoderParams | null {
+    if (!this.ops.keepDecoderOnDevice) return null;
+    const { spec, pos } = decoderStack(this.params, this.ops, this.cfg);
+    pos.dispose();
+    return this.ops.keepDecoderOnDevice(spec, this.params);
+  }
+
+  /**
    * Training: the total loss and its gradient for every trainable parameter (keyed by
-   * state_dict name). Leak-free: everything but the returned gradients (and outputs, if asked
+   * state_dict name; the decoder's weights not, while a device keeps them: keepDecoderOnDevice). Leak-free: everything but the returned gradients (and outputs, if asked
    * for) is released; call `dispose()` on the result when done.
    */
   lossAndGrads(images: tf.Tensor, opts: PassOptions & CollectOptions = {}): GradResult {
@@ -494,7 +507,7 @@ export class EfficientMORL {
       ({ value, grads } = tf.variableGrads(() => {
         r = this.runPass(images as tf.Tensor4D, opts, collect, true);
         return r.total;
-      }, this.params.trainableVariables()));
+      }, this.params.hostTrainableVariables())); // a device's weights get their gradients there
     } catch (err) {
       releaseAbandonedTape();
       throw err;

@@ -5,6 +5,7 @@
 import type { tf } from '../tf';
 import { nativeStatus } from '../native';
 import type { FusedActivation } from './conv';
+import { hostCurrent } from './resident';
 
 /** The addon's activation codes (native/nhwc.h Act). */
 export const ADDON_ACT: Record<FusedActivation, number> = { linear: 0, relu: 1, elu: 2 };
@@ -40,15 +41,27 @@ export interface NativeAddon {
   /**
    * per buffer b (sizes[b] floats) of the kept sets `ids` (decoderStage's keepParamGrads): Σ over the
    * sets, in that order, of us[k]·set_k[b], each product and sum rounded to float as a tape's sum of
-   * scaled gradients is; the sets are freed
+   * scaled gradients is; the sets are freed. With `keep`, buffers 1 onwards (the layers' dw, db) are
+   * summed into those device-resident parameters' gradients on the device instead, and come back null.
    */
-  decoderParamGradSums(spec: { workspace: object; device: StageDevice; ids: number[]; us: number[]; sizes: number[] }): Float32Array[];
+  decoderParamGradSums(spec: { workspace: object; device: StageDevice; ids: number[]; us: number[]; sizes: number[]; keep?: DecoderParamsSpec }): (Float32Array | null)[];
+  /** per device-resident parameter, the L2 norm of its summed gradient (l2Norm's bits) */
+  decoderGradNorms(spec: DeviceDecoderParamsSpec): Float32Array;
+  /**
+   * adamUpdate of every device-resident parameter on the device, from its summed gradient (the same
+   * bits); the moments are made at zero on the first step; each parameter then lies in the
+   * workspace under its new tag
+   */
+  decoderAdam(spec: DeviceDecoderParamsSpec & AdamStepScalars & { newTags: number[] }): void;
+  /** one part of every device-resident parameter, end to end */
+  decoderParamsRead(spec: DeviceDecoderParamsSpec & { part: 'weights' | 'grads' | 'm' | 'v' }): Float32Array;
+  /** the moments of every device-resident parameter, end to end, onto the device */
+  decoderParamsWrite(spec: DeviceDecoderParamsSpec & { part: 'm' | 'v'; data: Float32Array }): void;
   /**
    * one Adam step of one parameter (native/optimizer.h): the next parameter values; m and v are
    * updated in place. The scalars are float32 values; the same bits as lib/optim/adam.ts' loop.
    */
-  adamUpdate(spec: { p: Float32Array; g: Float32Array; m: Float32Array; v: Float32Array; first: boolean; scale: number;
-    b1: number; c1: number; b2: number; c2: number; eps: number; bc2Sqrt: number; stepSize: number }): Float32Array;
+  adamUpdate(spec: { p: Float32Array; g: Float32Array; m: Float32Array; v: Float32Array } & AdamStepScalars): Float32Array;
   /** tf.norm of a float32 array, with its roundings (native/optimizer.h) */
   l2Norm(x: Float32Array): number;
   /**
@@ -235,6 +248,30 @@ export interface AddonWorkspace {
   traffic(): DeviceTraffic;
 }
 
+/** Adam's float32 scalars of one step (native/optimizer.h AdamScalars); scale: the clipping factor */
+export interface AdamStepScalars {
+  first: boolean;
+  scale: number;
+  b1: number;
+  c1: number;
+  b2: number;
+  c2: number;
+  eps: number;
+  bc2Sqrt: number;
+  stepSize: number;
+}
+
+/**
+ * A decoder's weights where its stages keep them on a GPU device (native/gpu/gpu.h DecoderParams):
+ * per parameter, its layer in the stack of `layers`, filter or bias, its size and the content tag
+ * under which the workspace holds it.
+ */
+export interface DecoderParamsSpec {
+  layers: number;
+  params: { layer: number; bias: boolean; size: number; tag: number }[];
+}
+export type DeviceDecoderParamsSpec = DecoderParamsSpec & { workspace: object; device: StageDevice };
+
 export interface DecoderStageLayer {
   /** 0 broadcast conv, 1 spatial broadcast, 2 conv, 3 transposed conv */
   kind: 0 | 1 | 2 | 3;
@@ -244,6 +281,8 @@ export interface DecoderStageLayer {
   /** GPU devices: contentTag of w and b (the workspace keeps tagged weights on the device) */
   wTag?: number;
   bTag?: number;
+  /** GPU devices: w and b live in the workspace only, under wTag and bTag (no w, b given) */
+  resident?: boolean;
   stride?: number;
   pad?: number;
   outputPad?: number;
@@ -370,13 +409,19 @@ let lastTag = 0;
  * does not upload (or repack) it again.
  */
 export function contentTag(t: tf.Tensor): number {
-  const data = (t as unknown as { dataId: object }).dataId;
+  // a device-resident weight's host copy is made current first: the tag must name what the host holds
+  const data = (hostCurrent(t) as unknown as { dataId: object }).dataId;
   let byShape = tagsByData.get(data);
   if (!byShape) tagsByData.set(data, (byShape = new Map()));
   const shape = t.shape.join(',');
   let tag = byShape.get(shape);
   if (tag === undefined) byShape.set(shape, (tag = ++lastTag));
   return tag;
+}
+
+/** A tag no contents had before: what a device-resident weight's new values are known by on the device. */
+export function freshTag(): number {
+  return ++lastTag;
 }
 
 const derivedByData = new WeakMap<object, Map<string, number>>();

@@ -1,9 +1,10 @@
 /** Small typed-array helpers shared by the native ops. */
 import type { tf } from '../tf';
+import { hostCurrent } from './resident';
 
-/** A float32 tensor's values (the backend's own array: read-only by convention). */
+/** A float32 tensor's values (the backend's own array: read-only by convention), current on the host. */
 export function f32(t: tf.Tensor): Float32Array {
-  return t.dataSync() as Float32Array;
+  return hostCurrent(t).dataSync() as Float32Array;
 }
 
 /** Column sums of a row-major [rows, cols] matrix, accumulated in double. */

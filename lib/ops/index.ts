@@ -9,6 +9,8 @@ import { slotCompetition } from './attention';
 import { decoderNllReference, type DecoderNllArgs, type DecoderNllResult, type DecoderSpec } from './decoder-stage';
 import { encoderReference, type EncoderArgs, type EncoderOutput } from './encoder-stage';
 import { dualGruCell, elu, gruCell, layerNorm, linear } from './nn';
+import type { ParamStore } from '../params/store';
+import type { DeviceDecoderParams } from './device-params';
 
 export interface Ops {
   conv2d: typeof conv2d;
@@ -42,6 +44,11 @@ export interface Ops {
   shareDecoderWeights(spec: DecoderSpec, pos: tf.Tensor3D): DecoderSpec;
   /** The image encoder: convolutions, positional embedding, LayerNorm + MLP, keys and values (encoder-stage.ts) */
   encoder(args: EncoderArgs): EncoderOutput;
+  /**
+   * GPU devices only: the weights of `spec` (the decoder's stack, of `store`'s variables) kept on the
+   * device with their optimizer step (device-params.ts)
+   */
+  keepDecoderOnDevice?(spec: DecoderSpec, store: ParamStore): DeviceDecoderParams;
 }
 
 /** The reference implementation: tfjs ops plus TypeScript im2col/GEMM convolutions. */

@@ -20,6 +20,7 @@ import { f32 } from './arrays';
 import { ADDON_ACT, addonOps, contentTag, workspaceFor, type ConvPrecision, type DecoderStageLayer, type StageDevice } from './addon';
 import { paramGradsEnabled } from './conv';
 import { checkDecoderNllArgs, type DecoderLayerSpec, type DecoderNllArgs, type DecoderNllResult, type DecoderSpec } from './decoder-stage';
+import { DeviceDecoderParams } from './device-params';
 
 /** The one value of a per-image upstream gradient, or null when the images' values differ. */
 function uniformValue(dy: Float32Array): number | null {
@@ -82,10 +83,19 @@ export function shareDecoderWeights(spec: DecoderSpec, pos: tf.Tensor3D): Decode
     gradFunc: () => {
       if (s.kept && s.kept.ids.length) {
         const k = s.kept;
-        const sums = addonOps().decoderParamGradSums({ workspace: k.workspace, device: k.device, ids: k.ids, us: k.us, sizes: shared.map((t) => t.size) });
+        const sizes = shared.map((t) => t.size);
+        const owner = DeviceDecoderParams.of(shared[1]);
+        if (owner && owner.workspace === k.workspace && owner.device === k.device) {
+          // the weights' sums stay on the device for its optimizer; the tape gets the embedding's
+          const dpos = owner.sumGradients(k.ids, k.us, sizes);
+          k.ids = [];
+          k.us = [];
+          return [tf.tensor(dpos, pos.shape), ...shared.slice(1).map((t) => tf.zerosLike(t))];
+        }
+        const sums = addonOps().decoderParamGradSums({ workspace: k.workspace, device: k.device, ids: k.ids, us: k.us, sizes });
         k.ids = [];
         k.us = [];
-        return sums.map((g, i) => tf.tensor(g, shared[i].shape));
+        return sums.map((g, i) => tf.tensor(g!, shared[i].shape));
       }
       const grads = s.sums.map((g, i) => (g ? tf.tensor(g, shared[i].shape) : tf.zerosLike(shared[i])));
       s.sums.fill(null);
@@ -95,6 +105,20 @@ export function shareDecoderWeights(spec: DecoderSpec, pos: tf.Tensor3D): Decode
   s.token = (op as (...t: tf.Tensor[]) => tf.Scalar)(...shared);
   sharedOf.set(out, s);
   return out;
+}
+
+/**
+ * A layer's weight and bias as a stage takes them: their data (and on a GPU their tags), or, when an
+ * optimizer on the device made their values, just the tags the device knows them by (the host copy,
+ * when read, is brought up to date first, so a tensor read here has the device's values).
+ */
+function layerData(wt: tf.Tensor, bt: tf.Tensor, workspace: object | undefined, device: StageDevice): Pick<DecoderStageLayer, 'w' | 'b' | 'wTag' | 'bTag' | 'resident'> {
+  if (device === 'cpu') return { w: f32(wt), b: f32(bt) };
+  const owner = DeviceDecoderParams.of(wt);
+  const wTag = owner?.deviceTag(wt, workspace, device) ?? null;
+  const bTag = owner?.deviceTag(bt, workspace, device) ?? null;
+  if (wTag && bTag) return { wTag, bTag, resident: true };
+  return { w: f32(wt), b: f32(bt), wTag: wTag ?? contentTag(wt), bTag: bTag ?? contentTag(bt) };
 }
 
 export function decoderNll(a: DecoderNllArgs, device: StageDevice = 'cpu', precision: ConvPrecision = 'fp32'): DecoderNllResult {
@@ -118,19 +142,17 @@ export function decoderNll(a: DecoderNllArgs, device: StageDevice = 'cpu', preci
     // the layers' weight tensors: the op's inputs (their own tensors), or the spec's (shared)
     const posTensor = shared ? a.pos : vals[1];
     const weightTensors = shared ? weighted.flatMap((L) => [L.weight, L.bias]) : vals.slice(2);
+    const workspace = weighted.length ? workspaceFor(weighted[weighted.length - 1].weight) : undefined;
     let w = 0;
     const layers: DecoderStageLayer[] = a.spec.layers.map((L) => {
       if (L.kind === 'spatialBroadcast') return { kind: 1 };
       const wt = weightTensors[w++];
       const bt = weightTensors[w++];
-      const wd = f32(wt);
-      const tags = device !== 'cpu' ? { wTag: contentTag(wt), bTag: contentTag(bt) } : {};
-      const base = { w: wd, wShape: wt.shape, b: f32(bt), pad: L.pad, act: ADDON_ACT[L.activation], ...tags };
+      const base = { wShape: wt.shape, pad: L.pad, act: ADDON_ACT[L.activation], ...layerData(wt, bt, workspace, device) };
       if (L.kind === 'broadcastConv') return { ...base, kind: 0 };
       if (L.kind === 'conv') return { ...base, kind: 2 };
       return { ...base, kind: 3, stride: L.stride, outputPad: L.outputPad };
     });
-    const workspace = weighted.length ? workspaceFor(weighted[weighted.length - 1].weight) : undefined;
     // on a GPU, a shared stack's parameter gradients stay there until the pass sums them
     const keepId = shared && device !== 'cpu' && needParams && workspace ? nextKeptId++ : 0;
     const r = addonOps().decoderStage({

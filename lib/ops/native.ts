@@ -15,6 +15,7 @@ import { colSums, f32, sideBySide, splitSideBySide } from './arrays';
 import { nativeStatus } from '../native';
 import { ADDON_ACT, addonOps as nhwc, contentTag, nativeOpsAvailable, workspaceFor, type ConvPrecision, type ConvStackSpec, type EncoderHeadGrads, type EncoderStageSpec, type StageDevice } from './addon';
 import { decoderNll, shareDecoderWeights } from './native-decoder';
+import { DeviceDecoderParams } from './device-params';
 import { attnOf, slotCompetition } from './native-attention';
 import { dualGruCell, gruCell } from './native-gru';
 import { tfjsOps, type Ops } from './index';
@@ -588,6 +589,7 @@ export function nativeOpsOn(device: StageDevice, precision: ConvPrecision = 'fp3
       gruCell: (x, h, p) => gruCell(x, h, p, device),
       dualGruCell: (x, h1, h2, p) => dualGruCell(x, h1, h2, p, device),
       slotCompetition: (q, kv, keepAttn = true) => slotCompetitionOnDevice(q, kv, keepAttn, device),
+      keepDecoderOnDevice: (spec, store) => DeviceDecoderParams.ownerOf(spec, device) ?? new DeviceDecoderParams(spec, store, device),
     }),
   };
   opsOnDevice.set(key, ops);

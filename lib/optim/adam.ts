@@ -7,7 +7,20 @@
  */
 import { tf } from '../tf';
 import type { ParamStore } from '../params/store';
-import { addonOps, nativeOpsAvailable, type NativeAddon } from '../ops/addon';
+import { addonOps, nativeOpsAvailable, type AdamStepScalars, type NativeAddon } from '../ops/addon';
+
+/**
+ * Parameters whose gradients, moments and updates live on a GPU device (ops/device-params.ts
+ * DeviceDecoderParams): Adam takes the step there, with the same scalars and the same bits.
+ */
+export interface DeviceParamGroup {
+  readonly names: readonly string[];
+  /** a pass's gradients wait on the device */
+  readonly hasGradients: boolean;
+  adamStep(s: AdamStepScalars): void;
+  readMoments(): { m: Map<string, Float32Array>; v: Map<string, Float32Array> };
+  writeMoments(m: Map<string, Float32Array>, v: Map<string, Float32Array>): void;
+}
 
 export interface AdamOptions {
   lr?: number;
@@ -45,14 +58,27 @@ export function clipGradNorm(grads: Map<string, tf.Tensor>, maxNorm: number, opt
  * no clipping), without making the scaled copies: Adam.applyGradients takes the factor.
  */
 export function clipScale(grads: Map<string, tf.Tensor>, maxNorm: number, opts: { native?: boolean } = {}): { norm: number; scale: number } {
+  return clipFromNorms(gradNorms(grads, opts).values(), maxNorm);
+}
+
+/** Each gradient's L2 norm (tf.norm's roundings), by name, in the map's order. */
+export function gradNorms(grads: Map<string, tf.Tensor>, opts: { native?: boolean } = {}): Map<string, number> {
   const addon = optimizerAddon(opts.native);
-  // per-tensor norms, then the norm of those (as torch.norm(torch.stack(norms)))
-  let sumSq = 0;
-  for (const g of grads.values()) {
+  const out = new Map<string, number>();
+  for (const [k, g] of grads) {
     const x = g.dataSync() as Float32Array;
-    const n = addon ? addon.l2Norm(x) : tensorNorm(x);
-    sumSq += n * n;
+    out.set(k, addon ? addon.l2Norm(x) : tensorNorm(x));
   }
+  return out;
+}
+
+/**
+ * clipScale from the per-tensor norms, in order (as torch.norm(torch.stack(norms))): the order of
+ * the sum is part of the result's bits.
+ */
+export function clipFromNorms(norms: Iterable<number>, maxNorm: number): { norm: number; scale: number } {
+  let sumSq = 0;
+  for (const n of norms) sumSq += n * n;
   const norm = Math.fround(Math.sqrt(sumSq));
   const coef = Math.min(1, maxNorm / (norm + 1e-6));
   return { norm, scale: coef < 1 ? Math.fround(coef) : 1 };
@@ -88,6 +114,9 @@ export class Adam {
   private readonly m = new Map<string, Float32Array>();
   private readonly v = new Map<string, Float32Array>();
   private readonly addon: NativeAddon | null;
+  private device: DeviceParamGroup | null = null;
+  /** the device holds moments of its parameters (made by a step there or restored) */
+  private deviceMoments = false;
 
   constructor(
     private readonly params: ParamStore,
@@ -112,6 +141,27 @@ export class Adam {
     }
   }
 
+  /**
+   * Hands the parameters of `group` to a device: their gradients are summed there, and every
+   * applyGradients takes their step there too (when a pass left gradients), with the same step
+   * count, rate and clipping factor. Moments held here for them move to the device.
+   */
+  attachDevice(group: DeviceParamGroup): void {
+    if (this.device) throw new Error('Adam: a device group is attached already');
+    for (const name of group.names) if (!this.params.variable(name).trainable) throw new Error(`Adam: '${name}' is not a trainable parameter`);
+    const held = group.names.filter((n) => this.m.has(n));
+    if (held.length && held.length !== group.names.length) throw new Error(`Adam: moments for some of the device's parameters only (${held.join(', ')})`);
+    if (held.length) {
+      group.writeMoments(new Map(held.map((n) => [n, this.m.get(n)!])), new Map(held.map((n) => [n, this.v.get(n)!])));
+      for (const n of held) {
+        this.m.delete(n);
+        this.v.delete(n);
+      }
+    }
+    this.device = group;
+    this.deviceMoments = held.length > 0;
+  }
+
   /** The number of steps taken. */
   get steps(): number {
     return this.step;
@@ -131,6 +181,7 @@ export class Adam {
     for (const [name, g] of grads) {
       const param = this.params.variable(name);
       if (!param.trainable) throw new Error(`Adam: '${name}' is not a trainable parameter`);
+      if (this.device?.names.includes(name)) throw new Error(`Adam: '${name}' lives on the device; its gradient is summed there, not given here`);
       if (g.shape.length !== param.shape.length || g.shape.some((d, i) => d !== param.shape[i])) {
         throw new Error(`Adam: gradient for '${name}' has shape [${g.shape}], the parameter [${param.shape}]`);
       }
@@ -158,13 +209,25 @@ export class Adam {
       param.assign(p1);
       p1.dispose();
     }
+    if (this.device?.hasGradients) {
+      this.device.adamStep({ first: !this.deviceMoments, scale: gradScale, b1, c1, b2, c2, eps, bc2Sqrt, stepSize });
+      this.deviceMoments = true;
+    }
   }
 
   /** The optimizer's state (step count and both moments by parameter name), for checkpoints. */
   exportState(): AdamState {
-    const copy = (m: Map<string, Float32Array>): AdamState['m'] =>
-      new Map([...m].map(([k, data]): [string, { shape: number[]; data: Float32Array }] => [k, { shape: [...this.params.variable(k).shape], data: Float32Array.from(data) }]));
-    return { steps: this.step, m: copy(this.m), v: copy(this.v) };
+    const onDevice = this.device && this.deviceMoments ? this.device.readMoments() : null;
+    // by parameter order, wherever each moment lives
+    const copy = (host: Map<string, Float32Array>, device: Map<string, Float32Array> | undefined): AdamState['m'] => {
+      const out: AdamState['m'] = new Map();
+      for (const k of this.params.names()) {
+        const data = host.get(k) ?? device?.get(k);
+        if (data) out.set(k, { shape: [...this.params.variable(k).shape], data: Float32Array.from(data) });
+      }
+      return out;
+    };
+    return { steps: this.step, m: copy(this.m, onDevice?.m), v: copy(this.v, onDevice?.v) };
   }
 
   /** Restores `exportState()`'s result; shapes are checked against the parameters. */
@@ -179,16 +242,25 @@ export class Adam {
         if (data.length !== param.size) throw new Error(`Adam: saved ${which} for '${name}' has ${data.length} values`);
       }
     }
+    const device = this.device?.names ?? [];
+    const onDevice = device.filter((n) => state.m.has(n) || state.v.has(n));
+    if (onDevice.length && onDevice.length !== device.length) throw new Error(`Adam: saved moments for some of the device's parameters only (${onDevice.join(', ')})`);
     this.dispose();
     this.step = state.steps;
-    for (const [name, { data }] of state.m) this.m.set(name, Float32Array.from(data));
-    for (const [name, { data }] of state.v) this.v.set(name, Float32Array.from(data));
+    for (const [name, { data }] of state.m) if (!device.includes(name)) this.m.set(name, Float32Array.from(data));
+    for (const [name, { data }] of state.v) if (!device.includes(name)) this.v.set(name, Float32Array.from(data));
+    if (this.device && onDevice.length) {
+      const take = (m: AdamState['m']): Map<string, Float32Array> => new Map(device.map((n) => [n, m.get(n)?.data ?? new Float32Array(0)]));
+      this.device.writeMoments(take(state.m), take(state.v));
+      this.deviceMoments = true;
+    }
   }
 
-  /** Forgets the moments (they are plain arrays: nothing to release but the references). */
+  /** Forgets the moments (they are plain arrays: nothing to release but the references; the device's are made afresh on its next step). */
   dispose(): void {
     this.m.clear();
     this.v.clear();
+    this.deviceMoments = false;
   }
 }
 

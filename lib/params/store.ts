@@ -59,8 +59,21 @@ function initValues(spec: ParamSpec, rng: Rng): Float32Array {
   return v;
 }
 
+/**
+ * Parameters whose current values may live on a device (ops/device-params.ts): the store brings
+ * their host copies up to date before it reads them, and says when the host wrote one.
+ */
+export interface DeviceOwner {
+  readonly names: readonly string[];
+  /** makes every host copy current */
+  pull(): void;
+  /** the host wrote `name`: its host copy is now the current one */
+  hostWrote(name: string): void;
+}
+
 export class ParamStore {
   private readonly vars = new Map<string, tf.Variable>();
+  private readonly owners = new Map<string, DeviceOwner>();
   private readonly specByName = new Map<string, ParamSpec>();
   private readonly prefix: string;
   private disposed = false;
@@ -114,6 +127,28 @@ export class ParamStore {
     return this.trainableNames().map((n) => this.variable(n));
   }
 
+  /** The trainable variables whose gradients the host computes: all but those a device owns. */
+  hostTrainableVariables(): tf.Variable[] {
+    return this.trainableNames()
+      .filter((n) => !this.owners.has(n))
+      .map((n) => this.variable(n));
+  }
+
+  /** Hands `owner.names` to a device that keeps (and updates) their current values. */
+  attachDeviceOwner(owner: DeviceOwner): void {
+    for (const n of owner.names) {
+      const spec = this.specByName.get(n);
+      if (!spec) throw new ParamError(n, 'no such parameter in this model');
+      if (this.owners.has(n)) throw new ParamError(n, 'already kept on a device');
+    }
+    for (const n of owner.names) this.owners.set(n, owner);
+  }
+
+  /** Whether a device keeps `name`'s current values (its gradient and update happen there). */
+  onDevice(name: string): boolean {
+    return this.owners.has(name);
+  }
+
   /** Sets one parameter, checking its shape. */
   set(name: string, value: ParamArray): void {
     const spec = this.specByName.get(name);
@@ -127,6 +162,7 @@ export class ParamStore {
     const t = tf.tensor(Float32Array.from(value.data), spec.shape, 'float32');
     this.variable(name).assign(t);
     t.dispose();
+    this.owners.get(name)?.hostWrote(name);
   }
 
   /**
@@ -157,6 +193,7 @@ export class ParamStore {
 
   /** A copy of every parameter's values, keyed by state_dict name. */
   snapshot(): ParamRecord {
+    for (const o of new Set(this.owners.values())) o.pull();
     const out: ParamRecord = {};
     for (const s of this.specs) {
       out[s.name] = { data: Float32Array.from(this.get(s.name).dataSync() as Float32Array), shape: [...s.shape] };

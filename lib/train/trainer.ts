@@ -15,7 +15,8 @@ import { EfficientMORL, type PassOutputs } from '../model/efficient-morl';
 import { SlotAttention } from '../model/slot-attention';
 import { Geco } from '../model/geco';
 import type { NoiseSource } from '../model/noise';
-import { Adam, clipScale } from '../optim/adam';
+import { Adam, clipFromNorms, clipScale, gradNorms } from '../optim/adam';
+import type { DeviceDecoderParams } from '../ops/device-params';
 import type { Ops } from '../ops';
 import { defaultOps } from '../ops/native';
 import type { ParamRecord } from '../params/store';
@@ -96,13 +97,28 @@ export class Trainer {
   readonly model: TrainableModel;
   readonly optimizer: Adam;
   readonly geco: Geco | null;
+  /**
+   * The decoder's weights kept on the GPU device the model decodes on, with their optimizer step
+   * there (ops/device-params.ts); null: every parameter is trained on the host.
+   */
+  readonly deviceParams: DeviceDecoderParams | null;
   /** Data parallel: the ranks' gradient sum (absent: this process trains alone). */
   readonly comm: Communicator | undefined;
   state: TrainerState;
 
   constructor(
     readonly config: ExperimentConfig,
-    opts: { model?: TrainableModel; seed?: number; ops?: Ops; comm?: Communicator } = {},
+    opts: {
+      model?: TrainableModel;
+      seed?: number;
+      ops?: Ops;
+      comm?: Communicator;
+      /**
+       * On a GPU device, keep the decoder's weights there with their Adam step (default: yes, when
+       * training alone; data-parallel ranks reduce every gradient on the host for now)
+       */
+      deviceOptimizer?: boolean;
+    } = {},
   ) {
     this.comm = opts.comm;
     // The native kernels when the addon is built, else the TypeScript reference (same maths).
@@ -110,6 +126,9 @@ export class Trainer {
     this.model =
       opts.model ?? (config.training.model === 'SlotAttention' ? new SlotAttention(config.Net, modelOptions) : new EfficientMORL(config.Net, modelOptions));
     this.optimizer = new Adam(this.model.params, { lr: config.training.lr });
+    if (opts.deviceOptimizer && this.comm) throw new Error('Trainer: the device optimizer is for a process training alone; data-parallel ranks reduce gradients on the host');
+    this.deviceParams = (opts.deviceOptimizer ?? !this.comm) && this.model instanceof EfficientMORL ? this.model.keepDecoderOnDevice() : null;
+    if (this.deviceParams) this.optimizer.attachDevice(this.deviceParams);
     const t = config.training;
     const [C, H, W] = config.Net.input_size;
     this.geco = t.use_geco
@@ -200,11 +219,12 @@ export class Trainer {
     let gradNorm = NaN;
     if (!skipReason) {
       // clipping scales the gradients inside Adam's loop (no scaled copies)
-      const { norm, scale } = t.clip_grad_norm ? clipScale(r.grads, CLIP_GRAD_NORM) : { norm: globalNorm(r.grads), scale: 1 };
+      const { norm, scale } = t.clip_grad_norm ? this.clipScale(r.grads) : { norm: this.globalNorm(r.grads), scale: 1 };
       gradNorm = norm;
       if (!Number.isFinite(norm)) skipReason = `non-finite gradient norm ${norm}`;
       else this.optimizer.applyGradients(r.grads, lr, scale);
     }
+    this.deviceParams?.discardGradients(); // a skipped step's (an applied step took them)
     const outputs = r.outputs;
     for (const g of r.grads.values()) g.dispose();
     this.state.step = step + 1;
@@ -225,6 +245,26 @@ export class Trainer {
       outputs,
       release: () => r.dispose(),
     };
+  }
+
+  /**
+   * clipScale over every gradient, the device's included: the per-tensor norms summed in the
+   * parameters' order, as the host alone would sum them.
+   */
+  private clipScale(grads: Map<string, tf.Tensor>): { norm: number; scale: number } {
+    if (!this.deviceParams) return clipScale(grads, CLIP_GRAD_NORM);
+    const host = gradNorms(grads);
+    const device = this.deviceParams.gradNorms();
+    const names = this.model.params.trainableNames().filter((n) => host.has(n) || device.has(n));
+    return clipFromNorms(names.map((n) => host.get(n) ?? device.get(n)!), CLIP_GRAD_NORM);
+  }
+
+  /** The global gradient norm (reported when not clipping), the device's gradients included. */
+  private globalNorm(grads: Map<string, tf.Tensor>): number {
+    let sumSq = 0;
+    for (const g of grads.values()) sumSq += (tf.tidy(() => tf.sum(tf.square(g))).dataSync() as Float32Array)[0];
+    for (const n of this.deviceParams?.gradNorms().values() ?? []) sumSq += n * n;
+    return Math.sqrt(sumSq);
   }
 
   /** Loss and gradients of the current step, in one shape for both models. */
@@ -290,10 +330,4 @@ export class Trainer {
     const p = this.parameters();
     return checksumArrays(Object.keys(p).sort().map((k) => p[k].data as Float32Array));
   }
-}
-
-function globalNorm(grads: Map<string, tf.Tensor>): number {
-  let sumSq = 0;
-  for (const g of grads.values()) sumSq += (tf.tidy(() => tf.sum(tf.square(g))).dataSync() as Float32Array)[0];
-  return Math.sqrt(sumSq);
 }

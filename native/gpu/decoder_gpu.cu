@@ -175,9 +175,56 @@ __global__ void class_weight_grads_kernel(const float* dwsum, float* dw, int cou
   }
 }
 
+// wsum[ci, cls·cout + co] = Σ over the class's taps of w[co, ci, ky, kx], in double in the host's
+// order (class_weight_sums, decoder.cc). ky_spans / kx_spans as below.
+__global__ void class_weight_sums_kernel(const float* w, float* wsum, int cout, int c, int kh, int kw, TapRanges ky_spans,
+                                         TapRanges kx_spans) {
+  const int ncls = ky_spans.n * kx_spans.n;
+  const i64 KC = static_cast<i64>(ncls) * cout;
+  EMORL_GRID_LOOP(idx, static_cast<i64>(c) * KC) {
+    const int co = static_cast<int>(idx % cout), cls = static_cast<int>((idx / cout) % ncls);
+    const i64 ci = idx / KC;
+    const int rc = cls / kx_spans.n, cc = cls % kx_spans.n;
+    double v = 0;
+    for (int ky = ky_spans.begin[rc]; ky < ky_spans.end[rc]; ++ky)
+      for (int kx = kx_spans.begin[cc]; kx < kx_spans.end[cc]; ++kx) v += w[((co * c + ci) * kh + ky) * kw + kx];
+    wsum[idx] = static_cast<float>(v);
+  }
+}
+
 // acc = u·g (first) or acc + u·g, each product and sum rounded to float (acc may be g)
 __global__ void scaled_sum_kernel(const float* g, float u, float* acc, i64 n, int first) {
   EMORL_GRID_LOOP(i, n) acc[i] = first ? mul_rn(g[i], u) : add_rn(acc[i], mul_rn(g[i], u));
+}
+
+// Where parameters lie end to end in a state buffer: parameter j is [begin[j], end[j]).
+constexpr int kMaxSpans = 32;
+struct ParamSpans {
+  int n;
+  i64 begin[kMaxSpans], end[kMaxSpans];
+};
+
+// norms[j] = the L2 norm of g[begin[j], end[j]) as l2_norm_f32 (optimizer.h) computes it: each
+// square rounded to float, summed in order in double, the sum and its square root rounded to
+// float. One thread per parameter: the order is the host's, so the bits are.
+__global__ void l2_norms_kernel(const float* g, ParamSpans spans, float* norms) {
+  EMORL_GRID_LOOP(j, spans.n) {
+    double t = 0;
+    for (i64 i = spans.begin[j]; i < spans.end[j]; ++i) t += static_cast<double>(mul_rn(g[i], g[i]));
+    norms[j] = sqrt_rn(static_cast<float>(t));
+  }
+}
+
+// adam_update (optimizer.h) in place on p, every operation rounded to float in its order
+__global__ void adam_kernel(float* p, const float* g, float* m, float* v, i64 n, AdamScalars s) {
+  EMORL_GRID_LOOP(i, n) {
+    const float gi = s.scale != 1.f ? mul_rn(g[i], s.scale) : g[i];
+    m[i] = s.first ? mul_rn(gi, s.c1) : add_rn(mul_rn(m[i], s.b1), mul_rn(gi, s.c1));
+    const float sq = mul_rn(gi, gi);
+    v[i] = s.first ? mul_rn(sq, s.c2) : add_rn(mul_rn(v[i], s.b2), mul_rn(sq, s.c2));
+    const float denom = add_rn(div_rn(sqrt_rn(v[i]), s.bc2_sqrt), s.eps);
+    p[i] = sub_rn(p[i], mul_rn(div_rn(m[i], denom), s.step_size));
+  }
 }
 
 // The kernel spans [lo, hi) of a broadcast layer's tap classes along one axis.
@@ -339,15 +386,16 @@ class Stage {
              Q, cout, static_cast<i64>(pg.kh) * pg.kw * pg.C);
         taps_ = tap_classes(L);
         const i64 KC = taps_.count() * cout;
-        std::vector<float> wsum;
         // the sums depend on the grid too: its shape joins the weight's tag
         const uint64_t grid = (static_cast<uint64_t>(L.out[1]) << 40) ^ (static_cast<uint64_t>(L.out[2]) << 20) ^
                               static_cast<uint64_t>(L.pad) ^ (static_cast<uint64_t>(s_.gh) << 50) ^ (static_cast<uint64_t>(s_.gw) << 30);
         const uint64_t tag = L.w_tag ? (L.w_tag ^ (grid * 0x9e3779b97f4a7c15ull)) >> 3 : 0;
-        const float* wsum_dev = ws_.upload_tagged(nl_ + kWsum, slot_tag(tag, kTapSums), static_cast<size_t>(s_.c * KC), [&] {
-          wsum.resize(static_cast<size_t>(s_.c * KC));
-          class_weight_sums(L, taps_, wsum.data());
-          return wsum.data();
+        // on the device, from the raw weight (which may live there only: no host copy to sum)
+        const float* wsum_dev = ws_.compute_tagged(nl_ + kWsum, slot_tag(tag, kTapSums), static_cast<size_t>(s_.c * KC), [&](float* d) {
+          const float* raw = upload_as_is(ws_, nl_ + kFixedSlots + i * kLayerSlots + kWraw, L.w_tag, L.w, numel4(L.w_shape));
+          launch(class_weight_sums_kernel, grid_for(s_.c * KC), dim3(kThreads), raw, d,
+                 static_cast<int>(cout), static_cast<int>(s_.c), static_cast<int>(L.w_shape[2]), static_cast<int>(L.w_shape[3]),
+                 tap_spans(taps_.row_lo, taps_.row_hi), tap_spans(taps_.col_lo, taps_.col_hi));
         });
         float* zw = fixed(kZw, s_.n * KC);
         gemm(a_operand(z_, s_.c, 1), b_operand(wsum_dev, KC, 1), Store{zw, static_cast<int>(KC), nullptr, 0}, s_.n, KC, s_.c);
@@ -530,23 +578,132 @@ void decoder_stage(const DecoderStage& s, const DecoderStageOut& o, GpuWorkspace
   Stage(s, o, own_workspace(ws), profile).run();
 }
 
+namespace {
+// the workspace's state buffers of a decoder's device-resident parameters (DecoderParams)
+enum StateKey : uint64_t { kGradState = 1, kFirstMomentState, kSecondMomentState, kNormState };
+
+size_t param_slot(const DecoderParams& p, size_t j) {
+  const DecoderParams::Param& q = p.params[j];
+  if (q.layer >= p.layers) throw std::invalid_argument("decoder parameters: layer " + std::to_string(q.layer) + " of a stack of " + std::to_string(p.layers));
+  return p.layers + kFixedSlots + q.layer * kLayerSlots + (q.bias ? kBias : kWraw);
+}
+
+const char* part_name(const DecoderParams::Param& q) { return q.bias ? "bias" : "weight"; }
+
+// parameter j's raw slot, which must hold it under its tag (it does after a stage that used it)
+float* resident_param(DeviceWorkspace& ws, const DecoderParams& p, size_t j) {
+  const size_t slot = param_slot(p, j);
+  const DecoderParams::Param& q = p.params[j];
+  if (!q.tag || !ws.slot_holds(slot, slot_tag(q.tag, kAsIs)))
+    throw std::invalid_argument("decoder parameters: the device holds no " + std::string(part_name(q)) + " of layer " + std::to_string(q.layer) +
+                                " under tag " + std::to_string(q.tag) + " (no stage has used it since it changed)");
+  return ws.buf(slot, 0);
+}
+
+// the state buffer of `key`, which must be there (what: the message's name for it)
+float* existing_state(DeviceWorkspace& ws, uint64_t key, size_t n, const char* what) {
+  float* d = ws.find_state(key, n);
+  if (!d) throw std::invalid_argument(std::string("decoder parameters: no ") + what + " on the device");
+  return d;
+}
+
+uint64_t state_key(DecoderParamPart part) {
+  switch (part) {
+    case DecoderParamPart::Grads: return kGradState;
+    case DecoderParamPart::FirstMoments: return kFirstMomentState;
+    case DecoderParamPart::SecondMoments: return kSecondMomentState;
+    case DecoderParamPart::Weights: break;
+  }
+  throw std::logic_error("decoder parameters: weights are not a state buffer");
+}
+const char* state_name(DecoderParamPart part) {
+  return part == DecoderParamPart::Grads ? "summed gradients" : part == DecoderParamPart::FirstMoments ? "first moments" : "second moments";
+}
+}  // namespace
+
 void decoder_param_grad_sums(const std::vector<uint64_t>& ids, const std::vector<float>& us, const std::vector<size_t>& sizes,
-                             const std::vector<float*>& out, GpuWorkspace& gws) {
+                             const std::vector<float*>& out, GpuWorkspace& gws, const DecoderParams* keep) {
   DeviceWorkspace& ws = own_workspace(gws);
   if (ids.empty() || ids.size() != us.size() || sizes.size() != out.size())
     throw std::invalid_argument("decoder parameter gradient sums: one u per kept set, one output per buffer, at least one set");
+  if (keep) {
+    if (keep->params.size() + 1 != sizes.size())
+      throw std::invalid_argument("decoder parameter gradient sums: the parameters kept on the device are buffers 1 onwards");
+    for (size_t j = 0; j < keep->params.size(); ++j)
+      if (keep->params[j].n != sizes[j + 1])
+        throw std::invalid_argument("decoder parameter gradient sums: buffer " + std::to_string(j + 1) + " has " + std::to_string(sizes[j + 1]) +
+                                    " floats, its parameter " + std::to_string(keep->params[j].n));
+  }
   for (uint64_t id : ids)
     for (size_t b = 0; b < sizes.size(); ++b) ws.kept_buf(id, b, sizes[b]);  // every buffer there before anything runs
-  for (size_t b = 0; b < sizes.size(); ++b) {
+  float* grads = keep ? ws.state(kGradState, keep->total()) : nullptr;
+  for (size_t b = 0, offset = 0; b < sizes.size(); ++b) {
     const i64 n = static_cast<i64>(sizes[b]);
-    float* acc = ws.kept_buf(ids[0], b, sizes[b]);
+    const bool kept = keep && b > 0;
+    float* acc = kept ? grads + offset : ws.kept_buf(ids[0], b, sizes[b]);
     for (size_t k = 0; k < ids.size(); ++k)
       launch(scaled_sum_kernel, grid_for(n), dim3(kThreads), static_cast<const float*>(ws.kept_buf(ids[k], b, sizes[b])), us[k], acc, n,
              k == 0 ? 1 : 0);
-    ws.down(out[b], acc, sizes[b]);
+    if (kept) offset += sizes[b];
+    else ws.down(out[b], acc, sizes[b]);
   }
   finish("decoder parameter gradient sums");
   for (uint64_t id : ids) ws.drop_kept(id);
+}
+
+void decoder_grad_norms(const DecoderParams& p, float* norms, GpuWorkspace& gws) {
+  DeviceWorkspace& ws = own_workspace(gws);
+  const float* g = existing_state(ws, kGradState, p.total(), "summed gradients");
+  float* d = ws.state(kNormState, std::max<size_t>(1, p.params.size()));
+  for (size_t first = 0, offset = 0; first < p.params.size(); first += kMaxSpans) {
+    ParamSpans spans{};
+    spans.n = static_cast<int>(std::min<size_t>(kMaxSpans, p.params.size() - first));
+    const size_t start = offset;
+    for (int j = 0; j < spans.n; ++j) {
+      spans.begin[j] = static_cast<i64>(offset - start);
+      offset += p.params[first + static_cast<size_t>(j)].n;
+      spans.end[j] = static_cast<i64>(offset - start);
+    }
+    launch(l2_norms_kernel, dim3(1), dim3(kMaxSpans), g + start, spans, d + first);
+  }
+  if (!p.params.empty()) ws.down(norms, d, p.params.size());
+  finish("decoder gradient norms");
+}
+
+void decoder_adam(const DecoderParams& p, const std::vector<uint64_t>& new_tags, const AdamScalars& s, GpuWorkspace& gws) {
+  DeviceWorkspace& ws = own_workspace(gws);
+  if (new_tags.size() != p.params.size()) throw std::invalid_argument("decoder Adam: one new tag per parameter");
+  const size_t total = p.total();
+  const float* g = existing_state(ws, kGradState, total, "summed gradients");
+  float* m = s.first ? ws.state(kFirstMomentState, total) : existing_state(ws, kFirstMomentState, total, "first moments (not the first step)");
+  float* v = s.first ? ws.state(kSecondMomentState, total) : existing_state(ws, kSecondMomentState, total, "second moments (not the first step)");
+  std::vector<float*> ps;
+  for (size_t j = 0; j < p.params.size(); ++j) {
+    if (!new_tags[j] || new_tags[j] == p.params[j].tag) throw std::invalid_argument("decoder Adam: every parameter needs a new tag (nonzero)");
+    ps.push_back(resident_param(ws, p, j));  // all checked before anything changes
+  }
+  for (size_t j = 0, offset = 0; j < p.params.size(); offset += p.params[j].n, ++j) {
+    const i64 n = static_cast<i64>(p.params[j].n);
+    launch(adam_kernel, grid_for(n), dim3(kThreads), ps[j], g + offset, m + offset, v + offset, n, s);
+    ws.tag_slot(param_slot(p, j), slot_tag(new_tags[j], kAsIs));
+  }
+  finish("decoder Adam");
+}
+
+void decoder_params_copy(const DecoderParams& p, DecoderParamPart part, float* down, const float* up, GpuWorkspace& gws) {
+  DeviceWorkspace& ws = own_workspace(gws);
+  if (!down == !up) throw std::invalid_argument("decoder parameters: copy one way, down or up");
+  const size_t total = p.total();
+  if (part == DecoderParamPart::Weights) {
+    if (up) throw std::invalid_argument("decoder parameters: weights go up through the stages (under their tags), not here");
+    for (size_t j = 0, offset = 0; j < p.params.size(); offset += p.params[j].n, ++j) ws.down(down + offset, resident_param(ws, p, j), p.params[j].n);
+  } else if (down) {
+    ws.down(down, existing_state(ws, state_key(part), total, state_name(part)), total);
+  } else {
+    if (part == DecoderParamPart::Grads) throw std::invalid_argument("decoder parameters: gradients are summed on the device, not uploaded");
+    ws.up(ws.state(state_key(part), total), up, total);
+  }
+  finish("decoder parameter copy");
 }
 
 }  // namespace EMORL_GPU_NS

@@ -18,6 +18,7 @@
 #include "../encoder_head.h"
 #include "../gru.h"
 #include "../nhwc.h"
+#include "../optimizer.h"
 
 namespace emorl {
 
@@ -107,6 +108,28 @@ inline NhwcGeom ConvStack::geom(size_t i) const {
   }
 }
 
+// The weighted layers' parameters of a decoder whose stages keep them in their workspace, for an
+// optimizer on the device: per parameter, its layer in a stack of `layers`, the filter or the bias,
+// its size and the content tag under which its raw slot holds it. The workspace keeps their summed
+// gradients and both Adam moments in three state buffers, each the parameters end to end in this
+// order.
+struct DecoderParams {
+  struct Param {
+    size_t layer = 0;
+    bool bias = false;
+    size_t n = 0;
+    uint64_t tag = 0;
+  };
+  size_t layers = 0;
+  std::vector<Param> params;
+  size_t total() const {
+    size_t t = 0;
+    for (const Param& p : params) t += p.n;
+    return t;
+  }
+};
+enum class DecoderParamPart { Weights, Grads, FirstMoments, SecondMoments };
+
 // The entry points of one build of the GPU sources, the same in both namespaces:
 //   make_workspace: device buffers for the calls below;
 //   decoder_stage: `ws` must come from the same namespace's make_workspace (checked); profile may be null;
@@ -135,7 +158,15 @@ inline NhwcGeom ConvStack::geom(size_t i) const {
 //   decoder_param_grad_sums: per buffer b < sizes.size() of the kept sets `ids` (decoder stages run
 //     with keep_param_grads), out[b] = Σ_k us[k]·set_k[b] in the order given, rounded as the host
 //     sums a tape's gradients (u0·g0, then + u_k·g_k, each product and sum to float); one download
-//     per buffer, and the sets are dropped.
+//     per buffer, and the sets are dropped. With `keep`, buffers 1, 2, … (the layers' dw and db) are
+//     summed into the workspace's gradient buffer of those parameters instead (out[b] null there);
+//   decoder_grad_norms: per parameter, the L2 norm of its summed gradient as l2_norm_f32 computes it
+//     (optimizer.h; the same bits), into norms (host, one per parameter);
+//   decoder_adam: adam_update (optimizer.h, the same bits) of every parameter, in its raw slot, from
+//     its summed gradient and moments (made at zero when s.first); the slot then holds the result
+//     under new_tags[i] (its packed forms are made afresh from it by the next stage);
+//   decoder_params_copy: one part of every parameter, end to end, down to the host (`down`; weights:
+//     their raw slots, which must hold their tags) or up from it (`up`; moments only).
 #define EMORL_GPU_ENTRY_POINTS                                                                                         \
   std::unique_ptr<GpuWorkspace> make_workspace(int device);                                                            \
   void decoder_stage(const DecoderStage& s, const DecoderStageOut& o, GpuWorkspace& ws, StageProfile* profile = nullptr); \
@@ -160,7 +191,10 @@ inline NhwcGeom ConvStack::geom(size_t i) const {
   uint64_t encoder_attention_backward(const ConvStack& s, const EncoderHead& h, uint64_t stamp, uint64_t sum_id,            \
                                       const EncoderAttention& a, const float* dU, float* dq, GpuWorkspace& ws);             \
   void decoder_param_grad_sums(const std::vector<uint64_t>& ids, const std::vector<float>& us, const std::vector<size_t>& sizes, \
-                               const std::vector<float*>& out, GpuWorkspace& ws);
+                               const std::vector<float*>& out, GpuWorkspace& ws, const DecoderParams* keep = nullptr);      \
+  void decoder_grad_norms(const DecoderParams& p, float* norms, GpuWorkspace& ws);                                     \
+  void decoder_adam(const DecoderParams& p, const std::vector<uint64_t>& new_tags, const AdamScalars& s, GpuWorkspace& ws); \
+  void decoder_params_copy(const DecoderParams& p, DecoderParamPart part, float* down, const float* up, GpuWorkspace& ws);
 
 namespace simt {
 EMORL_GPU_ENTRY_POINTS

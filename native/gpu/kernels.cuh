@@ -493,6 +493,7 @@ class DeviceWorkspace final : public GpuWorkspace {
     for (const auto& e : kept_)
       for (const auto& x : e.bufs)
         if (x) b += x->size() * sizeof(float);
+    for (const auto& e : state_) b += e.buf->size() * sizeof(float);
     return b;
   }
   int device() const override { return device_; }
@@ -561,6 +562,27 @@ class DeviceWorkspace final : public GpuWorkspace {
   void drop_kept(uint64_t id) {
     kept_.erase(std::remove_if(kept_.begin(), kept_.end(), [&](const Kept& e) { return e.id == id; }), kept_.end());
   }
+  // Buffers that outlive every call (an optimizer's moments, a pass's summed gradients), by key:
+  // state(key, n) makes the key's buffer at n floats, at zero, when there is none; find_state(key,
+  // n) gives it or null. A key asked for at another size than it has is an error (the caller's
+  // layout changed under it).
+  float* state(uint64_t key, size_t n) {
+    if (float* d = find_state(key, n)) return d;
+    state_.push_back(State{key, std::unique_ptr<DeviceBuf>(new DeviceBuf())});
+    state_.back().buf->reset(n);
+    zero(state_.back().buf->data(), n);
+    return state_.back().buf->data();
+  }
+  float* find_state(uint64_t key, size_t n) const {
+    for (const State& e : state_) {
+      if (e.key != key) continue;
+      if (e.buf->size() != n)
+        throw std::invalid_argument("GPU workspace: state buffer " + std::to_string(key) + " holds " + std::to_string(e.buf->size()) +
+                                    " floats, asked for " + std::to_string(n));
+      return e.buf->data();
+    }
+    return nullptr;
+  }
   bool emulated() const override {
 #if defined(__CUDACC__)
     return false;
@@ -582,6 +604,11 @@ class DeviceWorkspace final : public GpuWorkspace {
     std::vector<std::unique_ptr<DeviceBuf>> bufs;
   };
   std::vector<Kept> kept_;
+  struct State {
+    uint64_t key;
+    std::unique_ptr<DeviceBuf> buf;
+  };
+  std::vector<State> state_;
   GpuTraffic traffic_;
   std::vector<std::unique_ptr<DeviceBuf>> bufs_;
   std::vector<uint64_t> tags_;  // per slot: the tag of upload_tagged's contents (0: none)
@@ -620,9 +647,13 @@ inline void pack_weights(const float* w, const int64_t* w_shape, std::vector<flo
 }
 
 // A tensor's n floats as they are in slot `slot`, uploaded unless the slot holds them under `tag`
-// (a contentTag; 0: always uploaded).
+// (a contentTag; 0: always uploaded). src null: a device-resident tensor, which the slot must hold.
 inline const float* upload_as_is(DeviceWorkspace& ws, size_t slot, uint64_t tag, const float* src, i64 n) {
-  return ws.upload_tagged(slot, slot_tag(tag, kAsIs), static_cast<size_t>(n), [&] { return src; });
+  return ws.upload_tagged(slot, slot_tag(tag, kAsIs), static_cast<size_t>(n), [&] {
+    // src null: the tensor lives on the device only (its host copy is stale), so it must be there
+    if (!src) throw std::invalid_argument("GPU workspace: a device-resident tensor (tag " + std::to_string(tag) + ") is not on the device");
+    return src;
+  });
 }
 
 // A weight w [col][img][kh][kw] (w_shape) in `form` (kPackedForward / kPackedDataGrad) in slot

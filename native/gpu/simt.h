@@ -68,9 +68,12 @@ inline void to_host(float* dst, const float* src, size_t n) {
   check(cudaMemcpy(dst, src, n * sizeof(float), cudaMemcpyDeviceToHost), "copy from the device");
 }
 inline void zero(float* dst, size_t n) { check(cudaMemset(dst, 0, n * sizeof(float)), "cudaMemset"); }
-// a·b and a + b each rounded to float, never fused into an FMA (sums that must match the host's bits)
+// a·b, a + b, a − b, a / b and √a each rounded to float, never fused into an FMA (what must match the host's bits)
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ float sqrt_rn(float a) { return __fsqrt_rn(a); }
 inline void select_device(int device) { check(cudaSetDevice(device), "cudaSetDevice"); }
 inline void finish(const char* where) {
   check(cudaGetLastError(), where);
@@ -149,13 +152,25 @@ class DeviceBuf {
 inline void to_device(float* dst, const float* src, size_t n) { std::memcpy(dst, src, n * sizeof(float)); }
 inline void to_host(float* dst, const float* src, size_t n) { std::memcpy(dst, src, n * sizeof(float)); }
 inline void zero(float* dst, size_t n) { std::memset(dst, 0, n * sizeof(float)); }
-// a·b and a + b each rounded to float (a volatile float forces the rounding, so no FMA contraction)
+// a·b, a + b, a − b, a / b and √a each rounded to float (a volatile float forces the rounding, so no FMA contraction)
 inline float mul_rn(float a, float b) {
   volatile float p = a * b;
   return p;
 }
 inline float add_rn(float a, float b) {
   volatile float p = a + b;
+  return p;
+}
+inline float sub_rn(float a, float b) {
+  volatile float p = a - b;
+  return p;
+}
+inline float div_rn(float a, float b) {
+  volatile float p = a / b;
+  return p;
+}
+inline float sqrt_rn(float a) {
+  volatile float p = std::sqrt(a);
   return p;
 }
 inline void select_device(int) {}

@@ -1,0 +1,185 @@
+/**
+ * The decoder's weights kept on a GPU device with their Adam step there (lib/ops/device-params.ts):
+ * the same training steps as Adam on the host, bit for bit, with neither the weights nor their
+ * gradients crossing the bus; host reads and writes, checkpoints and resumption. On the SIMT
+ * emulator here, and on cuda:0 where there is one.
+ */
+import { tf, initBackend } from '../lib/tf';
+import { nativeStatus } from '../lib/native';
+import { addonOps, deviceTraffic, type StageDevice } from '../lib/ops/addon';
+import { nativeOpsAvailable, nativeOpsOn } from '../lib/ops/native';
+import { f32 } from '../lib/ops/arrays';
+import { experimentConfig } from '../lib/config/experiment';
+import { Trainer } from '../lib/train/trainer';
+import { EfficientMORL } from '../lib/model/efficient-morl';
+import { SeededNoise } from '../lib/model/noise';
+import type { ParamRecord } from '../lib/params/store';
+import { uniform } from './helpers';
+
+const st = nativeStatus();
+const available = st.available && nativeOpsAvailable() && st.info?.simtEmulator === true;
+if (!available) {
+  // eslint-disable-next-line no-console
+  console.warn(`device-optimizer tests SKIPPED: ${st.reason ?? 'the addon has no GPU kernels (npm run build:native)'}`);
+}
+const devices: StageDevice[] = available ? ['simt', ...(st.info!.cudaDevices > 0 ? (['cuda:0'] as const) : [])] : [];
+const describeDevices = devices.length ? describe.each(devices) : describe.skip.each(['simt' as StageDevice]);
+
+beforeAll(async () => {
+  await initBackend('cpu');
+});
+
+const S = 8;
+const config = experimentConfig({
+  Net: { K: 3, input_size: [3, S, S], z_size: 6, image_decoder: 'small', image_likelihood: 'GMM', stochastic_layers: 1, refinement_iters: 1 },
+  // GECO and clipping on: the gradient norms here are ~90, so every step is clipped
+  training: { batch_size: 2, lr: 1e-3, use_scheduler: false, use_geco: true, geco_reconstruction_target: -0.5, refinement_curriculum: [[-1, 1]] },
+  seed: 3,
+});
+const decoderWeight = 'hvae_networks.image_decoder.decode.2.weight';
+
+function expectSameBits(a: ParamRecord, b: ParamRecord): void {
+  expect(Object.keys(b)).toEqual(Object.keys(a));
+  for (const k of Object.keys(a)) expect([k, b[k].data]).toEqual([k, a[k].data]);
+}
+
+describeDevices('the decoder\'s weights and their Adam step on %s', (device) => {
+  let images: tf.Tensor4D;
+  beforeAll(() => {
+    images = tf.tensor4d(uniform(2 * 3 * S * S, 77), [2, 3, S, S]);
+  });
+  afterAll(() => images.dispose());
+
+  const trainer = (deviceOptimizer: boolean): Trainer => new Trainer(config, { ops: nativeOpsOn(device), deviceOptimizer });
+
+  test('take Adam on the host\'s steps bit for bit, clipped, with neither weights nor gradients crossing the bus', () => {
+    const run = (deviceOptimizer: boolean) => {
+      const t = trainer(deviceOptimizer);
+      try {
+        expect(Boolean(t.deviceParams)).toBe(deviceOptimizer);
+        const steps = [0, 1, 2].map(() => {
+          const before = deviceTraffic();
+          const r = t.step(images);
+          const after = deviceTraffic();
+          return { r: [r.totalLoss, r.nll, r.kl, r.gradNorm, r.applied], up: after.upBytes - before.upBytes, down: after.downBytes - before.downBytes };
+        });
+        const decoderBytes = 4 * (t.deviceParams?.names ?? []).reduce((n, k) => n + t.model.params.get(k).size, 0);
+        return { steps, params: t.parameters(), adam: t.optimizer.exportState(), decoderBytes };
+      } finally {
+        t.dispose();
+      }
+    };
+    const host = run(false);
+    const dev = run(true);
+    expect(dev.steps.map((s) => s.r)).toEqual(host.steps.map((s) => s.r));
+    expect(host.steps[0].r[3]).toBeGreaterThan(5); // clipped
+    expectSameBits(host.params, dev.params);
+    expect(dev.adam.steps).toBe(3);
+    for (const which of ['m', 'v'] as const) {
+      expect([...dev.adam[which].keys()]).toEqual([...host.adam[which].keys()]);
+      for (const [k, e] of host.adam[which]) expect([k, dev.adam[which].get(k)!.data]).toEqual([k, e.data]);
+    }
+    // 8 tensors of the small decoder; from the second step on neither their new values go up nor their gradients come down
+    expect(dev.decoderBytes).toBeGreaterThan(100_000);
+    // (only their 8 norms come down)
+    for (const i of [1, 2]) expect([host.steps[i].up - dev.steps[i].up, host.steps[i].down - dev.steps[i].down]).toEqual([dev.decoderBytes, dev.decoderBytes - 4 * 8]);
+  }, 120_000);
+
+  test('a run resumed from its parameters and optimizer state takes the uninterrupted run\'s steps', () => {
+    const whole = trainer(true);
+    const first = trainer(true);
+    const resumed = trainer(true);
+    try {
+      // each step's own draws (a checkpoint keeps the noise generator's state)
+      const step = (t: Trainer, i: number) => t.step(images, { noise: new SeededNoise(100 + i) });
+      for (let i = 0; i < 3; i++) step(whole, i);
+      for (let i = 0; i < 2; i++) step(first, i);
+      // what a checkpoint stores: the parameters (pulled from the device) and Adam's state (the device's moments included)
+      resumed.model.params.load(first.parameters());
+      resumed.optimizer.importState(first.optimizer.exportState());
+      resumed.state = { ...first.state };
+      step(resumed, 2);
+      expectSameBits(whole.parameters(), resumed.parameters());
+    } finally {
+      whole.dispose();
+      first.dispose();
+      resumed.dispose();
+    }
+  }, 120_000);
+
+  test('the host reads the device\'s current values, and a host write reaches the next step', () => {
+    const host = trainer(false);
+    const dev = trainer(true);
+    try {
+      host.step(images);
+      dev.step(images);
+      // the ops' readers of host data see the device's values (the host copy is brought up to date)
+      const variable = dev.model.params.variable(decoderWeight);
+      expect(Array.from(f32(variable))).toEqual(Array.from(host.model.params.get(decoderWeight).dataSync()));
+      // a write on the host replaces the device's values
+      const written = { data: uniform(variable.size, 5, -0.1, 0.1), shape: [...variable.shape] };
+      host.model.params.set(decoderWeight, written);
+      dev.model.params.set(decoderWeight, written);
+      host.step(images);
+      dev.step(images);
+      expectSameBits(host.parameters(), dev.parameters());
+    } finally {
+      host.dispose();
+      dev.dispose();
+    }
+  }, 120_000);
+
+  test('a pass\'s gradients wait for one optimizer step: a second pass before it is refused, a skipped step drops them', () => {
+    const m = new EfficientMORL(config.Net, { ops: nativeOpsOn(device), seed: 4 });
+    try {
+      const owner = m.keepDecoderOnDevice()!;
+      expect(m.keepDecoderOnDevice()).toBe(owner); // one owner per model
+      const r = m.lossAndGrads(images, { noise: new SeededNoise(1) });
+      // the device's weights are left out of the host's gradients
+      expect(r.grads.has(decoderWeight)).toBe(false);
+      expect(r.grads.has('hvae_networks.image_decoder.pos_embed_projection.weight')).toBe(true);
+      r.dispose();
+      expect(owner.hasGradients).toBe(true);
+      expect(() => m.lossAndGrads(images, { noise: new SeededNoise(1) })).toThrow(/a second pass's gradients before an optimizer step took \(or discarded\) the first's/);
+      owner.discardGradients();
+      m.lossAndGrads(images, { noise: new SeededNoise(1) }).dispose();
+      expect(owner.hasGradients).toBe(true);
+    } finally {
+      m.dispose();
+    }
+  }, 120_000);
+});
+
+(available ? describe : describe.skip)('device-resident parameters at the addon\'s boundary', () => {
+  test('clear errors for what the device does not hold, and for parts that do not go that way', () => {
+    const k = addonOps();
+    const workspace = new k.DecoderWorkspace();
+    const params = { layers: 2, params: [{ layer: 0, bias: false, size: 4, tag: 7 }] };
+    const spec = { workspace, device: 'simt' as const, ...params };
+    const scalars = { first: true, scale: 1, b1: Math.fround(0.9), c1: Math.fround(0.1), b2: Math.fround(0.999), c2: Math.fround(0.001), eps: Math.fround(1e-8), bc2Sqrt: Math.fround(0.03), stepSize: Math.fround(0.01) };
+    expect(() => k.decoderGradNorms(spec)).toThrow(/no summed gradients on the device/);
+    expect(() => k.decoderAdam({ ...spec, ...scalars, newTags: [8] })).toThrow(/no summed gradients on the device/);
+    expect(() => k.decoderParamsRead({ ...spec, part: 'weights' })).toThrow(/the device holds no weight of layer 0 under tag 7/);
+    expect(() => k.decoderParamsRead({ ...spec, part: 'm' })).toThrow(/no first moments on the device/);
+    expect(() => k.decoderParamsWrite({ ...spec, part: 'weights' as 'm', data: new Float32Array(4) })).toThrow(/'spec.part' must be 'm' or 'v'/);
+    expect(() => k.decoderParamsWrite({ ...spec, part: 'm', data: new Float32Array(3) })).toThrow(/'spec.data' has 3 elements but the parameters' 4 values needs 4/);
+    expect(() => k.decoderParamsRead({ ...spec, params: [{ layer: 2, bias: false, size: 4, tag: 7 }], part: 'm' })).toThrow(/'spec.params\[0\].layer' is 2, past the stack's 2 layers/);
+    expect(() => k.decoderParamsRead({ ...spec, params: [{ layer: 0, bias: false, size: 4, tag: 0 }], part: 'm' })).toThrow(/'spec.params\[0\].tag' must be a content tag >= 1/);
+    expect(() => k.decoderGradNorms({ ...spec, device: 'cpu' })).toThrow(/'spec.device' must be 'cuda:N' or 'simt': device-resident parameters live on a GPU device/);
+    // moments written come back as they were
+    const m = Float32Array.of(1, 2, 3, 4);
+    k.decoderParamsWrite({ ...spec, part: 'm', data: m });
+    expect(k.decoderParamsRead({ ...spec, part: 'm' })).toEqual(m);
+    expect(() => k.decoderParamsWrite({ ...spec, params: [{ layer: 0, bias: false, size: 5, tag: 7 }], part: 'm', data: new Float32Array(5) })).toThrow(/state buffer 2 holds 4 floats, asked for 5/);
+  });
+
+  test('a resident layer is for GPU devices, and its weights must be in the workspace', () => {
+    const k = addonOps();
+    const layer = { kind: 2 as const, wShape: [4, 3, 3, 3], pad: 1, act: 0, resident: true, wTag: 11, bTag: 12 };
+    const base = { z: new Float32Array(6), n: 2, c: 3, pos: new Float32Array(3 * 5 * 5), gh: 5, gw: 5, target: new Float32Array(5 * 5 * 3), B: 1, K: 2, H: 5, W: 5, C: 3, logVar: 0, gmm: false, needDz: false, needParams: false, needOutputs: false };
+    const bcast = { kind: 1 as const };
+    expect(() => k.decoderStage({ ...base, layers: [bcast, layer], device: 'cpu' })).toThrow(/'spec.layers\[1\].resident' is for GPU devices/);
+    expect(() => k.decoderStage({ ...base, layers: [bcast, layer], device: 'simt' })).toThrow(/'spec.layers\[1\].resident' needs wTag, bTag and the workspace that holds them/);
+    expect(() => k.decoderStage({ ...base, layers: [bcast, layer], device: 'simt', workspace: new k.DecoderWorkspace() })).toThrow(/a device-resident tensor \(tag 11\) is not on the device/);
+  });
+});
