@@ -1192,16 +1192,24 @@ Napi::Value DecoderParamGradSumsFn(const Napi::CallbackInfo& info, bool) {
   return out;
 }
 
+// What the calls on a decoder's device-resident parameters share: spec.workspace on spec.device
+// (a GPU device) and the parameters (decoder_params).
+struct ParamsCall {
+  Props p;
+  GpuCall gpu;
+  emorl::DecoderParams d;
+  explicit ParamsCall(const Args& a)
+      : p(a, a.at(0), "spec"), gpu(device_workspace(a, p, "device-resident parameters")), d(decoder_params(a, p)) {}
+};
+
 // decoderGradNorms({ workspace, device, layers, params }) -> Float32Array: per parameter, the L2
 // norm of its summed gradient on the device (l2Norm's bits)
 Napi::Value DecoderGradNormsFn(const Napi::CallbackInfo& info, bool) {
   Args a(info, "decoderGradNorms");
-  Props p(a, a.at(0), "spec");
-  GpuCall gpu = device_workspace(a, p, "device-resident parameters");
-  const emorl::DecoderParams d = decoder_params(a, p);
-  auto norms = new_f32(a, static_cast<int64_t>(d.params.size()));
-  EMORL_ON_GPU(gpu, decoder_grad_norms, d, norms.Data(), *gpu.ws);
-  gpu.done(a.env());
+  ParamsCall c(a);
+  auto norms = new_f32(a, static_cast<int64_t>(c.d.params.size()));
+  EMORL_ON_GPU(c.gpu, decoder_grad_norms, c.d, norms.Data(), *c.gpu.ws);
+  c.gpu.done(a.env());
   return norms;
 }
 
@@ -1210,60 +1218,51 @@ Napi::Value DecoderGradNormsFn(const Napi::CallbackInfo& info, bool) {
 //   gradient; each then lies in the workspace under its new tag
 Napi::Value DecoderAdamFn(const Napi::CallbackInfo& info, bool) {
   Args a(info, "decoderAdam");
-  Props p(a, a.at(0), "spec");
-  GpuCall gpu = device_workspace(a, p, "device-resident parameters");
-  const emorl::DecoderParams d = decoder_params(a, p);
-  const emorl::AdamScalars sc = adam_scalars(a, p);
+  ParamsCall c(a);
+  const emorl::AdamScalars sc = adam_scalars(a, c.p);
   std::vector<uint64_t> tags;
-  for (double t : p.numbers("newTags")) {
-    if (!(t >= 1 && t <= 9007199254740992.0) || std::floor(t) != t) a.range_error("'" + p.name("newTags") + "' must hold content tags >= 1");
+  for (double t : c.p.numbers("newTags")) {
+    if (!(t >= 1 && t <= 9007199254740992.0) || std::floor(t) != t) a.range_error("'" + c.p.name("newTags") + "' must hold content tags >= 1");
     tags.push_back(static_cast<uint64_t>(t));
   }
-  if (tags.size() != d.params.size()) a.range_error("'" + p.name("newTags") + "' must hold one tag per parameter");
-  EMORL_ON_GPU(gpu, decoder_adam, d, tags, sc, *gpu.ws);
-  gpu.done(a.env());
+  if (tags.size() != c.d.params.size()) a.range_error("'" + c.p.name("newTags") + "' must hold one tag per parameter");
+  EMORL_ON_GPU(c.gpu, decoder_adam, c.d, tags, sc, *c.gpu.ws);
+  c.gpu.done(a.env());
   return a.env().Undefined();
 }
 
-emorl::DecoderParamPart param_part(const Args& a, const Props& p) {
+// spec.part: 'weights', 'grads', 'm' or 'v'; `writable`: the moments only (weights go up through
+// the stages, gradients are summed on the device)
+emorl::DecoderParamPart param_part(const Args& a, const Props& p, bool writable) {
   Napi::Value v = p.get("part");
   const std::string s = v.IsString() ? v.As<Napi::String>().Utf8Value() : "";
-  if (s == "weights") return emorl::DecoderParamPart::Weights;
-  if (s == "grads") return emorl::DecoderParamPart::Grads;
   if (s == "m") return emorl::DecoderParamPart::FirstMoments;
   if (s == "v") return emorl::DecoderParamPart::SecondMoments;
+  if (writable) a.range_error("'" + p.name("part") + "' must be 'm' or 'v' (weights go up through the stages)");
+  if (s == "weights") return emorl::DecoderParamPart::Weights;
+  if (s == "grads") return emorl::DecoderParamPart::Grads;
   a.range_error("'" + p.name("part") + "' must be 'weights', 'grads', 'm' or 'v'");
   return emorl::DecoderParamPart::Weights;
 }
 
 // decoderParamsRead({ workspace, device, layers, params, part: 'weights' | 'grads' | 'm' | 'v' })
 //   -> Float32Array: that part of every parameter, end to end
-Napi::Value DecoderParamsReadFn(const Napi::CallbackInfo& info, bool) {
-  Args a(info, "decoderParamsRead");
-  Props p(a, a.at(0), "spec");
-  GpuCall gpu = device_workspace(a, p, "device-resident parameters");
-  const emorl::DecoderParams d = decoder_params(a, p);
-  const emorl::DecoderParamPart part = param_part(a, p);
-  auto out = new_f32(a, static_cast<int64_t>(d.total()));
-  EMORL_ON_GPU(gpu, decoder_params_copy, d, part, out.Data(), nullptr, *gpu.ws);
-  gpu.done(a.env());
-  return out;
-}
-
 // decoderParamsWrite({ workspace, device, layers, params, part: 'm' | 'v', data: Float32Array }):
-// the moments of every parameter, end to end, onto the device (an optimizer state restored)
-Napi::Value DecoderParamsWriteFn(const Napi::CallbackInfo& info, bool) {
-  Args a(info, "decoderParamsWrite");
-  Props p(a, a.at(0), "spec");
-  GpuCall gpu = device_workspace(a, p, "device-resident parameters");
-  const emorl::DecoderParams d = decoder_params(a, p);
-  const emorl::DecoderParamPart part = param_part(a, p);
-  if (part != emorl::DecoderParamPart::FirstMoments && part != emorl::DecoderParamPart::SecondMoments)
-    a.range_error("'" + p.name("part") + "' must be 'm' or 'v' (weights go up through the stages)");
-  const float* data = p.f32("data", static_cast<int64_t>(d.total()), "the parameters' " + std::to_string(d.total()) + " values");
-  EMORL_ON_GPU(gpu, decoder_params_copy, d, part, nullptr, data, *gpu.ws);
-  gpu.done(a.env());
-  return a.env().Undefined();
+//   the moments of every parameter, end to end, onto the device (an optimizer state restored)
+template <bool Write>
+Napi::Value DecoderParamsCopyFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, Write ? "decoderParamsWrite" : "decoderParamsRead");
+  ParamsCall c(a);
+  const emorl::DecoderParamPart part = param_part(a, c.p, Write);
+  const int64_t n = static_cast<int64_t>(c.d.total());
+  if (Write) {
+    const float* data = c.p.f32("data", n, "the parameters' " + std::to_string(n) + " values");
+    EMORL_ON_GPU(c.gpu, decoder_params_copy, c.d, part, nullptr, data, *c.gpu.ws);
+  }
+  auto out = new_f32(a, Write ? 0 : n);
+  if (!Write) EMORL_ON_GPU(c.gpu, decoder_params_copy, c.d, part, out.Data(), nullptr, *c.gpu.ws);
+  c.gpu.done(a.env());
+  return Write ? a.env().Undefined() : Napi::Value(out);
 }
 
 // A Float64Array property of exactly n elements.
@@ -2112,8 +2111,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("decoderParamGradSums", Napi::Function::New(env, entry<DecoderParamGradSumsFn, false>, "decoderParamGradSums"));
   exports.Set("decoderGradNorms", Napi::Function::New(env, entry<DecoderGradNormsFn, false>, "decoderGradNorms"));
   exports.Set("decoderAdam", Napi::Function::New(env, entry<DecoderAdamFn, false>, "decoderAdam"));
-  exports.Set("decoderParamsRead", Napi::Function::New(env, entry<DecoderParamsReadFn, false>, "decoderParamsRead"));
-  exports.Set("decoderParamsWrite", Napi::Function::New(env, entry<DecoderParamsWriteFn, false>, "decoderParamsWrite"));
+  exports.Set("decoderParamsRead", Napi::Function::New(env, entry<DecoderParamsCopyFn<false>, false>, "decoderParamsRead"));
+  exports.Set("decoderParamsWrite", Napi::Function::New(env, entry<DecoderParamsCopyFn<true>, false>, "decoderParamsWrite"));
   exports.Set("nhwcConv2d", Napi::Function::New(env, entry<NhwcConv2d, false>, "nhwcConv2d"));
   exports.Set("nhwcConv2dBackward", Napi::Function::New(env, entry<NhwcConv2dBackward, false>, "nhwcConv2dBackward"));
   exports.Set("nhwcConvTranspose2d", Napi::Function::New(env, entry<NhwcConvTranspose2d, false>, "nhwcConvTranspose2d"));
