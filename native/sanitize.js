@@ -23,7 +23,7 @@ if (!fs.existsSync(addon)) throw new Error(`${addon} was not built`);
 const runtime = (lib) => execFileSync(process.env.CXX || 'g++', [`-print-file-name=${lib}`], { encoding: 'utf8' }).trim();
 const preload = [runtime('libasan.so'), runtime('libubsan.so')];
 for (const f of preload) if (!fs.existsSync(f)) throw new Error(`sanitizer runtime ${f} not found (install the compiler's libasan / libubsan)`);
-const tests = process.argv.slice(2).length ? process.argv.slice(2) : ['test/native-kernels.test.ts', 'test/decoder-stage.test.ts', 'test/model-native.test.ts', 'test/gpu-decoder.test.ts', 'test/bf16.test.ts', 'test/winograd.test.ts'];
+const tests = process.argv.slice(2).length ? process.argv.slice(2) : ['test/native-kernels.test.ts', 'test/decoder-stage.test.ts', 'test/model-native.test.ts', 'test/gpu-decoder.test.ts', 'test/bf16.test.ts', 'test/winograd.test.ts', 'test/device-optimizer.test.ts'];
 r = spawnSync(process.execPath, ['--experimental-vm-modules', 'node_modules/jest/bin/jest.js', '--runInBand', ...tests], {
   cwd: root,
   stdio: 'inherit',

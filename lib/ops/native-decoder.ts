@@ -13,7 +13,9 @@
  * The stages of one pass share their weights and positional embedding through shareDecoderWeights:
  * each stage adds u times its gradients of them onto the pass's sums (on a GPU device, sums of sets
  * the stages left there), and one op hands the sums to the tape, instead of every stage's gradients
- * as tensors that the tape then adds up (and, on a GPU, every stage downloading them).
+ * as tensors that the tape then adds up (and, on a GPU, every stage downloading them). When a
+ * device optimizer owns the weights (device-params.ts), their sums stay on the device for it and
+ * the stages take the weights from their workspace under the tags it gave them.
  */
 import { tf } from '../tf';
 import { f32 } from './arrays';
