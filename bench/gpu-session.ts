@@ -3,7 +3,7 @@
  * GPU machine that has none): training steps of a small model with every GPU op on cuda:0 against
  * the same steps on the CPU kernels (the losses and gradient norms, as test/gpu-decoder.test.ts
  * checks on the emulator); the decoder's gradients summed on the device over a pass's stages
- * against per-stage downloads (the same bits); the decoder's Adam step on the device against
+ * against per-stage downloads (the same bits); the decoder's and the encoder's Adam step on the device against
  * Adam on the host (the same bits); the golden PyTorch fixture on the device (its loss and every gradient
  * against the recorded ones, with test/model-native.test.ts's fp32 tolerances), when there is a
  * copy; then the device's FP32 peak and what crosses the bus. Exits 2 when the addon sees no CUDA
@@ -103,7 +103,7 @@ function sharedWeightsCheck(device: StageDevice): boolean {
 }
 
 /**
- * Three training steps with the decoder's weights and their Adam step on the device against the
+ * Three training steps with the decoder's and the encoder's weights and their Adam step on the device against the
  * same steps with Adam on the host (both decoding on the device): every parameter the same bits,
  * and the bus per step without the weights and their gradients.
  */
@@ -137,7 +137,7 @@ function deviceOptimizerCheck(device: StageDevice): boolean {
     for (let i = 0; i < a.length; i++) if (!Object.is(a[i], b[i])) differ++;
   }
   const kib = (b: number) => (b / 1024).toFixed(1);
-  console.log(`${differ ? 'FAIL' : 'ok  '} 3 training steps with the decoder's Adam on ${device}: ${differ} parameter values differ from Adam on the host; ` +
+  console.log(`${differ ? 'FAIL' : 'ok  '} 3 training steps with the decoder's and the encoder's Adam on ${device}: ${differ} parameter values differ from Adam on the host; ` +
     `bus per step ${kib(dev.bus[0])} KiB up, ${kib(dev.bus[1])} KiB down (Adam on the host: ${kib(host.bus[0])}, ${kib(host.bus[1])})`);
   return differ === 0;
 }

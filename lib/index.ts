@@ -24,7 +24,7 @@ export { SeededNoise, ReplayNoise, RecordingNoise, ShardedNoise, type NoiseSourc
 export { ParamStore, ParamError, type ParamArray, type ParamRecord } from './params/store';
 export { tfjsOps, type Ops, type EncoderArgs, type EncoderOutput, type HostKeysValues, type ResidentKeysValues, type SlotCompetition } from './ops';
 export { nativeOps, defaultOps, opsForBackend, type ComputeBackend } from './ops/native';
-export { DeviceDecoderParams } from './ops/device-params';
+export { DeviceParams, type EncoderParams } from './ops/device-params';
 export { nativeStatus } from './native';
 export { Adam, clipGradNorm, clipScale, clipFromNorms, gradNorms, type AdamState, type DeviceParamGroup } from './optim/adam';
 

@@ -4,6 +4,7 @@
 // an `out` array (last argument) of the right length that overlaps no input.
 #include <napi.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <exception>
@@ -953,7 +954,7 @@ bool gpu_conv_backward(const Args& a, size_t arg, const emorl::NhwcGeom& g, int6
 //   (nhwc.h); keepParamGrads (GPU devices, with needParams and a workspace): an id (integer >= 1)
 //   under which dpos, dw and db stay on the device (DecoderStageOut::keep_param_grads) for
 //   decoderParamGradSums, instead of being returned. A layer with resident: true (GPU devices,
-//   with its tags and the workspace) has no w or b: the workspace holds them (decoderAdam's)
+//   with its tags and the workspace) has no w or b: the workspace holds them (deviceAdam's)
 //   -> { nll, dz|null, dpos|null, dw: [..|null], db: [..|null], means|null, logMasks|null }
 // kind: 0 broadcast conv, 1 spatial broadcast, 2 conv, 3 transposed conv (decoder.h).
 Napi::Value DecoderStageFn(const Napi::CallbackInfo& info, bool) {
@@ -1107,19 +1108,25 @@ Napi::Value DecoderStageFn(const Napi::CallbackInfo& info, bool) {
   return r;
 }
 
-// A decoder's device-resident parameters (gpu.h DecoderParams): spec.layers (the stack's length)
-// and spec.params [{ layer, bias, size, tag }].
-emorl::DecoderParams decoder_params(const Args& a, const Props& p) {
-  emorl::DecoderParams d;
+// A stage's device-resident parameters (gpu.h DeviceParams): spec.stage ('decoder' | 'encoder'),
+// spec.layers (the stack's length) and spec.params [{ index, bias, size, tag }].
+emorl::DeviceParams device_params(const Args& a, const Props& p) {
+  emorl::DeviceParams d;
+  Napi::Value sv = p.get("stage");
+  const std::string stage = sv.IsString() ? sv.As<Napi::String>().Utf8Value() : "";
+  if (stage != "decoder" && stage != "encoder") a.type_error("'" + p.name("stage") + "' must be 'decoder' or 'encoder'");
+  d.stage = stage == "decoder" ? emorl::DeviceParams::Stage::Decoder : emorl::DeviceParams::Stage::Encoder;
   d.layers = static_cast<size_t>(p.integer("layers", 1));
+  // the encoder's head tensors follow its conv layers (gpu.h DeviceParams)
+  const size_t indices = d.layers + (d.stage == emorl::DeviceParams::Stage::Encoder ? 10 : 0);
   Napi::Value v = p.get("params");
-  if (!v.IsArray()) a.type_error("'" + p.name("params") + "' must be an array of { layer, bias, size, tag }");
+  if (!v.IsArray()) a.type_error("'" + p.name("params") + "' must be an array of { index, bias, size, tag }");
   auto arr = v.As<Napi::Array>();
   for (uint32_t j = 0; j < arr.Length(); ++j) {
     Props q(a, arr.Get(j), p.name("params") + "[" + std::to_string(j) + "]");
-    emorl::DecoderParams::Param e;
-    e.layer = static_cast<size_t>(q.integer("layer", 0));
-    if (e.layer >= d.layers) a.range_error("'" + q.name("layer") + "' is " + std::to_string(e.layer) + ", past the stack's " + std::to_string(d.layers) + " layers");
+    emorl::DeviceParams::Param e;
+    e.index = static_cast<size_t>(q.integer("index", 0));
+    if (e.index >= indices) a.range_error("'" + q.name("index") + "' is " + std::to_string(e.index) + ", past the stage's " + std::to_string(indices) + " places");
     e.bias = q.boolean("bias", false);
     e.n = static_cast<size_t>(q.integer("size", 1));
     e.tag = q.tag("tag");
@@ -1160,8 +1167,11 @@ Napi::Value DecoderParamGradSumsFn(const Napi::CallbackInfo& info, bool) {
   Args a(info, "decoderParamGradSums");
   Props p(a, a.at(0), "spec");
   GpuCall gpu = device_workspace(a, p, "kept gradients");
-  std::unique_ptr<emorl::DecoderParams> keep;
-  if (p.has("keep")) keep.reset(new emorl::DecoderParams(decoder_params(a, Props(a, p.get("keep"), p.name("keep")))));
+  std::unique_ptr<emorl::DeviceParams> keep;
+  if (p.has("keep")) {
+    keep.reset(new emorl::DeviceParams(device_params(a, Props(a, p.get("keep"), p.name("keep")))));
+    if (keep->stage != emorl::DeviceParams::Stage::Decoder) a.range_error("'" + p.name("keep") + "' must be the decoder's parameters (stage 'decoder')");
+  }
   const std::vector<double> ids_d = p.numbers("ids"), us_d = p.numbers("us"), sizes_d = p.numbers("sizes");
   if (ids_d.empty() || ids_d.size() != us_d.size())
     a.range_error("'" + p.name("ids") + "' and '" + p.name("us") + "' must be non-empty and of one length (one u per kept set)");
@@ -1197,27 +1207,27 @@ Napi::Value DecoderParamGradSumsFn(const Napi::CallbackInfo& info, bool) {
 struct ParamsCall {
   Props p;
   GpuCall gpu;
-  emorl::DecoderParams d;
+  emorl::DeviceParams d;
   explicit ParamsCall(const Args& a)
-      : p(a, a.at(0), "spec"), gpu(device_workspace(a, p, "device-resident parameters")), d(decoder_params(a, p)) {}
+      : p(a, a.at(0), "spec"), gpu(device_workspace(a, p, "device-resident parameters")), d(device_params(a, p)) {}
 };
 
-// decoderGradNorms({ workspace, device, layers, params }) -> Float32Array: per parameter, the L2
+// deviceGradNorms({ workspace, device, layers, params }) -> Float32Array: per parameter, the L2
 // norm of its summed gradient on the device (l2Norm's bits)
-Napi::Value DecoderGradNormsFn(const Napi::CallbackInfo& info, bool) {
-  Args a(info, "decoderGradNorms");
+Napi::Value DeviceGradNormsFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "deviceGradNorms");
   ParamsCall c(a);
   auto norms = new_f32(a, static_cast<int64_t>(c.d.params.size()));
-  EMORL_ON_GPU(c.gpu, decoder_grad_norms, c.d, norms.Data(), *c.gpu.ws);
+  EMORL_ON_GPU(c.gpu, device_grad_norms, c.d, norms.Data(), *c.gpu.ws);
   c.gpu.done(a.env());
   return norms;
 }
 
-// decoderAdam({ workspace, device, layers, params, newTags: number[], b1, c1, b2, c2, eps, bc2Sqrt,
+// deviceAdam({ workspace, device, layers, params, newTags: number[], b1, c1, b2, c2, eps, bc2Sqrt,
 //   stepSize, scale, first }): adamUpdate on the device of every parameter from its summed
 //   gradient; each then lies in the workspace under its new tag
-Napi::Value DecoderAdamFn(const Napi::CallbackInfo& info, bool) {
-  Args a(info, "decoderAdam");
+Napi::Value DeviceAdamFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "deviceAdam");
   ParamsCall c(a);
   const emorl::AdamScalars sc = adam_scalars(a, c.p);
   std::vector<uint64_t> tags;
@@ -1226,41 +1236,41 @@ Napi::Value DecoderAdamFn(const Napi::CallbackInfo& info, bool) {
     tags.push_back(static_cast<uint64_t>(t));
   }
   if (tags.size() != c.d.params.size()) a.range_error("'" + c.p.name("newTags") + "' must hold one tag per parameter");
-  EMORL_ON_GPU(c.gpu, decoder_adam, c.d, tags, sc, *c.gpu.ws);
+  EMORL_ON_GPU(c.gpu, device_adam, c.d, tags, sc, *c.gpu.ws);
   c.gpu.done(a.env());
   return a.env().Undefined();
 }
 
 // spec.part: 'weights', 'grads', 'm' or 'v'; `writable`: the moments only (weights go up through
 // the stages, gradients are summed on the device)
-emorl::DecoderParamPart param_part(const Args& a, const Props& p, bool writable) {
+emorl::DeviceParamPart param_part(const Args& a, const Props& p, bool writable) {
   Napi::Value v = p.get("part");
   const std::string s = v.IsString() ? v.As<Napi::String>().Utf8Value() : "";
-  if (s == "m") return emorl::DecoderParamPart::FirstMoments;
-  if (s == "v") return emorl::DecoderParamPart::SecondMoments;
+  if (s == "m") return emorl::DeviceParamPart::FirstMoments;
+  if (s == "v") return emorl::DeviceParamPart::SecondMoments;
   if (writable) a.range_error("'" + p.name("part") + "' must be 'm' or 'v' (weights go up through the stages)");
-  if (s == "weights") return emorl::DecoderParamPart::Weights;
-  if (s == "grads") return emorl::DecoderParamPart::Grads;
+  if (s == "weights") return emorl::DeviceParamPart::Weights;
+  if (s == "grads") return emorl::DeviceParamPart::Grads;
   a.range_error("'" + p.name("part") + "' must be 'weights', 'grads', 'm' or 'v'");
-  return emorl::DecoderParamPart::Weights;
+  return emorl::DeviceParamPart::Weights;
 }
 
-// decoderParamsRead({ workspace, device, layers, params, part: 'weights' | 'grads' | 'm' | 'v' })
+// deviceParamsRead({ workspace, device, layers, params, part: 'weights' | 'grads' | 'm' | 'v' })
 //   -> Float32Array: that part of every parameter, end to end
-// decoderParamsWrite({ workspace, device, layers, params, part: 'm' | 'v', data: Float32Array }):
+// deviceParamsWrite({ workspace, device, layers, params, part: 'm' | 'v', data: Float32Array }):
 //   the moments of every parameter, end to end, onto the device (an optimizer state restored)
 template <bool Write>
-Napi::Value DecoderParamsCopyFn(const Napi::CallbackInfo& info, bool) {
-  Args a(info, Write ? "decoderParamsWrite" : "decoderParamsRead");
+Napi::Value DeviceParamsCopyFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, Write ? "deviceParamsWrite" : "deviceParamsRead");
   ParamsCall c(a);
-  const emorl::DecoderParamPart part = param_part(a, c.p, Write);
+  const emorl::DeviceParamPart part = param_part(a, c.p, Write);
   const int64_t n = static_cast<int64_t>(c.d.total());
   if (Write) {
     const float* data = c.p.f32("data", n, "the parameters' " + std::to_string(n) + " values");
-    EMORL_ON_GPU(c.gpu, decoder_params_copy, c.d, part, nullptr, data, *c.gpu.ws);
+    EMORL_ON_GPU(c.gpu, device_params_copy, c.d, part, nullptr, data, *c.gpu.ws);
   }
   auto out = new_f32(a, Write ? 0 : n);
-  if (!Write) EMORL_ON_GPU(c.gpu, decoder_params_copy, c.d, part, out.Data(), nullptr, *c.gpu.ws);
+  if (!Write) EMORL_ON_GPU(c.gpu, device_params_copy, c.d, part, out.Data(), nullptr, *c.gpu.ws);
   c.gpu.done(a.env());
   return Write ? a.env().Undefined() : Napi::Value(out);
 }
@@ -1558,6 +1568,12 @@ Napi::Value GruCellBackwardFn(const Napi::CallbackInfo& info, bool) {
 
 // ---- a stack of convolutions as one GPU stage (gpu.h ConvStack; lib/ops/native.ts convStack) ----
 
+// A spec's tensors marked resident (`what`) live in its GPU workspace only, under their tags.
+void check_resident(const Args& a, const Props& p, const std::string& what, bool tagged) {
+  if (stage_device(a, p).kind == StageDevice::Cpu) a.range_error("'" + what + "' is for GPU devices");
+  if (!tagged || !p.has("workspace")) a.range_error("'" + what + "' needs the tensors' tags and the workspace that holds them");
+}
+
 // The stack described by spec {x, xShape [N,H,W,C], layers: [{w, wShape [Co,Ci,kh,kw], b, stride?,
 // pad, act}]}, every shape checked (each layer's Ci must be the previous layer's Co).
 emorl::ConvStack conv_stack_spec(const Args& a, const Props& p) {
@@ -1585,10 +1601,16 @@ emorl::ConvStack conv_stack_spec(const Args& a, const Props& p) {
       a.range_error(o.str());
     }
     emorl::ConvStackLayer L;
-    L.w = q.f32("w", a.numel(wshape, "wShape"), "wShape " + shape_str(wshape));
-    L.b = q.f32("b", w[0], "wShape[0] = " + std::to_string(w[0]));
     L.w_tag = q.tag("wTag");
     L.b_tag = q.tag("bTag");
+    if (q.boolean("resident", false)) {
+      // w and b live on the device only (an optimizer there updates them): no host copy to read
+      check_resident(a, p, q.name("resident"), L.w_tag && L.b_tag);
+      a.numel(wshape, "wShape");
+    } else {
+      L.w = q.f32("w", a.numel(wshape, "wShape"), "wShape " + shape_str(wshape));
+      L.b = q.f32("b", w[0], "wShape[0] = " + std::to_string(w[0]));
+    }
     L.Co = w[0];
     L.kh = w[2];
     L.kw = w[3];
@@ -1712,21 +1734,28 @@ emorl::EncoderHead encoder_head_spec(const Args& a, const Props& p, int64_t D, i
   }
   h.pos_c = npos / hw;
   h.p.pos = q.f32("pos", npos, "[H·W, pc]");
-  h.p.pos_w = q.f32("posW", h.D * h.pos_c, "[D, pc] = " + shape_str({h.D, h.pos_c}));
-  h.p.pos_b = q.f32("posB", h.D, dn);
-  h.p.ln_w = q.f32("lnW", h.D, dn);
-  h.p.ln_b = q.f32("lnB", h.D, dn);
   h.p.eps = q.number("eps");
   if (!(h.p.eps > 0)) a.range_error("'" + q.name("eps") + "' must be > 0");
-  h.p.w1 = q.f32("w1", h.D * h.D, "[D, D] = " + shape_str({h.D, h.D}));
-  h.p.b1 = q.f32("b1", h.D, dn);
-  h.p.w2 = q.f32("w2", h.D * h.D, "[D, D] = " + shape_str({h.D, h.D}));
-  h.p.b2 = q.f32("b2", h.D, dn);
-  const int64_t nk = q.length("wk");
-  if (nk == 0 || nk % h.D) a.range_error("'" + q.name("wk") + "' has " + std::to_string(nk) + " elements, not [Z, D] for " + dn);
-  h.Z = nk / h.D;
-  h.p.wk = q.f32("wk", h.Z * h.D, "[Z, D]");
-  h.p.wv = q.f32("wv", h.Z * h.D, "[Z, D] = " + shape_str({h.Z, h.D}) + " (as wk)");
+  const bool resident = q.boolean("resident", false);
+  if (resident) {
+    // the head's parameters live on the device only (an optimizer there updates them): their sizes
+    // follow from D, pc and Z
+    h.Z = q.integer("Z", 1);
+  } else {
+    h.p.pos_w = q.f32("posW", h.D * h.pos_c, "[D, pc] = " + shape_str({h.D, h.pos_c}));
+    h.p.pos_b = q.f32("posB", h.D, dn);
+    h.p.ln_w = q.f32("lnW", h.D, dn);
+    h.p.ln_b = q.f32("lnB", h.D, dn);
+    h.p.w1 = q.f32("w1", h.D * h.D, "[D, D] = " + shape_str({h.D, h.D}));
+    h.p.b1 = q.f32("b1", h.D, dn);
+    h.p.w2 = q.f32("w2", h.D * h.D, "[D, D] = " + shape_str({h.D, h.D}));
+    h.p.b2 = q.f32("b2", h.D, dn);
+    const int64_t nk = q.length("wk");
+    if (nk == 0 || nk % h.D) a.range_error("'" + q.name("wk") + "' has " + std::to_string(nk) + " elements, not [Z, D] for " + dn);
+    h.Z = nk / h.D;
+    h.p.wk = q.f32("wk", h.Z * h.D, "[Z, D]");
+    h.p.wv = q.f32("wv", h.Z * h.D, "[Z, D] = " + shape_str({h.Z, h.D}) + " (as wk)");
+  }
   Napi::Value tv = q.get("tags");
   if (!tv.IsUndefined() && !tv.IsNull()) {
     if (!tv.IsArray() || tv.As<Napi::Array>().Length() != 11) a.type_error("'" + q.name("tags") + "' must be an array of 11 content tags");
@@ -1738,6 +1767,7 @@ emorl::EncoderHead encoder_head_spec(const Args& a, const Props& p, int64_t D, i
       h.tags[i] = static_cast<uint64_t>(d);
     }
   }
+  if (resident) check_resident(a, p, q.name("resident"), std::all_of(h.tags + 1, h.tags + 11, [](uint64_t t) { return t != 0; }));
   return h;
 }
 
@@ -1889,9 +1919,11 @@ Napi::Value EncoderStageFn(const Napi::CallbackInfo& info, bool) {
 // of encoderStage; absent: 0, none).
 uint64_t sum_id_prop(const Props& p) { return p.id("sumId", "a stamp of encoderStage"); }
 
-// encoderStageBackward({x, xShape, layers, head, dk?, dv?, sumId?, stamp, needParams, device, workspace?, precision?})
+// encoderStageBackward({x, xShape, layers, head, dk?, dv?, sumId?, stamp, needParams, keep?, device, workspace?, precision?})
 //   -> {dw, db: [per layer] | null, head: {posW, posB, lnW, lnB, w1, b1, w2, b2, wk, wv} | null}
 //   Without dk and dv: the sums encoderAttentionBackward made on the device under sumId (GPU devices).
+//   keep: {stage: 'encoder', layers, params} (device_params): the parameter gradients stay in the
+//   workspace for deviceAdam (GPU devices; dw, db and head come back null).
 Napi::Value EncoderStageBackwardFn(const Napi::CallbackInfo& info, bool) {
   Args a(info, "encoderStageBackward");
   Props p(a, a.at(0), "spec");
@@ -1907,13 +1939,20 @@ Napi::Value EncoderStageBackwardFn(const Napi::CallbackInfo& info, bool) {
   const float* dv = summed ? nullptr : p.f32("dv", rows * h.Z, kv);
   const uint64_t stamp = stamp_prop(a, p, "encoderStage");
   const bool need_params = p.boolean("needParams", true);
+  std::unique_ptr<emorl::DeviceParams> keep;
+  if (p.has("keep")) {
+    if (!gpu.on_gpu() || !need_params) a.range_error("'" + p.name("keep") + "' is for GPU devices, with needParams");
+    keep.reset(new emorl::DeviceParams(device_params(a, Props(a, p.get("keep"), p.name("keep")))));
+    if (keep->stage != emorl::DeviceParams::Stage::Encoder) a.range_error("'" + p.name("keep") + "' must be the encoder's parameters (stage 'encoder')");
+  }
+  const bool host_params = need_params && !keep;
   Napi::Object r = Napi::Object::New(a.env());
   std::vector<float*> dw, db;
-  stack_grads(a, s, need_params, r, dw, db);
+  stack_grads(a, s, host_params, r, dw, db);
   emorl::EncoderHeadParamGrads g{};
-  r.Set("head", need_params ? Napi::Value(head_grads_object(a, h, g)) : a.env().Null());
+  r.Set("head", host_params ? Napi::Value(head_grads_object(a, h, g)) : a.env().Null());
   if (gpu.on_gpu()) {
-    EMORL_ON_GPU(gpu, encoder_backward, s, h, stamp, dk, dv, dw, db, g, *gpu.ws, sum_id);
+    EMORL_ON_GPU(gpu, encoder_backward, s, h, stamp, dk, dv, dw, db, g, *gpu.ws, sum_id, keep.get());
     gpu.done(a.env());
   } else {
     const CpuEncoderCall c = cpu_encoder_call(a, p, gpu);
@@ -2109,10 +2148,10 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   add<Matmul>(env, exports, ref, "matmul");
   exports.Set("setEnvironment", Napi::Function::New(env, entry<SetEnvironment, false>, "setEnvironment"));
   exports.Set("decoderParamGradSums", Napi::Function::New(env, entry<DecoderParamGradSumsFn, false>, "decoderParamGradSums"));
-  exports.Set("decoderGradNorms", Napi::Function::New(env, entry<DecoderGradNormsFn, false>, "decoderGradNorms"));
-  exports.Set("decoderAdam", Napi::Function::New(env, entry<DecoderAdamFn, false>, "decoderAdam"));
-  exports.Set("decoderParamsRead", Napi::Function::New(env, entry<DecoderParamsCopyFn<false>, false>, "decoderParamsRead"));
-  exports.Set("decoderParamsWrite", Napi::Function::New(env, entry<DecoderParamsCopyFn<true>, false>, "decoderParamsWrite"));
+  exports.Set("deviceGradNorms", Napi::Function::New(env, entry<DeviceGradNormsFn, false>, "deviceGradNorms"));
+  exports.Set("deviceAdam", Napi::Function::New(env, entry<DeviceAdamFn, false>, "deviceAdam"));
+  exports.Set("deviceParamsRead", Napi::Function::New(env, entry<DeviceParamsCopyFn<false>, false>, "deviceParamsRead"));
+  exports.Set("deviceParamsWrite", Napi::Function::New(env, entry<DeviceParamsCopyFn<true>, false>, "deviceParamsWrite"));
   exports.Set("nhwcConv2d", Napi::Function::New(env, entry<NhwcConv2d, false>, "nhwcConv2d"));
   exports.Set("nhwcConv2dBackward", Napi::Function::New(env, entry<NhwcConv2dBackward, false>, "nhwcConv2dBackward"));
   exports.Set("nhwcConvTranspose2d", Napi::Function::New(env, entry<NhwcConvTranspose2d, false>, "nhwcConvTranspose2d"));

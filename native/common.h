@@ -85,6 +85,24 @@ class FtzScope {
   FtzScope& operator=(const FtzScope&) = delete;
 };
 
+// The IEEE default (denormals kept) for the lifetime of the object inside a parallel region, whose
+// FtzScope flushes them: for loops that must give the reference's bits whatever the magnitudes (the
+// optimizer's: PyTorch, the TypeScript loop and a GPU keep denormals).
+class IeeeScope {
+ public:
+#if defined(__x86_64__) || defined(_M_X64)
+  IeeeScope() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ & ~0x8040u); }
+  ~IeeeScope() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned saved_;
+#else
+  IeeeScope() {}
+#endif
+  IeeeScope(const IeeeScope&) = delete;
+  IeeeScope& operator=(const IeeeScope&) = delete;
+};
+
 inline int max_threads() {
 #if defined(EMORL_OPENMP)
   return omp_get_max_threads();

@@ -37,6 +37,7 @@ void adam_update(const float* p, const float* g, float* m, float* v, float* p_ne
                        : (s.scale != 1.0f ? adam_range<false, true> : adam_range<false, false>);
   // a few ns per element: below ~64k elements, waking the other threads costs more than it saves
   parallel_region(pass_threads(nthreads, n / 4), [&](int tid, int nt) {
+    IeeeScope ieee;  // tiny second moments (v ~ 1e-31) take denormal terms: flushing them changes v's last bit
     int64_t i0, i1;
     split_range(n, tid, nt, i0, i1);
     range(p, g, m, v, p_next, i0, i1, s);

@@ -1,5 +1,5 @@
 /**
- * The decoder's weights kept on a GPU device with their Adam step there (lib/ops/device-params.ts):
+ * The decoder's and the encoder's weights kept on a GPU device with their Adam step there (lib/ops/device-params.ts):
  * the same training steps as Adam on the host, bit for bit, with neither the weights nor their
  * gradients crossing the bus; host reads and writes, checkpoints and resumption. On the SIMT
  * emulator here, and on cuda:0 where there is one.
@@ -43,7 +43,7 @@ function expectSameBits(a: ParamRecord, b: ParamRecord): void {
   for (const k of Object.keys(a)) expect([k, b[k].data]).toEqual([k, a[k].data]);
 }
 
-describeDevices('the decoder\'s weights and their Adam step on %s', (device) => {
+describeDevices('the decoder\'s and the encoder\'s weights and their Adam step on %s', (device) => {
   let images: tf.Tensor4D;
   beforeAll(() => {
     images = tf.tensor4d(uniform(2 * 3 * S * S, 77), [2, 3, S, S]);
@@ -56,15 +56,16 @@ describeDevices('the decoder\'s weights and their Adam step on %s', (device) => 
     const run = (deviceOptimizer: boolean) => {
       const t = trainer(deviceOptimizer);
       try {
-        expect(Boolean(t.deviceParams)).toBe(deviceOptimizer);
+        expect(t.deviceParams.length > 0).toBe(deviceOptimizer);
         const steps = [0, 1, 2].map(() => {
           const before = deviceTraffic();
           const r = t.step(images);
           const after = deviceTraffic();
           return { r: [r.totalLoss, r.nll, r.kl, r.gradNorm, r.applied], up: after.upBytes - before.upBytes, down: after.downBytes - before.downBytes };
         });
-        const decoderBytes = 4 * (t.deviceParams?.names ?? []).reduce((n, k) => n + t.model.params.get(k).size, 0);
-        return { steps, params: t.parameters(), adam: t.optimizer.exportState(), decoderBytes };
+        const names = t.deviceParams.flatMap((g) => [...g.names]);
+        const deviceBytes = 4 * names.reduce((n, k) => n + t.model.params.get(k).size, 0);
+        return { steps, params: t.parameters(), adam: t.optimizer.exportState(), deviceBytes, tensors: names.length };
       } finally {
         t.dispose();
       }
@@ -79,10 +80,11 @@ describeDevices('the decoder\'s weights and their Adam step on %s', (device) => 
       expect([...dev.adam[which].keys()]).toEqual([...host.adam[which].keys()]);
       for (const [k, e] of host.adam[which]) expect([k, dev.adam[which].get(k)!.data]).toEqual([k, e.data]);
     }
-    // 8 tensors of the small decoder; from the second step on neither their new values go up nor their gradients come down
-    expect(dev.decoderBytes).toBeGreaterThan(100_000);
-    // (only their 8 norms come down)
-    for (const i of [1, 2]) expect([host.steps[i].up - dev.steps[i].up, host.steps[i].down - dev.steps[i].down]).toEqual([dev.decoderBytes, dev.decoderBytes - 4 * 8]);
+    // the small decoder's 8 tensors and the encoder's 18: from the second step on neither their new
+    // values go up nor their gradients come down (only their norms do)
+    expect(dev.tensors).toBe(26);
+    expect(dev.deviceBytes).toBeGreaterThan(100_000);
+    for (const i of [1, 2]) expect([host.steps[i].up - dev.steps[i].up, host.steps[i].down - dev.steps[i].down]).toEqual([dev.deviceBytes, dev.deviceBytes - 4 * 26]);
   }, 120_000);
 
   test('a run resumed from its parameters and optimizer state takes the uninterrupted run\'s steps', () => {
@@ -132,18 +134,21 @@ describeDevices('the decoder\'s weights and their Adam step on %s', (device) => 
   test('a pass\'s gradients wait for one optimizer step: a second pass before it is refused, a skipped step drops them', () => {
     const m = new EfficientMORL(config.Net, { ops: nativeOpsOn(device), seed: 4 });
     try {
-      const owner = m.keepDecoderOnDevice()!;
-      expect(m.keepDecoderOnDevice()).toBe(owner); // one owner per model
+      const owners = m.keepWeightsOnDevice();
+      expect(owners.map((o) => o.stage)).toEqual(['decoder', 'encoder']);
+      expect(m.keepWeightsOnDevice()).toEqual(owners); // one owner per stage and model
       const r = m.lossAndGrads(images, { noise: new SeededNoise(1) });
       // the device's weights are left out of the host's gradients
       expect(r.grads.has(decoderWeight)).toBe(false);
+      expect(r.grads.has('hvae_networks.encoder_pt_1.0.weight')).toBe(false);
+      expect(r.grads.has('hvae_networks.to_k.weight')).toBe(false);
       expect(r.grads.has('hvae_networks.image_decoder.pos_embed_projection.weight')).toBe(true);
       r.dispose();
-      expect(owner.hasGradients).toBe(true);
-      expect(() => m.lossAndGrads(images, { noise: new SeededNoise(1) })).toThrow(/a second pass's gradients before an optimizer step took \(or discarded\) the first's/);
-      owner.discardGradients();
+      expect(owners.map((o) => o.hasGradients)).toEqual([true, true]);
+      expect(() => m.lossAndGrads(images, { noise: new SeededNoise(1) })).toThrow(/a second pass's gradients of the (decoder|encoder) before an optimizer step took \(or discarded\) the first's/);
+      for (const o of owners) o.discardGradients();
       m.lossAndGrads(images, { noise: new SeededNoise(1) }).dispose();
-      expect(owner.hasGradients).toBe(true);
+      expect(owners.map((o) => o.hasGradients)).toEqual([true, true]);
     } finally {
       m.dispose();
     }
@@ -154,23 +159,27 @@ describeDevices('the decoder\'s weights and their Adam step on %s', (device) => 
   test('clear errors for what the device does not hold, and for parts that do not go that way', () => {
     const k = addonOps();
     const workspace = new k.DecoderWorkspace();
-    const params = { layers: 2, params: [{ layer: 0, bias: false, size: 4, tag: 7 }] };
+    const params = { stage: 'decoder' as const, layers: 2, params: [{ index: 0, bias: false, size: 4, tag: 7 }] };
     const spec = { workspace, device: 'simt' as const, ...params };
     const scalars = { first: true, scale: 1, b1: Math.fround(0.9), c1: Math.fround(0.1), b2: Math.fround(0.999), c2: Math.fround(0.001), eps: Math.fround(1e-8), bc2Sqrt: Math.fround(0.03), stepSize: Math.fround(0.01) };
-    expect(() => k.decoderGradNorms(spec)).toThrow(/no summed gradients on the device/);
-    expect(() => k.decoderAdam({ ...spec, ...scalars, newTags: [8] })).toThrow(/no summed gradients on the device/);
-    expect(() => k.decoderParamsRead({ ...spec, part: 'weights' })).toThrow(/the device holds no weight of layer 0 under tag 7/);
-    expect(() => k.decoderParamsRead({ ...spec, part: 'm' })).toThrow(/no first moments on the device/);
-    expect(() => k.decoderParamsWrite({ ...spec, part: 'weights' as 'm', data: new Float32Array(4) })).toThrow(/'spec.part' must be 'm' or 'v'/);
-    expect(() => k.decoderParamsWrite({ ...spec, part: 'm', data: new Float32Array(3) })).toThrow(/'spec.data' has 3 elements but the parameters' 4 values needs 4/);
-    expect(() => k.decoderParamsRead({ ...spec, params: [{ layer: 2, bias: false, size: 4, tag: 7 }], part: 'm' })).toThrow(/'spec.params\[0\].layer' is 2, past the stack's 2 layers/);
-    expect(() => k.decoderParamsRead({ ...spec, params: [{ layer: 0, bias: false, size: 4, tag: 0 }], part: 'm' })).toThrow(/'spec.params\[0\].tag' must be a content tag >= 1/);
-    expect(() => k.decoderGradNorms({ ...spec, device: 'cpu' })).toThrow(/'spec.device' must be 'cuda:N' or 'simt': device-resident parameters live on a GPU device/);
+    expect(() => k.deviceGradNorms(spec)).toThrow(/no summed gradients on the device/);
+    expect(() => k.deviceAdam({ ...spec, ...scalars, newTags: [8] })).toThrow(/no summed gradients on the device/);
+    expect(() => k.deviceParamsRead({ ...spec, part: 'weights' })).toThrow(/the device does not hold the weight of layer 0 under tag 7/);
+    expect(() => k.deviceParamsRead({ ...spec, part: 'm' })).toThrow(/no first moments on the device/);
+    expect(() => k.deviceParamsWrite({ ...spec, part: 'weights' as 'm', data: new Float32Array(4) })).toThrow(/'spec.part' must be 'm' or 'v'/);
+    expect(() => k.deviceParamsWrite({ ...spec, part: 'm', data: new Float32Array(3) })).toThrow(/'spec.data' has 3 elements but the parameters' 4 values needs 4/);
+    expect(() => k.deviceParamsRead({ ...spec, params: [{ index: 2, bias: false, size: 4, tag: 7 }], part: 'm' })).toThrow(/'spec.params\[0\].index' is 2, past the stage's 2 places/);
+    expect(() => k.deviceParamsRead({ ...spec, params: [{ index: 0, bias: false, size: 4, tag: 0 }], part: 'm' })).toThrow(/'spec.params\[0\].tag' must be a content tag >= 1/);
+    expect(() => k.deviceParamsRead({ ...spec, stage: 'head' as 'decoder', part: 'm' })).toThrow(/'spec.stage' must be 'decoder' or 'encoder'/);
+    expect(() => k.deviceParamsRead({ ...spec, stage: 'encoder', params: [{ index: 2 + 10, bias: false, size: 4, tag: 7 }], part: 'm' })).toThrow(/'spec.params\[0\].index' is 12, past the stage's 12 places/);
+    expect(() => k.deviceParamsRead({ ...spec, stage: 'encoder', params: [{ index: 3, bias: false, size: 4, tag: 7 }], part: 'weights' })).toThrow(/the device does not hold head tensor 2 of the encoder under tag 7/);
+    expect(() => k.deviceGradNorms({ ...spec, device: 'cpu' })).toThrow(/'spec.device' must be 'cuda:N' or 'simt': device-resident parameters live on a GPU device/);
     // moments written come back as they were
     const m = Float32Array.of(1, 2, 3, 4);
-    k.decoderParamsWrite({ ...spec, part: 'm', data: m });
-    expect(k.decoderParamsRead({ ...spec, part: 'm' })).toEqual(m);
-    expect(() => k.decoderParamsWrite({ ...spec, params: [{ layer: 0, bias: false, size: 5, tag: 7 }], part: 'm', data: new Float32Array(5) })).toThrow(/state buffer 2 holds 4 floats, asked for 5/);
+    k.deviceParamsWrite({ ...spec, part: 'm', data: m });
+    expect(k.deviceParamsRead({ ...spec, part: 'm' })).toEqual(m);
+    expect(() => k.deviceParamsWrite({ ...spec, params: [{ index: 0, bias: false, size: 5, tag: 7 }], part: 'm', data: new Float32Array(5) })).toThrow(/state buffer 2 holds 4 floats, asked for 5/);
+    expect(() => k.decoderParamGradSums({ workspace, device: 'simt', ids: [1], us: [1], sizes: [1, 4], keep: { ...params, stage: 'encoder' } })).toThrow(/'spec.keep' must be the decoder's parameters/);
   });
 
   test('a resident layer is for GPU devices, and its weights must be in the workspace', () => {

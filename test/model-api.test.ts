@@ -311,6 +311,27 @@ describe('training', () => {
     store.dispose();
   });
 
+  (nativeOpsAvailable() ? test : test.skip)('Adam on the addon keeps denormal terms, as the TypeScript loop, PyTorch and a GPU do (its other loops flush them)', () => {
+    // gradients of 1e-25 … 1e-15: g², (1-β2)·g² and the second moments reach below float's normal range
+    const n = 1 << 17;
+    const rng = new Rng(3);
+    const g = Float32Array.from({ length: n }, () => rng.normal() * 10 ** (-15 - 10 * rng.uniform()));
+    const specs = [{ name: 'w', shape: [n], init: { kind: 'const' as const, value: 0.5 }, trainable: true }];
+    const stores = [0, 1].map(() => new ParamStore(specs, new Rng(1)));
+    const [loop, addon] = [new Adam(stores[0], { native: false }), new Adam(stores[1], { native: true })];
+    for (let t = 0; t < 3; t++) {
+      const grads = new Map([['w', tf.tensor1d(g.map((x) => x * (t + 1)))]]);
+      loop.applyGradients(grads);
+      addon.applyGradients(grads);
+      grads.get('w')!.dispose();
+    }
+    const v = [loop, addon].map((a) => a.exportState().v.get('w')!.data);
+    expect(v[0].some((x) => x !== 0 && Math.abs(x) < 1.1754943508222875e-38)).toBe(true);  // denormals there
+    expect(Buffer.from(v[1].buffer).equals(Buffer.from(v[0].buffer))).toBe(true);
+    expect(Buffer.from((stores[1].get('w').dataSync() as Float32Array).buffer).equals(Buffer.from((stores[0].get('w').dataSync() as Float32Array).buffer))).toBe(true);
+    for (const x of [loop, addon, ...stores]) x.dispose();
+  });
+
   test('Adam and the clipping norm: the TypeScript loops and the addon give the tensor formulation\'s bits', () => {
     const shapes: [string, number[]][] = [['a', [300, 400]], ['b', [7]], ['c', [3, 5, 5, 2]]];
     const specs = shapes.map(([name, shape]) => ({ name, shape, init: { kind: 'const' as const, value: 0 }, trainable: true }));

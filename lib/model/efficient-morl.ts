@@ -16,12 +16,12 @@
 import { tf } from '../tf';
 import { netConfig, type NetConfig } from '../config/net';
 import { tfjsOps, type Ops } from '../ops';
-import type { DeviceDecoderParams } from '../ops/device-params';
+import { DeviceParams } from '../ops/device-params';
 import { ParamStore } from '../params/store';
 import { netParamSpecs } from '../params/spec';
 import { Rng } from '../util/rng';
 import { decode, decoderStack } from './decoders';
-import { encode } from './encoder';
+import { encode, encoderParams } from './encoder';
 import type { Geco } from './geco';
 import { hvaeInference } from './hvae';
 import { SeededNoise, type NoiseSource } from './noise';
@@ -480,15 +480,16 @@ export class EfficientMORL {
   }
 
   /**
-   * Keeps the decoder's weights on the GPU device the ops decode on, their gradients summed and
-   * their optimizer step taken there (Adam.attachDevice): from now on lossAndGrads leaves them out
-   * of its gradients. Null when the ops do not decode on a GPU.
+   * Keeps the decoder's and the encoder's weights on the GPU device the ops run on, their
+   * gradients made and their optimizer step taken there (Adam.attachDevice): from now on
+   * lossAndGrads leaves them out of its gradients. None when the ops do not run on a GPU.
    */
-  keepDecoderOnDevice(): DeviceDecoderParams | null {
-    if (!this.ops.keepDecoderOnDevice) return null;
+  keepWeightsOnDevice(): DeviceParams[] {
+    const device = this.ops.paramsDevice;
+    if (!device) return [];
     const { spec, pos } = decoderStack(this.params, this.ops, this.cfg);
     pos.dispose();
-    return this.ops.keepDecoderOnDevice(spec, this.params);
+    return [DeviceParams.forDecoder(spec, this.params, device), DeviceParams.forEncoder(encoderParams(this.params), this.params, device)];
   }
 
   /**
@@ -507,7 +508,7 @@ export class EfficientMORL {
       ({ value, grads } = tf.variableGrads(() => {
         r = this.runPass(images as tf.Tensor4D, opts, collect, true);
         return r.total;
-      }, this.params.hostTrainableVariables())); // a device's weights get their gradients there
+      }, this.params.trainableVariables()));
     } catch (err) {
       releaseAbandonedTape();
       throw err;
@@ -518,7 +519,10 @@ export class EfficientMORL {
     for (const [varName, g] of Object.entries(grads)) {
       const key = this.params.keyOfVariableName(varName);
       if (key === undefined) throw new Error(`gradient for a foreign variable '${varName}'`);
-      named.set(key, g);
+      // a device's weights have their gradients there (the ops gave the tape zeros); they stay in
+      // the tape's variables so that it runs the ops that leave those gradients
+      if (this.params.onDevice(key)) g.dispose();
+      else named.set(key, g);
     }
     const outputs = this.finishOutputs(res, B, opts.decodeHvaeLayers ?? false);
     return {

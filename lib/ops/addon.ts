@@ -44,19 +44,19 @@ export interface NativeAddon {
    * scaled gradients is; the sets are freed. With `keep`, buffers 1 onwards (the layers' dw, db) are
    * summed into those device-resident parameters' gradients on the device instead, and come back null.
    */
-  decoderParamGradSums(spec: { workspace: object; device: StageDevice; ids: number[]; us: number[]; sizes: number[]; keep?: DecoderParamsSpec }): (Float32Array | null)[];
+  decoderParamGradSums(spec: { workspace: object; device: StageDevice; ids: number[]; us: number[]; sizes: number[]; keep?: DeviceParamsSpec }): (Float32Array | null)[];
   /** per device-resident parameter, the L2 norm of its summed gradient (l2Norm's bits) */
-  decoderGradNorms(spec: DeviceDecoderParamsSpec): Float32Array;
+  deviceGradNorms(spec: DeviceParamsCallSpec): Float32Array;
   /**
    * adamUpdate of every device-resident parameter on the device, from its summed gradient (the same
    * bits); the moments are made at zero on the first step; each parameter then lies in the
    * workspace under its new tag
    */
-  decoderAdam(spec: DeviceDecoderParamsSpec & AdamStepScalars & { newTags: number[] }): void;
+  deviceAdam(spec: DeviceParamsCallSpec & AdamStepScalars & { newTags: number[] }): void;
   /** one part of every device-resident parameter, end to end */
-  decoderParamsRead(spec: DeviceDecoderParamsSpec & { part: 'weights' | 'grads' | 'm' | 'v' }): Float32Array;
+  deviceParamsRead(spec: DeviceParamsCallSpec & { part: 'weights' | 'grads' | 'm' | 'v' }): Float32Array;
   /** the moments of every device-resident parameter, end to end, onto the device */
-  decoderParamsWrite(spec: DeviceDecoderParamsSpec & { part: 'm' | 'v'; data: Float32Array }): void;
+  deviceParamsWrite(spec: DeviceParamsCallSpec & { part: 'm' | 'v'; data: Float32Array }): void;
   /**
    * one Adam step of one parameter (native/optimizer.h): the next parameter values; m and v are
    * updated in place. The scalars are float32 values; the same bits as lib/optim/adam.ts' loop.
@@ -109,7 +109,7 @@ export interface NativeAddon {
   encoderStage<Keep extends boolean = false>(spec: EncoderStageSpec & { keep?: Keep; kInto?: Float32Array; vInto?: Float32Array }):
     { k: Keep extends true ? null : Float32Array; v: Keep extends true ? null : Float32Array; rows: number; Z: number; stamp: number };
   /** its backward from dk, dv, or (without them) from the sums encoderAttentionBackward made on the device under sumId */
-  encoderStageBackward(spec: EncoderStageSpec & { dk?: Float32Array; dv?: Float32Array; sumId?: number; stamp: number; needParams: boolean }): {
+  encoderStageBackward(spec: EncoderStageSpec & { dk?: Float32Array; dv?: Float32Array; sumId?: number; stamp: number; needParams: boolean; keep?: DeviceParamsSpec }): {
     dw: Float32Array[] | null; db: Float32Array[] | null;
     head: EncoderHeadGrads | null;
   };
@@ -134,7 +134,7 @@ export interface ConvStackSpec {
   /** [N, H, W, C] */
   xShape: number[];
   /** each: w [Co, Ci, kh, kw], b [Co]; act 0 linear, 1 relu, 2 elu */
-  layers: { w: Float32Array; wShape: number[]; b: Float32Array; stride?: number; pad?: number; act?: number; wTag?: number; bTag?: number }[];
+  layers: ({ wShape: number[]; stride?: number; pad?: number; act?: number; wTag?: number; bTag?: number } & ({ w: Float32Array; b: Float32Array } | { resident: true; wTag: number; bTag: number }))[];
   device: StageDevice;
   workspace?: object;
 }
@@ -153,15 +153,20 @@ export interface EncoderHeadSpec {
 export interface EncoderStageSpec extends ConvStackSpec {
   /** the CPU convolutions' precision (device 'cpu') */
   precision?: ConvPrecision;
-  head: {
-    /** [H·W, pc] of the last map */
-    pos: Float32Array;
-    posW: Float32Array; posB: Float32Array; lnW: Float32Array; lnB: Float32Array; eps: number;
-    w1: Float32Array; b1: Float32Array; w2: Float32Array; b2: Float32Array; wk: Float32Array; wv: Float32Array;
-    /** contentTags of pos, posW, posB, lnW, lnB, w1, b1, w2, b2, wk, wv */
-    tags?: number[];
-  };
+  head: EncoderHeadTensors;
 }
+
+/** The encoder head's tensors: given, or (GPU devices, `resident`) in the workspace under their tags only. */
+export type EncoderHeadTensors = {
+  /** [H·W, pc] of the last map */
+  pos: Float32Array;
+  eps: number;
+  /** contentTags of pos, posW, posB, lnW, lnB, w1, b1, w2, b2, wk, wv */
+  tags?: number[];
+} & (
+  | { posW: Float32Array; posB: Float32Array; lnW: Float32Array; lnB: Float32Array; w1: Float32Array; b1: Float32Array; w2: Float32Array; b2: Float32Array; wk: Float32Array; wv: Float32Array }
+  | { resident: true; Z: number; tags: number[] }
+);
 
 /** q [B,K,d] (already scaled), k [B,N,d], v [B,N,C]; eps added to the softmax before the renormalisation over pixels */
 export interface SlotAttentionSpec {
@@ -262,15 +267,17 @@ export interface AdamStepScalars {
 }
 
 /**
- * A decoder's weights where its stages keep them on a GPU device (native/gpu/gpu.h DecoderParams):
- * per parameter, its layer in the stack of `layers`, filter or bias, its size and the content tag
- * under which the workspace holds it.
+ * A stage's weights where its calls keep them on a GPU device (native/gpu/gpu.h DeviceParams): per
+ * parameter, its place, its size and the content tag under which the workspace holds it.
  */
-export interface DecoderParamsSpec {
+export interface DeviceParamsSpec {
+  stage: 'decoder' | 'encoder';
+  /** the decoder's stack, or the encoder's conv stack: its length */
   layers: number;
-  params: { layer: number; bias: boolean; size: number; tag: number }[];
+  /** index: the decoder's layer; the encoder's conv layer (< layers) or head tensor (layers + 0 … 9: posW … wv) */
+  params: { index: number; bias: boolean; size: number; tag: number }[];
 }
-export type DeviceDecoderParamsSpec = DecoderParamsSpec & { workspace: object; device: StageDevice };
+export type DeviceParamsCallSpec = DeviceParamsSpec & { workspace: object; device: StageDevice };
 
 export interface DecoderStageLayer {
   /** 0 broadcast conv, 1 spatial broadcast, 2 conv, 3 transposed conv */

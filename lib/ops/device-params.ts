@@ -1,26 +1,33 @@
 /**
- * The decoder's weights and biases kept on the GPU device its stages run on, with their Adam step
- * there too: the stages of a pass sum the gradients of these weights on the device
- * (shareDecoderWeights), Adam updates them in the stages' own buffers, and the next pass decodes
- * with the result. Neither the weights nor their gradients cross the bus in a training step; only
- * one norm per tensor comes down, for gradient clipping.
+ * A stage's weights (the decoder's, the encoder's) kept on the GPU device its calls run on, with
+ * their Adam step there too: the stage's backward leaves their gradients on the device (the
+ * decoder's stages of a pass sum theirs there: shareDecoderWeights), Adam updates them in the
+ * stage's own buffers, and the next call runs with the result. Neither the weights nor their
+ * gradients cross the bus in a training step; only one norm per tensor comes down, for gradient
+ * clipping.
  *
  * The host copies (the tf.Variables) then go stale. They are brought up to date when something on
  * the host reads them: the ops' readers (f32, contentTag, through resident.ts), ParamStore.snapshot
  * (checkpoints, checksums) and Adam.exportState (the moments). A host write (ParamStore.set, a
- * loaded checkpoint) makes the host copy current again, and the next stage uploads it.
+ * loaded checkpoint) makes the host copy current again, and the next call uploads it.
  */
 import { tf } from '../tf';
 import type { ParamStore } from '../params/store';
-import { addonOps, contentTag, freshTag, workspaceFor, type AdamStepScalars, type DeviceDecoderParamsSpec, type StageDevice } from './addon';
+import { addonOps, contentTag, freshTag, workspaceFor, type AdamStepScalars, type DeviceParamsCallSpec, type DeviceParamsSpec, type StageDevice } from './addon';
 import type { DecoderSpec } from './decoder-stage';
 import { setHostRefresh } from './resident';
+
+/** An encoder's parameters as the encoder stage takes them (EncoderArgs' convolutions and head tensors, posWeight … wv). */
+export interface EncoderParams {
+  convs: { weight: tf.Tensor; bias: tf.Tensor }[];
+  head: tf.Tensor[];
+}
 
 interface Param {
   name: string;
   variable: tf.Variable;
-  /** index in the decoder's layer stack */
-  layer: number;
+  /** its place in the stage (DeviceParamsSpec) */
+  index: number;
   bias: boolean;
   size: number;
   /** the tag under which the device holds the current values; null: the host's are current (tagged by contentTag) */
@@ -30,42 +37,69 @@ interface Param {
 }
 
 /** the owner of each device-resident weight, by its variable */
-const ownerOf = new WeakMap<object, DeviceDecoderParams>();
+const ownerOf = new WeakMap<object, DeviceParams>();
 
-export class DeviceDecoderParams {
+export class DeviceParams {
   /** state_dict names, in the order the device keeps them */
   readonly names: readonly string[];
-  readonly workspace: object;
   private readonly params: Param[];
-  private readonly layers: number;
-  /** a pass's summed gradients wait on the device for the optimizer step */
+  /** a pass's gradients wait on the device for the optimizer step */
   private pending = false;
 
-  /**
-   * The weighted layers of `spec` (the decoder's stack as decoderStack builds it from `store`) kept
-   * on `device` from now on, in the workspace the decoding stages use there.
-   */
-  constructor(spec: DecoderSpec, store: ParamStore, readonly device: StageDevice) {
-    if (device === 'cpu') throw new Error('DeviceDecoderParams: the decoder runs on the CPU; its weights stay on the host');
-    this.layers = spec.layers.length;
-    this.params = [];
-    spec.layers.forEach((L, layer) => {
-      if (L.kind === 'spatialBroadcast') return;
-      for (const [t, bias] of [[L.weight, false], [L.bias, true]] as const) {
-        const variable = t as tf.Variable;
-        const name = store.keyOfVariableName(variable.name ?? '');
-        if (name === undefined || !(t instanceof tf.Variable)) throw new Error(`DeviceDecoderParams: layer ${layer}'s ${bias ? 'bias' : 'weight'} is not a variable of the parameter store`);
-        if (!variable.trainable) throw new Error(`DeviceDecoderParams: '${name}' is not trainable`);
-        if (ownerOf.has(variable)) throw new Error(`DeviceDecoderParams: '${name}' already lives on a device`);
-        this.params.push({ name, variable, layer, bias, size: variable.size, deviceTag: null, stale: false });
-      }
+  private constructor(
+    readonly stage: DeviceParamsSpec['stage'],
+    private readonly layers: number,
+    entries: { tensor: tf.Tensor; index: number; bias: boolean }[],
+    /** the workspace the stage's calls use (where the weights live) */
+    readonly workspace: object,
+    store: ParamStore,
+    readonly device: StageDevice,
+  ) {
+    if (device === 'cpu') throw new Error(`DeviceParams: the ${stage} runs on the CPU; its weights stay on the host`);
+    if (!entries.length) throw new Error(`DeviceParams: the ${stage} has no weights`);
+    this.params = entries.map(({ tensor, index, bias }) => {
+      const variable = tensor as tf.Variable;
+      const name = store.keyOfVariableName(variable.name ?? '');
+      if (name === undefined || !(tensor instanceof tf.Variable)) throw new Error(`DeviceParams: a tensor of the ${stage} (place ${index}) is not a variable of the parameter store`);
+      if (!variable.trainable) throw new Error(`DeviceParams: '${name}' is not trainable`);
+      if (ownerOf.has(variable)) throw new Error(`DeviceParams: '${name}' already lives on a device`);
+      return { name, variable, index, bias, size: variable.size, deviceTag: null, stale: false };
     });
-    if (!this.params.length) throw new Error('DeviceDecoderParams: the decoder has no weighted layer');
     this.names = this.params.map((p) => p.name);
-    // the decoding stages' workspace (decoderNll: keyed by the last weighted layer's weight)
-    this.workspace = workspaceFor(this.params[this.params.length - 2].variable);
     for (const p of this.params) ownerOf.set(p.variable, this);
     store.attachDeviceOwner(this);
+  }
+
+  /** The weighted layers of the decoder's stack `spec` (decoderStack's, from `store`), in the workspace its stages use on `device`. */
+  static forDecoder(spec: DecoderSpec, store: ParamStore, device: StageDevice): DeviceParams {
+    const entries = spec.layers.flatMap((L, index) => (L.kind === 'spatialBroadcast' ? [] : [{ tensor: L.weight, index, bias: false }, { tensor: L.bias, index, bias: true }]));
+    if (!entries.length) throw new Error('DeviceParams: the decoder has no weighted layer');
+    // decoderNll's workspace: keyed by the last weighted layer's weight
+    return DeviceParams.ownerOf(entries[0].tensor, device) ?? new DeviceParams('decoder', spec.layers.length, entries, workspaceFor(entries[entries.length - 2].tensor), store, device);
+  }
+
+  /** The encoder's convolutions and head tensors, in the workspace the encoder stage uses on `device`. */
+  static forEncoder(e: EncoderParams, store: ParamStore, device: StageDevice): DeviceParams {
+    if (!e.convs.length || e.head.length !== 10) throw new Error('DeviceParams: the encoder needs its convolutions and its 10 head tensors');
+    const L = e.convs.length;
+    const entries = [
+      ...e.convs.flatMap((c, index) => [{ tensor: c.weight, index, bias: false }, { tensor: c.bias, index, bias: true }]),
+      ...e.head.map((tensor, j) => ({ tensor, index: L + j, bias: false })),
+    ];
+    // encoderStageParts' workspace: keyed by the first convolution's weight
+    return DeviceParams.ownerOf(entries[0].tensor, device) ?? new DeviceParams('encoder', L, entries, workspaceFor(e.convs[0].weight, 'encoder'), store, device);
+  }
+
+  /** The owner of a weight kept on a device, if any. */
+  static of(t: tf.Tensor): DeviceParams | undefined {
+    return ownerOf.get(t);
+  }
+
+  /** The owner that keeps `t` on `device` already (a second trainer of one model), if any. */
+  private static ownerOf(t: tf.Tensor, device: StageDevice): DeviceParams | undefined {
+    const owner = ownerOf.get(t);
+    if (owner && owner.device !== device) throw new Error(`DeviceParams: the ${owner.stage}'s weights live on ${owner.device}, not ${device}`);
+    return owner;
   }
 
   /**
@@ -79,14 +113,23 @@ export class DeviceDecoderParams {
   }
 
   /**
-   * Sums the kept gradient sets of a pass's stages (decoderParamGradSums' arguments): the weights'
-   * sums stay on the device for adamStep, the positional embedding's (buffer 0) is returned.
+   * `backward(keep)` runs a backward call that leaves this stage's gradients on the device under
+   * `keep` (the encoder's backward, the decoder's sums); they then wait for adamStep. A second pass
+   * before the optimizer took (or discarded) the first's is refused.
+   */
+  keepGradients<R>(backward: (keep: DeviceParamsSpec) => R): R {
+    if (this.pending) throw new Error(`DeviceParams: a second pass's gradients of the ${this.stage} before an optimizer step took (or discarded) the first's`);
+    const r = backward(this.paramsSpec());
+    this.pending = true;
+    return r;
+  }
+
+  /**
+   * Sums the kept gradient sets of a pass's decoding stages (decoderParamGradSums' arguments): the
+   * weights' sums stay on the device, the positional embedding's (buffer 0) is returned.
    */
   sumGradients(ids: number[], us: number[], sizes: number[]): Float32Array {
-    if (this.pending) throw new Error('DeviceDecoderParams: a second pass\'s gradients before an optimizer step took (or discarded) the first\'s');
-    const sums = addonOps().decoderParamGradSums({ workspace: this.workspace, device: this.device, ids, us, sizes, keep: this.paramsSpec() });
-    this.pending = true;
-    return sums[0]!;
+    return this.keepGradients((keep) => addonOps().decoderParamGradSums({ workspace: this.workspace, device: this.device, ids, us, sizes, keep })[0]!);
   }
 
   /** Whether a pass's gradients wait on the device. */
@@ -97,7 +140,7 @@ export class DeviceDecoderParams {
   /** The L2 norm of each weight's waiting gradient (l2Norm's bits), by name; empty when none waits. */
   gradNorms(): Map<string, number> {
     if (!this.pending) return new Map();
-    const norms = addonOps().decoderGradNorms(this.spec());
+    const norms = addonOps().deviceGradNorms(this.spec());
     return new Map(this.params.map((p, j) => [p.name, norms[j]]));
   }
 
@@ -105,7 +148,7 @@ export class DeviceDecoderParams {
   adamStep(s: AdamStepScalars): void {
     if (!this.pending) return;
     const newTags = this.params.map(() => freshTag());
-    addonOps().decoderAdam({ ...this.spec(), ...s, newTags });
+    addonOps().deviceAdam({ ...this.spec(), ...s, newTags });
     this.pending = false;
     this.params.forEach((p, j) => {
       p.deviceTag = newTags[j];
@@ -123,7 +166,7 @@ export class DeviceDecoderParams {
   pull(): void {
     const stale = this.params.filter((p) => p.stale);
     if (!stale.length) return;
-    const data = addonOps().decoderParamsRead({ ...this.spec(stale), part: 'weights' });
+    const data = addonOps().deviceParamsRead({ ...this.spec(stale), part: 'weights' });
     let offset = 0;
     for (const p of stale) {
       const t = tf.tensor(data.slice(offset, offset + p.size), p.variable.shape, 'float32');
@@ -151,7 +194,7 @@ export class DeviceDecoderParams {
       return new Map(this.params.map((p) => [p.name, data.slice(offset, (offset += p.size))]));
     };
     const a = addonOps();
-    return { m: split(a.decoderParamsRead({ ...this.spec(), part: 'm' })), v: split(a.decoderParamsRead({ ...this.spec(), part: 'v' })) };
+    return { m: split(a.deviceParamsRead({ ...this.spec(), part: 'm' })), v: split(a.deviceParamsRead({ ...this.spec(), part: 'v' })) };
   }
 
   /** Puts Adam's moments (every weight's, by name) on the device. */
@@ -161,7 +204,7 @@ export class DeviceDecoderParams {
       let offset = 0;
       for (const p of this.params) {
         const d = moments.get(p.name);
-        if (!d || d.length !== p.size) throw new Error(`DeviceDecoderParams: ${which} for '${p.name}' ${d ? `has ${d.length} values, not ${p.size}` : 'is missing'}`);
+        if (!d || d.length !== p.size) throw new Error(`DeviceParams: ${which} for '${p.name}' ${d ? `has ${d.length} values, not ${p.size}` : 'is missing'}`);
         out.set(d, offset);
         offset += p.size;
       }
@@ -169,29 +212,16 @@ export class DeviceDecoderParams {
     };
     const mm = join('m', m), vv = join('v', v);
     const a = addonOps();
-    a.decoderParamsWrite({ ...this.spec(), part: 'm', data: mm });
-    a.decoderParamsWrite({ ...this.spec(), part: 'v', data: vv });
+    a.deviceParamsWrite({ ...this.spec(), part: 'm', data: mm });
+    a.deviceParamsWrite({ ...this.spec(), part: 'v', data: vv });
   }
 
-  /** The owner of a weight kept on a device, if any. */
-  static of(t: tf.Tensor): DeviceDecoderParams | undefined {
-    return ownerOf.get(t);
-  }
-
-  /** The owner that keeps the weights of `spec` on `device` already (a second trainer of one model), if any. */
-  static ownerOf(spec: DecoderSpec, device: StageDevice): DeviceDecoderParams | undefined {
-    const first = spec.layers.find((L): L is Exclude<typeof L, { kind: 'spatialBroadcast' }> => L.kind !== 'spatialBroadcast');
-    const owner = first ? ownerOf.get(first.weight) : undefined;
-    if (owner && owner.device !== device) throw new Error(`DeviceDecoderParams: the decoder's weights live on ${owner.device}, not ${device}`);
-    return owner;
-  }
-
-  private paramsSpec(of: Param[] = this.params): { layers: number; params: { layer: number; bias: boolean; size: number; tag: number }[] } {
+  private paramsSpec(of: Param[] = this.params): DeviceParamsSpec {
     // the device holds each weight under its device tag, or (current on the host) under its content tag
-    return { layers: this.layers, params: of.map((p) => ({ layer: p.layer, bias: p.bias, size: p.size, tag: p.deviceTag ?? contentTag(p.variable) })) };
+    return { stage: this.stage, layers: this.layers, params: of.map((p) => ({ index: p.index, bias: p.bias, size: p.size, tag: p.deviceTag ?? contentTag(p.variable) })) };
   }
 
-  private spec(of: Param[] = this.params): DeviceDecoderParamsSpec {
+  private spec(of: Param[] = this.params): DeviceParamsCallSpec {
     return { workspace: this.workspace, device: this.device, ...this.paramsSpec(of) };
   }
 }

@@ -9,8 +9,7 @@ import { slotCompetition } from './attention';
 import { decoderNllReference, type DecoderNllArgs, type DecoderNllResult, type DecoderSpec } from './decoder-stage';
 import { encoderReference, type EncoderArgs, type EncoderOutput } from './encoder-stage';
 import { dualGruCell, elu, gruCell, layerNorm, linear } from './nn';
-import type { ParamStore } from '../params/store';
-import type { DeviceDecoderParams } from './device-params';
+import type { StageDevice } from './addon';
 
 export interface Ops {
   conv2d: typeof conv2d;
@@ -45,10 +44,10 @@ export interface Ops {
   /** The image encoder: convolutions, positional embedding, LayerNorm + MLP, keys and values (encoder-stage.ts) */
   encoder(args: EncoderArgs): EncoderOutput;
   /**
-   * GPU devices only: the weights of `spec` (the decoder's stack, of `store`'s variables) kept on the
-   * device with their optimizer step (device-params.ts)
+   * GPU ops only: their device, where the decoder's and the encoder's weights can stay with their
+   * optimizer step (device-params.ts DeviceParams)
    */
-  keepDecoderOnDevice?(spec: DecoderSpec, store: ParamStore): DeviceDecoderParams;
+  paramsDevice?: StageDevice;
 }
 
 /** The reference implementation: tfjs ops plus TypeScript im2col/GEMM convolutions. */

@@ -22,7 +22,7 @@ import { f32 } from './arrays';
 import { ADDON_ACT, addonOps, contentTag, workspaceFor, type ConvPrecision, type DecoderStageLayer, type StageDevice } from './addon';
 import { paramGradsEnabled } from './conv';
 import { checkDecoderNllArgs, type DecoderLayerSpec, type DecoderNllArgs, type DecoderNllResult, type DecoderSpec } from './decoder-stage';
-import { DeviceDecoderParams } from './device-params';
+import { DeviceParams } from './device-params';
 
 /** The one value of a per-image upstream gradient, or null when the images' values differ. */
 function uniformValue(dy: Float32Array): number | null {
@@ -86,7 +86,7 @@ export function shareDecoderWeights(spec: DecoderSpec, pos: tf.Tensor3D): Decode
       if (s.kept && s.kept.ids.length) {
         const k = s.kept;
         const sizes = shared.map((t) => t.size);
-        const owner = DeviceDecoderParams.of(shared[1]);
+        const owner = DeviceParams.of(shared[1]);
         if (owner && owner.workspace === k.workspace && owner.device === k.device) {
           // the weights' sums stay on the device for its optimizer; the tape gets the embedding's
           const dpos = owner.sumGradients(k.ids, k.us, sizes);
@@ -116,7 +116,7 @@ export function shareDecoderWeights(spec: DecoderSpec, pos: tf.Tensor3D): Decode
  */
 function layerData(wt: tf.Tensor, bt: tf.Tensor, workspace: object | undefined, device: StageDevice): Pick<DecoderStageLayer, 'w' | 'b' | 'wTag' | 'bTag' | 'resident'> {
   if (device === 'cpu') return { w: f32(wt), b: f32(bt) };
-  const owner = DeviceDecoderParams.of(wt);
+  const owner = DeviceParams.of(wt);
   const wTag = owner?.deviceTag(wt, workspace, device) ?? null;
   const bTag = owner?.deviceTag(bt, workspace, device) ?? null;
   if (wTag && bTag) return { wTag, bTag, resident: true };

@@ -13,9 +13,9 @@
 import { tf } from '../tf';
 import { colSums, f32, sideBySide, splitSideBySide } from './arrays';
 import { nativeStatus } from '../native';
-import { ADDON_ACT, addonOps as nhwc, contentTag, nativeOpsAvailable, workspaceFor, type ConvPrecision, type ConvStackSpec, type EncoderHeadGrads, type EncoderStageSpec, type StageDevice } from './addon';
+import { ADDON_ACT, addonOps as nhwc, contentTag, nativeOpsAvailable, workspaceFor, type ConvPrecision, type ConvStackSpec, type DeviceParamsSpec, type EncoderHeadGrads, type EncoderStageSpec, type StageDevice } from './addon';
 import { decoderNll, shareDecoderWeights } from './native-decoder';
-import { DeviceDecoderParams } from './device-params';
+import { DeviceParams } from './device-params';
 import { attnOf, slotCompetition } from './native-attention';
 import { dualGruCell, gruCell } from './native-gru';
 import { tfjsOps, type Ops } from './index';
@@ -104,6 +104,18 @@ function stackLayerSpecs(layers: ConvStackLayer[], wb: tf.Tensor[]): ConvStackSp
   }));
 }
 
+/**
+ * A conv layer's spec when its weights may live on the device (tagOf: their device tags, null when
+ * the host's values are current): with both, the workspace's; else the host's data under the
+ * device's or the content tags.
+ */
+function residentLayerSpec(L: ConvStackLayer, w: tf.Tensor, b: tf.Tensor, tagOf: (x: tf.Tensor) => number | null): ConvStackSpec['layers'][number] {
+  const base = { wShape: [...L.weight.shape], stride: L.stride ?? 1, pad: L.pad ?? 0, act: ADDON_ACT[L.activation ?? 'linear'] };
+  const wTag = tagOf(w), bTag = tagOf(b);
+  if (wTag !== null && bTag !== null) return { ...base, resident: true, wTag, bTag };
+  return { ...base, w: f32(w), b: f32(b), wTag: wTag ?? contentTag(w), bTag: bTag ?? contentTag(b) };
+}
+
 /** The addon's dw, db of a conv stack as tensors, w and b per layer. */
 function stackLayerGrads(layers: ConvStackLayer[], dw: Float32Array[], db: Float32Array[]): tf.Tensor[] {
   return layers.flatMap((L, i) => [tf.tensor(dw[i], L.weight.shape), tf.tensor(db[i], L.bias.shape)]);
@@ -127,7 +139,7 @@ export function encoderOnDevice(a: EncoderArgs, device: StageDevice): EncoderOut
       return {
         kept,
         // without parameter gradients there is nothing to compute (the sums go with the next forward)
-        grads: (needParams) => paramGrads(t, needParams ? k.encoderStageBackward({ ...spec, sumId: kept.sumId, stamp: kept.stamp, needParams }) : null),
+        grads: (needParams) => paramGrads(t, needParams ? (keep) => k.encoderStageBackward({ ...spec, sumId: kept.sumId, stamp: kept.stamp, needParams, ...(keep && { keep }) }) : null),
       };
     });
   }
@@ -136,7 +148,7 @@ export function encoderOnDevice(a: EncoderArgs, device: StageDevice): EncoderOut
     const r = k.encoderStage(spec);
     return {
       ...r,
-      grads: (dk, dv, needParams) => paramGrads(t, needParams ? k.encoderStageBackward({ ...spec, dk, dv, stamp: r.stamp, needParams }) : null),
+      grads: (dk, dv, needParams) => paramGrads(t, needParams ? (keep) => k.encoderStageBackward({ ...spec, dk, dv, stamp: r.stamp, needParams, ...(keep && { keep }) }) : null),
     };
   });
   return kvOutput(kv, B, H * W);
@@ -157,17 +169,30 @@ function encoderStageParts(a: EncoderArgs, device: StageDevice, precision: ConvP
   const nc = a.convs.length;
   const head = headTensors(a);
   const inputs = [...a.convs.flatMap((L) => [L.weight, L.bias]), ...head];
+  // weights an optimizer on the device updated: known there by their device tags
+  const owner = device !== 'cpu' ? DeviceParams.of(a.convs[0].weight) : undefined;
+  const tagOf = (x: tf.Tensor): number | null => owner?.deviceTag(x, workspace, device) ?? null;
   const specOf = (t: tf.Tensor[]): EncoderStageSpec => {
     const hp = t.slice(2 * nc);
+    const headTags = hp.map(tagOf);
     return {
       x: xd, xShape, device, workspace,
-      layers: stackLayerSpecs(a.convs, t.slice(0, 2 * nc)),
-      head: { ...headSpec(a, hp), ...(device !== 'cpu' && { tags: [contentTag(a.pos), ...hp.map(contentTag)] }) },
+      layers: owner ? a.convs.map((L, i) => residentLayerSpec(L, t[2 * i], t[2 * i + 1], tagOf)) : stackLayerSpecs(a.convs, t.slice(0, 2 * nc)),
+      head: headTags.every((g) => g !== null)
+        ? { pos: f32(a.pos), eps: ENCODER_LN_EPS, resident: true, Z: hp[8].shape[0], tags: [contentTag(a.pos), ...(headTags as number[])] }
+        : { ...headSpec(a, hp), ...(device !== 'cpu' && { tags: [contentTag(a.pos), ...hp.map((x, i) => headTags[i] ?? contentTag(x))] }) },
       ...(precision !== 'fp32' && { precision }),
     };
   };
-  const paramGrads = (t: tf.Tensor[], b: ReturnType<typeof k.encoderStageBackward> | null) =>
-    b ? [...stackLayerGrads(a.convs, b.dw!, b.db!), ...headGrads(b.head!, head)] : t.map((x) => tf.zerosLike(x));
+  /** The inputs' gradients from a backward call (`backward(keep)`; null: zeros); with an owner on the device they stay there. */
+  const paramGrads = (t: tf.Tensor[], backward: ((keep?: DeviceParamsSpec) => ReturnType<typeof k.encoderStageBackward>) | null): tf.Tensor[] => {
+    if (backward && owner) {
+      owner.keepGradients(backward);
+      return t.map((x) => tf.zerosLike(x));
+    }
+    const b = backward?.();
+    return b ? [...stackLayerGrads(a.convs, b.dw!, b.db!), ...headGrads(b.head!, head)] : t.map((x) => tf.zerosLike(x));
+  };
   return { k, B, H, W, inputs, specOf, paramGrads };
 }
 
@@ -265,7 +290,7 @@ export function encoderOnCpu(a: EncoderArgs, precision: ConvPrecision = 'fp32'):
   const { k, B, H, W, inputs, specOf, paramGrads } = encoderStageParts(a, 'cpu', precision);
   const backward = (t: tf.Tensor[], spec: EncoderStageSpec, stamp: number, dk: Float32Array, dv: Float32Array, needParams: boolean) =>
     // without parameter gradients there is nothing to compute: the images take none
-    paramGrads(t, needParams ? k.encoderStageBackward({ ...spec, dk, dv, stamp, needParams }) : null);
+    paramGrads(t, needParams ? () => k.encoderStageBackward({ ...spec, dk, dv, stamp, needParams }) : null);
   if (a.attentionOnly) {
     return keptKvOp(inputs, (t) => {
       const spec = specOf(t);
@@ -589,7 +614,7 @@ export function nativeOpsOn(device: StageDevice, precision: ConvPrecision = 'fp3
       gruCell: (x, h, p) => gruCell(x, h, p, device),
       dualGruCell: (x, h1, h2, p) => dualGruCell(x, h1, h2, p, device),
       slotCompetition: (q, kv, keepAttn = true) => slotCompetitionOnDevice(q, kv, keepAttn, device),
-      keepDecoderOnDevice: (spec, store) => DeviceDecoderParams.ownerOf(spec, device) ?? new DeviceDecoderParams(spec, store, device),
+      paramsDevice: device,
     }),
   };
   opsOnDevice.set(key, ops);

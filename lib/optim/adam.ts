@@ -114,9 +114,8 @@ export class Adam {
   private readonly m = new Map<string, Float32Array>();
   private readonly v = new Map<string, Float32Array>();
   private readonly addon: NativeAddon | null;
-  private device: DeviceParamGroup | null = null;
-  /** the device holds moments of its parameters (made by a step there or restored) */
-  private deviceMoments = false;
+  /** groups of parameters on a device, each with whether it holds their moments (made by a step there or restored) */
+  private readonly device = new Map<DeviceParamGroup, { moments: boolean }>();
 
   constructor(
     private readonly params: ParamStore,
@@ -147,8 +146,11 @@ export class Adam {
    * count, rate and clipping factor. Moments held here for them move to the device.
    */
   attachDevice(group: DeviceParamGroup): void {
-    if (this.device) throw new Error('Adam: a device group is attached already');
-    for (const name of group.names) if (!this.params.variable(name).trainable) throw new Error(`Adam: '${name}' is not a trainable parameter`);
+    if (this.device.has(group)) throw new Error('Adam: the device group is attached already');
+    for (const name of group.names) {
+      if (!this.params.variable(name).trainable) throw new Error(`Adam: '${name}' is not a trainable parameter`);
+      if (this.deviceNames().includes(name)) throw new Error(`Adam: '${name}' is in another device group`);
+    }
     const held = group.names.filter((n) => this.m.has(n));
     if (held.length && held.length !== group.names.length) throw new Error(`Adam: moments for some of the device's parameters only (${held.join(', ')})`);
     if (held.length) {
@@ -158,8 +160,12 @@ export class Adam {
         this.v.delete(n);
       }
     }
-    this.device = group;
-    this.deviceMoments = held.length > 0;
+    this.device.set(group, { moments: held.length > 0 });
+  }
+
+  /** the names of every device group's parameters */
+  private deviceNames(): string[] {
+    return [...this.device.keys()].flatMap((g) => [...g.names]);
   }
 
   /** The number of steps taken. */
@@ -181,7 +187,7 @@ export class Adam {
     for (const [name, g] of grads) {
       const param = this.params.variable(name);
       if (!param.trainable) throw new Error(`Adam: '${name}' is not a trainable parameter`);
-      if (this.device?.names.includes(name)) throw new Error(`Adam: '${name}' lives on the device; its gradient is summed there, not given here`);
+      if (this.deviceNames().includes(name)) throw new Error(`Adam: '${name}' lives on the device; its gradient is made there, not given here`);
       if (g.shape.length !== param.shape.length || g.shape.some((d, i) => d !== param.shape[i])) {
         throw new Error(`Adam: gradient for '${name}' has shape [${g.shape}], the parameter [${param.shape}]`);
       }
@@ -209,25 +215,26 @@ export class Adam {
       param.assign(p1);
       p1.dispose();
     }
-    if (this.device?.hasGradients) {
-      this.device.adamStep({ first: !this.deviceMoments, scale: gradScale, b1, c1, b2, c2, eps, bc2Sqrt, stepSize });
-      this.deviceMoments = true;
+    for (const [group, state] of this.device) {
+      if (!group.hasGradients) continue;
+      group.adamStep({ first: !state.moments, scale: gradScale, b1, c1, b2, c2, eps, bc2Sqrt, stepSize });
+      state.moments = true;
     }
   }
 
   /** The optimizer's state (step count and both moments by parameter name), for checkpoints. */
   exportState(): AdamState {
-    const onDevice = this.device && this.deviceMoments ? this.device.readMoments() : null;
+    const onDevice = [...this.device].filter(([, s]) => s.moments).map(([g]) => g.readMoments());
     // by parameter order, wherever each moment lives
-    const copy = (host: Map<string, Float32Array>, device: Map<string, Float32Array> | undefined): AdamState['m'] => {
+    const copy = (host: Map<string, Float32Array>, device: Map<string, Float32Array>[]): AdamState['m'] => {
       const out: AdamState['m'] = new Map();
       for (const k of this.params.names()) {
-        const data = host.get(k) ?? device?.get(k);
+        const data = host.get(k) ?? device.find((d) => d.has(k))?.get(k);
         if (data) out.set(k, { shape: [...this.params.variable(k).shape], data: Float32Array.from(data) });
       }
       return out;
     };
-    return { steps: this.step, m: copy(this.m, onDevice?.m), v: copy(this.v, onDevice?.v) };
+    return { steps: this.step, m: copy(this.m, onDevice.map((d) => d.m)), v: copy(this.v, onDevice.map((d) => d.v)) };
   }
 
   /** Restores `exportState()`'s result; shapes are checked against the parameters. */
@@ -242,17 +249,20 @@ export class Adam {
         if (data.length !== param.size) throw new Error(`Adam: saved ${which} for '${name}' has ${data.length} values`);
       }
     }
-    const device = this.device?.names ?? [];
-    const onDevice = device.filter((n) => state.m.has(n) || state.v.has(n));
-    if (onDevice.length && onDevice.length !== device.length) throw new Error(`Adam: saved moments for some of the device's parameters only (${onDevice.join(', ')})`);
+    const saved = [...this.device.keys()].map((g) => ({ g, held: g.names.filter((n) => state.m.has(n) || state.v.has(n)) }));
+    for (const { g, held } of saved) {
+      if (held.length && held.length !== g.names.length) throw new Error(`Adam: saved moments for some of a device group's parameters only (${held.join(', ')})`);
+    }
+    const device = this.deviceNames();
     this.dispose();
     this.step = state.steps;
     for (const [name, { data }] of state.m) if (!device.includes(name)) this.m.set(name, Float32Array.from(data));
     for (const [name, { data }] of state.v) if (!device.includes(name)) this.v.set(name, Float32Array.from(data));
-    if (this.device && onDevice.length) {
-      const take = (m: AdamState['m']): Map<string, Float32Array> => new Map(device.map((n) => [n, m.get(n)?.data ?? new Float32Array(0)]));
-      this.device.writeMoments(take(state.m), take(state.v));
-      this.deviceMoments = true;
+    for (const { g, held } of saved) {
+      if (!held.length) continue;
+      const take = (m: AdamState['m']): Map<string, Float32Array> => new Map(g.names.map((n) => [n, m.get(n)?.data ?? new Float32Array(0)]));
+      g.writeMoments(take(state.m), take(state.v));
+      this.device.get(g)!.moments = true;
     }
   }
 
@@ -260,7 +270,7 @@ export class Adam {
   dispose(): void {
     this.m.clear();
     this.v.clear();
-    this.deviceMoments = false;
+    for (const s of this.device.values()) s.moments = false;
   }
 }
 

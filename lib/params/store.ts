@@ -127,13 +127,6 @@ export class ParamStore {
     return this.trainableNames().map((n) => this.variable(n));
   }
 
-  /** The trainable variables whose gradients the host computes: all but those a device owns. */
-  hostTrainableVariables(): tf.Variable[] {
-    return this.trainableNames()
-      .filter((n) => !this.owners.has(n))
-      .map((n) => this.variable(n));
-  }
-
   /** Hands `owner.names` to a device that keeps (and updates) their current values. */
   attachDeviceOwner(owner: DeviceOwner): void {
     for (const n of owner.names) {

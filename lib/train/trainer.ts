@@ -16,7 +16,7 @@ import { SlotAttention } from '../model/slot-attention';
 import { Geco } from '../model/geco';
 import type { NoiseSource } from '../model/noise';
 import { Adam, clipFromNorms, clipScale, gradNorms } from '../optim/adam';
-import type { DeviceDecoderParams } from '../ops/device-params';
+import type { DeviceParams } from '../ops/device-params';
 import type { Ops } from '../ops';
 import { defaultOps } from '../ops/native';
 import type { ParamRecord } from '../params/store';
@@ -98,10 +98,10 @@ export class Trainer {
   readonly optimizer: Adam;
   readonly geco: Geco | null;
   /**
-   * The decoder's weights kept on the GPU device the model decodes on, with their optimizer step
-   * there (ops/device-params.ts); null: every parameter is trained on the host.
+   * The decoder's and the encoder's weights kept on the GPU device the model runs on, with their
+   * optimizer step there (ops/device-params.ts); none: every parameter is trained on the host.
    */
-  readonly deviceParams: DeviceDecoderParams | null;
+  readonly deviceParams: DeviceParams[];
   /** Data parallel: the ranks' gradient sum (absent: this process trains alone). */
   readonly comm: Communicator | undefined;
   state: TrainerState;
@@ -114,8 +114,8 @@ export class Trainer {
       ops?: Ops;
       comm?: Communicator;
       /**
-       * On a GPU device, keep the decoder's weights there with their Adam step (default: yes, when
-       * training alone; data-parallel ranks reduce every gradient on the host for now)
+       * On a GPU device, keep the decoder's and the encoder's weights there with their Adam step
+       * (default: yes, when training alone; data-parallel ranks reduce every gradient on the host for now)
        */
       deviceOptimizer?: boolean;
     } = {},
@@ -127,8 +127,8 @@ export class Trainer {
       opts.model ?? (config.training.model === 'SlotAttention' ? new SlotAttention(config.Net, modelOptions) : new EfficientMORL(config.Net, modelOptions));
     this.optimizer = new Adam(this.model.params, { lr: config.training.lr });
     if (opts.deviceOptimizer && this.comm) throw new Error('Trainer: the device optimizer is for a process training alone; data-parallel ranks reduce gradients on the host');
-    this.deviceParams = (opts.deviceOptimizer ?? !this.comm) && this.model instanceof EfficientMORL ? this.model.keepDecoderOnDevice() : null;
-    if (this.deviceParams) this.optimizer.attachDevice(this.deviceParams);
+    this.deviceParams = (opts.deviceOptimizer ?? !this.comm) && this.model instanceof EfficientMORL ? this.model.keepWeightsOnDevice() : [];
+    for (const group of this.deviceParams) this.optimizer.attachDevice(group);
     const t = config.training;
     const [C, H, W] = config.Net.input_size;
     this.geco = t.use_geco
@@ -224,7 +224,7 @@ export class Trainer {
       if (!Number.isFinite(norm)) skipReason = `non-finite gradient norm ${norm}`;
       else this.optimizer.applyGradients(r.grads, lr, scale);
     }
-    this.deviceParams?.discardGradients(); // a skipped step's (an applied step took them)
+    for (const group of this.deviceParams) group.discardGradients(); // a skipped step's (an applied step took them)
     const outputs = r.outputs;
     for (const g of r.grads.values()) g.dispose();
     this.state.step = step + 1;
@@ -252,9 +252,9 @@ export class Trainer {
    * parameters' order, as the host alone would sum them.
    */
   private clipScale(grads: Map<string, tf.Tensor>): { norm: number; scale: number } {
-    if (!this.deviceParams) return clipScale(grads, CLIP_GRAD_NORM);
+    if (!this.deviceParams.length) return clipScale(grads, CLIP_GRAD_NORM);
     const host = gradNorms(grads);
-    const device = this.deviceParams.gradNorms();
+    const device = new Map(this.deviceParams.flatMap((group) => [...group.gradNorms()]));
     const names = this.model.params.trainableNames().filter((n) => host.has(n) || device.has(n));
     return clipFromNorms(names.map((n) => host.get(n) ?? device.get(n)!), CLIP_GRAD_NORM);
   }
@@ -263,7 +263,7 @@ export class Trainer {
   private globalNorm(grads: Map<string, tf.Tensor>): number {
     let sumSq = 0;
     for (const g of grads.values()) sumSq += (tf.tidy(() => tf.sum(tf.square(g))).dataSync() as Float32Array)[0];
-    for (const n of this.deviceParams?.gradNorms().values() ?? []) sumSq += n * n;
+    for (const group of this.deviceParams) for (const n of group.gradNorms().values()) sumSq += n * n;
     return Math.sqrt(sumSq);
   }
 

@@ -57,13 +57,47 @@ void stack_forward(const ConvStack& s, DeviceWorkspace& ws) {
 void check_stack(const ConvStack& s) {
   if (s.layers.empty()) throw std::invalid_argument("GPU conv stack: no layers");
   for (const auto& L : s.layers)
-    if (!L.w || !L.b) throw std::invalid_argument("GPU conv stack: every layer needs its weight and bias");
+    if ((!L.w && !L.w_tag) || (!L.b && !L.b_tag)) throw std::invalid_argument("GPU conv stack: every layer needs its weight and bias");
 }
 
 
-// From d/d(the last map) in gradient slot 0: every layer's dw, db (null: skipped) and dx (null:
-// skipped), through the maps stack_forward left.
-void stack_backward(const ConvStack& s, DeviceWorkspace& ws, float* dx, const std::vector<float*>& dw, const std::vector<float*>& db) {
+// Where a backward call leaves parameter gradients: in host arrays (downloaded), or, with `keep`
+// (gpu.h DeviceParams: the encoder's parameters, all of them, in order), in the workspace's
+// gradient state buffer at each parameter's place.
+class GradDest {
+ public:
+  GradDest(DeviceWorkspace& ws, const DeviceParams* keep, const std::vector<size_t>& sizes) : ws_(ws) {
+    if (!keep) return;
+    if (keep->stage != DeviceParams::Stage::Encoder || keep->params.size() != sizes.size())
+      throw std::invalid_argument("GPU encoder backward: the parameters kept on the device must be the encoder's, all " + std::to_string(sizes.size()));
+    size_t offset = 0;
+    for (size_t j = 0; j < sizes.size(); ++j) {
+      if (keep->params[j].n != sizes[j])
+        throw std::invalid_argument("GPU encoder backward: kept parameter " + std::to_string(j) + " has " + std::to_string(keep->params[j].n) +
+                                    " floats, the encoder's " + std::to_string(sizes[j]));
+      offsets_.push_back(offset);
+      offset += sizes[j];
+    }
+    state_ = ws.state(kGradState, offset);
+  }
+  bool keeping() const { return state_ != nullptr; }
+  // the device buffer gradient j is made in: its place in the state buffer, or `scratch`
+  float* at(size_t j, float* scratch) const { return state_ ? state_ + offsets_[j] : scratch; }
+  // gradient j made in d: down to `host` unless it stays on the device
+  void done(float* host, const float* d, size_t n) const {
+    if (!state_ && host) ws_.down(host, d, n);
+  }
+
+ private:
+  DeviceWorkspace& ws_;
+  float* state_ = nullptr;
+  std::vector<size_t> offsets_;
+};
+
+// From d/d(the last map) in gradient slot 0: every layer's dw, db (null: skipped, unless `out`
+// keeps them: gradients 2i, 2i + 1) and dx (null: skipped), through the maps stack_forward left.
+void stack_backward(const ConvStack& s, DeviceWorkspace& ws, float* dx, const std::vector<float*>& dw, const std::vector<float*>& db,
+                    const GradDest& out) {
   const size_t n = s.layers.size();
   const StackSlots sl{n};
   int cur = 0;  // which gradient slot holds d/d(the current layer's output)
@@ -75,16 +109,16 @@ void stack_backward(const ConvStack& s, DeviceWorkspace& ws, float* dx, const st
     float* d = ws.buf(sl.grad(cur), 0);
     const float* in = ws.buf(i ? sl.out(i - 1) : sl.x(), 0);
     if (L.act != Act::Linear) act_grad(d, ws.buf(sl.out(i), 0), ny, static_cast<int>(L.act));
-    if (dw[i]) {
+    if (dw[i] || out.keeping()) {
       const i64 nw = L.Co * g.P();
-      float* dwd = ws.buf(sl.dw(), static_cast<size_t>(nw));
+      float* dwd = out.at(2 * i, ws.buf(sl.dw(), static_cast<size_t>(nw)));
       filter_grad(ws, sl.scratch(), gg, in, d, as_int(L.Co, "Co"), dwd);
-      ws.down(dw[i], dwd, static_cast<size_t>(nw));
+      out.done(dw[i], dwd, static_cast<size_t>(nw));
     }
-    if (db[i]) {
-      float* dbd = ws.buf(sl.db(), static_cast<size_t>(L.Co));
+    if (db[i] || out.keeping()) {
+      float* dbd = out.at(2 * i + 1, ws.buf(sl.db(), static_cast<size_t>(L.Co)));
       col_sums(ws, sl.scratch(), d, 1, g.M(), L.Co, dbd);
-      ws.down(db[i], dbd, static_cast<size_t>(L.Co));
+      out.done(db[i], dbd, static_cast<size_t>(L.Co));
     }
     if (i == 0 && !dx) break;
     const int64_t w_shape[4] = {L.Co, g.C, L.kh, L.kw};
@@ -198,8 +232,8 @@ HeadDims head_dims(const ConvStack& s, const EncoderHead& h) {
   if (h.D != s.layers.back().Co) throw std::invalid_argument("GPU encoder: the head's D differs from the stack's last channels");
   if (h.D < 1 || h.Z < 1 || h.pos_c < 1) throw std::invalid_argument("GPU encoder: empty head");
   const float* need[] = {h.p.pos, h.p.pos_w, h.p.pos_b, h.p.ln_w, h.p.ln_b, h.p.w1, h.p.b1, h.p.w2, h.p.b2, h.p.wk, h.p.wv};
-  for (const float* p : need)
-    if (!p) throw std::invalid_argument("GPU encoder: every head tensor is needed");
+  for (int i = 0; i < 11; ++i)
+    if (!need[i] && !h.tags[i]) throw std::invalid_argument("GPU encoder: every head tensor is needed");
   return HeadDims{g.M(), g.Ho * g.Wo, h.D, h.Z, h.pos_c};
 }
 
@@ -319,7 +353,7 @@ void conv_stack_backward(const ConvStack& s, uint64_t stamp, const float* dy, fl
   const NhwcGeom g = s.geom(n - 1);
   const i64 ny = g.M() * s.layers[n - 1].Co;
   ws.up(ws.buf(StackSlots{n}.grad(0), static_cast<size_t>(ny)), dy, static_cast<size_t>(ny));
-  stack_backward(s, ws, dx, dw, db);
+  stack_backward(s, ws, dx, dw, db, GradDest(ws, nullptr, {}));
   finish("conv stack backward");
 }
 
@@ -343,16 +377,27 @@ uint64_t encoder_forward(const ConvStack& s, const EncoderHead& h, float* k, flo
 
 void encoder_backward(const ConvStack& s, const EncoderHead& h, uint64_t stamp, const float* dk, const float* dv,
                       const std::vector<float*>& dw, const std::vector<float*>& db, const EncoderHeadParamGrads& g, GpuWorkspace& base,
-                      uint64_t sum_id) {
+                      uint64_t sum_id, const DeviceParams* keep) {
   check_stack(s);
   DeviceWorkspace& ws = own_workspace(base);
   const HeadDims d = head_dims(s, h);
   const size_t n = s.layers.size();
   if (dw.size() != n || db.size() != n) throw std::invalid_argument("GPU encoder backward: one dw and db pointer per layer");
   const float* wanted[] = {g.pos_w, g.pos_b, g.ln_w, g.ln_b, g.w1, g.b1, g.w2, g.b2, g.wk, g.wv};
-  const bool params = g.wk != nullptr;
+  const bool to_host = g.wk != nullptr;
   for (const float* p : wanted)
-    if ((p != nullptr) != params) throw std::invalid_argument("GPU encoder backward: the head's gradients come all or none");
+    if ((p != nullptr) != to_host) throw std::invalid_argument("GPU encoder backward: the head's gradients come all or none");
+  if (keep && to_host) throw std::invalid_argument("GPU encoder backward: parameter gradients kept on the device or downloaded, not both");
+  const bool params = to_host || keep;
+  // the parameters in DeviceParams' order: each conv layer's w, b, then the head's tensors 1..10
+  std::vector<size_t> sizes;
+  for (size_t i = 0; i < n; ++i) {
+    sizes.push_back(static_cast<size_t>(s.layers[i].Co * s.geom(i).P()));
+    sizes.push_back(static_cast<size_t>(s.layers[i].Co));
+  }
+  for (i64 e : {d.D * d.pc, d.D, d.D, d.D, d.D * d.D, d.D, d.D * d.D, d.D, d.Z * d.D, d.Z * d.D}) sizes.push_back(static_cast<size_t>(e));
+  const GradDest out(ws, keep, sizes);
+  const auto head_index = [&](HeadParam t) { return 2 * n + static_cast<size_t>(t) - 1; };
   if ((dk == nullptr) != (dv == nullptr)) throw std::invalid_argument("GPU encoder backward: dk and dv are given both or neither");
   keep_encoder(s, h, stamp, ws);
   const StackSlots sl{n};
@@ -373,35 +418,37 @@ void encoder_backward(const ConvStack& s, const EncoderHead& h, uint64_t stamp, 
   const float* f2 = ws.buf(hs.f2(), 0);
   const float* f3 = ws.buf(hs.f3(), 0);
   float* grad = ws.buf(hs.grad(), static_cast<size_t>(std::max(d.D * d.D, std::max(d.Z * d.D, d.D * d.pc))));
-  auto weight_grad = [&](const float* A, i64 out, const float* B, i64 in, float* host) {
-    dense_weight_grad(ws, hs.scratch(), A, out, B, in, d.R, grad);
-    ws.down(host, grad, static_cast<size_t>(out * in));
+  auto weight_grad = [&](const float* A, i64 rows_out, const float* B, i64 in, float* host, HeadParam t) {
+    float* dst = out.at(head_index(t), grad);
+    dense_weight_grad(ws, hs.scratch(), A, rows_out, B, in, d.R, dst);
+    out.done(host, dst, static_cast<size_t>(rows_out * in));
   };
-  auto bias_grad = [&](const float* v, i64 rows, float* host) {
-    col_sums(ws, hs.scratch(), v, 1, rows, d.D, grad);
-    ws.down(host, grad, static_cast<size_t>(d.D));
+  auto bias_grad = [&](const float* v, i64 rows, float* host, HeadParam t) {
+    float* dst = out.at(head_index(t), grad);
+    col_sums(ws, hs.scratch(), v, 1, rows, d.D, dst);
+    out.done(host, dst, static_cast<size_t>(d.D));
   };
   // k = f3 W_kᵀ, v = f3 W_vᵀ
   float* df3 = ws.buf(hs.df3(), static_cast<size_t>(d.R * d.D));
   gemm(a_operand(dkd, d.Z, 1), b_operand(param(kWk), d.D, 1), Store{df3, D, nullptr, 0}, d.R, d.D, d.Z);
   gemm(a_operand(dvd, d.Z, 1), b_operand(param(kWv), d.D, 1), AddTo{df3, D}, d.R, d.D, d.Z);
   if (params) {
-    weight_grad(dkd, d.Z, f3, d.D, g.wk);
-    weight_grad(dvd, d.Z, f3, d.D, g.wv);
+    weight_grad(dkd, d.Z, f3, d.D, g.wk, kWk);
+    weight_grad(dvd, d.Z, f3, d.D, g.wv, kWv);
   }
   // f3 = f2 W2ᵀ + b2, f2 = ReLU(f1 W1ᵀ + b1)
   float* df2 = ws.buf(hs.df2(), static_cast<size_t>(d.R * d.D));
   gemm(a_operand(df3, d.D, 1), b_operand(param(kW2), d.D, 1), Store{df2, D, nullptr, 0}, d.R, d.D, d.D);
   act_grad(df2, f2, d.R * d.D, static_cast<int>(Act::Relu));
   if (params) {
-    weight_grad(df3, d.D, f2, d.D, g.w2);
-    bias_grad(df3, d.R, g.b2);
+    weight_grad(df3, d.D, f2, d.D, g.w2, kW2);
+    bias_grad(df3, d.R, g.b2, kB2);
   }
   float* df1 = ws.buf(hs.df1(), static_cast<size_t>(d.R * d.D));
   gemm(a_operand(df2, d.D, 1), b_operand(param(kW1), d.D, 1), Store{df1, D, nullptr, 0}, d.R, d.D, d.D);
   if (params) {
-    weight_grad(df2, d.D, f1, d.D, g.w1);
-    bias_grad(df2, d.R, g.b1);
+    weight_grad(df2, d.D, f1, d.D, g.w1, kW1);
+    bias_grad(df2, d.R, g.b1, kB1);
   }
   // the LayerNorm, into d/d(the stack's last map), which is also d/d(the positional projection)
   float* df0 = ws.buf(sl.grad(0), static_cast<size_t>(d.R * d.D));
@@ -410,18 +457,28 @@ void encoder_backward(const ConvStack& s, const EncoderHead& h, uint64_t stamp, 
          static_cast<const float*>(ws.buf(sl.out(n - 1), 0)), static_cast<const float*>(ws.buf(hs.P(), 0)), d.R, d.HW, D, param(kLnW),
          static_cast<const float*>(ws.buf(hs.mean(), 0)), static_cast<const float*>(ws.buf(hs.rstd(), 0)), df0, gx);
   if (params) {
-    bias_grad(gx, d.R, g.ln_w);
-    bias_grad(df1, d.R, g.ln_b);
+    bias_grad(gx, d.R, g.ln_w, kLnW);
+    bias_grad(df1, d.R, g.ln_b, kLnB);
     // P = pos W_posᵀ + b_pos is added to every image's map: dP sums df0 over the images
     float* dP = ws.buf(hs.dP(), static_cast<size_t>(d.HW * d.D));
     col_sums(ws, hs.scratch(), df0, 1, d.R / d.HW, d.HW * d.D, dP);
-    dense_weight_grad(ws, hs.scratch(), dP, d.D, param(kPos), d.pc, d.HW, grad);
-    ws.down(g.pos_w, grad, static_cast<size_t>(d.D * d.pc));
-    bias_grad(dP, d.HW, g.pos_b);
+    float* dpw = out.at(head_index(kPosW), grad);
+    dense_weight_grad(ws, hs.scratch(), dP, d.D, param(kPos), d.pc, d.HW, dpw);
+    out.done(g.pos_w, dpw, static_cast<size_t>(d.D * d.pc));
+    bias_grad(dP, d.HW, g.pos_b, kPosB);
   }
-  stack_backward(s, ws, nullptr, dw, db);
+  stack_backward(s, ws, nullptr, dw, db, out);
   if (!dk) ws.drop_sums(sum_id);
   finish("encoder backward");
+}
+
+size_t encoder_param_slot(const DeviceParams& p, size_t j) {
+  const DeviceParams::Param& q = p.params.at(j);
+  const StackSlots sl{p.layers};
+  if (q.index < p.layers) return q.bias ? sl.bias(q.index) : sl.raw(q.index);
+  const size_t t = q.index - p.layers + 1;
+  if (t > static_cast<size_t>(kWv)) throw std::invalid_argument("encoder parameters: index " + std::to_string(q.index) + " is past the head's tensors");
+  return HeadSlots{sl.end()}.param(static_cast<int>(t));
 }
 
 void conv2d_forward(const NhwcGeom& g, int64_t Co, const float* x, const float* w, const float* bias, Act act, float* y,

@@ -579,50 +579,57 @@ void decoder_stage(const DecoderStage& s, const DecoderStageOut& o, GpuWorkspace
 }
 
 namespace {
-// the workspace's state buffers of a decoder's device-resident parameters (DecoderParams)
-enum StateKey : uint64_t { kGradState = 1, kFirstMomentState, kSecondMomentState, kNormState };
-
-size_t param_slot(const DecoderParams& p, size_t j) {
-  const DecoderParams::Param& q = p.params[j];
-  if (q.layer >= p.layers) throw std::invalid_argument("decoder parameters: layer " + std::to_string(q.layer) + " of a stack of " + std::to_string(p.layers));
-  return p.layers + kFixedSlots + q.layer * kLayerSlots + (q.bias ? kBias : kWraw);
+size_t param_slot(const DeviceParams& p, size_t j) {
+  return p.stage == DeviceParams::Stage::Decoder ? decoder_param_slot(p, j) : encoder_param_slot(p, j);
 }
 
-const char* part_name(const DecoderParams::Param& q) { return q.bias ? "bias" : "weight"; }
+// "the weight of layer 2", "the bias of layer 0", "head tensor 4 of the encoder"
+std::string param_name(const DeviceParams& p, size_t j) {
+  const DeviceParams::Param& q = p.params[j];
+  if (p.stage == DeviceParams::Stage::Encoder && q.index >= p.layers) return "head tensor " + std::to_string(q.index - p.layers + 1) + " of the encoder";
+  return std::string("the ") + (q.bias ? "bias" : "weight") + " of " + (p.stage == DeviceParams::Stage::Encoder ? "conv layer " : "layer ") +
+         std::to_string(q.index);
+}
 
 // parameter j's raw slot, which must hold it under its tag (it does after a stage that used it)
-float* resident_param(DeviceWorkspace& ws, const DecoderParams& p, size_t j) {
+float* resident_param(DeviceWorkspace& ws, const DeviceParams& p, size_t j) {
   const size_t slot = param_slot(p, j);
-  const DecoderParams::Param& q = p.params[j];
+  const DeviceParams::Param& q = p.params[j];
   if (!q.tag || !ws.slot_holds(slot, slot_tag(q.tag, kAsIs)))
-    throw std::invalid_argument("decoder parameters: the device holds no " + std::string(part_name(q)) + " of layer " + std::to_string(q.layer) +
-                                " under tag " + std::to_string(q.tag) + " (no stage has used it since it changed)");
+    throw std::invalid_argument("device parameters: the device does not hold " + param_name(p, j) + " under tag " + std::to_string(q.tag) +
+                                " (no stage has used it since it changed)");
   return ws.buf(slot, 0);
 }
 
 // the state buffer of `key`, which must be there (what: the message's name for it)
 float* existing_state(DeviceWorkspace& ws, uint64_t key, size_t n, const char* what) {
   float* d = ws.find_state(key, n);
-  if (!d) throw std::invalid_argument(std::string("decoder parameters: no ") + what + " on the device");
+  if (!d) throw std::invalid_argument(std::string("device parameters: no ") + what + " on the device");
   return d;
 }
 
-uint64_t state_key(DecoderParamPart part) {
+uint64_t state_key(DeviceParamPart part) {
   switch (part) {
-    case DecoderParamPart::Grads: return kGradState;
-    case DecoderParamPart::FirstMoments: return kFirstMomentState;
-    case DecoderParamPart::SecondMoments: return kSecondMomentState;
-    case DecoderParamPart::Weights: break;
+    case DeviceParamPart::Grads: return kGradState;
+    case DeviceParamPart::FirstMoments: return kFirstMomentState;
+    case DeviceParamPart::SecondMoments: return kSecondMomentState;
+    case DeviceParamPart::Weights: break;
   }
-  throw std::logic_error("decoder parameters: weights are not a state buffer");
+  throw std::logic_error("device parameters: weights are not a state buffer");
 }
-const char* state_name(DecoderParamPart part) {
-  return part == DecoderParamPart::Grads ? "summed gradients" : part == DecoderParamPart::FirstMoments ? "first moments" : "second moments";
+const char* state_name(DeviceParamPart part) {
+  return part == DeviceParamPart::Grads ? "summed gradients" : part == DeviceParamPart::FirstMoments ? "first moments" : "second moments";
 }
 }  // namespace
 
+size_t decoder_param_slot(const DeviceParams& p, size_t j) {
+  const DeviceParams::Param& q = p.params.at(j);
+  if (q.index >= p.layers) throw std::invalid_argument("decoder parameters: layer " + std::to_string(q.index) + " of a stack of " + std::to_string(p.layers));
+  return p.layers + kFixedSlots + q.index * kLayerSlots + (q.bias ? kBias : kWraw);
+}
+
 void decoder_param_grad_sums(const std::vector<uint64_t>& ids, const std::vector<float>& us, const std::vector<size_t>& sizes,
-                             const std::vector<float*>& out, GpuWorkspace& gws, const DecoderParams* keep) {
+                             const std::vector<float*>& out, GpuWorkspace& gws, const DeviceParams* keep) {
   DeviceWorkspace& ws = own_workspace(gws);
   if (ids.empty() || ids.size() != us.size() || sizes.size() != out.size())
     throw std::invalid_argument("decoder parameter gradient sums: one u per kept set, one output per buffer, at least one set");
@@ -651,7 +658,7 @@ void decoder_param_grad_sums(const std::vector<uint64_t>& ids, const std::vector
   for (uint64_t id : ids) ws.drop_kept(id);
 }
 
-void decoder_grad_norms(const DecoderParams& p, float* norms, GpuWorkspace& gws) {
+void device_grad_norms(const DeviceParams& p, float* norms, GpuWorkspace& gws) {
   DeviceWorkspace& ws = own_workspace(gws);
   const float* g = existing_state(ws, kGradState, p.total(), "summed gradients");
   float* d = ws.state(kNormState, std::max<size_t>(1, p.params.size()));
@@ -667,19 +674,19 @@ void decoder_grad_norms(const DecoderParams& p, float* norms, GpuWorkspace& gws)
     launch(l2_norms_kernel, dim3(1), dim3(kMaxSpans), g + start, spans, d + first);
   }
   if (!p.params.empty()) ws.down(norms, d, p.params.size());
-  finish("decoder gradient norms");
+  finish("device gradient norms");
 }
 
-void decoder_adam(const DecoderParams& p, const std::vector<uint64_t>& new_tags, const AdamScalars& s, GpuWorkspace& gws) {
+void device_adam(const DeviceParams& p, const std::vector<uint64_t>& new_tags, const AdamScalars& s, GpuWorkspace& gws) {
   DeviceWorkspace& ws = own_workspace(gws);
-  if (new_tags.size() != p.params.size()) throw std::invalid_argument("decoder Adam: one new tag per parameter");
+  if (new_tags.size() != p.params.size()) throw std::invalid_argument("device Adam: one new tag per parameter");
   const size_t total = p.total();
   const float* g = existing_state(ws, kGradState, total, "summed gradients");
   float* m = s.first ? ws.state(kFirstMomentState, total) : existing_state(ws, kFirstMomentState, total, "first moments (not the first step)");
   float* v = s.first ? ws.state(kSecondMomentState, total) : existing_state(ws, kSecondMomentState, total, "second moments (not the first step)");
   std::vector<float*> ps;
   for (size_t j = 0; j < p.params.size(); ++j) {
-    if (!new_tags[j] || new_tags[j] == p.params[j].tag) throw std::invalid_argument("decoder Adam: every parameter needs a new tag (nonzero)");
+    if (!new_tags[j] || new_tags[j] == p.params[j].tag) throw std::invalid_argument("device Adam: every parameter needs a new tag (nonzero)");
     ps.push_back(resident_param(ws, p, j));  // all checked before anything changes
   }
   for (size_t j = 0, offset = 0; j < p.params.size(); offset += p.params[j].n, ++j) {
@@ -687,23 +694,23 @@ void decoder_adam(const DecoderParams& p, const std::vector<uint64_t>& new_tags,
     launch(adam_kernel, grid_for(n), dim3(kThreads), ps[j], g + offset, m + offset, v + offset, n, s);
     ws.tag_slot(param_slot(p, j), slot_tag(new_tags[j], kAsIs));
   }
-  finish("decoder Adam");
+  finish("device Adam");
 }
 
-void decoder_params_copy(const DecoderParams& p, DecoderParamPart part, float* down, const float* up, GpuWorkspace& gws) {
+void device_params_copy(const DeviceParams& p, DeviceParamPart part, float* down, const float* up, GpuWorkspace& gws) {
   DeviceWorkspace& ws = own_workspace(gws);
-  if (!down == !up) throw std::invalid_argument("decoder parameters: copy one way, down or up");
+  if (!down == !up) throw std::invalid_argument("device parameters: copy one way, down or up");
   const size_t total = p.total();
-  if (part == DecoderParamPart::Weights) {
-    if (up) throw std::invalid_argument("decoder parameters: weights go up through the stages (under their tags), not here");
+  if (part == DeviceParamPart::Weights) {
+    if (up) throw std::invalid_argument("device parameters: weights go up through the stages (under their tags), not here");
     for (size_t j = 0, offset = 0; j < p.params.size(); offset += p.params[j].n, ++j) ws.down(down + offset, resident_param(ws, p, j), p.params[j].n);
   } else if (down) {
     ws.down(down, existing_state(ws, state_key(part), total, state_name(part)), total);
   } else {
-    if (part == DecoderParamPart::Grads) throw std::invalid_argument("decoder parameters: gradients are summed on the device, not uploaded");
+    if (part == DeviceParamPart::Grads) throw std::invalid_argument("device parameters: gradients are made on the device, not uploaded");
     ws.up(ws.state(state_key(part), total), up, total);
   }
-  finish("decoder parameter copy");
+  finish("device parameter copy");
 }
 
 }  // namespace EMORL_GPU_NS

@@ -108,18 +108,22 @@ inline NhwcGeom ConvStack::geom(size_t i) const {
   }
 }
 
-// The weighted layers' parameters of a decoder whose stages keep them in their workspace, for an
-// optimizer on the device: per parameter, its layer in a stack of `layers`, the filter or the bias,
-// its size and the content tag under which its raw slot holds it. The workspace keeps their summed
-// gradients and both Adam moments in three state buffers, each the parameters end to end in this
-// order.
-struct DecoderParams {
+// The parameters of a stage (the decoder, or the encoder) whose calls keep them in their workspace,
+// for an optimizer on the device: per parameter, where it is, its size and the content tag under
+// which its slot holds it. Decoder: `layers` is the stack's length and Param::index a layer (its
+// filter, or its bias). Encoder: `layers` is the conv stack's length; Param::index < layers is a
+// conv layer (filter or bias), index − layers + 1 a head tensor in EncoderHead's tag order (1..10,
+// pos_w … wv). The workspace keeps their summed gradients and both Adam moments in three state
+// buffers, each the parameters end to end in this order.
+struct DeviceParams {
+  enum class Stage { Decoder, Encoder };
   struct Param {
-    size_t layer = 0;
+    size_t index = 0;
     bool bias = false;
     size_t n = 0;
     uint64_t tag = 0;
   };
+  Stage stage = Stage::Decoder;
   size_t layers = 0;
   std::vector<Param> params;
   size_t total() const {
@@ -128,7 +132,7 @@ struct DecoderParams {
     return t;
   }
 };
-enum class DecoderParamPart { Weights, Grads, FirstMoments, SecondMoments };
+enum class DeviceParamPart { Weights, Grads, FirstMoments, SecondMoments };
 
 // The entry points of one build of the GPU sources, the same in both namespaces:
 //   make_workspace: device buffers for the calls below;
@@ -148,7 +152,9 @@ enum class DecoderParamPart { Weights, Grads, FirstMoments, SecondMoments };
 //   encoder_forward / encoder_backward: the conv stack then the EncoderHead, k and v out, dk and dv
 //     in, the same way (no image gradient; the head's gradients all or none, like the layers').
 //     k and v null: they stay on the device only (for the attention below); dk and dv null: the
-//     sums encoder_attention_backward made under sum_id (none made: zero);
+//     sums encoder_attention_backward made under sum_id (none made: zero). With `keep` (the
+//     encoder's parameters, all of them, in order), the parameter gradients go to the workspace's
+//     gradient state buffer instead of dw, db and g (null there);
 //   encoder_attention_forward: updates [B,K,Z] and, unless null, the softmax p [B,K,H·W] of q
 //     against the k and v of the encoder's activation set `stamp`. When ws no longer holds that
 //     set, the encoder's forward pass runs again first (nothing downloaded); returns the stamp of
@@ -160,12 +166,13 @@ enum class DecoderParamPart { Weights, Grads, FirstMoments, SecondMoments };
 //     sums a tape's gradients (u0·g0, then + u_k·g_k, each product and sum to float); one download
 //     per buffer, and the sets are dropped. With `keep`, buffers 1, 2, … (the layers' dw and db) are
 //     summed into the workspace's gradient buffer of those parameters instead (out[b] null there);
-//   decoder_grad_norms: per parameter, the L2 norm of its summed gradient as l2_norm_f32 computes it
+//   decoder_param_slot / encoder_param_slot: the workspace slot of parameter j (its raw form);
+//   device_grad_norms: per parameter, the L2 norm of its summed gradient as l2_norm_f32 computes it
 //     (optimizer.h; the same bits), into norms (host, one per parameter);
-//   decoder_adam: adam_update (optimizer.h, the same bits) of every parameter, in its raw slot, from
+//   device_adam: adam_update (optimizer.h, the same bits) of every parameter, in its raw slot, from
 //     its summed gradient and moments (made at zero when s.first); the slot then holds the result
 //     under new_tags[i] (its packed forms are made afresh from it by the next stage);
-//   decoder_params_copy: one part of every parameter, end to end, down to the host (`down`; weights:
+//   device_params_copy: one part of every parameter, end to end, down to the host (`down`; weights:
 //     their raw slots, which must hold their tags) or up from it (`up`; moments only).
 #define EMORL_GPU_ENTRY_POINTS                                                                                         \
   std::unique_ptr<GpuWorkspace> make_workspace(int device);                                                            \
@@ -185,16 +192,18 @@ enum class DecoderParamPart { Weights, Grads, FirstMoments, SecondMoments };
   uint64_t encoder_forward(const ConvStack& s, const EncoderHead& h, float* k, float* v, GpuWorkspace& ws);             \
   void encoder_backward(const ConvStack& s, const EncoderHead& h, uint64_t stamp, const float* dk, const float* dv,       \
                         const std::vector<float*>& dw, const std::vector<float*>& db, const EncoderHeadParamGrads& g,        \
-                        GpuWorkspace& ws, uint64_t sum_id = 0);                                                       \
+                        GpuWorkspace& ws, uint64_t sum_id = 0, const DeviceParams* keep = nullptr);                                                       \
   uint64_t encoder_attention_forward(const ConvStack& s, const EncoderHead& h, uint64_t stamp, const EncoderAttention& a,   \
                                      float* updates, float* p, GpuWorkspace& ws);                                         \
   uint64_t encoder_attention_backward(const ConvStack& s, const EncoderHead& h, uint64_t stamp, uint64_t sum_id,            \
                                       const EncoderAttention& a, const float* dU, float* dq, GpuWorkspace& ws);             \
   void decoder_param_grad_sums(const std::vector<uint64_t>& ids, const std::vector<float>& us, const std::vector<size_t>& sizes, \
-                               const std::vector<float*>& out, GpuWorkspace& ws, const DecoderParams* keep = nullptr);      \
-  void decoder_grad_norms(const DecoderParams& p, float* norms, GpuWorkspace& ws);                                     \
-  void decoder_adam(const DecoderParams& p, const std::vector<uint64_t>& new_tags, const AdamScalars& s, GpuWorkspace& ws); \
-  void decoder_params_copy(const DecoderParams& p, DecoderParamPart part, float* down, const float* up, GpuWorkspace& ws);
+                               const std::vector<float*>& out, GpuWorkspace& ws, const DeviceParams* keep = nullptr);      \
+  size_t decoder_param_slot(const DeviceParams& p, size_t j);                                                       \
+  size_t encoder_param_slot(const DeviceParams& p, size_t j);                                                       \
+  void device_grad_norms(const DeviceParams& p, float* norms, GpuWorkspace& ws);                                     \
+  void device_adam(const DeviceParams& p, const std::vector<uint64_t>& new_tags, const AdamScalars& s, GpuWorkspace& ws); \
+  void device_params_copy(const DeviceParams& p, DeviceParamPart part, float* down, const float* up, GpuWorkspace& ws);
 
 namespace simt {
 EMORL_GPU_ENTRY_POINTS

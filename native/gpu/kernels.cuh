@@ -416,6 +416,9 @@ __global__ void filter_grad_reduce_kernel(const float* part, int splits, int nco
 
 // ---- host side --------------------------------------------------------------------------------
 
+// The state buffers (DeviceWorkspace::state) of a stage's device-resident parameters (gpu.h DeviceParams)
+enum StateKey : uint64_t { kGradState = 1, kFirstMomentState, kSecondMomentState, kNormState };
+
 // What a slot holds of a tagged tensor: its data as it is, packed for the forward (Wf) or the
 // data-gradient (Wd) product, or (a decoder's first layer) its tap-class sums. slot_tag gives each
 // (tag, form) its own slot tag.
