@@ -68,40 +68,30 @@ class Workspace {
   std::vector<AlignedBuf> bufs_;
 };
 
-// Flush-to-zero + denormals-are-zero for the lifetime of the object, restoring the caller's
-// MXCSR afterwards (the JS thread takes part in parallel regions and must get its mode back).
-class FtzScope {
+// MXCSR's flush-to-zero and denormals-are-zero bits set (Flush) or cleared for the lifetime of the
+// object, the caller's mode restored afterwards (the JS thread takes part in parallel regions and
+// must get its mode back).
+template <bool Flush>
+class DenormalMode {
  public:
 #if defined(__x86_64__) || defined(_M_X64)
-  FtzScope() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040u); }
-  ~FtzScope() { _mm_setcsr(saved_); }
+  DenormalMode() : saved_(_mm_getcsr()) { _mm_setcsr(Flush ? saved_ | 0x8040u : saved_ & ~0x8040u); }
+  ~DenormalMode() { _mm_setcsr(saved_); }
 
  private:
   unsigned saved_;
 #else
-  FtzScope() {}
+  DenormalMode() {}
 #endif
-  FtzScope(const FtzScope&) = delete;
-  FtzScope& operator=(const FtzScope&) = delete;
+  DenormalMode(const DenormalMode&) = delete;
+  DenormalMode& operator=(const DenormalMode&) = delete;
 };
-
-// The IEEE default (denormals kept) for the lifetime of the object inside a parallel region, whose
-// FtzScope flushes them: for loops that must give the reference's bits whatever the magnitudes (the
-// optimizer's: PyTorch, the TypeScript loop and a GPU keep denormals).
-class IeeeScope {
- public:
-#if defined(__x86_64__) || defined(_M_X64)
-  IeeeScope() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ & ~0x8040u); }
-  ~IeeeScope() { _mm_setcsr(saved_); }
-
- private:
-  unsigned saved_;
-#else
-  IeeeScope() {}
-#endif
-  IeeeScope(const IeeeScope&) = delete;
-  IeeeScope& operator=(const IeeeScope&) = delete;
-};
+// Denormals flushed: the kernels' parallel regions (speed).
+using FtzScope = DenormalMode<true>;
+// The IEEE default, denormals kept, inside a parallel region: for loops that must give the
+// reference's bits whatever the magnitudes (the optimizer's: PyTorch, the TypeScript loop and a
+// GPU keep denormals).
+using IeeeScope = DenormalMode<false>;
 
 inline int max_threads() {
 #if defined(EMORL_OPENMP)
