@@ -947,6 +947,13 @@ bool gpu_conv_backward(const Args& a, size_t arg, const emorl::NhwcGeom& g, int6
   return true;
 }
 
+// A spec's tensors marked resident (`what`) live in its GPU workspace only, under their tags
+// (`tags`: what the message calls them).
+void check_resident(const Args& a, const Props& p, const std::string& what, bool tagged, const char* tags) {
+  if (stage_device(a, p).kind == StageDevice::Cpu) a.range_error("'" + what + "' is for GPU devices");
+  if (!tagged || !p.has("workspace")) a.range_error("'" + what + "' needs " + tags + " and the workspace that holds them");
+}
+
 // decoderStage({ z, n, c, pos, gh, gw, layers: [{ kind, w, wShape, b, stride, pad,
 //   outputPad, act }], target, B, K, H, W, C, logVar, gmm, needDz, needParams, needOutputs,
 //   workspace?, device?, profile?, precision?, keepParamGrads? })  profile (GPU devices): milliseconds
@@ -1014,9 +1021,7 @@ Napi::Value DecoderStageFn(const Napi::CallbackInfo& info, bool) {
       L.b_tag = q.tag("bTag");
       if (q.boolean("resident", false)) {
         // w and b live on the device only (an optimizer there updates them): no host copy to read
-        if (device.kind == StageDevice::Cpu) a.range_error("'" + q.name("resident") + "' is for GPU devices");
-        if (!L.w_tag || !L.b_tag || p.get("workspace").IsUndefined() || p.get("workspace").IsNull())
-          a.range_error("'" + q.name("resident") + "' needs wTag, bTag and the workspace that holds them");
+        check_resident(a, p, q.name("resident"), L.w_tag && L.b_tag, "wTag, bTag");
         a.numel({L.w_shape[0], L.w_shape[1], L.w_shape[2], L.w_shape[3]}, "wShape");
       } else {
         L.w = q.f32("w", a.numel({L.w_shape[0], L.w_shape[1], L.w_shape[2], L.w_shape[3]}, "wShape"), "wShape " + shape4(L.w_shape));
@@ -1568,11 +1573,6 @@ Napi::Value GruCellBackwardFn(const Napi::CallbackInfo& info, bool) {
 
 // ---- a stack of convolutions as one GPU stage (gpu.h ConvStack; lib/ops/native.ts convStack) ----
 
-// A spec's tensors marked resident (`what`) live in its GPU workspace only, under their tags.
-void check_resident(const Args& a, const Props& p, const std::string& what, bool tagged) {
-  if (stage_device(a, p).kind == StageDevice::Cpu) a.range_error("'" + what + "' is for GPU devices");
-  if (!tagged || !p.has("workspace")) a.range_error("'" + what + "' needs the tensors' tags and the workspace that holds them");
-}
 
 // The stack described by spec {x, xShape [N,H,W,C], layers: [{w, wShape [Co,Ci,kh,kw], b, stride?,
 // pad, act}]}, every shape checked (each layer's Ci must be the previous layer's Co).
@@ -1605,7 +1605,7 @@ emorl::ConvStack conv_stack_spec(const Args& a, const Props& p) {
     L.b_tag = q.tag("bTag");
     if (q.boolean("resident", false)) {
       // w and b live on the device only (an optimizer there updates them): no host copy to read
-      check_resident(a, p, q.name("resident"), L.w_tag && L.b_tag);
+      check_resident(a, p, q.name("resident"), L.w_tag && L.b_tag, "wTag, bTag");
       a.numel(wshape, "wShape");
     } else {
       L.w = q.f32("w", a.numel(wshape, "wShape"), "wShape " + shape_str(wshape));
@@ -1767,7 +1767,7 @@ emorl::EncoderHead encoder_head_spec(const Args& a, const Props& p, int64_t D, i
       h.tags[i] = static_cast<uint64_t>(d);
     }
   }
-  if (resident) check_resident(a, p, q.name("resident"), std::all_of(h.tags + 1, h.tags + 11, [](uint64_t t) { return t != 0; }));
+  if (resident) check_resident(a, p, q.name("resident"), std::all_of(h.tags + 1, h.tags + 11, [](uint64_t t) { return t != 0; }), "its tags");
   return h;
 }
 

@@ -15,6 +15,7 @@ import { tf } from '../tf';
 import type { ParamStore } from '../params/store';
 import { addonOps, contentTag, freshTag, workspaceFor, type AdamStepScalars, type DeviceParamsCallSpec, type DeviceParamsSpec, type StageDevice } from './addon';
 import type { DecoderSpec } from './decoder-stage';
+import { f32 } from './arrays';
 import { setHostRefresh } from './resident';
 
 /** An encoder's parameters as the encoder stage takes them (EncoderArgs' convolutions and head tensors, posWeight … wv). */
@@ -38,6 +39,21 @@ interface Param {
 
 /** the owner of each device-resident weight, by its variable */
 const ownerOf = new WeakMap<object, DeviceParams>();
+
+/**
+ * A layer's weight and bias as a GPU call in `workspace` on `device` takes them: when an optimizer
+ * there made their values, just the tags the device knows them by (the call takes them from its
+ * workspace); otherwise their host data (a stale host copy is brought up to date first, so it holds
+ * the device's values) under those tags or their content tags.
+ */
+export function layerTensors(w: tf.Tensor, b: tf.Tensor, workspace: object | undefined, device: StageDevice):
+  { w: Float32Array; b: Float32Array; wTag: number; bTag: number } | { resident: true; wTag: number; bTag: number } {
+  const owner = ownerOf.get(w);
+  const wTag = owner?.deviceTag(w, workspace, device) ?? null;
+  const bTag = owner?.deviceTag(b, workspace, device) ?? null;
+  if (wTag !== null && bTag !== null) return { resident: true, wTag, bTag };
+  return { w: f32(w), b: f32(b), wTag: wTag ?? contentTag(w), bTag: bTag ?? contentTag(b) };
+}
 
 export class DeviceParams {
   /** state_dict names, in the order the device keeps them */

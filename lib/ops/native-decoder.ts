@@ -22,7 +22,7 @@ import { f32 } from './arrays';
 import { ADDON_ACT, addonOps, contentTag, workspaceFor, type ConvPrecision, type DecoderStageLayer, type StageDevice } from './addon';
 import { paramGradsEnabled } from './conv';
 import { checkDecoderNllArgs, type DecoderLayerSpec, type DecoderNllArgs, type DecoderNllResult, type DecoderSpec } from './decoder-stage';
-import { DeviceParams } from './device-params';
+import { DeviceParams, layerTensors } from './device-params';
 
 /** The one value of a per-image upstream gradient, or null when the images' values differ. */
 function uniformValue(dy: Float32Array): number | null {
@@ -109,20 +109,6 @@ export function shareDecoderWeights(spec: DecoderSpec, pos: tf.Tensor3D): Decode
   return out;
 }
 
-/**
- * A layer's weight and bias as a stage takes them: their data (and on a GPU their tags), or, when an
- * optimizer on the device made their values, just the tags the device knows them by (the host copy,
- * when read, is brought up to date first, so a tensor read here has the device's values).
- */
-function layerData(wt: tf.Tensor, bt: tf.Tensor, workspace: object | undefined, device: StageDevice): Pick<DecoderStageLayer, 'w' | 'b' | 'wTag' | 'bTag' | 'resident'> {
-  if (device === 'cpu') return { w: f32(wt), b: f32(bt) };
-  const owner = DeviceParams.of(wt);
-  const wTag = owner?.deviceTag(wt, workspace, device) ?? null;
-  const bTag = owner?.deviceTag(bt, workspace, device) ?? null;
-  if (wTag && bTag) return { wTag, bTag, resident: true };
-  return { w: f32(wt), b: f32(bt), wTag: wTag ?? contentTag(wt), bTag: bTag ?? contentTag(bt) };
-}
-
 export function decoderNll(a: DecoderNllArgs, device: StageDevice = 'cpu', precision: ConvPrecision = 'fp32'): DecoderNllResult {
   const B = checkDecoderNllArgs(a);
   const [n, c] = a.z.shape;
@@ -150,7 +136,7 @@ export function decoderNll(a: DecoderNllArgs, device: StageDevice = 'cpu', preci
       if (L.kind === 'spatialBroadcast') return { kind: 1 };
       const wt = weightTensors[w++];
       const bt = weightTensors[w++];
-      const base = { wShape: wt.shape, pad: L.pad, act: ADDON_ACT[L.activation], ...layerData(wt, bt, workspace, device) };
+      const base = { wShape: wt.shape, pad: L.pad, act: ADDON_ACT[L.activation], ...(device === 'cpu' ? { w: f32(wt), b: f32(bt) } : layerTensors(wt, bt, workspace, device)) };
       if (L.kind === 'broadcastConv') return { ...base, kind: 0 };
       if (L.kind === 'conv') return { ...base, kind: 2 };
       return { ...base, kind: 3, stride: L.stride, outputPad: L.outputPad };

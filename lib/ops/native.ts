@@ -15,7 +15,7 @@ import { colSums, f32, sideBySide, splitSideBySide } from './arrays';
 import { nativeStatus } from '../native';
 import { ADDON_ACT, addonOps as nhwc, contentTag, nativeOpsAvailable, workspaceFor, type ConvPrecision, type ConvStackSpec, type DeviceParamsSpec, type EncoderHeadGrads, type EncoderStageSpec, type StageDevice } from './addon';
 import { decoderNll, shareDecoderWeights } from './native-decoder';
-import { DeviceParams } from './device-params';
+import { DeviceParams, layerTensors } from './device-params';
 import { attnOf, slotCompetition } from './native-attention';
 import { dualGruCell, gruCell } from './native-gru';
 import { tfjsOps, type Ops } from './index';
@@ -80,7 +80,7 @@ export function convStackOnDevice(x: tf.Tensor4D, layers: ConvStackLayer[], devi
   const op = tf.customGrad((...args) => {
     const save = args.pop() as tf.GradSaveFunc;
     const t = args as tf.Tensor[];
-    const s: ConvStackSpec = { x: f32(t[0]), xShape, device, workspace, layers: stackLayerSpecs(layers, t.slice(1)) };
+    const s: ConvStackSpec = { x: f32(t[0]), xShape, device, workspace, layers: stackLayerSpecs(layers, t.slice(1), workspace, device) };
     const { y, yShape, stamp } = k.convStack(s);
     save(t);
     return {
@@ -96,24 +96,15 @@ export function convStackOnDevice(x: tf.Tensor4D, layers: ConvStackLayer[], devi
   return op(x, ...layers.flatMap((L) => [L.weight, L.bias])) as tf.Tensor4D;
 }
 
-/** The addon's layer specs of a conv stack from its weights and biases (wb: w0, b0, w1, b1, …). */
-function stackLayerSpecs(layers: ConvStackLayer[], wb: tf.Tensor[]): ConvStackSpec['layers'] {
-  return layers.map((L, i) => ({
-    w: f32(wb[2 * i]), wShape: [...L.weight.shape], b: f32(wb[2 * i + 1]), stride: L.stride ?? 1, pad: L.pad ?? 0,
-    act: ADDON_ACT[L.activation ?? 'linear'], wTag: contentTag(wb[2 * i]), bTag: contentTag(wb[2 * i + 1]),
-  }));
-}
-
 /**
- * A conv layer's spec when its weights may live on the device (tagOf: their device tags, null when
- * the host's values are current): with both, the workspace's; else the host's data under the
- * device's or the content tags.
+ * The addon's layer specs of a conv stack from its weights and biases (wb: w0, b0, w1, b1, …), for
+ * a call in `workspace` on `device` (layerTensors: the device's own when an optimizer there owns them).
  */
-function residentLayerSpec(L: ConvStackLayer, w: tf.Tensor, b: tf.Tensor, tagOf: (x: tf.Tensor) => number | null): ConvStackSpec['layers'][number] {
-  const base = { wShape: [...L.weight.shape], stride: L.stride ?? 1, pad: L.pad ?? 0, act: ADDON_ACT[L.activation ?? 'linear'] };
-  const wTag = tagOf(w), bTag = tagOf(b);
-  if (wTag !== null && bTag !== null) return { ...base, resident: true, wTag, bTag };
-  return { ...base, w: f32(w), b: f32(b), wTag: wTag ?? contentTag(w), bTag: bTag ?? contentTag(b) };
+function stackLayerSpecs(layers: ConvStackLayer[], wb: tf.Tensor[], workspace: object | undefined, device: StageDevice): ConvStackSpec['layers'] {
+  return layers.map((L, i) => ({
+    wShape: [...L.weight.shape], stride: L.stride ?? 1, pad: L.pad ?? 0, act: ADDON_ACT[L.activation ?? 'linear'],
+    ...layerTensors(wb[2 * i], wb[2 * i + 1], workspace, device),
+  }));
 }
 
 /** The addon's dw, db of a conv stack as tensors, w and b per layer. */
@@ -177,7 +168,7 @@ function encoderStageParts(a: EncoderArgs, device: StageDevice, precision: ConvP
     const headTags = hp.map(tagOf);
     return {
       x: xd, xShape, device, workspace,
-      layers: owner ? a.convs.map((L, i) => residentLayerSpec(L, t[2 * i], t[2 * i + 1], tagOf)) : stackLayerSpecs(a.convs, t.slice(0, 2 * nc)),
+      layers: stackLayerSpecs(a.convs, t.slice(0, 2 * nc), workspace, device),
       head: headTags.every((g) => g !== null)
         ? { pos: f32(a.pos), eps: ENCODER_LN_EPS, resident: true, Z: hp[8].shape[0], tags: [contentTag(a.pos), ...(headTags as number[])] }
         : { ...headSpec(a, hp), ...(device !== 'cpu' && { tags: [contentTag(a.pos), ...hp.map((x, i) => headTags[i] ?? contentTag(x))] }) },

@@ -147,9 +147,10 @@ export class Adam {
    */
   attachDevice(group: DeviceParamGroup): void {
     if (this.device.has(group)) throw new Error('Adam: the device group is attached already');
+    const onDevice = new Set(this.deviceNames());
     for (const name of group.names) {
       if (!this.params.variable(name).trainable) throw new Error(`Adam: '${name}' is not a trainable parameter`);
-      if (this.deviceNames().includes(name)) throw new Error(`Adam: '${name}' is in another device group`);
+      if (onDevice.has(name)) throw new Error(`Adam: '${name}' is in another device group`);
     }
     const held = group.names.filter((n) => this.m.has(n));
     if (held.length && held.length !== group.names.length) throw new Error(`Adam: moments for some of the device's parameters only (${held.join(', ')})`);
@@ -184,10 +185,11 @@ export class Adam {
       throw new Error(`Adam: gradScale must be a float32 value in (0, 1], got ${gradScale}`);
     }
     // check every gradient first, so that a bad one leaves the optimizer untouched
+    const onDevice = new Set(this.deviceNames());
     for (const [name, g] of grads) {
       const param = this.params.variable(name);
       if (!param.trainable) throw new Error(`Adam: '${name}' is not a trainable parameter`);
-      if (this.deviceNames().includes(name)) throw new Error(`Adam: '${name}' lives on the device; its gradient is made there, not given here`);
+      if (onDevice.has(name)) throw new Error(`Adam: '${name}' lives on the device; its gradient is made there, not given here`);
       if (g.shape.length !== param.shape.length || g.shape.some((d, i) => d !== param.shape[i])) {
         throw new Error(`Adam: gradient for '${name}' has shape [${g.shape}], the parameter [${param.shape}]`);
       }

@@ -1,7 +1,7 @@
 // The GPU side's entry points: the decoding stage (decoder.h) with the same plan, results and
 // gradients as the CPU stage, its activations in device memory for the whole call
-// (decoder_gpu.cu), the NHWC convolutions of nhwc.h (conv_gpu.cu, for the encoder) and the GRU
-// step of gru.h (gru_gpu.cu). Two builds of each source: `cuda` (nvcc, EMORL_CUDA=ON) runs on a
+// (decoder_gpu.cu), the NHWC convolutions of nhwc.h (conv_gpu.cu, for the encoder), the GRU
+// step of gru.h (gru_gpu.cu) and the optimizer of the weights kept on the device (params_gpu.cu). Two builds of each source: `cuda` (nvcc, EMORL_CUDA=ON) runs on a
 // device; `simt` (always built) runs the same kernels in the SIMT emulator of simt.h, so CI checks
 // the kernels without a GPU.
 #pragma once

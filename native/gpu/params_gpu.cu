@@ -1,0 +1,142 @@
+// A stage's device-resident parameters (gpu.h DeviceParams: the decoder's or the encoder's weights
+// in their stage's workspace) and their optimizer: the gradients' norms, Adam in place in the
+// weights' raw slots, and the copies of weights and moments for checkpoints. Each stage says where
+// its parameters lie (decoder_param_slot, encoder_param_slot) and leaves their gradients in the
+// workspace's gradient state buffer. Compiled by nvcc into emorl::cuda and by the host compiler
+// (params_simt.cc) into emorl::simt.
+#include "kernels.cuh"
+
+namespace emorl {
+namespace EMORL_GPU_NS {
+namespace {
+
+// Where parameters lie end to end in a state buffer: parameter j is [begin[j], end[j]).
+constexpr int kMaxSpans = 32;
+struct ParamSpans {
+  int n;
+  i64 begin[kMaxSpans], end[kMaxSpans];
+};
+
+// norms[j] = the L2 norm of g[begin[j], end[j]) as l2_norm_f32 (optimizer.h) computes it: each
+// square rounded to float, summed in order in double, the sum and its square root rounded to
+// float. One thread per parameter: the order is the host's, so the bits are.
+__global__ void l2_norms_kernel(const float* g, ParamSpans spans, float* norms) {
+  EMORL_GRID_LOOP(j, spans.n) {
+    double t = 0;
+    for (i64 i = spans.begin[j]; i < spans.end[j]; ++i) t += static_cast<double>(mul_rn(g[i], g[i]));
+    norms[j] = sqrt_rn(static_cast<float>(t));
+  }
+}
+
+// adam_update (optimizer.h) in place on p, every operation rounded to float in its order
+__global__ void adam_kernel(float* p, const float* g, float* m, float* v, i64 n, AdamScalars s) {
+  EMORL_GRID_LOOP(i, n) {
+    const float gi = s.scale != 1.f ? mul_rn(g[i], s.scale) : g[i];
+    m[i] = s.first ? mul_rn(gi, s.c1) : add_rn(mul_rn(m[i], s.b1), mul_rn(gi, s.c1));
+    const float sq = mul_rn(gi, gi);
+    v[i] = s.first ? mul_rn(sq, s.c2) : add_rn(mul_rn(v[i], s.b2), mul_rn(sq, s.c2));
+    const float denom = add_rn(div_rn(sqrt_rn(v[i]), s.bc2_sqrt), s.eps);
+    p[i] = sub_rn(p[i], mul_rn(div_rn(m[i], denom), s.step_size));
+  }
+}
+
+size_t param_slot(const DeviceParams& p, size_t j) {
+  return p.stage == DeviceParams::Stage::Decoder ? decoder_param_slot(p, j) : encoder_param_slot(p, j);
+}
+
+// "the weight of layer 2", "the bias of layer 0", "head tensor 4 of the encoder"
+std::string param_name(const DeviceParams& p, size_t j) {
+  const DeviceParams::Param& q = p.params[j];
+  if (p.stage == DeviceParams::Stage::Encoder && q.index >= p.layers) return "head tensor " + std::to_string(q.index - p.layers + 1) + " of the encoder";
+  return std::string("the ") + (q.bias ? "bias" : "weight") + " of " + (p.stage == DeviceParams::Stage::Encoder ? "conv layer " : "layer ") +
+         std::to_string(q.index);
+}
+
+// parameter j's raw slot, which must hold it under its tag (it does after a stage that used it)
+float* resident_param(DeviceWorkspace& ws, const DeviceParams& p, size_t j) {
+  const size_t slot = param_slot(p, j);
+  const DeviceParams::Param& q = p.params[j];
+  if (!q.tag || !ws.slot_holds(slot, slot_tag(q.tag, kAsIs)))
+    throw std::invalid_argument("device parameters: the device does not hold " + param_name(p, j) + " under tag " + std::to_string(q.tag) +
+                                " (no stage has used it since it changed)");
+  return ws.buf(slot, 0);
+}
+
+// the state buffer of `key`, which must be there (what: the message's name for it)
+float* existing_state(DeviceWorkspace& ws, uint64_t key, size_t n, const char* what) {
+  float* d = ws.find_state(key, n);
+  if (!d) throw std::invalid_argument(std::string("device parameters: no ") + what + " on the device");
+  return d;
+}
+
+uint64_t state_key(DeviceParamPart part) {
+  switch (part) {
+    case DeviceParamPart::Grads: return kGradState;
+    case DeviceParamPart::FirstMoments: return kFirstMomentState;
+    case DeviceParamPart::SecondMoments: return kSecondMomentState;
+    case DeviceParamPart::Weights: break;
+  }
+  throw std::logic_error("device parameters: weights are not a state buffer");
+}
+const char* state_name(DeviceParamPart part) {
+  return part == DeviceParamPart::Grads ? "summed gradients" : part == DeviceParamPart::FirstMoments ? "first moments" : "second moments";
+}
+}  // namespace
+
+void device_grad_norms(const DeviceParams& p, float* norms, GpuWorkspace& gws) {
+  DeviceWorkspace& ws = own_workspace(gws);
+  const float* g = existing_state(ws, kGradState, p.total(), "summed gradients");
+  float* d = ws.state(kNormState, std::max<size_t>(1, p.params.size()));
+  for (size_t first = 0, offset = 0; first < p.params.size(); first += kMaxSpans) {
+    ParamSpans spans{};
+    spans.n = static_cast<int>(std::min<size_t>(kMaxSpans, p.params.size() - first));
+    const size_t start = offset;
+    for (int j = 0; j < spans.n; ++j) {
+      spans.begin[j] = static_cast<i64>(offset - start);
+      offset += p.params[first + static_cast<size_t>(j)].n;
+      spans.end[j] = static_cast<i64>(offset - start);
+    }
+    launch(l2_norms_kernel, dim3(1), dim3(kMaxSpans), g + start, spans, d + first);
+  }
+  if (!p.params.empty()) ws.down(norms, d, p.params.size());
+  finish("device gradient norms");
+}
+
+void device_adam(const DeviceParams& p, const std::vector<uint64_t>& new_tags, const AdamScalars& s, GpuWorkspace& gws) {
+  DeviceWorkspace& ws = own_workspace(gws);
+  if (new_tags.size() != p.params.size()) throw std::invalid_argument("device Adam: one new tag per parameter");
+  const size_t total = p.total();
+  const float* g = existing_state(ws, kGradState, total, "summed gradients");
+  float* m = s.first ? ws.state(kFirstMomentState, total) : existing_state(ws, kFirstMomentState, total, "first moments (not the first step)");
+  float* v = s.first ? ws.state(kSecondMomentState, total) : existing_state(ws, kSecondMomentState, total, "second moments (not the first step)");
+  std::vector<float*> ps;
+  for (size_t j = 0; j < p.params.size(); ++j) {
+    if (!new_tags[j] || new_tags[j] == p.params[j].tag) throw std::invalid_argument("device Adam: every parameter needs a new tag (nonzero)");
+    ps.push_back(resident_param(ws, p, j));  // all checked before anything changes
+  }
+  for (size_t j = 0, offset = 0; j < p.params.size(); offset += p.params[j].n, ++j) {
+    const i64 n = static_cast<i64>(p.params[j].n);
+    launch(adam_kernel, grid_for(n), dim3(kThreads), ps[j], g + offset, m + offset, v + offset, n, s);
+    ws.tag_slot(param_slot(p, j), slot_tag(new_tags[j], kAsIs));
+  }
+  finish("device Adam");
+}
+
+void device_params_copy(const DeviceParams& p, DeviceParamPart part, float* down, const float* up, GpuWorkspace& gws) {
+  DeviceWorkspace& ws = own_workspace(gws);
+  if (!down == !up) throw std::invalid_argument("device parameters: copy one way, down or up");
+  const size_t total = p.total();
+  if (part == DeviceParamPart::Weights) {
+    if (up) throw std::invalid_argument("device parameters: weights go up through the stages (under their tags), not here");
+    for (size_t j = 0, offset = 0; j < p.params.size(); offset += p.params[j].n, ++j) ws.down(down + offset, resident_param(ws, p, j), p.params[j].n);
+  } else if (down) {
+    ws.down(down, existing_state(ws, state_key(part), total, state_name(part)), total);
+  } else {
+    if (part == DeviceParamPart::Grads) throw std::invalid_argument("device parameters: gradients are made on the device, not uploaded");
+    ws.up(ws.state(state_key(part), total), up, total);
+  }
+  finish("device parameter copy");
+}
+
+}  // namespace EMORL_GPU_NS
+}  // namespace emorl
