@@ -24,6 +24,9 @@ import { ReplayNoise, SeededNoise, type RecordedDraw } from '../lib/model/noise'
 import { withH5File } from '../lib/io/h5';
 import { readArray, readParamGroup } from '../lib/params/h5';
 import type { StageDevice } from '../lib/ops/addon';
+import type { ParamRecord } from '../lib/params/store';
+import { LocalGroup, type Communicator } from '../lib/train/distributed';
+import { NcclCommunicator, ncclStatus, ncclUniqueId } from '../lib/train/nccl';
 
 /** The golden fixture's recorded pass (group no_geco) through nativeOpsOn(device): true when it matches. */
 async function goldenCheck(device: StageDevice, file: string): Promise<boolean> {
@@ -105,9 +108,11 @@ function sharedWeightsCheck(device: StageDevice): boolean {
 /**
  * Three training steps with the decoder's and the encoder's weights and their Adam step on the device against the
  * same steps with Adam on the host (both decoding on the device): every parameter the same bits,
- * and the bus per step without the weights and their gradients.
+ * and the bus per step without the weights and their gradients. Then the same steps as one
+ * data-parallel rank, whose device gradients go through its communicator's allreduce: NCCL on the
+ * device's memory on a CUDA device with NCCL, else the host (a one-rank LocalGroup): the same bits.
  */
-function deviceOptimizerCheck(device: StageDevice): boolean {
+async function deviceOptimizerCheck(device: StageDevice): Promise<boolean> {
   const S = 12;
   const config = experimentConfig({
     Net: { K: 3, input_size: [3, S, S], z_size: 8, image_decoder: 'small', image_likelihood: 'GMM', stochastic_layers: 2, refinement_iters: 2 },
@@ -115,31 +120,38 @@ function deviceOptimizerCheck(device: StageDevice): boolean {
     seed: 5,
   });
   const images = tf.randomUniform([4, 3, S, S], -1, 1, 'float32', 9);
-  const run = (deviceOptimizer: boolean) => {
-    const t = new Trainer(config, { ops: nativeOpsOn(device), deviceOptimizer });
+  const run = async (deviceOptimizer: boolean, comm?: Communicator) => {
+    const t = new Trainer(config, { ops: nativeOpsOn(device), deviceOptimizer, comm });
     try {
-      const bus = [0, 1, 2].map(() => {
+      const bus: number[][] = [];
+      for (let i = 0; i < 3; i++) {
         const b0 = deviceTraffic();
-        t.step(images);
+        (await t.stepAsync(images)).release();
         const b1 = deviceTraffic();
-        return [b1.upBytes - b0.upBytes, b1.downBytes - b0.downBytes];
-      });
+        bus.push([b1.upBytes - b0.upBytes, b1.downBytes - b0.downBytes]);
+      }
       return { params: t.parameters(), bus: bus[2] };
     } finally {
       t.dispose();
+      comm?.close?.();
     }
   };
-  const host = run(false), dev = run(true);
+  const differing = (a: ParamRecord, b: ParamRecord) => {
+    let n = 0;
+    for (const k of Object.keys(a)) for (let i = 0; i < a[k].data.length; i++) if (!Object.is(a[k].data[i], b[k].data[i])) n++;
+    return n;
+  };
+  const host = await run(false), dev = await run(true);
+  const nccl = device !== 'simt' && ncclStatus().available;
+  const rank = await run(true, nccl ? new NcclCommunicator(ncclUniqueId(), 0, 1, Number(device.slice(5))) : LocalGroup.create(1)[0]);
   images.dispose();
-  let differ = 0;
-  for (const k of Object.keys(host.params)) {
-    const a = host.params[k].data, b = dev.params[k].data;
-    for (let i = 0; i < a.length; i++) if (!Object.is(a[i], b[i])) differ++;
-  }
+  const differ = differing(host.params, dev.params), rankDiffer = differing(dev.params, rank.params);
   const kib = (b: number) => (b / 1024).toFixed(1);
   console.log(`${differ ? 'FAIL' : 'ok  '} 3 training steps with the decoder's and the encoder's Adam on ${device}: ${differ} parameter values differ from Adam on the host; ` +
     `bus per step ${kib(dev.bus[0])} KiB up, ${kib(dev.bus[1])} KiB down (Adam on the host: ${kib(host.bus[0])}, ${kib(host.bus[1])})`);
-  return differ === 0;
+  console.log(`${rankDiffer ? 'FAIL' : 'ok  '} the same steps as one data-parallel rank, its device gradients summed ${nccl ? 'by NCCL on the device' : 'through the host'}: ` +
+    `${rankDiffer} parameter values differ; bus per step ${kib(rank.bus[0])} KiB up, ${kib(rank.bus[1])} KiB down`);
+  return differ === 0 && rankDiffer === 0;
 }
 
 async function main(): Promise<number> {
@@ -180,7 +192,7 @@ async function main(): Promise<number> {
     console.log(`${pass ? 'ok  ' : 'FAIL'} 3 training steps, ${decoder} decoder, ${likelihood}: losses and gradient norms on ${device} within ${worst.toExponential(2)} of the CPU's (tolerance 1e-4)`);
   }
   ok = sharedWeightsCheck(device) && ok;
-  ok = deviceOptimizerCheck(device) && ok;
+  ok = (await deviceOptimizerCheck(device)) && ok;
   const fi = process.argv.indexOf('--fixture');
   const fixture = fi > 0 ? process.argv[fi + 1] : 'fixtures/tetrominoes-small-gaussian.h5';
   if (fs.existsSync(fixture)) ok = (await goldenCheck(device, fixture)) && ok;

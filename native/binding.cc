@@ -30,6 +30,7 @@
 #include "optimizer.h"
 #include "likelihood.h"
 #include "nhwc.h"
+#include "nccl.h"
 
 #if defined(EMORL_CUDA)
 namespace emorl {
@@ -1246,24 +1247,25 @@ Napi::Value DeviceAdamFn(const Napi::CallbackInfo& info, bool) {
   return a.env().Undefined();
 }
 
-// spec.part: 'weights', 'grads', 'm' or 'v'; `writable`: the moments only (weights go up through
-// the stages, gradients are summed on the device)
+// spec.part: 'weights', 'grads', 'm' or 'v'; `writable`: not the weights (they go up through the
+// stages)
 emorl::DeviceParamPart param_part(const Args& a, const Props& p, bool writable) {
   Napi::Value v = p.get("part");
   const std::string s = v.IsString() ? v.As<Napi::String>().Utf8Value() : "";
   if (s == "m") return emorl::DeviceParamPart::FirstMoments;
   if (s == "v") return emorl::DeviceParamPart::SecondMoments;
-  if (writable) a.range_error("'" + p.name("part") + "' must be 'm' or 'v' (weights go up through the stages)");
-  if (s == "weights") return emorl::DeviceParamPart::Weights;
   if (s == "grads") return emorl::DeviceParamPart::Grads;
+  if (writable) a.range_error("'" + p.name("part") + "' must be 'grads', 'm' or 'v' (weights go up through the stages)");
+  if (s == "weights") return emorl::DeviceParamPart::Weights;
   a.range_error("'" + p.name("part") + "' must be 'weights', 'grads', 'm' or 'v'");
   return emorl::DeviceParamPart::Weights;
 }
 
 // deviceParamsRead({ workspace, device, layers, params, part: 'weights' | 'grads' | 'm' | 'v' })
 //   -> Float32Array: that part of every parameter, end to end
-// deviceParamsWrite({ workspace, device, layers, params, part: 'm' | 'v', data: Float32Array }):
-//   the moments of every parameter, end to end, onto the device (an optimizer state restored)
+// deviceParamsWrite({ workspace, device, layers, params, part: 'grads' | 'm' | 'v', data: Float32Array }):
+//   that part of every parameter, end to end, onto the device: the moments of a restored optimizer
+//   state, or the ranks' sum of the gradients a pass left (data parallel through the host)
 template <bool Write>
 Napi::Value DeviceParamsCopyFn(const Napi::CallbackInfo& info, bool) {
   Args a(info, Write ? "deviceParamsWrite" : "deviceParamsRead");
@@ -1278,6 +1280,27 @@ Napi::Value DeviceParamsCopyFn(const Napi::CallbackInfo& info, bool) {
   if (!Write) EMORL_ON_GPU(c.gpu, device_params_copy, c.d, part, out.Data(), nullptr, *c.gpu.ws);
   c.gpu.done(a.env());
   return Write ? a.env().Undefined() : Napi::Value(out);
+}
+
+// deviceGradAllreduce({ workspace, device, layers, params }, comm: NcclComm): the summed gradients a
+//   pass left on the device, summed over the communicator's ranks in place (ncclAllReduce on the
+//   device's memory: nothing crosses the bus). The parameters must be on the communicator's CUDA
+//   device; the emulator's memory is the host's, so its ranks reduce through the host instead.
+Napi::Value DeviceGradAllreduceFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "deviceGradAllreduce");
+  ParamsCall c(a);
+  if (c.gpu.simt())
+    a.range_error("'" + c.p.name("device") + "' is 'simt', whose memory is the host's; NCCL reduces CUDA device memory (the emulator's ranks reduce " +
+                  "their gradients through the host: deviceParamsRead and deviceParamsWrite, part 'grads')");
+#if defined(EMORL_CUDA)
+  const int comm_device = emorl::nccl_comm_device(a.env(), a.at(1), "deviceGradAllreduce");
+  if (comm_device != c.gpu.device.index)
+    a.range_error("the communicator is on cuda:" + std::to_string(comm_device) + ", the parameters on cuda:" + std::to_string(c.gpu.device.index));
+  float* g = emorl::cuda::device_grad_state(c.d, *c.gpu.ws);
+  emorl::nccl_sum_in_place(a.env(), a.at(1), g, c.d.total(), "deviceGradAllreduce");
+#endif
+  c.gpu.done(a.env());
+  return a.env().Undefined();
 }
 
 // A Float64Array property of exactly n elements.
@@ -2152,6 +2175,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("deviceAdam", Napi::Function::New(env, entry<DeviceAdamFn, false>, "deviceAdam"));
   exports.Set("deviceParamsRead", Napi::Function::New(env, entry<DeviceParamsCopyFn<false>, false>, "deviceParamsRead"));
   exports.Set("deviceParamsWrite", Napi::Function::New(env, entry<DeviceParamsCopyFn<true>, false>, "deviceParamsWrite"));
+  exports.Set("deviceGradAllreduce", Napi::Function::New(env, entry<DeviceGradAllreduceFn, false>, "deviceGradAllreduce"));
   exports.Set("nhwcConv2d", Napi::Function::New(env, entry<NhwcConv2d, false>, "nhwcConv2d"));
   exports.Set("nhwcConv2dBackward", Napi::Function::New(env, entry<NhwcConv2dBackward, false>, "nhwcConv2dBackward"));
   exports.Set("nhwcConvTranspose2d", Napi::Function::New(env, entry<NhwcConvTranspose2d, false>, "nhwcConvTranspose2d"));

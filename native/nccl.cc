@@ -11,10 +11,13 @@
 //                               allreduceSum(Float32Array) -> Float32Array (CUDA builds: staged
 //                               through device memory on `device`), destroy(); getters rank, size,
 //                               device, destroyed.
+// nccl.h: other bindings' in-place allreduce of device memory through an NcclComm they are handed.
 // The communicator and its library handle live in the JS-owned NcclComm object (ObjectWrap;
 // destroyed by destroy() or the finalizer); the free functions open the library per call. No
 // global mutable state. The library is opened RTLD_NODELETE: NCCL starts threads (the bootstrap
 // root of ncclGetUniqueId) that must outlive our handle, so dlclose never unmaps it.
+#include "nccl.h"
+
 #include <napi.h>
 #include <dlfcn.h>
 
@@ -55,6 +58,9 @@ using GetErrorStringFn = const char* (*)(ncclResult_t);
 using GetVersionFn = ncclResult_t (*)(int*);
 
 constexpr const char* kDefaultLibrary = "libnccl.so.2";
+
+// Marks the JS objects that wrap an NcclComm, so that nccl.h's functions unwrap nothing else.
+constexpr napi_type_tag kNcclCommTag = {0x656d6f726c2d6e63ULL, 0x636c2d636f6d6d31ULL};
 
 // One dlopen of the library with its entry points; closes (refcount only: RTLD_NODELETE) on scope exit.
 class NcclLibrary {
@@ -222,9 +228,37 @@ class NcclComm : public Napi::ObjectWrap<NcclComm> {
     }
     comm_ = comm;
     lib_ = std::move(lib);
+    info.This().As<Napi::Object>().TypeTag(&kNcclCommTag);
   }
 
   ~NcclComm() override { release(); }
+
+  // The live communicator `v` wraps; a JS error (prefix `fn`) otherwise.
+  static NcclComm& of(Napi::Env env, Napi::Value v, const std::string& fn) {
+    if (!v.IsObject() || !v.As<Napi::Object>().CheckTypeTag(&kNcclCommTag))
+      throw Napi::TypeError::New(env, "emorl." + fn + ": argument 'comm' must be an NcclComm");
+    NcclComm* c = Unwrap(v.As<Napi::Object>());
+    if (!c->comm_) throw Napi::Error::New(env, "emorl." + fn + ": the communicator was destroyed");
+    return *c;
+  }
+
+  int device() const { return device_; }
+
+  void sum_in_place(Napi::Env env, float* data, size_t n, const std::string& fn) {
+    const std::string where = "emorl." + fn + ": ";
+    if (n == 0) return;
+#if defined(EMORL_CUDA)
+    cudaError_t ce = cudaSetDevice(device_);
+    if (ce != cudaSuccess) throw Napi::Error::New(env, where + cuda_describe("cudaSetDevice", ce));
+    const ncclResult_t r = lib_->all_reduce_(data, data, n, kNcclFloat32, kNcclSum, comm_, stream_);
+    if (r != kNcclSuccess) throw Napi::Error::New(env, where + lib_->describe("ncclAllReduce", r));
+    ce = cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream_));
+    if (ce != cudaSuccess) throw Napi::Error::New(env, where + cuda_describe("cudaStreamSynchronize", ce));
+#else
+    (void)data;
+    throw Napi::Error::New(env, where + "this addon was built without CUDA (EMORL_CUDA=OFF): there is no device memory to reduce");
+#endif
+  }
 
  private:
   void release_stream() {
@@ -306,6 +340,12 @@ class NcclComm : public Napi::ObjectWrap<NcclComm> {
 };
 
 }  // namespace
+
+int nccl_comm_device(Napi::Env env, Napi::Value comm, const std::string& fn) { return NcclComm::of(env, comm, fn).device(); }
+
+void nccl_sum_in_place(Napi::Env env, Napi::Value comm, float* data, size_t n, const std::string& fn) {
+  NcclComm::of(env, comm, fn).sum_in_place(env, data, n, fn);
+}
 
 void register_nccl(Napi::Env env, Napi::Object exports) {
   exports.Set("ncclStatus", Napi::Function::New(env, NcclStatus, "ncclStatus"));

@@ -14,6 +14,7 @@ import { Trainer } from '../lib/train/trainer';
 import { EfficientMORL } from '../lib/model/efficient-morl';
 import { SeededNoise } from '../lib/model/noise';
 import type { ParamRecord } from '../lib/params/store';
+import { LocalGroup } from '../lib/train/distributed';
 import { uniform } from './helpers';
 
 const st = nativeStatus();
@@ -155,6 +156,73 @@ describeDevices('the decoder\'s and the encoder\'s weights and their Adam step o
   }, 120_000);
 });
 
+describeDevices('data-parallel ranks with the weights on %s', (device) => {
+  test('sum the device\'s gradients through the host and take Adam on the host\'s steps bit for bit', async () => {
+    const world = 2;
+    const all = tf.tensor4d(uniform(world * 2 * 3 * S * S, 78), [world * 2, 3, S, S]);
+    const run = async (deviceOptimizer: boolean) => {
+      const ranks = LocalGroup.create(world).map((comm) => new Trainer(config, { ops: nativeOpsOn(device), comm, deviceOptimizer }));
+      try {
+        const steps = await Promise.all(
+          ranks.map(async (t, rank) => {
+            const shard = all.slice([2 * rank, 0, 0, 0], [2, 3, S, S]);
+            const out: number[][] = [];
+            for (let i = 0; i < 3; i++) {
+              const r = await t.stepAsync(shard, { noise: new SeededNoise(100 + 10 * i + rank) });
+              r.release();
+              out.push([r.totalLoss, r.nll, r.kl, r.gradNorm, Number(r.applied)]);
+            }
+            shard.dispose();
+            return out;
+          }),
+        );
+        expect(ranks.map((t) => t.deviceParams.length > 0)).toEqual([deviceOptimizer, deviceOptimizer]);
+        expect(ranks.map((t) => t.deviceParams.some((g) => g.hasGradients))).toEqual([false, false]);
+        return { steps, params: ranks.map((t) => t.parameters()), adam: ranks.map((t) => t.optimizer.exportState()) };
+      } finally {
+        for (const t of ranks) t.dispose();
+      }
+    };
+    try {
+      const host = await run(false);
+      const dev = await run(true);
+      expect(dev.steps).toEqual(host.steps);
+      expect(host.steps[0][0]).toEqual(host.steps[1][0]); // the ranks report the reduced values
+      expect(host.steps[0][0][3]).toBeGreaterThan(5); // clipped
+      for (let rank = 0; rank < world; rank++) {
+        expectSameBits(host.params[rank], dev.params[rank]);
+        for (const which of ['m', 'v'] as const) for (const [k, e] of host.adam[rank][which]) expect([k, dev.adam[rank][which].get(k)!.data]).toEqual([k, e.data]);
+      }
+      expectSameBits(dev.params[0], dev.params[1]);
+    } finally {
+      all.dispose();
+    }
+  }, 240_000);
+
+  test('the gradients a pass left on the device go down and back as the ranks\' sum', () => {
+    const m = new EfficientMORL(config.Net, { ops: nativeOpsOn(device), seed: 4 });
+    try {
+      const [decoder] = m.keepWeightsOnDevice();
+      expect(() => decoder.readGradients()).toThrow(/DeviceParams.readGradients: no pass's gradients of the decoder wait on the device/);
+      const images = tf.tensor4d(uniform(2 * 3 * S * S, 79), [2, 3, S, S]);
+      m.lossAndGrads(images, { noise: new SeededNoise(1) }).dispose();
+      images.dispose();
+      const g = decoder.readGradients();
+      const norms = decoder.gradNorms();
+      expect(g.length).toBe(decoder.names.reduce((n, k) => n + m.params.get(k).size, 0));
+      // twice the gradients: twice each norm
+      decoder.writeGradients(g.map((v) => 2 * v));
+      const doubled = decoder.gradNorms();
+      for (const [k, n] of norms) expect([k, doubled.get(k)]).toEqual([k, 2 * n]);
+      expect(() => decoder.writeGradients(g.subarray(1))).toThrow(/the decoder's gradients have \d+ values, not \d+/);
+      expect(() => decoder.allreduceGradients({})).toThrow(device === 'simt' ? /whose memory is the host's/ : /argument 'comm' must be an NcclComm/);
+      decoder.discardGradients();
+    } finally {
+      m.dispose();
+    }
+  }, 120_000);
+});
+
 (available ? describe : describe.skip)('device-resident parameters at the addon\'s boundary', () => {
   test('clear errors for what the device does not hold, and for parts that do not go that way', () => {
     const k = addonOps();
@@ -166,7 +234,9 @@ describeDevices('the decoder\'s and the encoder\'s weights and their Adam step o
     expect(() => k.deviceAdam({ ...spec, ...scalars, newTags: [8] })).toThrow(/no summed gradients on the device/);
     expect(() => k.deviceParamsRead({ ...spec, part: 'weights' })).toThrow(/the device does not hold the weight of layer 0 under tag 7/);
     expect(() => k.deviceParamsRead({ ...spec, part: 'm' })).toThrow(/no first moments on the device/);
-    expect(() => k.deviceParamsWrite({ ...spec, part: 'weights' as 'm', data: new Float32Array(4) })).toThrow(/'spec.part' must be 'm' or 'v'/);
+    expect(() => k.deviceParamsWrite({ ...spec, part: 'weights' as 'm', data: new Float32Array(4) })).toThrow(/'spec.part' must be 'grads', 'm' or 'v'/);
+    expect(() => k.deviceParamsWrite({ ...spec, part: 'grads', data: new Float32Array(4) })).toThrow(/no summed gradients to replace on the device/);
+    expect(() => k.deviceGradAllreduce(spec, {})).toThrow(/'spec.device' is 'simt', whose memory is the host's; NCCL reduces CUDA device memory/);
     expect(() => k.deviceParamsWrite({ ...spec, part: 'm', data: new Float32Array(3) })).toThrow(/'spec.data' has 3 elements but the parameters' 4 values needs 4/);
     expect(() => k.deviceParamsRead({ ...spec, params: [{ index: 2, bias: false, size: 4, tag: 7 }], part: 'm' })).toThrow(/'spec.params\[0\].index' is 2, past the stage's 2 places/);
     expect(() => k.deviceParamsRead({ ...spec, params: [{ index: 0, bias: false, size: 4, tag: 0 }], part: 'm' })).toThrow(/'spec.params\[0\].tag' must be a content tag >= 1/);

@@ -55,8 +55,16 @@ export interface NativeAddon {
   deviceAdam(spec: DeviceParamsCallSpec & AdamStepScalars & { newTags: number[] }): void;
   /** one part of every device-resident parameter, end to end */
   deviceParamsRead(spec: DeviceParamsCallSpec & { part: 'weights' | 'grads' | 'm' | 'v' }): Float32Array;
-  /** the moments of every device-resident parameter, end to end, onto the device */
-  deviceParamsWrite(spec: DeviceParamsCallSpec & { part: 'm' | 'v'; data: Float32Array }): void;
+  /**
+   * one part of every device-resident parameter, end to end, onto the device: the moments of a
+   * restored optimizer state, or the ranks' sum of the gradients a pass left there
+   */
+  deviceParamsWrite(spec: DeviceParamsCallSpec & { part: 'grads' | 'm' | 'v'; data: Float32Array }): void;
+  /**
+   * the gradients a pass left on a CUDA device summed over the ranks of `comm` (an NcclComm on that
+   * device) in place, with no copy through the host
+   */
+  deviceGradAllreduce(spec: DeviceParamsCallSpec, comm: object): void;
   /**
    * one Adam step of one parameter (native/optimizer.h): the next parameter values; m and v are
    * updated in place. The scalars are float32 values; the same bits as lib/optim/adam.ts' loop.

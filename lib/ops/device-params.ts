@@ -173,6 +173,30 @@ export class DeviceParams {
     });
   }
 
+  /** The waiting gradients, end to end in `names`' order (for a reduction through the host). */
+  readGradients(): Float32Array {
+    this.checkPending('readGradients');
+    return addonOps().deviceParamsRead({ ...this.spec(), part: 'grads' });
+  }
+
+  /** Replaces the waiting gradients (the ranks' sum of readGradients). */
+  writeGradients(sum: Float32Array): void {
+    this.checkPending('writeGradients');
+    const n = this.params.reduce((k, p) => k + p.size, 0);
+    if (sum.length !== n) throw new Error(`DeviceParams.writeGradients: the ${this.stage}'s gradients have ${n} values, not ${sum.length}`);
+    addonOps().deviceParamsWrite({ ...this.spec(), part: 'grads', data: sum });
+  }
+
+  /** Sums the waiting gradients over the ranks of `comm` (an NcclComm on this CUDA device) where they lie. */
+  allreduceGradients(comm: object): void {
+    this.checkPending('allreduceGradients');
+    addonOps().deviceGradAllreduce(this.spec(), comm);
+  }
+
+  private checkPending(what: string): void {
+    if (!this.pending) throw new Error(`DeviceParams.${what}: no pass's gradients of the ${this.stage} wait on the device`);
+  }
+
   /** Drops the waiting gradients (a skipped step). */
   discardGradients(): void {
     this.pending = false;

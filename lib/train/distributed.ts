@@ -4,6 +4,7 @@
  *   every rank: the same global batch sequence, its contiguous slice of each batch, its rows of
  *   the globally-shaped noise, a loss normalised by the GLOBAL batch size;
  *   allreduceSum(gradients ++ scalars) → the single-rank run's gradients (to float rounding);
+ *   (gradients kept on a GPU device are summed there: allreduceDeviceGradients, or through the host);
  *   then clipping, Adam and GECO run identically everywhere, so parameters stay identical.
  *
  * Implementations: `LocalGroup` (ranks in one process, for tests and the library), the launcher's
@@ -12,6 +13,7 @@
  * in a fixed rank order (CPU) or by NCCL's own deterministic reduction.
  */
 import { crc32 } from '../util/crc32';
+import type { DeviceParams } from '../ops/device-params';
 
 export interface Communicator {
   readonly rank: number;
@@ -21,6 +23,12 @@ export interface Communicator {
    * in the same order, and call collectives in the same order). Resolves to new buffers.
    */
   allreduceSum(buffers: Float32Array[]): Promise<Float32Array[]>;
+  /**
+   * Sums the gradients a pass left on a GPU device (a DeviceParams group's) over the ranks where
+   * they lie, in place (NCCL on the group's CUDA device). Absent: the trainer adds them to its
+   * allreduceSum through the host (downloaded, then the sums written back).
+   */
+  allreduceDeviceGradients?(group: DeviceParams): void;
   /** Releases the communicator (idempotent). */
   close?(): void;
 }

@@ -2,12 +2,13 @@
  * NCCL for `emorl-train --gpus N`, through the addon's run-time loader (native/nccl.cc: dlopen of
  * libnccl.so.2, so neither building nor loading the addon needs NCCL).
  *
- * Today the model's kernels run on the CPU, so `NcclCommunicator` reduces host buffers staged
- * through device memory (addon built with EMORL_CUDA=1); once the CUDA kernels land, the
- * gradients will already live on the device and the addon will call ncclAllReduce on them.
+ * The gradients of the weights kept on the GPU (the decoder's and the encoder's: DeviceParams) are
+ * summed where they lie, by ncclAllReduce on the device's memory; the rest (host-trained tensors,
+ * the step's scalars) are host buffers staged through device memory.
  */
 import { nativeStatus } from '../native';
 import { concatBuffers, DistributedError, splitBuffer, type Communicator } from './distributed';
+import type { DeviceParams } from '../ops/device-params';
 
 export interface NcclStatus {
   available: boolean;
@@ -100,6 +101,12 @@ export class NcclCommunicator implements Communicator {
   async allreduceSum(buffers: Float32Array[]): Promise<Float32Array[]> {
     const sum = this.comm.allreduceSum(concatBuffers(buffers));
     return splitBuffer(sum, buffers.map((b) => b.length));
+  }
+
+  allreduceDeviceGradients(group: DeviceParams): void {
+    const device = `cuda:${this.comm.device}`;
+    if (group.device !== device) throw new DistributedError(`NCCL on ${device} cannot sum the ${group.stage}'s gradients, which lie on ${group.device}`);
+    group.allreduceGradients(this.comm);
   }
 
   close(): void {

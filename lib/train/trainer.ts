@@ -115,7 +115,8 @@ export class Trainer {
       comm?: Communicator;
       /**
        * On a GPU device, keep the decoder's and the encoder's weights there with their Adam step
-       * (default: yes, when training alone; data-parallel ranks reduce every gradient on the host for now)
+       * (default: yes). Data-parallel ranks sum those gradients there too when the communicator can
+       * (NCCL), else through the host.
        */
       deviceOptimizer?: boolean;
     } = {},
@@ -126,8 +127,7 @@ export class Trainer {
     this.model =
       opts.model ?? (config.training.model === 'SlotAttention' ? new SlotAttention(config.Net, modelOptions) : new EfficientMORL(config.Net, modelOptions));
     this.optimizer = new Adam(this.model.params, { lr: config.training.lr });
-    if (opts.deviceOptimizer && this.comm) throw new Error('Trainer: the device optimizer is for a process training alone; data-parallel ranks reduce gradients on the host');
-    this.deviceParams = (opts.deviceOptimizer ?? !this.comm) && this.model instanceof EfficientMORL ? this.model.keepWeightsOnDevice() : [];
+    this.deviceParams = (opts.deviceOptimizer ?? true) && this.model instanceof EfficientMORL ? this.model.keepWeightsOnDevice() : [];
     for (const group of this.deviceParams) this.optimizer.attachDevice(group);
     const t = config.training;
     const [C, H, W] = config.Net.input_size;
@@ -174,8 +174,13 @@ export class Trainer {
     try {
       const keys = [...local.grads.keys()].sort();
       const grads = keys.map((k) => local.grads.get(k)!.dataSync() as Float32Array);
+      // the gradients waiting on a device: summed there when the communicator can, else with the rest
+      const waiting = this.deviceParams.filter((g) => g.hasGradients);
+      const viaHost = comm.allreduceDeviceGradients ? [] : waiting;
+      if (comm.allreduceDeviceGradients) for (const g of waiting) comm.allreduceDeviceGradients(g);
       const scalars = Float32Array.from([local.totalLoss, local.nll, local.kl, opts.stopRequested ? 1 : 0, local.deltas.length, ...local.deltas]);
-      const sums = await comm.allreduceSum([...grads, scalars]);
+      const sums = await comm.allreduceSum([...grads, ...viaHost.map((g) => g.readGradients()), scalars]);
+      viaHost.forEach((g, i) => g.writeGradients(sums[keys.length + i]));
       const s = sums[sums.length - 1];
       if (s[4] !== comm.worldSize * local.deltas.length) throw new Error(`ranks disagree on the number of refinement steps (sum ${s[4]})`);
       const summed = new Map<string, tf.Tensor>();
@@ -194,6 +199,7 @@ export class Trainer {
       };
     } catch (err) {
       local.dispose();
+      for (const group of this.deviceParams) group.discardGradients();
       throw err;
     }
     return { ...this.finish(reduced, I), stopRequested: stop };

@@ -173,7 +173,10 @@ enum class DeviceParamPart { Weights, Grads, FirstMoments, SecondMoments };
 //     its summed gradient and moments (made at zero when s.first); the slot then holds the result
 //     under new_tags[i] (its packed forms are made afresh from it by the next stage);
 //   device_params_copy: one part of every parameter, end to end, down to the host (`down`; weights:
-//     their raw slots, which must hold their tags) or up from it (`up`; moments only).
+//     their raw slots, which must hold their tags) or up from it (`up`; moments, and gradients over
+//     the summed ones a pass left: data-parallel ranks that reduce them through the host);
+//   device_grad_state: the summed gradients a pass left (p.total() floats, device memory, for an
+//     in-place collective such as NCCL's allreduce), with the workspace's device selected and idle.
 #define EMORL_GPU_ENTRY_POINTS                                                                                         \
   std::unique_ptr<GpuWorkspace> make_workspace(int device);                                                            \
   void decoder_stage(const DecoderStage& s, const DecoderStageOut& o, GpuWorkspace& ws, StageProfile* profile = nullptr); \
@@ -203,7 +206,8 @@ enum class DeviceParamPart { Weights, Grads, FirstMoments, SecondMoments };
   size_t encoder_param_slot(const DeviceParams& p, size_t j);                                                       \
   void device_grad_norms(const DeviceParams& p, float* norms, GpuWorkspace& ws);                                     \
   void device_adam(const DeviceParams& p, const std::vector<uint64_t>& new_tags, const AdamScalars& s, GpuWorkspace& ws); \
-  void device_params_copy(const DeviceParams& p, DeviceParamPart part, float* down, const float* up, GpuWorkspace& ws);
+  void device_params_copy(const DeviceParams& p, DeviceParamPart part, float* down, const float* up, GpuWorkspace& ws); \
+  float* device_grad_state(const DeviceParams& p, GpuWorkspace& ws);
 
 namespace simt {
 EMORL_GPU_ENTRY_POINTS

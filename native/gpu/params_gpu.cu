@@ -131,11 +131,20 @@ void device_params_copy(const DeviceParams& p, DeviceParamPart part, float* down
     for (size_t j = 0, offset = 0; j < p.params.size(); offset += p.params[j].n, ++j) ws.down(down + offset, resident_param(ws, p, j), p.params[j].n);
   } else if (down) {
     ws.down(down, existing_state(ws, state_key(part), total, state_name(part)), total);
+  } else if (part == DeviceParamPart::Grads) {
+    // the ranks' sum replaces a pass's own: there must be one (gradients are made on the device)
+    ws.up(existing_state(ws, kGradState, total, "summed gradients to replace"), up, total);
   } else {
-    if (part == DeviceParamPart::Grads) throw std::invalid_argument("device parameters: gradients are made on the device, not uploaded");
     ws.up(ws.state(state_key(part), total), up, total);
   }
   finish("device parameter copy");
+}
+
+float* device_grad_state(const DeviceParams& p, GpuWorkspace& gws) {
+  DeviceWorkspace& ws = own_workspace(gws);
+  float* g = existing_state(ws, kGradState, p.total(), "summed gradients");
+  finish("device gradient state");
+  return g;
 }
 
 }  // namespace EMORL_GPU_NS
