@@ -3,7 +3,7 @@
  * GPU machine that has none): training steps of a small model with every GPU op on cuda:0 against
  * the same steps on the CPU kernels (the losses and gradient norms, as test/gpu-decoder.test.ts
  * checks on the emulator); the decoder's gradients summed on the device over a pass's stages
- * against per-stage downloads (the same bits); the decoder's and the encoder's Adam step on the device against
+ * against per-stage downloads (the same bits); the decoder's, the encoder's and the GRUs' Adam step on the device against
  * Adam on the host (the same bits); the golden PyTorch fixture on the device (its loss and every gradient
  * against the recorded ones, with test/model-native.test.ts's fp32 tolerances), when there is a
  * copy; then the device's FP32 peak and what crosses the bus. Exits 2 when the addon sees no CUDA
@@ -106,7 +106,7 @@ function sharedWeightsCheck(device: StageDevice): boolean {
 }
 
 /**
- * Three training steps with the decoder's and the encoder's weights and their Adam step on the device against the
+ * Three training steps with the decoder's, the encoder's and the GRUs' weights and their Adam step on the device against the
  * same steps with Adam on the host (both decoding on the device): every parameter the same bits,
  * and the bus per step without the weights and their gradients. Then the same steps as one
  * data-parallel rank, whose device gradients go through its communicator's allreduce: NCCL on the
@@ -147,7 +147,7 @@ async function deviceOptimizerCheck(device: StageDevice): Promise<boolean> {
   images.dispose();
   const differ = differing(host.params, dev.params), rankDiffer = differing(dev.params, rank.params);
   const kib = (b: number) => (b / 1024).toFixed(1);
-  console.log(`${differ ? 'FAIL' : 'ok  '} 3 training steps with the decoder's and the encoder's Adam on ${device}: ${differ} parameter values differ from Adam on the host; ` +
+  console.log(`${differ ? 'FAIL' : 'ok  '} 3 training steps with the decoder's, the encoder's and the GRUs' Adam on ${device}: ${differ} parameter values differ from Adam on the host; ` +
     `bus per step ${kib(dev.bus[0])} KiB up, ${kib(dev.bus[1])} KiB down (Adam on the host: ${kib(host.bus[0])}, ${kib(host.bus[1])})`);
   console.log(`${rankDiffer ? 'FAIL' : 'ok  '} the same steps as one data-parallel rank, its device gradients summed ${nccl ? 'by NCCL on the device' : 'through the host'}: ` +
     `${rankDiffer} parameter values differ; bus per step ${kib(rank.bus[0])} KiB up, ${kib(rank.bus[1])} KiB down`);

@@ -1120,11 +1120,16 @@ emorl::DeviceParams device_params(const Args& a, const Props& p) {
   emorl::DeviceParams d;
   Napi::Value sv = p.get("stage");
   const std::string stage = sv.IsString() ? sv.As<Napi::String>().Utf8Value() : "";
-  if (stage != "decoder" && stage != "encoder") a.type_error("'" + p.name("stage") + "' must be 'decoder' or 'encoder'");
-  d.stage = stage == "decoder" ? emorl::DeviceParams::Stage::Decoder : emorl::DeviceParams::Stage::Encoder;
+  if (stage != "decoder" && stage != "encoder" && stage != "gru") a.type_error("'" + p.name("stage") + "' must be 'decoder', 'encoder' or 'gru'");
+  d.stage = stage == "decoder" ? emorl::DeviceParams::Stage::Decoder
+            : stage == "encoder" ? emorl::DeviceParams::Stage::Encoder
+                                 : emorl::DeviceParams::Stage::Gru;
   d.layers = static_cast<size_t>(p.integer("layers", 1));
-  // the encoder's head tensors follow its conv layers (gpu.h DeviceParams)
-  const size_t indices = d.layers + (d.stage == emorl::DeviceParams::Stage::Encoder ? 10 : 0);
+  if (d.stage == emorl::DeviceParams::Stage::Gru && d.layers > 2)
+    a.range_error("'" + p.name("layers") + "' must be 1 (a GRU cell) or 2 (the DualGRU) for the GRU stage");
+  // the encoder's head tensors follow its conv layers; a GRU stage has 4 or 12 tensors (gpu.h DeviceParams)
+  const size_t indices = d.stage == emorl::DeviceParams::Stage::Gru ? (d.layers == 2 ? 12 : 4)
+                         : d.layers + (d.stage == emorl::DeviceParams::Stage::Encoder ? 10 : 0);
   Napi::Value v = p.get("params");
   if (!v.IsArray()) a.type_error("'" + p.name("params") + "' must be an array of { index, bias, size, tag }");
   auto arr = v.As<Napi::Array>();
@@ -1508,6 +1513,7 @@ GruSpec gru_spec(const Args& a, const Props& p) {
   a.numel({d.N, d.G(), std::max(d.I, d.H)}, "[N,3H,max(I,H)]");  // size check
   s.x = p.f32("x", d.N * d.I, s.what("x"));
   s.h = p.f32("h", d.N * d.H, s.what("h"));
+  if (p.has("resident")) return s;  // the weights are on the device (gru_resident)
   s.wih = p.f32("wIh", d.G() * d.I, s.what("w_ih"));
   s.whh = p.f32("wHh", d.G() * d.H, s.what("w_hh"));
   return s;
@@ -1516,19 +1522,60 @@ GruSpec gru_spec(const Args& a, const Props& p) {
 // The weights' content tags of a GRU spec (GPU calls keep tagged weights on the device).
 emorl::GruTags gru_tags(const Props& p) { return {p.tag("wIhTag"), p.tag("wHhTag"), p.tag("bIhTag"), p.tag("bHhTag")}; }
 
-// gruCell({x, h, wIh, wHh, bIh, bHh, N, I, H, keep?, device?, workspace?}) -> {y [N,H], gates [4,N,H] | null, kept}
+// spec.resident = { stage: 'gru', layers, params, data, cell, keepGrads?, first? }: the call's weights
+// are a GRU stage's device-resident parameters (gpu.h GruResident); data[j] is parameter j's host
+// data (Float32Array of its size) when the host's copy is current, else null. Absent: none.
+struct GruResidentArg {
+  emorl::DeviceParams params;
+  emorl::GruResident r;
+  bool given = false;
+};
+void gru_resident(const Args& a, const Props& p, const GpuCall& gpu, bool backward, GruResidentArg& out) {
+  if (!p.has("resident")) return;
+  if (!gpu.on_gpu()) a.range_error("'" + p.name("resident") + "' is for GPU devices");
+  Props rp(a, p.get("resident"), p.name("resident"));
+  const Napi::Value stage = rp.get("stage");
+  if (!stage.IsString() || stage.As<Napi::String>().Utf8Value() != "gru") a.range_error("'" + rp.name("stage") + "' must be 'gru'");
+  out.params = device_params(a, rp);
+  Napi::Value dv = rp.get("data");
+  if (!dv.IsArray() || dv.As<Napi::Array>().Length() != out.params.params.size())
+    a.type_error("'" + rp.name("data") + "' must be an array of one Float32Array (or null) per parameter");
+  auto data = dv.As<Napi::Array>();
+  for (uint32_t j = 0; j < data.Length(); ++j) {
+    Napi::Value v = data.Get(j);
+    const std::string name = rp.name("data") + "[" + std::to_string(j) + "]";
+    if (v.IsNull() || v.IsUndefined()) {
+      out.r.host.push_back(nullptr);
+      continue;
+    }
+    if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array) a.type_error("'" + name + "' must be a Float32Array or null");
+    auto t = v.As<Napi::Float32Array>();
+    if (t.ElementLength() != out.params.params[j].n)
+      a.range_error("'" + name + "' has " + std::to_string(t.ElementLength()) + " elements, the parameter " + std::to_string(out.params.params[j].n));
+    out.r.host.push_back(t.Data());
+  }
+  out.r.cell = static_cast<int>(rp.integer("cell", 0));
+  out.r.keep_grads = backward && rp.boolean("keepGrads", false);
+  out.r.first = backward && rp.boolean("first", false);
+  out.r.params = &out.params;
+  out.given = true;
+}
+
+// gruCell({x, h, wIh, wHh, bIh, bHh, N, I, H, keep?, device?, workspace?, resident?}) -> {y [N,H], gates [4,N,H] | null, kept}
 //   gates (r, u, n, c_n) are what gruCellBackward needs besides the inputs. On a GPU, x, h and the
 //   gates also stay on the device under the id `kept` (0 on the CPU); with keep they are not
-//   downloaded at all.
+//   downloaded at all. With resident (gru_resident) the weights and biases are not given.
 Napi::Value GruCellFn(const Napi::CallbackInfo& info, bool) {
   Args a(info, "gruCell");
   Props p(a, a.at(0), "spec");
   const GruSpec s = gru_spec(a, p);
   const emorl::GruDims& d = s.d;
   const float *x = s.x, *h = s.h, *wih = s.wih, *whh = s.whh;
-  const float* bih = p.f32("bIh", d.G(), s.what("b"));
-  const float* bhh = p.f32("bHh", d.G(), s.what("b"));
   GpuCall gpu(a, p);
+  GruResidentArg res;
+  gru_resident(a, p, gpu, false, res);
+  const float* bih = res.given ? nullptr : p.f32("bIh", d.G(), s.what("b"));
+  const float* bhh = res.given ? nullptr : p.f32("bHh", d.G(), s.what("b"));
   const bool keep = p.boolean("keep", false);
   if (keep && !gpu.on_gpu()) a.range_error("'" + p.name("keep") + "' is for GPU devices (the CPU's backward takes the gates)");
   auto y = new_f32(a, d.N * d.H);
@@ -1543,7 +1590,7 @@ Napi::Value GruCellFn(const Napi::CallbackInfo& info, bool) {
   if (!gpu.on_gpu())
     emorl::gru_forward(d, x, h, wih, whh, bih, bhh, y.Data(), gd, threads());
   else
-    kept = EMORL_ON_GPU(gpu, gru_forward, d, x, h, wih, whh, bih, bhh, y.Data(), gd, *gpu.ws, gru_tags(p));
+    kept = EMORL_ON_GPU(gpu, gru_forward, d, x, h, wih, whh, bih, bhh, y.Data(), gd, *gpu.ws, gru_tags(p), res.given ? &res.r : nullptr);
   gpu.done(a.env());
   return object_of(a.env(), {{"y", y}, {"gates", gv}, {"kept", Napi::Number::New(a.env(), static_cast<double>(kept))}});
 }
@@ -1552,6 +1599,8 @@ Napi::Value GruCellFn(const Napi::CallbackInfo& info, bool) {
 //   -> {dx, dh, dwIh|null, dwHh|null, dbIh|null, dbHh|null}
 //   On a GPU also {kept}: the forward's id, whose x, h and gates on the device are used while they
 //   are there; gates may then be left out if bIh and bHh are given (to recompute them otherwise).
+//   With resident (gru_resident) the weights and biases are not given, and with its keepGrads the
+//   parameter gradients go into the device's gradient state buffer (their results null).
 Napi::Value GruCellBackwardFn(const Napi::CallbackInfo& info, bool) {
   Args a(info, "gruCellBackward");
   Props p(a, a.at(0), "spec");
@@ -1559,15 +1608,18 @@ Napi::Value GruCellBackwardFn(const Napi::CallbackInfo& info, bool) {
   const emorl::GruDims& d = s.d;
   const float *x = s.x, *h = s.h, *wih = s.wih, *whh = s.whh;
   GpuCall gpu(a, p);
+  GruResidentArg res;
+  gru_resident(a, p, gpu, true, res);
   // on a GPU the forward's kept activations (spec.kept), else the gates, else recomputed from the biases
   const bool gpu_without_gates = gpu.on_gpu() && !p.has("gates");
   const float* gates = gpu_without_gates ? nullptr : p.f32("gates", emorl::kGruPlanes * d.N * d.H, s.what("gates"));
-  const float* bih = gpu_without_gates ? p.f32("bIh", d.G(), s.what("b")) : nullptr;
-  const float* bhh = gpu_without_gates ? p.f32("bHh", d.G(), s.what("b")) : nullptr;
+  const float* bih = gpu_without_gates && !res.given ? p.f32("bIh", d.G(), s.what("b")) : nullptr;
+  const float* bhh = gpu_without_gates && !res.given ? p.f32("bHh", d.G(), s.what("b")) : nullptr;
   const double kept_id = p.has("kept") ? p.number("kept") : 0;
   if (!(kept_id >= 0) || std::floor(kept_id) != kept_id) a.range_error("'" + p.name("kept") + "' must be the id gruCell returned");
   const float* dy = p.f32("dy", d.N * d.H, s.what("h"));
   const bool need_params = p.boolean("needParams", true);
+  if (!need_params) res.r.keep_grads = false;
   auto dx = new_f32(a, d.N * d.I);
   auto dh = new_f32(a, d.N * d.H);
   Napi::Object r = Napi::Object::New(a.env());
@@ -1577,7 +1629,7 @@ Napi::Value GruCellBackwardFn(const Napi::CallbackInfo& info, bool) {
   const std::pair<const char*, float**> params[] = {{"dwIh", &dwih}, {"dwHh", &dwhh}, {"dbIh", &dbih}, {"dbHh", &dbhh}};
   const int64_t sizes[] = {d.G() * d.I, d.G() * d.H, d.G(), d.G()};
   for (size_t i = 0; i < 4; ++i) {
-    if (!need_params) {
+    if (!need_params || res.r.keep_grads) {  // kept: summed into the device's gradients instead
       r.Set(params[i].first, a.env().Null());
       continue;
     }
@@ -1589,7 +1641,7 @@ Napi::Value GruCellBackwardFn(const Napi::CallbackInfo& info, bool) {
     emorl::gru_backward(d, x, h, wih, whh, gates, dy, dx.Data(), dh.Data(), dwih, dwhh, dbih, dbhh, threads());
   else
     EMORL_ON_GPU(gpu, gru_backward, d, x, h, wih, whh, bih, bhh, gates, dy, dx.Data(), dh.Data(), dwih, dwhh, dbih, dbhh, *gpu.ws,
-                 gru_tags(p), static_cast<uint64_t>(kept_id));
+                 gru_tags(p), static_cast<uint64_t>(kept_id), res.given ? &res.r : nullptr);
   gpu.done(a.env());
   return r;
 }

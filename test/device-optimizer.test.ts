@@ -81,11 +81,38 @@ describeDevices('the decoder\'s and the encoder\'s weights and their Adam step o
       expect([...dev.adam[which].keys()]).toEqual([...host.adam[which].keys()]);
       for (const [k, e] of host.adam[which]) expect([k, dev.adam[which].get(k)!.data]).toEqual([k, e.data]);
     }
-    // the small decoder's 8 tensors and the encoder's 18: from the second step on neither their new
-    // values go up nor their gradients come down (only their norms do)
-    expect(dev.tensors).toBe(26);
+    // the small decoder's 8 tensors, the encoder's 18, the DualGRU's 12 and the refinement GRU's 4
+    // (each GRU called once a pass here): from the second step on neither their new values go up
+    // nor their gradients come down (only their norms do)
+    expect(dev.tensors).toBe(42);
     expect(dev.deviceBytes).toBeGreaterThan(100_000);
-    for (const i of [1, 2]) expect([host.steps[i].up - dev.steps[i].up, host.steps[i].down - dev.steps[i].down]).toEqual([dev.deviceBytes, dev.deviceBytes - 4 * 26]);
+    for (const i of [1, 2]) expect([host.steps[i].up - dev.steps[i].up, host.steps[i].down - dev.steps[i].down]).toEqual([dev.deviceBytes, dev.deviceBytes - 4 * 42]);
+  }, 120_000);
+
+  test('the GRUs\' gradients over several calls a pass are summed on the device as the tape sums them', () => {
+    // 2 stochastic layers and 2 refinement steps: each GRU runs twice a pass
+    const deep = experimentConfig({
+      Net: { ...config.Net, stochastic_layers: 2, refinement_iters: 2 },
+      training: { ...config.training, refinement_curriculum: [[-1, 2]] },
+      seed: 3,
+    });
+    const run = (deviceOptimizer: boolean) => {
+      const t = new Trainer(deep, { ops: nativeOpsOn(device), deviceOptimizer });
+      try {
+        const steps = [0, 1, 2].map((i) => {
+          const r = t.step(images, { noise: new SeededNoise(200 + i) });
+          r.release();
+          return [r.totalLoss, r.gradNorm];
+        });
+        return { steps, params: t.parameters() };
+      } finally {
+        t.dispose();
+      }
+    };
+    const host = run(false);
+    const dev = run(true);
+    expect(dev.steps).toEqual(host.steps);
+    expectSameBits(host.params, dev.params);
   }, 120_000);
 
   test('a run resumed from its parameters and optimizer state takes the uninterrupted run\'s steps', () => {
@@ -136,20 +163,23 @@ describeDevices('the decoder\'s and the encoder\'s weights and their Adam step o
     const m = new EfficientMORL(config.Net, { ops: nativeOpsOn(device), seed: 4 });
     try {
       const owners = m.keepWeightsOnDevice();
-      expect(owners.map((o) => o.stage)).toEqual(['decoder', 'encoder']);
+      expect(owners.map((o) => o.stage)).toEqual(['decoder', 'encoder', 'gru', 'gru']);
       expect(m.keepWeightsOnDevice()).toEqual(owners); // one owner per stage and model
       const r = m.lossAndGrads(images, { noise: new SeededNoise(1) });
       // the device's weights are left out of the host's gradients
       expect(r.grads.has(decoderWeight)).toBe(false);
       expect(r.grads.has('hvae_networks.encoder_pt_1.0.weight')).toBe(false);
       expect(r.grads.has('hvae_networks.to_k.weight')).toBe(false);
+      expect(r.grads.has('hvae_networks.gru.cell.bias_in')).toBe(false);
+      expect(r.grads.has('refinenet.recurrence.weight_hh_l0')).toBe(false);
       expect(r.grads.has('hvae_networks.image_decoder.pos_embed_projection.weight')).toBe(true);
+      expect(r.grads.has('refinenet.encoding.0.weight')).toBe(true);
       r.dispose();
-      expect(owners.map((o) => o.hasGradients)).toEqual([true, true]);
+      expect(owners.map((o) => o.hasGradients)).toEqual([true, true, true, true]);
       expect(() => m.lossAndGrads(images, { noise: new SeededNoise(1) })).toThrow(/a second pass's gradients of the (decoder|encoder) before an optimizer step took \(or discarded\) the first's/);
       for (const o of owners) o.discardGradients();
       m.lossAndGrads(images, { noise: new SeededNoise(1) }).dispose();
-      expect(owners.map((o) => o.hasGradients)).toEqual([true, true]);
+      expect(owners.map((o) => o.hasGradients)).toEqual([true, true, true, true]);
     } finally {
       m.dispose();
     }
@@ -240,7 +270,7 @@ describeDevices('data-parallel ranks with the weights on %s', (device) => {
     expect(() => k.deviceParamsWrite({ ...spec, part: 'm', data: new Float32Array(3) })).toThrow(/'spec.data' has 3 elements but the parameters' 4 values needs 4/);
     expect(() => k.deviceParamsRead({ ...spec, params: [{ index: 2, bias: false, size: 4, tag: 7 }], part: 'm' })).toThrow(/'spec.params\[0\].index' is 2, past the stage's 2 places/);
     expect(() => k.deviceParamsRead({ ...spec, params: [{ index: 0, bias: false, size: 4, tag: 0 }], part: 'm' })).toThrow(/'spec.params\[0\].tag' must be a content tag >= 1/);
-    expect(() => k.deviceParamsRead({ ...spec, stage: 'head' as 'decoder', part: 'm' })).toThrow(/'spec.stage' must be 'decoder' or 'encoder'/);
+    expect(() => k.deviceParamsRead({ ...spec, stage: 'head' as 'decoder', part: 'm' })).toThrow(/'spec.stage' must be 'decoder', 'encoder' or 'gru'/);
     expect(() => k.deviceParamsRead({ ...spec, stage: 'encoder', params: [{ index: 2 + 10, bias: false, size: 4, tag: 7 }], part: 'm' })).toThrow(/'spec.params\[0\].index' is 12, past the stage's 12 places/);
     expect(() => k.deviceParamsRead({ ...spec, stage: 'encoder', params: [{ index: 3, bias: false, size: 4, tag: 7 }], part: 'weights' })).toThrow(/the device does not hold head tensor 2 of the encoder under tag 7/);
     expect(() => k.deviceGradNorms({ ...spec, device: 'cpu' })).toThrow(/'spec.device' must be 'cuda:N' or 'simt': device-resident parameters live on a GPU device/);
@@ -250,6 +280,35 @@ describeDevices('data-parallel ranks with the weights on %s', (device) => {
     expect(k.deviceParamsRead({ ...spec, part: 'm' })).toEqual(m);
     expect(() => k.deviceParamsWrite({ ...spec, params: [{ index: 0, bias: false, size: 5, tag: 7 }], part: 'm', data: new Float32Array(5) })).toThrow(/state buffer 2 holds 4 floats, asked for 5/);
     expect(() => k.decoderParamGradSums({ workspace, device: 'simt', ids: [1], us: [1], sizes: [1, 4], keep: { ...params, stage: 'encoder' } })).toThrow(/'spec.keep' must be the decoder's parameters/);
+  });
+
+  test('a GRU call on a GRU stage\'s resident weights: the host call\'s values, and clear errors', () => {
+    const k = addonOps();
+    const workspace = new k.DecoderWorkspace();
+    const N = 2, I = 3, H = 2, G = 3 * H;
+    const sizes = [G * I, G * H, G, G];
+    const w = sizes.map((n, i) => uniform(n, 60 + i, -0.5, 0.5));
+    const params = sizes.map((size, index) => ({ index, bias: index >= 2, size, tag: 40 + index }));
+    const resident = { stage: 'gru' as const, layers: 1, params, data: w as (Float32Array | null)[], cell: 0 };
+    const base = { x: uniform(N * I, 70), h: uniform(N * H, 71), N, I, H };
+    const onSimt = { device: 'simt' as const, workspace };
+    // the same bits as the call given the arrays
+    const plain = k.gruCell({ ...base, wIh: w[0], wHh: w[1], bIh: w[2], bHh: w[3], device: 'simt', workspace: new k.DecoderWorkspace() });
+    expect(k.gruCell({ ...base, ...onSimt, resident }).y).toEqual(plain.y);
+    // held now: no data needed
+    expect(k.gruCell({ ...base, ...onSimt, resident: { ...resident, data: [null, null, null, null] } }).y).toEqual(plain.y);
+    expect(() => k.gruCell({ ...base, resident })).toThrow(/'spec.resident' is for GPU devices/);
+    expect(() => k.gruCell({ ...base, ...onSimt, resident: { ...resident, stage: 'decoder' as 'gru' } })).toThrow(/'spec.resident.stage' must be 'gru'/);
+    expect(() => k.gruCell({ ...base, ...onSimt, resident: { ...resident, layers: 3 } })).toThrow(/'spec.resident.layers' must be 1 \(a GRU cell\) or 2 \(the DualGRU\)/);
+    expect(() => k.gruCell({ ...base, ...onSimt, resident: { ...resident, data: [null] } })).toThrow(/'spec.resident.data' must be an array of one Float32Array \(or null\) per parameter/);
+    expect(() => k.gruCell({ ...base, ...onSimt, resident: { ...resident, data: [w[1], null, null, null] } })).toThrow(/'spec.resident.data\[0\]' has 12 elements, the parameter 18/);
+    const fresh = { device: 'simt' as const, workspace: new k.DecoderWorkspace() };
+    expect(() => k.gruCell({ ...base, ...fresh, resident: { ...resident, data: [w[0], w[1], null, w[3]] } })).toThrow(/a device-resident tensor \(tag 42\) is not on the device/);
+    expect(() => k.gruCell({ ...base, ...onSimt, resident: { ...resident, cell: 1 } })).toThrow(/GPU GRU: cell 1 is not one of the stage's/);
+    const short = params.map((q) => (q.index === 1 ? { ...q, size: 5, tag: 50 } : q));
+    expect(() => k.gruCell({ ...base, ...onSimt, resident: { ...resident, params: short, data: [w[0], new Float32Array(5), w[2], w[3]] } }))
+      .toThrow(/GPU GRU: parameter 1 has 5 values, input 3 and hidden 2 need 12/);
+    expect(() => k.gruCell({ ...base, ...onSimt, resident: { ...resident, params: params.slice(0, 3), data: w.slice(0, 3) } })).toThrow(/the stage's 4 parameters must all be given/);
   });
 
   test('a resident layer is for GPU devices, and its weights must be in the workspace', () => {

@@ -480,7 +480,7 @@ export class EfficientMORL {
   }
 
   /**
-   * Keeps the decoder's and the encoder's weights on the GPU device the ops run on, their
+   * Keeps the decoder's, the encoder's and the GRUs' weights on the GPU device the ops run on, their
    * gradients made and their optimizer step taken there (Adam.attachDevice): from now on
    * lossAndGrads leaves them out of its gradients. None when the ops do not run on a GPU.
    */
@@ -489,7 +489,17 @@ export class EfficientMORL {
     if (!device) return [];
     const { spec, pos } = decoderStack(this.params, this.ops, this.cfg);
     pos.dispose();
-    return [DeviceParams.forDecoder(spec, this.params, device), DeviceParams.forEncoder(encoderParams(this.params), this.params, device)];
+    const p = this.params;
+    const gru = (prefix: string, names: string[]) => names.map((n) => p.get(`${prefix}${n}`));
+    const cell = ['weight_ih_l0', 'weight_hh_l0', 'bias_ih_l0', 'bias_hh_l0'];
+    // the DualGRU's tensors in the device's order (DeviceParamsSpec)
+    const dual = ['weight_ih_1', 'weight_in_1', 'weight_hh_1', 'weight_hn_1', 'weight_ih_2', 'weight_in_2', 'weight_hh_2', 'weight_hn_2', 'bias_ih', 'bias_hh', 'bias_in', 'bias_hn'];
+    return [
+      DeviceParams.forDecoder(spec, p, device),
+      DeviceParams.forEncoder(encoderParams(p), p, device),
+      DeviceParams.forGru(this.cfg.use_DualGRU ? gru('hvae_networks.gru.cell.', dual) : gru('hvae_networks.gru.', cell), p, device),
+      DeviceParams.forGru(gru('refinenet.recurrence.', cell), p, device),
+    ];
   }
 
   /**

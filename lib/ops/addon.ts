@@ -193,13 +193,27 @@ export interface EncoderAttentionSpec extends EncoderStageSpec {
   eps: number;
 }
 
-export interface GruCellSpec {
+/**
+ * A GRU call's weights as a GRU stage's device-resident parameters (every one, DeviceParams 'gru'):
+ * cell `cell` (the DualGRU's 0 or 1) is assembled from them on the device; data[j] is parameter
+ * j's host data where its host copy is current (uploaded under its tag), else null. A backward
+ * call with keepGrads puts its parameter gradients into the device's gradient state (set when
+ * `first`, the pass's first call; added otherwise).
+ */
+export interface GruResidentSpec extends DeviceParamsSpec {
+  stage: 'gru';
+  data: (Float32Array | null)[];
+  cell: number;
+  keepGrads?: boolean;
+  first?: boolean;
+}
+/** The weights of a GRU call: host arrays (nn.GRU's layout), or `resident` on a GPU device. */
+type GruWeightsSpec =
+  | { wIh: Float32Array; wHh: Float32Array; bIh: Float32Array; bHh: Float32Array; resident?: undefined }
+  | { resident: GruResidentSpec; wIh?: undefined; wHh?: undefined; bIh?: undefined; bHh?: undefined };
+export type GruCellSpec = GruWeightsSpec & {
   x: Float32Array;
   h: Float32Array;
-  wIh: Float32Array;
-  wHh: Float32Array;
-  bIh: Float32Array;
-  bHh: Float32Array;
   N: number;
   I: number;
   H: number;
@@ -212,12 +226,13 @@ export interface GruCellSpec {
   wHhTag?: number;
   bIhTag?: number;
   bHhTag?: number;
-}
-export interface GruCellBackwardSpec {
+};
+export type GruCellBackwardSpec = (
+  | { wIh: Float32Array; wHh: Float32Array; bIh?: Float32Array; bHh?: Float32Array; resident?: undefined }
+  | { resident: GruResidentSpec; wIh?: undefined; wHh?: undefined; bIh?: undefined; bHh?: undefined }
+) & {
   x: Float32Array;
   h: Float32Array;
-  wIh: Float32Array;
-  wHh: Float32Array;
   /** required on the CPU; on a GPU, with `kept`, only if the biases are not given */
   gates?: Float32Array;
   dy: Float32Array;
@@ -231,12 +246,10 @@ export interface GruCellBackwardSpec {
   wHhTag?: number;
   /** GPU devices: gruCell's id of the activations it kept on the device */
   kept?: number;
-  /** GPU devices without gates: the biases, to recompute them when the kept ones are gone */
-  bIh?: Float32Array;
-  bHh?: Float32Array;
+  /** GPU devices without gates: the biases (bIh, bHh), to recompute them when the kept ones are gone */
   bIhTag?: number;
   bHhTag?: number;
-}
+};
 export interface GruCellGrads {
   dx: Float32Array;
   dh: Float32Array;
@@ -279,10 +292,15 @@ export interface AdamStepScalars {
  * parameter, its place, its size and the content tag under which the workspace holds it.
  */
 export interface DeviceParamsSpec {
-  stage: 'decoder' | 'encoder';
-  /** the decoder's stack, or the encoder's conv stack: its length */
+  stage: 'decoder' | 'encoder' | 'gru';
+  /** the decoder's stack, or the encoder's conv stack: its length; a GRU: 1 (a cell), 2 (the DualGRU) */
   layers: number;
-  /** index: the decoder's layer; the encoder's conv layer (< layers) or head tensor (layers + 0 … 9: posW … wv) */
+  /**
+   * index: the decoder's layer; the encoder's conv layer (< layers) or head tensor (layers + 0 … 9:
+   * posW … wv); a GRU cell's w_ih, w_hh, b_ih, b_hh (0 … 3), or the DualGRU's tensors in the
+   * original's layout (0 … 11: weight_ih_1, weight_in_1, weight_hh_1, weight_hn_1, the same of cell
+   * 2, bias_ih, bias_hh, bias_in, bias_hn)
+   */
   params: { index: number; bias: boolean; size: number; tag: number }[];
 }
 export type DeviceParamsCallSpec = DeviceParamsSpec & { workspace: object; device: StageDevice };

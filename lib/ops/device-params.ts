@@ -1,10 +1,10 @@
 /**
- * A stage's weights (the decoder's, the encoder's) kept on the GPU device its calls run on, with
- * their Adam step there too: the stage's backward leaves their gradients on the device (the
- * decoder's stages of a pass sum theirs there: shareDecoderWeights), Adam updates them in the
- * stage's own buffers, and the next call runs with the result. Neither the weights nor their
- * gradients cross the bus in a training step; only one norm per tensor comes down, for gradient
- * clipping.
+ * A stage's weights (the decoder's, the encoder's, a GRU's) kept on the GPU device its calls run on,
+ * with their Adam step there too: the stage's backward leaves their gradients on the device (the
+ * decoder's stages of a pass sum theirs there: shareDecoderWeights; a GRU's calls add theirs up
+ * there), Adam updates them in the stage's own buffers, and the next call runs with the result.
+ * Neither the weights nor their gradients cross the bus in a training step; only one norm per
+ * tensor comes down, for gradient clipping.
  *
  * The host copies (the tf.Variables) then go stale. They are brought up to date when something on
  * the host reads them: the ops' readers (f32, contentTag, through resident.ts), ParamStore.snapshot
@@ -13,7 +13,7 @@
  */
 import { tf } from '../tf';
 import type { ParamStore } from '../params/store';
-import { addonOps, contentTag, freshTag, workspaceFor, type AdamStepScalars, type DeviceParamsCallSpec, type DeviceParamsSpec, type StageDevice } from './addon';
+import { addonOps, contentTag, freshTag, workspaceFor, type AdamStepScalars, type DeviceParamsCallSpec, type DeviceParamsSpec, type GruResidentSpec, type StageDevice } from './addon';
 import type { DecoderSpec } from './decoder-stage';
 import { f32 } from './arrays';
 import { setHostRefresh } from './resident';
@@ -106,6 +106,17 @@ export class DeviceParams {
     return DeviceParams.ownerOf(entries[0].tensor, device) ?? new DeviceParams('encoder', L, entries, workspaceFor(e.convs[0].weight, 'encoder'), store, device);
   }
 
+  /**
+   * A GRU's tensors in the device's order (DeviceParamsSpec): one cell's w_ih, w_hh, b_ih, b_hh, or
+   * the DualGRU's 12 in the original's layout, in the workspace gruCell keys by the first.
+   */
+  static forGru(tensors: tf.Tensor[], store: ParamStore, device: StageDevice): DeviceParams {
+    if (tensors.length !== 4 && tensors.length !== 12) throw new Error(`DeviceParams: a GRU has 4 tensors (a cell) or 12 (the DualGRU), not ${tensors.length}`);
+    const layers = tensors.length === 4 ? 1 : 2;
+    const entries = tensors.map((tensor, index) => ({ tensor, index, bias: index >= (layers === 1 ? 2 : 8) }));
+    return DeviceParams.ownerOf(tensors[0], device) ?? new DeviceParams('gru', layers, entries, workspaceFor(tensors[0]), store, device);
+  }
+
   /** The owner of a weight kept on a device, if any. */
   static of(t: tf.Tensor): DeviceParams | undefined {
     return ownerOf.get(t);
@@ -138,6 +149,26 @@ export class DeviceParams {
     const r = backward(this.paramsSpec());
     this.pending = true;
     return r;
+  }
+
+  /**
+   * `backward(first)` runs one of a pass's backward calls that each add their gradients of
+   * this stage on the device (a GRU's: one per call of the cell; `first`, the pass's first, sets
+   * them), as a tape sums a tensor's gradients in the order its backward visits the calls.
+   */
+  addGradients<R>(backward: (first: boolean) => R): R {
+    const r = backward(!this.pending);
+    this.pending = true;
+    return r;
+  }
+
+  /**
+   * A GRU call's weights as this stage's parameters (gruCell's `resident`) for its cell `cell`:
+   * each parameter's tag, with its host data where the host copy is the current one.
+   */
+  residentWeights(cell: number): GruResidentSpec {
+    if (this.stage !== 'gru') throw new Error(`DeviceParams: the ${this.stage}'s weights are not a GRU's`);
+    return { ...this.paramsSpec(), stage: 'gru', cell, data: this.params.map((p) => (p.deviceTag === null ? f32(p.variable) : null)) };
   }
 
   /**

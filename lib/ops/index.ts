@@ -44,7 +44,7 @@ export interface Ops {
   /** The image encoder: convolutions, positional embedding, LayerNorm + MLP, keys and values (encoder-stage.ts) */
   encoder(args: EncoderArgs): EncoderOutput;
   /**
-   * GPU ops only: their device, where the decoder's and the encoder's weights can stay with their
+   * GPU ops only: their device, where the decoder's, the encoder's and the GRUs' weights can stay with their
    * optimizer step (device-params.ts DeviceParams)
    */
   paramsDevice?: StageDevice;

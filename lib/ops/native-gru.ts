@@ -15,10 +15,15 @@
  *
  * The DualGRU cell is two such cells on the same input with the original's weight layout
  * rearranged into nn.GRU's (reset, update, new) rows.
+ *
+ * When a GPU device keeps a GRU's weights with their optimizer (DeviceParams of stage 'gru'), its
+ * calls take them there (each cell's rows assembled on the device) and leave their gradients there,
+ * summed over the pass's calls; the tape gets zeros for those tensors.
  */
 import { tf } from '../tf';
 import { f32, sideBySide, splitSideBySide } from './arrays';
 import { addonOps, contentTag, derivedTag, workspaceFor, type GruCellGrads, type StageDevice } from './addon';
+import { DeviceParams } from './device-params';
 import { paramGradsEnabled } from './conv';
 import type { DualGruWeights, GruWeights } from './nn';
 
@@ -46,8 +51,7 @@ interface GruArrays {
  * place).
  */
 function gruStep(x: Float32Array, h: Float32Array, w: GruArrays, N: number, I: number, H: number, device: StageDevice, key: object,
-  tags: () => { wIhTag: number; wHhTag: number; bIhTag: number; bHhTag: number }):
-  { y: Float32Array; backward: (dy: Float32Array, needParams: boolean) => GruCellGrads } {
+  tags: () => { wIhTag: number; wHhTag: number; bIhTag: number; bHhTag: number }): GruStep {
   const m = addonOps();
   const where = device === 'cpu' ? {} : { device, workspace: workspaceFor(key), ...tags() };
   const biases = { bIh: w.bIh, bHh: w.bHh };
@@ -59,6 +63,43 @@ function gruStep(x: Float32Array, h: Float32Array, w: GruArrays, N: number, I: n
   };
 }
 
+/**
+ * A GRU step whose weights a GPU device keeps (DeviceParams of stage 'gru': cell `cell` of them),
+ * assembled there; the backward with needParams adds the parameters' gradients there (the
+ * result's are null), or sets them when `first` (see withKeptGrads).
+ */
+function residentGruStep(x: Float32Array, h: Float32Array, group: DeviceParams, cell: number, N: number, I: number, H: number): GruStep {
+  const m = addonOps();
+  const where = { device: group.device, workspace: group.workspace };
+  const { y, kept } = m.gruCell({ x, h, N, I, H, ...where, keep: true, resident: group.residentWeights(cell) });
+  return {
+    y,
+    backward: (dy, needParams, first = false) =>
+      m.gruCellBackward({ x, h, kept, dy, N, I, H, needParams, ...where, resident: { ...group.residentWeights(cell), keepGrads: needParams, first } }),
+  };
+}
+
+interface GruStep {
+  y: Float32Array;
+  /** first: a resident step's gradients are the pass's first (they set the device's rather than add to them) */
+  backward: (dy: Float32Array, needParams: boolean, first?: boolean) => GruCellGrads;
+}
+
+/**
+ * The backward of one call of a GRU op (one cell, or the DualGRU's two): `run(first)` with the
+ * parameters' gradients kept on the device by `group` when it keeps them and they are wanted (one
+ * contribution to the pass's sum, however many cells it has), else as they are.
+ */
+function withKeptGrads<R>(group: DeviceParams | undefined, needParams: boolean, run: (first: boolean) => R): R {
+  return group && needParams ? group.addGradients(run) : run(false);
+}
+
+/** The group that keeps `t` on `device`, if any (its GRU calls then take the weights there). */
+function residentGroup(t: tf.Tensor, device: StageDevice): DeviceParams | undefined {
+  const group = DeviceParams.of(t);
+  return group && group.device === device && group.stage === 'gru' ? group : undefined;
+}
+
 export function gruCell(x: tf.Tensor2D, h: tf.Tensor2D, p: GruWeights, device: StageDevice = 'cpu', key: object = p.weightIh,
   sources?: GruSources): tf.Tensor2D {
   const [N, I] = x.shape;
@@ -68,21 +109,24 @@ export function gruCell(x: tf.Tensor2D, h: tf.Tensor2D, p: GruWeights, device: S
   if (p.weightHh.shape[0] !== 3 * H || p.weightHh.shape[1] !== H) throw new Error(`gruCell: weight_hh [${p.weightHh.shape}] does not fit hidden ${H}`);
   if (p.biasIh.shape[0] !== 3 * H || p.biasHh.shape[0] !== 3 * H) throw new Error(`gruCell: biases [${p.biasIh.shape}], [${p.biasHh.shape}] do not fit hidden ${H}`);
   const G = 3 * H;
+  const group = sources ? undefined : residentGroup(p.weightIh, device);
   const op = tf.customGrad((xt, ht, wih, whh, bih, bhh) => {
     const tagOf = (t: unknown, from: tf.Tensor[] | undefined, part: string) =>
       from ? derivedTag(from, `${sources!.recipe}/${part}`) : contentTag(t as tf.Tensor);
-    const arrays = { wIh: f32(wih as tf.Tensor), wHh: f32(whh as tf.Tensor), bIh: f32(bih as tf.Tensor), bHh: f32(bhh as tf.Tensor) };
-    const step = gruStep(f32(xt as tf.Tensor), f32(ht as tf.Tensor), arrays, N, I, H, device, key, () => ({
-      wIhTag: tagOf(wih, sources?.wIh, 'wIh'), wHhTag: tagOf(whh, sources?.wHh, 'wHh'),
-      bIhTag: tagOf(bih, sources?.bIh, 'bIh'), bHhTag: tagOf(bhh, sources?.bHh, 'bHh'),
-    }));
+    const step = group
+      ? residentGruStep(f32(xt as tf.Tensor), f32(ht as tf.Tensor), group, 0, N, I, H)
+      : gruStep(f32(xt as tf.Tensor), f32(ht as tf.Tensor),
+        { wIh: f32(wih as tf.Tensor), wHh: f32(whh as tf.Tensor), bIh: f32(bih as tf.Tensor), bHh: f32(bhh as tf.Tensor) }, N, I, H, device, key, () => ({
+          wIhTag: tagOf(wih, sources?.wIh, 'wIh'), wHhTag: tagOf(whh, sources?.wHh, 'wHh'),
+          bIhTag: tagOf(bih, sources?.bIh, 'bIh'), bHhTag: tagOf(bhh, sources?.bHh, 'bHh'),
+        }));
     return {
       value: tf.tensor2d(step.y, [N, H]),
       gradFunc: (dy: tf.Tensor) => {
         const needParams = paramGradsEnabled();
-        const g = step.backward(f32(dy), needParams);
+        const g = withKeptGrads(group, needParams, (first) => step.backward(f32(dy), needParams, first));
         const grads: tf.Tensor[] = [tf.tensor2d(g.dx, [N, I]), tf.tensor2d(g.dh, [N, H])];
-        if (!needParams) grads.push(tf.zeros([G, I]), tf.zeros([G, H]), tf.zeros([G]), tf.zeros([G]));
+        if (!needParams || group) grads.push(tf.zeros([G, I]), tf.zeros([G, H]), tf.zeros([G]), tf.zeros([G]));
         else grads.push(tf.tensor2d(g.dwIh!, [G, I]), tf.tensor2d(g.dwHh!, [G, H]), tf.tensor1d(g.dbIh!), tf.tensor1d(g.dbHh!));
         return grads;
       },
@@ -118,12 +162,17 @@ export function dualGruCell(x: tf.Tensor2D, h1: tf.Tensor2D, h2: tf.Tensor2D, p:
     if (t.shape.length !== shape.length || t.shape.some((d, i) => d !== shape[i])) throw new Error(`dualGruCell: ${name} is [${t.shape}], input [${x.shape}] and hidden ${H} need [${shape}]`);
   }
   const inputs = [x, h1, h2, p.weightIh1, p.weightIn1, p.weightHh1, p.weightHn1, p.weightIh2, p.weightIn2, p.weightHh2, p.weightHn2, p.biasIh, p.biasHh, p.biasIn, p.biasHn];
+  const group = residentGroup(p.weightIh1, device);
   const op = tf.customGrad((...args: unknown[]) => {
     const t = args.slice(0, inputs.length) as tf.Tensor[];
-    const [xv, h1v, h2v, wih1, win1, whh1, whn1, wih2, win2, whh2, whn2, bih, bhh, bin, bhn] = t.map(f32);
-    // cell n: weight rows (reset, update) of weight_i·_n then (new) of weight_·n_n; biases: the
-    // n-th (reset, update) pair of bias_ih / bias_hh, then the n-th half of bias_in / bias_hn
-    const cell = (n: 1 | 2, h: Float32Array, wih: Float32Array, win: Float32Array, whh: Float32Array, whn: Float32Array) => {
+    // the device assembles each cell's weights from the original's tensors it keeps (the same rows as below)
+    const residentSteps = (xv: Float32Array, h1v: Float32Array, h2v: Float32Array) =>
+      [residentGruStep(xv, h1v, group!, 0, N, I, H), residentGruStep(xv, h2v, group!, 1, N, I, H)];
+    const hostSteps = () => {
+      const [xv, h1v, h2v, wih1, win1, whh1, whn1, wih2, win2, whh2, whn2, bih, bhh, bin, bhn] = t.map(f32);
+      // cell n: weight rows (reset, update) of weight_i·_n then (new) of weight_·n_n; biases: the
+      // n-th (reset, update) pair of bias_ih / bias_hh, then the n-th half of bias_in / bias_hn
+      const cell = (n: 1 | 2, h: Float32Array, wih: Float32Array, win: Float32Array, whh: Float32Array, whn: Float32Array) => {
       const b0 = (n - 1) * 2 * H, c0 = (n - 1) * H;
       const arrays = {
         wIh: joinRows(wih, 0, 2 * H, win, 0, H, I),
@@ -136,21 +185,21 @@ export function dualGruCell(x: tf.Tensor2D, h1: tf.Tensor2D, h2: tf.Tensor2D, p:
         wIhTag: derivedTag([wi, wn], `dualGru${n}/wIh`), wHhTag: derivedTag([wh, wq], `dualGru${n}/wHh`),
         bIhTag: derivedTag([t[11], t[13]], `dualGru${n}/bIh`), bHhTag: derivedTag([t[12], t[14]], `dualGru${n}/bHh`),
       }));
+      };
+      return [cell(1, h1v, wih1, win1, whh1, whn1), cell(2, h2v, wih2, win2, whh2, whn2)];
     };
-    const s1 = cell(1, h1v, wih1, win1, whh1, whn1);
-    const s2 = cell(2, h2v, wih2, win2, whh2, whn2);
+    const [s1, s2] = group ? residentSteps(f32(t[0]), f32(t[1]), f32(t[2])) : hostSteps();
     // one output (customGrad takes one): h1' and h2' side by side, [N, 2H]
     return {
       value: tf.tensor2d(sideBySide(s1.y, s2.y, N, H), [N, 2 * H]),
       gradFunc: (dy: tf.Tensor) => {
         const needParams = paramGradsEnabled();
         const [dy1, dy2] = splitSideBySide(f32(dy), N, H);
-        const g1 = s1.backward(dy1, needParams);
-        const g2 = s2.backward(dy2, needParams);
+        const [g1, g2] = withKeptGrads(group, needParams, (first) => [s1.backward(dy1, needParams, first), s2.backward(dy2, needParams, first)]);
         const dx = new Float32Array(N * I);
         for (let i = 0; i < dx.length; i++) dx[i] = g2.dx[i] + g1.dx[i];
         const grads: tf.Tensor[] = [tf.tensor2d(dx, [N, I]), tf.tensor2d(g1.dh, [N, H]), tf.tensor2d(g2.dh, [N, H])];
-        if (!needParams) {
+        if (!needParams || group) {
           for (const w of inputs.slice(3)) grads.push(tf.zerosLike(w));
           return grads;
         }

@@ -2,7 +2,7 @@
  * NCCL for `emorl-train --gpus N`, through the addon's run-time loader (native/nccl.cc: dlopen of
  * libnccl.so.2, so neither building nor loading the addon needs NCCL).
  *
- * The gradients of the weights kept on the GPU (the decoder's and the encoder's: DeviceParams) are
+ * The gradients of the weights kept on the GPU (the decoder's, the encoder's and the GRUs': DeviceParams) are
  * summed where they lie, by ncclAllReduce on the device's memory; the rest (host-trained tensors,
  * the step's scalars) are host buffers staged through device memory.
  */

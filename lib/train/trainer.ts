@@ -98,7 +98,7 @@ export class Trainer {
   readonly optimizer: Adam;
   readonly geco: Geco | null;
   /**
-   * The decoder's and the encoder's weights kept on the GPU device the model runs on, with their
+   * The decoder's, the encoder's and the GRUs' weights kept on the GPU device the model runs on, with their
    * optimizer step there (ops/device-params.ts); none: every parameter is trained on the host.
    */
   readonly deviceParams: DeviceParams[];
@@ -114,7 +114,7 @@ export class Trainer {
       ops?: Ops;
       comm?: Communicator;
       /**
-       * On a GPU device, keep the decoder's and the encoder's weights there with their Adam step
+       * On a GPU device, keep the decoder's, the encoder's and the GRUs' weights there with their Adam step
        * (default: yes). Data-parallel ranks sum those gradients there too when the communicator can
        * (NCCL), else through the host.
        */

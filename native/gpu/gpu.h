@@ -108,15 +108,18 @@ inline NhwcGeom ConvStack::geom(size_t i) const {
   }
 }
 
-// The parameters of a stage (the decoder, or the encoder) whose calls keep them in their workspace,
+// The parameters of a stage (the decoder, the encoder, a GRU) whose calls keep them in their workspace,
 // for an optimizer on the device: per parameter, where it is, its size and the content tag under
 // which its slot holds it. Decoder: `layers` is the stack's length and Param::index a layer (its
 // filter, or its bias). Encoder: `layers` is the conv stack's length; Param::index < layers is a
 // conv layer (filter or bias), index − layers + 1 a head tensor in EncoderHead's tag order (1..10,
-// pos_w … wv). The workspace keeps their summed gradients and both Adam moments in three state
-// buffers, each the parameters end to end in this order.
+// pos_w … wv). GRU: `layers` 1 is one nn.GRU cell, index 0..3 its w_ih, w_hh, b_ih, b_hh; `layers`
+// 2 is the DualGRU in the original's layout, index 0..3 weight_ih_1, weight_in_1, weight_hh_1,
+// weight_hn_1, 4..7 the same of cell 2, 8..11 bias_ih, bias_hh, bias_in, bias_hn. The workspace
+// keeps their summed gradients and both Adam moments in three state buffers, each the parameters
+// end to end in this order.
 struct DeviceParams {
-  enum class Stage { Decoder, Encoder };
+  enum class Stage { Decoder, Encoder, Gru };
   struct Param {
     size_t index = 0;
     bool bias = false;
@@ -134,6 +137,20 @@ struct DeviceParams {
 };
 enum class DeviceParamPart { Weights, Grads, FirstMoments, SecondMoments };
 
+// A GRU call whose weights are a GRU stage's parameters (every one, in a DeviceParams of stage Gru)
+// kept in the workspace: cell `cell` (0, or the DualGRU's second: 1) assembles its nn.GRU-layout
+// w_ih, w_hh, b_ih, b_hh on the device from them. host[j], where not null, is parameter j's data
+// (current on the host), uploaded under its tag when the workspace does not hold that; null: the
+// workspace must hold it. A backward call with keep_grads puts its parameter gradients into the
+// gradient state buffer instead of returning them: set by the pass's first call (`first`), added
+// by the later ones in the order they come, as a tape sums a tensor's gradients.
+struct GruResident {
+  const DeviceParams* params = nullptr;
+  std::vector<const float*> host;
+  int cell = 0;
+  bool keep_grads = false, first = false;
+};
+
 // The entry points of one build of the GPU sources, the same in both namespaces:
 //   make_workspace: device buffers for the calls below;
 //   decoder_stage: `ws` must come from the same namespace's make_workspace (checked); profile may be null;
@@ -144,7 +161,8 @@ enum class DeviceParamPart { Weights, Grads, FirstMoments, SecondMoments };
 //     the device between calls under their tags). The forward returns an id under which its x, h
 //     and gates stay on the device (gates downloaded only when not null); the backward given that
 //     id uses them, and otherwise uploads x, h and the gates, or recomputes the gates from the
-//     biases when gates is null;
+//     biases when gates is null. With `resident` the weights are a GRU stage's parameters (the
+//     weight and bias arrays unused; GruResident);
 //   conv_stack_forward: the last map y; returns a stamp under which the activations stay in `ws`;
 //   conv_stack_backward: from dy of the last map, dx (may be null) and each layer's dw, db (null
 //     pointers: skipped). With the stamp of the latest forward on `ws` it uses the activations
@@ -166,7 +184,7 @@ enum class DeviceParamPart { Weights, Grads, FirstMoments, SecondMoments };
 //     sums a tape's gradients (u0·g0, then + u_k·g_k, each product and sum to float); one download
 //     per buffer, and the sets are dropped. With `keep`, buffers 1, 2, … (the layers' dw and db) are
 //     summed into the workspace's gradient buffer of those parameters instead (out[b] null there);
-//   decoder_param_slot / encoder_param_slot: the workspace slot of parameter j (its raw form);
+//   decoder_param_slot / encoder_param_slot / gru_param_slot: the workspace slot of parameter j (its raw form);
 //   device_grad_norms: per parameter, the L2 norm of its summed gradient as l2_norm_f32 computes it
 //     (optimizer.h; the same bits), into norms (host, one per parameter);
 //   device_adam: adam_update (optimizer.h, the same bits) of every parameter, in its raw slot, from
@@ -185,10 +203,12 @@ enum class DeviceParamPart { Weights, Grads, FirstMoments, SecondMoments };
   void conv2d_backward(const NhwcGeom& g, int64_t Co, const float* x, const float* w, const float* y, const float* dy,  \
                        Act act, float* dx, float* dw, float* db, GpuWorkspace& ws);                                       \
   uint64_t gru_forward(const GruDims& d, const float* x, const float* h, const float* w_ih, const float* w_hh,              \
-                       const float* b_ih, const float* b_hh, float* y, float* gates, GpuWorkspace& ws, const GruTags& tags = {}); \
+                       const float* b_ih, const float* b_hh, float* y, float* gates, GpuWorkspace& ws, const GruTags& tags = {}, \
+                       const GruResident* resident = nullptr);                                                          \
   void gru_backward(const GruDims& d, const float* x, const float* h, const float* w_ih, const float* w_hh, const float* b_ih,   \
                     const float* b_hh, const float* gates, const float* dy, float* dx, float* dh, float* dw_ih, float* dw_hh,    \
-                    float* db_ih, float* db_hh, GpuWorkspace& ws, const GruTags& tags = {}, uint64_t kept = 0);                \
+                    float* db_ih, float* db_hh, GpuWorkspace& ws, const GruTags& tags = {}, uint64_t kept = 0,                 \
+                    const GruResident* resident = nullptr);                                                             \
   uint64_t conv_stack_forward(const ConvStack& s, float* y, GpuWorkspace& ws);                                         \
   void conv_stack_backward(const ConvStack& s, uint64_t stamp, const float* dy, float* dx, const std::vector<float*>& dw,  \
                            const std::vector<float*>& db, GpuWorkspace& ws);                                           \
@@ -204,6 +224,7 @@ enum class DeviceParamPart { Weights, Grads, FirstMoments, SecondMoments };
                                const std::vector<float*>& out, GpuWorkspace& ws, const DeviceParams* keep = nullptr);      \
   size_t decoder_param_slot(const DeviceParams& p, size_t j);                                                       \
   size_t encoder_param_slot(const DeviceParams& p, size_t j);                                                       \
+  size_t gru_param_slot(const DeviceParams& p, size_t j);                                                           \
   void device_grad_norms(const DeviceParams& p, float* norms, GpuWorkspace& ws);                                     \
   void device_adam(const DeviceParams& p, const std::vector<uint64_t>& new_tags, const AdamScalars& s, GpuWorkspace& ws); \
   void device_params_copy(const DeviceParams& p, DeviceParamPart part, float* down, const float* up, GpuWorkspace& ws); \

@@ -2,8 +2,10 @@
 // the biases in its epilogue, then one elementwise kernel for the gates; backward, one kernel for
 // the gates' gradients, then the products for dx, dh (onto dh's direct part) and the parameters.
 // The forward call's x, h and gates stay on the device for the backward call (kept sets, below):
-// per step only x, h and y, then dy, dx, dh and the parameters' gradients cross the bus. Compiled by nvcc into emorl::cuda and by
-// the host compiler (gru_simt.cc) into emorl::simt.
+// per step only x, h and y, then dy, dx, dh and the parameters' gradients cross the bus. The weights
+// may instead be a GRU stage's device-resident parameters (gpu.h GruResident), assembled into the
+// cell's layout on the device, their gradients summed there; then only x, h, y, dy, dx and dh do.
+// Compiled by nvcc into emorl::cuda and by the host compiler (gru_simt.cc) into emorl::simt.
 #include "../gru.h"
 #include "kernels.cuh"
 
@@ -11,8 +13,13 @@ namespace emorl {
 namespace EMORL_GPU_NS {
 namespace {
 
-// the workspace's slots for one call, then the kept sets
-enum GruSlot : size_t { kGx, kGh, kGwih, kGwhh, kGbih, kGbhh, kGa, kGc, kGy, kGgates, kGdy, kGdx, kGdh, kGdwih, kGdwhh, kGdb, kGscratch, kGkept };
+// the workspace's slots for one call, the raw slots of a GRU stage's parameters (kMaxGruParams of
+// them from kGparams), then the kept sets
+constexpr size_t kMaxGruParams = 12;
+enum GruSlot : size_t {
+  kGx, kGh, kGwih, kGwhh, kGbih, kGbhh, kGa, kGc, kGy, kGgates, kGdy, kGdx, kGdh, kGdwih, kGdwhh, kGdb, kGscratch, kGparams,
+  kGkept = kGparams + kMaxGruParams
+};
 
 // A forward call's x, h and gate planes stay on the device for its backward call, in one of
 // kKeptSets sets of three slots, tagged with the call's id. A later forward whose id lands on the
@@ -45,6 +52,131 @@ __global__ void gru_gate_grads_kernel(const float* dy, const float* gates, const
 
 float* upload(DeviceWorkspace& ws, size_t slot, const float* src, i64 n) { return ws.upload(slot, src, static_cast<size_t>(n)); }
 
+// Up to kMaxRuns runs of floats to move in one launch: run r is n[r] floats from src[r] to dst[r],
+// at [begin[r], begin[r + 1]) of the launch's index space.
+constexpr int kMaxRuns = 8;
+struct Runs {
+  int count = 0;
+  const float* src[kMaxRuns] = {};
+  float* dst[kMaxRuns] = {};
+  i64 begin[kMaxRuns + 1] = {};
+  void add(float* to, const float* from, i64 n) {
+    if (count == kMaxRuns) throw std::logic_error("GPU GRU: more runs than one launch takes");
+    dst[count] = to;
+    src[count] = from;
+    begin[count + 1] = begin[count] + n;
+    ++count;
+  }
+};
+
+// Each run's dst = its src (add: dst + src, rounded to float, as a tape sums a tensor's gradients).
+__global__ void move_runs_kernel(Runs runs, bool add) {
+  EMORL_GRID_LOOP(i, runs.begin[runs.count]) {
+    int r = 0;
+    while (i >= runs.begin[r + 1]) ++r;
+    const i64 k = i - runs.begin[r];
+    runs.dst[r][k] = add ? add_rn(runs.dst[r][k], runs.src[r][k]) : runs.src[r][k];
+  }
+}
+
+void move_runs(const Runs& runs, bool add) {
+  const i64 n = runs.begin[runs.count];
+  if (n) launch(move_runs_kernel, grid_for(n), dim3(kThreads), runs, add);
+}
+
+// The weights a call computes with, on the device.
+struct CellWeights {
+  const float *w_ih, *w_hh, *b_ih, *b_hh;
+};
+
+// One run of a cell array (w_ih, w_hh, b_ih or b_hh in nn.GRU's layout) taken from a GRU stage's
+// parameter: parameter j (its place in DeviceParams::params), values [offset, offset + n).
+struct GruPart {
+  size_t j, offset, n;
+};
+
+// The runs cell `cell`'s array `which` (0 w_ih, 1 w_hh, 2 b_ih, 3 b_hh) is made of, in order, after
+// checking that the stage's parameters are all there at the sizes d implies.
+std::vector<GruPart> gru_parts(const DeviceParams& p, const GruDims& d, int cell, int which) {
+  const size_t I = static_cast<size_t>(d.I), H = static_cast<size_t>(d.H), G = 3 * H;
+  const bool dual = p.layers == 2;
+  if (p.stage != DeviceParams::Stage::Gru || (p.layers != 1 && p.layers != 2)) throw std::invalid_argument("GPU GRU: the resident weights must be a GRU stage's");
+  if (cell < 0 || cell > (dual ? 1 : 0)) throw std::invalid_argument("GPU GRU: cell " + std::to_string(cell) + " is not one of the stage's");
+  const size_t count = dual ? 12 : 4;
+  if (p.params.size() != count) throw std::invalid_argument("GPU GRU: the stage's " + std::to_string(count) + " parameters must all be given");
+  // sizes by index: one cell's (w_ih, w_hh, b_ih, b_hh), or the DualGRU's in the original's layout
+  const size_t plain[4] = {G * I, G * H, G, G};
+  const size_t dual_sizes[12] = {2 * H * I, H * I, 2 * H * H, H * H, 2 * H * I, H * I, 2 * H * H, H * H, 4 * H, 4 * H, 2 * H, 2 * H};
+  std::vector<size_t> at(count, count);
+  for (size_t j = 0; j < count; ++j) {
+    const DeviceParams::Param& q = p.params[j];
+    const size_t want = dual ? dual_sizes[q.index] : plain[q.index];
+    if (q.index >= count || at[q.index] != count) throw std::invalid_argument("GPU GRU: the stage's parameters must each be given once");
+    if (q.n != want)
+      throw std::invalid_argument("GPU GRU: parameter " + std::to_string(q.index) + " has " + std::to_string(q.n) + " values, input " + std::to_string(I) +
+                                  " and hidden " + std::to_string(H) + " need " + std::to_string(want));
+    at[q.index] = j;
+  }
+  if (!dual) return {{at[static_cast<size_t>(which)], 0, plain[which]}};
+  const size_t c = static_cast<size_t>(cell);
+  switch (which) {
+    case 0: return {{at[4 * c], 0, 2 * H * I}, {at[4 * c + 1], 0, H * I}};
+    case 1: return {{at[4 * c + 2], 0, 2 * H * H}, {at[4 * c + 3], 0, H * H}};
+    case 2: return {{at[8], c * 2 * H, 2 * H}, {at[10], c * H, H}};
+    default: return {{at[9], c * 2 * H, 2 * H}, {at[11], c * H, H}};
+  }
+}
+
+// The cell's weights on the device: the call's arrays under their tags, or assembled from the
+// resident parameters' raw slots (each uploaded first where the host gives its data).
+CellWeights cell_weights(DeviceWorkspace& ws, const GruDims& d, const float* w_ih, const float* w_hh, const float* b_ih,
+                         const float* b_hh, const GruTags& tags, const GruResident* r) {
+  const i64 I = d.I, H = d.H, G = d.G();
+  if (!r) {
+    return {upload_as_is(ws, kGwih, tags.w_ih, w_ih, G * I), upload_as_is(ws, kGwhh, tags.w_hh, w_hh, G * H),
+            b_ih ? upload_as_is(ws, kGbih, tags.b_ih, b_ih, G) : nullptr, b_hh ? upload_as_is(ws, kGbhh, tags.b_hh, b_hh, G) : nullptr};
+  }
+  const DeviceParams& p = *r->params;
+  if (r->host.size() != p.params.size()) throw std::invalid_argument("GPU GRU: one host array (or null) per resident parameter");
+  std::vector<const float*> raw(p.params.size());
+  for (size_t j = 0; j < p.params.size(); ++j)
+    raw[j] = upload_as_is(ws, gru_param_slot(p, j), p.params[j].tag, r->host[j], static_cast<i64>(p.params[j].n));
+  const float* out[4];
+  const size_t slots[4] = {kGwih, kGwhh, kGbih, kGbhh};
+  const i64 sizes[4] = {G * I, G * H, G, G};
+  Runs runs;  // one launch assembles the four arrays
+  for (int which = 0; which < 4; ++which) {
+    float* dst = ws.buf(slots[which], static_cast<size_t>(sizes[which]));  // untagged: made afresh by every call
+    size_t at = 0;
+    for (const GruPart& part : gru_parts(p, d, r->cell, which)) {
+      runs.add(dst + at, raw[part.j] + part.offset, static_cast<i64>(part.n));
+      at += part.n;
+    }
+    out[which] = dst;
+  }
+  move_runs(runs, false);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+// A backward call's parameter gradients (cell layout, on the device) into the gradient state buffer.
+void keep_grads(DeviceWorkspace& ws, const GruDims& d, const GruResident& r, const float* dwih, const float* dwhh, const float* dbih,
+                const float* dbhh) {
+  const DeviceParams& p = *r.params;
+  float* g = ws.state(kGradState, p.total());
+  std::vector<size_t> offset(p.params.size());
+  for (size_t j = 0, at = 0; j < p.params.size(); at += p.params[j].n, ++j) offset[j] = at;
+  const float* src[4] = {dwih, dwhh, dbih, dbhh};
+  Runs runs;  // one launch for the four arrays
+  for (int which = 0; which < 4; ++which) {
+    size_t at = 0;
+    for (const GruPart& part : gru_parts(p, d, r.cell, which)) {
+      runs.add(g + offset[part.j] + part.offset, src[which] + at, static_cast<i64>(part.n));
+      at += part.n;
+    }
+  }
+  move_runs(runs, !r.first);
+}
+
 // whether the kept set of forward call `id` is still all there
 bool holds_kept(const DeviceWorkspace& ws, uint64_t id) {
   for (size_t which = 0; which < 3; ++which)
@@ -53,13 +185,9 @@ bool holds_kept(const DeviceWorkspace& ws, uint64_t id) {
 }
 
 // The forward pass on the device from xd, hd there: y into slot kGy, the gate planes into gd.
-float* gru_pass(DeviceWorkspace& ws, const GruDims& d, const float* xd, const float* hd, const float* w_ih, const float* w_hh,
-                const float* b_ih, const float* b_hh, const GruTags& tags, float* gd) {
+float* gru_pass(DeviceWorkspace& ws, const GruDims& d, const float* xd, const float* hd, const CellWeights& w, float* gd) {
   const i64 N = d.N, I = d.I, H = d.H, G = d.G();
-  const float* wihd = upload_as_is(ws, kGwih, tags.w_ih, w_ih, G * I);
-  const float* whhd = upload_as_is(ws, kGwhh, tags.w_hh, w_hh, G * H);
-  const float* bihd = upload_as_is(ws, kGbih, tags.b_ih, b_ih, G);
-  const float* bhhd = upload_as_is(ws, kGbhh, tags.b_hh, b_hh, G);
+  const float *wihd = w.w_ih, *whhd = w.w_hh, *bihd = w.b_ih, *bhhd = w.b_hh;
   float* ad = ws.buf(kGa, static_cast<size_t>(N * G));
   float* cd = ws.buf(kGc, static_cast<size_t>(N * G));
   const int g = as_int(G, "3H");
@@ -74,14 +202,15 @@ float* gru_pass(DeviceWorkspace& ws, const GruDims& d, const float* xd, const fl
 }  // namespace
 
 uint64_t gru_forward(const GruDims& d, const float* x, const float* h, const float* w_ih, const float* w_hh, const float* b_ih,
-                     const float* b_hh, float* y, float* gates, GpuWorkspace& base, const GruTags& tags) {
+                     const float* b_hh, float* y, float* gates, GpuWorkspace& base, const GruTags& tags, const GruResident* resident) {
   DeviceWorkspace& ws = own_workspace(base);
   const i64 N = d.N, I = d.I, H = d.H;
+  const CellWeights w = cell_weights(ws, d, w_ih, w_hh, b_ih, b_hh, tags, resident);
   const uint64_t id = ws.next_id();
   const float* xd = upload(ws, kept_slot(id, 0), x, N * I);
   const float* hd = upload(ws, kept_slot(id, 1), h, N * H);
   float* gd = ws.buf(kept_slot(id, 2), static_cast<size_t>(kGruPlanes * N * H));
-  const float* yd = gru_pass(ws, d, xd, hd, w_ih, w_hh, b_ih, b_hh, tags, gd);
+  const float* yd = gru_pass(ws, d, xd, hd, w, gd);
   for (size_t which = 0; which < 3; ++which) ws.tag_slot(kept_slot(id, which), id);
   ws.down(y, yd, static_cast<size_t>(N * H));
   if (gates) ws.down(gates, gd, static_cast<size_t>(kGruPlanes * N * H));
@@ -91,9 +220,12 @@ uint64_t gru_forward(const GruDims& d, const float* x, const float* h, const flo
 
 void gru_backward(const GruDims& d, const float* x, const float* h, const float* w_ih, const float* w_hh, const float* b_ih,
                   const float* b_hh, const float* gates, const float* dy, float* dx, float* dh, float* dw_ih, float* dw_hh, float* db_ih,
-                  float* db_hh, GpuWorkspace& base, const GruTags& tags, uint64_t kept) {
+                  float* db_hh, GpuWorkspace& base, const GruTags& tags, uint64_t kept, const GruResident* resident) {
   DeviceWorkspace& ws = own_workspace(base);
   const i64 N = d.N, I = d.I, H = d.H, G = d.G();
+  const bool keep = resident && resident->keep_grads;
+  if (keep && (dw_ih || dw_hh || db_ih || db_hh)) throw std::invalid_argument("GPU GRU backward: kept parameter gradients are not also returned");
+  const CellWeights w = cell_weights(ws, d, w_ih, w_hh, b_ih, b_hh, tags, resident);
   const float *xd, *hd, *gd;
   if (holds_kept(ws, kept)) {
     xd = ws.buf(kept_slot(kept, 0), 0);
@@ -105,9 +237,9 @@ void gru_backward(const GruDims& d, const float* x, const float* h, const float*
     if (gates) {
       gd = upload(ws, kGgates, gates, kGruPlanes * N * H);
     } else {
-      if (!b_ih || !b_hh) throw std::invalid_argument("GPU GRU backward: without the forward's gates the biases are needed to recompute them");
+      if (!w.b_ih || !w.b_hh) throw std::invalid_argument("GPU GRU backward: without the forward's gates the biases are needed to recompute them");
       float* g = ws.buf(kGgates, static_cast<size_t>(kGruPlanes * N * H));
-      gru_pass(ws, d, xd, hd, w_ih, w_hh, b_ih, b_hh, tags, g);
+      gru_pass(ws, d, xd, hd, w, g);
       gd = g;
     }
   }
@@ -116,15 +248,14 @@ void gru_backward(const GruDims& d, const float* x, const float* h, const float*
   float* dcd = ws.buf(kGc, static_cast<size_t>(N * G));
   float* dhd = ws.buf(kGdh, static_cast<size_t>(N * H));
   launch(gru_gate_grads_kernel, grid_for(N * H), dim3(kThreads), dyd, gd, hd, N, H, dad, dcd, dhd);
-  const float* wihd = upload_as_is(ws, kGwih, tags.w_ih, w_ih, G * I);
-  const float* whhd = upload_as_is(ws, kGwhh, tags.w_hh, w_hh, G * H);
+  const float *wihd = w.w_ih, *whhd = w.w_hh;
   float* dxd = ws.buf(kGdx, static_cast<size_t>(N * I));
   gemm(a_operand(dad, G, 1), b_operand(wihd, I, 1), Store{dxd, as_int(I, "I"), nullptr, 0}, N, I, G);
   gemm(a_operand(dcd, G, 1), b_operand(whhd, H, 1), AddTo{dhd, as_int(H, "H")}, N, H, G);
   ws.down(dx, dxd, static_cast<size_t>(N * I));
   ws.down(dh, dhd, static_cast<size_t>(N * H));
-  if (dw_ih || dw_hh || db_ih || db_hh) {
-    if (!(dw_ih && dw_hh && db_ih && db_hh)) throw std::invalid_argument("GPU GRU backward: the parameter gradients come all or none");
+  if (keep || dw_ih || dw_hh || db_ih || db_hh) {
+    if (!keep && !(dw_ih && dw_hh && db_ih && db_hh)) throw std::invalid_argument("GPU GRU backward: the parameter gradients come all or none");
     // A(m, k) = da[k, m]: the gradients transposed, against the rows of x and h
     float* dwihd = ws.buf(kGdwih, static_cast<size_t>(G * I));
     float* dwhhd = ws.buf(kGdwhh, static_cast<size_t>(G * H));
@@ -133,12 +264,22 @@ void gru_backward(const GruDims& d, const float* x, const float* h, const float*
     float* dbd = ws.buf(kGdb, static_cast<size_t>(2 * G));
     col_sums(ws, kGscratch, dad, 1, N, G, dbd);
     col_sums(ws, kGscratch, dcd, 1, N, G, dbd + G);
-    ws.down(dw_ih, dwihd, static_cast<size_t>(G * I));
-    ws.down(dw_hh, dwhhd, static_cast<size_t>(G * H));
-    ws.down(db_ih, dbd, static_cast<size_t>(G));
-    ws.down(db_hh, dbd + G, static_cast<size_t>(G));
+    if (keep) {
+      keep_grads(ws, d, *resident, dwihd, dwhhd, dbd, dbd + G);
+    } else {
+      ws.down(dw_ih, dwihd, static_cast<size_t>(G * I));
+      ws.down(dw_hh, dwhhd, static_cast<size_t>(G * H));
+      ws.down(db_ih, dbd, static_cast<size_t>(G));
+      ws.down(db_hh, dbd + G, static_cast<size_t>(G));
+    }
   }
   finish("GRU backward");
+}
+
+size_t gru_param_slot(const DeviceParams& p, size_t j) {
+  const size_t index = p.params.at(j).index;
+  if (index >= kMaxGruParams) throw std::invalid_argument("GRU parameters: index " + std::to_string(index) + " is past the stage's tensors");
+  return kGparams + index;
 }
 
 }  // namespace EMORL_GPU_NS

@@ -1,7 +1,7 @@
-// A stage's device-resident parameters (gpu.h DeviceParams: the decoder's or the encoder's weights
-// in their stage's workspace) and their optimizer: the gradients' norms, Adam in place in the
+// A stage's device-resident parameters (gpu.h DeviceParams: the decoder's, the encoder's or a GRU's
+// weights in their stage's workspace) and their optimizer: the gradients' norms, Adam in place in the
 // weights' raw slots, and the copies of weights and moments for checkpoints. Each stage says where
-// its parameters lie (decoder_param_slot, encoder_param_slot) and leaves their gradients in the
+// its parameters lie (decoder_param_slot, encoder_param_slot, gru_param_slot) and leaves their gradients in the
 // workspace's gradient state buffer. Compiled by nvcc into emorl::cuda and by the host compiler
 // (params_simt.cc) into emorl::simt.
 #include "kernels.cuh"
@@ -41,12 +41,18 @@ __global__ void adam_kernel(float* p, const float* g, float* m, float* v, i64 n,
 }
 
 size_t param_slot(const DeviceParams& p, size_t j) {
-  return p.stage == DeviceParams::Stage::Decoder ? decoder_param_slot(p, j) : encoder_param_slot(p, j);
+  switch (p.stage) {
+    case DeviceParams::Stage::Decoder: return decoder_param_slot(p, j);
+    case DeviceParams::Stage::Encoder: return encoder_param_slot(p, j);
+    case DeviceParams::Stage::Gru: break;
+  }
+  return gru_param_slot(p, j);
 }
 
-// "the weight of layer 2", "the bias of layer 0", "head tensor 4 of the encoder"
+// "the weight of layer 2", "the bias of layer 0", "head tensor 4 of the encoder", "tensor 3 of the GRU"
 std::string param_name(const DeviceParams& p, size_t j) {
   const DeviceParams::Param& q = p.params[j];
+  if (p.stage == DeviceParams::Stage::Gru) return "tensor " + std::to_string(q.index) + " of the GRU";
   if (p.stage == DeviceParams::Stage::Encoder && q.index >= p.layers) return "head tensor " + std::to_string(q.index - p.layers + 1) + " of the encoder";
   return std::string("the ") + (q.bias ? "bias" : "weight") + " of " + (p.stage == DeviceParams::Stage::Encoder ? "conv layer " : "layer ") +
          std::to_string(q.index);
