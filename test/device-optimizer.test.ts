@@ -55,6 +55,7 @@ describeDevices('the decoder\'s and the encoder\'s weights and their Adam step o
 
   test('take Adam on the host\'s steps bit for bit, clipped, with neither weights nor gradients crossing the bus', () => {
     const run = (deviceOptimizer: boolean) => {
+      const tensorsBefore = tf.memory().numTensors;
       const t = trainer(deviceOptimizer);
       try {
         expect(t.deviceParams.length > 0).toBe(deviceOptimizer);
@@ -69,6 +70,7 @@ describeDevices('the decoder\'s and the encoder\'s weights and their Adam step o
         return { steps, params: t.parameters(), adam: t.optimizer.exportState(), deviceBytes, tensors: names.length };
       } finally {
         t.dispose();
+        expect(tf.memory().numTensors).toBe(tensorsBefore); // nothing left behind (the device's anchors go with the model)
       }
     };
     const host = run(false);
@@ -165,6 +167,11 @@ describeDevices('the decoder\'s and the encoder\'s weights and their Adam step o
       const owners = m.keepWeightsOnDevice();
       expect(owners.map((o) => o.stage)).toEqual(['decoder', 'encoder', 'gru', 'gru']);
       expect(m.keepWeightsOnDevice()).toEqual(owners); // one owner per stage and model
+      // the tape differentiates the host's trainable weights and one anchor per owner, not the device's weights
+      const onDevice = owners.reduce((n, o) => n + o.names.length, 0);
+      const tape = m.params.tapeVariables();
+      expect(tape.length).toBe(m.params.trainableNames().length - onDevice + owners.length);
+      expect(tape.filter((v) => m.params.isAnchor(v.name))).toEqual(owners.map((o) => o.anchor));
       const r = m.lossAndGrads(images, { noise: new SeededNoise(1) });
       // the device's weights are left out of the host's gradients
       expect(r.grads.has(decoderWeight)).toBe(false);

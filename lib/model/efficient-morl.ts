@@ -487,15 +487,17 @@ export class EfficientMORL {
   keepWeightsOnDevice(): DeviceParams[] {
     const device = this.ops.paramsDevice;
     if (!device) return [];
-    const { spec, pos } = decoderStack(this.params, this.ops, this.cfg);
-    pos.dispose();
     const p = this.params;
+    let decoder!: DeviceParams;
+    tf.tidy(() => {
+      decoder = DeviceParams.forDecoder(decoderStack(p, this.ops, this.cfg).spec, p, device); // its positional tensors are dropped
+    });
     const gru = (prefix: string, names: string[]) => names.map((n) => p.get(`${prefix}${n}`));
     const cell = ['weight_ih_l0', 'weight_hh_l0', 'bias_ih_l0', 'bias_hh_l0'];
     // the DualGRU's tensors in the device's order (DeviceParamsSpec)
     const dual = ['weight_ih_1', 'weight_in_1', 'weight_hh_1', 'weight_hn_1', 'weight_ih_2', 'weight_in_2', 'weight_hh_2', 'weight_hn_2', 'bias_ih', 'bias_hh', 'bias_in', 'bias_hn'];
     return [
-      DeviceParams.forDecoder(spec, p, device),
+      decoder,
       DeviceParams.forEncoder(encoderParams(p), p, device),
       DeviceParams.forGru(this.cfg.use_DualGRU ? gru('hvae_networks.gru.cell.', dual) : gru('hvae_networks.gru.', cell), p, device),
       DeviceParams.forGru(gru('refinenet.recurrence.', cell), p, device),
@@ -518,7 +520,7 @@ export class EfficientMORL {
       ({ value, grads } = tf.variableGrads(() => {
         r = this.runPass(images as tf.Tensor4D, opts, collect, true);
         return r.total;
-      }, this.params.trainableVariables()));
+      }, this.params.tapeVariables()));
     } catch (err) {
       releaseAbandonedTape();
       throw err;
@@ -527,12 +529,14 @@ export class EfficientMORL {
     const res = r! as PassInternals;
     const named = new Map<string, tf.Tensor>();
     for (const [varName, g] of Object.entries(grads)) {
+      // a device's weights have their gradients there: the tape differentiated their anchors (0)
+      if (this.params.isAnchor(varName)) {
+        g.dispose();
+        continue;
+      }
       const key = this.params.keyOfVariableName(varName);
       if (key === undefined) throw new Error(`gradient for a foreign variable '${varName}'`);
-      // a device's weights have their gradients there (the ops gave the tape zeros); they stay in
-      // the tape's variables so that it runs the ops that leave those gradients
-      if (this.params.onDevice(key)) g.dispose();
-      else named.set(key, g);
+      named.set(key, g);
     }
     const outputs = this.finishOutputs(res, B, opts.decodeHvaeLayers ?? false);
     return {

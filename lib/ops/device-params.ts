@@ -83,8 +83,15 @@ export class DeviceParams {
     });
     this.names = this.params.map((p) => p.name);
     for (const p of this.params) ownerOf.set(p.variable, this);
-    store.attachDeviceOwner(this);
+    this.anchor = store.attachDeviceOwner(this);
   }
+
+  /**
+   * The store's anchor for these weights (ParamStore.tapeVariables): an op whose only trainable
+   * inputs are these weights (the encoder's) takes it as an input too, so that a tape
+   * differentiating the anchors rather than the weights still runs its backward; its gradient is 0.
+   */
+  readonly anchor: tf.Variable;
 
   /** The weighted layers of the decoder's stack `spec` (decoderStack's, from `store`), in the workspace its stages use on `device`. */
   static forDecoder(spec: DecoderSpec, store: ParamStore, device: StageDevice): DeviceParams {

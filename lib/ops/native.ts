@@ -159,12 +159,13 @@ function encoderStageParts(a: EncoderArgs, device: StageDevice, precision: ConvP
   const xd = f32(a.x);
   const nc = a.convs.length;
   const head = headTensors(a);
-  const inputs = [...a.convs.flatMap((L) => [L.weight, L.bias]), ...head];
-  // weights an optimizer on the device updated: known there by their device tags
+  // weights an optimizer on the device updated: known there by their device tags; their anchor makes
+  // a tape that differentiates it run this op's backward (which leaves their gradients there)
   const owner = device !== 'cpu' ? DeviceParams.of(a.convs[0].weight) : undefined;
+  const inputs = [...a.convs.flatMap((L) => [L.weight, L.bias]), ...head, ...(owner ? [owner.anchor] : [])];
   const tagOf = (x: tf.Tensor): number | null => owner?.deviceTag(x, workspace, device) ?? null;
   const specOf = (t: tf.Tensor[]): EncoderStageSpec => {
-    const hp = t.slice(2 * nc);
+    const hp = t.slice(2 * nc, 2 * nc + head.length);
     const headTags = hp.map(tagOf);
     return {
       x: xd, xShape, device, workspace,

@@ -74,6 +74,8 @@ export interface DeviceOwner {
 export class ParamStore {
   private readonly vars = new Map<string, tf.Variable>();
   private readonly owners = new Map<string, DeviceOwner>();
+  /** one per device owner, by tfjs variable name (tapeVariables) */
+  private readonly anchors = new Map<string, tf.Variable>();
   private readonly specByName = new Map<string, ParamSpec>();
   private readonly prefix: string;
   private disposed = false;
@@ -127,14 +129,41 @@ export class ParamStore {
     return this.trainableNames().map((n) => this.variable(n));
   }
 
-  /** Hands `owner.names` to a device that keeps (and updates) their current values. */
-  attachDeviceOwner(owner: DeviceOwner): void {
+  /**
+   * Hands `owner.names` to a device that keeps (and updates) their current values. Returns the
+   * owner's anchor: a trainable scalar, not a parameter, that a training tape differentiates in
+   * their place (tapeVariables), for the ops whose only trainable inputs are the owner's to take
+   * it as an input too, so that the tape still runs their backward (which leaves the gradients on
+   * the device).
+   */
+  attachDeviceOwner(owner: DeviceOwner): tf.Variable {
+    this.ensureLive();
     for (const n of owner.names) {
       const spec = this.specByName.get(n);
       if (!spec) throw new ParamError(n, 'no such parameter in this model');
       if (this.owners.has(n)) throw new ParamError(n, 'already kept on a device');
     }
     for (const n of owner.names) this.owners.set(n, owner);
+    // outside the prefix: no state_dict key
+    const zero = tf.scalar(0);
+    const anchor = tf.variable(zero, true, `${this.prefix.slice(0, -1)}#anchor${this.anchors.size}`);
+    zero.dispose(); // the variable holds its own reference to the data
+    this.anchors.set(anchor.name, anchor);
+    return anchor;
+  }
+
+  /**
+   * The variables a training tape differentiates: the trainable parameters the host trains, and
+   * the anchor of each device owner (whose parameters' gradients stay on the device: the tape
+   * would only sum the zeros the ops give it for them).
+   */
+  tapeVariables(): tf.Variable[] {
+    return [...this.trainableNames().filter((n) => !this.owners.has(n)).map((n) => this.variable(n)), ...this.anchors.values()];
+  }
+
+  /** Whether tfjs' variable `varName` is a device owner's anchor (tapeVariables). */
+  isAnchor(varName: string): boolean {
+    return this.anchors.has(varName);
   }
 
   /** Whether a device keeps `name`'s current values (its gradient and update happen there). */
@@ -197,8 +226,9 @@ export class ParamStore {
   dispose(): void {
     if (this.disposed) return;
     this.disposed = true;
-    for (const v of this.vars.values()) v.dispose();
+    for (const v of [...this.vars.values(), ...this.anchors.values()]) v.dispose();
     this.vars.clear();
+    this.anchors.clear();
   }
 
   private ensureLive(): void {
