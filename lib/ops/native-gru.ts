@@ -110,7 +110,10 @@ export function gruCell(x: tf.Tensor2D, h: tf.Tensor2D, p: GruWeights, device: S
   if (p.biasIh.shape[0] !== 3 * H || p.biasHh.shape[0] !== 3 * H) throw new Error(`gruCell: biases [${p.biasIh.shape}], [${p.biasHh.shape}] do not fit hidden ${H}`);
   const G = 3 * H;
   const group = sources ? undefined : residentGroup(p.weightIh, device);
-  const op = tf.customGrad((xt, ht, wih, whh, bih, bhh) => {
+  // weights a device keeps are not the op's inputs (their gradients stay there); their anchor is
+  const inputs = group ? [x, h, group.anchor] : [x, h, p.weightIh, p.weightHh, p.biasIh, p.biasHh];
+  const op = tf.customGrad((...args: unknown[]) => {
+    const [xt, ht, wih, whh, bih, bhh] = args as tf.Tensor[];
     const tagOf = (t: unknown, from: tf.Tensor[] | undefined, part: string) =>
       from ? derivedTag(from, `${sources!.recipe}/${part}`) : contentTag(t as tf.Tensor);
     const step = group
@@ -126,13 +129,14 @@ export function gruCell(x: tf.Tensor2D, h: tf.Tensor2D, p: GruWeights, device: S
         const needParams = paramGradsEnabled();
         const g = withKeptGrads(group, needParams, (first) => step.backward(f32(dy), needParams, first));
         const grads: tf.Tensor[] = [tf.tensor2d(g.dx, [N, I]), tf.tensor2d(g.dh, [N, H])];
-        if (!needParams || group) grads.push(tf.zeros([G, I]), tf.zeros([G, H]), tf.zeros([G]), tf.zeros([G]));
+        if (group) grads.push(tf.scalar(0));
+        else if (!needParams) grads.push(tf.zeros([G, I]), tf.zeros([G, H]), tf.zeros([G]), tf.zeros([G]));
         else grads.push(tf.tensor2d(g.dwIh!, [G, I]), tf.tensor2d(g.dwHh!, [G, H]), tf.tensor1d(g.dbIh!), tf.tensor1d(g.dbHh!));
         return grads;
       },
     };
   });
-  return op(x, h, p.weightIh, p.weightHh, p.biasIh, p.biasHh) as tf.Tensor2D;
+  return (op as (...t: tf.Tensor[]) => tf.Tensor)(...inputs) as tf.Tensor2D;
 }
 
 /** rows [r0, r1) of a row-major matrix with `cols` columns, then rows [s0, s1) of another: one new array */
@@ -161,8 +165,11 @@ export function dualGruCell(x: tf.Tensor2D, h1: tf.Tensor2D, h2: tf.Tensor2D, p:
   for (const [name, t, shape] of want) {
     if (t.shape.length !== shape.length || t.shape.some((d, i) => d !== shape[i])) throw new Error(`dualGruCell: ${name} is [${t.shape}], input [${x.shape}] and hidden ${H} need [${shape}]`);
   }
-  const inputs = [x, h1, h2, p.weightIh1, p.weightIn1, p.weightHh1, p.weightHn1, p.weightIh2, p.weightIn2, p.weightHh2, p.weightHn2, p.biasIh, p.biasHh, p.biasIn, p.biasHn];
   const group = residentGroup(p.weightIh1, device);
+  // weights a device keeps are not the op's inputs (their gradients stay there); their anchor is
+  const inputs = group
+    ? [x, h1, h2, group.anchor]
+    : [x, h1, h2, p.weightIh1, p.weightIn1, p.weightHh1, p.weightHn1, p.weightIh2, p.weightIn2, p.weightHh2, p.weightHn2, p.biasIh, p.biasHh, p.biasIn, p.biasHn];
   const op = tf.customGrad((...args: unknown[]) => {
     const t = args.slice(0, inputs.length) as tf.Tensor[];
     // the device assembles each cell's weights from the original's tensors it keeps (the same rows as below)
@@ -199,7 +206,8 @@ export function dualGruCell(x: tf.Tensor2D, h1: tf.Tensor2D, h2: tf.Tensor2D, p:
         const dx = new Float32Array(N * I);
         for (let i = 0; i < dx.length; i++) dx[i] = g2.dx[i] + g1.dx[i];
         const grads: tf.Tensor[] = [tf.tensor2d(dx, [N, I]), tf.tensor2d(g1.dh, [N, H]), tf.tensor2d(g2.dh, [N, H])];
-        if (!needParams || group) {
+        if (group) return [...grads, tf.scalar(0)];
+        if (!needParams) {
           for (const w of inputs.slice(3)) grads.push(tf.zerosLike(w));
           return grads;
         }

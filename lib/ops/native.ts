@@ -162,10 +162,13 @@ function encoderStageParts(a: EncoderArgs, device: StageDevice, precision: ConvP
   // weights an optimizer on the device updated: known there by their device tags; their anchor makes
   // a tape that differentiates it run this op's backward (which leaves their gradients there)
   const owner = device !== 'cpu' ? DeviceParams.of(a.convs[0].weight) : undefined;
-  const inputs = [...a.convs.flatMap((L) => [L.weight, L.bias]), ...head, ...(owner ? [owner.anchor] : [])];
+  const weights = [...a.convs.flatMap((L) => [L.weight, L.bias]), ...head];
+  // the weights a device keeps are not the op's inputs (their gradients stay there); their anchor is
+  const inputs = owner ? [owner.anchor] : weights;
   const tagOf = (x: tf.Tensor): number | null => owner?.deviceTag(x, workspace, device) ?? null;
-  const specOf = (t: tf.Tensor[]): EncoderStageSpec => {
-    const hp = t.slice(2 * nc, 2 * nc + head.length);
+  const specOf = (inputValues: tf.Tensor[]): EncoderStageSpec => {
+    const t = owner ? weights : inputValues;
+    const hp = t.slice(2 * nc);
     const headTags = hp.map(tagOf);
     return {
       x: xd, xShape, device, workspace,
@@ -178,9 +181,9 @@ function encoderStageParts(a: EncoderArgs, device: StageDevice, precision: ConvP
   };
   /** The inputs' gradients from a backward call (`backward(keep)`; null: zeros); with an owner on the device they stay there. */
   const paramGrads = (t: tf.Tensor[], backward: ((keep?: DeviceParamsSpec) => ReturnType<typeof k.encoderStageBackward>) | null): tf.Tensor[] => {
-    if (backward && owner) {
-      owner.keepGradients(backward);
-      return t.map((x) => tf.zerosLike(x));
+    if (owner) {
+      if (backward) owner.keepGradients(backward);
+      return [tf.scalar(0)]; // the anchor's
     }
     const b = backward?.();
     return b ? [...stackLayerGrads(a.convs, b.dw!, b.db!), ...headGrads(b.head!, head)] : t.map((x) => tf.zerosLike(x));
