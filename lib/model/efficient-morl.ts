@@ -506,8 +506,9 @@ export class EfficientMORL {
 
   /**
    * Training: the total loss and its gradient for every trainable parameter (keyed by
-   * state_dict name; the decoder's weights not, while a device keeps them: keepDecoderOnDevice). Leak-free: everything but the returned gradients (and outputs, if asked
-   * for) is released; call `dispose()` on the result when done.
+   * state_dict name; not the weights a device keeps: keepWeightsOnDevice). Leak-free: everything
+   * but the returned gradients (and outputs, if asked for) is released; call `dispose()` on the
+   * result when done.
    */
   lossAndGrads(images: tf.Tensor, opts: PassOptions & CollectOptions = {}): GradResult {
     this.checkImages(images);

@@ -18,7 +18,7 @@
  *
  * When a GPU device keeps a GRU's weights with their optimizer (DeviceParams of stage 'gru'), its
  * calls take them there (each cell's rows assembled on the device) and leave their gradients there,
- * summed over the pass's calls; the tape gets zeros for those tensors.
+ * summed over the pass's calls; those tensors are not the op's inputs (the group's anchor is).
  */
 import { tf } from '../tf';
 import { f32, sideBySide, splitSideBySide } from './arrays';
@@ -180,18 +180,18 @@ export function dualGruCell(x: tf.Tensor2D, h1: tf.Tensor2D, h2: tf.Tensor2D, p:
       // cell n: weight rows (reset, update) of weight_i·_n then (new) of weight_·n_n; biases: the
       // n-th (reset, update) pair of bias_ih / bias_hh, then the n-th half of bias_in / bias_hn
       const cell = (n: 1 | 2, h: Float32Array, wih: Float32Array, win: Float32Array, whh: Float32Array, whn: Float32Array) => {
-      const b0 = (n - 1) * 2 * H, c0 = (n - 1) * H;
-      const arrays = {
-        wIh: joinRows(wih, 0, 2 * H, win, 0, H, I),
-        wHh: joinRows(whh, 0, 2 * H, whn, 0, H, H),
-        bIh: joinRows(bih, b0, b0 + 2 * H, bin, c0, c0 + H, 1),
-        bHh: joinRows(bhh, b0, b0 + 2 * H, bhn, c0, c0 + H, 1),
-      };
-      const [wi, wn, wh, wq] = n === 1 ? [t[3], t[4], t[5], t[6]] : [t[7], t[8], t[9], t[10]];
-      return gruStep(xv, h, arrays, N, I, H, device, wi, () => ({
-        wIhTag: derivedTag([wi, wn], `dualGru${n}/wIh`), wHhTag: derivedTag([wh, wq], `dualGru${n}/wHh`),
-        bIhTag: derivedTag([t[11], t[13]], `dualGru${n}/bIh`), bHhTag: derivedTag([t[12], t[14]], `dualGru${n}/bHh`),
-      }));
+        const b0 = (n - 1) * 2 * H, c0 = (n - 1) * H;
+        const arrays = {
+          wIh: joinRows(wih, 0, 2 * H, win, 0, H, I),
+          wHh: joinRows(whh, 0, 2 * H, whn, 0, H, H),
+          bIh: joinRows(bih, b0, b0 + 2 * H, bin, c0, c0 + H, 1),
+          bHh: joinRows(bhh, b0, b0 + 2 * H, bhn, c0, c0 + H, 1),
+        };
+        const [wi, wn, wh, wq] = n === 1 ? [t[3], t[4], t[5], t[6]] : [t[7], t[8], t[9], t[10]];
+        return gruStep(xv, h, arrays, N, I, H, device, wi, () => ({
+          wIhTag: derivedTag([wi, wn], `dualGru${n}/wIh`), wHhTag: derivedTag([wh, wq], `dualGru${n}/wHh`),
+          bIhTag: derivedTag([t[11], t[13]], `dualGru${n}/bIh`), bHhTag: derivedTag([t[12], t[14]], `dualGru${n}/bHh`),
+        }));
       };
       return [cell(1, h1v, wih1, win1, whh1, whn1), cell(2, h2v, wih2, win2, whh2, whn2)];
     };

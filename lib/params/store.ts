@@ -154,8 +154,7 @@ export class ParamStore {
 
   /**
    * The variables a training tape differentiates: the trainable parameters the host trains, and
-   * the anchor of each device owner (whose parameters' gradients stay on the device: the tape
-   * would only sum the zeros the ops give it for them).
+   * the anchor of each device owner (whose parameters' gradients stay on the device).
    */
   tapeVariables(): tf.Variable[] {
     return [...this.trainableNames().filter((n) => !this.owners.has(n)).map((n) => this.variable(n)), ...this.anchors.values()];

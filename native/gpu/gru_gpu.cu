@@ -127,14 +127,15 @@ std::vector<GruPart> gru_parts(const DeviceParams& p, const GruDims& d, int cell
   }
 }
 
-// The cell's weights on the device: the call's arrays under their tags, or assembled from the
-// resident parameters' raw slots (each uploaded first where the host gives its data).
+// The cell's weights on the device: the call's arrays under their tags (the biases only with
+// `biases`), or all four assembled from the resident parameters' raw slots (each uploaded first
+// where the host gives its data).
 CellWeights cell_weights(DeviceWorkspace& ws, const GruDims& d, const float* w_ih, const float* w_hh, const float* b_ih,
-                         const float* b_hh, const GruTags& tags, const GruResident* r) {
+                         const float* b_hh, const GruTags& tags, const GruResident* r, bool biases) {
   const i64 I = d.I, H = d.H, G = d.G();
   if (!r) {
     return {upload_as_is(ws, kGwih, tags.w_ih, w_ih, G * I), upload_as_is(ws, kGwhh, tags.w_hh, w_hh, G * H),
-            b_ih ? upload_as_is(ws, kGbih, tags.b_ih, b_ih, G) : nullptr, b_hh ? upload_as_is(ws, kGbhh, tags.b_hh, b_hh, G) : nullptr};
+            biases ? upload_as_is(ws, kGbih, tags.b_ih, b_ih, G) : nullptr, biases ? upload_as_is(ws, kGbhh, tags.b_hh, b_hh, G) : nullptr};
   }
   const DeviceParams& p = *r->params;
   if (r->host.size() != p.params.size()) throw std::invalid_argument("GPU GRU: one host array (or null) per resident parameter");
@@ -205,7 +206,7 @@ uint64_t gru_forward(const GruDims& d, const float* x, const float* h, const flo
                      const float* b_hh, float* y, float* gates, GpuWorkspace& base, const GruTags& tags, const GruResident* resident) {
   DeviceWorkspace& ws = own_workspace(base);
   const i64 N = d.N, I = d.I, H = d.H;
-  const CellWeights w = cell_weights(ws, d, w_ih, w_hh, b_ih, b_hh, tags, resident);
+  const CellWeights w = cell_weights(ws, d, w_ih, w_hh, b_ih, b_hh, tags, resident, true);
   const uint64_t id = ws.next_id();
   const float* xd = upload(ws, kept_slot(id, 0), x, N * I);
   const float* hd = upload(ws, kept_slot(id, 1), h, N * H);
@@ -225,7 +226,11 @@ void gru_backward(const GruDims& d, const float* x, const float* h, const float*
   const i64 N = d.N, I = d.I, H = d.H, G = d.G();
   const bool keep = resident && resident->keep_grads;
   if (keep && (dw_ih || dw_hh || db_ih || db_hh)) throw std::invalid_argument("GPU GRU backward: kept parameter gradients are not also returned");
-  const CellWeights w = cell_weights(ws, d, w_ih, w_hh, b_ih, b_hh, tags, resident);
+  // the biases only to recompute the gates (neither kept on the device nor given)
+  const bool recompute = !holds_kept(ws, kept) && !gates;
+  if (recompute && !resident && (!b_ih || !b_hh))
+    throw std::invalid_argument("GPU GRU backward: without the forward's gates the biases are needed to recompute them");
+  const CellWeights w = cell_weights(ws, d, w_ih, w_hh, b_ih, b_hh, tags, resident, recompute);
   const float *xd, *hd, *gd;
   if (holds_kept(ws, kept)) {
     xd = ws.buf(kept_slot(kept, 0), 0);
@@ -237,7 +242,6 @@ void gru_backward(const GruDims& d, const float* x, const float* h, const float*
     if (gates) {
       gd = upload(ws, kGgates, gates, kGruPlanes * N * H);
     } else {
-      if (!w.b_ih || !w.b_hh) throw std::invalid_argument("GPU GRU backward: without the forward's gates the biases are needed to recompute them");
       float* g = ws.buf(kGgates, static_cast<size_t>(kGruPlanes * N * H));
       gru_pass(ws, d, xd, hd, w, g);
       gd = g;
