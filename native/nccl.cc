@@ -9,7 +9,7 @@
 //   new NcclComm(id, nranks, rank, device, lib?)
 //                               ncclCommInitRank (blocks until all ranks joined); methods
 //                               allreduceSum(Float32Array) -> Float32Array (CUDA builds: staged
-//                               through device memory on `device`), destroy(); getters rank, size,
+//                               through device memory on `device`, kept between calls), destroy(); getters rank, size,
 //                               device, destroyed.
 // nccl.h: other bindings' in-place allreduce of device memory through an NcclComm they are handed.
 // The communicator and its library handle live in the JS-owned NcclComm object (ObjectWrap;
@@ -267,6 +267,16 @@ class NcclComm : public Napi::ObjectWrap<NcclComm> {
 #endif
     stream_ = nullptr;
   }
+  void release_staging() {
+#if defined(EMORL_CUDA)
+    if (staging_) {
+      cudaSetDevice(device_);
+      cudaFree(staging_);
+    }
+#endif
+    staging_ = nullptr;
+    staging_floats_ = 0;
+  }
 
   // Destroys the communicator, its stream and our library handle; returns ncclCommDestroy's
   // error, if any (empty when there was nothing to destroy).
@@ -277,6 +287,7 @@ class NcclComm : public Napi::ObjectWrap<NcclComm> {
       if (r != kNcclSuccess) err = lib_->describe("ncclCommDestroy", r);
     }
     comm_ = nullptr;
+    release_staging();
     release_stream();
     lib_.reset();
     return err;
@@ -299,10 +310,17 @@ class NcclComm : public Napi::ObjectWrap<NcclComm> {
 #if defined(EMORL_CUDA)
     cudaError_t ce = cudaSetDevice(device_);
     if (ce != cudaSuccess) throw Napi::Error::New(env, "emorl.NcclComm.allreduceSum: " + cuda_describe("cudaSetDevice", ce));
-    void* dev = nullptr;
-    ce = cudaMalloc(&dev, n * sizeof(float));
-    if (ce != cudaSuccess) throw Napi::Error::New(env, "emorl.NcclComm.allreduceSum: " + cuda_describe("cudaMalloc", ce));
-    std::unique_ptr<void, void (*)(void*)> guard(dev, [](void* p) { cudaFree(p); });
+    // the staging buffer is kept from call to call (a cudaFree per step would wait for the device)
+    if (staging_floats_ < n) {
+      release_staging();
+      ce = cudaMalloc(&staging_, n * sizeof(float));
+      if (ce != cudaSuccess) {
+        staging_ = nullptr;
+        throw Napi::Error::New(env, "emorl.NcclComm.allreduceSum: " + cuda_describe("cudaMalloc", ce));
+      }
+      staging_floats_ = n;
+    }
+    void* dev = staging_;
     auto stream = reinterpret_cast<cudaStream_t>(stream_);
     ce = cudaMemcpyAsync(dev, in.Data(), n * sizeof(float), cudaMemcpyHostToDevice, stream);
     if (ce != cudaSuccess) throw Napi::Error::New(env, "emorl.NcclComm.allreduceSum: " + cuda_describe("cudaMemcpyAsync", ce));
@@ -334,6 +352,8 @@ class NcclComm : public Napi::ObjectWrap<NcclComm> {
   std::unique_ptr<NcclLibrary> lib_;
   ncclComm_t comm_ = nullptr;
   void* stream_ = nullptr;
+  void* staging_ = nullptr;  // device memory allreduceSum stages host data through
+  size_t staging_floats_ = 0;
   int nranks_ = 0;
   int rank_ = 0;
   int device_ = 0;
