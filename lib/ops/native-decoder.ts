@@ -77,34 +77,39 @@ function addScaled(sum: Float32Array | null, g: Float32Array, u: number): Float3
  * leaves the op unused.
  */
 export function shareDecoderWeights(spec: DecoderSpec, pos: tf.Tensor3D): DecoderSpec {
+  // the embedding and the weights: the sums' order
   const shared = [pos, ...weightedLayers(spec).flatMap((L) => [L.weight, L.bias])];
   const out: DecoderSpec = { layers: spec.layers };
   const s: SharedWeights = { token: null as unknown as tf.Scalar, pos, sums: shared.map(() => null), kept: null };
+  // weights a device keeps (with their optimizer) are not the op's inputs (their gradients stay there); their anchor is
+  const owner = shared.length > 1 ? DeviceParams.of(shared[1]) : undefined;
+  const inputs = owner ? [pos, owner.anchor] : shared;
   const op = tf.customGrad(() => ({
     value: tf.scalar(0),
     gradFunc: () => {
       if (s.kept && s.kept.ids.length) {
         const k = s.kept;
         const sizes = shared.map((t) => t.size);
-        const owner = DeviceParams.of(shared[1]);
-        if (owner && owner.workspace === k.workspace && owner.device === k.device) {
+        if (owner) {
+          if (owner.workspace !== k.workspace || owner.device !== k.device) throw new Error(`decoder: its weights are kept on ${owner.device}, but its stages ran elsewhere (${k.device})`);
           // the weights' sums stay on the device for its optimizer; the tape gets the embedding's
           const dpos = owner.sumGradients(k.ids, k.us, sizes);
           k.ids = [];
           k.us = [];
-          return [tf.tensor(dpos, pos.shape), ...shared.slice(1).map((t) => tf.zerosLike(t))];
+          return [tf.tensor(dpos, pos.shape), tf.scalar(0)];
         }
         const sums = addonOps().decoderParamGradSums({ workspace: k.workspace, device: k.device, ids: k.ids, us: k.us, sizes });
         k.ids = [];
         k.us = [];
         return sums.map((g, i) => tf.tensor(g!, shared[i].shape));
       }
-      const grads = s.sums.map((g, i) => (g ? tf.tensor(g, shared[i].shape) : tf.zerosLike(shared[i])));
+      if (owner && s.sums.slice(1).some((g) => g)) throw new Error(`decoder: its weights are kept on ${owner.device}, but its stages ran on the CPU`);
+      const grads = inputs.map((t, i) => (s.sums[i] ? tf.tensor(s.sums[i]!, t.shape) : tf.zerosLike(t)));
       s.sums.fill(null);
       return grads;
     },
   }));
-  s.token = (op as (...t: tf.Tensor[]) => tf.Scalar)(...shared);
+  s.token = (op as (...t: tf.Tensor[]) => tf.Scalar)(...inputs);
   sharedOf.set(out, s);
   return out;
 }
