@@ -22,7 +22,8 @@
  * over --steps timed repetitions after one untimed warm-up repetition. Native rows also give
  * `host_s`: the median time per step outside the addon's calls, i.e. in tfjs and JavaScript. With
  * a GPU device that is the floor of a step's time on this host (the addon's CPU calls, such as the
- * small linear layers and Adam, come on top).
+ * small linear layers and Adam, come on top). `tfjs_kernels_per_step` counts the tfjs kernels a
+ * step runs, forward and backward: the host's share grows with it.
  */
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -55,6 +56,20 @@ interface Measurement {
   bus_per_step?: { up_mib: number; down_mib: number; uploads: number; downloads: number };
   /** native: the median time per step outside the addon's calls */
   host_s?: number;
+  /** tfjs kernels run per step (the timed steps' mean): what the host's share of a step scales with */
+  tfjs_kernels_per_step: number;
+}
+
+/** Counts the kernels tfjs' engine runs (every tfjs op, forward and backward, is one or more). */
+function countKernels(): { n: number } {
+  const count = { n: 0 };
+  const engine = tf.engine() as unknown as { runKernel: (...a: unknown[]) => unknown };
+  const run = engine.runKernel.bind(engine);
+  engine.runKernel = (...a: unknown[]) => {
+    count.n++;
+    return run(...a);
+  };
+  return count;
 }
 
 /**
@@ -127,8 +142,14 @@ async function measure(config: string, batch: number, mode: 'train' | 'infer', b
   const images = tf.tidy(() => tf.sub(tf.mul(tf.randomUniform([batch, C, H, W], 0, 1, 'float32', 3), 2), 1));
   const times: number[] = [], hostTimes: number[] = [];
   let bus0 = deviceTraffic();
+  const kernels = countKernels();
+  let kernels0 = 0;
   for (let r = 0; r <= steps; r++) {
-    if (r === 1) bus0 = deviceTraffic();  // after the warm-up
+    if (r === 1) {
+      // after the warm-up
+      bus0 = deviceTraffic();
+      kernels0 = kernels.n;
+    }
     const t = performance.now(), in0 = inside?.ms ?? 0;
     if (mode === 'train') trainer.step(images, { noise: new SeededNoise(r) }).release();
     else trainer.model.infer(images, { noise: new SeededNoise(r), outputs: false }).dispose();
@@ -156,6 +177,7 @@ async function measure(config: string, batch: number, mode: 'train' | 'infer', b
     median_s: median(times),
     times_s: times,
     ...(hostTimes.length ? { host_s: Math.round(median(hostTimes) * 1e4) / 1e4 } : {}),
+    tfjs_kernels_per_step: Math.round((kernels.n - kernels0) / steps),
     peak_rss_mib: process.resourceUsage().maxRSS / 1024,
     ...(backend === 'native'
       ? { isa: st.info?.gemmIsa, threads: st.info?.threads, device, precision: precision === 'bf16' ? `bf16 (${st.info?.bf16})` : precision }
@@ -242,7 +264,7 @@ async function main(): Promise<void> {
       const label = backend === 'js' ? 'js' : `native ${prec}`;
       const b = m.bus_per_step;
       const busText = b ? `; per step ${b.up_mib} MiB up in ${b.uploads} copies, ${b.down_mib} MiB down in ${b.downloads}` : '';
-      const hostText = m.host_s !== undefined ? `; ${(m.host_s * 1000).toFixed(0)} ms of it outside the addon` : '';
+      const hostText = m.host_s !== undefined ? `; ${(m.host_s * 1000).toFixed(0)} ms of it outside the addon (${m.tfjs_kernels_per_step} tfjs kernels)` : '';
       console.log(`${name.padEnd(15)} batch ${String(batch).padStart(2)} ${mode.padEnd(5)} ${label.padEnd(11)} ${m.median_s.toFixed(2)} s${ratio}${hostText}; peak RSS ${m.peak_rss_mib.toFixed(0)} MiB${mem}${busText}`);
     }
   }
