@@ -91,16 +91,17 @@ step() {
   timeout "$limit" "$@" 2>&1 | tee -a "$OUT/report.txt"
   echo "(exit ${PIPESTATUS[0]})" | tee -a "$OUT/report.txt"
 }
+# NCCL from the machine's Python packages where it is not on the library path (the session's
+# one-rank check and the --gpus 1 run below use it)
+NCCL=$(python3 -c 'import os, nvidia.nccl as m; print(os.path.join(list(m.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null || true)
+if [ -n "$NCCL" ] && [ -z "${EMORL_NCCL_LIBRARY:-}" ]; then export EMORL_NCCL_LIBRARY=$NCCL; fi
 # most important first; the limits add up to under the device call's 10 minutes
 step device 15 nvidia-smi
 step gpu_check 180 ./emorl_gpu_check
 step session 100 node dist/bench/gpu-session.js
 step step-train-cuda 60 node dist/bench/step.js --config tetrominoes --batch 32 --mode train --device cuda:0 --steps 10
-# data parallel through NCCL (one rank: the library loading, the communicator, the allreduce); NCCL
-# from the machine's Python packages where it is not on the library path
+# data parallel through NCCL (one rank: the library loading, the communicator, the device allreduce)
 step data 20 node dist/bin/emorl-data.js generate tetrominoes --out /tmp/emorl-tet.h5 --train 256 --test 32 --no-progress
-NCCL=$(python3 -c 'import os, nvidia.nccl as m; print(os.path.join(list(m.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null || true)
-if [ -n "$NCCL" ] && [ -z "${EMORL_NCCL_LIBRARY:-}" ]; then export EMORL_NCCL_LIBRARY=$NCCL; fi
 step train-gpus1 75 node dist/bin/emorl-train.js --gpus 1 --data /tmp/emorl-tet.h5 --batch-size 8 --steps 20 --checksum-every 10 \
   --out /tmp/emorl-run --no-progress
 step step-infer-cuda 30 node dist/bench/step.js --config tetrominoes --batch 32 --mode infer --device cuda:0 --steps 10
