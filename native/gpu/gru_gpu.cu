@@ -52,8 +52,8 @@ __global__ void gru_gate_grads_kernel(const float* dy, const float* gates, const
 
 float* upload(DeviceWorkspace& ws, size_t slot, const float* src, i64 n) { return ws.upload(slot, src, static_cast<size_t>(n)); }
 
-// Up to kMaxRuns runs of floats to move in one launch: run r is n[r] floats from src[r] to dst[r],
-// at [begin[r], begin[r + 1]) of the launch's index space.
+// Up to kMaxRuns runs of floats to move in one launch: run r moves the floats of src[r] to dst[r]
+// that [begin[r], begin[r + 1]) of the launch's index space stands for.
 constexpr int kMaxRuns = 8;
 struct Runs {
   int count = 0;
@@ -110,8 +110,8 @@ std::vector<GruPart> gru_parts(const DeviceParams& p, const GruDims& d, int cell
   std::vector<size_t> at(count, count);
   for (size_t j = 0; j < count; ++j) {
     const DeviceParams::Param& q = p.params[j];
-    const size_t want = dual ? dual_sizes[q.index] : plain[q.index];
     if (q.index >= count || at[q.index] != count) throw std::invalid_argument("GPU GRU: the stage's parameters must each be given once");
+    const size_t want = dual ? dual_sizes[q.index] : plain[q.index];
     if (q.n != want)
       throw std::invalid_argument("GPU GRU: parameter " + std::to_string(q.index) + " has " + std::to_string(q.n) + " values, input " + std::to_string(I) +
                                   " and hidden " + std::to_string(H) + " need " + std::to_string(want));
