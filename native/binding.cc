@@ -1527,8 +1527,11 @@ emorl::GruTags gru_tags(const Props& p) { return {p.tag("wIhTag"), p.tag("wHhTag
 // data (Float32Array of its size) when the host's copy is current, else null. Absent: none.
 struct GruResidentArg {
   emorl::DeviceParams params;
-  emorl::GruResident r;
+  emorl::GruResident r;  // r.params points at params: not to be copied
   bool given = false;
+  GruResidentArg() = default;
+  GruResidentArg(const GruResidentArg&) = delete;
+  GruResidentArg& operator=(const GruResidentArg&) = delete;
 };
 void gru_resident(const Args& a, const Props& p, const GpuCall& gpu, bool backward, GruResidentArg& out) {
   if (!p.has("resident")) return;
