@@ -21,6 +21,8 @@ import { clusterFromEnv } from '../lib/train/rendezvous';
 import { train, type TrainOptions } from '../lib/train/loop';
 import { ncclStatus, ncclUniqueId, NcclCommunicator } from '../lib/train/nccl';
 import { Trainer, type StepResult } from '../lib/train/trainer';
+import { EfficientMORL } from '../lib/model/efficient-morl';
+import { nativeOpsOn } from '../lib/ops/native';
 import { Rng } from '../lib/util/rng';
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'emorl-dp-'));
@@ -558,6 +560,16 @@ int ncclGetVersion(int* v) { *v = 22105; return 0; }
     const id = ncclUniqueId(lib);
     expect(id.length).toBe(128);
     const comm = new NcclCommunicator(id, 1, 2, 0, lib);
+    if (nativeStatus().info?.simtEmulator) {
+      // NCCL sums device memory of its own device: weights kept on the emulator are refused by name
+      const m = new EfficientMORL(config.Net, { ops: nativeOpsOn('simt'), seed: 1 });
+      try {
+        const [decoder] = m.keepWeightsOnDevice();
+        expect(() => comm.allreduceDeviceGradients(decoder)).toThrow(/NCCL on cuda:0 cannot sum the decoder's gradients, which lie on simt/);
+      } finally {
+        m.dispose();
+      }
+    }
     comm.close();
     comm.close(); // idempotent
     const other = new Uint8Array(id);
