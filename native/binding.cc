@@ -1114,8 +1114,8 @@ Napi::Value DecoderStageFn(const Napi::CallbackInfo& info, bool) {
   return r;
 }
 
-// A stage's device-resident parameters (gpu.h DeviceParams): spec.stage ('decoder' | 'encoder'),
-// spec.layers (the stack's length) and spec.params [{ index, bias, size, tag }].
+// A stage's device-resident parameters (gpu.h DeviceParams): spec.stage ('decoder' | 'encoder' |
+// 'gru'), spec.layers (the stack's length; a GRU's 1 or 2) and spec.params [{ index, bias, size, tag }].
 emorl::DeviceParams device_params(const Args& a, const Props& p) {
   emorl::DeviceParams d;
   Napi::Value sv = p.get("stage");
@@ -1213,8 +1213,8 @@ Napi::Value DecoderParamGradSumsFn(const Napi::CallbackInfo& info, bool) {
   return out;
 }
 
-// What the calls on a decoder's device-resident parameters share: spec.workspace on spec.device
-// (a GPU device) and the parameters (decoder_params).
+// What the calls on a stage's device-resident parameters share: spec.workspace on spec.device
+// (a GPU device) and the parameters (device_params).
 struct ParamsCall {
   Props p;
   GpuCall gpu;

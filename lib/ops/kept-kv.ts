@@ -83,16 +83,17 @@ export class DeviceKeysValues extends KeptKeysValues {
 
 /**
  * The encoder's custom op over `inputs` when it keeps k and v: `run` makes them from the inputs
- * and gives the inputs' gradients from the attention rounds' sums; the op's output is the token.
+ * (themselves: customGrad hands them over as given) and gives the inputs' gradients from the
+ * attention rounds' sums; the op's output is the token.
  */
-export function keptKvOp<R extends KeptKeysValues>(inputs: tf.Tensor[], run: (t: tf.Tensor[]) => {
+export function keptKvOp<R extends KeptKeysValues>(inputs: tf.Tensor[], run: () => {
   kept: R;
   grads: (needParams: boolean) => tf.Tensor[];
 }): EncoderOutput {
   let kept: R | null = null;
   const op = tf.customGrad((...args) => {
     const save = args.pop() as tf.GradSaveFunc;
-    const r = run(args as tf.Tensor[]);
+    const r = run();
     kept = r.kept;
     save([]);
     return { value: tf.zeros([1]), gradFunc: () => r.grads(paramGradsEnabled()) };

@@ -123,23 +123,23 @@ function stackLayerGrads(layers: ConvStackLayer[], dw: Float32Array[], db: Float
 export function encoderOnDevice(a: EncoderArgs, device: StageDevice): EncoderOutput {
   const { k, B, H, W, inputs, specOf, paramGrads } = encoderStageParts(a, device, 'fp32');
   if (a.attentionOnly) {
-    return keptKvOp(inputs, (t) => {
-      const spec = specOf(t);
+    return keptKvOp(inputs, () => {
+      const spec = specOf();
       const r = k.encoderStage({ ...spec, keep: true });
       const kept = new DeviceKeysValues(device, [B, H * W, r.Z], spec, r.stamp);
       return {
         kept,
         // without parameter gradients there is nothing to compute (the sums go with the next forward)
-        grads: (needParams) => paramGrads(t, needParams ? (keep) => k.encoderStageBackward({ ...spec, sumId: kept.sumId, stamp: kept.stamp, needParams, ...(keep && { keep }) }) : null),
+        grads: (needParams) => paramGrads(needParams ? (keep) => k.encoderStageBackward({ ...spec, sumId: kept.sumId, stamp: kept.stamp, needParams, ...(keep && { keep }) }) : null),
       };
     });
   }
-  const kv = kvOp(inputs, (t) => {
-    const spec = specOf(t);
+  const kv = kvOp(inputs, () => {
+    const spec = specOf();
     const r = k.encoderStage(spec);
     return {
       ...r,
-      grads: (dk, dv, needParams) => paramGrads(t, needParams ? (keep) => k.encoderStageBackward({ ...spec, dk, dv, stamp: r.stamp, needParams, ...(keep && { keep }) }) : null),
+      grads: (dk, dv, needParams) => paramGrads(needParams ? (keep) => k.encoderStageBackward({ ...spec, dk, dv, stamp: r.stamp, needParams, ...(keep && { keep }) }) : null),
     };
   });
   return kvOutput(kv, B, H * W);
@@ -166,13 +166,13 @@ function encoderStageParts(a: EncoderArgs, device: StageDevice, precision: ConvP
   // the weights a device keeps are not the op's inputs (their gradients stay there); their anchor is
   const inputs = owner ? [owner.anchor] : weights;
   const tagOf = (x: tf.Tensor): number | null => owner?.deviceTag(x, workspace, device) ?? null;
-  const specOf = (inputValues: tf.Tensor[]): EncoderStageSpec => {
-    const t = owner ? weights : inputValues;
-    const hp = t.slice(2 * nc);
+  // the op runs on its inputs themselves (customGrad hands them over as given): the weights' tensors
+  const specOf = (): EncoderStageSpec => {
+    const hp = weights.slice(2 * nc);
     const headTags = hp.map(tagOf);
     return {
       x: xd, xShape, device, workspace,
-      layers: stackLayerSpecs(a.convs, t.slice(0, 2 * nc), workspace, device),
+      layers: stackLayerSpecs(a.convs, weights.slice(0, 2 * nc), workspace, device),
       head: headTags.every((g) => g !== null)
         ? { pos: f32(a.pos), eps: ENCODER_LN_EPS, resident: true, Z: hp[8].shape[0], tags: [contentTag(a.pos), ...(headTags as number[])] }
         : { ...headSpec(a, hp), ...(device !== 'cpu' && { tags: [contentTag(a.pos), ...hp.map((x, i) => headTags[i] ?? contentTag(x))] }) },
@@ -180,13 +180,13 @@ function encoderStageParts(a: EncoderArgs, device: StageDevice, precision: ConvP
     };
   };
   /** The inputs' gradients from a backward call (`backward(keep)`; null: zeros); with an owner on the device they stay there. */
-  const paramGrads = (t: tf.Tensor[], backward: ((keep?: DeviceParamsSpec) => ReturnType<typeof k.encoderStageBackward>) | null): tf.Tensor[] => {
+  const paramGrads = (backward: ((keep?: DeviceParamsSpec) => ReturnType<typeof k.encoderStageBackward>) | null): tf.Tensor[] => {
     if (owner) {
       if (backward) owner.keepGradients(backward);
       return [tf.scalar(0)]; // the anchor's
     }
     const b = backward?.();
-    return b ? [...stackLayerGrads(a.convs, b.dw!, b.db!), ...headGrads(b.head!, head)] : t.map((x) => tf.zerosLike(x));
+    return b ? [...stackLayerGrads(a.convs, b.dw!, b.db!), ...headGrads(b.head!, head)] : inputs.map((x) => tf.zerosLike(x));
   };
   return { k, B, H, W, inputs, specOf, paramGrads };
 }
@@ -246,15 +246,15 @@ function headGrads(g: EncoderHeadGrads, head: tf.Tensor[]): tf.Tensor[] {
 
 /**
  * A custom op over `inputs` whose output is k and v [rows, Z] side by side (customGrad takes one
- * output); `run` computes them and gives the inputs' gradients from dk, dv.
+ * output); `run` computes them (from the inputs themselves) and gives the inputs' gradients from dk, dv.
  */
-function kvOp(inputs: tf.Tensor[], run: (t: tf.Tensor[]) => {
+function kvOp(inputs: tf.Tensor[], run: () => {
   k: Float32Array; v: Float32Array; rows: number; Z: number;
   grads: (dk: Float32Array, dv: Float32Array, needParams: boolean) => tf.Tensor[];
 }): tf.Tensor2D {
   const op = tf.customGrad((...args) => {
     const save = args.pop() as tf.GradSaveFunc;
-    const r = run(args as tf.Tensor[]);
+    const r = run();
     save([]);
     return {
       value: tf.tensor2d(sideBySide(r.k, r.v, r.rows, r.Z), [r.rows, 2 * r.Z]),
@@ -283,12 +283,12 @@ function kvOutput(kv: tf.Tensor2D, B: number, HW: number): EncoderOutput {
  */
 export function encoderOnCpu(a: EncoderArgs, precision: ConvPrecision = 'fp32'): EncoderOutput {
   const { k, B, H, W, inputs, specOf, paramGrads } = encoderStageParts(a, 'cpu', precision);
-  const backward = (t: tf.Tensor[], spec: EncoderStageSpec, stamp: number, dk: Float32Array, dv: Float32Array, needParams: boolean) =>
+  const backward = (spec: EncoderStageSpec, stamp: number, dk: Float32Array, dv: Float32Array, needParams: boolean) =>
     // without parameter gradients there is nothing to compute: the images take none
-    paramGrads(t, needParams ? () => k.encoderStageBackward({ ...spec, dk, dv, stamp, needParams }) : null);
+    paramGrads(needParams ? () => k.encoderStageBackward({ ...spec, dk, dv, stamp, needParams }) : null);
   if (a.attentionOnly) {
-    return keptKvOp(inputs, (t) => {
-      const spec = specOf(t);
+    return keptKvOp(inputs, () => {
+      const spec = specOf();
       // k and v into arrays an earlier pass released (fresh pages had cost ~3 ms per 5 MB array)
       const into = reusedArrays(B * H * W * a.wk.shape[0], 2);
       const r = k.encoderStage(into ? { ...spec, kInto: into[0], vInto: into[1] } : spec);
@@ -297,7 +297,7 @@ export function encoderOnCpu(a: EncoderArgs, precision: ConvPrecision = 'fp32'):
         kept,
         grads: (needParams) => {
           const sums = kept.takeSums();
-          const g = backward(t, spec, r.stamp, sums.dk, sums.dv, needParams);
+          const g = backward(spec, r.stamp, sums.dk, sums.dv, needParams);
           // the addon read the sums, and the attention rounds' backward passes (before this one) k and v
           releaseArrays(sums.dk, sums.dv, kept.k, kept.v);
           return g;
@@ -305,10 +305,10 @@ export function encoderOnCpu(a: EncoderArgs, precision: ConvPrecision = 'fp32'):
       };
     });
   }
-  const kv = kvOp(inputs, (t) => {
-    const spec = specOf(t);
+  const kv = kvOp(inputs, () => {
+    const spec = specOf();
     const r = k.encoderStage(spec);
-    return { ...r, grads: (dk, dv, needParams) => backward(t, spec, r.stamp, dk, dv, needParams) };
+    return { ...r, grads: (dk, dv, needParams) => backward(spec, r.stamp, dk, dv, needParams) };
   });
   return kvOutput(kv, B, H * W);
 }

@@ -1,8 +1,8 @@
 /**
- * Tensors (the decoder's tf.Variables) whose current values may live on a GPU device only: an
- * optimizer there updated them, and their host copies are brought up to date only when something
- * on the host reads them. The ops' readers of host data (f32, contentTag) call hostCurrent first,
- * so a stale host copy is never read or uploaded.
+ * Tensors (the tf.Variables a DeviceParams group keeps) whose current values may live on a GPU
+ * device only: an optimizer there updated them, and their host copies are brought up to date only
+ * when something on the host reads them. The ops' readers of host data (f32, contentTag) call
+ * hostCurrent first, so a stale host copy is never read or uploaded.
  */
 const refreshers = new WeakMap<object, () => void>();
 

@@ -11,7 +11,7 @@ import { addonOps, nativeOpsAvailable, type AdamStepScalars, type NativeAddon } 
 
 /**
  * Parameters whose gradients, moments and updates live on a GPU device (ops/device-params.ts
- * DeviceDecoderParams): Adam takes the step there, with the same scalars and the same bits.
+ * DeviceParams): Adam takes the step there, with the same scalars and the same bits.
  */
 export interface DeviceParamGroup {
   readonly names: readonly string[];
@@ -147,7 +147,7 @@ export class Adam {
    */
   attachDevice(group: DeviceParamGroup): void {
     if (this.device.has(group)) throw new Error('Adam: the device group is attached already');
-    const onDevice = new Set(this.deviceNames());
+    const onDevice = this.deviceNames();
     for (const name of group.names) {
       if (!this.params.variable(name).trainable) throw new Error(`Adam: '${name}' is not a trainable parameter`);
       if (onDevice.has(name)) throw new Error(`Adam: '${name}' is in another device group`);
@@ -165,8 +165,8 @@ export class Adam {
   }
 
   /** the names of every device group's parameters */
-  private deviceNames(): string[] {
-    return [...this.device.keys()].flatMap((g) => [...g.names]);
+  private deviceNames(): Set<string> {
+    return new Set([...this.device.keys()].flatMap((g) => [...g.names]));
   }
 
   /** The number of steps taken. */
@@ -185,7 +185,7 @@ export class Adam {
       throw new Error(`Adam: gradScale must be a float32 value in (0, 1], got ${gradScale}`);
     }
     // check every gradient first, so that a bad one leaves the optimizer untouched
-    const onDevice = new Set(this.deviceNames());
+    const onDevice = this.deviceNames();
     for (const [name, g] of grads) {
       const param = this.params.variable(name);
       if (!param.trainable) throw new Error(`Adam: '${name}' is not a trainable parameter`);
@@ -258,8 +258,8 @@ export class Adam {
     const device = this.deviceNames();
     this.dispose();
     this.step = state.steps;
-    for (const [name, { data }] of state.m) if (!device.includes(name)) this.m.set(name, Float32Array.from(data));
-    for (const [name, { data }] of state.v) if (!device.includes(name)) this.v.set(name, Float32Array.from(data));
+    for (const [name, { data }] of state.m) if (!device.has(name)) this.m.set(name, Float32Array.from(data));
+    for (const [name, { data }] of state.v) if (!device.has(name)) this.v.set(name, Float32Array.from(data));
     for (const { g, held } of saved) {
       if (!held.length) continue;
       const take = (m: AdamState['m']): Map<string, Float32Array> => new Map(g.names.map((n) => [n, m.get(n)?.data ?? new Float32Array(0)]));

@@ -165,11 +165,6 @@ export class ParamStore {
     return this.anchors.has(varName);
   }
 
-  /** Whether a device keeps `name`'s current values (its gradient and update happen there). */
-  onDevice(name: string): boolean {
-    return this.owners.has(name);
-  }
-
   /** Sets one parameter, checking its shape. */
   set(name: string, value: ParamArray): void {
     const spec = this.specByName.get(name);
