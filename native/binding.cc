@@ -26,6 +26,7 @@
 #include "gemm.h"
 #include "gpu/gpu.h"
 #include "gru.h"
+#include "gaussian.h"
 #include "layernorm.h"
 #include "optimizer.h"
 #include "likelihood.h"
@@ -1456,6 +1457,79 @@ Napi::Value LayerNormBackwardFn(const Napi::CallbackInfo& info, bool) {
   return r;
 }
 
+// ---- diagonal Gaussians (gaussian.h; lib/model/priors.ts) ----
+
+// softplusStd({ s }) -> σ;  softplusStdBackward({ g, s, std }) -> ds   (all the same length)
+Napi::Value SoftplusStdFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "softplusStd");
+  Props p(a, a.at(0), "spec");
+  const int64_t n = p.length("s");
+  const float* s = p.f32("s", n, "'spec.s'");
+  auto y = new_f32(a, n);
+  emorl::softplus_std_forward(s, n, y.Data());
+  return y;
+}
+
+Napi::Value SoftplusStdBackwardFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "softplusStdBackward");
+  Props p(a, a.at(0), "spec");
+  const int64_t n = p.length("s");
+  const std::string what = "'spec.s' (" + std::to_string(n) + " elements)";
+  const float* s = p.f32("s", n, what);
+  const float* g = p.f32("g", n, what);
+  const float* sd = p.f32("std", n, what);
+  auto ds = new_f32(a, n);
+  emorl::softplus_std_backward(g, s, sd, n, ds.Data());
+  return ds;
+}
+
+// klDiag({ qLoc, qStd [rows,D], pLoc?, pStd? [rows,D], rows, D }) -> kl [rows]
+// klDiagBackward({ g [rows], qLoc, qStd, pLoc?, pStd?, rows, D }) -> { dqLoc, dqStd, dpLoc|null, dpStd|null }
+struct KlArgs {
+  int64_t rows, D;
+  const float *q_loc, *q_std, *p_loc, *p_std;
+};
+
+KlArgs kl_args(const Args& a, const Props& p) {
+  const RowsOfD s = rows_of_d(a, p);
+  KlArgs k{s.rows, s.D, p.f32("qLoc", s.n, s.what), p.f32("qStd", s.n, s.what), nullptr, nullptr};
+  if (p.has("pLoc") != p.has("pStd")) a.type_error("'spec.pLoc' and 'spec.pStd' go together: give both or neither");
+  if (p.has("pLoc")) {
+    k.p_loc = p.f32("pLoc", s.n, s.what);
+    k.p_std = p.f32("pStd", s.n, s.what);
+  }
+  return k;
+}
+
+Napi::Value KlDiagFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "klDiag");
+  Props p(a, a.at(0), "spec");
+  const KlArgs k = kl_args(a, p);
+  auto kl = new_f32(a, k.rows);
+  emorl::kl_diag_forward(k.q_loc, k.q_std, k.p_loc, k.p_std, k.rows, k.D, kl.Data());
+  return kl;
+}
+
+Napi::Value KlDiagBackwardFn(const Napi::CallbackInfo& info, bool) {
+  Args a(info, "klDiagBackward");
+  Props p(a, a.at(0), "spec");
+  const KlArgs k = kl_args(a, p);
+  const float* g = p.f32("g", k.rows, "[rows] = [" + std::to_string(k.rows) + "]");
+  const int64_t n = k.rows * k.D;
+  auto dq_loc = new_f32(a, n), dq_std = new_f32(a, n);
+  Napi::Value dp_loc_v = a.env().Null(), dp_std_v = a.env().Null();
+  float *dp_loc = nullptr, *dp_std = nullptr;
+  if (k.p_std) {
+    auto t = new_f32(a, n), u = new_f32(a, n);
+    dp_loc = t.Data();
+    dp_std = u.Data();
+    dp_loc_v = t;
+    dp_std_v = u;
+  }
+  emorl::kl_diag_backward(g, k.q_loc, k.q_std, k.p_loc, k.p_std, k.rows, k.D, dq_loc.Data(), dq_std.Data(), dp_loc, dp_std);
+  return object_of(a.env(), {{"dqLoc", dq_loc}, {"dqStd", dq_std}, {"dpLoc", dp_loc_v}, {"dpStd", dp_std_v}});
+}
+
 // ---- the optimizer (optimizer.h; lib/optim/adam.ts) ----
 
 // adamUpdate({ p, g, m, v, first, scale, b1, c1, b2, c2, eps, bc2Sqrt, stepSize }) -> p_next:
@@ -2254,6 +2328,10 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("gruCellBackward", Napi::Function::New(env, entry<GruCellBackwardFn, false>, "gruCellBackward"));
   exports.Set("layerNorm", Napi::Function::New(env, entry<LayerNormFn, false>, "layerNorm"));
   exports.Set("layerNormBackward", Napi::Function::New(env, entry<LayerNormBackwardFn, false>, "layerNormBackward"));
+  exports.Set("softplusStd", Napi::Function::New(env, entry<SoftplusStdFn, false>, "softplusStd"));
+  exports.Set("softplusStdBackward", Napi::Function::New(env, entry<SoftplusStdBackwardFn, false>, "softplusStdBackward"));
+  exports.Set("klDiag", Napi::Function::New(env, entry<KlDiagFn, false>, "klDiag"));
+  exports.Set("klDiagBackward", Napi::Function::New(env, entry<KlDiagBackwardFn, false>, "klDiagBackward"));
   exports.Set("slotAttentionBackward", Napi::Function::New(env, entry<SlotAttentionBackwardFn, false>, "slotAttentionBackward"));
   exports.Set("adamUpdate", Napi::Function::New(env, entry<AdamUpdateFn, false>, "adamUpdate"));
   exports.Set("l2Norm", Napi::Function::New(env, entry<L2NormFn, false>, "l2Norm"));

@@ -7,7 +7,9 @@ import { tf, initBackend } from '../lib/tf';
 import { broadcastConv2d, spatialBroadcast } from '../lib/ops/broadcast';
 import { conv2d, convTranspose2d, withoutParamGrads } from '../lib/ops/conv';
 import { gemmNN, gemmTN } from '../lib/ops/gemm';
-import { klDiag, klDiagReference, softplusToStd, softplusToStdReference, type Gaussian } from '../lib/model/priors';
+import { jsGaussianKernels, klDiagReference, klDiagWith, softplusToStdReference, softplusToStdWith, type Gaussian, type GaussianKernels } from '../lib/model/priors';
+import { nativeStatus } from '../lib/native';
+import { addonOps, nativeOpsAvailable } from '../lib/ops/addon';
 import { repeatRows } from '../lib/ops/nn';
 import { Rng } from '../lib/util/rng';
 
@@ -215,37 +217,66 @@ describe('the diagonal Gaussians\' fused ops (lib/model/priors.ts)', () => {
     });
   });
 
-  test.each([[[128, 64]], [[3, 5]], [[4, 1]]])('σ = sqrt(softplus(min(s, 80)) + 1e-5) %j: values and gradients', (shape) => {
-    tf.tidy(() => {
-      const rng = new Rng(11);
-      const s = spread(shape, rng);
-      const dy = rand(shape, rng);
-      const run = (fn: (t: tf.Tensor) => tf.Tensor) => tf.valueAndGrads((t: tf.Tensor) => tf.sum(tf.mul(fn(t), dy)) as tf.Scalar)([s]);
-      const [fused, ref] = [run(softplusToStd), run(softplusToStdReference)];
-      expect(firstBitDifference(softplusToStd(s), softplusToStdReference(s))).toBe(-1);
-      expect(firstBitDifference(fused.grads[0], ref.grads[0])).toBe(-1);
-      expect(fused.value.dataSync()[0]).toBe(ref.value.dataSync()[0]);
+  // the TypeScript loops, and the addon's where it is built (the same bits are asked of both)
+  const kernelSets: [string, GaussianKernels][] = [['TypeScript', jsGaussianKernels]];
+  if (nativeStatus().available && nativeOpsAvailable()) kernelSets.push(['native', addonOps()]);
+  else console.warn('the native Gaussian kernels SKIPPED: the addon is not built'); // eslint-disable-line no-console
+
+  describe.each(kernelSets)('%s kernels', (_name, kernels) => {
+    const std = (s: tf.Tensor) => softplusToStdWith(kernels, s);
+    const kl = (q: Gaussian, p: Gaussian | null) => klDiagWith(kernels, q, p);
+
+    test.each([[[128, 64]], [[3, 5]], [[4, 1]]])('σ = sqrt(softplus(min(s, 80)) + 1e-5) %j: values and gradients', (shape) => {
+      tf.tidy(() => {
+        const rng = new Rng(11);
+        const s = spread(shape, rng);
+        const dy = rand(shape, rng);
+        const run = (fn: (t: tf.Tensor) => tf.Tensor) => tf.valueAndGrads((t: tf.Tensor) => tf.sum(tf.mul(fn(t), dy)) as tf.Scalar)([s]);
+        const [fused, ref] = [run(std), run(softplusToStdReference)];
+        expect(firstBitDifference(std(s), softplusToStdReference(s))).toBe(-1);
+        expect(firstBitDifference(fused.grads[0], ref.grads[0])).toBe(-1);
+        expect(fused.value.dataSync()[0]).toBe(ref.value.dataSync()[0]);
+      });
+    });
+
+    test('σ\'s gradient stays NaN for a NaN upstream gradient, also where min(s, 80) cuts it off', () => {
+      const s = new Float32Array([0, 100]);
+      const ds = kernels.softplusStdBackward({ g: new Float32Array([NaN, NaN]), s, std: kernels.softplusStd({ s }) });
+      expect(Array.from(ds)).toEqual([NaN, NaN]);
+    });
+
+    test.each([['N(0, I)', false], ['a prior', true]])('KL(q ‖ %s) summed over z: values and all gradients', (_, withPrior) => {
+      tf.tidy(() => {
+        const rng = new Rng(withPrior ? 12 : 13);
+        const shape = [128, 64];
+        const inputs = [rand(shape, rng), spread(shape, rng), rand(shape, rng), spread(shape, rng)].slice(0, withPrior ? 4 : 2);
+        const dy = rand([shape[0]], rng);
+        const run = (klFn: (q: Gaussian, p: Gaussian | null) => tf.Tensor1D) =>
+          tf.valueAndGrads((...t: tf.Tensor[]) => {
+            const q = { loc: t[0] as tf.Tensor2D, std: std(t[1]) as tf.Tensor2D };
+            const p = t.length > 2 ? { loc: t[2] as tf.Tensor2D, std: std(t[3]) as tf.Tensor2D } : null;
+            return tf.sum(tf.mul(klFn(q, p), dy)) as tf.Scalar;
+          })(inputs);
+        const fused = run(kl), ref = run(klDiagReference);
+        expect(fused.value.dataSync()[0]).toBe(ref.value.dataSync()[0]);
+        fused.grads.forEach((g, i) => expect([i, firstBitDifference(g, ref.grads[i])]).toEqual([i, -1]));
+        const q = { loc: inputs[0] as tf.Tensor2D, std: std(inputs[1]) as tf.Tensor2D };
+        const p = withPrior ? { loc: inputs[2] as tf.Tensor2D, std: std(inputs[3]) as tf.Tensor2D } : null;
+        expect(firstBitDifference(kl(q, p), klDiagReference(q, p))).toBe(-1);
+      });
     });
   });
 
-  test.each([['N(0, I)', false], ['a prior', true]])('KL(q ‖ %s) summed over z: values and all gradients', (_, withPrior) => {
-    tf.tidy(() => {
-      const rng = new Rng(withPrior ? 12 : 13);
-      const shape = [128, 64];
-      const inputs = [rand(shape, rng), spread(shape, rng), rand(shape, rng), spread(shape, rng)].slice(0, withPrior ? 4 : 2);
-      const dy = rand([shape[0]], rng);
-      const run = (kl: (q: Gaussian, p: Gaussian | null) => tf.Tensor1D) =>
-        tf.valueAndGrads((...t: tf.Tensor[]) => {
-          const q = { loc: t[0] as tf.Tensor2D, std: softplusToStd(t[1]) as tf.Tensor2D };
-          const p = t.length > 2 ? { loc: t[2] as tf.Tensor2D, std: softplusToStd(t[3]) as tf.Tensor2D } : null;
-          return tf.sum(tf.mul(kl(q, p), dy)) as tf.Scalar;
-        })(inputs);
-      const fused = run(klDiag), ref = run(klDiagReference);
-      expect(fused.value.dataSync()[0]).toBe(ref.value.dataSync()[0]);
-      fused.grads.forEach((g, i) => expect([i, firstBitDifference(g, ref.grads[i])]).toEqual([i, -1]));
-      const q = { loc: inputs[0] as tf.Tensor2D, std: softplusToStd(inputs[1]) as tf.Tensor2D };
-      const p = withPrior ? { loc: inputs[2] as tf.Tensor2D, std: softplusToStd(inputs[3]) as tf.Tensor2D } : null;
-      expect(firstBitDifference(klDiag(q, p), klDiagReference(q, p))).toBe(-1);
-    });
+  test('the native Gaussian kernels check their arguments', () => {
+    if (!(nativeStatus().available && nativeOpsAvailable())) return;
+    const m = addonOps();
+    const a = new Float32Array(6);
+    expect(() => m.softplusStd({ s: [1, 2] as unknown as Float32Array })).toThrow(/emorl.softplusStd: 'spec.s' must be a Float32Array/);
+    expect(() => m.softplusStdBackward({ g: a, s: a, std: new Float32Array(5) })).toThrow(/'spec.std' has 5 elements but 'spec.s' \(6 elements\) needs 6/);
+    expect(() => m.klDiag({ qLoc: a, qStd: a, rows: 2, D: 4 })).toThrow(/'spec.qLoc' has 6 elements but \[rows,D\] = \[2,4\] needs 8/);
+    expect(() => m.klDiag({ qLoc: a, qStd: a, pLoc: a, rows: 2, D: 3 })).toThrow(/'spec.pLoc' and 'spec.pStd' go together/);
+    expect(() => m.klDiagBackward({ qLoc: a, qStd: a, rows: 2, D: 3, g: new Float32Array(3) })).toThrow(/'spec.g' has 3 elements but \[rows\] = \[2\] needs 2/);
+    const g = m.klDiagBackward({ qLoc: a, qStd: a.map(() => 1), rows: 2, D: 3, g: new Float32Array(2) });
+    expect([g.dpLoc, g.dpStd]).toEqual([null, null]);
   });
 });

@@ -25,7 +25,7 @@ import { encode, encoderParams } from './encoder';
 import type { Geco } from './geco';
 import { hvaeInference } from './hvae';
 import { SeededNoise, type NoiseSource } from './noise';
-import { gaussianFromParams, klDiag, priorFromSample, rsample, type Gaussian } from './priors';
+import { gaussianFromParams, priorFromSample, rsample, type Gaussian } from './priors';
 import { refinementStep } from './refinement';
 
 export interface ModelOptions {
@@ -298,12 +298,12 @@ export class EfficientMORL {
       if (!cfg.bottom_up_prior) {
         for (let l = L - 1; l >= 0; l--) {
           prior = l === L - 1 ? null : priorFromSample(p, ops, rsample(qs[l + 1], noise.normal([N, z])));
-          kl = tf.add(kl, perImage(klDiag(qs[l], prior))) as tf.Tensor1D;
+          kl = tf.add(kl, perImage(ops.klDiag(qs[l], prior))) as tf.Tensor1D;
         }
       } else {
         for (let l = 0; l < L; l++) {
           prior = l === 0 ? null : priorFromSample(p, ops, rsample(qs[l - 1], noise.normal([N, z])));
-          kl = tf.add(kl, perImage(klDiag(qs[l], prior))) as tf.Tensor1D;
+          kl = tf.add(kl, perImage(ops.klDiag(qs[l], prior))) as tf.Tensor1D;
         }
       }
       return { kl, refinementPrior: cfg.reverse_prior_plusplus ? prior : null };
@@ -325,7 +325,7 @@ export class EfficientMORL {
      */
     const stage = (i: number, lambda: tf.Tensor2D, eps: tf.Tensor): Stage => {
       const [mu, sp] = tf.split(lambda, 2, 1) as [tf.Tensor2D, tf.Tensor2D];
-      const q = gaussianFromParams(mu, sp);
+      const q = gaussianFromParams(ops, mu, sp);
       const { nll, means, logMasks } = ops.decoderNll({
         spec: decoderSpec,
         z: rsample(q, eps),
@@ -343,7 +343,7 @@ export class EfficientMORL {
         kl = h.kl;
         if (h.refinementPrior) refinementPrior = { loc: keep(h.refinementPrior.loc), std: keep(h.refinementPrior.std) };
       } else {
-        kl = perImage(klDiag(q, refinementPrior));
+        kl = perImage(ops.klDiag(q, refinementPrior));
       }
       return { loss: stageLoss(nll, kl), nll: bmean(nll), kl: bmean(kl), means, logMasks };
     };

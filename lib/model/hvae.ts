@@ -84,7 +84,7 @@ export function hvaeInference(
   let [mu, sp] = tf.split(lambda, 2, 1) as [tf.Tensor2D, tf.Tensor2D];
   let eps = noise.normal([N, z]);
   if (L === 0) return { posteriors: [], lambda, lambdaEps: eps, attn: [], samples: [] };
-  let slots = rsample(gaussianFromParams(mu, sp), eps);
+  let slots = rsample(gaussianFromParams(ops, mu, sp), eps);
 
   const posteriors: Gaussian[] = [];
   const attns: tf.Tensor3D[] = [];
@@ -128,7 +128,7 @@ export function hvaeInference(
     eps = noise.normal([N, z]);
     if (layer === L - 1) break;
     [mu, sp] = tf.split(lambda, 2, 1) as [tf.Tensor2D, tf.Tensor2D];
-    const posterior = gaussianFromParams(mu, sp);
+    const posterior = gaussianFromParams(ops, mu, sp);
     posteriors.push(posterior);
     slots = rsample(posterior, eps);
     samples.push(slots);

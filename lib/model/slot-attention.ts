@@ -137,7 +137,7 @@ export class SlotAttention {
 
     // the initial slots: one sample of the learned Gaussian, shared by every slot of every image
     const [loc, sp] = tf.split(repeatRows(p.get<tf.Tensor2D>('init_slots'), N), 2, 1) as [tf.Tensor2D, tf.Tensor2D];
-    let slots = rsample(gaussianFromParams(loc, sp), noise.normal([N, z])).reshape([B, K, z]) as tf.Tensor3D;
+    let slots = rsample(gaussianFromParams(ops, loc, sp), noise.normal([N, z])).reshape([B, K, z]) as tf.Tensor3D;
 
     const gru = {
       weightIh: p.get<tf.Tensor2D>('gru.weight_ih_l0'),

@@ -16,6 +16,16 @@ export interface NhwcGrads {
   dw: Float32Array | null;
   db: Float32Array | null;
 }
+/** Two diagonal Gaussians' parameters, [rows, D] each (p: both or neither) */
+export interface KlDiagSpec {
+  qLoc: Float32Array;
+  qStd: Float32Array;
+  pLoc?: Float32Array;
+  pStd?: Float32Array;
+  rows: number;
+  D: number;
+}
+
 export interface NativeAddon {
   /**
    * device 'cuda:N' / 'simt': the GPU kernels (symmetric padding and stride), buffers in `workspace`;
@@ -92,6 +102,14 @@ export interface NativeAddon {
   layerNorm(spec: { x: Float32Array; rows: number; D: number; weight?: Float32Array | null; bias?: Float32Array | null; eps: number }): { y: Float32Array; mean: Float64Array; rstd: Float64Array };
   layerNormBackward(spec: { g: Float32Array; x: Float32Array; rows: number; D: number; weight?: Float32Array | null; mean: Float64Array; rstd: Float64Array; withParams: boolean }):
     { dx: Float32Array; dw: Float64Array | null; db: Float64Array | null };
+  /** σ = sqrt(softplus(min(s, 80)) + 1e-5) per element (native/gaussian.h; the reference's bits) */
+  softplusStd(spec: { s: Float32Array }): Float32Array;
+  /** ds from g = dL/dσ */
+  softplusStdBackward(spec: { g: Float32Array; s: Float32Array; std: Float32Array }): Float32Array;
+  /** KL(q ‖ p) per row of [rows, D] diagonal Gaussians; p absent: the standard normal (native/gaussian.h) */
+  klDiag(spec: KlDiagSpec): Float32Array;
+  /** its backward from g = dL/dkl [rows]: dpLoc and dpStd are null without p */
+  klDiagBackward(spec: KlDiagSpec & { g: Float32Array }): { dqLoc: Float32Array; dqStd: Float32Array; dpLoc: Float32Array | null; dpStd: Float32Array | null };
   /**
    * one GRU step for N rows (native/gru.h): y = h' and the gate planes (r, u, n, c_n) [4,N,H] that
    * gruCellBackward needs; device 'cuda:N' / 'simt': the GPU kernels, buffers in `workspace`, and
@@ -483,8 +501,8 @@ export function addonOps(): NativeAddon {
   if (!st.available || !st.path) throw new Error(`emorl native addon unavailable: ${st.reason ?? 'unknown reason'}`);
   // eslint-disable-next-line @typescript-eslint/no-require-imports
   const mod = require(st.path) as Partial<NativeAddon>;
-  if (typeof mod.nhwcConv2d !== 'function' || typeof mod.decoderStage !== 'function' || typeof mod.slotAttention !== 'function' || typeof mod.layerNorm !== 'function' || typeof mod.gruCell !== 'function' || typeof mod.encoderHead !== 'function' || typeof mod.adamUpdate !== 'function') {
-    throw new Error(`the addon at ${st.path} is older than this package (no NHWC, decoder-stage, attention, layer-norm, GRU, encoder or optimizer kernels); rebuild it with \`npm run build:native\``);
+  if (typeof mod.nhwcConv2d !== 'function' || typeof mod.decoderStage !== 'function' || typeof mod.slotAttention !== 'function' || typeof mod.layerNorm !== 'function' || typeof mod.gruCell !== 'function' || typeof mod.encoderHead !== 'function' || typeof mod.adamUpdate !== 'function' || typeof mod.klDiag !== 'function') {
+    throw new Error(`the addon at ${st.path} is older than this package (no NHWC, decoder-stage, attention, layer-norm, GRU, encoder, optimizer or Gaussian kernels); rebuild it with \`npm run build:native\``);
   }
   return (addon = mod as NativeAddon);
 }

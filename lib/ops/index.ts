@@ -10,6 +10,7 @@ import { decoderNllReference, type DecoderNllArgs, type DecoderNllResult, type D
 import { encoderReference, type EncoderArgs, type EncoderOutput } from './encoder-stage';
 import { dualGruCell, elu, gruCell, layerNorm, linear } from './nn';
 import type { StageDevice } from './addon';
+import { klDiag, softplusToStd } from '../model/priors';
 
 export interface Ops {
   conv2d: typeof conv2d;
@@ -25,6 +26,10 @@ export interface Ops {
   elu: typeof elu;
   gruCell: typeof gruCell;
   dualGruCell: typeof dualGruCell;
+  /** σ = sqrt(softplus(min(s, 80)) + 1e-5), the posteriors' and priors' standard deviations (model/priors.ts) */
+  softplusToStd: typeof softplusToStd;
+  /** KL(q ‖ p) of diagonal Gaussians [N, z], summed over z (model/priors.ts) */
+  klDiag: typeof klDiag;
   /** Runs a forward+backward pass in which parameter gradients are not needed (may skip them). */
   withoutParamGrads: typeof withoutParamGrads;
   /**
@@ -62,6 +67,8 @@ export const tfjsOps: Ops = {
   elu,
   gruCell,
   dualGruCell,
+  softplusToStd,
+  klDiag,
   withoutParamGrads,
   slotCompetition,
   decoderNll: (args) => decoderNllReference(tfjsOps, args),

@@ -24,6 +24,7 @@ import { CpuKeysValues, DeviceKeysValues, keptKvOp, releaseArrays, reusedArrays 
 import { ATTN_EPS, type SlotCompetition } from './attention';
 import { addTapSumsGrad, broadcastConvShapes, broadcastTapSums } from './broadcast';
 import { convStackWith, convTransposeShapes, paramGradsEnabled, type ConvOptions, type ConvStackLayer, type ConvTransposeOptions, type FusedActivation } from './conv';
+import { klDiagWith, softplusToStdWith } from '../model/priors';
 
 /**
  * conv2d as tfjsOps.conv2d: x [n,h,w,cin] NHWC, weight [cout,cin,kh,kw], bias [cout]. On `device`
@@ -544,6 +545,8 @@ export function layerNorm(x: tf.Tensor, weight?: tf.Tensor, bias?: tf.Tensor, ep
 export const nativeOps: Ops = {
   ...tfjsOps, conv2d, convStack: (x, layers) => convStackWith(conv2d, x, layers), convTranspose2d, broadcastConv2d, linear, layerNorm, decoderNll,
   shareDecoderWeights, slotCompetition, gruCell, dualGruCell, encoder: (args) => encoderOnCpu(args),
+  softplusToStd: (s) => softplusToStdWith(nhwc(), s),
+  klDiag: (q, p) => klDiagWith(nhwc(), q, p),
 };
 
 export { nativeOpsAvailable };
