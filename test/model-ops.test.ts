@@ -11,6 +11,7 @@ import { jsGaussianKernels, klDiagReference, klDiagWith, softplusToStdReference,
 import { nativeStatus } from '../lib/native';
 import { addonOps, nativeOpsAvailable } from '../lib/ops/addon';
 import { repeatRows } from '../lib/ops/nn';
+import { stageLoss, stageLossReference, type StageLossSpec } from '../lib/model/stage-loss';
 import { Rng } from '../lib/util/rng';
 
 beforeAll(async () => {
@@ -278,5 +279,44 @@ describe('the diagonal Gaussians\' fused ops (lib/model/priors.ts)', () => {
     expect(() => m.klDiagBackward({ qLoc: a, qStd: a, rows: 2, D: 3, g: new Float32Array(3) })).toThrow(/'spec.g' has 3 elements but \[rows\] = \[2\] needs 2/);
     const g = m.klDiagBackward({ qLoc: a, qStd: a.map(() => 1), rows: 2, D: 3, g: new Float32Array(2) });
     expect([g.dpLoc, g.dpStd]).toEqual([null, null]);
+  });
+});
+
+describe('the stage loss, one op (lib/model/stage-loss.ts)', () => {
+  const bits = (t: tf.Tensor) => Array.from(new Uint32Array(Float32Array.from(t.dataSync() as Float32Array).buffer));
+  const B = 6, K = 4;
+  const cases: [string, number, Partial<StageLossSpec>][] = [
+    ['plain, one KL term', 1, {}],
+    ['plain, three layers of KL', 3, { klBeta: 0.37 }],
+    ['plain, no KL term (L = 0 at stage 0)', 0, {}],
+    ['plain, a shard of a batch of 16', 2, { lossBatchSize: 16 }],
+    ['GECO', 2, { geco: { target: 21.5, cEma: -3.25, multiplier: Math.fround(Math.log1p(Math.exp(1.3))) } }],
+    ['GECO, a shard of a batch of 16', 1, { klBeta: 0.5, lossBatchSize: 16, geco: { target: 21.5, cEma: 1.75, multiplier: 0.9 } }],
+    ['GECO, the whole global batch', 1, { lossBatchSize: B, geco: { target: 2, cEma: 0.5, multiplier: 1.1 } }],
+  ];
+  test.each(cases)('%s: the reference\'s bits, values, logged means and gradients', (_n, layers, extra) => {
+    tf.tidy(() => {
+      const rng = new Rng(21 + layers);
+      const spec: StageLossSpec = { K, klBeta: 1, ...extra };
+      const nll = tf.mul(rand([B], rng), 30) as tf.Tensor1D;
+      const kls = Array.from({ length: layers }, () => tf.abs(tf.mul(rand([B * K], rng), 5)) as tf.Tensor1D);
+      const fused = stageLoss(nll, kls, spec), ref = stageLossReference(nll, kls, spec);
+      expect(bits(fused.loss)).toEqual(bits(ref.loss));
+      expect([fused.nllMean, fused.klMean]).toEqual([ref.nllMean, ref.klMean]);
+      // gradients with an upstream weight other than 1 (the outer tape's stage weight)
+      const grads = (fn: typeof stageLoss) =>
+        tf.grads((...t: tf.Tensor[]) => tf.mul(fn(t[0] as tf.Tensor1D, t.slice(1) as tf.Tensor1D[], spec).loss, 1.3))([nll, ...kls]);
+      const gf = grads(stageLoss), gr = grads(stageLossReference);
+      gf.forEach((g, i) => expect([i, bits(g)]).toEqual([i, bits(gr[i])]));
+    });
+  });
+
+  test('bad shapes and batch sizes are named', () => {
+    tf.tidy(() => {
+      const nll = tf.zeros([3]) as tf.Tensor1D;
+      expect(() => stageLoss(nll, [tf.zeros([5]) as tf.Tensor1D], { K: 2, klBeta: 1 })).toThrow(/each per-slot KL must be \[B·K\] = \[6\], got \[5\]/);
+      expect(() => stageLoss(tf.zeros([3, 1]) as unknown as tf.Tensor1D, [], { K: 2, klBeta: 1 })).toThrow(/nll must be \[B\], got \[3,1\]/);
+      expect(() => stageLoss(nll, [], { K: 2, klBeta: 1, lossBatchSize: 2 })).toThrow(/lossBatchSize must be an integer >= the batch size 3, got 2/);
+    });
   });
 });

@@ -26,6 +26,7 @@ import type { Geco } from './geco';
 import { hvaeInference } from './hvae';
 import { SeededNoise, type NoiseSource } from './noise';
 import { gaussianFromParams, priorFromSample, rsample, type Gaussian } from './priors';
+import { stageLoss, type StageLossSpec } from './stage-loss';
 import { refinementStep } from './refinement';
 
 export interface ModelOptions {
@@ -140,6 +141,22 @@ function disposeOutputs(o: PassOutputs | undefined): void {
 /** A detached copy: a new leaf with the same values (what `.detach()` does in PyTorch). */
 function detach<T extends tf.Tensor>(t: T): T {
   return tf.tensor(Float32Array.from(t.dataSync() as Float32Array), t.shape, 'float32') as T;
+}
+
+/**
+ * Σ_rows ‖row‖₂ / divisor of a [rows, D] tensor, in double from its values: a logged figure (the
+ * refinement's step sizes), so it stays off the gradient tape.
+ */
+function meanRowNorm(t: tf.Tensor2D, divisor: number): number {
+  const [rows, D] = t.shape;
+  const v = t.dataSync() as Float32Array;
+  let sum = 0;
+  for (let r = 0, i = 0; r < rows; r++) {
+    let sq = 0;
+    for (let j = 0; j < D; j++, i++) sq += v[i] * v[i];
+    sum += Math.sqrt(sq);
+  }
+  return Math.fround(sum / divisor);
 }
 
 /**
@@ -269,52 +286,49 @@ export class EfficientMORL {
     // Batch means: over this batch, or (data parallel) this shard's share of the global batch's.
     const Bg = opts.lossBatchSize;
     if (Bg !== undefined && (!Number.isInteger(Bg) || Bg < B)) throw new Error(`lossBatchSize must be an integer >= the batch size ${B}, got ${Bg}`);
-    const bmean = (t: tf.Tensor, rows = 1): tf.Scalar => (Bg === undefined ? tf.mean(t) : tf.div(tf.sum(t), Bg * rows)) as tf.Scalar;
-    // GECO's constraint has the value softplus(β)·C_ema whatever the batch: each shard adds its
-    // share B/Bg of it (and of its gradient, softplus(β)·∂(−mean nll)).
-    const constraint = (nll: tf.Tensor1D): tf.Scalar => {
-      const c = o.geco!.constraint(cEma, beta, tf.mean(nll) as tf.Scalar);
-      return Bg === undefined || Bg === B ? c : (tf.mul(c, B / Bg) as tf.Scalar);
+    const lossSpec: StageLossSpec = {
+      K,
+      klBeta: o.klBeta,
+      lossBatchSize: Bg,
+      // GECO's constraint has the value softplus(β)·C_ema whatever the batch: each shard adds its
+      // share B/Bg of it (and of its gradient, softplus(β)·∂(−mean nll)).
+      geco: useGeco ? { target: o.geco!.target, cEma, multiplier: o.geco!.multiplier(beta) } : undefined,
     };
-    const stageLoss = (nll: tf.Tensor1D, kl: tf.Tensor1D): tf.Scalar =>
-      useGeco
-        ? (tf.sub(tf.mul(o.klBeta, bmean(kl)), constraint(nll)) as tf.Scalar)
-        : bmean(tf.add(nll, tf.mul(o.klBeta, kl)));
-    const perImage = (klPerSlot: tf.Tensor1D): tf.Tensor1D => tf.sum(klPerSlot.reshape([B, K]), 1) as tf.Tensor1D;
 
     const hv = hvaeInference(p, ops, cfg, encode(p, ops, x), noise, collect);
 
     /**
-     * KL at stage 0, summed over layers. Reversed prior: q(z^{L-1}) against N(0, I), and each
+     * KL at stage 0, per layer (stageLoss sums them). Reversed prior: q(z^{L-1}) against N(0, I), and each
      * lower q(z^l) against p(z^l | z^{l+1}) built from a fresh sample of q(z^{l+1}). Bottom-up
-     * prior: q(z^0) against N(0, I), q(z^l) against p(z^l | z^{l-1}). Returns the sum and the
+     * prior: q(z^0) against N(0, I), q(z^l) against p(z^l | z^{l-1}). Returns the terms and the
      * prior the refinement steps use (reversed prior++: p(z^0 | z^1); otherwise N(0, I)).
      */
-    const hierarchicalKl = (qTop: Gaussian): { kl: tf.Tensor1D; refinementPrior: Gaussian | null } => {
-      if (L === 0) return { kl: tf.zeros([B]) as tf.Tensor1D, refinementPrior: null };
+    const hierarchicalKl = (qTop: Gaussian): { klPerSlot: tf.Tensor1D[]; refinementPrior: Gaussian | null } => {
+      if (L === 0) return { klPerSlot: [], refinementPrior: null };
       const qs = [...hv.posteriors, qTop];
-      let kl: tf.Tensor1D = tf.zeros([B]);
+      const klPerSlot: tf.Tensor1D[] = [];
       let prior: Gaussian | null = null;
       if (!cfg.bottom_up_prior) {
         for (let l = L - 1; l >= 0; l--) {
           prior = l === L - 1 ? null : priorFromSample(p, ops, rsample(qs[l + 1], noise.normal([N, z])));
-          kl = tf.add(kl, perImage(ops.klDiag(qs[l], prior))) as tf.Tensor1D;
+          klPerSlot.push(ops.klDiag(qs[l], prior));
         }
       } else {
         for (let l = 0; l < L; l++) {
           prior = l === 0 ? null : priorFromSample(p, ops, rsample(qs[l - 1], noise.normal([N, z])));
-          kl = tf.add(kl, perImage(ops.klDiag(qs[l], prior))) as tf.Tensor1D;
+          klPerSlot.push(ops.klDiag(qs[l], prior));
         }
       }
-      return { kl, refinementPrior: cfg.reverse_prior_plusplus ? prior : null };
+      return { klPerSlot, refinementPrior: cfg.reverse_prior_plusplus ? prior : null };
     };
 
     let refinementPrior: Gaussian | null = null;
 
     interface Stage {
       loss: tf.Scalar;
-      nll: tf.Scalar;
-      kl: tf.Scalar;
+      /** the batch means (logged) */
+      nll: number;
+      kl: number;
       /** per-slot means and log masks (when the pass collects outputs) */
       means?: tf.Tensor5D;
       logMasks?: tf.Tensor5D;
@@ -337,15 +351,16 @@ export class EfficientMORL {
         grads: paramGrads ? 'all' : i < I ? 'input' : 'none',
         outputs: collect,
       });
-      let kl: tf.Tensor1D;
+      let klPerSlot: tf.Tensor1D[];
       if (i === 0) {
         const h = hierarchicalKl(q);
-        kl = h.kl;
+        klPerSlot = h.klPerSlot;
         if (h.refinementPrior) refinementPrior = { loc: keep(h.refinementPrior.loc), std: keep(h.refinementPrior.std) };
       } else {
-        kl = perImage(ops.klDiag(q, refinementPrior));
+        klPerSlot = [ops.klDiag(q, refinementPrior)];
       }
-      return { loss: stageLoss(nll, kl), nll: bmean(nll), kl: bmean(kl), means, logMasks };
+      const l = stageLoss(nll, klPerSlot, lossSpec);
+      return { loss: l.loss, nll: l.nllMean, kl: l.klMean, means, logMasks };
     };
 
     const stages: StageOutputs[] = [];
@@ -362,7 +377,7 @@ export class EfficientMORL {
         const r = refinementStep(p, ops, lambda, dLambda!, hidden!);
         lambda = tf.add(lambda, r.delta) as tf.Tensor2D;
         hidden = r.hidden;
-        deltas.push((bmean(tf.norm(r.delta, 'euclidean', 1), K).dataSync() as Float32Array)[0]);
+        deltas.push(meanRowNorm(r.delta, Bg === undefined ? N : Bg * K));
         eps = noise.normal([N, z]);
       }
       let s: Stage;
@@ -374,8 +389,6 @@ export class EfficientMORL {
         const { grads } = ops.withoutParamGrads(() =>
           tf.valueAndGrads((l: tf.Tensor) => {
             const st = stage(i, l as tf.Tensor2D, stepEps);
-            keep(st.nll);
-            keep(st.kl);
             if (st.means) keep(st.means);
             if (st.logMasks) keep(st.logMasks);
             captured = st;
@@ -402,8 +415,7 @@ export class EfficientMORL {
       }
       last = s;
     }
-    const nll = (last!.nll.dataSync() as Float32Array)[0];
-    const kl = (last!.kl.dataSync() as Float32Array)[0];
+    const { nll, kl } = last!;
     const outputs: PassOutputs | undefined = collect
       ? { stages, attn: hv.attn.map((a) => out(a.reshape([B, K, 1, H, W]))) }
       : undefined;

@@ -2,7 +2,6 @@
  * GECO (Rezende & Viola 2018, "Taming VAEs"), as the original's lib/geco.py: the reconstruction
  * term becomes a constraint C - nll >= 0 with a Lagrange multiplier softplus(β).
  */
-import { tf } from '../tf';
 
 export interface GecoOptions {
   /** the constraint target C on the per-image nll (train.py: per-pixel-channel target × C·H·W) */
@@ -29,15 +28,12 @@ export class Geco {
   }
 
   /**
-   * The constraint term softplus(β)·(C_t + stop(C_ema − C_t)) with C_t = C − nll: its value is
-   * softplus(β)·C_ema, its gradient softplus(β)·∂(C − nll). nllMean is a scalar tensor.
+   * The Lagrange multiplier softplus(β) as float32: F.softplus with its default threshold 20
+   * (linear above it). The loss's constraint term is softplus(β)·(C_t + stop(C_ema − C_t)) with
+   * C_t = C − nll: its value is softplus(β)·C_ema, its gradient softplus(β)·∂(C − nll) (stage-loss.ts).
    */
-  constraint(cEma: number, beta: number, nllMean: tf.Scalar): tf.Scalar {
-    const ct = tf.sub(Math.fround(this.target), nllMean);
-    const frozen = tf.scalar((tf.sub(Math.fround(cEma), ct).dataSync() as Float32Array)[0]);
-    // F.softplus with its default threshold 20 (linear above it)
-    const sp = Math.fround(beta > 20 ? beta : Math.log1p(Math.exp(beta)));
-    return tf.mul(sp, tf.add(ct, frozen)) as tf.Scalar;
+  multiplier(beta: number): number {
+    return Math.fround(beta > 20 ? beta : Math.log1p(Math.exp(beta)));
   }
 
   /** At the warm-start step: C_ema = C − nll. */
