@@ -7,11 +7,11 @@ import { tf, initBackend } from '../lib/tf';
 import { broadcastConv2d, spatialBroadcast } from '../lib/ops/broadcast';
 import { conv2d, convTranspose2d, withoutParamGrads } from '../lib/ops/conv';
 import { gemmNN, gemmTN } from '../lib/ops/gemm';
-import { jsGaussianKernels, klDiagReference, klDiagWith, softplusToStdReference, softplusToStdWith, type Gaussian, type GaussianKernels } from '../lib/model/priors';
+import { jsGaussianKernels, klDiagReference, klDiagWith, rsample, rsampleReference, softplusToStdReference, softplusToStdWith, type Gaussian, type GaussianKernels } from '../lib/model/priors';
 import { nativeStatus } from '../lib/native';
 import { addonOps, nativeOpsAvailable } from '../lib/ops/addon';
 import { repeatRows } from '../lib/ops/nn';
-import { stageLoss, stageLossReference, type StageLossSpec } from '../lib/model/stage-loss';
+import { stageLoss, stageLossReference, weightedTotal, weightedTotalReference, type StageLossSpec } from '../lib/model/stage-loss';
 import { Rng } from '../lib/util/rng';
 
 beforeAll(async () => {
@@ -268,6 +268,20 @@ describe('the diagonal Gaussians\' fused ops (lib/model/priors.ts)', () => {
     });
   });
 
+  test('z = μ + ε σ: rsampleReference\'s bits, values and gradients', () => {
+    tf.tidy(() => {
+      const rng = new Rng(15);
+      const shape = [128, 32];
+      const [loc, std, eps, dz] = [rand(shape, rng), tf.abs(rand(shape, rng)), rand(shape, rng), rand(shape, rng)];
+      const run = (fn: typeof rsample) =>
+        tf.valueAndGrads((l: tf.Tensor, s: tf.Tensor) => tf.sum(tf.mul(fn({ loc: l as tf.Tensor2D, std: s as tf.Tensor2D }, eps), dz)) as tf.Scalar)([loc, std]);
+      const fused = run(rsample), ref = run(rsampleReference);
+      const q = { loc: loc as tf.Tensor2D, std: std as tf.Tensor2D };
+      expect(firstBitDifference(rsample(q, eps), rsampleReference(q, eps))).toBe(-1);
+      fused.grads.forEach((g, i) => expect([i, firstBitDifference(g, ref.grads[i])]).toEqual([i, -1]));
+    });
+  });
+
   test('the native Gaussian kernels check their arguments', () => {
     if (!(nativeStatus().available && nativeOpsAvailable())) return;
     const m = addonOps();
@@ -308,6 +322,18 @@ describe('the stage loss, one op (lib/model/stage-loss.ts)', () => {
         tf.grads((...t: tf.Tensor[]) => tf.mul(fn(t[0] as tf.Tensor1D, t.slice(1) as tf.Tensor1D[], spec).loss, 1.3))([nll, ...kls]);
       const gf = grads(stageLoss), gr = grads(stageLossReference);
       gf.forEach((g, i) => expect([i, bits(g)]).toEqual([i, bits(gr[i])]));
+    });
+  });
+
+  test('the weighted total of the stages\' losses: the reference\'s bits and gradients', () => {
+    tf.tidy(() => {
+      const losses = [-12049.1, 3.3e-3, 7.25, -0.125].map((v) => tf.scalar(v)) as tf.Scalar[];
+      const weights = [5 / 4, 4 / 4, 3 / 4, 2 / 4].map((w) => w * 1.1);
+      expect(bits(weightedTotal(losses, weights))).toEqual(bits(weightedTotalReference(losses, weights)));
+      const grads = (fn: typeof weightedTotal) => tf.grads((...t: tf.Tensor[]) => tf.mul(fn(t as tf.Scalar[], weights), 0.7))(losses);
+      const gf = grads(weightedTotal), gr = grads(weightedTotalReference);
+      gf.forEach((g, i) => expect([i, bits(g)]).toEqual([i, bits(gr[i])]));
+      expect(() => weightedTotal(losses, [1])).toThrow(/4 losses but 1 weights/);
     });
   });
 

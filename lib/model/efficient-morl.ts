@@ -26,7 +26,7 @@ import type { Geco } from './geco';
 import { hvaeInference } from './hvae';
 import { SeededNoise, type NoiseSource } from './noise';
 import { gaussianFromParams, priorFromSample, rsample, type Gaussian } from './priors';
-import { stageLoss, type StageLossSpec } from './stage-loss';
+import { stageLoss, weightedTotal, type StageLossSpec } from './stage-loss';
 import { refinementStep } from './refinement';
 
 export interface ModelOptions {
@@ -370,7 +370,7 @@ export class EfficientMORL {
     let eps = hv.lambdaEps;
     let hidden: tf.Tensor2D | null = I > 0 ? (tf.zeros([N, z]) as tf.Tensor2D) : null;
     let dLambda: tf.Tensor2D | null = null;
-    let total: tf.Scalar = tf.scalar(0);
+    const losses: tf.Scalar[] = [];
     let last: Stage | null = null;
     for (let i = 0; i <= I; i++) {
       if (i > 0) {
@@ -402,7 +402,7 @@ export class EfficientMORL {
         s = stage(i, lambda, eps);
       }
       stageLosses.push((s.loss.dataSync() as Float32Array)[0]);
-      total = tf.add(total, tf.mul(stageWeight(i, I), s.loss)) as tf.Scalar;
+      losses.push(s.loss);
       if (collect && s.means && s.logMasks) {
         const recons = tf.sum(tf.mul(s.means, tf.exp(s.logMasks)), 1).transpose([0, 3, 1, 2]);
         stages.push({
@@ -415,6 +415,7 @@ export class EfficientMORL {
       }
       last = s;
     }
+    const total = weightedTotal(losses, losses.map((_, i) => stageWeight(i, I)));
     const { nll, kl } = last!;
     const outputs: PassOutputs | undefined = collect
       ? { stages, attn: hv.attn.map((a) => out(a.reshape([B, K, 1, H, W]))) }

@@ -140,3 +140,29 @@ export function stageLoss(nll: tf.Tensor1D, klPerSlot: tf.Tensor1D[], spec: Stag
   const loss = (op as (...t: tf.Tensor[]) => tf.Scalar)(nll, ...klPerSlot);
   return { loss, nllMean, klMean };
 }
+
+/** The reference: Σ_i w_i·loss_i in tfjs ops, added in order onto 0. */
+export function weightedTotalReference(losses: tf.Scalar[], weights: number[]): tf.Scalar {
+  let total: tf.Scalar = tf.scalar(0);
+  losses.forEach((l, i) => (total = tf.add(total, tf.mul(weights[i], l)) as tf.Scalar));
+  return total;
+}
+
+/** Σ_i w_i·loss_i of the stages' losses, one op each way (weightedTotalReference's bits). */
+export function weightedTotal(losses: tf.Scalar[], weights: number[]): tf.Scalar {
+  if (losses.length !== weights.length) throw new Error(`weightedTotal: ${losses.length} losses but ${weights.length} weights`);
+  if (losses.length === 0 || losses.some((l) => l.dtype !== 'float32' || l.rank !== 0)) return weightedTotalReference(losses, weights);
+  const w = weights.map(f);
+  const op = tf.customGrad((...args: unknown[]) => {
+    let total = 0;
+    for (let i = 0; i < w.length; i++) total = f(total + f(w[i] * ((args[i] as tf.Tensor).dataSync() as Float32Array)[0]));
+    return {
+      value: tf.scalar(total, 'float32'),
+      gradFunc: (dy: tf.Tensor) => {
+        const d = (dy.dataSync() as Float32Array)[0];
+        return w.map((wi) => tf.scalar(f(d * wi), 'float32'));
+      },
+    };
+  });
+  return (op as (...t: tf.Tensor[]) => tf.Scalar)(...losses);
+}
