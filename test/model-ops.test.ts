@@ -10,7 +10,7 @@ import { gemmNN, gemmTN } from '../lib/ops/gemm';
 import { jsGaussianKernels, klDiagReference, klDiagWith, rsample, rsampleReference, softplusToStdReference, softplusToStdWith, type Gaussian, type GaussianKernels } from '../lib/model/priors';
 import { nativeStatus } from '../lib/native';
 import { addonOps, nativeOpsAvailable } from '../lib/ops/addon';
-import { repeatRows } from '../lib/ops/nn';
+import { concatColumns, repeatRows } from '../lib/ops/nn';
 import { stageLoss, stageLossReference, weightedTotal, weightedTotalReference, type StageLossSpec } from '../lib/model/stage-loss';
 import { Rng } from '../lib/util/rng';
 
@@ -215,6 +215,22 @@ describe('the diagonal Gaussians\' fused ops (lib/model/priors.ts)', () => {
         expect(firstBitDifference(g, gt)).toBe(-1);
       }
       expect(() => repeatRows(tf.zeros([2, 3]) as tf.Tensor2D, 4)).toThrow(/x must be \[1, D\], got \[2,3\]/);
+    });
+  });
+
+  test('concatColumns: tf.concat(xs, 1)\'s values and gradients, bit for bit', () => {
+    tf.tidy(() => {
+      const rng = new Rng(16);
+      for (const widths of [[64, 32, 32], [1], [3, 1, 5, 2]]) {
+        const xs = widths.map((w) => rand([7, w], rng) as tf.Tensor2D);
+        const dy = rand([7, widths.reduce((a, b) => a + b, 0)], rng);
+        expect(firstBitDifference(concatColumns(xs), tf.concat(xs, 1))).toBe(-1);
+        const grads = (fn: (t: tf.Tensor2D[]) => tf.Tensor) => tf.grads((...t: tf.Tensor[]) => tf.sum(tf.mul(fn(t as tf.Tensor2D[]), dy)))(xs);
+        const g = grads(concatColumns), gt = grads((t) => tf.concat(t, 1));
+        g.forEach((gi, i) => expect([i, firstBitDifference(gi, gt[i])]).toEqual([i, -1]));
+      }
+      expect(() => concatColumns([tf.zeros([2, 3]) as tf.Tensor2D, tf.zeros([3, 3]) as tf.Tensor2D])).toThrow(/every tensor must be \[2, D\], got \[3,3\]/);
+      expect(() => concatColumns([])).toThrow(/no tensors/);
     });
   });
 

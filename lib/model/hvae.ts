@@ -14,7 +14,7 @@
 import { tf } from '../tf';
 import type { NetConfig } from '../config/net';
 import type { EncoderOutput, Ops, SlotCompetition } from '../ops';
-import { repeatRows } from '../ops/nn';
+import { concatColumns, repeatRows } from '../ops/nn';
 import { paramKey } from '../params/spec';
 import type { ParamStore } from '../params/store';
 import type { NoiseSource } from './noise';
@@ -124,7 +124,7 @@ export function hvaeInference(
     mu = residualMlp(p, ops, mu, `${h}.norm_mu_pre_ff`, `${h}.mlp_mu`);
     sp = residualMlp(p, ops, sp, `${h}.norm_softplus_pre_ff`, `${h}.mlp_softplus`);
     // λ is one tensor so that the refinement can differentiate the loss with respect to it
-    lambda = tf.concat([mu, sp], 1) as tf.Tensor2D;
+    lambda = concatColumns([mu, sp]);
     eps = noise.normal([N, z]);
     if (layer === L - 1) break;
     [mu, sp] = tf.split(lambda, 2, 1) as [tf.Tensor2D, tf.Tensor2D];

@@ -11,6 +11,7 @@
 import { tf } from '../tf';
 import type { Ops } from '../ops';
 import type { ParamStore } from '../params/store';
+import { concatColumns } from '../ops/nn';
 
 export interface RefinementStep {
   /** [N, 2z] */
@@ -23,7 +24,7 @@ export interface RefinementStep {
 export function refinementStep(p: ParamStore, ops: Ops, lambda: tf.Tensor2D, dLambda: tf.Tensor2D, hidden: tf.Tensor2D): RefinementStep {
   const r = 'refinenet';
   const [dLoc, dSp] = tf.split(dLambda, 2, 1);
-  const input = tf.concat([lambda, ops.layerNorm(dLoc), ops.layerNorm(dSp)], 1);
+  const input = concatColumns([lambda, ops.layerNorm(dLoc) as tf.Tensor2D, ops.layerNorm(dSp) as tf.Tensor2D]);
   const x = ops.linear(
     ops.linear(input, p.get(`${r}.encoding.0.weight`), p.get(`${r}.encoding.0.bias`), 'elu'),
     p.get(`${r}.encoding.2.weight`),
@@ -35,9 +36,9 @@ export function refinementStep(p: ParamStore, ops: Ops, lambda: tf.Tensor2D, dLa
     biasIh: p.get(`${r}.recurrence.bias_ih_l0`),
     biasHh: p.get(`${r}.recurrence.bias_hh_l0`),
   });
-  const delta = tf.concat(
-    [ops.linear(h, p.get(`${r}.loc.weight`), p.get(`${r}.loc.bias`)), ops.linear(h, p.get(`${r}.softplus.weight`), p.get(`${r}.softplus.bias`))],
-    1,
-  ) as tf.Tensor2D;
+  const delta = concatColumns([
+    ops.linear(h, p.get(`${r}.loc.weight`), p.get(`${r}.loc.bias`)) as tf.Tensor2D,
+    ops.linear(h, p.get(`${r}.softplus.weight`), p.get(`${r}.softplus.bias`)) as tf.Tensor2D,
+  ]);
   return { delta, hidden: h };
 }

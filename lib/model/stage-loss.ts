@@ -133,7 +133,8 @@ export function stageLoss(nll: tf.Tensor1D, klPerSlot: tf.Tensor1D[], spec: Stag
           dNll = dt;
           dKl = f(dt * beta);
         }
-        return [tf.fill([B], dNll, 'float32'), ...klPerSlot.map(() => tf.fill([B * K], dKl, 'float32'))];
+        // filled arrays rather than tf.fill: a kernel each, and recorded when a tape is open
+        return [tf.tensor1d(new Float32Array(B).fill(dNll)), ...klPerSlot.map(() => tf.tensor1d(new Float32Array(B * K).fill(dKl)))];
       },
     };
   });

@@ -149,3 +149,42 @@ export function repeatRows(x: tf.Tensor2D, n: number): tf.Tensor2D {
   });
   return op(x) as tf.Tensor2D;
 }
+
+/**
+ * [n, D_0 + D_1 + …] from 2-D tensors side by side: tf.concat(xs, 1) as one op that saves
+ * nothing. tf.concat clones every input for its gradient (an Identity kernel and a tape node
+ * apiece) and takes the gradient back with a split; here both ways are copies of runs.
+ */
+export function concatColumns(xs: tf.Tensor2D[]): tf.Tensor2D {
+  if (xs.length === 0) throw new Error('concatColumns: no tensors');
+  const n = xs[0].shape[0];
+  for (const x of xs) {
+    if (x.rank !== 2 || x.shape[0] !== n) throw new Error(`concatColumns: every tensor must be [${n}, D], got [${x.shape}]`);
+  }
+  if (xs.some((x) => x.dtype !== 'float32')) return tf.concat(xs, 1) as tf.Tensor2D;
+  const widths = xs.map((x) => x.shape[1]);
+  const D = widths.reduce((a, b) => a + b, 0);
+  const op = tf.customGrad((...args: unknown[]) => {
+    const y = new Float32Array(n * D);
+    let c0 = 0;
+    widths.forEach((w, k) => {
+      const v = (args[k] as tf.Tensor).dataSync() as Float32Array;
+      for (let i = 0; i < n; i++) y.set(v.subarray(i * w, (i + 1) * w), i * D + c0);
+      c0 += w;
+    });
+    return {
+      value: tf.tensor2d(y, [n, D]),
+      gradFunc: (dy: tf.Tensor) => {
+        const g = dy.dataSync() as Float32Array;
+        let start = 0;
+        return widths.map((w) => {
+          const dx = new Float32Array(n * w);
+          for (let i = 0; i < n; i++) dx.set(g.subarray(i * D + start, i * D + start + w), i * w);
+          start += w;
+          return tf.tensor2d(dx, [n, w]);
+        });
+      },
+    };
+  });
+  return (op as (...t: tf.Tensor[]) => tf.Tensor2D)(...xs);
+}
