@@ -169,7 +169,7 @@ export function concatColumns(xs: tf.Tensor2D[]): tf.Tensor2D {
     let c0 = 0;
     widths.forEach((w, k) => {
       const v = (args[k] as tf.Tensor).dataSync() as Float32Array;
-      for (let i = 0; i < n; i++) y.set(v.subarray(i * w, (i + 1) * w), i * D + c0);
+      for (let i = 0, src = 0, dst = c0; i < n; i++, dst += D) for (let j = 0; j < w; j++) y[dst + j] = v[src++];
       c0 += w;
     });
     return {
@@ -179,7 +179,7 @@ export function concatColumns(xs: tf.Tensor2D[]): tf.Tensor2D {
         let start = 0;
         return widths.map((w) => {
           const dx = new Float32Array(n * w);
-          for (let i = 0; i < n; i++) dx.set(g.subarray(i * D + start, i * D + start + w), i * w);
+          for (let i = 0, dst = 0, src = start; i < n; i++, src += D) for (let j = 0; j < w; j++) dx[dst++] = g[src + j];
           start += w;
           return tf.tensor2d(dx, [n, w]);
         });
