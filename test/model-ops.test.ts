@@ -10,7 +10,7 @@ import { gemmNN, gemmTN } from '../lib/ops/gemm';
 import { jsGaussianKernels, klDiagReference, klDiagWith, rsample, rsampleReference, softplusToStdReference, softplusToStdWith, type Gaussian, type GaussianKernels } from '../lib/model/priors';
 import { nativeStatus } from '../lib/native';
 import { addonOps, nativeOpsAvailable } from '../lib/ops/addon';
-import { concatColumns, repeatRows } from '../lib/ops/nn';
+import { addSameShape, concatColumns, repeatRows, scaleBy } from '../lib/ops/nn';
 import { stageLoss, stageLossReference, weightedTotal, weightedTotalReference, type StageLossSpec } from '../lib/model/stage-loss';
 import { Rng } from '../lib/util/rng';
 
@@ -231,6 +231,21 @@ describe('the diagonal Gaussians\' fused ops (lib/model/priors.ts)', () => {
       }
       expect(() => concatColumns([tf.zeros([2, 3]) as tf.Tensor2D, tf.zeros([3, 3]) as tf.Tensor2D])).toThrow(/every tensor must be \[2, D\], got \[3,3\]/);
       expect(() => concatColumns([])).toThrow(/no tensors/);
+    });
+  });
+
+  test('addSameShape and scaleBy: tf.add\'s and tf.mul\'s values and gradients, bit for bit', () => {
+    tf.tidy(() => {
+      const rng = new Rng(17);
+      const [x, y, dy] = [rand([6, 4, 5], rng), rand([6, 4, 5], rng), rand([6, 4, 5], rng)];
+      const s = Math.pow(32, -0.5);
+      expect(firstBitDifference(addSameShape(x, y), tf.add(x, y))).toBe(-1);
+      expect(firstBitDifference(scaleBy(x, s), tf.mul(x, s))).toBe(-1);
+      const grads = (fn: (a: tf.Tensor, b: tf.Tensor) => tf.Tensor) => tf.grads((a: tf.Tensor, b: tf.Tensor) => tf.sum(tf.mul(fn(a, b), dy)))([x, y]);
+      const [ga, gr] = [grads((a, b) => scaleBy(addSameShape(a, b), s)), grads((a, b) => tf.mul(tf.add(a, b), s))];
+      ga.forEach((g, i) => expect([i, firstBitDifference(g, gr[i])]).toEqual([i, -1]));
+      // shapes that broadcast go to tf.add
+      expect(addSameShape(x, tf.ones([5])).shape).toEqual([6, 4, 5]);
     });
   });
 

@@ -28,6 +28,7 @@ import { SeededNoise, type NoiseSource } from './noise';
 import { gaussianFromParams, priorFromSample, rsample, type Gaussian } from './priors';
 import { stageLoss, weightedTotal, type StageLossSpec } from './stage-loss';
 import { refinementStep } from './refinement';
+import { addSameShape } from '../ops/nn';
 
 export interface ModelOptions {
   /** seed of the parameter initialisation and of the default noise source (default 0) */
@@ -375,7 +376,7 @@ export class EfficientMORL {
     for (let i = 0; i <= I; i++) {
       if (i > 0) {
         const r = refinementStep(p, ops, lambda, dLambda!, hidden!);
-        lambda = tf.add(lambda, r.delta) as tf.Tensor2D;
+        lambda = addSameShape(lambda, r.delta);
         hidden = r.hidden;
         deltas.push(meanRowNorm(r.delta, Bg === undefined ? N : Bg * K));
         eps = noise.normal([N, z]);

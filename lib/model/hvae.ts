@@ -14,7 +14,7 @@
 import { tf } from '../tf';
 import type { NetConfig } from '../config/net';
 import type { EncoderOutput, Ops, SlotCompetition } from '../ops';
-import { concatColumns, repeatRows } from '../ops/nn';
+import { addSameShape, concatColumns, repeatRows, scaleBy } from '../ops/nn';
 import { paramKey } from '../params/spec';
 import type { ParamStore } from '../params/store';
 import type { NoiseSource } from './noise';
@@ -53,7 +53,7 @@ export function attendSlots(
   const z = slots.shape[2];
   const scale = Math.pow(z, -0.5);
   const normed = ops.layerNorm(slots, p.get(paramKey(prefix, 'norm_slots.weight')), p.get(paramKey(prefix, 'norm_slots.bias')));
-  const q = tf.mul(ops.linear(normed, p.get(paramKey(prefix, 'to_q.weight'))), scale) as tf.Tensor3D;
+  const q = scaleBy(ops.linear(normed, p.get(paramKey(prefix, 'to_q.weight'))) as tf.Tensor3D, scale);
   // softmax over the slots: slots compete for each pixel (lib/ops/attention.ts)
   return ops.slotCompetition(q, kv, keepAttn);
 }
@@ -62,7 +62,7 @@ export function attendSlots(
 export function residualMlp<T extends tf.Tensor>(p: ParamStore, ops: Ops, x: T, norm: string, mlp: string): T {
   const h = ops.layerNorm(x, p.get(`${norm}.weight`), p.get(`${norm}.bias`));
   const y = ops.linear(ops.linear(h, p.get(`${mlp}.0.weight`), p.get(`${mlp}.0.bias`), 'relu'), p.get(`${mlp}.2.weight`), p.get(`${mlp}.2.bias`));
-  return tf.add(x, y) as T;
+  return addSameShape(x, y as T);
 }
 
 /** kv: the encoder's keys and values [B, H*W, z]; keepAttn: return each layer's attention. */

@@ -188,3 +188,45 @@ export function concatColumns(xs: tf.Tensor2D[]): tf.Tensor2D {
   });
   return (op as (...t: tf.Tensor[]) => tf.Tensor2D)(...xs);
 }
+
+/**
+ * x + y for two float32 tensors of one shape: tf.add as one op that saves nothing (tf.add clones
+ * both inputs for its gradient and reshapes the gradient back to each); the same bits both ways.
+ */
+export function addSameShape<T extends tf.Tensor>(x: T, y: T): T {
+  if (x.dtype !== 'float32' || y.dtype !== 'float32' || !tf.util.arraysEqual(x.shape, y.shape)) return tf.add(x, y) as T;
+  const shape = x.shape;
+  const op = tf.customGrad((xt, yt) => {
+    const a = (xt as tf.Tensor).dataSync() as Float32Array, b = (yt as tf.Tensor).dataSync() as Float32Array;
+    const s = new Float32Array(a.length);
+    for (let i = 0; i < s.length; i++) s[i] = a[i] + b[i];
+    return {
+      value: tf.tensor(s, shape),
+      gradFunc: (dy: tf.Tensor) => {
+        const g = dy.dataSync() as Float32Array;
+        return [tf.tensor(Float32Array.from(g), shape), tf.tensor(Float32Array.from(g), shape)];
+      },
+    };
+  });
+  return op(x, y) as T;
+}
+
+/**
+ * x·s for a float32 tensor and a constant: tf.mul(x, s) as one op that saves nothing (tf.mul
+ * clones both inputs, and its gradient casts); float32(x·float32(s)) both ways, as tf.mul.
+ */
+export function scaleBy<T extends tf.Tensor>(x: T, s: number): T {
+  if (x.dtype !== 'float32') return tf.mul(x, s) as T;
+  const shape = x.shape;
+  const k = Math.fround(s);
+  const scale = (v: Float32Array) => {
+    const out = new Float32Array(v.length);
+    for (let i = 0; i < v.length; i++) out[i] = v[i] * k;
+    return out;
+  };
+  const op = tf.customGrad((xt) => ({
+    value: tf.tensor(scale((xt as tf.Tensor).dataSync() as Float32Array), shape),
+    gradFunc: (dy: tf.Tensor) => tf.tensor(scale(dy.dataSync() as Float32Array), shape),
+  }));
+  return op(x) as T;
+}
