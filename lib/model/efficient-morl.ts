@@ -144,6 +144,14 @@ function detach<T extends tf.Tensor>(t: T): T {
   return tf.tensor(Float32Array.from(t.dataSync() as Float32Array), t.shape, 'float32') as T;
 }
 
+/** (x + 1) / 2 from x's values, rounded as tf.div(tf.add(x, 1), 2): a constant of the pass, kept off the tape. */
+function unitRange(x: tf.Tensor4D): tf.Tensor4D {
+  const v = x.dataSync() as Float32Array;
+  const out = new Float32Array(v.length);
+  for (let i = 0; i < v.length; i++) out[i] = Math.fround(v[i] + 1) / 2;
+  return tf.tensor4d(out, x.shape);
+}
+
 /**
  * Σ_rows ‖row‖₂ / divisor of a [rows, D] tensor, in double from its values: a logged figure (the
  * refinement's step sizes), so it stays off the gradient tape.
@@ -276,7 +284,7 @@ export class EfficientMORL {
     };
 
     const x = tf.transpose(images, [0, 2, 3, 1]) as tf.Tensor4D;
-    const target = tf.div(tf.add(x, 1), 2) as tf.Tensor4D; // the likelihood's target is in [0,1]
+    const target = unitRange(x); // the likelihood's target is in [0,1]
     const logVar = Math.fround(2 * Math.fround(cfg.log_scale));
     const decoder = decoderStack(p, ops, cfg);
     const decoderSpec = ops.shareDecoderWeights(decoder.spec, decoder.pos); // every stage of this pass decodes with it

@@ -46,7 +46,7 @@ export function slotCompetition(q: tf.Tensor3D, kv: EncoderOutput, keepAttn = tr
         if (kept) {
           const sums = kept.sums();
           const g = m.slotAttentionBackward({ ...back, dkInto: sums.dk, dvInto: sums.dv });
-          return [tf.tensor3d(g.dq, [B, K, d]), tf.zerosLike(t[1])];
+          return [tf.tensor3d(g.dq, [B, K, d]), tf.zeros(t[1].shape)];
         }
         const g = m.slotAttentionBackward(back);
         return [tf.tensor3d(g.dq, [B, K, d]), tf.tensor3d(g.dk!, [B, N, d]), tf.tensor3d(g.dv!, [B, N, C])];

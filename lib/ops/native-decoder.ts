@@ -104,7 +104,7 @@ export function shareDecoderWeights(spec: DecoderSpec, pos: tf.Tensor3D): Decode
         return sums.map((g, i) => tf.tensor(g!, shared[i].shape));
       }
       if (owner && s.sums.slice(1).some((g) => g)) throw new Error(`decoder: its weights are kept on ${owner.device}, but its stages ran on the CPU`);
-      const grads = inputs.map((t, i) => (s.sums[i] ? tf.tensor(s.sums[i]!, t.shape) : tf.zerosLike(t)));
+      const grads = inputs.map((t, i) => (s.sums[i] ? tf.tensor(s.sums[i]!, t.shape) : tf.zeros(t.shape)));
       s.sums.fill(null);
       return grads;
     },
@@ -171,7 +171,7 @@ export function decoderNll(a: DecoderNllArgs, device: StageDevice = 'cpu', preci
         for (let b = 0; b < B; b++) for (let i = b * K * c; i < (b + 1) * K * c; i++) dz[i] = r.dz[i] * g[b];
         const grads: tf.Tensor[] = [tf.tensor2d(dz, [n, c])];
         if (!paramGradsEnabled()) {
-          for (let i = 1; i < inputs.length; i++) grads.push(tf.zerosLike(inputs[i]));
+          for (let i = 1; i < inputs.length; i++) grads.push(tf.zeros(inputs[i].shape));
           return grads;
         }
         if (!needParams) throw new Error("decoderNll: parameter gradients asked for, but the stage ran with grads 'input'");
@@ -181,14 +181,14 @@ export function decoderNll(a: DecoderNllArgs, device: StageDevice = 'cpu', preci
           shared.kept ??= { ids: [], us: [], workspace: workspace!, device };
           shared.kept.ids.push(keepId);
           shared.kept.us.push(u);
-          grads.push(tf.zerosLike(shared.token));
+          grads.push(tf.zeros(shared.token.shape));
           return grads;
         }
         // d/dpos, then dW and db per weighted layer (SharedWeights.sums' order)
         const paramGrads = [r.dpos!, ...r.dw.flatMap((dw, i) => (a.spec.layers[i].kind === 'spatialBroadcast' ? [] : [dw!, r.db[i]!]))];
         if (shared) {
           paramGrads.forEach((d, i) => (shared.sums[i] = addScaled(shared.sums[i], d, u)));
-          grads.push(tf.zerosLike(shared.token));
+          grads.push(tf.zeros(shared.token.shape));
           return grads;
         }
         paramGrads.forEach((d, i) => grads.push(tf.tensor(scaled(d, u), inputs[i + 1].shape)));

@@ -208,7 +208,7 @@ export function dualGruCell(x: tf.Tensor2D, h1: tf.Tensor2D, h2: tf.Tensor2D, p:
         const grads: tf.Tensor[] = [tf.tensor2d(dx, [N, I]), tf.tensor2d(g1.dh, [N, H]), tf.tensor2d(g2.dh, [N, H])];
         if (group) return [...grads, tf.scalar(0)];
         if (!needParams) {
-          for (const w of inputs.slice(3)) grads.push(tf.zerosLike(w));
+          for (const w of inputs.slice(3)) grads.push(tf.zeros(w.shape));
           return grads;
         }
         const rows = (a: Float32Array, r0: number, r1: number, cols: number) => a.slice(r0 * cols, r1 * cols);

@@ -90,7 +90,7 @@ export function convStackOnDevice(x: tf.Tensor4D, layers: ConvStackLayer[], devi
         const needParams = paramGradsEnabled();
         const g = k.convStackBackward({ ...s, dy: f32(dy), stamp, needDx: true, needParams });
         const dx = tf.tensor4d(g.dx!, x.shape);
-        return needParams ? [dx, ...stackLayerGrads(layers, g.dw!, g.db!)] : [dx, ...t.slice(1).map((p) => tf.zerosLike(p))];
+        return needParams ? [dx, ...stackLayerGrads(layers, g.dw!, g.db!)] : [dx, ...t.slice(1).map((p) => tf.zeros(p.shape))];
       },
     };
   });
@@ -187,7 +187,7 @@ function encoderStageParts(a: EncoderArgs, device: StageDevice, precision: ConvP
       return [tf.scalar(0)]; // the anchor's
     }
     const b = backward?.();
-    return b ? [...stackLayerGrads(a.convs, b.dw!, b.db!), ...headGrads(b.head!, head)] : inputs.map((x) => tf.zerosLike(x));
+    return b ? [...stackLayerGrads(a.convs, b.dw!, b.db!), ...headGrads(b.head!, head)] : inputs.map((x) => tf.zeros(x.shape));
   };
   return { k, B, H, W, inputs, specOf, paramGrads };
 }
@@ -219,7 +219,7 @@ export function slotCompetitionOnDevice(q: tf.Tensor3D, kv: EncoderOutput, keepA
       gradFunc: (dy: tf.Tensor) => {
         const b = m.encoderAttentionBackward({ ...spec, stamp: r.stamp, sumId: r.sumId, dU: f32(dy) });
         r.stamp = b.stamp;
-        return [tf.tensor3d(b.dq, [B, K, Z]), tf.zerosLike(token as tf.Tensor)];
+        return [tf.tensor3d(b.dq, [B, K, Z]), tf.zeros((token as tf.Tensor).shape)];
       },
     };
   });
