@@ -123,11 +123,12 @@ export function hvaeInference(
     }
     mu = residualMlp(p, ops, mu, `${h}.norm_mu_pre_ff`, `${h}.mlp_mu`);
     sp = residualMlp(p, ops, sp, `${h}.norm_softplus_pre_ff`, `${h}.mlp_softplus`);
-    // λ is one tensor so that the refinement can differentiate the loss with respect to it
-    lambda = concatColumns([mu, sp]);
     eps = noise.normal([N, z]);
-    if (layer === L - 1) break;
-    [mu, sp] = tf.split(lambda, 2, 1) as [tf.Tensor2D, tf.Tensor2D];
+    if (layer === L - 1) {
+      // λ is one tensor so that the refinement can differentiate the loss with respect to it
+      lambda = concatColumns([mu, sp]);
+      break;
+    }
     const posterior = gaussianFromParams(ops, mu, sp);
     posteriors.push(posterior);
     slots = rsample(posterior, eps);
