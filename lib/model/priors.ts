@@ -13,6 +13,7 @@
 import { tf } from '../tf';
 import type { Ops } from '../ops';
 import type { KlDiagSpec } from '../ops/addon';
+import { f32 } from '../ops/arrays';
 import type { ParamStore } from '../params/store';
 
 export interface Gaussian {
@@ -101,8 +102,6 @@ export const jsGaussianKernels: GaussianKernels = {
 export function softplusToStdReference(s: tf.Tensor): tf.Tensor {
   return tf.sqrt(tf.add(tf.log(tf.add(1, tf.exp(tf.minimum(s, 80)))), 1e-5));
 }
-
-const f32 = (t: tf.Tensor) => t.dataSync() as Float32Array;
 
 /** σ = sqrt(log(1 + exp(min(s, 80))) + 1e-5), one op each way with `kernels` (softplusToStdReference's bits). */
 export function softplusToStdWith(kernels: GaussianKernels, s: tf.Tensor): tf.Tensor {

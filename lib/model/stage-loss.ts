@@ -14,6 +14,7 @@
  * again in the refinement's inner gradients, become one tape node.
  */
 import { tf } from '../tf';
+import { f32 } from '../ops/arrays';
 
 export interface StageLossSpec {
   /** slots per image */
@@ -87,11 +88,11 @@ export function stageLoss(nll: tf.Tensor1D, klPerSlot: tf.Tensor1D[], spec: Stag
   const g = spec.geco;
   let nllMean = 0, klMean = 0;
   const op = tf.customGrad((...args: unknown[]) => {
-    const nv = (args[0] as tf.Tensor).dataSync() as Float32Array;
+    const nv = f32(args[0] as tf.Tensor);
     // kl_b: each layer's per-image sum (double, rounded), added in float32 onto 0
     const kl = new Float32Array(B);
     for (let l = 1; l < 1 + klPerSlot.length; l++) {
-      const kv = (args[l] as tf.Tensor).dataSync() as Float32Array;
+      const kv = f32(args[l] as tf.Tensor);
       for (let b = 0; b < B; b++) {
         let s = 0;
         for (let k = 0; k < K; k++) s += kv[b * K + k];
@@ -119,7 +120,7 @@ export function stageLoss(nll: tf.Tensor1D, klPerSlot: tf.Tensor1D[], spec: Stag
     return {
       value: tf.scalar(loss, 'float32'),
       gradFunc: (dy: tf.Tensor) => {
-        const d = (dy.dataSync() as Float32Array)[0];
+        const d = f32(dy)[0];
         // the gradient of a batch mean (Mean: dy/n; sum / Bg: dy/Bg) at each image
         const perImage = (x: number) => f(x / (Bg === undefined ? B : f(Bg)));
         let dNll: number, dKl: number;
@@ -156,11 +157,11 @@ export function weightedTotal(losses: tf.Scalar[], weights: number[]): tf.Scalar
   const w = weights.map(f);
   const op = tf.customGrad((...args: unknown[]) => {
     let total = 0;
-    for (let i = 0; i < w.length; i++) total = f(total + f(w[i] * ((args[i] as tf.Tensor).dataSync() as Float32Array)[0]));
+    for (let i = 0; i < w.length; i++) total = f(total + f(w[i] * f32(args[i] as tf.Tensor)[0]));
     return {
       value: tf.scalar(total, 'float32'),
       gradFunc: (dy: tf.Tensor) => {
-        const d = (dy.dataSync() as Float32Array)[0];
+        const d = f32(dy)[0];
         return w.map((wi) => tf.scalar(f(d * wi), 'float32'));
       },
     };

@@ -4,6 +4,7 @@
  * that a native implementation can replace them without touching the model.
  */
 import { tf } from '../tf';
+import { f32 } from './arrays';
 
 /** y = act(x Wᵀ + b) over the last axis, W [out,in] as nn.Linear stores it; act ReLU or ELU (alpha 1) when asked. */
 export function linear(x: tf.Tensor, weight: tf.Tensor, bias?: tf.Tensor, activation: 'linear' | 'relu' | 'elu' = 'linear'): tf.Tensor {
@@ -134,13 +135,13 @@ export function repeatRows(x: tf.Tensor2D, n: number): tf.Tensor2D {
   if (!Number.isInteger(n) || n < 1) throw new Error(`repeatRows: n must be an integer >= 1, got ${n}`);
   if (x.dtype !== 'float32') return tf.tile(x, [n, 1]);
   const op = tf.customGrad((xt) => {
-    const xv = (xt as tf.Tensor).dataSync() as Float32Array;
+    const xv = f32(xt as tf.Tensor);
     const y = new Float32Array(n * D);
     for (let i = 0; i < n; i++) y.set(xv, i * D);
     return {
       value: tf.tensor2d(y, [n, D]),
       gradFunc: (dy: tf.Tensor) => {
-        const g = dy.dataSync() as Float32Array;
+        const g = f32(dy);
         const dx = new Float32Array(D);
         for (let i = 0; i < n; i++) for (let j = 0; j < D; j++) dx[j] = dx[j] + g[i * D + j];
         return tf.tensor2d(dx, [1, D]);
@@ -168,14 +169,14 @@ export function concatColumns(xs: tf.Tensor2D[]): tf.Tensor2D {
     const y = new Float32Array(n * D);
     let c0 = 0;
     widths.forEach((w, k) => {
-      const v = (args[k] as tf.Tensor).dataSync() as Float32Array;
+      const v = f32(args[k] as tf.Tensor);
       for (let i = 0, src = 0, dst = c0; i < n; i++, dst += D) for (let j = 0; j < w; j++) y[dst + j] = v[src++];
       c0 += w;
     });
     return {
       value: tf.tensor2d(y, [n, D]),
       gradFunc: (dy: tf.Tensor) => {
-        const g = dy.dataSync() as Float32Array;
+        const g = f32(dy);
         let start = 0;
         return widths.map((w) => {
           const dx = new Float32Array(n * w);
@@ -197,13 +198,13 @@ export function addSameShape<T extends tf.Tensor>(x: T, y: T): T {
   if (x.dtype !== 'float32' || y.dtype !== 'float32' || !tf.util.arraysEqual(x.shape, y.shape)) return tf.add(x, y) as T;
   const shape = x.shape;
   const op = tf.customGrad((xt, yt) => {
-    const a = (xt as tf.Tensor).dataSync() as Float32Array, b = (yt as tf.Tensor).dataSync() as Float32Array;
+    const a = f32(xt as tf.Tensor), b = f32(yt as tf.Tensor);
     const s = new Float32Array(a.length);
     for (let i = 0; i < s.length; i++) s[i] = a[i] + b[i];
     return {
       value: tf.tensor(s, shape),
       gradFunc: (dy: tf.Tensor) => {
-        const g = dy.dataSync() as Float32Array;
+        const g = f32(dy);
         return [tf.tensor(Float32Array.from(g), shape), tf.tensor(Float32Array.from(g), shape)];
       },
     };
@@ -225,8 +226,8 @@ export function scaleBy<T extends tf.Tensor>(x: T, s: number): T {
     return out;
   };
   const op = tf.customGrad((xt) => ({
-    value: tf.tensor(scale((xt as tf.Tensor).dataSync() as Float32Array), shape),
-    gradFunc: (dy: tf.Tensor) => tf.tensor(scale(dy.dataSync() as Float32Array), shape),
+    value: tf.tensor(scale(f32(xt as tf.Tensor)), shape),
+    gradFunc: (dy: tf.Tensor) => tf.tensor(scale(f32(dy)), shape),
   }));
   return op(x) as T;
 }
