@@ -7,10 +7,14 @@ import { tf, initBackend } from '../lib/tf';
 import { broadcastConv2d, spatialBroadcast } from '../lib/ops/broadcast';
 import { conv2d, convTranspose2d, withoutParamGrads } from '../lib/ops/conv';
 import { gemmNN, gemmTN } from '../lib/ops/gemm';
-import { jsGaussianKernels, klDiagReference, klDiagWith, rsample, rsampleReference, softplusToStdReference, softplusToStdWith, type Gaussian, type GaussianKernels } from '../lib/model/priors';
+import {
+  jsGaussianKernels, klDiagReference, klDiagWith, posteriorFromLambda, posteriorFromLambdaReference, rsample, rsampleReference, sampleWithKl, sampleWithKlReference,
+  softplusToStdReference, softplusToStdWith, type Gaussian, type GaussianKernels,
+} from '../lib/model/priors';
 import { nativeStatus } from '../lib/native';
 import { addonOps, nativeOpsAvailable } from '../lib/ops/addon';
-import { addSameShape, concatColumns, repeatRows, scaleBy } from '../lib/ops/nn';
+import { addSameShape, channelsLast, concatColumns, repeatRows, scaleBy, splitColumns } from '../lib/ops/nn';
+import { multiOutputOp } from '../lib/ops/multi-output';
 import { stageLoss, stageLossReference, weightedTotal, weightedTotalReference, type StageLossSpec } from '../lib/model/stage-loss';
 import { Rng } from '../lib/util/rng';
 
@@ -234,6 +238,64 @@ describe('the diagonal Gaussians\' fused ops (lib/model/priors.ts)', () => {
     });
   });
 
+  test('splitColumns: tf.split(x, widths, 1)\'s values and gradients, bit for bit, also with an output unused', () => {
+    tf.tidy(() => {
+      const rng = new Rng(18);
+      // (tfjs' own SplitV gradient fails for a single part, so none here)
+      for (const widths of [[32, 32], [1, 1], [3, 1, 5, 2]]) {
+        const D = widths.reduce((a, b) => a + b, 0);
+        const x = rand([7, D], rng) as tf.Tensor2D;
+        const parts = splitColumns(x, widths), ref = tf.split(x, widths, 1);
+        expect(parts.length).toBe(widths.length);
+        parts.forEach((t, i) => expect([i, firstBitDifference(t, ref[i])]).toEqual([i, -1]));
+        const dys = widths.map((w) => rand([7, w], rng));
+        // every output weighted, then the first one alone (the others' gradients are zeros)
+        for (const used of [widths.length, 1]) {
+          const grad = (fn: (t: tf.Tensor2D) => tf.Tensor[]) =>
+            tf.grad((t: tf.Tensor) => tf.addN(fn(t as tf.Tensor2D).slice(0, used).map((y, i) => tf.sum(tf.mul(y, dys[i])))))(x);
+          expect(firstBitDifference(grad((t) => splitColumns(t, widths)), grad((t) => tf.split(t, widths, 1)))).toBe(-1);
+        }
+      }
+      expect(splitColumns(rand([2, 6], rng) as tf.Tensor2D).map((t) => t.shape)).toEqual([[2, 3], [2, 3]]);
+      expect(() => splitColumns(tf.zeros([2, 5]) as tf.Tensor2D)).toThrow(/x \[2,5\] has an odd number of columns to halve/);
+      expect(() => splitColumns(tf.zeros([2, 5]) as tf.Tensor2D, [2, 2])).toThrow(/widths \[2,2\] must be positive integers summing to x's 5 columns/);
+      expect(() => splitColumns(tf.zeros([2, 2, 2]) as unknown as tf.Tensor2D)).toThrow(/x must be \[n, D\], got \[2,2,2\]/);
+    });
+  });
+
+  test('multiOutputOp: one tape node with several outputs; its errors name the op', () => {
+    tf.tidy(() => {
+      const x = tf.tensor1d([1, 2, 3]);
+      const before = tf.memory().numTensors;
+      // without a tape (no gradient asked): just the outputs, the op's temporaries freed
+      const [a, b] = multiOutputOp('double', [x], (t) => {
+        tf.mul(t, 5); // a temporary the op's scope frees
+        return { values: [tf.mul(t, 2), tf.mul(t, 3)], gradFunc: ([da, db]) => [tf.add(tf.mul(da, 2), tf.mul(db, 3))] };
+      });
+      expect(tf.memory().numTensors - before).toBe(2);
+      expect([Array.from(a.dataSync()), Array.from(b.dataSync())]).toEqual([[2, 4, 6], [3, 6, 9]]);
+      const g = tf.grad((t: tf.Tensor) => {
+        const [p, q] = multiOutputOp('double', [t], (u) => ({ values: [tf.mul(u, 2), tf.mul(u, 3)], gradFunc: ([dp, dq]) => [tf.add(tf.mul(dp, 2), tf.mul(dq, 3))] }));
+        return tf.add(tf.sum(p), tf.sum(tf.square(q)));
+      })(x);
+      expect(Array.from(g.dataSync())).toEqual([2 + 18 * 1, 2 + 18 * 2, 2 + 18 * 3]);
+      const bad = () => tf.grad((t: tf.Tensor) => tf.sum(multiOutputOp('badGrad', [t], (u) => ({ values: [tf.mul(u, 2)], gradFunc: () => [] }))[0]))(x);
+      expect(bad).toThrow(/badGrad: the gradient gave 0 tensors for 1 inputs/);
+      expect(() => multiOutputOp('empty', [x], () => ({ values: [], gradFunc: () => [] }))).toThrow(/empty: the op must return one or more tensors/);
+    });
+  });
+
+  test('channelsLast: tf.transpose(x, [0, 2, 3, 1])\'s values and gradient, bit for bit', () => {
+    tf.tidy(() => {
+      const rng = new Rng(19);
+      const x = rand([2, 3, 4, 5], rng) as tf.Tensor4D;
+      const dy = rand([2, 4, 5, 3], rng);
+      expect(firstBitDifference(channelsLast(x), tf.transpose(x, [0, 2, 3, 1]))).toBe(-1);
+      const grad = (fn: (t: tf.Tensor4D) => tf.Tensor) => tf.grad((t: tf.Tensor) => tf.sum(tf.mul(fn(t as tf.Tensor4D), dy)))(x);
+      expect(firstBitDifference(grad(channelsLast), grad((t) => tf.transpose(t, [0, 2, 3, 1])))).toBe(-1);
+    });
+  });
+
   test('addSameShape and scaleBy: tf.add\'s and tf.mul\'s values and gradients, bit for bit', () => {
     tf.tidy(() => {
       const rng = new Rng(17);
@@ -268,6 +330,51 @@ describe('the diagonal Gaussians\' fused ops (lib/model/priors.ts)', () => {
         expect(firstBitDifference(std(s), softplusToStdReference(s))).toBe(-1);
         expect(firstBitDifference(fused.grads[0], ref.grads[0])).toBe(-1);
         expect(fused.value.dataSync()[0]).toBe(ref.value.dataSync()[0]);
+      });
+    });
+
+    test('q from λ = [μ | s] as one op: posteriorFromLambdaReference\'s bits, values and gradients', () => {
+      tf.tidy(() => {
+        const rng = new Rng(20);
+        const lambda = tf.concat([rand([128, 32], rng), spread([128, 32], rng)], 1) as tf.Tensor2D;
+        const [dLoc, dStd] = [rand([128, 32], rng), rand([128, 32], rng)];
+        const q = posteriorFromLambda(kernels, lambda), ref = posteriorFromLambdaReference(lambda);
+        expect([firstBitDifference(q.loc, ref.loc), firstBitDifference(q.std, ref.std)]).toEqual([-1, -1]);
+        // both outputs weighted, then σ alone (μ's upstream gradient is the engine's zeros)
+        for (const withLoc of [true, false]) {
+          const grad = (fn: (l: tf.Tensor2D) => Gaussian) =>
+            tf.grad((l: tf.Tensor) => {
+              const g = fn(l as tf.Tensor2D);
+              const s = tf.sum(tf.mul(g.std, dStd));
+              return withLoc ? tf.add(tf.sum(tf.mul(g.loc, dLoc)), s) : s;
+            })(lambda);
+          expect(firstBitDifference(grad((l) => posteriorFromLambda(kernels, l)), grad(posteriorFromLambdaReference))).toBe(-1);
+        }
+      });
+    });
+
+    test.each([['N(0, I)', false], ['a prior', true]])('z ~ q(λ) and KL(q ‖ %s) as one op: sampleWithKlReference\'s bits, values and gradients', (_, withPrior) => {
+      tf.tidy(() => {
+        const rng = new Rng(withPrior ? 21 : 22);
+        const [N, D] = [128, 32];
+        const lambda = tf.concat([rand([N, D], rng), spread([N, D], rng)], 1) as tf.Tensor2D;
+        const eps = rand([N, D], rng);
+        const prior = withPrior ? { loc: rand([N, D], rng) as tf.Tensor2D, std: tf.abs(rand([N, D], rng)) as tf.Tensor2D } : null;
+        const [dz, dkl] = [rand([N, D], rng), rand([N], rng)];
+        const fused = sampleWithKl(kernels, lambda, eps, prior), ref = sampleWithKlReference(lambda, eps, prior);
+        expect([firstBitDifference(fused.z, ref.z), firstBitDifference(fused.kl, ref.kl)]).toEqual([-1, -1]);
+        // both outputs weighted, then z alone and the KL alone (z alone: λ's gradient, the prior's being none)
+        for (const used of ['both', 'z', 'kl']) {
+          const inputs = prior && used !== 'z' ? [lambda, prior.loc, prior.std] : [lambda];
+          const grads = (fn: typeof sampleWithKlReference) =>
+            tf.grads((...t: tf.Tensor[]) => {
+              const r = fn(t[0] as tf.Tensor2D, eps, t.length > 1 ? { loc: t[1] as tf.Tensor2D, std: t[2] as tf.Tensor2D } : prior);
+              const terms = [used !== 'kl' ? tf.sum(tf.mul(r.z, dz)) : null, used !== 'z' ? tf.sum(tf.mul(r.kl, dkl)) : null].filter((x): x is tf.Tensor => x !== null);
+              return tf.addN(terms);
+            })(inputs);
+          const g = grads((l, e, p) => sampleWithKl(kernels, l, e, p)), gr = grads(sampleWithKlReference);
+          g.forEach((gi, i) => expect([used, i, firstBitDifference(gi, gr[i])]).toEqual([used, i, -1]));
+        }
       });
     });
 

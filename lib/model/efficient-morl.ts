@@ -25,10 +25,10 @@ import { encode, encoderParams } from './encoder';
 import type { Geco } from './geco';
 import { hvaeInference } from './hvae';
 import { SeededNoise, type NoiseSource } from './noise';
-import { gaussianFromParams, priorFromSample, rsample, type Gaussian } from './priors';
+import { klDiagWith, posteriorFromLambda, priorFromSample, rsample, sampleWithKl, type Gaussian } from './priors';
 import { stageLoss, weightedTotal, type StageLossSpec } from './stage-loss';
 import { refinementStep } from './refinement';
-import { addSameShape } from '../ops/nn';
+import { addSameShape, channelsLast } from '../ops/nn';
 
 export interface ModelOptions {
   /** seed of the parameter initialisation and of the default noise source (default 0) */
@@ -283,7 +283,7 @@ export class EfficientMORL {
       return c;
     };
 
-    const x = tf.transpose(images, [0, 2, 3, 1]) as tf.Tensor4D;
+    const x = channelsLast(images);
     const target = unitRange(x); // the likelihood's target is in [0,1]
     const logVar = Math.fround(2 * Math.fround(cfg.log_scale));
     const decoder = decoderStack(p, ops, cfg);
@@ -320,12 +320,12 @@ export class EfficientMORL {
       if (!cfg.bottom_up_prior) {
         for (let l = L - 1; l >= 0; l--) {
           prior = l === L - 1 ? null : priorFromSample(p, ops, rsample(qs[l + 1], noise.normal([N, z])));
-          klPerSlot.push(ops.klDiag(qs[l], prior));
+          klPerSlot.push(klDiagWith(ops.gaussian, qs[l], prior));
         }
       } else {
         for (let l = 0; l < L; l++) {
           prior = l === 0 ? null : priorFromSample(p, ops, rsample(qs[l - 1], noise.normal([N, z])));
-          klPerSlot.push(ops.klDiag(qs[l], prior));
+          klPerSlot.push(klDiagWith(ops.gaussian, qs[l], prior));
         }
       }
       return { klPerSlot, refinementPrior: cfg.reverse_prior_plusplus ? prior : null };
@@ -347,11 +347,23 @@ export class EfficientMORL {
      * stages before the last by the refinement's inner gradient, every stage by a training tape.
      */
     const stage = (i: number, lambda: tf.Tensor2D, eps: tf.Tensor): Stage => {
-      const [mu, sp] = tf.split(lambda, 2, 1) as [tf.Tensor2D, tf.Tensor2D];
-      const q = gaussianFromParams(ops, mu, sp);
+      // stage 0's posterior also feeds the hierarchical KL's prior; a refinement stage's only z and its KL
+      let z: tf.Tensor2D;
+      let klPerSlot: tf.Tensor1D[];
+      if (i === 0) {
+        const q = posteriorFromLambda(ops.gaussian, lambda);
+        z = rsample(q, eps);
+        const h = hierarchicalKl(q);
+        klPerSlot = h.klPerSlot;
+        if (h.refinementPrior) refinementPrior = { loc: keep(h.refinementPrior.loc), std: keep(h.refinementPrior.std) };
+      } else {
+        const s = sampleWithKl(ops.gaussian, lambda, eps, refinementPrior);
+        z = s.z;
+        klPerSlot = [s.kl];
+      }
       const { nll, means, logMasks } = ops.decoderNll({
         spec: decoderSpec,
-        z: rsample(q, eps),
+        z,
         pos: decoder.pos,
         target,
         K,
@@ -360,14 +372,6 @@ export class EfficientMORL {
         grads: paramGrads ? 'all' : i < I ? 'input' : 'none',
         outputs: collect,
       });
-      let klPerSlot: tf.Tensor1D[];
-      if (i === 0) {
-        const h = hierarchicalKl(q);
-        klPerSlot = h.klPerSlot;
-        if (h.refinementPrior) refinementPrior = { loc: keep(h.refinementPrior.loc), std: keep(h.refinementPrior.std) };
-      } else {
-        klPerSlot = [ops.klDiag(q, refinementPrior)];
-      }
       const l = stageLoss(nll, klPerSlot, lossSpec);
       return { loss: l.loss, nll: l.nllMean, kl: l.klMean, means, logMasks };
     };

@@ -14,7 +14,7 @@
 import { tf } from '../tf';
 import type { NetConfig } from '../config/net';
 import type { EncoderOutput, Ops, SlotCompetition } from '../ops';
-import { addSameShape, concatColumns, repeatRows, scaleBy } from '../ops/nn';
+import { addSameShape, concatColumns, repeatRows, scaleBy, splitColumns } from '../ops/nn';
 import { paramKey } from '../params/spec';
 import type { ParamStore } from '../params/store';
 import type { NoiseSource } from './noise';
@@ -81,7 +81,7 @@ export function hvaeInference(
 
   // λ_0: the learned initial posterior, shared by every slot of every image
   let lambda = repeatRows(p.get<tf.Tensor2D>(`${h}.init_posterior`), N);
-  let [mu, sp] = tf.split(lambda, 2, 1) as [tf.Tensor2D, tf.Tensor2D];
+  let [mu, sp] = splitColumns(lambda);
   let eps = noise.normal([N, z]);
   if (L === 0) return { posteriors: [], lambda, lambdaEps: eps, attn: [], samples: [] };
   let slots = rsample(gaussianFromParams(ops, mu, sp), eps);
@@ -113,13 +113,13 @@ export function hvaeInference(
     } else {
       // one GRU over (μ, s) jointly, its input the update projected to 2z
       const projected = ops.linear(updates, p.get(`${h}.project_update.weight`), p.get(`${h}.project_update.bias`)) as tf.Tensor2D;
-      const next = ops.gruCell(projected, tf.concat([mu, sp], 1) as tf.Tensor2D, {
+      const next = ops.gruCell(projected, concatColumns([mu, sp]), {
         weightIh: p.get(`${h}.gru.weight_ih_l0`),
         weightHh: p.get(`${h}.gru.weight_hh_l0`),
         biasIh: p.get(`${h}.gru.bias_ih_l0`),
         biasHh: p.get(`${h}.gru.bias_hh_l0`),
       });
-      [mu, sp] = tf.split(next, 2, 1) as [tf.Tensor2D, tf.Tensor2D];
+      [mu, sp] = splitColumns(next);
     }
     mu = residualMlp(p, ops, mu, `${h}.norm_mu_pre_ff`, `${h}.mlp_mu`);
     sp = residualMlp(p, ops, sp, `${h}.norm_softplus_pre_ff`, `${h}.mlp_softplus`);

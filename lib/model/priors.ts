@@ -13,7 +13,8 @@
 import { tf } from '../tf';
 import type { Ops } from '../ops';
 import type { KlDiagSpec } from '../ops/addon';
-import { f32 } from '../ops/arrays';
+import { cutColumns, f32, joinColumns } from '../ops/arrays';
+import { multiOutputOp } from '../ops/multi-output';
 import type { ParamStore } from '../params/store';
 
 export interface Gaussian {
@@ -154,7 +155,83 @@ export function klDiag(q: Gaussian, p: Gaussian | null): tf.Tensor1D {
 }
 
 export function gaussianFromParams(ops: Ops, loc: tf.Tensor2D, softplusParam: tf.Tensor2D): Gaussian {
-  return { loc, std: ops.softplusToStd(softplusParam) as tf.Tensor2D };
+  return { loc, std: softplusToStdWith(ops.gaussian, softplusParam) as tf.Tensor2D };
+}
+
+/** λ [N, 2z] as float32 (μ | s) halves, or null when the fused ops below do not apply. */
+function lambdaHalves(lambda: tf.Tensor2D): { N: number; D: number } | null {
+  const [N, D2] = lambda.shape;
+  return lambda.dtype === 'float32' && lambda.rank === 2 && D2 % 2 === 0 ? { N, D: D2 / 2 } : null;
+}
+
+/** The reference: q = N(μ, σ(s)) from λ = [μ | s] with tf.split and softplusToStdReference. */
+export function posteriorFromLambdaReference(lambda: tf.Tensor2D): Gaussian {
+  const [loc, sp] = tf.split(lambda, 2, 1) as [tf.Tensor2D, tf.Tensor2D];
+  return { loc, std: softplusToStdReference(sp) as tf.Tensor2D };
+}
+
+/**
+ * q = N(μ, σ(s)) from λ = [μ | s] [N, 2z]: the split and σ as one op with two outputs each way
+ * (posteriorFromLambdaReference's bits), where tf.split alone is a kernel each way.
+ */
+export function posteriorFromLambda(kernels: GaussianKernels, lambda: tf.Tensor2D): Gaussian {
+  const h = lambdaHalves(lambda);
+  if (!h) return posteriorFromLambdaReference(lambda);
+  const { N, D } = h;
+  const [loc, std] = multiOutputOp('posteriorFromLambda', [lambda], (lam) => {
+    const [mu, s] = cutColumns(f32(lam), [D, D], N);
+    const sigma = kernels.softplusStd({ s });
+    return {
+      values: [tf.tensor2d(mu, [N, D]), tf.tensor2d(sigma, [N, D])],
+      gradFunc: ([dLoc, dStd]) => [tf.tensor2d(joinColumns([f32(dLoc), kernels.softplusStdBackward({ g: f32(dStd), s, std: sigma })], [D, D], N), [N, 2 * D])],
+    };
+  });
+  return { loc: loc as tf.Tensor2D, std: std as tf.Tensor2D };
+}
+
+/** The reference: z = μ + εσ and KL(q ‖ p) of q = posteriorFromLambdaReference(λ), in tfjs ops. */
+export function sampleWithKlReference(lambda: tf.Tensor2D, eps: tf.Tensor, prior: Gaussian | null): { z: tf.Tensor2D; kl: tf.Tensor1D } {
+  const q = posteriorFromLambdaReference(lambda);
+  return { z: rsampleReference(q, eps), kl: klDiagReference(q, prior) };
+}
+
+/**
+ * z = μ + εσ (ε a constant draw) and KL(q ‖ p) per row for q = N(μ, σ(s)), λ = [μ | s]: one op
+ * each way for a stage whose posterior feeds nothing else. μ and σ are then not tensors of the
+ * tape, which would sum their two consumers' gradients with an Add kernel each; the backward sums
+ * them itself (a sum of two float32 terms is the same bits in either order), so the values and
+ * the gradients of λ and of the prior are sampleWithKlReference's bits.
+ */
+export function sampleWithKl(kernels: GaussianKernels, lambda: tf.Tensor2D, eps: tf.Tensor, prior: Gaussian | null): { z: tf.Tensor2D; kl: tf.Tensor1D } {
+  const h = lambdaHalves(lambda);
+  const same = (t: tf.Tensor) => h !== null && t.dtype === 'float32' && t.rank === 2 && t.shape[0] === h.N && t.shape[1] === h.D;
+  if (!h || !same(eps) || (prior && (!same(prior.loc) || !same(prior.std)))) return sampleWithKlReference(lambda, eps, prior);
+  const { N, D } = h;
+  const e = f32(eps);
+  const inputs = prior ? [lambda, prior.loc, prior.std] : [lambda];
+  const [z, kl] = multiOutputOp('sampleWithKl', inputs, (lam, pLocT, pStdT) => {
+    const [qLoc, s] = cutColumns(f32(lam), [D, D], N);
+    const qStd = kernels.softplusStd({ s });
+    const spec: KlDiagSpec = prior ? { qLoc, qStd, pLoc: f32(pLocT), pStd: f32(pStdT), rows: N, D } : { qLoc, qStd, rows: N, D };
+    const zv = new Float32Array(N * D);
+    for (let i = 0; i < zv.length; i++) zv[i] = qLoc[i] + f(e[i] * qStd[i]);
+    return {
+      values: [tf.tensor2d(zv, [N, D]), tf.tensor1d(kernels.klDiag(spec), 'float32')],
+      gradFunc: ([dz, dkl]) => {
+        const g = f32(dz);
+        const k = kernels.klDiagBackward({ ...spec, g: f32(dkl) });
+        const dLoc = new Float32Array(N * D), dStd = new Float32Array(N * D);
+        for (let i = 0; i < dLoc.length; i++) {
+          dLoc[i] = g[i] + k.dqLoc[i];
+          dStd[i] = f(g[i] * e[i]) + k.dqStd[i];
+        }
+        const ds = kernels.softplusStdBackward({ g: dStd, s, std: qStd });
+        const dLambda = tf.tensor2d(joinColumns([dLoc, ds], [D, D], N), [N, 2 * D]);
+        return k.dpLoc && k.dpStd ? [dLambda, tf.tensor2d(k.dpLoc, [N, D]), tf.tensor2d(k.dpStd, [N, D])] : [dLambda];
+      },
+    };
+  });
+  return { z: z as tf.Tensor2D, kl: kl as tf.Tensor1D };
 }
 
 /** The reference: z = μ + ε σ in tfjs ops. */

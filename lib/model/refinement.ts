@@ -11,7 +11,7 @@
 import { tf } from '../tf';
 import type { Ops } from '../ops';
 import type { ParamStore } from '../params/store';
-import { concatColumns } from '../ops/nn';
+import { concatColumns, splitColumns } from '../ops/nn';
 
 export interface RefinementStep {
   /** [N, 2z] */
@@ -23,7 +23,7 @@ export interface RefinementStep {
 /** dLambda must already be detached (a constant of the graph). */
 export function refinementStep(p: ParamStore, ops: Ops, lambda: tf.Tensor2D, dLambda: tf.Tensor2D, hidden: tf.Tensor2D): RefinementStep {
   const r = 'refinenet';
-  const [dLoc, dSp] = tf.split(dLambda, 2, 1);
+  const [dLoc, dSp] = splitColumns(dLambda);
   const input = concatColumns([lambda, ops.layerNorm(dLoc) as tf.Tensor2D, ops.layerNorm(dSp) as tf.Tensor2D]);
   const x = ops.linear(
     ops.linear(input, p.get(`${r}.encoding.0.weight`), p.get(`${r}.encoding.0.bias`), 'elu'),

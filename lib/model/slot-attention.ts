@@ -20,7 +20,7 @@
 import { tf } from '../tf';
 import { netConfig, type NetConfig } from '../config/net';
 import { tfjsOps, type Ops } from '../ops';
-import { repeatRows } from '../ops/nn';
+import { channelsLast, repeatRows } from '../ops/nn';
 import { slotAttentionParamSpecs } from '../params/slot-attention-spec';
 import { ParamStore } from '../params/store';
 import { Rng } from '../util/rng';
@@ -29,7 +29,7 @@ import { checkImageBatch, releaseAbandonedTape, type ModelOptions } from './effi
 import { encode } from './encoder';
 import { attendSlots, residualMlp } from './hvae';
 import { SeededNoise, type NoiseSource } from './noise';
-import { gaussianFromParams, rsample } from './priors';
+import { posteriorFromLambda, rsample } from './priors';
 
 /** The original's `attention_iters`. */
 export const SLOT_ATTENTION_ITERS = 3;
@@ -132,12 +132,12 @@ export class SlotAttention {
       return c;
     };
 
-    const x = tf.transpose(images, [0, 2, 3, 1]) as tf.Tensor4D;
+    const x = channelsLast(images);
     const kv = encode(p, ops, x, '');
 
     // the initial slots: one sample of the learned Gaussian, shared by every slot of every image
-    const [loc, sp] = tf.split(repeatRows(p.get<tf.Tensor2D>('init_slots'), N), 2, 1) as [tf.Tensor2D, tf.Tensor2D];
-    let slots = rsample(gaussianFromParams(ops, loc, sp), noise.normal([N, z])).reshape([B, K, z]) as tf.Tensor3D;
+    const init = posteriorFromLambda(ops.gaussian, repeatRows(p.get<tf.Tensor2D>('init_slots'), N));
+    let slots = rsample(init, noise.normal([N, z])).reshape([B, K, z]) as tf.Tensor3D;
 
     const gru = {
       weightIh: p.get<tf.Tensor2D>('gru.weight_ih_l0'),

@@ -15,24 +15,29 @@ export function colSums(g: Float32Array, rows: number, cols: number): Float32Arr
 }
 
 /**
- * a and b [rows, cols] side by side as one [rows, 2·cols] array: how a custom op with two outputs
- * returns them (tfjs' customGrad takes one).
+ * Row-major [rows, w_k] arrays side by side, one [rows, Σ w_k] array: tf.concat on the last axis.
+ * (Plain loops: at these widths, copying runs with subarray + set costs more than the copy.)
  */
-export function sideBySide(a: Float32Array, b: Float32Array, rows: number, cols: number): Float32Array {
-  const out = new Float32Array(rows * 2 * cols);
-  for (let r = 0; r < rows; r++) {
-    out.set(a.subarray(r * cols, (r + 1) * cols), r * 2 * cols);
-    out.set(b.subarray(r * cols, (r + 1) * cols), r * 2 * cols + cols);
-  }
+export function joinColumns(parts: Float32Array[], widths: number[], rows: number): Float32Array {
+  const D = widths.reduce((a, b) => a + b, 0);
+  const out = new Float32Array(rows * D);
+  let c0 = 0;
+  parts.forEach((v, k) => {
+    const w = widths[k];
+    for (let i = 0, src = 0, dst = c0; i < rows; i++, dst += D) for (let j = 0; j < w; j++) out[dst + j] = v[src++];
+    c0 += w;
+  });
   return out;
 }
 
-/** sideBySide's inverse: [rows, 2·cols] back to its two [rows, cols] halves (an output's gradient). */
-export function splitSideBySide(g: Float32Array, rows: number, cols: number): [Float32Array, Float32Array] {
-  const a = new Float32Array(rows * cols), b = new Float32Array(rows * cols);
-  for (let r = 0; r < rows; r++) {
-    a.set(g.subarray(r * 2 * cols, r * 2 * cols + cols), r * cols);
-    b.set(g.subarray(r * 2 * cols + cols, (r + 1) * 2 * cols), r * cols);
-  }
-  return [a, b];
+/** joinColumns' inverse: a row-major [rows, Σ w_k] array cut into its [rows, w_k] parts. */
+export function cutColumns(whole: Float32Array, widths: number[], rows: number): Float32Array[] {
+  const D = widths.reduce((a, b) => a + b, 0);
+  let c0 = 0;
+  return widths.map((w) => {
+    const part = new Float32Array(rows * w);
+    for (let i = 0, dst = 0, src = c0; i < rows; i++, src += D) for (let j = 0; j < w; j++) part[dst++] = whole[src + j];
+    c0 += w;
+    return part;
+  });
 }

@@ -10,7 +10,7 @@ import { decoderNllReference, type DecoderNllArgs, type DecoderNllResult, type D
 import { encoderReference, type EncoderArgs, type EncoderOutput } from './encoder-stage';
 import { dualGruCell, elu, gruCell, layerNorm, linear } from './nn';
 import type { StageDevice } from './addon';
-import { klDiag, softplusToStd } from '../model/priors';
+import { jsGaussianKernels, type GaussianKernels } from '../model/priors';
 
 export interface Ops {
   conv2d: typeof conv2d;
@@ -26,10 +26,11 @@ export interface Ops {
   elu: typeof elu;
   gruCell: typeof gruCell;
   dualGruCell: typeof dualGruCell;
-  /** σ = sqrt(softplus(min(s, 80)) + 1e-5), the posteriors' and priors' standard deviations (model/priors.ts) */
-  softplusToStd: typeof softplusToStd;
-  /** KL(q ‖ p) of diagonal Gaussians [N, z], summed over z (model/priors.ts) */
-  klDiag: typeof klDiag;
+  /**
+   * The element loops of the diagonal Gaussians' ops (model/priors.ts): σ = sqrt(softplus(min(s, 80))
+   * + 1e-5) and KL(q ‖ p) summed over z, each way
+   */
+  gaussian: GaussianKernels;
   /** Runs a forward+backward pass in which parameter gradients are not needed (may skip them). */
   withoutParamGrads: typeof withoutParamGrads;
   /**
@@ -67,8 +68,7 @@ export const tfjsOps: Ops = {
   elu,
   gruCell,
   dualGruCell,
-  softplusToStd,
-  klDiag,
+  gaussian: jsGaussianKernels,
   withoutParamGrads,
   slotCompetition,
   decoderNll: (args) => decoderNllReference(tfjsOps, args),

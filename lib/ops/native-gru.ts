@@ -21,7 +21,8 @@
  * summed over the pass's calls; those tensors are not the op's inputs (the group's anchor is).
  */
 import { tf } from '../tf';
-import { f32, sideBySide, splitSideBySide } from './arrays';
+import { f32 } from './arrays';
+import { multiOutputOp } from './multi-output';
 import { addonOps, contentTag, derivedTag, workspaceFor, type GruCellGrads, type StageDevice } from './addon';
 import { DeviceParams } from './device-params';
 import { paramGradsEnabled } from './conv';
@@ -170,8 +171,7 @@ export function dualGruCell(x: tf.Tensor2D, h1: tf.Tensor2D, h2: tf.Tensor2D, p:
   const inputs = group
     ? [x, h1, h2, group.anchor]
     : [x, h1, h2, p.weightIh1, p.weightIn1, p.weightHh1, p.weightHn1, p.weightIh2, p.weightIn2, p.weightHh2, p.weightHn2, p.biasIh, p.biasHh, p.biasIn, p.biasHn];
-  const op = tf.customGrad((...args: unknown[]) => {
-    const t = args.slice(0, inputs.length) as tf.Tensor[];
+  const [y1, y2] = multiOutputOp('dualGruCell', inputs, (...t) => {
     // the device assembles each cell's weights from the original's tensors it keeps (the same rows as below)
     const residentSteps = (xv: Float32Array, h1v: Float32Array, h2v: Float32Array) =>
       [residentGruStep(xv, h1v, group!, 0, N, I, H), residentGruStep(xv, h2v, group!, 1, N, I, H)];
@@ -196,12 +196,11 @@ export function dualGruCell(x: tf.Tensor2D, h1: tf.Tensor2D, h2: tf.Tensor2D, p:
       return [cell(1, h1v, wih1, win1, whh1, whn1), cell(2, h2v, wih2, win2, whh2, whn2)];
     };
     const [s1, s2] = group ? residentSteps(f32(t[0]), f32(t[1]), f32(t[2])) : hostSteps();
-    // one output (customGrad takes one): h1' and h2' side by side, [N, 2H]
     return {
-      value: tf.tensor2d(sideBySide(s1.y, s2.y, N, H), [N, 2 * H]),
-      gradFunc: (dy: tf.Tensor) => {
+      values: [tf.tensor2d(s1.y, [N, H]), tf.tensor2d(s2.y, [N, H])],
+      gradFunc: (dys) => {
         const needParams = paramGradsEnabled();
-        const [dy1, dy2] = splitSideBySide(f32(dy), N, H);
+        const [dy1, dy2] = dys.map(f32);
         const [g1, g2] = withKeptGrads(group, needParams, (first) => [s1.backward(dy1, needParams, first), s2.backward(dy2, needParams, first)]);
         const dx = new Float32Array(N * I);
         for (let i = 0; i < dx.length; i++) dx[i] = g2.dx[i] + g1.dx[i];
@@ -225,6 +224,5 @@ export function dualGruCell(x: tf.Tensor2D, h1: tf.Tensor2D, h2: tf.Tensor2D, p:
       },
     };
   });
-  const [y1, y2] = tf.split((op as (...t: tf.Tensor[]) => tf.Tensor)(...inputs), 2, 1) as tf.Tensor2D[];
-  return [y1, y2];
+  return [y1 as tf.Tensor2D, y2 as tf.Tensor2D];
 }

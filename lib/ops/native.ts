@@ -11,7 +11,8 @@
  * gradients are not computed (zeros are returned), as in the TypeScript convolutions.
  */
 import { tf } from '../tf';
-import { colSums, f32, sideBySide, splitSideBySide } from './arrays';
+import { colSums, f32 } from './arrays';
+import { multiOutputOp } from './multi-output';
 import { nativeStatus } from '../native';
 import { ADDON_ACT, addonOps as nhwc, contentTag, nativeOpsAvailable, workspaceFor, type ConvPrecision, type ConvStackSpec, type DeviceParamsSpec, type EncoderHeadGrads, type EncoderStageSpec, type StageDevice } from './addon';
 import { decoderNll, shareDecoderWeights } from './native-decoder';
@@ -135,7 +136,7 @@ export function encoderOnDevice(a: EncoderArgs, device: StageDevice): EncoderOut
       };
     });
   }
-  const kv = kvOp(inputs, () => {
+  return kvOp(inputs, B, H * W, () => {
     const spec = specOf();
     const r = k.encoderStage(spec);
     return {
@@ -143,7 +144,6 @@ export function encoderOnDevice(a: EncoderArgs, device: StageDevice): EncoderOut
       grads: (dk, dv, needParams) => paramGrads(needParams ? (keep) => k.encoderStageBackward({ ...spec, dk, dv, stamp: r.stamp, needParams, ...(keep && { keep }) }) : null),
     };
   });
-  return kvOutput(kv, B, H * W);
 }
 
 /**
@@ -246,32 +246,22 @@ function headGrads(g: EncoderHeadGrads, head: tf.Tensor[]): tf.Tensor[] {
 }
 
 /**
- * A custom op over `inputs` whose output is k and v [rows, Z] side by side (customGrad takes one
- * output); `run` computes them (from the inputs themselves) and gives the inputs' gradients from dk, dv.
+ * A custom op over `inputs` whose outputs are the keys and values [B, HW, Z]; `run` computes them
+ * (from the inputs themselves) and gives the inputs' gradients from dk, dv.
  */
-function kvOp(inputs: tf.Tensor[], run: () => {
+function kvOp(inputs: tf.Tensor[], B: number, HW: number, run: () => {
   k: Float32Array; v: Float32Array; rows: number; Z: number;
   grads: (dk: Float32Array, dv: Float32Array, needParams: boolean) => tf.Tensor[];
-}): tf.Tensor2D {
-  const op = tf.customGrad((...args) => {
-    const save = args.pop() as tf.GradSaveFunc;
+}): EncoderOutput {
+  const [k, v] = multiOutputOp('encoder', inputs, () => {
     const r = run();
-    save([]);
+    if (r.rows !== B * HW) throw new Error(`encoder: ${r.rows} rows of keys for a batch of ${B} × ${HW} pixels`);
     return {
-      value: tf.tensor2d(sideBySide(r.k, r.v, r.rows, r.Z), [r.rows, 2 * r.Z]),
-      gradFunc: (dy: tf.Tensor) => {
-        const [dk, dv] = splitSideBySide(f32(dy), r.rows, r.Z);
-        return r.grads(dk, dv, paramGradsEnabled());
-      },
+      values: [tf.tensor3d(r.k, [B, HW, r.Z]), tf.tensor3d(r.v, [B, HW, r.Z])],
+      gradFunc: ([dk, dv]) => r.grads(f32(dk), f32(dv), paramGradsEnabled()),
     };
   });
-  return op(...inputs) as tf.Tensor2D;
-}
-
-function kvOutput(kv: tf.Tensor2D, B: number, HW: number): EncoderOutput {
-  const Z = kv.shape[1] / 2;
-  const [kt, vt] = tf.split(kv, 2, 1);
-  return { k: kt.reshape([B, HW, Z]), v: vt.reshape([B, HW, Z]) } as EncoderOutput;
+  return { k, v } as EncoderOutput;
 }
 
 /**
@@ -306,12 +296,11 @@ export function encoderOnCpu(a: EncoderArgs, precision: ConvPrecision = 'fp32'):
       };
     });
   }
-  const kv = kvOp(inputs, () => {
+  return kvOp(inputs, B, H * W, () => {
     const spec = specOf();
     const r = k.encoderStage(spec);
     return { ...r, grads: (dk, dv, needParams) => backward(spec, r.stamp, dk, dv, needParams) };
   });
-  return kvOutput(kv, B, H * W);
 }
 
 /** convTranspose2d as tfjsOps.convTranspose2d: x [n,h,w,cin], weight [cin,cout,kh,kw], bias [cout]. */
@@ -484,12 +473,13 @@ export function layerNorm(x: tf.Tensor, weight?: tf.Tensor, bias?: tf.Tensor, ep
   const backward = (g: Float32Array, xd: Float32Array, wd: Float32Array | null, mean: Float64Array, rstd: Float64Array, withParams: boolean) =>
     k.layerNormBackward({ g, x: xd, rows, D, weight: wd, mean, rstd, withParams: withParams && wd !== null });
   if (!weight) {
-    const op = tf.customGrad((xt, save) => {
-      const f = forward(f32(xt as tf.Tensor), null, null);
-      (save as tf.GradSaveFunc)([xt as tf.Tensor]);
+    const op = tf.customGrad((xt) => {
+      // the backward reads the array itself (tfjs' save() would clone the tensor: an op)
+      const xd = f32(xt as tf.Tensor);
+      const f = forward(xd, null, null);
       return {
         value: tf.tensor(f.y, x.shape),
-        gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => tf.tensor(backward(f32(dy), f32(saved[0]), null, f.mean, f.rstd, false).dx, x.shape),
+        gradFunc: (dy: tf.Tensor) => tf.tensor(backward(f32(dy), xd, null, f.mean, f.rstd, false).dx, x.shape),
       };
     });
     return op(x);
@@ -545,8 +535,9 @@ export function layerNorm(x: tf.Tensor, weight?: tf.Tensor, bias?: tf.Tensor, ep
 export const nativeOps: Ops = {
   ...tfjsOps, conv2d, convStack: (x, layers) => convStackWith(conv2d, x, layers), convTranspose2d, broadcastConv2d, linear, layerNorm, decoderNll,
   shareDecoderWeights, slotCompetition, gruCell, dualGruCell, encoder: (args) => encoderOnCpu(args),
-  softplusToStd: (s) => softplusToStdWith(nhwc(), s),
-  klDiag: (q, p) => klDiagWith(nhwc(), q, p),
+  get gaussian() {
+    return nhwc();
+  },
 };
 
 export { nativeOpsAvailable };

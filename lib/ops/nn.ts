@@ -4,7 +4,8 @@
  * that a native implementation can replace them without touching the model.
  */
 import { tf } from '../tf';
-import { f32 } from './arrays';
+import { cutColumns, f32, joinColumns } from './arrays';
+import { multiOutputOp } from './multi-output';
 
 /** y = act(x Wᵀ + b) over the last axis, W [out,in] as nn.Linear stores it; act ReLU or ELU (alpha 1) when asked. */
 export function linear(x: tf.Tensor, weight: tf.Tensor, bias?: tf.Tensor, activation: 'linear' | 'relu' | 'elu' = 'linear'): tf.Tensor {
@@ -165,29 +166,33 @@ export function concatColumns(xs: tf.Tensor2D[]): tf.Tensor2D {
   if (xs.some((x) => x.dtype !== 'float32')) return tf.concat(xs, 1) as tf.Tensor2D;
   const widths = xs.map((x) => x.shape[1]);
   const D = widths.reduce((a, b) => a + b, 0);
-  const op = tf.customGrad((...args: unknown[]) => {
-    const y = new Float32Array(n * D);
-    let c0 = 0;
-    widths.forEach((w, k) => {
-      const v = f32(args[k] as tf.Tensor);
-      for (let i = 0, src = 0, dst = c0; i < n; i++, dst += D) for (let j = 0; j < w; j++) y[dst + j] = v[src++];
-      c0 += w;
-    });
-    return {
-      value: tf.tensor2d(y, [n, D]),
-      gradFunc: (dy: tf.Tensor) => {
-        const g = f32(dy);
-        let start = 0;
-        return widths.map((w) => {
-          const dx = new Float32Array(n * w);
-          for (let i = 0, dst = 0, src = start; i < n; i++, src += D) for (let j = 0; j < w; j++) dx[dst++] = g[src + j];
-          start += w;
-          return tf.tensor2d(dx, [n, w]);
-        });
-      },
-    };
-  });
+  const op = tf.customGrad((...args: unknown[]) => ({
+    value: tf.tensor2d(joinColumns(xs.map((_, k) => f32(args[k] as tf.Tensor)), widths, n), [n, D]),
+    gradFunc: (dy: tf.Tensor) => cutColumns(f32(dy), widths, n).map((g, k) => tf.tensor2d(g, [n, widths[k]])),
+  }));
   return (op as (...t: tf.Tensor[]) => tf.Tensor2D)(...xs);
+}
+
+/**
+ * x [n, Σ widths] cut into [n, widths_k] column blocks: tf.split(x, widths, 1) as one op each way
+ * (tf.split is a SplitV kernel forward and a Concat kernel backward). Equal halves without widths.
+ */
+export function splitColumns(x: tf.Tensor2D, widths?: number[]): tf.Tensor2D[] {
+  if (x.rank !== 2) throw new Error(`splitColumns: x must be [n, D], got [${x.shape}]`);
+  const [n, D] = x.shape;
+  if (!widths) {
+    if (D % 2 !== 0) throw new Error(`splitColumns: x [${x.shape}] has an odd number of columns to halve`);
+    widths = [D / 2, D / 2];
+  }
+  const ws = widths;
+  if (ws.length === 0 || ws.some((w) => !Number.isInteger(w) || w < 1) || ws.reduce((a, b) => a + b, 0) !== D) {
+    throw new Error(`splitColumns: widths [${ws}] must be positive integers summing to x's ${D} columns`);
+  }
+  if (x.dtype !== 'float32') return tf.split(x, ws, 1) as tf.Tensor2D[];
+  return multiOutputOp('splitColumns', [x], (xt) => ({
+    values: cutColumns(f32(xt), ws, n).map((v, k) => tf.tensor2d(v, [n, ws[k]])),
+    gradFunc: (dys) => [tf.tensor2d(joinColumns(dys.map(f32), ws, n), [n, D])],
+  })) as tf.Tensor2D[];
 }
 
 /**
@@ -230,4 +235,28 @@ export function scaleBy<T extends tf.Tensor>(x: T, s: number): T {
     gradFunc: (dy: tf.Tensor) => tf.tensor(scale(f32(dy)), shape),
   }));
   return op(x) as T;
+}
+
+/** [B, C, P] ↔ [B, P, C] for row-major arrays: an image batch's channels moved last (or first, back). */
+function swapChannels(src: Float32Array, B: number, C: number, P: number, toLast: boolean): Float32Array {
+  const out = new Float32Array(src.length);
+  for (let b = 0; b < B; b++) {
+    for (let c = 0; c < C; c++) {
+      const planar = (b * C + c) * P, packed = b * P * C + c;
+      if (toLast) for (let p = 0; p < P; p++) out[packed + p * C] = src[planar + p];
+      else for (let p = 0; p < P; p++) out[planar + p] = src[packed + p * C];
+    }
+  }
+  return out;
+}
+
+/** Images [B, C, H, W] as [B, H, W, C]: tf.transpose(x, [0, 2, 3, 1]) as a loop each way (tfjs' Transpose is ~5× slower here). */
+export function channelsLast(x: tf.Tensor4D): tf.Tensor4D {
+  if (x.dtype !== 'float32') return tf.transpose(x, [0, 2, 3, 1]);
+  const [B, C, H, W] = x.shape;
+  const op = tf.customGrad((xt) => ({
+    value: tf.tensor4d(swapChannels(f32(xt as tf.Tensor), B, C, H * W, true), [B, H, W, C]),
+    gradFunc: (dy: tf.Tensor) => tf.tensor4d(swapChannels(f32(dy), B, C, H * W, false), [B, C, H, W]),
+  }));
+  return op(x) as tf.Tensor4D;
 }
