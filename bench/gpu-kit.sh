@@ -99,7 +99,7 @@ if [ -n "$NCCL" ] && [ -z "${EMORL_NCCL_LIBRARY:-}" ]; then export EMORL_NCCL_LI
 step device 15 nvidia-smi
 step gpu_check 180 ./emorl_gpu_check
 step session 100 node dist/bench/gpu-session.js
-step step-train-cuda 60 node dist/bench/step.js --config tetrominoes --batch 32 --mode train --device cuda:0 --steps 10
+step step-train-cuda 60 node dist/bench/step.js --config tetrominoes --batch 32 --mode train --device cuda:0 --steps 20
 # data parallel through NCCL (one rank: the library loading, the communicator, the device allreduce)
 step data 20 node dist/bin/emorl-data.js generate tetrominoes --out /tmp/emorl-tet.h5 --train 256 --test 32 --no-progress
 step train-gpus1 75 node dist/bin/emorl-train.js --gpus 1 --data /tmp/emorl-tet.h5 --batch-size 8 --steps 20 --checksum-every 10 \

@@ -279,6 +279,20 @@ describe('the diagonal Gaussians\' fused ops (lib/model/priors.ts)', () => {
         return tf.add(tf.sum(p), tf.sum(tf.square(q)));
       })(x);
       expect(Array.from(g.dataSync())).toEqual([2 + 18 * 1, 2 + 18 * 2, 2 + 18 * 3]);
+      // the model's pattern: an inner gradient (detached) taken while an outer tape records
+      const w = tf.tensor2d([[0.5, -1, 2, 0.25], [1.5, 3, -0.5, 1]]);
+      const nested = (split: (t: tf.Tensor2D) => tf.Tensor[]) => {
+        let inner: tf.Tensor | null = null;
+        const outer = tf.grads((l: tf.Tensor) => {
+          const [u, v] = split(l as tf.Tensor2D);
+          const g = tf.grad((m: tf.Tensor) => { const [a2, b2] = split(m as tf.Tensor2D); return tf.sum(tf.mul(a2, tf.square(b2))); })(l);
+          inner = tf.keep(tf.tensor(g.dataSync(), g.shape)); // detached, as the refinement's
+          return tf.add(tf.sum(tf.mul(u, tf.exp(v))), tf.sum(tf.mul(l, inner)));
+        })([w]);
+        return [outer[0], inner!];
+      };
+      const [mine, ref] = [nested((t) => splitColumns(t)), nested((t) => tf.split(t, 2, 1))];
+      expect([firstBitDifference(mine[0], ref[0]), firstBitDifference(mine[1], ref[1])]).toEqual([-1, -1]);
       const bad = () => tf.grad((t: tf.Tensor) => tf.sum(multiOutputOp('badGrad', [t], (u) => ({ values: [tf.mul(u, 2)], gradFunc: () => [] }))[0]))(x);
       expect(bad).toThrow(/badGrad: the gradient gave 0 tensors for 1 inputs/);
       expect(() => multiOutputOp('empty', [x], () => ({ values: [], gradFunc: () => [] }))).toThrow(/empty: the op must return one or more tensors/);
