@@ -268,7 +268,11 @@ export class Trainer {
   /** The global gradient norm (reported when not clipping), the device's gradients included. */
   private globalNorm(grads: Map<string, tf.Tensor>): number {
     let sumSq = 0;
-    for (const g of grads.values()) sumSq += (tf.tidy(() => tf.sum(tf.square(g))).dataSync() as Float32Array)[0];
+    for (const g of grads.values()) {
+      const sq = tf.tidy(() => tf.sum(tf.square(g)));
+      sumSq += (sq.dataSync() as Float32Array)[0];
+      sq.dispose();
+    }
     for (const group of this.deviceParams) for (const n of group.gradNorms().values()) sumSq += n * n;
     return Math.sqrt(sumSq);
   }
