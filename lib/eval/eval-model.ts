@@ -19,7 +19,7 @@ import type { NetConfig } from '../config/net';
 import type { LoadedModel, ModelKind } from '../load';
 import { decode } from '../model/decoders';
 import type { EfficientMORL, PassOptions } from '../model/efficient-morl';
-import { softplusToStd } from '../model/priors';
+import { posteriorFromLambda, rsample } from '../model/priors';
 import type { SlotAttention } from '../model/slot-attention';
 import type { Ops } from '../ops';
 import type { ParamStore } from '../params/store';
@@ -135,9 +135,8 @@ class EfficientMorlEval extends ConfiguredEval implements EvalModel {
     const { K, z: Z } = this;
     return this.withLambda(x, (lam) => {
       const z = tf.tidy(() => {
-        const [loc, sp] = tf.split(lam, 2, 1);
         const eps = tf.tensor2d(rng.normals(B * K * Z), [B * K, Z]);
-        return tf.add(loc, tf.mul(eps, softplusToStd(sp)));
+        return rsample(posteriorFromLambda(this.model.ops.gaussian, lam), eps);
       });
       const out = Float32Array.from(z.dataSync() as Float32Array);
       z.dispose();

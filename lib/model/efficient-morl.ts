@@ -29,6 +29,7 @@ import { klDiagWith, posteriorFromLambda, priorFromSample, rsample, sampleWithKl
 import { stageLoss, weightedTotal, type StageLossSpec } from './stage-loss';
 import { refinementStep } from './refinement';
 import { addSameShape, channelsLast } from '../ops/nn';
+import { f32 } from '../ops/arrays';
 
 export interface ModelOptions {
   /** seed of the parameter initialisation and of the default noise source (default 0) */
@@ -146,7 +147,7 @@ function detach<T extends tf.Tensor>(t: T): T {
 
 /** (x + 1) / 2 from x's values, rounded as tf.div(tf.add(x, 1), 2): a constant of the pass, kept off the tape. */
 function unitRange(x: tf.Tensor4D): tf.Tensor4D {
-  const v = x.dataSync() as Float32Array;
+  const v = f32(x);
   const out = new Float32Array(v.length);
   for (let i = 0; i < v.length; i++) out[i] = Math.fround(v[i] + 1) / 2;
   return tf.tensor4d(out, x.shape);
@@ -158,7 +159,7 @@ function unitRange(x: tf.Tensor4D): tf.Tensor4D {
  */
 function meanRowNorm(t: tf.Tensor2D, divisor: number): number {
   const [rows, D] = t.shape;
-  const v = t.dataSync() as Float32Array;
+  const v = f32(t);
   let sum = 0;
   for (let r = 0, i = 0; r < rows; r++) {
     let sq = 0;

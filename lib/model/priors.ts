@@ -144,16 +144,6 @@ export function klDiagWith(kernels: GaussianKernels, q: Gaussian, p: Gaussian | 
   return (op as (...t: tf.Tensor[]) => tf.Tensor)(...inputs) as tf.Tensor1D;
 }
 
-/** softplusToStdWith the TypeScript loops (tfjsOps.softplusToStd) */
-export function softplusToStd(s: tf.Tensor): tf.Tensor {
-  return softplusToStdWith(jsGaussianKernels, s);
-}
-
-/** klDiagWith the TypeScript loops (tfjsOps.klDiag) */
-export function klDiag(q: Gaussian, p: Gaussian | null): tf.Tensor1D {
-  return klDiagWith(jsGaussianKernels, q, p);
-}
-
 export function gaussianFromParams(ops: Ops, loc: tf.Tensor2D, softplusParam: tf.Tensor2D): Gaussian {
   return { loc, std: softplusToStdWith(ops.gaussian, softplusParam) as tf.Tensor2D };
 }
@@ -213,10 +203,8 @@ export function sampleWithKl(kernels: GaussianKernels, lambda: tf.Tensor2D, eps:
     const [qLoc, s] = cutColumns(f32(lam), [D, D], N);
     const qStd = kernels.softplusStd({ s });
     const spec: KlDiagSpec = prior ? { qLoc, qStd, pLoc: f32(pLocT), pStd: f32(pStdT), rows: N, D } : { qLoc, qStd, rows: N, D };
-    const zv = new Float32Array(N * D);
-    for (let i = 0; i < zv.length; i++) zv[i] = qLoc[i] + f(e[i] * qStd[i]);
     return {
-      values: [tf.tensor2d(zv, [N, D]), tf.tensor1d(kernels.klDiag(spec), 'float32')],
+      values: [tf.tensor2d(reparameterize(qLoc, qStd, e), [N, D]), tf.tensor1d(kernels.klDiag(spec), 'float32')],
       gradFunc: ([dz, dkl]) => {
         const g = f32(dz);
         const k = kernels.klDiagBackward({ ...spec, g: f32(dkl) });
@@ -234,6 +222,13 @@ export function sampleWithKl(kernels: GaussianKernels, lambda: tf.Tensor2D, eps:
   return { z: z as tf.Tensor2D, kl: kl as tf.Tensor1D };
 }
 
+/** z = μ + f32(ε·σ) element by element, rounded as tfjs' Mul then Add. */
+function reparameterize(loc: Float32Array, std: Float32Array, eps: Float32Array): Float32Array {
+  const z = new Float32Array(loc.length);
+  for (let i = 0; i < z.length; i++) z[i] = loc[i] + f(eps[i] * std[i]);
+  return z;
+}
+
 /** The reference: z = μ + ε σ in tfjs ops. */
 export function rsampleReference(q: Gaussian, eps: tf.Tensor): tf.Tensor2D {
   return tf.add(q.loc, tf.mul(eps, q.std)) as tf.Tensor2D;
@@ -249,11 +244,8 @@ export function rsample(q: Gaussian, eps: tf.Tensor): tf.Tensor2D {
   if (!same(q.loc) || !same(q.std) || !same(eps)) return rsampleReference(q, eps);
   const e = f32(eps);
   const op = tf.customGrad((loc, std) => {
-    const l = f32(loc as tf.Tensor), s = f32(std as tf.Tensor);
-    const z = new Float32Array(l.length);
-    for (let i = 0; i < z.length; i++) z[i] = l[i] + f(e[i] * s[i]);
     return {
-      value: tf.tensor2d(z, shape),
+      value: tf.tensor2d(reparameterize(f32(loc as tf.Tensor), f32(std as tf.Tensor), e), shape),
       gradFunc: (dy: tf.Tensor) => {
         const g = f32(dy);
         const ds = new Float32Array(g.length);

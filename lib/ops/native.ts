@@ -25,7 +25,6 @@ import { CpuKeysValues, DeviceKeysValues, keptKvOp, releaseArrays, reusedArrays 
 import { ATTN_EPS, type SlotCompetition } from './attention';
 import { addTapSumsGrad, broadcastConvShapes, broadcastTapSums } from './broadcast';
 import { convStackWith, convTransposeShapes, paramGradsEnabled, type ConvOptions, type ConvStackLayer, type ConvTransposeOptions, type FusedActivation } from './conv';
-import { klDiagWith, softplusToStdWith } from '../model/priors';
 
 /**
  * conv2d as tfjsOps.conv2d: x [n,h,w,cin] NHWC, weight [cout,cin,kh,kw], bias [cout]. On `device`
