@@ -188,6 +188,8 @@ const cases: [string, Case][] = [
   ['iodine decoder, GMM', { B: 1, K: 2, c: 6, grid: [16, 16], image: [6, 6], layers: iodineLayers(6, 8), gmm: true, seed: 5 }],
   ['big decoder kinds (strided transposed convs), GMM', { B: 1, K: 2, c: 4, grid: [3, 3], image: [12, 12], layers: bigLayers(4, 6), gmm: true, seed: 6 }],
   ['big decoder kinds, non-square, Gaussian', { B: 2, K: 1, c: 3, grid: [3, 2], image: [12, 8], layers: bigLayers(3, 5), gmm: false, seed: 7 }],
+  // channel counts in fours: the GEMMs read their operands in 128-bit runs
+  ['big decoder kinds, 8 channels, GMM', { B: 1, K: 2, c: 4, grid: [3, 3], image: [12, 12], layers: bigLayers(4, 8), gmm: true, seed: 9 }],
   // 70 channels: two column tiles of the GEMM
   ['more channels than one GEMM tile', {
     B: 1, K: 2, c: 3, grid: [10, 9], image: [6, 5], gmm: false, seed: 8,
@@ -203,15 +205,17 @@ describeOnDevices((device) => `decoderStage on ${device} vs the CPU stage`, (dev
     }, 120_000);
   }
 
-  test('the simple GEMM kernel (EMORL_GPU_GEMM=simple) as well', () => {
+  test('the other GEMM kernels (EMORL_GPU_GEMM=tiled, simple) as well', () => {
     const k = addonOps();
-    for (const [name, cs] of [cases[0], cases[3], cases[5], cases[7]]) {
-      const simple = withAddonSetting('EMORL_GPU_GEMM', 'simple', () => k.decoderStage(spec(cs, device)));
-      compareStage(simple, k.decoderStage(spec(cs, 'cpu')), `${device}, simple GEMM, ${name}`);
+    for (const variant of ['tiled', 'simple']) {
+      for (const [name, cs] of [cases[0], cases[3], cases[5], cases[7], cases[8]]) {
+        const other = withAddonSetting('EMORL_GPU_GEMM', variant, () => k.decoderStage(spec(cs, device)));
+        compareStage(other, k.decoderStage(spec(cs, 'cpu')), `${device}, ${variant} GEMM, ${name}`);
+      }
     }
     // the setting reaches the kernels (an unknown value is refused there)
-    withAddonSetting('EMORL_GPU_GEMM', 'fast', () => expect(() => k.decoderStage(spec(cases[0][1], device))).toThrow(/EMORL_GPU_GEMM must be 'simple' or 'tiled', got 'fast'/));
-  }, 120_000);
+    withAddonSetting('EMORL_GPU_GEMM', 'fast', () => expect(() => k.decoderStage(spec(cases[0][1], device))).toThrow(/EMORL_GPU_GEMM must be 'stepped', 'tiled' or 'simple', got 'fast'/));
+  }, 240_000);
 
   test('tagged layers, target and grid: a second call uploads z only, and gives the same results', () => {
     const k = addonOps();
@@ -318,6 +322,8 @@ describeOnDevices((device) => `nhwcConv2d on ${device} vs the CPU kernels (the e
     ['encoder layer 2 (16 -> 16), one image', [1, 8, 8, 16], [16, 16, 5, 5], 1, 2, 1],
     ['stride 2, ELU', [2, 11, 9, 5], [7, 5, 3, 3], 2, 1, 2],
     ['1x1, linear, 70 output channels', [1, 5, 6, 4], [70, 4, 1, 1], 1, 0, 0],
+    // channel counts in fours: the GEMMs read their operands in 128-bit runs (the strided data gradient too)
+    ['stride 2, 8 -> 12 channels, ELU', [2, 11, 9, 8], [12, 8, 3, 3], 2, 1, 2],
   ];
   for (const [name, xs, ws, stride, pad, act] of convCases) {
     test(name, () => {

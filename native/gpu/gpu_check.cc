@@ -504,14 +504,14 @@ void bench(const Case& cs, int device, double peak) {
   const double F = forward_flops(b.s);
   auto gws = gpu::make_workspace(device);
   std::printf("\n%s: %.1f GFLOP forward (convolutions after the first layer)\n", cs.name, F / 1e9);
-  std::printf("  %-26s %10s %10s %9s %10s\n", "GEMM kernel, pass", "median ms", "best ms", "GFLOP/s", "% of peak");
+  std::printf("  %-27s %10s %10s %9s %10s\n", "GEMM kernel, pass", "median ms", "best ms", "GFLOP/s", "% of peak");
   const struct {
     const char* name;
     bool dz, params;
     double mult;
   } passes[] = {{"forward", false, false, 1}, {"forward + d/dz", true, false, 2}, {"forward + all gradients", true, true, 3}};
-  // both GEMM kernels (EMORL_GPU_GEMM, gpu/kernels.cuh), the default last
-  for (const char* variant : {"simple", "tiled"}) {
+  // every GEMM kernel (EMORL_GPU_GEMM, gpu/kernels.cuh), the default last
+  for (const char* variant : {"simple", "tiled", "stepped"}) {
     setenv("EMORL_GPU_GEMM", variant, 1);
     for (const auto& p : passes) {
       Outputs o = outputs(b.s, p.dz, p.params);
@@ -525,7 +525,7 @@ void bench(const Case& cs, int device, double peak) {
       }
       const double med = median_ms(t), best = *std::min_element(t.begin(), t.end());
       const double gf = p.mult * F / (best * 1e-3) / 1e9;
-      std::printf("  %-6s %-19s %10.3f %10.3f %9.0f %9.1f%%\n", variant, p.name, med, best, gf, 100 * gf / peak);
+      std::printf("  %-7s %-19s %10.3f %10.3f %9.0f %9.1f%%\n", variant, p.name, med, best, gf, 100 * gf / peak);
     }
   }
   unsetenv("EMORL_GPU_GEMM");
@@ -592,7 +592,7 @@ int main(int argc, char** argv) {
       {"big decoder at 96x96, batch 2", 2, 2, 16, 6, 6, 96, 96, big(16, 64, 4), false},
   };
   bool ok = true;
-  for (const char* variant : {"simple", "tiled"}) {
+  for (const char* variant : {"simple", "tiled", "stepped"}) {
     setenv("EMORL_GPU_GEMM", variant, 1);
     std::printf("GEMM kernel: %s\n", variant);
     for (size_t i = 0; i < cases.size(); ++i) ok = check_case(cases[i], device, i + 1) && ok;

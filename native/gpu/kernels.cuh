@@ -59,17 +59,42 @@ EMORL_DEVICE float activate(float v, int act) {
 // one per column (`Col`, from its second), so that a kernel whose threads keep the same rows
 // across k tiles decomposes each row once (`get` combines them; operator() does all three).
 
+// Four consecutive floats, 16-byte aligned, in one 128-bit load on a GPU.
+EMORL_DEVICE void load4(const float* p, float (&v)[4]) {
+#if defined(__CUDACC__)
+  const float4 q = *reinterpret_cast<const float4*>(p);
+  v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+#else
+  for (int j = 0; j < 4; ++j) v[j] = p[j];
+#endif
+}
+EMORL_DEVICE void zero4(float (&v)[4]) { v[0] = v[1] = v[2] = v[3] = 0.f; }
+EMORL_DEVICE bool aligned16(const float* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// Each operand also reads runs of four elements, (r, c..c+3) or (r..r+3, c), in one load where
+// its layout holds them contiguous and 16-byte aligned: runs_in_rows() / runs_in_cols() say
+// whether every such run that starts at a multiple of 4 is (checked once per block), get4() reads
+// the run from its first element in the operand's one contiguous direction. kRunsDownCols: runs
+// may go along the first index (else only along the second, the k of an A operand that is
+// always kfast).
+
 // A strided matrix: element (r, c) at p[r·rs + c·cs].
 struct Mat {
   const float* p;
   i64 rs, cs;
   bool kfast;  // consecutive threads should step the k index (it is the contiguous one)
+  static constexpr bool kRunsDownCols = true;
   struct Row { i64 off; };
   struct Col { i64 off; };
   EMORL_DEVICE Row row(int r) const { return Row{r * rs}; }
   EMORL_DEVICE Col col(int c) const { return Col{c * cs}; }
   EMORL_DEVICE float get(const Row& r, const Col& c) const { return p[r.off + c.off]; }
   EMORL_DEVICE float operator()(int r, int c) const { return get(row(r), col(c)); }
+  EMORL_DEVICE void step(Row& r, int d) const { r.off += d * rs; }
+  EMORL_DEVICE void step(Col& c, int d) const { c.off += d * cs; }
+  EMORL_DEVICE bool runs_in_rows() const { return cs == 1 && rs % 4 == 0 && aligned16(p); }
+  EMORL_DEVICE bool runs_in_cols() const { return rs == 1 && cs % 4 == 0 && aligned16(p); }
+  EMORL_DEVICE void get4(const Row& r, const Col& c, float (&v)[4]) const { load4(p + r.off + c.off, v); }
 };
 inline Mat a_operand(const float* p, i64 rs, i64 cs) { return Mat{p, rs, cs, cs == 1}; }  // A(m, k)
 inline Mat b_operand(const float* p, i64 rs, i64 cs) { return Mat{p, rs, cs, rs == 1}; }  // B(k, n)
@@ -89,6 +114,7 @@ struct Im2col {
   const float* x;
   Geom g;
   bool kfast = true;
+  static constexpr bool kRunsDownCols = false;
   struct Row { i64 base; int iy0, ix0; };  // the image's offset, the patch's top-left
   struct Col { int ky, kx, ci; };
   EMORL_DEVICE Row row(int m) const {
@@ -105,18 +131,55 @@ struct Im2col {
     return x[r.base + (static_cast<i64>(iy) * g.W + ix) * g.C + c.ci];
   }
   EMORL_DEVICE float operator()(int m, int k) const { return get(row(m), col(k)); }
+  // row(m) -> row(m + d) and col(k) -> col(k + d) without divisions (d > 0; past the last row or
+  // column they go on counting, harmlessly: such elements are never read)
+  EMORL_DEVICE void step(Row& r, int d) const {
+    r.ix0 += d * g.sw;
+    while (r.ix0 >= g.Wo * g.sw - g.pl) {
+      r.ix0 -= g.Wo * g.sw;
+      r.iy0 += g.sh;
+      if (r.iy0 >= g.Ho * g.sh - g.pt) {
+        r.iy0 -= g.Ho * g.sh;
+        r.base += static_cast<i64>(g.H) * g.W * g.C;
+      }
+    }
+  }
+  EMORL_DEVICE void step(Col& c, int d) const {
+    c.ci += d;
+    while (c.ci >= g.C) {
+      c.ci -= g.C;
+      if (++c.kx == g.kw) {
+        c.kx = 0;
+        ++c.ky;
+      }
+    }
+  }
+  // a run along k is four channels of one pixel
+  EMORL_DEVICE bool runs_in_rows() const { return g.C % 4 == 0 && aligned16(x); }
+  EMORL_DEVICE bool runs_in_cols() const { return false; }
+  EMORL_DEVICE void get4(const Row& r, const Col& c, float (&v)[4]) const {
+    const int iy = r.iy0 + c.ky, ix = r.ix0 + c.kx;
+    if (iy < 0 || iy >= g.H || ix < 0 || ix >= g.W) return zero4(v);
+    load4(x + r.base + (static_cast<i64>(iy) * g.W + ix) * g.C + c.ci, v);
+  }
 };
 
 // The same matrix transposed (row m = column k of im2col): the filter gradient's A operand.
 struct Im2colT {
   Im2col cols;
   bool kfast = false;
+  static constexpr bool kRunsDownCols = true;
   using Row = Im2col::Col;
   using Col = Im2col::Row;
   EMORL_DEVICE Row row(int m) const { return cols.col(m); }
   EMORL_DEVICE Col col(int k) const { return cols.row(k); }
   EMORL_DEVICE float get(const Row& r, const Col& c) const { return cols.get(c, r); }
   EMORL_DEVICE float operator()(int m, int k) const { return get(row(m), col(k)); }
+  EMORL_DEVICE void step(Row& r, int d) const { cols.step(r, d); }
+  EMORL_DEVICE void step(Col& c, int d) const { cols.step(c, d); }
+  EMORL_DEVICE bool runs_in_rows() const { return false; }
+  EMORL_DEVICE bool runs_in_cols() const { return cols.runs_in_rows(); }
+  EMORL_DEVICE void get4(const Row& r, const Col& c, float (&v)[4]) const { cols.get4(c, r, v); }
 };
 
 // The column-side map y [N,Ho,Wo,Cc] gathered at image pixels: row m = (n, iy, ix), column
@@ -126,6 +189,7 @@ struct ColGather {
   Geom g;
   int Cc;
   bool kfast = true;
+  static constexpr bool kRunsDownCols = false;
   struct Row { i64 base; int ny0, nx0; };  // the map's offset; iy + pt, ix + pl
   struct Col { int ky, kx, cc; };
   EMORL_DEVICE Row row(int m) const {
@@ -136,14 +200,41 @@ struct ColGather {
     const int cc = k % Cc, t = k / Cc;
     return Col{t / g.kw, t % g.kw, cc};
   }
+  // the offset of the output cell that tap c of pixel r feeds, or -1 where there is none (outside
+  // the map, or between a strided map's cells)
+  EMORL_DEVICE i64 cell(const Row& r, const Col& c) const {
+    int oy = r.ny0 - c.ky, ox = r.nx0 - c.kx;
+    if (oy < 0 || ox < 0) return -1;
+    if (g.sh != 1 || g.sw != 1) {  // (stride 1, the common case, without integer divisions)
+      if (oy % g.sh || ox % g.sw) return -1;
+      oy /= g.sh, ox /= g.sw;
+    }
+    if (oy >= g.Ho || ox >= g.Wo) return -1;
+    return r.base + (static_cast<i64>(oy) * g.Wo + ox) * Cc + c.cc;
+  }
   EMORL_DEVICE float get(const Row& r, const Col& c) const {
-    const int ny = r.ny0 - c.ky, nx = r.nx0 - c.kx;
-    if (ny < 0 || nx < 0 || ny % g.sh || nx % g.sw) return 0.f;
-    const int oy = ny / g.sh, ox = nx / g.sw;
-    if (oy >= g.Ho || ox >= g.Wo) return 0.f;
-    return y[r.base + (static_cast<i64>(oy) * g.Wo + ox) * Cc + c.cc];
+    const i64 at = cell(r, c);
+    return at < 0 ? 0.f : y[at];
   }
   EMORL_DEVICE float operator()(int m, int k) const { return get(row(m), col(k)); }
+  EMORL_DEVICE void step(Col& c, int d) const {  // col(k) -> col(k + d), as Im2col's
+    c.cc += d;
+    while (c.cc >= Cc) {
+      c.cc -= Cc;
+      if (++c.kx == g.kw) {
+        c.kx = 0;
+        ++c.ky;
+      }
+    }
+  }
+  // a run along k is four channels of one output cell
+  EMORL_DEVICE bool runs_in_rows() const { return Cc % 4 == 0 && aligned16(y); }
+  EMORL_DEVICE bool runs_in_cols() const { return false; }
+  EMORL_DEVICE void get4(const Row& r, const Col& c, float (&v)[4]) const {
+    const i64 at = cell(r, c);
+    if (at < 0) return zero4(v);
+    load4(y + at, v);
+  }
 };
 
 // ---- GEMM epilogues -----------------------------------------------------------------------
@@ -295,6 +386,184 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_tiled_kernel(A a, B b, E e,
     }
 }
 
+// n consecutive floats of shared memory into registers, as 128-bit (or 64-bit) loads on a GPU:
+// one load instruction where the scalar form takes four.
+template <int n>
+EMORL_DEVICE void load_run(const float* p, float (&out)[n]) {
+#if defined(__CUDACC__)
+  if constexpr (n % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < n / 4; ++i) {
+      const float4 v = reinterpret_cast<const float4*>(p)[i];
+      out[4 * i] = v.x, out[4 * i + 1] = v.y, out[4 * i + 2] = v.z, out[4 * i + 3] = v.w;
+    }
+  } else if constexpr (n == 2) {
+    const float2 v = *reinterpret_cast<const float2*>(p);
+    out[0] = v.x, out[1] = v.y;
+  } else {
+    for (int i = 0; i < n; ++i) out[i] = p[i];
+  }
+#else
+  for (int i = 0; i < n; ++i) out[i] = p[i];
+#endif
+}
+
+// 16-byte aligned: four floats into shared memory in one 128-bit store on a GPU.
+EMORL_DEVICE void store4(float* p, const float (&v)[4]) {
+#if defined(__CUDACC__)
+  *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+#else
+  for (int j = 0; j < 4; ++j) p[j] = v[j];
+#endif
+}
+
+// A run of four read element by element, zeros past the first `inside`: for layouts without
+// contiguous runs, and at a product's edges.
+struct Run4 {
+  float v[4];
+};
+template <class Op>
+EMORL_DEVICE_COLD Run4 run_by_elements(const Op op, bool along_cols, typename Op::Row row, typename Op::Col col, int inside) {
+  Run4 r;
+  for (int j = 0; j < 4; ++j) {
+    r.v[j] = j < inside ? op.get(row, col) : 0.f;
+    if constexpr (Op::kRunsDownCols) {
+      if (!along_cols) {
+        op.step(row, 1);
+        continue;
+      }
+    }
+    op.step(col, 1);
+  }
+  return r;
+}
+
+// The product of gemm_tiled_kernel, the same sums in the same order, with what bounds that
+// kernel's inner loops taken out of them:
+// - each thread's TM x TN cells are TM consecutive rows by TN consecutive columns, so a k step
+//   reads them from shared memory in TM/4 + TN/4 vector loads (the strided cells of
+//   gemm_tiled_kernel take TM + TN scalar loads, more than its multiply-adds can hide);
+// - the operands are staged in runs of four elements along their contiguous direction (k when
+//   the operand is kfast, else m or n): one 128-bit load and one bounds check per run where the
+//   operand's layout allows (get4), element by element otherwise and at the product's edges;
+// - each run keeps its operand's index parts for row and k and steps the k part by one tile
+//   (step(): additions, a wrap now and then) instead of decomposing k again (integer divisions
+//   by the map's sizes) every tile.
+// At most 128 registers a thread, so that two blocks share a multiprocessor.
+template <int BM, int BN, int TM, int TN, class A, class B, class E>
+__global__ void __launch_bounds__(kGemmThreads, 2) gemm_stepped_kernel(A a, B b, E e, int M, int N, int K, int kchunk) {
+  constexpr int BK = kDepth, NT = kGemmThreads, TX = BN / TN, TY = BM / TM;
+  constexpr int AQ = BM * BK / 4, BQ = BN * BK / 4;  // runs of four per tile
+  constexpr int A_PER = (AQ + NT - 1) / NT, B_PER = (BQ + NT - 1) / NT;
+  static_assert(TX * TY == NT && BM % 4 == 0 && BN % 4 == 0 && BK % 4 == 0, "tile shape");
+  static_assert(TM % 4 == 0 && (TN % 4 == 0 || TN == 2), "vector loads of the cells");
+  alignas(16) __shared__ float As[BK][BM + 4];
+  alignas(16) __shared__ float Bs[BK][BN + 4];
+  const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
+  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+  const int kbeg = blockIdx.z * kchunk, kend = imin(K, kbeg + kchunk);
+  const bool avec = a.kfast ? a.runs_in_rows() : a.runs_in_cols();
+  const bool bvec = b.kfast ? b.runs_in_cols() : b.runs_in_rows();
+  // this thread's runs: A's i-th starts at (m0 + am[i], k0 + ak[i]), B's j-th at (k0 + bk[j], n0 + bn[j])
+  int am[A_PER], ak[A_PER], bk[B_PER], bn[B_PER];
+  typename A::Row arow[A_PER];
+  typename A::Col acol[A_PER];
+  typename B::Row brow[B_PER];
+  typename B::Col bcol[B_PER];
+  for (int i = 0; i < A_PER; ++i) {
+    const int q = (tid + i * NT) % AQ;  // (a thread past the runs repeats one: harmless)
+    am[i] = a.kfast ? q / (BK / 4) : q % (BM / 4) * 4;
+    ak[i] = a.kfast ? q % (BK / 4) * 4 : q / (BM / 4);
+    arow[i] = a.row(m0 + am[i] < M ? m0 + am[i] : 0);
+    acol[i] = a.col(kbeg + ak[i]);
+  }
+  for (int j = 0; j < B_PER; ++j) {
+    const int q = (tid + j * NT) % BQ;
+    bn[j] = b.kfast ? q / (BK / 4) : q % (BN / 4) * 4;
+    bk[j] = b.kfast ? q % (BK / 4) * 4 : q / (BN / 4);
+    brow[j] = b.row(kbeg + bk[j]);
+    bcol[j] = b.col(n0 + bn[j] < N ? n0 + bn[j] : 0);
+  }
+  // a run into v: four elements from (row, col) along the operand's columns or rows; `inside`:
+  // how many of them lie in the product
+  auto run = [](const auto& op, bool vec, bool along_cols, auto row, auto col, int inside, float(&v)[4]) {
+    if (vec && inside == 4) return op.get4(row, col, v);
+    const Run4 r = run_by_elements(op, along_cols, row, col, inside);
+    for (int j = 0; j < 4; ++j) v[j] = r.v[j];
+  };
+  auto inside = [](int lim) { return lim < 0 ? 0 : lim > 4 ? 4 : lim; };
+  float ra[A_PER][4] = {}, rb[B_PER][4] = {};
+  // the tile at k0 into registers; the k parts then step on to the next tile
+  auto fetch = [&](int k0) {
+    for (int i = 0; i < A_PER; ++i) {
+      if (AQ % NT && tid + i * NT >= AQ) continue;
+      const int m = m0 + am[i], k = k0 + ak[i];
+      const int n_in = a.kfast ? (m < M ? inside(kend - k) : 0) : (k < kend ? inside(M - m) : 0);
+      run(a, avec, a.kfast, arow[i], acol[i], n_in, ra[i]);
+      a.step(acol[i], BK);
+    }
+    for (int j = 0; j < B_PER; ++j) {
+      if (BQ % NT && tid + j * NT >= BQ) continue;
+      const int k = k0 + bk[j], n = n0 + bn[j];
+      const int n_in = b.kfast ? (n < N ? inside(kend - k) : 0) : (k < kend ? inside(N - n) : 0);
+      run(b, bvec, !b.kfast, brow[j], bcol[j], n_in, rb[j]);
+      b.step(brow[j], BK);
+    }
+  };
+  auto stage = [&]() {
+    for (int i = 0; i < A_PER; ++i) {
+      if (AQ % NT && tid + i * NT >= AQ) continue;
+      if (!a.kfast) {
+        store4(&As[ak[i]][am[i]], ra[i]);
+      } else {
+        // written in a rotated order (by the run's place in k) so that a warp's stores fall in
+        // distinct banks
+        const int rot = ak[i] & 8 ? 2 : 0;
+        for (int j = 0; j < 4; ++j) As[ak[i] + (j ^ rot)][am[i]] = rot ? ra[i][j ^ 2] : ra[i][j];
+      }
+    }
+    for (int j = 0; j < B_PER; ++j) {
+      if (BQ % NT && tid + j * NT >= BQ) continue;
+      if (!b.kfast) {
+        store4(&Bs[bk[j]][bn[j]], rb[j]);
+      } else {
+        const int rot = bk[j] & 8 ? 2 : 0;
+        for (int t = 0; t < 4; ++t) Bs[bk[j] + (t ^ rot)][bn[j]] = rot ? rb[j][t ^ 2] : rb[j][t];
+      }
+    }
+  };
+  float acc[TM][TN];
+  for (int i = 0; i < TM; ++i)
+    for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
+  if (kbeg < kend) {
+    fetch(kbeg);
+    stage();
+  }
+  __syncthreads();
+  for (int k0 = kbeg; k0 < kend; k0 += BK) {
+    const bool more = k0 + BK < kend;
+    if (more) fetch(k0 + BK);  // in flight while this tile is multiplied
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+    for (int kk = 0; kk < BK; ++kk) {
+      float fa[TM], fb[TN];
+      load_run(&As[kk][ty * TM], fa);
+      load_run(&Bs[kk][tx * TN], fb);
+      for (int i = 0; i < TM; ++i)
+        for (int j = 0; j < TN; ++j) acc[i][j] += fa[i] * fb[j];
+    }
+    __syncthreads();
+    if (more) stage();
+    __syncthreads();
+  }
+  for (int i = 0; i < TM; ++i)
+    for (int j = 0; j < TN; ++j) {
+      const int m = m0 + ty * TM + i, n = n0 + tx * TN + j;
+      if (m < M && n < N) e(m, n, acc[i][j], static_cast<int>(blockIdx.z));
+    }
+}
+
 inline int as_int(i64 v, const char* what) {
   if (v < 0 || v > std::numeric_limits<int>::max()) throw std::length_error(std::string("GPU decoder: ") + what + " too large");
   return static_cast<int>(v);
@@ -311,14 +580,17 @@ inline KChunks k_chunks(i64 K, i64 splits) {
   return KChunks{length, K ? (K + length - 1) / length : 1};
 }
 
-// Which GEMM kernel runs the products: EMORL_GPU_GEMM=simple (64x64 tiles, gemm_kernel) or
-// tiled (the default: gemm_tiled_kernel, 128 x 32 tiles for narrow products, 128 x 64 otherwise),
-// so that the two can be compared on a GPU (emorl_gpu_check times both).
-inline bool simple_gemm() {
+// Which GEMM kernel runs the products (EMORL_GPU_GEMM): stepped (the default: gemm_stepped_kernel,
+// 128 x 32 tiles with 4 x 4 cells a thread for narrow products, 128 x 64 with 8 x 4 otherwise),
+// tiled (gemm_tiled_kernel, the same tiles with 8 x 2 / 8 x 4 strided cells) or simple (64x64
+// tiles, gemm_kernel), kept so that they can be compared on a GPU (emorl_gpu_check times each).
+enum class GemmVariant { Stepped, Tiled, Simple };
+inline GemmVariant gemm_variant() {
   const char* v = std::getenv("EMORL_GPU_GEMM");
-  if (!v || !*v || std::string(v) == "tiled") return false;
-  if (std::string(v) == "simple") return true;
-  throw std::invalid_argument(std::string("EMORL_GPU_GEMM must be 'simple' or 'tiled', got '") + v + "'");
+  if (!v || !*v || std::string(v) == "stepped") return GemmVariant::Stepped;
+  if (std::string(v) == "tiled") return GemmVariant::Tiled;
+  if (std::string(v) == "simple") return GemmVariant::Simple;
+  throw std::invalid_argument(std::string("EMORL_GPU_GEMM must be 'stepped', 'tiled' or 'simple', got '") + v + "'");
 }
 
 // splits > 1: the k range is cut into that many chunks, one per grid z (a Partial epilogue).
@@ -328,15 +600,18 @@ inline void gemm(const A& a, const B& b, const E& e, i64 M, i64 N, i64 K, i64 sp
   const KChunks ch = k_chunks(K, splits);
   if (ch.count != splits) throw std::logic_error("GPU decoder: split count mismatch");
   const int m = as_int(M, "M"), n = as_int(N, "N"), k = as_int(K, "K"), kc = as_int(ch.length, "k chunk"), zs = as_int(ch.count, "splits");
-  if (simple_gemm()) {
+  const GemmVariant variant = gemm_variant();
+  const bool narrow = N <= 32;
+  const dim3 tiles(as_int((M + 127) / 128, "M"), as_int(narrow ? (N + 31) / 32 : (N + 63) / 64, "N"), zs);
+  if (variant == GemmVariant::Simple) {
     launch(gemm_kernel<A, B, E>, dim3(as_int((M + kTile - 1) / kTile, "M"), as_int((N + kTile - 1) / kTile, "N"), zs), dim3(kGemmThreads),
            a, b, e, m, n, k, kc);
-  } else if (N <= 32) {
-    launch(gemm_tiled_kernel<128, 32, 8, 2, A, B, E>, dim3(as_int((M + 127) / 128, "M"), as_int((N + 31) / 32, "N"), zs),
-           dim3(kGemmThreads), a, b, e, m, n, k, kc);
+  } else if (variant == GemmVariant::Tiled) {
+    if (narrow) launch(gemm_tiled_kernel<128, 32, 8, 2, A, B, E>, tiles, dim3(kGemmThreads), a, b, e, m, n, k, kc);
+    else launch(gemm_tiled_kernel<128, 64, 8, 4, A, B, E>, tiles, dim3(kGemmThreads), a, b, e, m, n, k, kc);
   } else {
-    launch(gemm_tiled_kernel<128, 64, 8, 4, A, B, E>, dim3(as_int((M + 127) / 128, "M"), as_int((N + 63) / 64, "N"), zs),
-           dim3(kGemmThreads), a, b, e, m, n, k, kc);
+    if (narrow) launch(gemm_stepped_kernel<128, 32, 4, 4, A, B, E>, tiles, dim3(kGemmThreads), a, b, e, m, n, k, kc);
+    else launch(gemm_stepped_kernel<128, 64, 8, 4, A, B, E>, tiles, dim3(kGemmThreads), a, b, e, m, n, k, kc);
   }
 }
 

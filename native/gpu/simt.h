@@ -22,6 +22,7 @@
 #include <cuda_runtime.h>
 #define EMORL_GPU_NS cuda
 #define EMORL_DEVICE __device__ __forceinline__
+#define EMORL_DEVICE_COLD __device__ __noinline__  // rarely taken: kept out of the hot loop's code
 
 namespace emorl {
 namespace cuda {
@@ -102,11 +103,12 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, A... args) {
 
 #define EMORL_GPU_NS simt
 #define EMORL_DEVICE inline
+#define EMORL_DEVICE_COLD inline
 #define __global__
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 #define __shared__ static thread_local
 
 struct dim3 {
