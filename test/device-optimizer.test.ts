@@ -252,6 +252,18 @@ describeDevices('data-parallel ranks with the weights on %s', (device) => {
       const doubled = decoder.gradNorms();
       for (const [k, n] of norms) expect([k, doubled.get(k)]).toEqual([k, 2 * n]);
       expect(() => decoder.writeGradients(g.subarray(1))).toThrow(/the decoder's gradients have \d+ values, not \d+/);
+      // the norms add the squares in the host's order: crafted values whose double sum rounds
+      // differently in another order (reversed: 1.1137988567352295)
+      const crafted = new Float32Array(g.length);
+      crafted.set([1.11379873752594, 2 ** -12, 2 ** -27, 2 ** -27, 2 ** -27, 2 ** -27]);
+      decoder.writeGradients(crafted);
+      const first = decoder.names[0];
+      const size = m.params.get(first).size;
+      expect(size).toBeGreaterThan(6);
+      const expected = Math.fround(1.11379873752594);
+      expect(addonOps().l2Norm(crafted.subarray(0, size))).toBe(expected);
+      expect(addonOps().l2Norm(Float32Array.from(crafted.subarray(0, 6)).reverse())).not.toBe(expected);
+      expect(decoder.gradNorms().get(first)).toBe(expected);
       expect(() => decoder.allreduceGradients({})).toThrow(device === 'simt' ? /whose memory is the host's/ : /argument 'comm' must be an NcclComm/);
       decoder.discardGradients();
     } finally {

@@ -19,13 +19,29 @@ struct ParamSpans {
 
 // norms[j] = the L2 norm of g[begin[j], end[j]) as l2_norm_f32 (optimizer.h) computes it: each
 // square rounded to float, summed in order in double, the sum and its square root rounded to
-// float. One thread per parameter: the order is the host's, so the bits are.
+// float. The order is the host's, so the bits are: the sum is one chain of double additions, run
+// by one thread. One block per parameter: its threads square the next tile of kThreads elements
+// (coalesced) into one shared buffer while thread 0 adds up the previous tile from the other, so
+// the chain waits on its additions only, not on memory.
 __global__ void l2_norms_kernel(const float* g, ParamSpans spans, float* norms) {
-  EMORL_GRID_LOOP(j, spans.n) {
-    double t = 0;
-    for (i64 i = spans.begin[j]; i < spans.end[j]; ++i) t += static_cast<double>(mul_rn(g[i], g[i]));
-    norms[j] = sqrt_rn(static_cast<float>(t));
+  __shared__ float squares[2][kThreads];
+  const int j = static_cast<int>(blockIdx.x), tid = static_cast<int>(threadIdx.x);
+  const i64 begin = spans.begin[j], end = spans.end[j];
+  const i64 tiles = (end - begin + kThreads - 1) / kThreads;
+  double t = 0;
+  for (i64 k = 0; k <= tiles; ++k) {
+    if (k < tiles) {  // tile k into buffer k % 2
+      const i64 i = begin + k * kThreads + tid;
+      squares[k % 2][tid] = i < end ? mul_rn(g[i], g[i]) : 0.f;
+    }
+    if (tid == 0 && k > 0) {  // tile k - 1, in order
+      const float* sq = squares[(k - 1) % 2];
+      const i64 left = end - begin - (k - 1) * kThreads, n = left < kThreads ? left : kThreads;
+      for (i64 i = 0; i < n; ++i) t += static_cast<double>(sq[i]);
+    }
+    __syncthreads();  // tile k written, tile k - 1 summed: buffer (k - 1) % 2 is free for tile k + 1
   }
+  if (tid == 0) norms[j] = sqrt_rn(static_cast<float>(t));
 }
 
 // adam_update (optimizer.h) in place on p, every operation rounded to float in its order
@@ -102,7 +118,7 @@ void device_grad_norms(const DeviceParams& p, float* norms, GpuWorkspace& gws) {
       offset += p.params[first + static_cast<size_t>(j)].n;
       spans.end[j] = static_cast<i64>(offset - start);
     }
-    launch(l2_norms_kernel, dim3(1), dim3(kMaxSpans), g + start, spans, d + first);
+    launch(l2_norms_kernel, dim3(static_cast<unsigned>(spans.n)), dim3(kThreads), g + start, spans, d + first);
   }
   if (!p.params.empty()) ws.down(norms, d, p.params.size());
   finish("device gradient norms");
