@@ -56,6 +56,11 @@ interface Measurement {
   bus_per_step?: { up_mib: number; down_mib: number; uploads: number; downloads: number };
   /** native: the median time per step outside the addon's calls */
   host_s?: number;
+  /**
+   * native: each addon function's time and calls per step (the timed steps' mean), largest first.
+   * On a GPU every call synchronises, so a call's time is its kernels, copies and launches.
+   */
+  addon_ms_per_step?: Record<string, { ms: number; calls: number }>;
   /** tfjs kernels run per step (the timed steps' mean): what the host's share of a step scales with */
   tfjs_kernels_per_step: number;
 }
@@ -72,28 +77,48 @@ function countKernels(): { n: number } {
   return count;
 }
 
+/** Time inside the addon's calls: in all, and by function. */
+interface AddonTimes {
+  ms: number;
+  byName: Map<string, { ms: number; calls: number }>;
+}
+
 /**
  * Wraps the addon's functions (the module object the library loads: require's cache) so that the
- * time inside them adds up in `inside.ms`; before the first step, so every call is counted.
+ * time inside them adds up in `inside.ms` and by name; before the first step, so every call is counted.
  */
-function timeAddonCalls(): { ms: number } {
-  const inside = { ms: 0 };
+function timeAddonCalls(): AddonTimes {
+  const inside: AddonTimes = { ms: 0, byName: new Map() };
   const path = nativeStatus().path;
   if (!path) return inside;
   // eslint-disable-next-line @typescript-eslint/no-require-imports
   const mod = require(path) as Record<string, unknown>;
   for (const [name, f] of Object.entries(mod)) {
     if (typeof f !== 'function' || /^[A-Z]/.test(name)) continue; // classes (workspaces) stay as they are
+    const entry = { ms: 0, calls: 0 };
+    inside.byName.set(name, entry);
     mod[name] = function (this: unknown, ...args: unknown[]) {
       const t = performance.now();
       try {
         return (f as (...a: unknown[]) => unknown).apply(this, args);
       } finally {
-        inside.ms += performance.now() - t;
+        const dt = performance.now() - t;
+        inside.ms += dt;
+        entry.ms += dt;
+        entry.calls++;
       }
     };
   }
   return inside;
+}
+
+/** Each function's share of the timed steps, per step, from the totals at their start (`before`). */
+function perStep(inside: AddonTimes, before: Map<string, { ms: number; calls: number }>, steps: number): Record<string, { ms: number; calls: number }> {
+  const rows = [...inside.byName].map(([name, e]) => {
+    const b = before.get(name) ?? { ms: 0, calls: 0 };
+    return [name, { ms: Math.round(((e.ms - b.ms) / steps) * 100) / 100, calls: (e.calls - b.calls) / steps }] as const;
+  });
+  return Object.fromEntries(rows.filter(([, e]) => e.calls > 0).sort((a, b) => b[1].ms - a[1].ms));
 }
 
 /** The original's figures on an earlier machine (STACK.md): seconds per step / per inference batch. */
@@ -144,10 +169,12 @@ async function measure(config: string, batch: number, mode: 'train' | 'infer', b
   let bus0 = deviceTraffic();
   const kernels = countKernels();
   let kernels0 = 0;
+  let calls0 = new Map<string, { ms: number; calls: number }>();
   for (let r = 0; r <= steps; r++) {
     if (r === 1) {
       // after the warm-up
       bus0 = deviceTraffic();
+      if (inside) calls0 = new Map([...inside.byName].map(([k, e]) => [k, { ...e }]));
       kernels0 = kernels.n;
     }
     const t = performance.now(), in0 = inside?.ms ?? 0;
@@ -177,6 +204,7 @@ async function measure(config: string, batch: number, mode: 'train' | 'infer', b
     median_s: median(times),
     times_s: times,
     ...(hostTimes.length ? { host_s: Math.round(median(hostTimes) * 1e4) / 1e4 } : {}),
+    ...(inside ? { addon_ms_per_step: perStep(inside, calls0, steps) } : {}),
     tfjs_kernels_per_step: Math.round((kernels.n - kernels0) / steps),
     peak_rss_mib: process.resourceUsage().maxRSS / 1024,
     ...(backend === 'native'
