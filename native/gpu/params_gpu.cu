@@ -44,9 +44,24 @@ __global__ void l2_norms_kernel(const float* g, ParamSpans spans, float* norms) 
   if (tid == 0) norms[j] = sqrt_rn(static_cast<float>(t));
 }
 
-// adam_update (optimizer.h) in place on p, every operation rounded to float in its order
-__global__ void adam_kernel(float* p, const float* g, float* m, float* v, i64 n, AdamScalars s) {
-  EMORL_GRID_LOOP(i, n) {
+// Up to kMaxSpans parameters for one Adam launch: parameter j's weights at p[j], its gradient and
+// moments at [begin[j], end[j]) of the state buffers.
+struct AdamSpans {
+  int n;
+  float* p[kMaxSpans];
+  i64 begin[kMaxSpans], end[kMaxSpans];
+};
+
+// adam_update (optimizer.h) in place on each parameter's weights, every operation rounded to float
+// in its order; blockIdx.y picks the parameter (one launch for many: most are small, and a launch
+// costs more than their update)
+__global__ void adam_kernel(AdamSpans spans, const float* g_all, float* m_all, float* v_all, AdamScalars s) {
+  const int j = static_cast<int>(blockIdx.y);
+  float* p = spans.p[j];
+  const float* g = g_all + spans.begin[j];
+  float* m = m_all + spans.begin[j];
+  float* v = v_all + spans.begin[j];
+  EMORL_GRID_LOOP(i, spans.end[j] - spans.begin[j]) {
     const float gi = s.scale != 1.f ? mul_rn(g[i], s.scale) : g[i];
     m[i] = s.first ? mul_rn(gi, s.c1) : add_rn(mul_rn(m[i], s.b1), mul_rn(gi, s.c1));
     const float sq = mul_rn(gi, gi);
@@ -136,11 +151,23 @@ void device_adam(const DeviceParams& p, const std::vector<uint64_t>& new_tags, c
     if (!new_tags[j] || new_tags[j] == p.params[j].tag) throw std::invalid_argument("device Adam: every parameter needs a new tag (nonzero)");
     ps.push_back(resident_param(ws, p, j));  // all checked before anything changes
   }
-  for (size_t j = 0, offset = 0; j < p.params.size(); offset += p.params[j].n, ++j) {
-    const i64 n = static_cast<i64>(p.params[j].n);
-    launch(adam_kernel, grid_for(n), dim3(kThreads), ps[j], g + offset, m + offset, v + offset, n, s);
-    ws.tag_slot(param_slot(p, j), slot_tag(new_tags[j], kAsIs));
+  for (size_t first = 0, offset = 0; first < p.params.size(); first += kMaxSpans) {
+    AdamSpans spans{};
+    spans.n = static_cast<int>(std::min<size_t>(kMaxSpans, p.params.size() - first));
+    i64 largest = 0;
+    for (int k = 0; k < spans.n; ++k) {
+      const size_t j = first + static_cast<size_t>(k);
+      spans.p[k] = ps[j];
+      spans.begin[k] = static_cast<i64>(offset);
+      offset += p.params[j].n;
+      spans.end[k] = static_cast<i64>(offset);
+      largest = std::max<i64>(largest, static_cast<i64>(p.params[j].n));
+    }
+    dim3 grid = grid_for(largest);
+    grid.y = static_cast<unsigned>(spans.n);
+    launch(adam_kernel, grid, dim3(kThreads), spans, g, m, v, s);
   }
+  for (size_t j = 0; j < p.params.size(); ++j) ws.tag_slot(param_slot(p, j), slot_tag(new_tags[j], kAsIs));
   finish("device Adam");
 }
 
