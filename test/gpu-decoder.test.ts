@@ -275,6 +275,33 @@ describeOnDevices((device) => `decoderStage on ${device} vs the CPU stage`, (dev
     }
   }, 120_000);
 
+  test('kept parameter gradients: more sets and buffers than one launch takes (10 sets of 21 buffers), summed in order', () => {
+    const k = addonOps();
+    // ten layers: the grid's positions, then a weight and a bias each
+    const layers: LayerDef[] = [
+      { kind: 0, wShape: [6, 3, 3, 3], act: 2 },
+      ...Array.from({ length: 8 }, () => ({ kind: 2, wShape: [6, 6, 1, 1], act: 2 } as LayerDef)),
+      { kind: 2, wShape: [4, 6, 1, 1], act: 0 },
+    ];
+    const cs: Case = { B: 1, K: 2, c: 3, grid: [8, 7], image: [6, 5], layers, gmm: false, seed: 40 };
+    const ws = new k.DecoderWorkspace();
+    const base = spec(cs, device, ws);
+    const sets = Array.from({ length: 10 }, (_, i) => ({ ...spec({ ...cs, seed: cs.seed + i }, device, ws), layers: base.layers, pos: base.pos }));
+    const us = sets.map((_, i) => (i % 3 === 0 ? -0.7 : 0.3) * (i + 1));
+    const ids = sets.map((_, i) => 500 + i);
+    const grads = (r: DecoderStageResult) => [r.dpos!, ...r.dw.flatMap((w, i) => (w ? [w, r.db[i]!] : []))];
+    const own = sets.map((x) => grads(k.decoderStage(x)));
+    sets.forEach((x, i) => k.decoderStage({ ...x, keepParamGrads: ids[i] }));
+    expect(own[0]).toHaveLength(21);
+    const f = Math.fround;
+    const sums = k.decoderParamGradSums({ workspace: ws, device, ids, us, sizes: own[0].map((g) => g.length) });
+    sums.forEach((sum, b) => {
+      // the host's order: u0·g0, then + u1·g1, + u2·g2, ..., each rounded to float
+      const host = Float32Array.from(own[0][b], (v, j) => own.slice(1).reduce((a, g, i) => f(a + f(g[b][j] * f(us[i + 1]))), f(v * f(us[0]))));
+      expect(sum).toEqual(host);
+    });
+  }, 120_000);
+
   test('kept parameter gradients: clear errors', () => {
     const k = addonOps();
     const ws = new k.DecoderWorkspace();

@@ -192,9 +192,25 @@ __global__ void class_weight_sums_kernel(const float* w, float* wsum, int cout, 
   }
 }
 
-// acc = u·g (first) or acc + u·g, each product and sum rounded to float (acc may be g)
-__global__ void scaled_sum_kernel(const float* g, float u, float* acc, i64 n, int first) {
-  EMORL_GRID_LOOP(i, n) acc[i] = first ? mul_rn(g[i], u) : add_rn(acc[i], mul_rn(g[i], u));
+// Weighted sums of several sets of buffers, many buffers in one launch (blockIdx.y picks one):
+// acc[b] = Σ_k u[k]·g[k][b] in k's order, after acc[b] itself unless `first`, each product and
+// sum rounded to float (acc[b] may be g[0][b]).
+constexpr int kSumSets = 8, kSumBufs = 16;
+struct ScaledSums {
+  int sets, first;
+  const float* g[kSumSets][kSumBufs];
+  float u[kSumSets];
+  float* acc[kSumBufs];
+  i64 n[kSumBufs];
+};
+__global__ void scaled_sums_kernel(ScaledSums s) {
+  const int b = static_cast<int>(blockIdx.y);
+  float* acc = s.acc[b];
+  EMORL_GRID_LOOP(i, s.n[b]) {
+    float a = s.first ? mul_rn(s.g[0][b][i], s.u[0]) : add_rn(acc[i], mul_rn(s.g[0][b][i], s.u[0]));
+    for (int k = 1; k < s.sets; ++k) a = add_rn(a, mul_rn(s.g[k][b][i], s.u[k]));
+    acc[i] = a;
+  }
 }
 
 // The kernel spans [lo, hi) of a broadcast layer's tap classes along one axis.
@@ -571,16 +587,34 @@ void decoder_param_grad_sums(const std::vector<uint64_t>& ids, const std::vector
   for (uint64_t id : ids)
     for (size_t b = 0; b < sizes.size(); ++b) ws.kept_buf(id, b, sizes[b]);  // every buffer there before anything runs
   float* grads = keep ? ws.state(kGradState, keep->total()) : nullptr;
+  std::vector<float*> accs;  // buffer b's sum: in the gradient state (kept) or over set 0's buffer
   for (size_t b = 0, offset = 0; b < sizes.size(); ++b) {
-    const i64 n = static_cast<i64>(sizes[b]);
     const bool kept = keep && b > 0;
-    float* acc = kept ? grads + offset : ws.kept_buf(ids[0], b, sizes[b]);
-    for (size_t k = 0; k < ids.size(); ++k)
-      launch(scaled_sum_kernel, grid_for(n), dim3(kThreads), static_cast<const float*>(ws.kept_buf(ids[k], b, sizes[b])), us[k], acc, n,
-             k == 0 ? 1 : 0);
+    accs.push_back(kept ? grads + offset : ws.kept_buf(ids[0], b, sizes[b]));
     if (kept) offset += sizes[b];
-    else ws.down(out[b], acc, sizes[b]);
   }
+  for (size_t b0 = 0; b0 < sizes.size(); b0 += kSumBufs) {
+    const int bufs = static_cast<int>(std::min<size_t>(kSumBufs, sizes.size() - b0));
+    for (size_t k0 = 0; k0 < ids.size(); k0 += kSumSets) {
+      ScaledSums s{};
+      s.sets = static_cast<int>(std::min<size_t>(kSumSets, ids.size() - k0));
+      s.first = k0 == 0;
+      i64 largest = 0;
+      for (int b = 0; b < bufs; ++b) {
+        const size_t buf = b0 + static_cast<size_t>(b);
+        s.acc[b] = accs[buf];
+        s.n[b] = static_cast<i64>(sizes[buf]);
+        largest = std::max(largest, s.n[b]);
+        for (int k = 0; k < s.sets; ++k) s.g[k][b] = ws.kept_buf(ids[k0 + static_cast<size_t>(k)], buf, sizes[buf]);
+      }
+      for (int k = 0; k < s.sets; ++k) s.u[k] = us[k0 + static_cast<size_t>(k)];
+      dim3 grid = grid_for(largest);
+      grid.y = static_cast<unsigned>(bufs);
+      launch(scaled_sums_kernel, grid, dim3(kThreads), s);
+    }
+  }
+  for (size_t b = 0; b < sizes.size(); ++b)
+    if (!(keep && b > 0)) ws.down(out[b], accs[b], sizes[b]);
   finish("decoder parameter gradient sums");
   for (uint64_t id : ids) ws.drop_kept(id);
 }
