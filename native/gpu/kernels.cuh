@@ -308,6 +308,29 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(A a, B b, E e, int M
     }
 }
 
+// The k loop of the tiled kernels: the first tile fetched into registers and staged in shared
+// memory, then for each tile the next one fetched while multiply(kk) runs the tile's BK steps,
+// and staged once every thread is done with the current one.
+template <int BK, class Fetch, class Stage, class Multiply>
+EMORL_DEVICE void pipelined_k_tiles(int kbeg, int kend, const Fetch& fetch, const Stage& stage, const Multiply& multiply) {
+  if (kbeg < kend) {
+    fetch(kbeg);
+    stage();
+  }
+  __syncthreads();
+  for (int k0 = kbeg; k0 < kend; k0 += BK) {
+    const bool more = k0 + BK < kend;
+    if (more) fetch(k0 + BK);  // in flight while this tile is multiplied
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+    for (int kk = 0; kk < BK; ++kk) multiply(kk);
+    __syncthreads();
+    if (more) stage();
+    __syncthreads();
+  }
+}
+
 // The same product with taller tiles, BM x BN per block of 256 threads, TM x TN per thread, and
 // the next k tile's operands loaded into registers while the current one is multiplied. Each
 // thread stages the same A and B elements (same rows / columns, same offsets within the k tile)
@@ -357,28 +380,13 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_tiled_kernel(A a, B b, E e,
   float acc[TM][TN];
   for (int i = 0; i < TM; ++i)
     for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
-  if (kbeg < kend) {
-    fetch(kbeg);
-    stage();
-  }
-  __syncthreads();
-  for (int k0 = kbeg; k0 < kend; k0 += BK) {
-    const bool more = k0 + BK < kend;
-    if (more) fetch(k0 + BK);  // in flight while this tile is multiplied
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-    for (int kk = 0; kk < BK; ++kk) {
-      float fa[TM], fb[TN];
-      for (int i = 0; i < TM; ++i) fa[i] = As[kk][ty + i * TY];
-      for (int j = 0; j < TN; ++j) fb[j] = Bs[kk][tx + j * TX];
-      for (int i = 0; i < TM; ++i)
-        for (int j = 0; j < TN; ++j) acc[i][j] += fa[i] * fb[j];
-    }
-    __syncthreads();
-    if (more) stage();
-    __syncthreads();
-  }
+  pipelined_k_tiles<BK>(kbeg, kend, fetch, stage, [&](int kk) {
+    float fa[TM], fb[TN];
+    for (int i = 0; i < TM; ++i) fa[i] = As[kk][ty + i * TY];
+    for (int j = 0; j < TN; ++j) fb[j] = Bs[kk][tx + j * TX];
+    for (int i = 0; i < TM; ++i)
+      for (int j = 0; j < TN; ++j) acc[i][j] += fa[i] * fb[j];
+  });
   for (int i = 0; i < TM; ++i)
     for (int j = 0; j < TN; ++j) {
       const int m = m0 + ty + i * TY, n = n0 + tx + j * TX;
@@ -415,6 +423,16 @@ EMORL_DEVICE void store4(float* p, const float (&v)[4]) {
 #else
   for (int j = 0; j < 4; ++j) p[j] = v[j];
 #endif
+}
+
+// A run into a shared tile S[k][mn] from (k, mn): along mn in one 128-bit store, or along k in four,
+// in an order rotated by the run's place in k so that a warp's stores fall in distinct banks (the
+// tiles' rows are 4 floats longer than a multiple of 32).
+template <int P>
+EMORL_DEVICE void stage_run(float (*S)[P], bool along_k, int k, int mn, const float (&v)[4]) {
+  if (!along_k) return store4(&S[k][mn], v);
+  const int rot = k & 8 ? 2 : 0;
+  for (int j = 0; j < 4; ++j) S[k + (j ^ rot)][mn] = rot ? v[j ^ 2] : v[j];
 }
 
 // A run of four read element by element, zeros past the first `inside`: for layouts without
@@ -511,52 +529,21 @@ __global__ void __launch_bounds__(kGemmThreads, 2) gemm_stepped_kernel(A a, B b,
     }
   };
   auto stage = [&]() {
-    for (int i = 0; i < A_PER; ++i) {
-      if (AQ % NT && tid + i * NT >= AQ) continue;
-      if (!a.kfast) {
-        store4(&As[ak[i]][am[i]], ra[i]);
-      } else {
-        // written in a rotated order (by the run's place in k) so that a warp's stores fall in
-        // distinct banks
-        const int rot = ak[i] & 8 ? 2 : 0;
-        for (int j = 0; j < 4; ++j) As[ak[i] + (j ^ rot)][am[i]] = rot ? ra[i][j ^ 2] : ra[i][j];
-      }
-    }
-    for (int j = 0; j < B_PER; ++j) {
-      if (BQ % NT && tid + j * NT >= BQ) continue;
-      if (!b.kfast) {
-        store4(&Bs[bk[j]][bn[j]], rb[j]);
-      } else {
-        const int rot = bk[j] & 8 ? 2 : 0;
-        for (int t = 0; t < 4; ++t) Bs[bk[j] + (t ^ rot)][bn[j]] = rot ? rb[j][t ^ 2] : rb[j][t];
-      }
-    }
+    for (int i = 0; i < A_PER; ++i)
+      if (!(AQ % NT && tid + i * NT >= AQ)) stage_run(As, a.kfast, ak[i], am[i], ra[i]);
+    for (int j = 0; j < B_PER; ++j)
+      if (!(BQ % NT && tid + j * NT >= BQ)) stage_run(Bs, b.kfast, bk[j], bn[j], rb[j]);
   };
   float acc[TM][TN];
   for (int i = 0; i < TM; ++i)
     for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
-  if (kbeg < kend) {
-    fetch(kbeg);
-    stage();
-  }
-  __syncthreads();
-  for (int k0 = kbeg; k0 < kend; k0 += BK) {
-    const bool more = k0 + BK < kend;
-    if (more) fetch(k0 + BK);  // in flight while this tile is multiplied
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-    for (int kk = 0; kk < BK; ++kk) {
-      float fa[TM], fb[TN];
-      load_run(&As[kk][ty * TM], fa);
-      load_run(&Bs[kk][tx * TN], fb);
-      for (int i = 0; i < TM; ++i)
-        for (int j = 0; j < TN; ++j) acc[i][j] += fa[i] * fb[j];
-    }
-    __syncthreads();
-    if (more) stage();
-    __syncthreads();
-  }
+  pipelined_k_tiles<BK>(kbeg, kend, fetch, stage, [&](int kk) {
+    float fa[TM], fb[TN];
+    load_run(&As[kk][ty * TM], fa);
+    load_run(&Bs[kk][tx * TN], fb);
+    for (int i = 0; i < TM; ++i)
+      for (int j = 0; j < TN; ++j) acc[i][j] += fa[i] * fb[j];
+  });
   for (int i = 0; i < TM; ++i)
     for (int j = 0; j < TN; ++j) {
       const int m = m0 + ty * TM + i, n = n0 + tx * TN + j;
