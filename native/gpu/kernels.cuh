@@ -65,6 +65,7 @@ EMORL_DEVICE void load4(const float* p, float (&v)[4]) {
   const float4 q = *reinterpret_cast<const float4*>(p);
   v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
 #else
+  check_vector_access(p, 16);
   for (int j = 0; j < 4; ++j) v[j] = p[j];
 #endif
 }
@@ -412,6 +413,7 @@ EMORL_DEVICE void load_run(const float* p, float (&out)[n]) {
     for (int i = 0; i < n; ++i) out[i] = p[i];
   }
 #else
+  if constexpr (n % 4 == 0 || n == 2) check_vector_access(p, n == 2 ? 8 : 16);
   for (int i = 0; i < n; ++i) out[i] = p[i];
 #endif
 }
@@ -421,6 +423,7 @@ EMORL_DEVICE void store4(float* p, const float (&v)[4]) {
 #if defined(__CUDACC__)
   *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
 #else
+  check_vector_access(p, 16);
   for (int j = 0; j < 4; ++j) p[j] = v[j];
 #endif
 }

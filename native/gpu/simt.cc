@@ -69,6 +69,7 @@ struct Run {
   std::vector<Fiber> fibers;
   unsigned current = 0;
   const std::function<void()>* body = nullptr;
+  const char* fault = nullptr;  // the first device_fault of the launch
 #if defined(EMORL_SIMT_FAST_SWITCH)
   void* scheduler_sp = nullptr;
 #else
@@ -137,6 +138,12 @@ void barrier() {
   yield(*r, r->fibers[r->current]);
 }
 
+void device_fault(const char* what) {
+  Run* r = active_run;
+  if (!r) throw std::logic_error(std::string("emulated device fault outside a launch: ") + what);
+  if (!r->fault) r->fault = what;
+}
+
 namespace {
 
 // EMORL_SIMT_SCHEDULE: the order in which a launch runs its blocks, and a block its threads
@@ -191,6 +198,7 @@ void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
           if (finished) throw std::logic_error("emulated launch: some threads of a block exited while others wait at __syncthreads()");
         }
       }
+  if (r.fault) throw std::runtime_error(std::string("emulated launch: ") + r.fault + " (a fault on a GPU)");
 }
 
 }  // namespace simt

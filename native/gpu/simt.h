@@ -128,6 +128,13 @@ namespace simt {
 void run_grid(dim3 grid, dim3 block, const std::function<void()>& body);
 // __syncthreads(): back to the scheduler until every thread of the block has arrived.
 void barrier();
+// What a GPU would stop a kernel for (a misaligned vector access): the launch runs to its end,
+// then run_grid throws with the first such fault (a kernel cannot throw across the fibers).
+void device_fault(const char* what);
+// A vector access of `bytes` at p must be aligned to them, as on a GPU.
+inline void check_vector_access(const void* p, size_t bytes) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes) device_fault(bytes == 16 ? "a 128-bit access to an address not 16-byte aligned" : "a 64-bit access to an address not 8-byte aligned");
+}
 
 // "Device" memory is host memory here; the same calls as the CUDA side.
 class DeviceBuf {
