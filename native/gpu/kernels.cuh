@@ -492,7 +492,7 @@ __global__ void __launch_bounds__(kGemmThreads, 2) gemm_stepped_kernel(A a, B b,
   typename B::Row brow[B_PER];
   typename B::Col bcol[B_PER];
   for (int i = 0; i < A_PER; ++i) {
-    const int q = (tid + i * NT) % AQ;  // (a thread past the runs repeats one: harmless)
+    const int q = (tid + i * NT) % AQ;  // (a thread past the runs keeps valid indices; fetch and stage skip it)
     am[i] = a.kfast ? q / (BK / 4) : q % (BM / 4) * 4;
     ak[i] = a.kfast ? q % (BK / 4) * 4 : q / (BM / 4);
     arow[i] = a.row(m0 + am[i] < M ? m0 + am[i] : 0);
