@@ -104,6 +104,19 @@ struct Geom {
   int N, H, W, C, Ho, Wo, kh, kw, sh, sw, pt, pl;
 };
 
+// A k index (ky, kx, channel), channels fastest, stepped on by d > 0 without divisions (past the
+// last tap it goes on counting: such elements are never read).
+EMORL_DEVICE void step_tap(int& ky, int& kx, int& ch, int channels, int kw, int d) {
+  ch += d;
+  while (ch >= channels) {
+    ch -= channels;
+    if (++kx == kw) {
+      kx = 0;
+      ++ky;
+    }
+  }
+}
+
 inline Geom geom_of(const NhwcGeom& g) {
   return Geom{static_cast<int>(g.N), static_cast<int>(g.H), static_cast<int>(g.W), static_cast<int>(g.C),
               static_cast<int>(g.Ho), static_cast<int>(g.Wo), static_cast<int>(g.kh), static_cast<int>(g.kw),
@@ -126,11 +139,16 @@ struct Im2col {
     const int ci = k % g.C, t = k / g.C;
     return Col{t / g.kw, t % g.kw, ci};
   }
-  EMORL_DEVICE float get(const Row& r, const Col& c) const {
+  // whether tap c of patch r lies in the padding, and where its input is otherwise
+  EMORL_DEVICE bool padding(const Row& r, const Col& c) const {
     const int iy = r.iy0 + c.ky, ix = r.ix0 + c.kx;
-    if (iy < 0 || iy >= g.H || ix < 0 || ix >= g.W) return 0.f;
-    return x[r.base + (static_cast<i64>(iy) * g.W + ix) * g.C + c.ci];
+    return iy < 0 || iy >= g.H || ix < 0 || ix >= g.W;
   }
+  EMORL_DEVICE const float* input(const Row& r, const Col& c) const {
+    const int iy = r.iy0 + c.ky, ix = r.ix0 + c.kx;
+    return x + r.base + (static_cast<i64>(iy) * g.W + ix) * g.C + c.ci;
+  }
+  EMORL_DEVICE float get(const Row& r, const Col& c) const { return padding(r, c) ? 0.f : *input(r, c); }
   EMORL_DEVICE float operator()(int m, int k) const { return get(row(m), col(k)); }
   // row(m) -> row(m + d) and col(k) -> col(k + d) without divisions (d > 0; past the last row or
   // column they go on counting, harmlessly: such elements are never read)
@@ -145,23 +163,13 @@ struct Im2col {
       }
     }
   }
-  EMORL_DEVICE void step(Col& c, int d) const {
-    c.ci += d;
-    while (c.ci >= g.C) {
-      c.ci -= g.C;
-      if (++c.kx == g.kw) {
-        c.kx = 0;
-        ++c.ky;
-      }
-    }
-  }
+  EMORL_DEVICE void step(Col& c, int d) const { step_tap(c.ky, c.kx, c.ci, g.C, g.kw, d); }
   // a run along k is four channels of one pixel
   EMORL_DEVICE bool runs_in_rows() const { return g.C % 4 == 0 && aligned16(x); }
   EMORL_DEVICE bool runs_in_cols() const { return false; }
   EMORL_DEVICE void get4(const Row& r, const Col& c, float (&v)[4]) const {
-    const int iy = r.iy0 + c.ky, ix = r.ix0 + c.kx;
-    if (iy < 0 || iy >= g.H || ix < 0 || ix >= g.W) return zero4(v);
-    load4(x + r.base + (static_cast<i64>(iy) * g.W + ix) * g.C + c.ci, v);
+    if (padding(r, c)) return zero4(v);
+    load4(input(r, c), v);
   }
 };
 
@@ -218,16 +226,7 @@ struct ColGather {
     return at < 0 ? 0.f : y[at];
   }
   EMORL_DEVICE float operator()(int m, int k) const { return get(row(m), col(k)); }
-  EMORL_DEVICE void step(Col& c, int d) const {  // col(k) -> col(k + d), as Im2col's
-    c.cc += d;
-    while (c.cc >= Cc) {
-      c.cc -= Cc;
-      if (++c.kx == g.kw) {
-        c.kx = 0;
-        ++c.ky;
-      }
-    }
-  }
+  EMORL_DEVICE void step(Col& c, int d) const { step_tap(c.ky, c.kx, c.cc, Cc, g.kw, d); }  // as Im2col's
   // a run along k is four channels of one output cell
   EMORL_DEVICE bool runs_in_rows() const { return Cc % 4 == 0 && aligned16(y); }
   EMORL_DEVICE bool runs_in_cols() const { return false; }

@@ -44,20 +44,17 @@ __global__ void l2_norms_kernel(const float* g, ParamSpans spans, float* norms) 
   if (tid == 0) norms[j] = sqrt_rn(static_cast<float>(t));
 }
 
-// Up to kMaxSpans parameters for one Adam launch: parameter j's weights at p[j], its gradient and
-// moments at [begin[j], end[j]) of the state buffers.
-struct AdamSpans {
-  int n;
+// The weights of a launch's parameters (ParamSpans' order), each in its own slot.
+struct ParamWeights {
   float* p[kMaxSpans];
-  i64 begin[kMaxSpans], end[kMaxSpans];
 };
 
 // adam_update (optimizer.h) in place on each parameter's weights, every operation rounded to float
 // in its order; blockIdx.y picks the parameter (one launch for many: most are small, and a launch
 // costs more than their update)
-__global__ void adam_kernel(AdamSpans spans, const float* g_all, float* m_all, float* v_all, AdamScalars s) {
+__global__ void adam_kernel(ParamSpans spans, ParamWeights w, const float* g_all, float* m_all, float* v_all, AdamScalars s) {
   const int j = static_cast<int>(blockIdx.y);
-  float* p = spans.p[j];
+  float* p = w.p[j];
   const float* g = g_all + spans.begin[j];
   float* m = m_all + spans.begin[j];
   float* v = v_all + spans.begin[j];
@@ -118,23 +115,35 @@ uint64_t state_key(DeviceParamPart part) {
 const char* state_name(DeviceParamPart part) {
   return part == DeviceParamPart::Grads ? "summed gradients" : part == DeviceParamPart::FirstMoments ? "first moments" : "second moments";
 }
+// Calls f(first, start, spans, largest) for the parameters in launches of up to kMaxSpans: spans from
+// parameter `first` on, offsets relative to its place in the state buffers (spans.begin[0] = 0),
+// largest the most floats of one of them.
+template <class F>
+void for_span_launches(const DeviceParams& p, F f) {
+  for (size_t first = 0, offset = 0; first < p.params.size(); first += kMaxSpans) {
+    ParamSpans spans{};
+    spans.n = static_cast<int>(std::min<size_t>(kMaxSpans, p.params.size() - first));
+    const size_t start = offset;
+    i64 largest = 0;
+    for (int j = 0; j < spans.n; ++j) {
+      const size_t n = p.params[first + static_cast<size_t>(j)].n;
+      spans.begin[j] = static_cast<i64>(offset - start);
+      offset += n;
+      spans.end[j] = static_cast<i64>(offset - start);
+      largest = std::max<i64>(largest, static_cast<i64>(n));
+    }
+    f(first, start, spans, largest);
+  }
+}
 }  // namespace
 
 void device_grad_norms(const DeviceParams& p, float* norms, GpuWorkspace& gws) {
   DeviceWorkspace& ws = own_workspace(gws);
   const float* g = existing_state(ws, kGradState, p.total(), "summed gradients");
   float* d = ws.state(kNormState, std::max<size_t>(1, p.params.size()));
-  for (size_t first = 0, offset = 0; first < p.params.size(); first += kMaxSpans) {
-    ParamSpans spans{};
-    spans.n = static_cast<int>(std::min<size_t>(kMaxSpans, p.params.size() - first));
-    const size_t start = offset;
-    for (int j = 0; j < spans.n; ++j) {
-      spans.begin[j] = static_cast<i64>(offset - start);
-      offset += p.params[first + static_cast<size_t>(j)].n;
-      spans.end[j] = static_cast<i64>(offset - start);
-    }
+  for_span_launches(p, [&](size_t first, size_t start, const ParamSpans& spans, i64) {
     launch(l2_norms_kernel, dim3(static_cast<unsigned>(spans.n)), dim3(kThreads), g + start, spans, d + first);
-  }
+  });
   if (!p.params.empty()) ws.down(norms, d, p.params.size());
   finish("device gradient norms");
 }
@@ -151,22 +160,13 @@ void device_adam(const DeviceParams& p, const std::vector<uint64_t>& new_tags, c
     if (!new_tags[j] || new_tags[j] == p.params[j].tag) throw std::invalid_argument("device Adam: every parameter needs a new tag (nonzero)");
     ps.push_back(resident_param(ws, p, j));  // all checked before anything changes
   }
-  for (size_t first = 0, offset = 0; first < p.params.size(); first += kMaxSpans) {
-    AdamSpans spans{};
-    spans.n = static_cast<int>(std::min<size_t>(kMaxSpans, p.params.size() - first));
-    i64 largest = 0;
-    for (int k = 0; k < spans.n; ++k) {
-      const size_t j = first + static_cast<size_t>(k);
-      spans.p[k] = ps[j];
-      spans.begin[k] = static_cast<i64>(offset);
-      offset += p.params[j].n;
-      spans.end[k] = static_cast<i64>(offset);
-      largest = std::max<i64>(largest, static_cast<i64>(p.params[j].n));
-    }
+  for_span_launches(p, [&](size_t first, size_t start, const ParamSpans& spans, i64 largest) {
+    ParamWeights w{};
+    for (int k = 0; k < spans.n; ++k) w.p[k] = ps[first + static_cast<size_t>(k)];
     dim3 grid = grid_for(largest);
     grid.y = static_cast<unsigned>(spans.n);
-    launch(adam_kernel, grid, dim3(kThreads), spans, g, m, v, s);
-  }
+    launch(adam_kernel, grid, dim3(kThreads), spans, w, g + start, m + start, v + start, s);
+  });
   for (size_t j = 0; j < p.params.size(); ++j) ws.tag_slot(param_slot(p, j), slot_tag(new_tags[j], kAsIs));
   finish("device Adam");
 }
