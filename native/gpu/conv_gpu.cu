@@ -108,7 +108,8 @@ void stack_backward(const ConvStack& s, DeviceWorkspace& ws, float* dx, const st
     const i64 ny = g.M() * L.Co;
     float* d = ws.buf(sl.grad(cur), 0);
     const float* in = ws.buf(i ? sl.out(i - 1) : sl.x(), 0);
-    if (L.act != Act::Linear) act_grad(d, ws.buf(sl.out(i), 0), ny, static_cast<int>(L.act));
+    // below the top, the layer above's input-gradient product already took d through this activation
+    if (i == n - 1 && L.act != Act::Linear) act_grad(d, ws.buf(sl.out(i), 0), ny, static_cast<int>(L.act));
     if (dw[i] || out.keeping()) {
       const i64 nw = L.Co * g.P();
       float* dwd = out.at(2 * i, ws.buf(sl.dw(), static_cast<size_t>(nw)));
@@ -124,8 +125,13 @@ void stack_backward(const ConvStack& s, DeviceWorkspace& ws, float* dx, const st
     const int64_t w_shape[4] = {L.Co, g.C, L.kh, L.kw};
     const float* wdd = packed_weight(ws, sl.raw(i), sl.wd(i), L.w_tag, kPackedDataGrad, L.w, w_shape);
     float* dnext = ws.buf(sl.grad(1 - cur), static_cast<size_t>(map_size(g)));
-    gemm(ColGather{d, gg, as_int(L.Co, "Co")}, b_operand(wdd, g.C, 1), Store{dnext, as_int(g.C, "C"), nullptr, 0}, g.N * g.H * g.W, g.C,
-         L.kh * L.kw * L.Co);
+    const ColGather dgather{d, gg, as_int(L.Co, "Co")};
+    const i64 rows = g.N * g.H * g.W, depth = L.kh * L.kw * L.Co;
+    if (i > 0 && s.layers[i - 1].act != Act::Linear)
+      gemm(dgather, b_operand(wdd, g.C, 1), StoreThroughAct{dnext, as_int(g.C, "C"), in, static_cast<int>(s.layers[i - 1].act)},
+           rows, g.C, depth);
+    else
+      gemm(dgather, b_operand(wdd, g.C, 1), Store{dnext, as_int(g.C, "C"), nullptr, 0}, rows, g.C, depth);
     cur = 1 - cur;
     if (i == 0) ws.down(dx, dnext, static_cast<size_t>(map_size(g)));
   }
@@ -438,8 +444,7 @@ void encoder_backward(const ConvStack& s, const EncoderHead& h, uint64_t stamp, 
   }
   // f3 = f2 W2ᵀ + b2, f2 = ReLU(f1 W1ᵀ + b1)
   float* df2 = ws.buf(hs.df2(), static_cast<size_t>(d.R * d.D));
-  gemm(a_operand(df3, d.D, 1), b_operand(param(kW2), d.D, 1), Store{df2, D, nullptr, 0}, d.R, d.D, d.D);
-  act_grad(df2, f2, d.R * d.D, static_cast<int>(Act::Relu));
+  gemm(a_operand(df3, d.D, 1), b_operand(param(kW2), d.D, 1), StoreThroughAct{df2, D, f2, static_cast<int>(Act::Relu)}, d.R, d.D, d.D);
   if (params) {
     weight_grad(df3, d.D, f2, d.D, g.w2, kW2);
     bias_grad(df3, d.R, g.b2, kB2);

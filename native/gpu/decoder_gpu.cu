@@ -311,6 +311,7 @@ class Stage {
     }
     if (backward) {
       dcur_ = draw;
+      dcur_through_act_ = false;
       dslot_ = kGradA;
       for (size_t i = nl_; i-- > 0;) backward_layer(i);
     }
@@ -415,7 +416,7 @@ class Stage {
     float* dw = i < o_.dw.size() ? o_.dw[i] : nullptr;
     float* db = i < o_.db.size() ? o_.db[i] : nullptr;
     const float* y = act_[i];
-    if (L.kind != DecoderLayerKind::SpatialBroadcast && L.act != Act::Linear) {
+    if (takes_act_grad(L) && !dcur_through_act_) {
       Phase ph(profile_, "backward: activation derivatives");
       act_grad(dcur_, y, numel4(L.out), static_cast<int>(L.act));
     }
@@ -446,8 +447,8 @@ class Stage {
         float* dx = next_grad(numel4(L.in));
         {
           Phase ph(profile_, "backward: input gradients");
-          gemm(ColGather{dcur_, g, co}, b_operand(layer_buf(i, kWd, 0), g.C, 1), Store{dx, g.C, nullptr, 0},
-               static_cast<i64>(g.N) * g.H * g.W, g.C, static_cast<i64>(g.kh) * g.kw * co);
+          input_grad(i, ColGather{dcur_, g, co}, b_operand(layer_buf(i, kWd, 0), g.C, 1), dx, g.C, static_cast<i64>(g.N) * g.H * g.W,
+                     static_cast<i64>(g.kh) * g.kw * co);
         }
         param_grads(i, L, g, act_[i - 1], dcur_, co, static_cast<i64>(g.N) * g.Ho * g.Wo, dw, db);
         dcur_ = dx;
@@ -459,8 +460,8 @@ class Stage {
         float* dx = next_grad(numel4(L.in));
         {
           Phase ph(profile_, "backward: input gradients");
-          gemm(Im2col{dcur_, g}, b_operand(layer_buf(i, kWf, 0), ci, 1), Store{dx, ci, nullptr, 0},
-               static_cast<i64>(g.N) * g.Ho * g.Wo, ci, static_cast<i64>(g.kh) * g.kw * g.C);
+          input_grad(i, Im2col{dcur_, g}, b_operand(layer_buf(i, kWf, 0), ci, 1), dx, ci, static_cast<i64>(g.N) * g.Ho * g.Wo,
+                     static_cast<i64>(g.kh) * g.kw * g.C);
         }
         // the image side is this layer's output gradient, the column side its input
         param_grads(i, L, g, dcur_, act_[i - 1], ci, static_cast<i64>(g.N) * g.H * g.W, dw, db);
@@ -468,6 +469,21 @@ class Stage {
         break;
       }
     }
+  }
+
+  // layer L's output gradient is taken through its activation (the broadcast's outputs have none)
+  static bool takes_act_grad(const DecoderLayer& L) { return L.kind != DecoderLayerKind::SpatialBroadcast && L.act != Act::Linear; }
+
+  // dx [rows, ncol] = A · B, layer i's input gradient, which is layer i - 1's output gradient:
+  // taken through that layer's activation in the product's epilogue (no act_grad pass over it).
+  template <class A, class B>
+  void input_grad(size_t i, const A& a, const B& b, float* dx, int ncol, i64 rows, i64 depth) {
+    const DecoderLayer& below = s_.layers[i - 1];
+    dcur_through_act_ = takes_act_grad(below);
+    if (dcur_through_act_)
+      gemm(a, b, StoreThroughAct{dx, ncol, act_[i - 1], static_cast<int>(below.act)}, rows, ncol, depth);
+    else
+      gemm(a, b, Store{dx, ncol, nullptr, 0}, rows, ncol, depth);
   }
 
   float* next_grad(i64 n) {
@@ -551,6 +567,7 @@ class Stage {
   const float* z_ = nullptr;
   const float* pos_ = nullptr;
   float* dcur_ = nullptr;
+  bool dcur_through_act_ = false;  // dcur_ is already d/d(the layer's pre-activation)
   Slot dslot_ = kGradA;
   TapClasses taps_;
   TapRanges rows_{}, cols_{};

@@ -39,11 +39,13 @@ constexpr int kThreads = 256;  // elementwise kernels
 #if defined(__CUDACC__)
 constexpr i64 kMaxBlocks = 1024;
 constexpr i64 kRowsPerSplit = 2048;  // filter gradients: rows of the product per block in z
+constexpr i64 kRowsPerColSumChunk = 1024;  // column sums: rows per block (at least)
 #else
-// emulated: few blocks, so the grid-stride loops are exercised too; split filter gradients at
-// test sizes
+// emulated: few blocks, so the grid-stride loops are exercised too; split filter gradients and
+// column sums at test sizes
 constexpr i64 kMaxBlocks = 4;
 constexpr i64 kRowsPerSplit = 128;
+constexpr i64 kRowsPerColSumChunk = 16;
 #endif
 
 EMORL_DEVICE int imin(int a, int b) { return a < b ? a : b; }
@@ -52,6 +54,13 @@ EMORL_DEVICE float activate(float v, int act) {
   if (act == 1) return v > 0.f ? v : 0.f;
   if (act == 2) return v > 0.f ? v : expm1f(v);
   return v;
+}
+
+// dy ⊙ act'(pre-activation), from the post-activation y (act: 1 ReLU, 2 ELU, else linear)
+EMORL_DEVICE float through_act(float dy, float y, int act) {
+  if (act == 1) return y > 0.f ? dy : 0.f;
+  if (act == 2) return y > 0.f ? dy : dy * (y + 1.f);
+  return dy;
 }
 
 // ---- GEMM operands: element (row, k) of A or (k, col) of B, gathered on the fly -------------
@@ -247,6 +256,19 @@ struct Store {
   int act;
   EMORL_DEVICE void operator()(int m, int n, float v, int) const {
     out[static_cast<i64>(m) * ldc + n] = activate(v + (bias ? bias[n] : 0.f), act);
+  }
+};
+
+// out[m, n] = v ⊙ act'(at y[m, n]): a layer's input gradient written already taken back through
+// the activation of the layer below (y: that layer's output), which saves act_grad's pass over it.
+struct StoreThroughAct {
+  float* out;
+  int ldc;
+  const float* y;
+  int act;
+  EMORL_DEVICE void operator()(int m, int n, float v, int) const {
+    const i64 at = static_cast<i64>(m) * ldc + n;
+    out[at] = through_act(v, y[at], act);
   }
 };
 
@@ -616,43 +638,49 @@ inline dim3 grid_for(i64 n) { return dim3(static_cast<unsigned>(std::max<i64>(1,
 
 // dy ⊙ act'(pre-activation), from the post-activation y, in place.
 __global__ void act_grad_kernel(float* dy, const float* y, i64 n, int act) {
-  EMORL_GRID_LOOP(i, n) {
-    if (act == 1)
-      dy[i] = y[i] > 0.f ? dy[i] : 0.f;
-    else
-      dy[i] = y[i] > 0.f ? dy[i] : dy[i] * (y[i] + 1.f);
-  }
+  EMORL_GRID_LOOP(i, n) dy[i] = through_act(dy[i], y[i], act);
 }
 
 // dy ⊙ act'(y) in place, on the device (act: 1 ReLU, 2 ELU).
 inline void act_grad(float* dy, const float* y, i64 n, int act) { launch(act_grad_kernel, grid_for(n), dim3(kThreads), dy, y, n, act); }
 
-// Column sums of `batch` matrices v[b, rows, cols], in two passes: partial sums over chunks of
-// rows (block 32 columns × 8 row lanes), then over the chunks.
-__global__ void col_sums_partial_kernel(const float* v, i64 rows, i64 cols, i64 rows_per_chunk, float* part) {
+// Column sums of `batch` matrices v[b, rows, cols] in one launch. Block (x, y, z) sums chunk y of
+// the rows for 32 columns of matrix z (32 columns × 8 row lanes). With one chunk that is the
+// answer; otherwise each block leaves its partial sums in `part`, and the last of a column
+// group's blocks to arrive (counted in `arrivals`, which it leaves at zero again) adds the chunks'
+// sums in chunk order, in double: the same bits whichever block comes last.
+__global__ void col_sums_kernel(const float* v, i64 rows, i64 cols, i64 rows_per_chunk, float* part, float* arrivals, float* out) {
   __shared__ float lanes[8][33];
+  __shared__ bool last;
   const int tx = threadIdx.x, ty = threadIdx.y;
-  const i64 j = static_cast<i64>(blockIdx.x) * 32 + tx, b = blockIdx.z, chunk = blockIdx.y;
+  const i64 j = static_cast<i64>(blockIdx.x) * 32 + tx, b = blockIdx.z, chunk = blockIdx.y, chunks = gridDim.y;
   const i64 r0 = chunk * rows_per_chunk, r1 = r0 + rows_per_chunk < rows ? r0 + rows_per_chunk : rows;
   float acc = 0.f;
   if (j < cols)
     for (i64 r = r0 + ty; r < r1; r += 8) acc += v[(b * rows + r) * cols + j];
   lanes[ty][tx] = acc;
   __syncthreads();
-  if (ty == 0 && j < cols) {
-    float t = 0.f;
+  float t = 0.f;
+  if (ty == 0 && j < cols)
     for (int y = 0; y < 8; ++y) t += lanes[y][tx];
-    part[(b * gridDim.y + chunk) * cols + j] = t;
+  if (chunks == 1) {
+    if (ty == 0 && j < cols) out[b * cols + j] = t;
+    return;
   }
-}
-
-__global__ void col_sums_final_kernel(const float* part, i64 batch, i64 chunks, i64 cols, float* out) {
-  EMORL_GRID_LOOP(i, batch * cols) {
-    const i64 b = i / cols, j = i % cols;
-    double t = 0;
-    for (i64 c = 0; c < chunks; ++c) t += part[(b * chunks + c) * cols + j];
-    out[i] = static_cast<float>(t);
+  if (ty == 0 && j < cols) part[(b * chunks + chunk) * cols + j] = t;
+  __threadfence();  // this block's partial sums reach the device before it counts itself in
+  __syncthreads();
+  // counted in floats: exact (chunks ≤ 256), and the counters are a float buffer like the rest
+  if (tx == 0 && ty == 0) last = atomicAdd(&arrivals[b * gridDim.x + blockIdx.x], 1.f) == static_cast<float>(chunks - 1);
+  __syncthreads();
+  if (!last) return;
+  if (ty == 0 && j < cols) {
+    const volatile float* sums = part;  // the other blocks' writes: past this SM's L1
+    double s = 0;
+    for (i64 c = 0; c < chunks; ++c) s += sums[(b * chunks + c) * cols + j];
+    out[b * cols + j] = static_cast<float>(s);
   }
+  if (tx == 0 && ty == 0) arrivals[b * gridDim.x + blockIdx.x] = 0.f;
 }
 
 // w[col][img][ky][kx] (PyTorch layout) packed as Wf[(ky,kx,img), col] and / or Wd[(ky,kx,col), img]
@@ -761,6 +789,7 @@ class DeviceWorkspace final : public GpuWorkspace {
       for (const auto& x : e.bufs)
         if (x) b += x->size() * sizeof(float);
     for (const auto& e : state_) b += e.buf->size() * sizeof(float);
+    if (arrivals_) b += arrivals_->size() * sizeof(float);
     return b;
   }
   int device() const override { return device_; }
@@ -850,6 +879,16 @@ class DeviceWorkspace final : public GpuWorkspace {
     }
     return nullptr;
   }
+  // n arrival counters at zero, for a reduction whose last block to arrive finishes it (col_sums):
+  // made zero once, and every launch that counts in them leaves them at zero again.
+  float* arrival_counters(size_t n) {
+    if (!arrivals_ || arrivals_->size() < n) {
+      arrivals_.reset(new DeviceBuf());
+      arrivals_->reset(n);
+      zero(arrivals_->data(), n);
+    }
+    return arrivals_->data();
+  }
   bool emulated() const override {
 #if defined(__CUDACC__)
     return false;
@@ -876,6 +915,7 @@ class DeviceWorkspace final : public GpuWorkspace {
     std::unique_ptr<DeviceBuf> buf;
   };
   std::vector<State> state_;
+  std::unique_ptr<DeviceBuf> arrivals_;
   GpuTraffic traffic_;
   std::vector<std::unique_ptr<DeviceBuf>> bufs_;
   std::vector<uint64_t> tags_;  // per slot: the tag of upload_tagged's contents (0: none)
@@ -938,12 +978,12 @@ inline const float* packed_weight(DeviceWorkspace& ws, size_t raw, size_t slot, 
 
 // Σ over rows of v[batch, rows, cols] into out[batch, cols]; scratch in ws slot `scratch`.
 inline void col_sums(DeviceWorkspace& ws, size_t scratch, const float* v, i64 batch, i64 rows, i64 cols, float* out) {
-  const i64 chunks = std::max<i64>(1, std::min<i64>(256, rows / 1024));
-  const i64 per = (rows + chunks - 1) / chunks;
-  float* part = ws.buf(scratch, static_cast<size_t>(batch * chunks * cols));
-  launch(col_sums_partial_kernel, dim3(as_int((cols + 31) / 32, "columns"), as_int(chunks, "chunks"), as_int(batch, "batch")),
-         dim3(32, 8), v, rows, cols, per, part);
-  launch(col_sums_final_kernel, grid_for(batch * cols), dim3(kThreads), static_cast<const float*>(part), batch, chunks, cols, out);
+  const i64 chunks = std::max<i64>(1, std::min<i64>(256, rows / kRowsPerColSumChunk));
+  const i64 per = (rows + chunks - 1) / chunks, groups = (cols + 31) / 32;
+  float* part = chunks > 1 ? ws.buf(scratch, static_cast<size_t>(batch * chunks * cols)) : nullptr;
+  float* arrivals = chunks > 1 ? ws.arrival_counters(static_cast<size_t>(batch * groups)) : nullptr;
+  launch(col_sums_kernel, dim3(as_int(groups, "column groups"), as_int(chunks, "chunks"), as_int(batch, "batch")), dim3(32, 8), v, rows,
+         cols, per, part, arrivals, out);
 }
 
 // dw [col][img][kh][kw] = im2col(image)ᵀ · colside over all the rows of g (split over rows,

@@ -195,6 +195,7 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, A... args) {
 }  // namespace emorl
 
 inline void __syncthreads() { emorl::simt::barrier(); }
+inline void __threadfence() {}  // the emulator's blocks run one after another
 
 template <class T>
 inline T atomicAdd(T* p, T v) {
