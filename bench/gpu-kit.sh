@@ -102,7 +102,8 @@ step session 100 node dist/bench/gpu-session.js
 step step-train-cuda 60 node dist/bench/step.js --config tetrominoes --batch 32 --mode train --device cuda:0 --steps 20
 # data parallel through NCCL (one rank: the library loading, the communicator, the device allreduce)
 step data 20 node dist/bin/emorl-data.js generate tetrominoes --out /tmp/emorl-tet.h5 --train 256 --test 32 --no-progress
-step train-gpus1 75 node dist/bin/emorl-train.js --gpus 1 --data /tmp/emorl-tet.h5 --batch-size 8 --steps 20 --checksum-every 10 \
+# run as npx runs it: by its #! line, with the training Node flags
+step train-gpus1 75 ./dist/bin/emorl-train.js --gpus 1 --data /tmp/emorl-tet.h5 --batch-size 8 --steps 20 --checksum-every 10 \
   --out /tmp/emorl-run --no-progress
 step step-infer-cuda 30 node dist/bench/step.js --config tetrominoes --batch 32 --mode infer --device cuda:0 --steps 10
 step step-train-cpu 45 node dist/bench/step.js --config tetrominoes --batch 32 --mode train --steps 3

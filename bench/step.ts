@@ -23,7 +23,9 @@
  * `host_s`: the median time per step outside the addon's calls, i.e. in tfjs and JavaScript. With
  * a GPU device that is the floor of a step's time on this host (the addon's CPU calls, such as the
  * small linear layers and Adam, come on top). `tfjs_kernels_per_step` counts the tfjs kernels a
- * step runs, forward and backward: the host's share grows with it.
+ * step runs, forward and backward: the host's share grows with it. Every measurement runs under
+ * the Node flags emorl-train starts with (lib/cli/node-flags.ts; started without them, this
+ * script runs itself again with them), since they change the host's share.
  */
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -36,6 +38,7 @@ import { tfjsOps } from '../lib/ops';
 import { nativeOpsAvailable, nativeOpsOn, parseConvPrecision, parseStageDevice } from '../lib/ops/native';
 import { deviceTraffic, type ConvPrecision } from '../lib/ops/addon';
 import { nativeStatus } from '../lib/native';
+import { TRAINING_NODE_FLAGS, hasTrainingNodeFlags } from '../lib/cli/node-flags';
 
 interface Measurement {
   config: string;
@@ -215,7 +218,7 @@ async function measure(config: string, batch: number, mode: 'train' | 'infer', b
 }
 
 function inChild(config: string, batch: number, mode: string, backend: string, steps: number, device: string, precision: string): Measurement {
-  const r = spawnSync(process.execPath, [process.argv[1], '--config', config, '--batch', String(batch), '--mode', mode, '--backend', backend, '--steps', String(steps),
+  const r = spawnSync(process.execPath, [...TRAINING_NODE_FLAGS, process.argv[1], '--config', config, '--batch', String(batch), '--mode', mode, '--backend', backend, '--steps', String(steps),
     '--device', device, '--precision', precision], {
     encoding: 'utf8',
     stdio: ['ignore', 'pipe', 'inherit'],
@@ -242,6 +245,10 @@ function original(repo: string, config: string, batch: number, mode: string, ste
 }
 
 async function main(): Promise<void> {
+  if (!hasTrainingNodeFlags()) {
+    const r = spawnSync(process.execPath, [...process.execArgv, ...TRAINING_NODE_FLAGS, ...process.argv.slice(1)], { stdio: 'inherit' });
+    process.exit(r.status ?? 1);
+  }
   const json = process.argv.includes('--json');
   const config = arg('config');
   const steps = Number(arg('steps') ?? '3');

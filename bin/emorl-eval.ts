@@ -1,4 +1,4 @@
-#!/usr/bin/env node
+#!/usr/bin/env -S node --initial-old-space-size=128
 /** `emorl-eval`: evaluate a trained EfficientMORL or Slot Attention model as the original eval.py does. */
 import { Command, Option } from 'commander';
 import { integerOption } from '../lib/cli/args';

@@ -1,4 +1,4 @@
-#!/usr/bin/env node
+#!/usr/bin/env -S node --initial-old-space-size=128
 /** `emorl-train`: train EfficientMORL from a config in the original JSON format. */
 import { Command, Option } from 'commander';
 import { integerOption } from '../lib/cli/args';

@@ -16,6 +16,7 @@ export {
   type TrainingConfig,
 } from './config/experiment';
 export { loadConfigFile, bundledConfig, cacheDir } from './cli/train';
+export { TRAINING_NODE_FLAGS, hasTrainingNodeFlags } from './cli/node-flags';
 
 // Model
 export { EfficientMORL, stageWeight, type ModelOptions, type PassOptions, type InferenceResult, type GradResult, type StageOutputs } from './model/efficient-morl';

@@ -13,6 +13,7 @@ import { readCheckpoint } from '../lib/train/checkpoint';
 import { loadTrainingCheckpoint, train, TrainingError } from '../lib/train/loop';
 import { Trainer } from '../lib/train/trainer';
 import { Rng } from '../lib/util/rng';
+import { TRAINING_NODE_FLAGS, TRAINING_SHEBANG, hasTrainingNodeFlags } from '../lib/cli/node-flags';
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'emorl-loop-'));
 afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
@@ -191,6 +192,20 @@ describe('training loop', () => {
     );
     expect(() => loadTrainingCheckpoint(path.join(tmp, 'missing.emorl'))).toThrow(/missing\.emorl: no such checkpoint/);
     expect(TrainingError).toBeDefined();
+  });
+});
+
+describe('the Node flags training processes start with', () => {
+  test("emorl-train's and emorl-eval's #! lines carry them, and this node accepts them", () => {
+    for (const bin of ['emorl-train.ts', 'emorl-eval.ts']) {
+      const first = fs.readFileSync(path.join(__dirname, '..', 'bin', bin), 'utf8').split('\n')[0];
+      expect(`${bin}: ${first}`).toBe(`${bin}: ${TRAINING_SHEBANG}`);
+    }
+    const r = spawnSync(process.execPath, [...TRAINING_NODE_FLAGS, '-e', 'process.stdout.write(JSON.stringify(process.execArgv))'], { encoding: 'utf8' });
+    expect(r.stderr).toBe('');
+    expect(r.status).toBe(0);
+    expect(hasTrainingNodeFlags(JSON.parse(r.stdout) as string[])).toBe(true);
+    expect(hasTrainingNodeFlags([])).toBe(false);
   });
 });
 
