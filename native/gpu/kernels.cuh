@@ -114,14 +114,21 @@ struct Geom {
 };
 
 // A k index (ky, kx, channel), channels fastest, stepped on by d > 0 without divisions (past the
-// last tap it goes on counting: such elements are never read).
-EMORL_DEVICE void step_tap(int& ky, int& kx, int& ch, int channels, int kw, int d) {
+// last tap it goes on counting: such elements are never read). `off`, an offset linear in the
+// three, follows: d for the channels, plus next_tap each time kx goes on to the next tap of its
+// row and next_row each time ky goes on to the next row (what the offset moves there beyond the
+// 1 that the channels' count adds).
+EMORL_DEVICE void step_tap(int& ky, int& kx, int& ch, int& off, int channels, int kw, int next_tap, int next_row, int d) {
   ch += d;
+  off += d;
   while (ch >= channels) {
     ch -= channels;
     if (++kx == kw) {
       kx = 0;
       ++ky;
+      off += next_row;
+    } else {
+      off += next_tap;
     }
   }
 }
@@ -133,46 +140,49 @@ inline Geom geom_of(const NhwcGeom& g) {
 }
 
 // im2col of the image-side map x [N,H,W,C]: row m = (n, oy, ox), column k = (ky, kx, ci).
+// Element (m, k) is x[row's at + column's tap] unless the tap lies in the padding.
 struct Im2col {
   const float* x;
   Geom g;
   bool kfast = true;
   static constexpr bool kRunsDownCols = false;
-  struct Row { i64 base; int iy0, ix0; };  // the image's offset, the patch's top-left
-  struct Col { int ky, kx, ci; };
+  // the patch's top-left (iy0, ix0), and its offset in x (negative in the padding: never read)
+  struct Row { i64 at; int iy0, ix0; };
+  // the tap, and its offset from the patch's top-left: (ky·W + kx)·C + ci
+  struct Col { int ky, kx, ci, tap; };
   EMORL_DEVICE Row row(int m) const {
     const int ox = m % g.Wo, t = m / g.Wo, oy = t % g.Ho, n = t / g.Ho;
-    return Row{static_cast<i64>(n) * g.H * g.W * g.C, oy * g.sh - g.pt, ox * g.sw - g.pl};
+    const int iy0 = oy * g.sh - g.pt, ix0 = ox * g.sw - g.pl;
+    return Row{(static_cast<i64>(n) * g.H * g.W + static_cast<i64>(iy0) * g.W + ix0) * g.C, iy0, ix0};
   }
   EMORL_DEVICE Col col(int k) const {
-    const int ci = k % g.C, t = k / g.C;
-    return Col{t / g.kw, t % g.kw, ci};
+    const int ci = k % g.C, t = k / g.C, ky = t / g.kw, kx = t % g.kw;
+    return Col{ky, kx, ci, (ky * g.W + kx) * g.C + ci};
   }
-  // whether tap c of patch r lies in the padding, and where its input is otherwise
+  // whether tap c of patch r lies in the padding (unsigned: a negative index is past the end)
   EMORL_DEVICE bool padding(const Row& r, const Col& c) const {
-    const int iy = r.iy0 + c.ky, ix = r.ix0 + c.kx;
-    return iy < 0 || iy >= g.H || ix < 0 || ix >= g.W;
+    return static_cast<unsigned>(r.iy0 + c.ky) >= static_cast<unsigned>(g.H) || static_cast<unsigned>(r.ix0 + c.kx) >= static_cast<unsigned>(g.W);
   }
-  EMORL_DEVICE const float* input(const Row& r, const Col& c) const {
-    const int iy = r.iy0 + c.ky, ix = r.ix0 + c.kx;
-    return x + r.base + (static_cast<i64>(iy) * g.W + ix) * g.C + c.ci;
-  }
+  EMORL_DEVICE const float* input(const Row& r, const Col& c) const { return x + (r.at + c.tap); }
   EMORL_DEVICE float get(const Row& r, const Col& c) const { return padding(r, c) ? 0.f : *input(r, c); }
   EMORL_DEVICE float operator()(int m, int k) const { return get(row(m), col(k)); }
   // row(m) -> row(m + d) and col(k) -> col(k + d) without divisions (d > 0; past the last row or
   // column they go on counting, harmlessly: such elements are never read)
   EMORL_DEVICE void step(Row& r, int d) const {
     r.ix0 += d * g.sw;
+    r.at += static_cast<i64>(d) * g.sw * g.C;
     while (r.ix0 >= g.Wo * g.sw - g.pl) {
       r.ix0 -= g.Wo * g.sw;
       r.iy0 += g.sh;
+      r.at += static_cast<i64>(g.sh * g.W - g.Wo * g.sw) * g.C;
       if (r.iy0 >= g.Ho * g.sh - g.pt) {
         r.iy0 -= g.Ho * g.sh;
-        r.base += static_cast<i64>(g.H) * g.W * g.C;
+        r.at += static_cast<i64>(g.H - g.Ho * g.sh) * g.W * g.C;
       }
     }
   }
-  EMORL_DEVICE void step(Col& c, int d) const { step_tap(c.ky, c.kx, c.ci, g.C, g.kw, d); }
+  // from (ky, kw - 1, C - 1) to (ky + 1, 0, 0) the tap offset goes (W - kw)·C further than by 1
+  EMORL_DEVICE void step(Col& c, int d) const { step_tap(c.ky, c.kx, c.ci, c.tap, g.C, g.kw, 0, (g.W - g.kw) * g.C, d); }
   // a run along k is four channels of one pixel
   EMORL_DEVICE bool runs_in_rows() const { return g.C % 4 == 0 && aligned16(x); }
   EMORL_DEVICE bool runs_in_cols() const { return false; }
@@ -208,25 +218,29 @@ struct ColGather {
   int Cc;
   bool kfast = true;
   static constexpr bool kRunsDownCols = false;
-  struct Row { i64 base; int ny0, nx0; };  // the map's offset; iy + pt, ix + pl
-  struct Col { int ky, kx, cc; };
+  // the map's offset; (ny0, nx0) = (iy + pt, ix + pl); at stride 1, the offset of cell (ny0, nx0)
+  // (outside the map: never read)
+  struct Row { i64 base, at; int ny0, nx0; };
+  // the tap; at stride 1 the cell it reads is `tap` = cc − (ky·Wo + kx)·Cc from the row's `at`
+  struct Col { int ky, kx, cc, tap; };
   EMORL_DEVICE Row row(int m) const {
     const int ix = m % g.W, t = m / g.W, iy = t % g.H, n = t / g.H;
-    return Row{static_cast<i64>(n) * g.Ho * g.Wo * Cc, iy + g.pt, ix + g.pl};
+    const i64 base = static_cast<i64>(n) * g.Ho * g.Wo * Cc;
+    const int ny0 = iy + g.pt, nx0 = ix + g.pl;
+    return Row{base, base + (static_cast<i64>(ny0) * g.Wo + nx0) * Cc, ny0, nx0};
   }
   EMORL_DEVICE Col col(int k) const {
-    const int cc = k % Cc, t = k / Cc;
-    return Col{t / g.kw, t % g.kw, cc};
+    const int cc = k % Cc, t = k / Cc, ky = t / g.kw, kx = t % g.kw;
+    return Col{ky, kx, cc, cc - (ky * g.Wo + kx) * Cc};
   }
   // the offset of the output cell that tap c of pixel r feeds, or -1 where there is none (outside
   // the map, or between a strided map's cells)
   EMORL_DEVICE i64 cell(const Row& r, const Col& c) const {
     int oy = r.ny0 - c.ky, ox = r.nx0 - c.kx;
-    if (oy < 0 || ox < 0) return -1;
-    if (g.sh != 1 || g.sw != 1) {  // (stride 1, the common case, without integer divisions)
-      if (oy % g.sh || ox % g.sw) return -1;
-      oy /= g.sh, ox /= g.sw;
-    }
+    if (g.sh == 1 && g.sw == 1)  // the common case: no integer divisions, unsigned bounds checks
+      return static_cast<unsigned>(oy) < static_cast<unsigned>(g.Ho) && static_cast<unsigned>(ox) < static_cast<unsigned>(g.Wo) ? r.at + c.tap : -1;
+    if (oy < 0 || ox < 0 || oy % g.sh || ox % g.sw) return -1;
+    oy /= g.sh, ox /= g.sw;
     if (oy >= g.Ho || ox >= g.Wo) return -1;
     return r.base + (static_cast<i64>(oy) * g.Wo + ox) * Cc + c.cc;
   }
@@ -235,7 +249,9 @@ struct ColGather {
     return at < 0 ? 0.f : y[at];
   }
   EMORL_DEVICE float operator()(int m, int k) const { return get(row(m), col(k)); }
-  EMORL_DEVICE void step(Col& c, int d) const { step_tap(c.ky, c.kx, c.cc, Cc, g.kw, d); }  // as Im2col's
+  // the tap offset moves by −Cc per kx and −Wo·Cc per ky: beyond the channels' 1, −2·Cc to the next
+  // tap, (kw − 2 − Wo)·Cc to the next row of taps
+  EMORL_DEVICE void step(Col& c, int d) const { step_tap(c.ky, c.kx, c.cc, c.tap, Cc, g.kw, -2 * Cc, (g.kw - 2 - g.Wo) * Cc, d); }
   // a run along k is four channels of one output cell
   EMORL_DEVICE bool runs_in_rows() const { return Cc % 4 == 0 && aligned16(y); }
   EMORL_DEVICE bool runs_in_cols() const { return false; }
@@ -535,19 +551,23 @@ __global__ void __launch_bounds__(kGemmThreads, 2) gemm_stepped_kernel(A a, B b,
   };
   auto inside = [](int lim) { return lim < 0 ? 0 : lim > 4 ? 4 : lim; };
   float ra[A_PER][4] = {}, rb[B_PER][4] = {};
+  // a block whose rows and columns all lie in the product (most blocks) has every run of a k
+  // tile that ends by kend inside it: such tiles skip the runs' bounds
+  const int kwhole = m0 + BM <= M && n0 + BN <= N ? kend : -1;
   // the tile at k0 into registers; the k parts then step on to the next tile
   auto fetch = [&](int k0) {
+    const bool whole = k0 + BK <= kwhole;
     for (int i = 0; i < A_PER; ++i) {
       if (AQ % NT && tid + i * NT >= AQ) continue;
       const int m = m0 + am[i], k = k0 + ak[i];
-      const int n_in = a.kfast ? (m < M ? inside(kend - k) : 0) : (k < kend ? inside(M - m) : 0);
+      const int n_in = whole ? 4 : a.kfast ? (m < M ? inside(kend - k) : 0) : (k < kend ? inside(M - m) : 0);
       run(a, avec, a.kfast, arow[i], acol[i], n_in, ra[i]);
       a.step(acol[i], BK);
     }
     for (int j = 0; j < B_PER; ++j) {
       if (BQ % NT && tid + j * NT >= BQ) continue;
       const int k = k0 + bk[j], n = n0 + bn[j];
-      const int n_in = b.kfast ? (n < N ? inside(kend - k) : 0) : (k < kend ? inside(N - n) : 0);
+      const int n_in = whole ? 4 : b.kfast ? (n < N ? inside(kend - k) : 0) : (k < kend ? inside(N - n) : 0);
       run(b, bvec, !b.kfast, brow[j], bcol[j], n_in, rb[j]);
       b.step(brow[j], BK);
     }
