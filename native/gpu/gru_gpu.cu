@@ -14,11 +14,13 @@ namespace EMORL_GPU_NS {
 namespace {
 
 // the workspace's slots for one call, the raw slots of a GRU stage's parameters (kMaxGruParams of
-// them from kGparams), then the kept sets
-constexpr size_t kMaxGruParams = 12;
+// them from kGparams), each cell's weights assembled from them (four slots a cell, from
+// kGcellWeights), then the kept sets
+constexpr size_t kMaxGruParams = 12, kMaxCells = 2;
 enum GruSlot : size_t {
   kGx, kGh, kGwih, kGwhh, kGbih, kGbhh, kGa, kGc, kGy, kGgates, kGdy, kGdx, kGdh, kGdwih, kGdwhh, kGdb, kGscratch, kGparams,
-  kGkept = kGparams + kMaxGruParams
+  kGcellWeights = kGparams + kMaxGruParams,
+  kGkept = kGcellWeights + 4 * kMaxCells
 };
 
 // A forward call's x, h and gate planes stay on the device for its backward call, in one of
@@ -129,7 +131,8 @@ std::vector<GruPart> gru_parts(const DeviceParams& p, const GruDims& d, int cell
 
 // The cell's weights on the device: the call's arrays under their tags (the biases only with
 // `biases`), or all four assembled from the resident parameters' raw slots (each uploaded first
-// where the host gives its data).
+// where the host gives its data) into the cell's slots, where they stay until a parameter's tag
+// changes (the optimizer's step): the other calls of a step take them as they are.
 CellWeights cell_weights(DeviceWorkspace& ws, const GruDims& d, const float* w_ih, const float* w_hh, const float* b_ih,
                          const float* b_hh, const GruTags& tags, const GruResident* r, bool biases) {
   const i64 I = d.I, H = d.H, G = d.G();
@@ -140,19 +143,30 @@ CellWeights cell_weights(DeviceWorkspace& ws, const GruDims& d, const float* w_i
   const DeviceParams& p = *r->params;
   if (r->host.size() != p.params.size()) throw std::invalid_argument("GPU GRU: one host array (or null) per resident parameter");
   std::vector<const float*> raw(p.params.size());
-  for (size_t j = 0; j < p.params.size(); ++j)
+  std::vector<uint64_t> sources;  // the parameters' tags, in order (none when one is untagged)
+  for (size_t j = 0; j < p.params.size(); ++j) {
     raw[j] = upload_as_is(ws, gru_param_slot(p, j), p.params[j].tag, r->host[j], static_cast<i64>(p.params[j].n));
+    sources.push_back(p.params[j].tag);
+  }
+  if (std::find(sources.begin(), sources.end(), uint64_t{0}) != sources.end()) sources.clear();
   const float* out[4];
-  const size_t slots[4] = {kGwih, kGwhh, kGbih, kGbhh};
   const i64 sizes[4] = {G * I, G * H, G, G};
+  const size_t cell = static_cast<size_t>(r->cell);  // (gru_parts checks it)
   Runs runs;  // one launch assembles the four arrays
   for (int which = 0; which < 4; ++which) {
-    float* dst = ws.buf(slots[which], static_cast<size_t>(sizes[which]));  // untagged: made afresh by every call
+    const std::vector<GruPart> parts = gru_parts(p, d, r->cell, which);
+    const size_t slot = kGcellWeights + 4 * cell + static_cast<size_t>(which);
+    if (ws.made_from(slot, sources)) {
+      out[which] = ws.buf(slot, 0);
+      continue;
+    }
+    float* dst = ws.buf(slot, static_cast<size_t>(sizes[which]));
     size_t at = 0;
-    for (const GruPart& part : gru_parts(p, d, r->cell, which)) {
+    for (const GruPart& part : parts) {
       runs.add(dst + at, raw[part.j] + part.offset, static_cast<i64>(part.n));
       at += part.n;
     }
+    ws.set_sources(slot, sources);
     out[which] = dst;
   }
   move_runs(runs, false);
@@ -248,8 +262,9 @@ void gru_backward(const GruDims& d, const float* x, const float* h, const float*
     }
   }
   const float* dyd = upload(ws, kGdy, dy, N * H);
-  float* dad = ws.buf(kGa, static_cast<size_t>(N * G));
-  float* dcd = ws.buf(kGc, static_cast<size_t>(N * G));
+  // da and dc side by side, so that one launch sums both over the rows (the bias gradients)
+  float* dad = ws.buf(kGa, static_cast<size_t>(2 * N * G));
+  float* dcd = dad + N * G;
   float* dhd = ws.buf(kGdh, static_cast<size_t>(N * H));
   launch(gru_gate_grads_kernel, grid_for(N * H), dim3(kThreads), dyd, gd, hd, N, H, dad, dcd, dhd);
   const float *wihd = w.w_ih, *whhd = w.w_hh;
@@ -266,8 +281,7 @@ void gru_backward(const GruDims& d, const float* x, const float* h, const float*
     gemm(a_operand(dad, 1, G), b_operand(xd, I, 1), Store{dwihd, as_int(I, "I"), nullptr, 0}, G, I, N);
     gemm(a_operand(dcd, 1, G), b_operand(hd, H, 1), Store{dwhhd, as_int(H, "H"), nullptr, 0}, G, H, N);
     float* dbd = ws.buf(kGdb, static_cast<size_t>(2 * G));
-    col_sums(ws, kGscratch, dad, 1, N, G, dbd);
-    col_sums(ws, kGscratch, dcd, 1, N, G, dbd + G);
+    col_sums(ws, kGscratch, dad, 2, N, G, dbd);  // [db_ih | db_hh]
     if (keep) {
       keep_grads(ws, d, *resident, dwihd, dwhhd, dbd, dbd + G);
     } else {

@@ -754,6 +754,7 @@ class DeviceWorkspace final : public GpuWorkspace {
     if (slot >= bufs_.size()) {
       bufs_.resize(slot + 1);
       tags_.resize(slot + 1, 0);
+      sources_.resize(slot + 1);
     }
     if (!bufs_[slot]) bufs_[slot].reset(new DeviceBuf());
     if (bufs_[slot]->size() < n || !bufs_[slot]->data()) {
@@ -761,8 +762,21 @@ class DeviceWorkspace final : public GpuWorkspace {
     } else if (n) {
       bufs_[slot]->poison();
     }
-    if (n) tags_[slot] = 0;
+    if (n) {
+      tags_[slot] = 0;
+      sources_[slot].clear();
+    }
     return bufs_[slot]->data();
+  }
+  // What slot `slot` was computed from: content tags (none 0) of the tensors it was made of, so that
+  // a later call that would make it from the same takes it as it is (made_from). buf(slot, n > 0)
+  // forgets them.
+  void set_sources(size_t slot, std::vector<uint64_t> sources) {
+    buf(slot, 0);
+    sources_[slot] = std::move(sources);
+  }
+  bool made_from(size_t slot, const std::vector<uint64_t>& sources) const {
+    return slot < sources_.size() && !sources.empty() && sources_[slot] == sources;
   }
   // n floats that the caller tags (tag != 0: the same tag means the same contents, e.g. a weight
   // tensor's data): when the slot already holds `tag`, nothing is copied (nor computed: fill()
@@ -939,6 +953,7 @@ class DeviceWorkspace final : public GpuWorkspace {
   GpuTraffic traffic_;
   std::vector<std::unique_ptr<DeviceBuf>> bufs_;
   std::vector<uint64_t> tags_;  // per slot: the tag of upload_tagged's contents (0: none)
+  std::vector<std::vector<uint64_t>> sources_;  // per slot: set_sources' tags (empty: none)
 };
 
 // The workspace as this build's, on its device (a workspace of the other GPU build is an error).
