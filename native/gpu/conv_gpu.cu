@@ -125,13 +125,8 @@ void stack_backward(const ConvStack& s, DeviceWorkspace& ws, float* dx, const st
     const int64_t w_shape[4] = {L.Co, g.C, L.kh, L.kw};
     const float* wdd = packed_weight(ws, sl.raw(i), sl.wd(i), L.w_tag, kPackedDataGrad, L.w, w_shape);
     float* dnext = ws.buf(sl.grad(1 - cur), static_cast<size_t>(map_size(g)));
-    const ColGather dgather{d, gg, as_int(L.Co, "Co")};
-    const i64 rows = g.N * g.H * g.W, depth = L.kh * L.kw * L.Co;
-    if (i > 0 && s.layers[i - 1].act != Act::Linear)
-      gemm(dgather, b_operand(wdd, g.C, 1), StoreThroughAct{dnext, as_int(g.C, "C"), in, static_cast<int>(s.layers[i - 1].act)},
-           rows, g.C, depth);
-    else
-      gemm(dgather, b_operand(wdd, g.C, 1), Store{dnext, as_int(g.C, "C"), nullptr, 0}, rows, g.C, depth);
+    gemm_through_act(ColGather{d, gg, as_int(L.Co, "Co")}, b_operand(wdd, g.C, 1), dnext, as_int(g.C, "C"), in,
+                     i > 0 ? s.layers[i - 1].act : Act::Linear, g.N * g.H * g.W, g.C, L.kh * L.kw * L.Co);
     cur = 1 - cur;
     if (i == 0) ws.down(dx, dnext, static_cast<size_t>(map_size(g)));
   }

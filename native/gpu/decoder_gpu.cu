@@ -480,10 +480,7 @@ class Stage {
   void input_grad(size_t i, const A& a, const B& b, float* dx, int ncol, i64 rows, i64 depth) {
     const DecoderLayer& below = s_.layers[i - 1];
     dcur_through_act_ = takes_act_grad(below);
-    if (dcur_through_act_)
-      gemm(a, b, StoreThroughAct{dx, ncol, act_[i - 1], static_cast<int>(below.act)}, rows, ncol, depth);
-    else
-      gemm(a, b, Store{dx, ncol, nullptr, 0}, rows, ncol, depth);
+    gemm_through_act(a, b, dx, ncol, act_[i - 1], dcur_through_act_ ? below.act : Act::Linear, rows, ncol, depth);
   }
 
   float* next_grad(i64 n) {

@@ -646,6 +646,14 @@ inline void gemm(const A& a, const B& b, const E& e, i64 M, i64 N, i64 K, i64 sp
   }
 }
 
+// dx [M, N] = A · B, a layer's input gradient, written already taken through the activation of
+// the layer below (y_below: that layer's output), or as it is where that layer has none.
+template <class A, class B>
+inline void gemm_through_act(const A& a, const B& b, float* dx, int ldc, const float* y_below, Act act, i64 M, i64 N, i64 K) {
+  if (act != Act::Linear) gemm(a, b, StoreThroughAct{dx, ldc, y_below, static_cast<int>(act)}, M, N, K);
+  else gemm(a, b, Store{dx, ldc, nullptr, 0}, M, N, K);
+}
+
 // The split count gemm() accepts for a Partial epilogue over a long k range.
 inline i64 filter_splits(i64 K) { return k_chunks(K, std::min<i64>(64, std::max<i64>(1, K / kRowsPerSplit))).count; }
 
@@ -694,6 +702,7 @@ __global__ void col_sums_kernel(const float* v, i64 rows, i64 cols, i64 rows_per
   if (tx == 0 && ty == 0) last = atomicAdd(&arrivals[b * gridDim.x + blockIdx.x], 1.f) == static_cast<float>(chunks - 1);
   __syncthreads();
   if (!last) return;
+  __threadfence();  // (acquire) the other blocks' sums, counted in before this block, are read after
   if (ty == 0 && j < cols) {
     const volatile float* sums = part;  // the other blocks' writes: past this SM's L1
     double s = 0;
