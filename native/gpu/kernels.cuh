@@ -683,19 +683,20 @@ __global__ void col_sums_kernel(const float* v, i64 rows, i64 cols, i64 rows_per
   const int tx = threadIdx.x, ty = threadIdx.y;
   const i64 j = static_cast<i64>(blockIdx.x) * 32 + tx, b = blockIdx.z, chunk = blockIdx.y, chunks = gridDim.y;
   const i64 r0 = chunk * rows_per_chunk, r1 = r0 + rows_per_chunk < rows ? r0 + rows_per_chunk : rows;
+  const bool writer = ty == 0 && j < cols;  // lane 0 of a column in the matrix: its sums
   float acc = 0.f;
   if (j < cols)
     for (i64 r = r0 + ty; r < r1; r += 8) acc += v[(b * rows + r) * cols + j];
   lanes[ty][tx] = acc;
   __syncthreads();
   float t = 0.f;
-  if (ty == 0 && j < cols)
+  if (writer)
     for (int y = 0; y < 8; ++y) t += lanes[y][tx];
   if (chunks == 1) {
-    if (ty == 0 && j < cols) out[b * cols + j] = t;
+    if (writer) out[b * cols + j] = t;
     return;
   }
-  if (ty == 0 && j < cols) part[(b * chunks + chunk) * cols + j] = t;
+  if (writer) part[(b * chunks + chunk) * cols + j] = t;
   __threadfence();  // this block's partial sums reach the device before it counts itself in
   __syncthreads();
   // counted in floats: exact (chunks ≤ 256), and the counters are a float buffer like the rest
@@ -703,7 +704,7 @@ __global__ void col_sums_kernel(const float* v, i64 rows, i64 cols, i64 rows_per
   __syncthreads();
   if (!last) return;
   __threadfence();  // (acquire) the other blocks' sums, counted in before this block, are read after
-  if (ty == 0 && j < cols) {
+  if (writer) {
     const volatile float* sums = part;  // the other blocks' writes: past this SM's L1
     double s = 0;
     for (i64 c = 0; c < chunks; ++c) s += sums[(b * chunks + c) * cols + j];
